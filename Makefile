@@ -1,0 +1,48 @@
+# nlvpn developer targets. The namespace tests, demo and bench need root.
+GO      ?= go
+BIN     := bin
+# Every package except the end-to-end suite, which runs separately.
+UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e$$')
+
+.PHONY: all build demo test fmt-check vet unit e2e bench fuzz clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/nlvpn ./cmd/nlvpn
+	$(GO) build -o $(BIN)/nlvpn-lab ./cmd/nlvpn-lab
+
+demo: build
+	$(BIN)/nlvpn-lab demo --nlvpn $(BIN)/nlvpn
+
+test: fmt-check vet unit e2e
+
+fmt-check:
+	@out="$$(gofmt -l $$(git ls-files -co --exclude-standard '*.go' 2>/dev/null || find . -name '*.go' -not -path './.git/*'))"; \
+	if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
+
+vet:
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -count=1 $(UNIT_PKGS)
+
+e2e:
+	$(GO) test -count=1 -timeout 15m -v ./e2e/
+
+bench: build
+	$(BIN)/nlvpn-lab bench --nlvpn $(BIN)/nlvpn
+	$(GO) test -run '^$$' -bench . -benchtime 1x $(UNIT_PKGS)
+
+# Short fuzz runs of every Fuzz target (FUZZTIME per target).
+FUZZTIME ?= 10s
+fuzz:
+	@set -e; for pkg in $(UNIT_PKGS); do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+			echo "== $$pkg $$f"; \
+			$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg; \
+		done; \
+	done
+
+clean:
+	rm -rf $(BIN)

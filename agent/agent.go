@@ -1,0 +1,234 @@
+// Package agent is the headless node inside a remote network. It registers
+// with the gateway under its token's name, accepts peer sessions from the
+// clients the gateway introduces, and does egress: the clients' packets
+// become real connections from the agent's own sockets, through a gVisor
+// netstack, so it needs no root and LAN hosts need no route back.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/nlvpn/nlvpn/control"
+	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/netstack"
+	"github.com/nlvpn/nlvpn/packet"
+	"github.com/nlvpn/nlvpn/platform"
+	"github.com/nlvpn/nlvpn/session"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+// Config configures an agent.
+type Config struct {
+	Gateway   string
+	Pin       string
+	Token     string
+	Key       *identity.Key
+	Advertise []netip.Prefix
+	Log       *slog.Logger
+}
+
+// Agent is a running agent.
+type Agent struct {
+	cfg  Config
+	log  *slog.Logger
+	ctrl *control.Client
+	eg   *netstack.Egress
+
+	mu       sync.Mutex
+	offers   map[uint64]*wire.Session    // by session ID, as the gateway vouched
+	byClient map[netip.Addr]*clientState // by client overlay address
+
+	dropSpoofed, dropNoSession atomic.Uint64
+}
+
+type clientState struct {
+	offer *wire.Session
+	sess  *session.Session
+}
+
+// Run runs the agent until ctx ends or the gateway refuses it for good.
+func Run(ctx context.Context, cfg Config) error {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if len(cfg.Advertise) == 0 {
+		return errors.New("nothing to advertise: give at least one --advertise CIDR")
+	}
+	a := &Agent{cfg: cfg, log: cfg.Log, offers: make(map[uint64]*wire.Session), byClient: make(map[netip.Addr]*clientState)}
+
+	uc, err := platform.ListenUDP(":0")
+	if err != nil {
+		return fmt.Errorf("open UDP socket: %w", err)
+	}
+	tr := &quic.Transport{Conn: uc}
+	defer tr.Close()
+
+	var sconn *session.Conn
+	a.ctrl = control.New(control.Config{
+		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Advertise: cfg.Advertise,
+		Transport: tr, Log: cfg.Log,
+		OnRelay:   func(id uint64, pkt []byte) { sconn.Deliver(id, pkt) },
+		OnRequest: a.onRequest,
+	})
+	sconn = session.NewConn(a.ctrl)
+	peerTr := &quic.Transport{Conn: sconn}
+	defer peerTr.Close()
+
+	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: session.TunMTU, Allow: a.allow, Logger: cfg.Log}, a.toClient)
+	if err != nil {
+		return fmt.Errorf("start egress netstack: %w", err)
+	}
+	defer a.eg.Close()
+
+	stls, err := session.ServerTLS(cfg.Key)
+	if err != nil {
+		return err
+	}
+	ln, err := peerTr.Listen(stls, session.QUICConfig())
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	runErr := make(chan error, 1)
+	go func() { runErr <- a.ctrl.Run(ctx) }()
+	go a.acceptLoop(ctx, ln)
+	a.log.Info("agent starting", "advertise", cfg.Advertise)
+
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-runErr:
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+}
+
+// allow is the agent's policy: only the advertised subnets.
+func (a *Agent) allow(dst netip.AddrPort, proto string) bool {
+	for _, p := range a.cfg.Advertise {
+		if p.Contains(dst.Addr()) {
+			return true
+		}
+	}
+	a.log.Debug("denied by policy", "dst", dst, "proto", proto)
+	return false
+}
+
+// onRequest answers the gateway's session offers.
+func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
+	if m.Type != wire.TypeSession {
+		return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeBadRequest, Message: "agent accepts only session offers"}}
+	}
+	s := m.Session
+	if _, err := identity.ParsePublicKey(s.PeerKey); err != nil || !s.PeerAddr.IsValid() || s.ID == 0 {
+		return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeBadRequest, Message: "malformed session offer"}}
+	}
+	a.mu.Lock()
+	a.offers[s.ID] = s
+	a.mu.Unlock()
+	a.log.Info("session offered", "client", s.PeerName, "client_overlay", s.PeerAddr, "session", fmt.Sprintf("%016x", s.ID))
+	return &wire.Message{Type: wire.TypeAccept, Accept: &wire.Accept{ID: s.ID}}
+}
+
+func (a *Agent) acceptLoop(ctx context.Context, ln *quic.Listener) {
+	for {
+		qc, err := ln.Accept(ctx)
+		if err != nil {
+			return
+		}
+		go a.serveSession(ctx, qc)
+	}
+}
+
+func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
+	id := uint64(qc.RemoteAddr().(session.Addr))
+	a.mu.Lock()
+	offer := a.offers[id]
+	a.mu.Unlock()
+	log := a.log.With("session", fmt.Sprintf("%016x", id))
+	if offer == nil {
+		log.Warn("peer connection for a session the gateway never offered")
+		qc.CloseWithError(1, "unknown session")
+		return
+	}
+	log = log.With("client", offer.PeerName, "client_overlay", offer.PeerAddr)
+	got, err := session.PeerKeyOf(qc)
+	want, _ := identity.ParsePublicKey(offer.PeerKey)
+	if err != nil || !got.Equal(want) {
+		log.Warn("client key does not match the gateway's offer", "got", got, "want", want, "err", err)
+		qc.CloseWithError(1, "wrong key")
+		return
+	}
+	// The agent's own word on what it serves.
+	st, err := qc.OpenStreamSync(ctx)
+	if err != nil {
+		return
+	}
+	err = wire.WriteMessage(st, &wire.Message{Type: wire.TypePeerInfo, Peer: &wire.PeerInfo{
+		Name: a.ctrl.Welcome().Name, Overlay: a.ctrl.Welcome().Overlay, Advertise: a.cfg.Advertise,
+	}})
+	if err != nil {
+		log.Info("peer info not sent", "err", err)
+		qc.CloseWithError(1, "control stream failed")
+		return
+	}
+	s := session.New(id, qc, log)
+	cs := &clientState{offer: offer, sess: s}
+	a.mu.Lock()
+	old := a.byClient[offer.PeerAddr]
+	a.byClient[offer.PeerAddr] = cs
+	a.mu.Unlock()
+	if old != nil && old.sess != s {
+		// The client started over (restart, new session): the old
+		// connection is dead weight.
+		old.sess.Conn.CloseWithError(0, "superseded")
+	}
+	log.Info("client connected")
+	start := time.Now()
+	err = s.Run(func(pkt []byte) {
+		src, _, ok := packet.Addrs(pkt)
+		if !ok || src != offer.PeerAddr {
+			// A client may only speak from its own overlay address.
+			a.dropSpoofed.Add(1)
+			return
+		}
+		a.eg.Inject(pkt)
+	})
+	a.mu.Lock()
+	if a.byClient[offer.PeerAddr] == cs {
+		delete(a.byClient, offer.PeerAddr)
+	}
+	a.mu.Unlock()
+	st2 := s.Stats()
+	log.Info("client disconnected", "after", time.Since(start).Round(time.Second), "reason", err, "rx_bytes", st2.RxBytes, "tx_bytes", st2.TxBytes)
+}
+
+// toClient sends a packet from the egress stack to the client it is for.
+func (a *Agent) toClient(pkt []byte) {
+	_, dst, ok := packet.Addrs(pkt)
+	if !ok {
+		return
+	}
+	a.mu.Lock()
+	cs := a.byClient[dst]
+	a.mu.Unlock()
+	if cs == nil {
+		a.dropNoSession.Add(1)
+		return
+	}
+	cs.sess.Send(pkt)
+}

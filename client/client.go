@@ -1,0 +1,311 @@
+// Package client is `nlvpn up`: it asks the gateway for a session with an
+// agent, checks the agent's key against the one it pinned on first use,
+// and carries the machine's packets for the agent's subnets through a TUN
+// device over that session.
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/nlvpn/nlvpn/control"
+	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/platform"
+	"github.com/nlvpn/nlvpn/session"
+	"github.com/nlvpn/nlvpn/tun"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+// Config configures a client.
+type Config struct {
+	Gateway string
+	Pin     string
+	Token   string
+	Key     *identity.Key
+	Agent   string
+	// KnownAgents is the file of pinned agent keys (like ssh known_hosts).
+	KnownAgents string
+	TunName     string
+	// ConnectTimeout bounds reaching the gateway at start.
+	ConnectTimeout time.Duration
+	Log            *slog.Logger
+	// OnUp, if set, runs once when the tunnel first comes up.
+	OnUp func()
+}
+
+// Client is a running client.
+type Client struct {
+	cfg   Config
+	log   *slog.Logger
+	ctrl  *control.Client
+	sconn *session.Conn
+	tr    *quic.Transport
+	cur   atomic.Pointer[session.Session]
+	info  *wire.PeerInfo
+}
+
+// Run brings the tunnel up and keeps it up until ctx ends. On return the
+// TUN device and its routes are gone.
+func Run(ctx context.Context, cfg Config) error {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.ConnectTimeout == 0 {
+		cfg.ConnectTimeout = 20 * time.Second
+	}
+	c := &Client{cfg: cfg, log: cfg.Log.With("agent", cfg.Agent)}
+
+	// The device first: without the right to create it there is no point
+	// in going further, and the user should hear so at once.
+	dev, err := tun.Create(cfg.TunName, session.TunMTU)
+	if err != nil {
+		return fmt.Errorf("%w (the TUN mode needs root or CAP_NET_ADMIN)", err)
+	}
+	defer dev.Close()
+
+	uc, err := platform.ListenUDP(":0")
+	if err != nil {
+		return fmt.Errorf("open UDP socket: %w", err)
+	}
+	tr := &quic.Transport{Conn: uc}
+	defer tr.Close()
+
+	up := make(chan struct{}, 1)
+	c.ctrl = control.New(control.Config{
+		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key,
+		Transport: tr, Log: cfg.Log,
+		OnRelay: func(id uint64, pkt []byte) { c.sconn.Deliver(id, pkt) },
+		OnUp: func(context.Context, *wire.Welcome) {
+			select {
+			case up <- struct{}{}:
+			default:
+			}
+		},
+	})
+	c.sconn = session.NewConn(c.ctrl)
+	c.tr = &quic.Transport{Conn: c.sconn}
+	defer c.tr.Close()
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	runErr := make(chan error, 1)
+	go func() { runErr <- c.ctrl.Run(ctx) }()
+
+	rctx, rcancel := context.WithTimeout(ctx, cfg.ConnectTimeout)
+	w, err := c.ctrl.Ready(rctx)
+	rcancel()
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) {
+			return fmt.Errorf("cannot reach the gateway at %s within %s", cfg.Gateway, cfg.ConnectTimeout)
+		}
+		return err
+	}
+	<-up // the first registration; later ones are reconnects
+
+	s, info, err := c.establish(ctx, nil)
+	if err != nil {
+		return err
+	}
+	c.info = info
+	c.cur.Store(s)
+
+	routes := c.routes(info)
+	undo, skipped, err := platform.Configure(platform.Config{
+		Interface: dev.Name(),
+		Addr:      netip.PrefixFrom(w.Overlay, w.Overlay.BitLen()),
+		Routes:    routes,
+	})
+	if err != nil {
+		s.Conn.CloseWithError(0, "bye")
+		return err
+	}
+	defer func() {
+		if err := undo(); err != nil {
+			c.log.Warn("cleanup", "err", err)
+		}
+	}()
+	for _, p := range skipped {
+		c.log.Warn("route already exists on this machine; not routing it into the tunnel", "prefix", p)
+	}
+	c.log.Info("tunnel up", "tun", dev.Name(), "overlay", w.Overlay, "agent_overlay", info.Overlay, "routes", routes, "path", "relay")
+	if cfg.OnUp != nil {
+		cfg.OnUp()
+	}
+
+	go c.readTUN(ctx, dev)
+	go c.pump(s, dev)
+	defer func() {
+		if s := c.cur.Load(); s != nil {
+			s.Conn.CloseWithError(0, "client exiting")
+		}
+	}()
+
+	for {
+		cur := c.cur.Load()
+		select {
+		case <-ctx.Done():
+			c.log.Info("shutting down")
+			return nil
+		case err := <-runErr:
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		case <-up:
+			// The gateway connection came back (a gateway restart, a
+			// network change): re-attach the session to a relay route.
+			c.reattach(ctx, dev)
+		case <-cur.Done():
+			c.log.Warn("session with agent ended; reconnecting")
+			c.reattach(ctx, dev)
+		}
+	}
+}
+
+// routes is what goes into the TUN: the agent's overlay address and its
+// subnets, minus any that would swallow the gateway's own address (that
+// would route the tunnel into itself).
+func (c *Client) routes(info *wire.PeerInfo) []netip.Prefix {
+	rs := []netip.Prefix{netip.PrefixFrom(info.Overlay, info.Overlay.BitLen())}
+	var gw netip.Addr
+	if host, _, err := net.SplitHostPort(c.cfg.Gateway); err == nil {
+		if ips, err := net.LookupIP(host); err == nil && len(ips) > 0 {
+			gw, _ = netip.AddrFromSlice(ips[0])
+			gw = gw.Unmap()
+		}
+	}
+	for _, p := range info.Advertise {
+		if gw.IsValid() && p.Contains(gw) {
+			c.log.Warn("not routing an advertised subnet that contains the gateway", "prefix", p, "gateway", gw)
+			continue
+		}
+		rs = append(rs, p)
+	}
+	return rs
+}
+
+// reattach resumes the current session through a new relay route, or, if
+// it is dead, sets up a new one. It retries with backoff until it succeeds
+// or ctx ends.
+func (c *Client) reattach(ctx context.Context, dev *tun.Device) {
+	backoff := 500 * time.Millisecond
+	for ctx.Err() == nil {
+		s, _, err := c.establish(ctx, c.cur.Load())
+		if err == nil {
+			if old := c.cur.Swap(s); old != s {
+				if old != nil {
+					old.Conn.CloseWithError(0, "replaced")
+				}
+				go c.pump(s, dev)
+				c.log.Info("session re-established", "session", fmt.Sprintf("%016x", s.ID))
+			} else {
+				c.log.Info("session resumed over the relay", "session", fmt.Sprintf("%016x", s.ID))
+			}
+			return
+		}
+		c.log.Warn("cannot re-establish the session yet", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 10*time.Second)
+	}
+}
+
+// establish asks the gateway for a session with the agent, resuming cur if
+// it is still alive, and otherwise dials a new end-to-end connection.
+func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.Session, *wire.PeerInfo, error) {
+	var resume uint64
+	if cur != nil && cur.Alive() {
+		resume = cur.ID
+	}
+	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	r, err := c.ctrl.Request(rctx, &wire.Message{Type: wire.TypeConnect, Connect: &wire.Connect{Agent: c.cfg.Agent, Resume: resume}})
+	if err != nil {
+		return nil, nil, err
+	}
+	off := r.Session
+	if off == nil {
+		return nil, nil, errors.New("gateway sent no session")
+	}
+	key, err := identity.ParsePublicKey(off.PeerKey)
+	if err != nil {
+		return nil, nil, fmt.Errorf("gateway sent a bad agent key: %w", err)
+	}
+	if err := checkKnownAgent(c.cfg.KnownAgents, c.cfg.Pin, c.cfg.Agent, key); err != nil {
+		return nil, nil, err
+	}
+	if resume != 0 && off.ID == resume && cur.Alive() {
+		return cur, c.info, nil
+	}
+	ctls, err := session.ClientTLS(c.cfg.Key, key)
+	if err != nil {
+		return nil, nil, err
+	}
+	start := time.Now()
+	qc, err := c.tr.Dial(rctx, session.Addr(off.ID), ctls, session.QUICConfig())
+	if err != nil {
+		return nil, nil, fmt.Errorf("end-to-end handshake with agent %q: %w", c.cfg.Agent, err)
+	}
+	st, err := qc.AcceptStream(rctx)
+	if err != nil {
+		qc.CloseWithError(1, "no control stream")
+		return nil, nil, fmt.Errorf("agent %q sent no session info: %w", c.cfg.Agent, err)
+	}
+	st.SetReadDeadline(time.Now().Add(10 * time.Second))
+	m, err := wire.ReadMessage(st)
+	if err != nil || m.Type != wire.TypePeerInfo {
+		qc.CloseWithError(1, "bad peer info")
+		return nil, nil, fmt.Errorf("agent %q sent bad session info: %v", c.cfg.Agent, err)
+	}
+	c.log.Info("end-to-end session established", "session", fmt.Sprintf("%016x", off.ID), "agent_key", key, "took", time.Since(start).Round(time.Millisecond), "path", "relay")
+	return session.New(off.ID, qc, c.log), m.Peer, nil
+}
+
+// pump carries one session's received packets into the TUN.
+func (c *Client) pump(s *session.Session, dev *tun.Device) {
+	buf := make([]byte, tun.Offset+65536)
+	bufs := [][]byte{buf}
+	s.Run(func(pkt []byte) {
+		n := copy(buf[tun.Offset:], pkt)
+		bufs[0] = buf[:tun.Offset+n]
+		if _, err := dev.Write(bufs); err != nil {
+			c.log.Debug("TUN write failed", "err", err)
+		}
+	})
+}
+
+// readTUN carries the machine's packets into the current session.
+func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
+	n := dev.BatchSize()
+	bufs := make([][]byte, n)
+	for i := range bufs {
+		bufs[i] = make([]byte, tun.Offset+65536)
+	}
+	sizes := make([]int, n)
+	for ctx.Err() == nil {
+		k, err := dev.Read(bufs, sizes)
+		if err != nil {
+			if ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
+				c.log.Warn("TUN read failed", "err", err)
+			}
+			return
+		}
+		s := c.cur.Load()
+		for i := 0; i < k; i++ {
+			if s != nil {
+				s.Send(bufs[i][tun.Offset : tun.Offset+sizes[i]])
+			}
+		}
+	}
+}

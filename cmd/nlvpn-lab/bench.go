@@ -1,0 +1,210 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nlvpn/nlvpn/lab"
+)
+
+const iperfPort = 5201
+
+// benchPath is one column of the bench table: a way from the client
+// namespace to a target. Add a path (direct, SOCKS, ...) by appending one.
+type benchPath struct {
+	name string // column header
+	desc string // one line saying what it measures
+	ns   string // namespace the measuring client runs in
+	addr string // target address (iperf3 server and ping target)
+	// setup prepares the path (e.g. starts the tunnel); nil if none.
+	setup func() error
+}
+
+// benchMetric is one row of the bench table.
+type benchMetric struct {
+	name    string
+	measure func(p benchPath) (float64, error)
+}
+
+type cell struct {
+	v   float64
+	err error
+}
+
+func (r *runner) bench(secs int) error {
+	l := r.lab
+	say("Building the namespace topology (prefix %s, client %v NAT, agent %v NAT).", l.Prefix, l.Opts.ClientNAT, l.Opts.AgentNAT)
+	if err := r.build(); err != nil {
+		return err
+	}
+	// iperf3 servers: on the LAN host (tunnel target) and on the gateway
+	// host (raw target).
+	for _, s := range []struct{ ns, addr string }{{l.NS.LAN, l.LANHost.String()}, {l.NS.GW, l.Gateway.String()}} {
+		p, err := r.lab.Start(s.ns, lab.ProcConfig{Name: "iperf3-server", Args: []string{"iperf3", "-s", "-B", s.addr, "-p", strconv.Itoa(iperfPort)}})
+		if err != nil {
+			return err
+		}
+		r.procs = append(r.procs, p)
+		if err := r.poll(10*time.Second, p, r.listening(s.ns, "tcp", iperfPort)); err != nil {
+			return fmt.Errorf("iperf3 server in %s: %w", s.ns, err)
+		}
+	}
+
+	paths := []benchPath{
+		{
+			name: "raw",
+			desc: fmt.Sprintf("no tunnel: client ns -> client NAT -> internet router -> gateway host %s (plain TCP/ICMP on the same namespaces and links)", l.Gateway),
+			ns:   l.NS.Client, addr: l.Gateway.String(),
+		},
+		{
+			name: "relay",
+			desc: fmt.Sprintf("through nlvpn: client ns -> TUN -> gateway relay -> agent -> LAN host %s", l.LANHost),
+			ns:   l.NS.Client, addr: l.LANHost.String(),
+			setup: func() error {
+				say("Starting gateway, agent and client (relayed tunnel).")
+				return r.startStack(false, func() error {
+					out, err := lab.Output(r.ctx, l.NS.Client, "ip", "route", "show", l.LANSubnet.String())
+					if err != nil {
+						return err
+					}
+					if strings.TrimSpace(out) == "" {
+						return fmt.Errorf("no route to %s yet", l.LANSubnet)
+					}
+					_, err = lab.Output(r.ctx, l.NS.Client, "ping", "-c", "1", "-W", "2", l.LANHost.String())
+					return err
+				})
+			},
+		},
+	}
+	metrics := []benchMetric{
+		{"TCP, 1 stream (Mbit/s)", func(p benchPath) (float64, error) { return r.iperf(p, secs, 1) }},
+		{"TCP, 4 streams (Mbit/s)", func(p benchPath) (float64, error) { return r.iperf(p, secs, 4) }},
+		{"ping RTT avg (ms)", r.pingAvg},
+	}
+
+	results := make([][]cell, len(metrics))
+	for i := range results {
+		results[i] = make([]cell, len(paths))
+	}
+	for j, p := range paths {
+		if p.setup != nil {
+			if err := p.setup(); err != nil {
+				return fmt.Errorf("setting up path %q: %w", p.name, err)
+			}
+		}
+		for i, m := range metrics {
+			if err := r.ctx.Err(); err != nil {
+				return err
+			}
+			fmt.Printf("    measuring %-24s on %-6s ... ", m.name, p.name)
+			v, err := m.measure(p)
+			results[i][j] = cell{v, err}
+			if err != nil {
+				fmt.Printf("error: %v\n", err)
+			} else {
+				fmt.Printf("%.2f\n", v)
+			}
+		}
+	}
+
+	say("Results (one run, same topology; iperf3 -t %d, ping -c 20 -i 0.2)", secs)
+	for _, p := range paths {
+		fmt.Printf("    %-6s = %s\n", p.name, p.desc)
+	}
+	fmt.Println()
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 3, ' ', tabwriter.AlignRight)
+	header := "metric\t"
+	for _, p := range paths {
+		header += p.name + "\t"
+	}
+	for _, p := range paths[1:] {
+		header += p.name + "/" + paths[0].name + "\t"
+	}
+	fmt.Fprintln(tw, header)
+	for i, m := range metrics {
+		row := m.name + "\t"
+		for j := range paths {
+			row += fmtCell(results[i][j]) + "\t"
+		}
+		base := results[i][0]
+		for j := 1; j < len(paths); j++ {
+			c := results[i][j]
+			if c.err != nil || base.err != nil || base.v == 0 {
+				row += "-\t"
+			} else {
+				row += fmt.Sprintf("%.2f\t", c.v/base.v)
+			}
+		}
+		fmt.Fprintln(tw, row)
+	}
+	tw.Flush()
+	for i := range results {
+		for j := range results[i] {
+			if results[i][j].err != nil {
+				return fmt.Errorf("some measurements failed")
+			}
+		}
+	}
+	return nil
+}
+
+func fmtCell(c cell) string {
+	if c.err != nil {
+		return "error"
+	}
+	return fmt.Sprintf("%.1f", c.v)
+}
+
+// iperfResult is the part of `iperf3 -J` output we use.
+type iperfResult struct {
+	Error string `json:"error"`
+	End   struct {
+		SumSent struct {
+			BitsPerSecond float64 `json:"bits_per_second"`
+		} `json:"sum_sent"`
+		SumReceived struct {
+			BitsPerSecond float64 `json:"bits_per_second"`
+		} `json:"sum_received"`
+	} `json:"end"`
+}
+
+// iperf runs iperf3 from p.ns to p.addr and returns the received rate in Mbit/s.
+func (r *runner) iperf(p benchPath, secs, streams int) (float64, error) {
+	out, _, err := lab.Run(r.ctx, p.ns, "iperf3", "-c", p.addr, "-p", strconv.Itoa(iperfPort), "-t", strconv.Itoa(secs),
+		"-P", strconv.Itoa(streams), "-J", "--connect-timeout", "5000")
+	var res iperfResult
+	if jerr := json.Unmarshal(out, &res); jerr != nil {
+		if err != nil {
+			return 0, err
+		}
+		return 0, fmt.Errorf("parsing iperf3 -J: %v", jerr)
+	}
+	if res.Error != "" {
+		return 0, fmt.Errorf("iperf3: %s", res.Error)
+	}
+	if err != nil {
+		return 0, err
+	}
+	return res.End.SumReceived.BitsPerSecond / 1e6, nil
+}
+
+var rttRE = regexp.MustCompile(`= ([0-9.]+)/([0-9.]+)/([0-9.]+)/([0-9.]+) ms`)
+
+// pingAvg returns the average RTT in ms of ping -c 20 -i 0.2.
+func (r *runner) pingAvg(p benchPath) (float64, error) {
+	out, err := lab.Output(r.ctx, p.ns, "ping", "-c", "20", "-i", "0.2", "-W", "2", "-q", p.addr)
+	if err != nil {
+		return 0, err
+	}
+	m := rttRE.FindStringSubmatch(out)
+	if m == nil {
+		return 0, fmt.Errorf("no RTT in ping output: %q", out)
+	}
+	return strconv.ParseFloat(m[2], 64)
+}

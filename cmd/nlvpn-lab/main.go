@@ -1,0 +1,177 @@
+// Command nlvpn-lab is a developer tool (not shipped to users): it builds
+// the namespace topology of package lab and runs nlvpn on it.
+//
+//	nlvpn-lab demo  --nlvpn bin/nlvpn   # show curl reaching a LAN host through the tunnel
+//	nlvpn-lab bench --nlvpn bin/nlvpn   # iperf3 and ping: tunnel vs raw path
+//
+// Everything it builds is torn down on exit, also on Ctrl-C.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/nlvpn/nlvpn/lab"
+)
+
+func usage() {
+	fmt.Fprintf(os.Stderr, `nlvpn-lab: run nlvpn on a simulated internet made of network namespaces.
+
+Usage:
+  nlvpn-lab demo  [--nlvpn PATH] [--client-nat cone|symmetric|none] [--agent-nat ...]
+  nlvpn-lab bench [--nlvpn PATH] [--time SECONDS]
+
+Needs root (or CAP_NET_ADMIN+CAP_SYS_ADMIN), iproute2 and nftables; bench
+also needs iperf3 and ping, demo needs curl.
+`)
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+		os.Exit(2)
+	}
+	cmd, args := os.Args[1], os.Args[2:]
+	fs := flag.NewFlagSet(cmd, flag.ExitOnError)
+	bin := fs.String("nlvpn", "bin/nlvpn", "path to the nlvpn binary")
+	cnat := fs.String("client-nat", "cone", "NAT in front of the client: cone, symmetric or none")
+	anat := fs.String("agent-nat", "cone", "NAT in front of the agent: cone, symmetric or none")
+	secs := fs.Int("time", 5, "bench: seconds per iperf3 run")
+	verbose := fs.Bool("v", false, "print every command that builds the lab")
+	switch cmd {
+	case "demo", "bench":
+	case "-h", "--help", "help":
+		usage()
+		return
+	default:
+		fmt.Fprintf(os.Stderr, "nlvpn-lab: unknown command %q\n", cmd)
+		usage()
+		os.Exit(2)
+	}
+	fs.Parse(args)
+
+	cn, err := lab.ParseNAT(*cnat)
+	if err != nil {
+		fatal(err)
+	}
+	an, err := lab.ParseNAT(*anat)
+	if err != nil {
+		fatal(err)
+	}
+	if err := preflight(cmd); err != nil {
+		fmt.Fprintf(os.Stderr, "nlvpn-lab %s: cannot run here: %v. It needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN), iproute2 and nftables.\n", cmd, err)
+		os.Exit(1)
+	}
+	nlvpn, err := filepath.Abs(*bin)
+	if err == nil {
+		_, err = os.Stat(nlvpn)
+	}
+	if err != nil {
+		fatal(fmt.Errorf("nlvpn binary: %v (build it with `make build`)", err))
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sigc := make(chan os.Signal, 2)
+	signal.Notify(sigc, os.Interrupt, syscall.SIGTERM)
+	opts := lab.Options{ClientNAT: cn, AgentNAT: an}
+	if *verbose {
+		opts.Logf = func(f string, a ...any) { fmt.Printf("    $ "+f+"\n", a...) }
+	}
+	l := lab.Prepare(opts)
+	dir, err := os.MkdirTemp("", "nlvpn-lab-")
+	if err != nil {
+		fatal(err)
+	}
+	teardown := func() {
+		if err := l.Close(); err != nil {
+			fmt.Fprintf(os.Stderr, "teardown: %v\n", err)
+		}
+		os.RemoveAll(dir)
+	}
+	// A signal cancels the run, which then unwinds and tears down. If that
+	// takes more than 15 s, or a second signal comes, tear down from here.
+	go func() {
+		<-sigc
+		fmt.Fprintln(os.Stderr, "\nnlvpn-lab: interrupted; stopping and tearing down (Ctrl-C again to hurry)")
+		cancel()
+		select {
+		case <-sigc:
+		case <-time.After(15 * time.Second):
+		}
+		teardown()
+		os.Exit(130)
+	}()
+
+	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir}
+	switch cmd {
+	case "demo":
+		err = r.demo()
+	case "bench":
+		err = r.bench(*secs)
+	}
+	interrupted := ctx.Err() != nil
+	if err != nil {
+		if interrupted {
+			fmt.Fprintln(os.Stderr, "\nnlvpn-lab: interrupted")
+		} else {
+			fmt.Fprintf(os.Stderr, "\nnlvpn-lab %s FAILED: %v\n", cmd, err)
+			r.dumpLogs()
+		}
+	}
+	fmt.Printf("\nTearing down: stopping every process we started and deleting the namespaces %s-*.\n", l.Prefix)
+	teardown()
+	if left, _ := lab.ListNamespaces(l.Prefix); len(left) > 0 {
+		fmt.Fprintf(os.Stderr, "warning: namespaces left: %v\n", left)
+	} else {
+		fmt.Println("Done; nothing is left behind.")
+	}
+	if err != nil {
+		os.Exit(1)
+	}
+}
+
+func fatal(err error) {
+	fmt.Fprintf(os.Stderr, "nlvpn-lab: %v\n", err)
+	os.Exit(1)
+}
+
+func preflight(cmd string) error {
+	if os.Geteuid() != 0 {
+		return errors.New("not running as root")
+	}
+	if err := lab.Check(); err != nil {
+		return err
+	}
+	tools := []string{"curl"}
+	if cmd == "bench" {
+		tools = []string{"iperf3", "ping"}
+	}
+	for _, t := range tools {
+		if _, err := execLookPath(t); err != nil {
+			return fmt.Errorf("%s not found in PATH", t)
+		}
+	}
+	return nil
+}
+
+// say prints one step for a human.
+func say(format string, args ...any) {
+	fmt.Printf("\n==> "+format+"\n", args...)
+}
+
+func indent(s string) string {
+	s = strings.TrimRight(s, "\n")
+	if s == "" {
+		return ""
+	}
+	return "    " + strings.ReplaceAll(s, "\n", "\n    ")
+}

@@ -1,0 +1,204 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/nlvpn/nlvpn/lab"
+)
+
+var execLookPath = exec.LookPath
+
+const (
+	gwPort    = 4433
+	agentName = "miranda"
+	tunName   = "nlvpn0"
+)
+
+// runner holds one run's lab and the processes on it.
+type runner struct {
+	ctx   context.Context
+	lab   *lab.Lab
+	nlvpn string
+	dir   string
+	procs []*lab.Process
+
+	gateway, agent, client *lab.Process
+}
+
+func (r *runner) gwAddr() string { return r.lab.GatewayAddrPort(gwPort).String() }
+
+func (r *runner) build() error {
+	if err := r.lab.Build(r.ctx); err != nil {
+		return fmt.Errorf("building the namespaces: %w", err)
+	}
+	return nil
+}
+
+func (r *runner) start(ns, name string, args ...string) (*lab.Process, error) {
+	home := filepath.Join(r.dir, "home")
+	os.MkdirAll(home, 0o755)
+	p, err := r.lab.Start(ns, lab.ProcConfig{
+		Name:    name,
+		Args:    append([]string{r.nlvpn}, args...),
+		Env:     []string{"HOME=" + home, "XDG_CONFIG_HOME=" + filepath.Join(home, ".config")},
+		LogPath: filepath.Join(r.dir, name+".log"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	r.procs = append(r.procs, p)
+	return p, nil
+}
+
+func (r *runner) dumpLogs() {
+	for _, p := range r.procs {
+		fmt.Fprintf(os.Stderr, "\n----- last lines of %s -----\n%s\n", p, tail(p.Log(), 25))
+	}
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// poll calls f every 200 ms until it succeeds, the process p (if any)
+// exits, the timeout passes or the run is interrupted.
+func (r *runner) poll(timeout time.Duration, p *lab.Process, f func() error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		if p != nil && !p.Running() {
+			return fmt.Errorf("%s exited with code %d", p.Name, p.ExitCode())
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("still failing after %v: %w", timeout, err)
+		}
+		select {
+		case <-r.ctx.Done():
+			return r.ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// udpBound reports whether something listens on UDP port in ns.
+func (r *runner) listening(ns, proto string, port int) func() error {
+	return func() error {
+		flag := "-Hlun"
+		if proto == "tcp" {
+			flag = "-Hltn"
+		}
+		out, err := lab.Output(r.ctx, ns, "ss", flag, fmt.Sprintf("sport = :%d", port))
+		if err != nil {
+			return err
+		}
+		if strings.TrimSpace(out) == "" {
+			return fmt.Errorf("nothing listening on %s port %d", proto, port)
+		}
+		return nil
+	}
+}
+
+// startStack starts gateway, agent and client and waits until the client
+// routes the LAN into its TUN and check succeeds. verbose explains each step.
+func (r *runner) startStack(verbose bool, check func() error) error {
+	l := r.lab
+	explain := func(format string, args ...any) {
+		if verbose {
+			say(format, args...)
+		}
+	}
+	gwState := filepath.Join(r.dir, "gw")
+	explain("Starting the gateway, the only public piece, in namespace %s (%s):\n    nlvpn gateway --listen :%d --public-addr %s --state-dir %s",
+		l.NS.GW, l.Gateway, gwPort, r.gwAddr(), gwState)
+	var err error
+	r.gateway, err = r.start(l.NS.GW, "gateway", "gateway", "--listen", fmt.Sprintf(":%d", gwPort),
+		"--public-addr", r.gwAddr(), "--state-dir", gwState)
+	if err != nil {
+		return err
+	}
+	if err := r.poll(20*time.Second, r.gateway, r.listening(l.NS.GW, "udp", gwPort)); err != nil {
+		return fmt.Errorf("gateway did not start listening: %w", err)
+	}
+	if verbose {
+		fmt.Println(indent(tail(r.gateway.Log(), 5)))
+	}
+
+	token := func(args ...string) (string, error) {
+		full := append([]string{r.nlvpn, "token", "--state-dir", gwState, "--gateway", r.gwAddr()}, args...)
+		out, stderr, err := lab.Run(r.ctx, l.NS.GW, full...)
+		if err != nil {
+			return "", fmt.Errorf("nlvpn token: %w (%s)", err, strings.TrimSpace(string(stderr)))
+		}
+		return strings.TrimSpace(string(out)), nil
+	}
+	explain("Issuing two tokens from the gateway's state: one for the agent %q, one for the client \"alice\":\n    nlvpn token --state-dir %s --agent %s\n    nlvpn token --state-dir %s --client alice",
+		agentName, gwState, agentName, gwState)
+	agentTok, err := token("--agent", agentName)
+	if err != nil {
+		return err
+	}
+	clientTok, err := token("--client", "alice")
+	if err != nil {
+		return err
+	}
+	if verbose {
+		fmt.Printf("    agent token:  %s\n    client token: %s\n", short(agentTok), short(clientTok))
+		fmt.Println("    (a token is all a new machine needs: it names the role, carries the gateway's address and certificate pin, and is signed)")
+	}
+
+	explain("Starting the agent %q in namespace %s, behind a %v NAT. It dials OUT to the gateway (no open port)\n    and offers the LAN %s, which only it can reach:\n    nlvpn agent --token <agent token> --gateway %s --advertise %s",
+		agentName, l.NS.Agent, l.Opts.AgentNAT, l.LANSubnet, r.gwAddr(), l.LANSubnet)
+	r.agent, err = r.start(l.NS.Agent, "agent", "agent", "--token", agentTok, "--gateway", r.gwAddr(),
+		"--advertise", l.LANSubnet.String(), "--state-dir", filepath.Join(r.dir, "agent"))
+	if err != nil {
+		return err
+	}
+
+	explain("Starting the client in namespace %s, behind a %v NAT. It dials out to the gateway too,\n    creates the TUN device %s and routes %s into it:\n    nlvpn up --token <client token> --gateway %s --agent %s",
+		l.NS.Client, l.Opts.ClientNAT, tunName, l.LANSubnet, r.gwAddr(), agentName)
+	deadline := time.Now().Add(40 * time.Second)
+	for attempt := 1; ; attempt++ {
+		r.client, err = r.start(l.NS.Client, fmt.Sprintf("client-%d", attempt), "up", "--token", clientTok, "--gateway", r.gwAddr(),
+			"--agent", agentName, "--state-dir", filepath.Join(r.dir, "client"), "--tun", tunName)
+		if err != nil {
+			return err
+		}
+		err = r.poll(time.Until(deadline), r.client, check)
+		if err == nil {
+			break
+		}
+		if r.client.Running() || r.ctx.Err() != nil || time.Until(deadline) < time.Second {
+			return fmt.Errorf("the tunnel did not come up: %w", err)
+		}
+		// The client gave up early, e.g. the agent was not registered yet.
+		if verbose {
+			fmt.Printf("    (client exited early: %s; trying again)\n", strings.TrimSpace(tail(r.client.Log(), 1)))
+		}
+		if !r.agent.Running() {
+			return errors.New("the agent exited")
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	return nil
+}
+
+func short(tok string) string {
+	if len(tok) <= 40 {
+		return tok
+	}
+	return tok[:20] + "…" + tok[len(tok)-12:] + fmt.Sprintf(" (%d chars)", len(tok))
+}

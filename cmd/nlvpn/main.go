@@ -1,0 +1,407 @@
+// Command nlvpn is the one binary for every role: gateway, agent and client.
+// It only wires: flags, config and environment in; the roles do the work.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/nlvpn/nlvpn/agent"
+	"github.com/nlvpn/nlvpn/client"
+	"github.com/nlvpn/nlvpn/config"
+	"github.com/nlvpn/nlvpn/gateway"
+	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/token"
+)
+
+var version = "dev"
+
+func main() {
+	// The peer sessions run over a virtual packet conn that has no socket
+	// buffers to tune; quic-go would warn about that once per process.
+	os.Setenv("QUIC_GO_DISABLE_RECEIVE_BUFFER_WARNING", "true")
+	app := &cli.App{
+		Name:    "nlvpn",
+		Usage:   "reach the whole subnet behind a headless agent, from anywhere, with no port opened",
+		Version: version,
+		Description: `nlvpn has three roles in one binary:
+
+   gateway  the public rendezvous and relay (UDP/QUIC); it never sees your traffic in clear
+   agent    runs inside the remote network and gives clients access to its subnets
+   up       (the client) routes the agent's subnets on this machine through a TUN device
+
+A first setup on three machines:
+
+   gateway$ nlvpn gateway --listen :4433 --public-addr gw.example.com:4433 --state-dir /var/lib/nlvpn-gw
+   gateway$ nlvpn token --state-dir /var/lib/nlvpn-gw --agent miranda     # → agent token
+   gateway$ nlvpn token --state-dir /var/lib/nlvpn-gw --client alice     # → client token
+   office $ nlvpn agent --token <agent token> --advertise 192.168.1.0/24
+   laptop $ sudo nlvpn up --token <client token> --agent miranda`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: []string{"NLVPN_LOG_LEVEL"}},
+			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
+		},
+		Before: setupLogging,
+		Commands: []*cli.Command{
+			gatewayCmd(), tokenCmd(), agentCmd(), upCmd(),
+		},
+		ExitErrHandler: func(*cli.Context, error) {}, // main prints the error once
+	}
+	if err := app.Run(os.Args); err != nil {
+		fmt.Fprintf(os.Stderr, "nlvpn: %s\n", oneLine(err))
+		os.Exit(1)
+	}
+}
+
+func oneLine(err error) string {
+	return strings.ReplaceAll(err.Error(), "\n", "; ")
+}
+
+func setupLogging(c *cli.Context) error {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	var h slog.Handler
+	switch c.String("log-format") {
+	case "text":
+		h = slog.NewTextHandler(os.Stderr, opts)
+	case "json":
+		h = slog.NewJSONHandler(os.Stderr, opts)
+	default:
+		return fmt.Errorf("--log-format must be text or json, not %q", c.String("log-format"))
+	}
+	slog.SetDefault(slog.New(h))
+	return nil
+}
+
+// signalContext ends on Ctrl-C or SIGTERM, so every role cleans up.
+func signalContext(c *cli.Context) (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+}
+
+func defaultStateDir(name string) string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/" + name
+	}
+	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, name)
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(h, ".local", "state", name)
+	}
+	return name
+}
+
+func stateDirFlag(name string) *cli.StringFlag {
+	return &cli.StringFlag{Name: "state-dir", Value: defaultStateDir(name), Usage: "directory for keys and state (created 0700)", EnvVars: []string{"NLVPN_STATE_DIR"}}
+}
+
+func gatewayCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "gateway",
+		Usage: "run the public gateway: authentication, agent directory, rendezvous and relay",
+		Description: `Serves QUIC on a UDP port. On first start it creates its key and a self-signed
+certificate in --state-dir and prints the certificate fingerprint; tokens carry that
+fingerprint, so nodes need nothing else to trust it. --cert/--key use a real
+certificate instead. The gateway relays only end-to-end encrypted packets.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "listen", Value: ":4433", Usage: "UDP address to listen on"},
+			stateDirFlag("nlvpn-gw"),
+			&cli.StringFlag{Name: "public-addr", Usage: "HOST:PORT nodes use to reach this gateway; put into tokens"},
+			&cli.StringFlag{Name: "cert", Usage: "TLS certificate file (PEM) instead of the self-signed one"},
+			&cli.StringFlag{Name: "key", Usage: "private key file (PEM) for --cert"},
+		},
+		Action: func(c *cli.Context) error {
+			if c.Args().Present() {
+				return fmt.Errorf("unexpected argument %q", c.Args().First())
+			}
+			if (c.String("cert") == "") != (c.String("key") == "") {
+				return errors.New("--cert and --key go together")
+			}
+			if pa := c.String("public-addr"); pa != "" {
+				if _, _, err := net.SplitHostPort(pa); err != nil {
+					return fmt.Errorf("--public-addr %q: want HOST:PORT", pa)
+				}
+			}
+			st, err := gateway.OpenState(c.String("state-dir"))
+			if err != nil {
+				return err
+			}
+			cfg := gateway.Config{State: st, Listen: c.String("listen"), PublicAddr: c.String("public-addr"), Log: slog.Default()}
+			if c.String("cert") != "" {
+				cert, err := loadCert(c.String("cert"), c.String("key"))
+				if err != nil {
+					return err
+				}
+				cfg.Cert = &cert
+			}
+			g, err := gateway.New(cfg)
+			if err != nil {
+				return err
+			}
+			if err := st.WriteInfo(gateway.Info{Pin: g.Pin(), PublicAddr: cfg.PublicAddr}); err != nil {
+				return err
+			}
+			fmt.Fprintf(os.Stderr, "gateway certificate fingerprint: %s\n", g.Pin())
+			ctx, cancel := signalContext(c)
+			defer cancel()
+			return g.Run(ctx)
+		},
+	}
+}
+
+func tokenCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "token",
+		Usage:     "issue a token for an agent or a client (prints it alone on stdout)",
+		UsageText: "nlvpn token --state-dir DIR (--agent NAME | --client NAME) [--gateway HOST:PORT] [--ttl 720h] [--allow-agent NAME ...]",
+		Description: `Signs a token with the gateway's key (from --state-dir, run on the gateway machine).
+The token carries the role, the name, the expiry, the gateway address and its
+certificate pin: it is all a new node needs. Keep tokens secret.`,
+		Flags: []cli.Flag{
+			stateDirFlag("nlvpn-gw"),
+			&cli.StringFlag{Name: "agent", Usage: "issue an agent token for `NAME`"},
+			&cli.StringFlag{Name: "client", Usage: "issue a client token for `NAME`"},
+			&cli.StringFlag{Name: "gateway", Usage: "gateway HOST:PORT to put in the token (default: the gateway's --public-addr)"},
+			&cli.DurationFlag{Name: "ttl", Value: 720 * time.Hour, Usage: "how long the token is valid"},
+			&cli.StringSliceFlag{Name: "allow-agent", Usage: "client tokens: agents it may use (repeatable; default every agent)"},
+		},
+		Action: func(c *cli.Context) error {
+			agentName, clientName := c.String("agent"), c.String("client")
+			if (agentName == "") == (clientName == "") {
+				return errors.New("give exactly one of --agent NAME or --client NAME")
+			}
+			if c.Duration("ttl") <= 0 {
+				return errors.New("--ttl must be positive")
+			}
+			dir := c.String("state-dir")
+			if _, err := os.Stat(filepath.Join(dir, "gateway.key")); err != nil {
+				return fmt.Errorf("no gateway key in %s: run `nlvpn gateway --state-dir %s` there first, or point --state-dir at the gateway's state", dir, dir)
+			}
+			st, err := gateway.OpenState(dir)
+			if err != nil {
+				return err
+			}
+			info, err := st.ReadInfo()
+			if err != nil {
+				return err
+			}
+			gw := c.String("gateway")
+			if gw == "" {
+				gw = info.PublicAddr
+			}
+			if gw == "" {
+				return errors.New("no gateway address: pass --gateway HOST:PORT (or start the gateway with --public-addr)")
+			}
+			if _, _, err := net.SplitHostPort(gw); err != nil {
+				return fmt.Errorf("--gateway %q: want HOST:PORT", gw)
+			}
+			cl := token.Claims{Expires: time.Now().Add(c.Duration("ttl")).Unix(), Gateway: gw, Pin: info.Pin}
+			if agentName != "" {
+				cl.Role, cl.Name = token.RoleAgent, agentName
+				if len(c.StringSlice("allow-agent")) > 0 {
+					return errors.New("--allow-agent is for client tokens")
+				}
+			} else {
+				cl.Role, cl.Name = token.RoleClient, clientName
+				cl.Agents = c.StringSlice("allow-agent")
+				if len(cl.Agents) == 0 {
+					cl.Agents = []string{"*"}
+				}
+			}
+			if !token.ValidName(cl.Name) {
+				return fmt.Errorf("name %q: use lower-case letters, digits, '.', '_' and '-' (at most 63)", cl.Name)
+			}
+			t, err := token.Issue(st.Key, cl)
+			if err != nil {
+				return err
+			}
+			fmt.Println(t)
+			return nil
+		},
+	}
+}
+
+// nodeFlags are shared by agent and up.
+func nodeFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "token", Usage: "token from `nlvpn token` (or NLVPN_TOKEN, or token = in the config file)", EnvVars: []string{"NLVPN_TOKEN"}},
+		&cli.StringFlag{Name: "gateway", Usage: "gateway HOST:PORT, overriding the token's (or NLVPN_GATEWAY, or gateway = in the config file)", EnvVars: []string{"NLVPN_GATEWAY"}},
+		stateDirFlag("nlvpn"),
+		&cli.StringFlag{Name: "config", Usage: "config file (default: STATE-DIR/config)", EnvVars: []string{"NLVPN_CONFIG"}},
+	}
+}
+
+// nodeSetup resolves token and gateway (flag > environment > config file),
+// loads or makes the node key, and returns what a role needs.
+type nodeSetup struct {
+	stateDir   string
+	configPath string
+	token      string
+	claims     *token.Claims
+	gateway    string
+	key        *identity.Key
+	fromFile   bool
+}
+
+func setupNode(c *cli.Context, role string) (*nodeSetup, error) {
+	ns := &nodeSetup{stateDir: c.String("state-dir")}
+	ns.configPath = c.String("config")
+	if ns.configPath == "" {
+		ns.configPath = filepath.Join(ns.stateDir, "config")
+	}
+	file, err := config.Load(ns.configPath)
+	if err != nil {
+		return nil, err
+	}
+	ns.token = c.String("token")
+	if !c.IsSet("token") || ns.token == "" {
+		ns.token, ns.fromFile = file["token"], true
+	}
+	if ns.token == "" {
+		return nil, errors.New("no token: pass --token, set NLVPN_TOKEN, or put token = ... in " + ns.configPath)
+	}
+	ns.claims, err = token.Parse(ns.token)
+	if err != nil {
+		return nil, fmt.Errorf("the token given is not usable: %w", err)
+	}
+	if ns.claims.Role != role {
+		return nil, fmt.Errorf("this is a token for %s %q; `nlvpn %s` needs a %s token", ns.claims.Role, ns.claims.Name, map[string]string{token.RoleAgent: "agent", token.RoleClient: "up"}[role], role)
+	}
+	if exp := time.Unix(ns.claims.Expires, 0); time.Now().After(exp) {
+		return nil, fmt.Errorf("the token for %q expired at %s; ask for a new one (nlvpn token)", ns.claims.Name, exp.UTC().Format(time.RFC3339))
+	}
+	ns.gateway = c.String("gateway")
+	if !c.IsSet("gateway") || ns.gateway == "" {
+		ns.gateway = file["gateway"]
+	}
+	if ns.gateway == "" {
+		ns.gateway = ns.claims.Gateway
+	}
+	if ns.gateway == "" {
+		return nil, errors.New("no gateway address: the token has none; pass --gateway HOST:PORT")
+	}
+	if _, _, err := net.SplitHostPort(ns.gateway); err != nil {
+		return nil, fmt.Errorf("gateway address %q: want HOST:PORT", ns.gateway)
+	}
+	ns.key, err = identity.LoadOrCreate(filepath.Join(ns.stateDir, "node.key"))
+	if err != nil {
+		return nil, err
+	}
+	return ns, nil
+}
+
+// remember saves token and gateway to the config file after they worked,
+// so the next run needs neither.
+func (ns *nodeSetup) remember(gatewayFlag bool) {
+	file, err := config.Load(ns.configPath)
+	if err != nil {
+		return
+	}
+	changed := file["token"] != ns.token
+	file["token"] = ns.token
+	if gatewayFlag && file["gateway"] != ns.gateway {
+		file["gateway"], changed = ns.gateway, true
+	}
+	if !changed {
+		return
+	}
+	if err := file.Save(ns.configPath); err != nil {
+		slog.Warn("could not save the token to the config file", "path", ns.configPath, "err", err)
+		return
+	}
+	slog.Info("saved token and gateway for the next run", "config", ns.configPath)
+}
+
+func agentCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "agent",
+		Usage: "run the headless agent that gives clients access to this network",
+		Description: `Registers with the gateway under the name in its token and serves the advertised
+subnets to the clients the gateway introduces. Each client's TCP, UDP and ping become
+real connections from this host's own sockets (a userspace netstack): no root and no
+route back from the LAN are needed. Traffic to anything not advertised is refused.
+It reconnects to the gateway by itself.`,
+		Flags: append(nodeFlags(),
+			&cli.StringSliceFlag{Name: "advertise", Usage: "`CIDR` clients may reach (repeatable), e.g. 192.168.1.0/24"},
+		),
+		Action: func(c *cli.Context) error {
+			var adv []netip.Prefix
+			for _, s := range c.StringSlice("advertise") {
+				for _, s := range strings.Split(s, ",") {
+					p, err := netip.ParsePrefix(strings.TrimSpace(s))
+					if err != nil {
+						return fmt.Errorf("--advertise %q: %w", s, err)
+					}
+					adv = append(adv, p.Masked())
+				}
+			}
+			if len(adv) == 0 {
+				return errors.New("--advertise CIDR is required (the subnets clients may reach)")
+			}
+			ns, err := setupNode(c, token.RoleAgent)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := signalContext(c)
+			defer cancel()
+			return agent.Run(ctx, agent.Config{
+				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv,
+				Log: slog.Default().With("agent", ns.claims.Name),
+			})
+		},
+	}
+}
+
+func upCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "up",
+		Usage: "connect this machine to an agent's network (needs root for the TUN device)",
+		Description: `Asks the gateway for a session with the agent, checks the agent's key (pinned on first
+use in STATE-DIR/known_agents; a changed key is an error), creates a TUN device and
+routes the agent's overlay address and advertised subnets into it. Every program on
+the machine then reaches those subnets. Ctrl-C or SIGTERM removes the routes and the
+device. After a first successful run the token is saved to the config file, so later
+runs need only --agent.`,
+		Flags: append(nodeFlags(),
+			&cli.StringFlag{Name: "agent", Aliases: []string{"n"}, Usage: "`NAME` of the agent to connect to", Required: true},
+			&cli.StringFlag{Name: "tun", Value: "nlvpn0", Usage: "TUN device name"},
+			&cli.DurationFlag{Name: "connect-timeout", Value: 20 * time.Second, Usage: "give up if the gateway cannot be reached at start within this"},
+		),
+		Action: func(c *cli.Context) error {
+			if !token.ValidName(c.String("agent")) {
+				return fmt.Errorf("--agent %q is not a valid agent name", c.String("agent"))
+			}
+			ns, err := setupNode(c, token.RoleClient)
+			if err != nil {
+				return err
+			}
+			if !ns.claims.MayUse(c.String("agent")) {
+				return fmt.Errorf("the token of client %q does not allow agent %q (it allows %s)", ns.claims.Name, c.String("agent"), strings.Join(ns.claims.Agents, ", "))
+			}
+			ctx, cancel := signalContext(c)
+			defer cancel()
+			return client.Run(ctx, client.Config{
+				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"),
+				KnownAgents: filepath.Join(ns.stateDir, "known_agents"), TunName: c.String("tun"),
+				ConnectTimeout: c.Duration("connect-timeout"),
+				Log:            slog.Default(),
+				OnUp:           func() { ns.remember(c.IsSet("gateway")) },
+			})
+		},
+	}
+}

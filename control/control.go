@@ -1,0 +1,372 @@
+// Package control is a node's connection to the gateway: it dials over the
+// node's shared UDP socket, authenticates with the node key and token,
+// answers the gateway's requests, carries relay frames, and reconnects by
+// itself with backoff when the connection or the gateway goes away.
+package control
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/session"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+// QUICConfig is the node↔gateway connection's configuration, used by both
+// ends. Its packet size is fixed (see session.GatewayPacketSize) so relay
+// frames always fit one DATAGRAM.
+func QUICConfig() *quic.Config {
+	return &quic.Config{
+		EnableDatagrams:         true,
+		InitialPacketSize:       session.GatewayPacketSize,
+		DisablePathMTUDiscovery: true,
+		HandshakeIdleTimeout:    5 * time.Second,
+		MaxIdleTimeout:          30 * time.Second,
+		KeepAlivePeriod:         5 * time.Second,
+		MaxIncomingStreams:      4,
+		MaxIncomingUniStreams:   -1,
+	}
+}
+
+// Config configures a Client.
+type Config struct {
+	Gateway   string // host:port
+	Pin       string // gateway certificate pin; empty: verify against the system roots
+	Token     string
+	Key       *identity.Key
+	Advertise []netip.Prefix // agents only
+	Transport *quic.Transport
+	Log       *slog.Logger
+
+	// OnRelay receives each relay frame's payload; it owns pkt.
+	OnRelay func(id uint64, pkt []byte)
+	// OnRequest answers a request from the gateway (a session offer to an
+	// agent). It returns the reply body (Accept or Error).
+	OnRequest func(ctx context.Context, m *wire.Message) *wire.Message
+	// OnUp runs after every registration, the first and each after a
+	// reconnect, in its own goroutine; ctx ends with that connection.
+	OnUp func(ctx context.Context, w *wire.Welcome)
+}
+
+// FatalError is a refusal by the gateway that retrying cannot fix.
+type FatalError struct {
+	Code    string // a wire.Code* value
+	Message string
+}
+
+func (e *FatalError) Error() string { return e.Message }
+
+func fatal(e *wire.Error) *FatalError { return &FatalError{Code: e.Code, Message: e.Message} }
+
+// Client is a node's gateway connection.
+type Client struct {
+	cfg Config
+	log *slog.Logger
+
+	mu  sync.Mutex
+	cur *conn
+
+	up      chan struct{} // closed at the first registration
+	upOnce  sync.Once
+	welcome atomic.Pointer[wire.Welcome]
+	failed  chan struct{} // closed when Run gives up
+	err     error
+
+	dropRelay atomic.Uint64
+}
+
+// New returns a Client; Run connects it.
+func New(cfg Config) *Client {
+	log := cfg.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Client{cfg: cfg, log: log.With("gateway", cfg.Gateway), up: make(chan struct{}), failed: make(chan struct{})}
+}
+
+// Ready waits for the first registration, or for Run to fail.
+func (c *Client) Ready(ctx context.Context) (*wire.Welcome, error) {
+	select {
+	case <-c.up:
+		return c.welcome.Load(), nil
+	case <-c.failed:
+		return nil, c.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// Welcome returns the latest registration, or nil.
+func (c *Client) Welcome() *wire.Welcome { return c.welcome.Load() }
+
+// Run keeps the node connected until ctx ends or the gateway refuses it for
+// good (bad or expired token, name in use by another key).
+func (c *Client) Run(ctx context.Context) error {
+	err := c.run(ctx)
+	c.err = err
+	close(c.failed)
+	return err
+}
+
+func (c *Client) run(ctx context.Context) error {
+	const minBackoff, maxBackoff = 500 * time.Millisecond, 30 * time.Second
+	backoff := minBackoff
+	for {
+		registered, err := c.runOnce(ctx)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		var fe *FatalError
+		if errors.As(err, &fe) {
+			return err
+		}
+		if registered {
+			backoff = minBackoff
+			c.log.Warn("gateway connection lost; reconnecting", "err", err)
+		} else {
+			c.log.Warn("cannot reach gateway; will retry", "err", err, "in", backoff.Round(time.Millisecond))
+		}
+		// Jitter so a restarted gateway is not hit by every node at once.
+		d := backoff/2 + rand.N(backoff/2+1)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(d):
+		}
+		if !registered {
+			backoff = min(2*backoff, maxBackoff)
+		}
+	}
+}
+
+type conn struct {
+	qc     *quic.Conn
+	stream *quic.Stream
+
+	wmu     sync.Mutex
+	pmu     sync.Mutex
+	pending map[uint64]chan *wire.Message
+	nextID  uint64
+}
+
+func (k *conn) write(m *wire.Message) error {
+	k.wmu.Lock()
+	defer k.wmu.Unlock()
+	k.stream.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	return wire.WriteMessage(k.stream, m)
+}
+
+func (c *Client) tlsConfig() (*tls.Config, error) {
+	cert, err := c.cfg.Key.Certificate()
+	if err != nil {
+		return nil, err
+	}
+	host, _, err := net.SplitHostPort(c.cfg.Gateway)
+	if err != nil {
+		return nil, fmt.Errorf("gateway address %q: %w", c.cfg.Gateway, err)
+	}
+	tc := &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{cert},
+		NextProtos:   []string{wire.ALPNGateway},
+		ServerName:   host,
+	}
+	if c.cfg.Pin != "" {
+		// The pin replaces CA verification: it names the one key we accept.
+		tc.InsecureSkipVerify = true
+		tc.VerifyPeerCertificate = identity.VerifyPin(c.cfg.Pin)
+	}
+	return tc, nil
+}
+
+func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
+	tc, err := c.tlsConfig()
+	if err != nil {
+		return false, &FatalError{Code: wire.CodeBadRequest, Message: err.Error()}
+	}
+	addr, err := net.ResolveUDPAddr("udp", c.cfg.Gateway)
+	if err != nil {
+		return false, err
+	}
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	qc, err := c.cfg.Transport.Dial(dctx, addr, tc, QUICConfig())
+	cancel()
+	if err != nil {
+		var te *quic.TransportError
+		if errors.As(err, &te) && te.ErrorCode.IsCryptoError() {
+			// A certificate that does not match the pin will not match on retry.
+			return false, &FatalError{Code: wire.CodeBadRequest, Message: "TLS handshake with gateway failed: " + err.Error()}
+		}
+		return false, err
+	}
+	defer qc.CloseWithError(0, "bye")
+	st, err := qc.OpenStreamSync(ctx)
+	if err != nil {
+		return false, err
+	}
+	k := &conn{qc: qc, stream: st, pending: make(map[uint64]chan *wire.Message)}
+	if err := k.write(&wire.Message{Type: wire.TypeHello, Hello: &wire.Hello{Token: c.cfg.Token, Advertise: c.cfg.Advertise, Version: "1"}}); err != nil {
+		return false, err
+	}
+	st.SetReadDeadline(time.Now().Add(10 * time.Second))
+	m, err := wire.ReadMessage(st)
+	if err != nil {
+		return false, fmt.Errorf("registration: %w", err)
+	}
+	st.SetReadDeadline(time.Time{})
+	switch {
+	case m.Type == wire.TypeError && m.Error.Fatal():
+		return false, fatal(m.Error)
+	case m.Type == wire.TypeError:
+		return false, m.Error
+	case m.Type != wire.TypeWelcome:
+		return false, fmt.Errorf("registration: unexpected %s message", m.Type)
+	}
+	w := m.Welcome
+	c.welcome.Store(w)
+	c.log.Info("registered with gateway", "name", w.Name, "role", w.Role, "overlay", w.Overlay, "observed", w.Observed)
+
+	connCtx, cancelConn := context.WithCancel(ctx)
+	defer cancelConn()
+	c.mu.Lock()
+	c.cur = k
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		if c.cur == k {
+			c.cur = nil
+		}
+		c.mu.Unlock()
+		k.pmu.Lock()
+		for id, ch := range k.pending {
+			close(ch)
+			delete(k.pending, id)
+		}
+		k.pmu.Unlock()
+	}()
+	c.upOnce.Do(func() { close(c.up) })
+	if c.cfg.OnUp != nil {
+		go c.cfg.OnUp(connCtx, w)
+	}
+	go c.readRelay(connCtx, qc)
+	return true, c.readControl(connCtx, k)
+}
+
+func (c *Client) readRelay(ctx context.Context, qc *quic.Conn) {
+	for {
+		b, err := qc.ReceiveDatagram(ctx)
+		if err != nil {
+			return
+		}
+		kind, id, pkt, err := wire.ParseFrame(b)
+		if err != nil || kind != wire.FrameRelay || c.cfg.OnRelay == nil {
+			c.dropRelay.Add(1)
+			continue
+		}
+		c.cfg.OnRelay(id, pkt)
+	}
+}
+
+func (c *Client) readControl(ctx context.Context, k *conn) error {
+	for {
+		m, err := wire.ReadMessage(k.stream)
+		if err != nil {
+			if cause := context.Cause(k.qc.Context()); cause != nil {
+				return cause
+			}
+			return err
+		}
+		k.pmu.Lock()
+		ch, isReply := k.pending[m.ID]
+		if isReply {
+			delete(k.pending, m.ID)
+		}
+		k.pmu.Unlock()
+		switch {
+		case isReply:
+			ch <- m
+		case m.Type == wire.TypeError:
+			if m.Error.Fatal() {
+				return fatal(m.Error)
+			}
+			c.log.Warn("gateway reports an error", "code", m.Error.Code, "msg", m.Error.Message)
+		case m.ID != 0 && c.cfg.OnRequest != nil:
+			go func() {
+				reply := c.cfg.OnRequest(ctx, m)
+				reply.ID = m.ID
+				if err := k.write(reply); err != nil {
+					c.log.Debug("reply to gateway failed", "err", err)
+				}
+			}()
+		default:
+			c.log.Debug("ignoring unexpected control message", "type", m.Type)
+		}
+	}
+}
+
+// ErrNotConnected is returned while the gateway connection is down.
+var ErrNotConnected = errors.New("not connected to the gateway")
+
+// Request sends m and waits for the gateway's reply. A reply of type error
+// is returned as a *wire.Error.
+func (c *Client) Request(ctx context.Context, m *wire.Message) (*wire.Message, error) {
+	c.mu.Lock()
+	k := c.cur
+	c.mu.Unlock()
+	if k == nil {
+		return nil, ErrNotConnected
+	}
+	ch := make(chan *wire.Message, 1)
+	k.pmu.Lock()
+	k.nextID++
+	m.ID = k.nextID
+	k.pending[m.ID] = ch
+	k.pmu.Unlock()
+	if err := k.write(m); err != nil {
+		return nil, err
+	}
+	select {
+	case r, ok := <-ch:
+		if !ok {
+			return nil, ErrNotConnected
+		}
+		if r.Type == wire.TypeError {
+			return nil, r.Error
+		}
+		return r, nil
+	case <-ctx.Done():
+		k.pmu.Lock()
+		delete(k.pending, m.ID)
+		k.pmu.Unlock()
+		return nil, ctx.Err()
+	}
+}
+
+// Send implements session.Path: the relay path through the gateway.
+func (c *Client) Send(id uint64, pkt []byte) error {
+	c.mu.Lock()
+	k := c.cur
+	c.mu.Unlock()
+	if k == nil {
+		return ErrNotConnected
+	}
+	b := make([]byte, 0, wire.FrameHeaderLen+len(pkt))
+	b = wire.AppendFrameHeader(b, wire.FrameRelay, id)
+	b = append(b, pkt...)
+	return k.qc.SendDatagram(b)
+}
+
+// RelayDrops counts malformed or unexpected frames received from the gateway.
+func (c *Client) RelayDrops() uint64 { return c.dropRelay.Load() }

@@ -1,0 +1,401 @@
+// Package gateway is the only public piece of nlvpn: it authenticates nodes
+// by token and key, keeps the directory of agents, introduces a client to an
+// agent, and relays their session's packets, which are ciphertext to it.
+package gateway
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/nlvpn/nlvpn/control"
+	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/relay"
+	"github.com/nlvpn/nlvpn/token"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+// Config configures a Gateway.
+type Config struct {
+	State *State
+	// Listen is the UDP address to serve QUIC on, e.g. ":4433".
+	Listen string
+	// PublicAddr is how nodes reach the gateway (host:port), put in tokens.
+	PublicAddr string
+	// Cert, if set, replaces the self-signed certificate.
+	Cert *tls.Certificate
+	Log  *slog.Logger
+}
+
+// Gateway is the server.
+type Gateway struct {
+	cfg     Config
+	log     *slog.Logger
+	hub     *relay.Hub
+	overlay *overlayPool
+	pin     string
+	cert    tls.Certificate
+
+	mu     sync.Mutex
+	agents map[string]*node
+
+	rejected atomic.Uint64 // registrations refused
+	addr     atomic.Pointer[net.UDPAddr]
+}
+
+// node is one registered connection.
+type node struct {
+	name    string
+	role    string
+	key     identity.PublicKey
+	overlay netip.Addr
+	adv     []netip.Prefix
+	claims  *token.Claims
+	qc      *quic.Conn
+	peer    *relay.Peer
+
+	wmu    sync.Mutex
+	stream *quic.Stream
+
+	pmu     sync.Mutex
+	pending map[uint64]chan *wire.Message
+	nextID  uint64
+}
+
+func (n *node) write(m *wire.Message) error {
+	n.wmu.Lock()
+	defer n.wmu.Unlock()
+	n.stream.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	return wire.WriteMessage(n.stream, m)
+}
+
+// request sends m to the node and waits for its reply.
+func (n *node) request(ctx context.Context, m *wire.Message) (*wire.Message, error) {
+	ch := make(chan *wire.Message, 1)
+	n.pmu.Lock()
+	n.nextID++
+	m.ID = n.nextID
+	n.pending[m.ID] = ch
+	n.pmu.Unlock()
+	defer func() {
+		n.pmu.Lock()
+		delete(n.pending, m.ID)
+		n.pmu.Unlock()
+	}()
+	if err := n.write(m); err != nil {
+		return nil, err
+	}
+	select {
+	case r := <-ch:
+		if r.Type == wire.TypeError {
+			return nil, r.Error
+		}
+		return r, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-n.qc.Context().Done():
+		return nil, errors.New("node disconnected")
+	}
+}
+
+// New prepares a gateway from its state.
+func New(cfg Config) (*Gateway, error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	g := &Gateway{cfg: cfg, log: cfg.Log, hub: relay.NewHub(cfg.Log), agents: make(map[string]*node)}
+	var err error
+	if g.overlay, err = openOverlayPool(cfg.State.Dir); err != nil {
+		return nil, err
+	}
+	if cfg.Cert != nil {
+		g.cert = *cfg.Cert
+	} else if g.cert, err = cfg.State.SelfSignedCert(); err != nil {
+		return nil, err
+	}
+	if g.cert.Leaf == nil {
+		return nil, errors.New("certificate without a parsed leaf")
+	}
+	g.pin = identity.Fingerprint(g.cert.Leaf)
+	return g, nil
+}
+
+// Pin is the fingerprint nodes pin.
+func (g *Gateway) Pin() string { return g.pin }
+
+// Addr is the UDP address the gateway listens on, once Run has started.
+func (g *Gateway) Addr() *net.UDPAddr { return g.addr.Load() }
+
+// RelayStats exposes the relay's counters.
+func (g *Gateway) RelayStats() relay.Stats { return g.hub.Stats() }
+
+// Run serves until ctx ends.
+func (g *Gateway) Run(ctx context.Context) error {
+	ua, err := net.ResolveUDPAddr("udp", g.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen address %q: %w", g.cfg.Listen, err)
+	}
+	uc, err := net.ListenUDP("udp", ua)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", g.cfg.Listen, err)
+	}
+	g.addr.Store(uc.LocalAddr().(*net.UDPAddr))
+	// A stateless reset key that survives restarts lets a restarted gateway
+	// tell nodes at once that their old connection is gone, so they
+	// reconnect in a second instead of waiting for the idle timeout.
+	rk := quic.StatelessResetKey(sha256.Sum256(append([]byte("nlvpn stateless reset\x00"), g.cfg.State.Key.Sign([]byte("stateless-reset"))...)))
+	tr := &quic.Transport{Conn: uc, StatelessResetKey: &rk}
+	defer tr.Close()
+	tc := &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{g.cert},
+		NextProtos:   []string{wire.ALPNGateway},
+		ClientAuth:   tls.RequireAnyClientCert,
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			_, err := identity.PeerKey(raw)
+			return err
+		},
+	}
+	ln, err := tr.Listen(tc, control.QUICConfig())
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	g.log.Info("gateway listening", "addr", uc.LocalAddr().String(), "public_addr", g.cfg.PublicAddr, "pin", g.pin)
+	go func() {
+		<-ctx.Done()
+		ln.Close()
+	}()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		qc, err := ln.Accept(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			g.serve(ctx, qc)
+		}()
+	}
+}
+
+// refuse tells a node why it is refused, then closes the connection after
+// giving the message a moment to arrive.
+func (g *Gateway) refuse(qc *quic.Conn, st *quic.Stream, code, msg string) {
+	g.rejected.Add(1)
+	wire.WriteMessage(st, &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: code, Message: msg}})
+	st.Close()
+	select {
+	case <-qc.Context().Done():
+	case <-time.After(2 * time.Second):
+	}
+	qc.CloseWithError(1, code)
+}
+
+func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
+	remote := qc.RemoteAddr().String()
+	log := g.log.With("remote", remote)
+	defer qc.CloseWithError(0, "")
+	key, err := peerKey(qc)
+	if err != nil {
+		log.Info("node rejected", "err", err)
+		return
+	}
+	actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	st, err := qc.AcceptStream(actx)
+	cancel()
+	if err != nil {
+		log.Debug("node opened no control stream", "err", err)
+		return
+	}
+	st.SetReadDeadline(time.Now().Add(10 * time.Second))
+	m, err := wire.ReadMessage(st)
+	if err != nil {
+		log.Info("bad registration", "err", err)
+		g.refuse(qc, st, wire.CodeBadRequest, "bad registration: "+err.Error())
+		return
+	}
+	st.SetReadDeadline(time.Time{})
+	if m.Type != wire.TypeHello {
+		g.refuse(qc, st, wire.CodeBadRequest, "first message must be hello, got "+m.Type)
+		return
+	}
+	claims, err := token.Verify(m.Hello.Token, g.cfg.State.Key.Public(), time.Now())
+	if err != nil {
+		code := wire.CodeBadToken
+		if errors.Is(err, token.ErrExpired) {
+			code = wire.CodeExpired
+		}
+		log.Info("token refused", "err", err)
+		g.refuse(qc, st, code, err.Error())
+		return
+	}
+	n := &node{name: claims.Name, role: claims.Role, key: key, claims: claims, qc: qc, stream: st, pending: make(map[uint64]chan *wire.Message)}
+	log = log.With("role", n.role, "name", n.name)
+	if n.role == token.RoleAgent {
+		for _, p := range m.Hello.Advertise {
+			if !p.IsValid() || p.Bits() < 0 {
+				g.refuse(qc, st, wire.CodeBadRequest, "invalid advertised prefix")
+				return
+			}
+			n.adv = append(n.adv, p.Masked())
+		}
+	}
+	overlayKey := "agent/" + n.name
+	if n.role == token.RoleClient {
+		overlayKey = "client/" + n.name + "/" + key.String()
+	}
+	if n.overlay, err = g.overlay.Get(overlayKey); err != nil {
+		log.Error("overlay allocation failed", "err", err)
+		g.refuse(qc, st, wire.CodeUnavailable, "gateway cannot allocate an overlay address")
+		return
+	}
+	if n.role == token.RoleAgent {
+		g.mu.Lock()
+		old := g.agents[n.name]
+		if old != nil && !old.key.Equal(key) && old.qc.Context().Err() == nil {
+			g.mu.Unlock()
+			log.Warn("agent name already in use by another key")
+			g.refuse(qc, st, wire.CodeNameInUse, fmt.Sprintf("agent %q is already connected with a different key", n.name))
+			return
+		}
+		g.agents[n.name] = n
+		g.mu.Unlock()
+		if old != nil {
+			// The same agent reconnected (new socket, network change): the
+			// new connection replaces the old one.
+			old.qc.CloseWithError(0, "replaced by a new connection")
+		}
+		defer func() {
+			g.mu.Lock()
+			if g.agents[n.name] == n {
+				delete(g.agents, n.name)
+			}
+			g.mu.Unlock()
+		}()
+	}
+	n.peer = g.hub.NewPeer(n.role+"/"+n.name, qc)
+	defer n.peer.Close()
+
+	var observed netip.AddrPort
+	if ua, ok := qc.RemoteAddr().(*net.UDPAddr); ok {
+		observed = ua.AddrPort()
+	}
+	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed}}); err != nil {
+		return
+	}
+	log.Info("node registered", "overlay", n.overlay, "advertise", n.adv)
+	defer log.Info("node disconnected")
+
+	go func() {
+		for {
+			b, err := qc.ReceiveDatagram(qc.Context())
+			if err != nil {
+				return
+			}
+			g.hub.Forward(n.peer, b)
+		}
+	}()
+	for {
+		m, err := wire.ReadMessage(st)
+		if err != nil {
+			if qc.Context().Err() == nil && !errors.Is(err, context.Canceled) {
+				log.Info("closing node connection", "err", err)
+			}
+			return
+		}
+		n.pmu.Lock()
+		ch, isReply := n.pending[m.ID]
+		n.pmu.Unlock()
+		if isReply {
+			ch <- m
+			continue
+		}
+		switch {
+		case m.Type == wire.TypeConnect && n.role == token.RoleClient:
+			go func() {
+				reply := g.connect(ctx, n, m.Connect)
+				reply.ID = m.ID
+				n.write(reply)
+			}()
+		default:
+			log.Info("unexpected control message", "type", m.Type)
+			n.write(&wire.Message{Type: wire.TypeError, ID: m.ID, Error: &wire.Error{Code: wire.CodeBadRequest, Message: "unexpected " + m.Type + " message"}})
+		}
+	}
+}
+
+func errorReply(code, format string, args ...any) *wire.Message {
+	return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: code, Message: fmt.Sprintf(format, args...)}}
+}
+
+// connect introduces a client to an agent and sets up their relay route.
+func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire.Message {
+	log := g.log.With("client", c.name, "agent", req.Agent)
+	if !c.claims.MayUse(req.Agent) {
+		log.Info("connect refused by token")
+		return errorReply(wire.CodeForbidden, "the token of client %q does not allow agent %q", c.name, req.Agent)
+	}
+	g.mu.Lock()
+	a := g.agents[req.Agent]
+	g.mu.Unlock()
+	if a == nil || a.qc.Context().Err() != nil {
+		log.Info("connect to unknown agent")
+		return errorReply(wire.CodeUnknownAgent, "no agent named %q is connected to this gateway", req.Agent)
+	}
+	id := req.Resume
+	if id == 0 || g.hub.Bind(id, c.peer, a.peer) != nil {
+		for {
+			var b [8]byte
+			rand.Read(b[:])
+			id = binary.BigEndian.Uint64(b[:])
+			if id != 0 && g.hub.Bind(id, c.peer, a.peer) == nil {
+				break
+			}
+		}
+	}
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	_, err := a.request(rctx, &wire.Message{Type: wire.TypeSession, Session: &wire.Session{
+		ID: id, PeerName: c.name, PeerKey: c.key.String(), PeerAddr: c.overlay,
+	}})
+	if err != nil {
+		g.hub.Unbind(id)
+		log.Info("agent did not accept the session", "err", err)
+		var we *wire.Error
+		if errors.As(err, &we) {
+			return errorReply(we.Code, "agent %q refused: %s", a.name, we.Message)
+		}
+		return errorReply(wire.CodeUnavailable, "agent %q did not answer: %v", a.name, err)
+	}
+	log.Info("session set up", "session", fmt.Sprintf("%016x", id), "resumed", id == req.Resume)
+	return &wire.Message{Type: wire.TypeSession, Session: &wire.Session{
+		ID: id, PeerName: a.name, PeerKey: a.key.String(), PeerAddr: a.overlay, Advertise: a.adv,
+	}}
+}
+
+func peerKey(qc *quic.Conn) (identity.PublicKey, error) {
+	st := qc.ConnectionState().TLS
+	if len(st.PeerCertificates) != 1 {
+		return nil, errors.New("node presented no certificate")
+	}
+	return identity.PeerKey([][]byte{st.PeerCertificates[0].Raw})
+}

@@ -1,0 +1,137 @@
+package gateway
+
+import (
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/nlvpn/nlvpn/identity"
+)
+
+// State is what a gateway keeps in its state directory: its key (which
+// signs tokens and, by default, its TLS certificate), its public identity
+// (pin and address, for `nlvpn token`), and the overlay addresses it gave
+// out, so a node keeps its address across restarts.
+type State struct {
+	Dir string
+	Key *identity.Key
+}
+
+// Info is the public part, written at every gateway start.
+type Info struct {
+	Pin        string `json:"pin"`
+	PublicAddr string `json:"public_addr,omitempty"`
+}
+
+// OpenState loads or creates the state in dir.
+func OpenState(dir string) (*State, error) {
+	if dir == "" {
+		return nil, errors.New("no state directory")
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	key, err := identity.LoadOrCreate(filepath.Join(dir, "gateway.key"))
+	if err != nil {
+		return nil, err
+	}
+	return &State{Dir: dir, Key: key}, nil
+}
+
+// SelfSignedCert is the gateway's default certificate. It is made anew from
+// the key at each start; the pin covers the key, so it stays the same.
+func (s *State) SelfSignedCert() (tls.Certificate, error) {
+	return identity.SelfSigned(s.Key.Signer(), "nlvpn-gateway")
+}
+
+// WriteInfo records the gateway's pin and public address.
+func (s *State) WriteInfo(i Info) error {
+	b, err := json.MarshalIndent(i, "", "  ")
+	if err != nil {
+		return err
+	}
+	return identity.WriteFileAtomic(filepath.Join(s.Dir, "gateway.json"), append(b, '\n'), 0o600)
+}
+
+// ReadInfo reads what WriteInfo wrote. Without it (the gateway never ran),
+// the pin of the default self-signed certificate is returned.
+func (s *State) ReadInfo() (Info, error) {
+	b, err := os.ReadFile(filepath.Join(s.Dir, "gateway.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		cert, err := s.SelfSignedCert()
+		if err != nil {
+			return Info{}, err
+		}
+		return Info{Pin: identity.Fingerprint(cert.Leaf)}, nil
+	}
+	if err != nil {
+		return Info{}, err
+	}
+	var i Info
+	if err := json.Unmarshal(b, &i); err != nil {
+		return Info{}, fmt.Errorf("%s: %w", filepath.Join(s.Dir, "gateway.json"), err)
+	}
+	return i, nil
+}
+
+// overlayPool hands out overlay addresses from 100.64.0.0/10 and remembers
+// them in overlay.json.
+type overlayPool struct {
+	path string
+	mu   sync.Mutex
+	m    map[string]netip.Addr
+}
+
+var overlayPrefix = netip.MustParsePrefix("100.64.0.0/10")
+
+func openOverlayPool(dir string) (*overlayPool, error) {
+	p := &overlayPool{path: filepath.Join(dir, "overlay.json"), m: make(map[string]netip.Addr)}
+	b, err := os.ReadFile(p.path)
+	if errors.Is(err, os.ErrNotExist) {
+		return p, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(b, &p.m); err != nil {
+		return nil, fmt.Errorf("%s: %w", p.path, err)
+	}
+	return p, nil
+}
+
+// Get returns the address for key, allocating and saving one if needed.
+func (p *overlayPool) Get(key string) (netip.Addr, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if a, ok := p.m[key]; ok && overlayPrefix.Contains(a) {
+		return a, nil
+	}
+	used := make(map[netip.Addr]bool, len(p.m))
+	for _, a := range p.m {
+		used[a] = true
+	}
+	// .0 is the network and .1 is kept for the gateway, should it ever
+	// join the overlay itself.
+	a := overlayPrefix.Addr().Next().Next()
+	for used[a] {
+		a = a.Next()
+		if !overlayPrefix.Contains(a) {
+			return netip.Addr{}, errors.New("overlay address pool exhausted")
+		}
+	}
+	p.m[key] = a
+	b, err := json.MarshalIndent(p.m, "", "  ")
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	if err := identity.WriteFileAtomic(p.path, b, 0o600); err != nil {
+		delete(p.m, key)
+		return netip.Addr{}, err
+	}
+	return a, nil
+}

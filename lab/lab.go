@@ -1,0 +1,582 @@
+// Package lab builds a small simulated internet out of Linux network
+// namespaces, for the end-to-end tests, the demo and the benchmarks.
+//
+// Topology (addresses are the defaults; every name carries a per-run prefix):
+//
+//	                  inet (router, 198.18.x.1 on every link)
+//	       ┌────────────────┼─────────────────────┐
+//	gw 198.18.1.2   client side 198.18.2.2   agent side 198.18.3.2
+//	                   │ (NAT router or the      │ (NAT router or the
+//	                   │  client itself)         │  agent itself)
+//	              client 10.0.1.2           agent 10.0.2.2
+//	                                           │ 192.168.77.1
+//	                                        lan 192.168.77.10 (no default route)
+//
+// With SameLAN, client (10.0.1.2) and agent (10.0.1.3) share one NAT router
+// (198.18.2.2) on one bridged LAN.
+//
+// Only 198.18.0.0/15 ("public"), 10.x and 192.168.77.0/24 are used, all of
+// them inside namespaces this package creates. IPv6 is disabled in every lab
+// namespace so that no link-local chatter leaves any node.
+package lab
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+)
+
+// NAT is the kind of NAT in front of a node.
+type NAT int
+
+const (
+	// None puts the node directly on the internet with a public address.
+	None NAT = iota
+	// Cone is nftables masquerade, which keeps the source port when it can
+	// (endpoint-independent mapping).
+	Cone
+	// Symmetric is nftables "masquerade random,fully-random": every
+	// flow gets a random port (endpoint-dependent mapping).
+	Symmetric
+)
+
+func (n NAT) String() string {
+	switch n {
+	case None:
+		return "none"
+	case Cone:
+		return "cone"
+	case Symmetric:
+		return "symmetric"
+	}
+	return fmt.Sprintf("NAT(%d)", int(n))
+}
+
+// ParseNAT parses "none", "cone" or "symmetric".
+func ParseNAT(s string) (NAT, error) {
+	switch strings.ToLower(s) {
+	case "none", "public":
+		return None, nil
+	case "cone":
+		return Cone, nil
+	case "symmetric", "sym":
+		return Symmetric, nil
+	}
+	return None, fmt.Errorf("unknown NAT kind %q (want none, cone or symmetric)", s)
+}
+
+// Options selects the topology variant.
+type Options struct {
+	ClientNAT NAT
+	AgentNAT  NAT
+	// SameLAN puts client and agent behind one NAT on the same 10.0.1.0/24
+	// LAN. The NAT kind is ClientNAT (None is treated as Cone).
+	SameLAN bool
+	// Prefix overrides the random per-run prefix (keep it short, e.g. "nv1a2b").
+	Prefix string
+	// Logf, when set, receives every command the lab runs.
+	Logf func(format string, args ...any)
+}
+
+// Namespaces holds the names of the lab's network namespaces. ClientNAT and
+// AgentNAT are empty when that side has no NAT; with SameLAN both name the
+// one shared NAT router.
+type Namespaces struct {
+	Inet, GW, ClientNAT, Client, AgentNAT, Agent, LAN string
+}
+
+// Lab is one built topology. Fields are set by New (or Prepare) and must not
+// be changed by callers.
+type Lab struct {
+	Prefix string
+	Opts   Options
+	NS     Namespaces
+
+	// Gateway is the gateway host's public address.
+	Gateway netip.Addr
+	// ClientPublic and AgentPublic are the addresses the internet sees for
+	// each side: the NAT's WAN address, or the node's own when NAT is None.
+	ClientPublic, AgentPublic netip.Addr
+	// ClientAddr and AgentAddr are the nodes' own underlay addresses.
+	ClientAddr, AgentAddr netip.Addr
+	// AgentLANAddr is the agent's address on the LAN, LANHost the LAN host's.
+	AgentLANAddr, LANHost netip.Addr
+	LANSubnet             netip.Prefix
+
+	mu      sync.Mutex
+	nsMu    sync.Mutex // held while a namespace is being created
+	created []string   // namespaces created, in order
+	procs   []*Process
+	closed  bool
+	blocked bool
+}
+
+// Fixed addressing plan.
+var (
+	inetGW    = netip.MustParseAddr("198.18.1.1")
+	gwAddr    = netip.MustParseAddr("198.18.1.2")
+	inetCli   = netip.MustParseAddr("198.18.2.1")
+	cliPub    = netip.MustParseAddr("198.18.2.2")
+	inetAgt   = netip.MustParseAddr("198.18.3.1")
+	agtPub    = netip.MustParseAddr("198.18.3.2")
+	cliLANGW  = netip.MustParseAddr("10.0.1.1")
+	cliLAN    = netip.MustParseAddr("10.0.1.2")
+	sameAgt   = netip.MustParseAddr("10.0.1.3")
+	agtLANGW  = netip.MustParseAddr("10.0.2.1")
+	agtLAN    = netip.MustParseAddr("10.0.2.2")
+	agtLAN77  = netip.MustParseAddr("192.168.77.1")
+	lanHost   = netip.MustParseAddr("192.168.77.10")
+	lanSubnet = netip.MustParsePrefix("192.168.77.0/24")
+)
+
+// RandomPrefix returns "nv" followed by 4 random hex digits.
+func RandomPrefix() string {
+	var b [2]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(err)
+	}
+	return "nv" + hex.EncodeToString(b[:])
+}
+
+// Prepare fills in names and addresses without touching the system. Call
+// Build to create the topology and Close to remove it; Close is safe at any
+// point, also concurrently with a Build in progress (Build then stops).
+func Prepare(opts Options) *Lab {
+	p := opts.Prefix
+	if p == "" {
+		p = RandomPrefix()
+	}
+	l := &Lab{
+		Prefix:       p,
+		Opts:         opts,
+		Gateway:      gwAddr,
+		AgentLANAddr: agtLAN77,
+		LANHost:      lanHost,
+		LANSubnet:    lanSubnet,
+	}
+	n := func(role string) string { return p + "-" + role }
+	l.NS = Namespaces{Inet: n("inet"), GW: n("gw"), Client: n("cli"), Agent: n("agt"), LAN: n("lan")}
+	switch {
+	case opts.SameLAN:
+		l.NS.ClientNAT = n("nat")
+		l.NS.AgentNAT = l.NS.ClientNAT
+		l.ClientPublic, l.AgentPublic = cliPub, cliPub
+		l.ClientAddr, l.AgentAddr = cliLAN, sameAgt
+	default:
+		l.ClientPublic, l.AgentPublic = cliPub, agtPub
+		l.ClientAddr, l.AgentAddr = cliPub, agtPub
+		if opts.ClientNAT != None {
+			l.NS.ClientNAT = n("cnat")
+			l.ClientAddr = cliLAN
+		}
+		if opts.AgentNAT != None {
+			l.NS.AgentNAT = n("anat")
+			l.AgentAddr = agtLAN
+		}
+	}
+	return l
+}
+
+// New builds the topology. On failure everything built so far is removed.
+func New(ctx context.Context, opts Options) (*Lab, error) {
+	l := Prepare(opts)
+	if err := l.Build(ctx); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// Namespaces returns the names of all namespaces of this lab (deduplicated).
+func (l *Lab) Namespaces() []string {
+	var out []string
+	seen := map[string]bool{}
+	for _, s := range []string{l.NS.Inet, l.NS.GW, l.NS.ClientNAT, l.NS.Client, l.NS.AgentNAT, l.NS.Agent, l.NS.LAN} {
+		if s != "" && !seen[s] {
+			seen[s] = true
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// GatewayAddrPort returns the gateway's public address with port.
+func (l *Lab) GatewayAddrPort(port uint16) netip.AddrPort {
+	return netip.AddrPortFrom(l.Gateway, port)
+}
+
+func (l *Lab) logf(format string, args ...any) {
+	if l.Opts.Logf != nil {
+		l.Opts.Logf(format, args...)
+	}
+}
+
+// Build creates namespaces, links, addresses, routes and NAT rules.
+func (l *Lab) Build(ctx context.Context) error {
+	for _, ns := range l.Namespaces() {
+		if err := l.addNS(ctx, ns); err != nil {
+			return err
+		}
+	}
+	// inet <-> gw
+	if err := l.link(ctx, l.NS.Inet, "gw0", inetGW, l.NS.GW, "wan0", gwAddr, 24); err != nil {
+		return err
+	}
+	if err := l.defaultRoute(ctx, l.NS.GW, inetGW); err != nil {
+		return err
+	}
+	if l.Opts.SameLAN {
+		if err := l.buildSameLAN(ctx); err != nil {
+			return err
+		}
+	} else {
+		if err := l.buildSide(ctx, l.Opts.ClientNAT, l.NS.ClientNAT, l.NS.Client, "cli0", inetCli, cliPub, cliLANGW, cliLAN); err != nil {
+			return err
+		}
+		if err := l.buildSide(ctx, l.Opts.AgentNAT, l.NS.AgentNAT, l.NS.Agent, "agt0", inetAgt, agtPub, agtLANGW, agtLAN); err != nil {
+			return err
+		}
+	}
+	// agent <-> LAN host; the LAN host gets no default route at all.
+	if err := l.link(ctx, l.NS.Agent, "lan0", agtLAN77, l.NS.LAN, "eth0", lanHost, 24); err != nil {
+		return err
+	}
+	if err := l.sysctl(l.NS.Inet, "net/ipv4/ip_forward", "1"); err != nil {
+		return err
+	}
+	// The agent is not a router: its LAN is reachable only through the
+	// agent's own sockets (the VPN's egress), never by forwarding.
+	return l.sysctl(l.NS.Agent, "net/ipv4/ip_forward", "0")
+}
+
+func (l *Lab) buildSide(ctx context.Context, kind NAT, natNS, hostNS, inetIf string, inetAddr, pub, lanGW, lanAddr netip.Addr) error {
+	if kind == None {
+		if err := l.link(ctx, l.NS.Inet, inetIf, inetAddr, hostNS, "wan0", pub, 24); err != nil {
+			return err
+		}
+		return l.defaultRoute(ctx, hostNS, inetAddr)
+	}
+	if err := l.link(ctx, l.NS.Inet, inetIf, inetAddr, natNS, "wan0", pub, 24); err != nil {
+		return err
+	}
+	if err := l.defaultRoute(ctx, natNS, inetAddr); err != nil {
+		return err
+	}
+	if err := l.link(ctx, natNS, "lan0", lanGW, hostNS, "eth0", lanAddr, 24); err != nil {
+		return err
+	}
+	if err := l.defaultRoute(ctx, hostNS, lanGW); err != nil {
+		return err
+	}
+	return l.natRouter(ctx, natNS, kind)
+}
+
+func (l *Lab) buildSameLAN(ctx context.Context) error {
+	nat := l.NS.ClientNAT
+	kind := l.Opts.ClientNAT
+	if kind == None {
+		kind = Cone
+	}
+	if err := l.link(ctx, l.NS.Inet, "cli0", inetCli, nat, "wan0", cliPub, 24); err != nil {
+		return err
+	}
+	if err := l.defaultRoute(ctx, nat, inetCli); err != nil {
+		return err
+	}
+	steps := [][]string{
+		{"-n", nat, "link", "add", "br0", "type", "bridge"},
+		{"-n", nat, "addr", "add", cliLANGW.String() + "/24", "dev", "br0"},
+		{"-n", nat, "link", "set", "br0", "up"},
+	}
+	for _, s := range steps {
+		if err := l.ip(ctx, s...); err != nil {
+			return err
+		}
+	}
+	for _, h := range []struct {
+		port, ns string
+		addr     netip.Addr
+	}{{"c0", l.NS.Client, cliLAN}, {"a0", l.NS.Agent, sameAgt}} {
+		if err := l.ip(ctx, "-n", nat, "link", "add", h.port, "type", "veth", "peer", "name", "eth0", "netns", h.ns); err != nil {
+			return err
+		}
+		for _, s := range [][]string{
+			{"-n", nat, "link", "set", h.port, "master", "br0"},
+			{"-n", nat, "link", "set", h.port, "up"},
+			{"-n", h.ns, "addr", "add", h.addr.String() + "/24", "dev", "eth0"},
+			{"-n", h.ns, "link", "set", "eth0", "up"},
+		} {
+			if err := l.ip(ctx, s...); err != nil {
+				return err
+			}
+		}
+		if err := l.defaultRoute(ctx, h.ns, cliLANGW); err != nil {
+			return err
+		}
+	}
+	return l.natRouter(ctx, nat, kind)
+}
+
+func (l *Lab) natRouter(ctx context.Context, ns string, kind NAT) error {
+	if err := l.sysctl(ns, "net/ipv4/ip_forward", "1"); err != nil {
+		return err
+	}
+	masq := "masquerade"
+	if kind == Symmetric {
+		masq = "masquerade random,fully-random"
+	}
+	// The input/forward drops make this a home router's firewall: nothing
+	// unsolicited gets in from the WAN. They matter for punching too: an
+	// unsolicited probe dropped before conntrack confirms it leaves no
+	// entry behind, so the router's own later outbound packet to that peer
+	// keeps its port (without them, Linux sees a tuple clash and picks a
+	// new port, and "cone" would behave like symmetric).
+	rules := fmt.Sprintf(`table ip nvlab {
+	chain postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		oifname "wan0" %s
+	}
+	chain input {
+		type filter hook input priority filter; policy accept;
+		iifname "wan0" ct state new drop
+	}
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		iifname "wan0" ct state new drop
+	}
+}
+`, masq)
+	return l.nft(ctx, ns, rules)
+}
+
+func (l *Lab) addNS(ctx context.Context, ns string) error {
+	l.nsMu.Lock()
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		l.nsMu.Unlock()
+		return errors.New("lab: closed while building")
+	}
+	// Record before creating, so that a Close racing with us still deletes it.
+	l.created = append(l.created, ns)
+	l.mu.Unlock()
+	err := l.ip(ctx, "netns", "add", ns)
+	l.nsMu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := l.ip(ctx, "-n", ns, "link", "set", "lo", "up"); err != nil {
+		return err
+	}
+	for _, k := range []string{"net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"} {
+		if err := l.sysctl(ns, k, "1"); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
+}
+
+// link makes a veth pair between two namespaces and addresses both ends.
+func (l *Lab) link(ctx context.Context, nsA, ifA string, addrA netip.Addr, nsB, ifB string, addrB netip.Addr, bits int) error {
+	steps := [][]string{
+		{"-n", nsA, "link", "add", ifA, "type", "veth", "peer", "name", ifB, "netns", nsB},
+		{"-n", nsA, "addr", "add", fmt.Sprintf("%s/%d", addrA, bits), "dev", ifA},
+		{"-n", nsB, "addr", "add", fmt.Sprintf("%s/%d", addrB, bits), "dev", ifB},
+		{"-n", nsA, "link", "set", ifA, "up"},
+		{"-n", nsB, "link", "set", ifB, "up"},
+	}
+	for _, s := range steps {
+		if err := l.ip(ctx, s...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (l *Lab) defaultRoute(ctx context.Context, ns string, via netip.Addr) error {
+	return l.ip(ctx, "-n", ns, "route", "add", "default", "via", via.String())
+}
+
+func (l *Lab) ip(ctx context.Context, args ...string) error {
+	l.logf("ip %s", strings.Join(args, " "))
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// nft loads a ruleset (nft -f -) inside ns.
+func (l *Lab) nft(ctx context.Context, ns, rules string) error {
+	l.logf("ip netns exec %s nft -f - <<EOF\n%sEOF", ns, rules)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("nft in %s: %v: %s", ns, err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// sysctl writes /proc/sys/<key> inside ns (key uses slashes, e.g.
+// "net/ipv4/ip_forward").
+func (l *Lab) sysctl(ns, key, val string) error {
+	l.logf("[%s] sysctl %s=%s", ns, strings.ReplaceAll(key, "/", "."), val)
+	return Do(ns, func() error {
+		return os.WriteFile(filepath.Join("/proc/sys", key), []byte(val), 0o644)
+	})
+}
+
+// BlockDirect drops UDP between the client side and the agent side (their
+// public addresses in inet; with SameLAN, their LAN addresses on the shared
+// bridge), while traffic to and from the gateway keeps flowing. Idempotent.
+func (l *Lab) BlockDirect(ctx context.Context) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.blocked {
+		return nil
+	}
+	var ns, rules string
+	if l.Opts.SameLAN {
+		ns = l.NS.ClientNAT
+		rules = fmt.Sprintf(`table bridge nvblock {
+	chain forward {
+		type filter hook forward priority 0; policy accept;
+		ip saddr %[1]s ip daddr %[2]s meta l4proto udp drop
+		ip saddr %[2]s ip daddr %[1]s meta l4proto udp drop
+	}
+}
+`, l.ClientAddr, l.AgentAddr)
+	} else {
+		ns = l.NS.Inet
+		rules = fmt.Sprintf(`table ip nvblock {
+	chain forward {
+		type filter hook forward priority 0; policy accept;
+		ip saddr %[1]s ip daddr %[2]s meta l4proto udp drop
+		ip saddr %[2]s ip daddr %[1]s meta l4proto udp drop
+	}
+}
+`, l.ClientPublic, l.AgentPublic)
+	}
+	if err := l.nft(ctx, ns, rules); err != nil {
+		return err
+	}
+	l.blocked = true
+	return nil
+}
+
+// UnblockDirect undoes BlockDirect. Idempotent.
+func (l *Lab) UnblockDirect(ctx context.Context) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.blocked {
+		return nil
+	}
+	ns, fam := l.NS.Inet, "ip"
+	if l.Opts.SameLAN {
+		ns, fam = l.NS.ClientNAT, "bridge"
+	}
+	if err := l.nft(ctx, ns, fmt.Sprintf("delete table %s nvblock\n", fam)); err != nil {
+		return err
+	}
+	l.blocked = false
+	return nil
+}
+
+// Close stops every process started with l.Start and deletes exactly the
+// namespaces this lab created, by name. It is idempotent and safe after a
+// failed or interrupted Build.
+func (l *Lab) Close() error {
+	l.mu.Lock()
+	l.closed = true
+	l.mu.Unlock()
+	l.nsMu.Lock() // wait for a namespace creation in flight
+	l.nsMu.Unlock()
+	l.mu.Lock()
+	procs := l.procs
+	l.procs = nil
+	created := l.created
+	l.created = nil
+	l.mu.Unlock()
+
+	var errs []error
+	var wg sync.WaitGroup
+	for _, p := range procs {
+		wg.Add(1)
+		go func() { defer wg.Done(); p.Stop() }()
+	}
+	wg.Wait()
+	for i := len(created) - 1; i >= 0; i-- {
+		ns := created[i]
+		if !NamespaceExists(ns) {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		out, err := exec.CommandContext(ctx, "ip", "netns", "del", ns).CombinedOutput()
+		cancel()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("ip netns del %s: %v: %s", ns, err, bytes.TrimSpace(out)))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// NamespaceExists reports whether a named namespace (ip netns) exists.
+func NamespaceExists(ns string) bool {
+	_, err := os.Stat(filepath.Join(netnsDir, ns))
+	return err == nil
+}
+
+// ListNamespaces returns the named namespaces whose name starts with prefix.
+func ListNamespaces(prefix string) ([]string, error) {
+	ents, err := os.ReadDir(netnsDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), prefix) {
+			out = append(out, e.Name())
+		}
+	}
+	return out, nil
+}
+
+// Check reports, with one error saying what is missing, whether this
+// machine can build a lab: root (or CAP_NET_ADMIN+CAP_SYS_ADMIN), iproute2
+// with netns support, and nftables.
+func Check() error {
+	for _, tool := range []string{"ip", "nft"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return fmt.Errorf("%s not found in PATH (install iproute2 and nftables)", tool)
+		}
+	}
+	probe := RandomPrefix() + "-probe"
+	out, err := exec.Command("ip", "netns", "add", probe).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("cannot create a network namespace (needs root or CAP_NET_ADMIN+CAP_SYS_ADMIN): %s", bytes.TrimSpace(out))
+	}
+	defer exec.Command("ip", "netns", "del", probe).Run()
+	out, err = exec.Command("ip", "netns", "exec", probe, "nft", "list", "tables").CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("nftables does not work in a namespace: %s", bytes.TrimSpace(out))
+	}
+	return nil
+}

@@ -1,0 +1,113 @@
+package netstack
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+var egSpliceBufPool = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
+
+// handleTCP runs on a goroutine gVisor starts for each new SYN (at most
+// egTCPMaxInFlight at once). It dials the remote target first and completes the
+// tunneled handshake only if that succeeded; otherwise the client gets a RST.
+func (e *Egress) handleTCP(r *tcp.ForwarderRequest) {
+	if !e.track() {
+		r.Complete(false)
+		return
+	}
+	defer e.wg.Done()
+
+	id := r.ID()
+	dst := egAddrPortFrom(id.LocalAddress, id.LocalPort)
+	src := egAddrPortFrom(id.RemoteAddress, id.RemotePort)
+	log := e.log.With("proto", "tcp", "src", src, "dst", dst)
+	if !e.allow(dst, "tcp") {
+		e.c.denied.Add(1)
+		log.Debug("tcp flow denied by policy")
+		r.Complete(true)
+		return
+	}
+
+	ctx, cancel := context.WithTimeout(e.ctx, DefaultEgressDialTimeout)
+	remote, err := e.dial(ctx, "tcp", dst.String())
+	cancel()
+	if err != nil {
+		e.c.dialFailures.Add(1)
+		log.Debug("tcp dial failed", "error", err)
+		r.Complete(true)
+		return
+	}
+	if !e.addCloser(remote) {
+		r.Complete(false)
+		return
+	}
+	defer e.removeCloser(remote)
+
+	var wq waiter.Queue
+	ep, terr := r.CreateEndpoint(&wq)
+	if terr != nil {
+		log.Debug("tcp handshake with client failed", "error", terr.String())
+		r.Complete(true)
+		return
+	}
+	r.Complete(false)
+	ep.SocketOptions().SetKeepAlive(true)
+	client := gonet.NewTCPConn(&wq, ep)
+	if !e.addCloser(client) {
+		return
+	}
+	defer e.removeCloser(client)
+
+	e.c.tcpFlows.Add(1)
+	log.Debug("tcp flow open")
+	up, down := egSplice(client, remote)
+	log.Debug("tcp flow closed", "bytes_up", up, "bytes_down", down)
+}
+
+type egCloseWriter interface{ CloseWrite() error }
+
+// egSplice copies both ways between the tunneled conn and the remote one until
+// both directions are done. When one side finishes writing (EOF), the other
+// side's write half is closed, so half-closed connections work; an error in
+// either direction tears both down.
+func egSplice(client, remote net.Conn) (up, down int64) {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		up = egCopyHalf(remote, client)
+	}()
+	down = egCopyHalf(client, remote)
+	wg.Wait()
+	return up, down
+}
+
+func egCopyHalf(dst, src net.Conn) int64 {
+	bp := egSpliceBufPool.Get().(*[]byte)
+	defer egSpliceBufPool.Put(bp)
+	n, err := io.CopyBuffer(egOnlyWriter{dst}, egOnlyReader{src}, *bp)
+	if err == nil || errors.Is(err, io.EOF) {
+		if cw, ok := dst.(egCloseWriter); ok {
+			if cw.CloseWrite() == nil {
+				return n
+			}
+		}
+	}
+	// Error, or dst cannot half-close: tear down both so the other
+	// direction ends too.
+	_ = dst.Close()
+	_ = src.Close()
+	return n
+}
+
+// egOnlyWriter and egOnlyReader hide ReadFrom/WriteTo so io.CopyBuffer uses our
+// pooled buffer instead of its generic fallbacks' own allocations.
+type egOnlyWriter struct{ io.Writer }
+type egOnlyReader struct{ io.Reader }

@@ -1,0 +1,20 @@
+//go:build !linux
+
+package platform
+
+import "net"
+
+// ListenUDP opens the node's one UDP socket.
+func ListenUDP(addr string) (*net.UDPConn, error) {
+	ua, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return nil, err
+	}
+	c, err := net.ListenUDP("udp", ua)
+	if err != nil {
+		return nil, err
+	}
+	c.SetReadBuffer(8 << 20)
+	c.SetWriteBuffer(8 << 20)
+	return c, nil
+}

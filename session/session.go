@@ -1,0 +1,200 @@
+// Package session is the peer session: one QUIC connection between a client
+// and an agent, mutually authenticated with the two nodes' own keys, end to
+// end. IP packets ride in QUIC DATAGRAM frames (unreliable, so a tunneled TCP
+// never suffers head-of-line blocking or TCP-over-TCP meltdown); control
+// rides on one stream. The connection runs over a Conn, whose paths (relay
+// or direct) can change underneath it.
+package session
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+// QUICConfig is the peer connection's configuration.
+func QUICConfig() *quic.Config {
+	return &quic.Config{
+		EnableDatagrams:         true,
+		InitialPacketSize:       PeerPacketSize,
+		DisablePathMTUDiscovery: true,
+		HandshakeIdleTimeout:    10 * time.Second,
+		// Long enough to ride out a gateway restart on the relay path.
+		MaxIdleTimeout:  90 * time.Second,
+		KeepAlivePeriod: 5 * time.Second,
+		// The control stream carries little; the windows matter only for it.
+		MaxIncomingStreams:    16,
+		MaxIncomingUniStreams: -1,
+	}
+}
+
+// ClientTLS is the dialing side's TLS: it presents key and accepts only an
+// agent that proves it holds agentKey.
+func ClientTLS(key *identity.Key, agentKey identity.PublicKey) (*tls.Config, error) {
+	cert, err := key.Certificate()
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Config{
+		MinVersion:         tls.VersionTLS13,
+		Certificates:       []tls.Certificate{cert},
+		NextProtos:         []string{wire.ALPNPeer},
+		ServerName:         "nlvpn-node",
+		InsecureSkipVerify: true, // replaced by the key check below: there is no CA
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			got, err := identity.PeerKey(raw)
+			if err != nil {
+				return err
+			}
+			if !got.Equal(agentKey) {
+				return fmt.Errorf("agent presented key %s, expected %s", got, agentKey)
+			}
+			return nil
+		},
+	}, nil
+}
+
+// ServerTLS is the agent's TLS: it requires a client certificate whose key
+// the caller checks against the gateway's offer after the handshake
+// (PeerKeyOf), since one listener serves every session.
+func ServerTLS(key *identity.Key) (*tls.Config, error) {
+	cert, err := key.Certificate()
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{cert},
+		NextProtos:   []string{wire.ALPNPeer},
+		ClientAuth:   tls.RequireAnyClientCert,
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			_, err := identity.PeerKey(raw)
+			return err
+		},
+	}, nil
+}
+
+// PeerKeyOf returns the key the remote end of an established connection
+// proved it holds.
+func PeerKeyOf(c *quic.Conn) (identity.PublicKey, error) {
+	st := c.ConnectionState().TLS
+	if len(st.PeerCertificates) != 1 {
+		return nil, errors.New("peer presented no certificate")
+	}
+	return identity.PeerKey([][]byte{st.PeerCertificates[0].Raw})
+}
+
+// SendQueueLen bounds packets waiting for the QUIC connection. quic-go's
+// SendDatagram blocks when its own queue is full; the pump must never stall
+// on it, so packets beyond this are dropped and counted, as a full NIC
+// queue would.
+const SendQueueLen = 1024
+
+// Stats counts a session's traffic.
+type Stats struct {
+	TxPackets, TxBytes, RxPackets, RxBytes uint64
+	DropQueueFull, DropTooLarge, DropSend  uint64
+}
+
+// Session is one established peer connection with its packet pump.
+type Session struct {
+	ID   uint64
+	Conn *quic.Conn
+	log  *slog.Logger
+
+	sendq chan []byte
+	done  chan struct{}
+
+	txp, txb, rxp, rxb             atomic.Uint64
+	dropQueue, dropLarge, dropSend atomic.Uint64
+}
+
+// New wraps an established connection. Call Run to start the pump.
+func New(id uint64, c *quic.Conn, log *slog.Logger) *Session {
+	return &Session{ID: id, Conn: c, log: log, sendq: make(chan []byte, SendQueueLen), done: make(chan struct{})}
+}
+
+// ErrTooLarge is returned by Send for a packet over TunMTU.
+var ErrTooLarge = errors.New("packet larger than the tunnel MTU")
+
+// Send queues one IP packet for the peer. It copies pkt and never blocks.
+func (s *Session) Send(pkt []byte) error {
+	if len(pkt) > TunMTU {
+		s.dropLarge.Add(1)
+		return ErrTooLarge
+	}
+	b := make([]byte, len(pkt))
+	copy(b, pkt)
+	select {
+	case s.sendq <- b:
+		return nil
+	default:
+		s.dropQueue.Add(1)
+		return nil
+	}
+}
+
+// Done is closed when the session has ended.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// Alive reports whether the session still runs.
+func (s *Session) Alive() bool {
+	select {
+	case <-s.done:
+		return false
+	default:
+		return s.Conn.Context().Err() == nil
+	}
+}
+
+// Run pumps packets until the connection ends: queued packets out as
+// datagrams, received datagrams to recv (which must not retain them).
+func (s *Session) Run(recv func(pkt []byte)) error {
+	defer close(s.done)
+	ctx := s.Conn.Context()
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case b := <-s.sendq:
+				if err := s.Conn.SendDatagram(b); err != nil {
+					s.dropSend.Add(1)
+					if ctx.Err() != nil {
+						return
+					}
+					continue
+				}
+				s.txp.Add(1)
+				s.txb.Add(uint64(len(b)))
+			}
+		}
+	}()
+	for {
+		b, err := s.Conn.ReceiveDatagram(ctx)
+		if err != nil {
+			return context.Cause(ctx)
+		}
+		s.rxp.Add(1)
+		s.rxb.Add(uint64(len(b)))
+		recv(b)
+	}
+}
+
+// Stats returns the session's counters.
+func (s *Session) Stats() Stats {
+	return Stats{
+		TxPackets: s.txp.Load(), TxBytes: s.txb.Load(), RxPackets: s.rxp.Load(), RxBytes: s.rxb.Load(),
+		DropQueueFull: s.dropQueue.Load(), DropTooLarge: s.dropLarge.Load(), DropSend: s.dropSend.Load(),
+	}
+}

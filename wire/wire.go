@@ -1,0 +1,254 @@
+// Package wire defines the messages nodes and the gateway exchange: control
+// messages on a QUIC stream (length-prefixed JSON), and the binary header of
+// the frames that carry a peer session's packets through the relay or
+// directly between nodes.
+package wire
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+)
+
+// ALPN protocol names.
+const (
+	ALPNGateway = "nlvpn-gw/1"
+	ALPNPeer    = "nlvpn-peer/1"
+)
+
+// MaxMessageSize bounds one control message. A peer announcing more is
+// hostile or broken; the stream is closed.
+const MaxMessageSize = 64 << 10
+
+// Message types.
+const (
+	TypeHello   = "hello"   // node → gateway, first message
+	TypeWelcome = "welcome" // gateway → node, reply to hello
+	TypeError   = "error"   // either way; reply to a request or a fatal notice
+	TypeConnect = "connect" // client → gateway: open a session to an agent
+	TypeSession = "session" // gateway → client (reply to connect) and → agent (offer)
+	TypeAccept  = "accept"  // agent → gateway, reply to a session offer
+	// TypePeerInfo travels inside the peer session, agent → client: the
+	// agent's own word on what it serves, so the gateway cannot add routes.
+	TypePeerInfo = "peer_info"
+)
+
+// Error codes. Fatal ones mean retrying with the same input cannot help.
+const (
+	CodeBadToken     = "bad_token"
+	CodeExpired      = "expired_token"
+	CodeForbidden    = "forbidden"
+	CodeUnknownAgent = "unknown_agent"
+	CodeNameInUse    = "name_in_use"
+	CodeBadRequest   = "bad_request"
+	CodeUnavailable  = "unavailable"
+)
+
+// Message is the envelope of every control message. Exactly the field named
+// by Type is set. ID pairs a reply with its request (0: not a request).
+type Message struct {
+	Type    string    `json:"type"`
+	ID      uint64    `json:"id,omitempty"`
+	Hello   *Hello    `json:"hello,omitempty"`
+	Welcome *Welcome  `json:"welcome,omitempty"`
+	Error   *Error    `json:"error,omitempty"`
+	Connect *Connect  `json:"connect,omitempty"`
+	Session *Session  `json:"session,omitempty"`
+	Accept  *Accept   `json:"accept,omitempty"`
+	Peer    *PeerInfo `json:"peer,omitempty"`
+}
+
+// PeerInfo is what an agent tells a client at the start of a session.
+type PeerInfo struct {
+	Name      string         `json:"name"`
+	Overlay   netip.Addr     `json:"overlay"`
+	Advertise []netip.Prefix `json:"advertise"`
+}
+
+// Hello authenticates a node. Its key is the one in its TLS certificate.
+type Hello struct {
+	Token     string         `json:"token"`
+	Advertise []netip.Prefix `json:"advertise,omitempty"` // agents: subnets offered
+	Version   string         `json:"version,omitempty"`
+}
+
+// Welcome confirms registration.
+type Welcome struct {
+	Name     string         `json:"name"`
+	Role     string         `json:"role"`
+	Overlay  netip.Addr     `json:"overlay"`  // this node's overlay address
+	Observed netip.AddrPort `json:"observed"` // this node's public address as the gateway sees it
+}
+
+// Error reports a failure.
+type Error struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+func (e *Error) Error() string { return e.Message }
+
+// Fatal reports whether retrying cannot help.
+func (e *Error) Fatal() bool {
+	switch e.Code {
+	case CodeBadToken, CodeExpired, CodeForbidden, CodeUnknownAgent, CodeNameInUse, CodeBadRequest:
+		return true
+	}
+	return false
+}
+
+// Connect asks the gateway for a session with an agent. Resume names a
+// session this client had before (e.g. before a gateway restart) so the
+// existing end-to-end connection can carry on over the new relay route.
+type Connect struct {
+	Agent  string `json:"agent"`
+	Resume uint64 `json:"resume,omitempty"`
+}
+
+// Session describes the other end of a session. The gateway vouches for the
+// peer's key; the session's own TLS handshake proves the peer holds it.
+type Session struct {
+	ID        uint64         `json:"id"`
+	PeerName  string         `json:"peer_name"`
+	PeerKey   string         `json:"peer_key"`
+	PeerAddr  netip.Addr     `json:"peer_overlay"`
+	Advertise []netip.Prefix `json:"advertise,omitempty"` // the agent's, as registered
+}
+
+// Accept is the agent's yes to a session offer.
+type Accept struct {
+	ID uint64 `json:"id"`
+}
+
+// WriteMessage writes m with a 4-byte big-endian length prefix.
+func WriteMessage(w io.Writer, m *Message) error {
+	body, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	if len(body) > MaxMessageSize {
+		return fmt.Errorf("control message of %d bytes exceeds %d", len(body), MaxMessageSize)
+	}
+	buf := make([]byte, 4+len(body))
+	binary.BigEndian.PutUint32(buf, uint32(len(body)))
+	copy(buf[4:], body)
+	_, err = w.Write(buf)
+	return err
+}
+
+// ErrTooLarge is returned for a length prefix over MaxMessageSize.
+var ErrTooLarge = errors.New("control message too large")
+
+// ReadMessage reads one message written by WriteMessage and checks that it
+// is well formed: a known type with its body present.
+func ReadMessage(r io.Reader) (*Message, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, err
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n > MaxMessageSize {
+		return nil, fmt.Errorf("%w: %d bytes", ErrTooLarge, n)
+	}
+	body := make([]byte, n)
+	if _, err := io.ReadFull(r, body); err != nil {
+		return nil, fmt.Errorf("truncated control message: %w", err)
+	}
+	return DecodeMessage(body)
+}
+
+// DecodeMessage parses and checks one JSON message body.
+func DecodeMessage(body []byte) (*Message, error) {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	m := new(Message)
+	if err := dec.Decode(m); err != nil {
+		return nil, fmt.Errorf("bad control message: %w", err)
+	}
+	if dec.More() {
+		return nil, errors.New("bad control message: trailing data")
+	}
+	if err := m.check(); err != nil {
+		return nil, fmt.Errorf("bad control message: %w", err)
+	}
+	return m, nil
+}
+
+func (m *Message) check() error {
+	var present bool
+	switch m.Type {
+	case TypeHello:
+		present = m.Hello != nil
+	case TypeWelcome:
+		present = m.Welcome != nil
+	case TypeError:
+		present = m.Error != nil
+	case TypeConnect:
+		present = m.Connect != nil
+	case TypeSession:
+		present = m.Session != nil
+	case TypeAccept:
+		present = m.Accept != nil
+	case TypePeerInfo:
+		present = m.Peer != nil
+	default:
+		return fmt.Errorf("unknown type %q", m.Type)
+	}
+	if !present {
+		return fmt.Errorf("%s message without its body", m.Type)
+	}
+	n := 0
+	for _, p := range []bool{m.Hello != nil, m.Welcome != nil, m.Error != nil, m.Connect != nil, m.Session != nil, m.Accept != nil, m.Peer != nil} {
+		if p {
+			n++
+		}
+	}
+	if n != 1 {
+		return fmt.Errorf("%s message with %d bodies", m.Type, n)
+	}
+	return nil
+}
+
+// Frame kinds: the first byte of a frame. Both stay below 0x40 so that a
+// QUIC stack sharing the socket sees a frame as "not QUIC" (the QUIC fixed
+// bit 0x40 is clear) and hands it to us.
+const (
+	FrameRelay  byte = 0x01 // in a DATAGRAM of the node↔gateway connection
+	FrameDirect byte = 0x02 // in a UDP packet straight between nodes
+	FrameProbe  byte = 0x03 // hole-punch probe / keepalive
+)
+
+// FrameHeaderLen is kind (1) + session ID (8).
+const FrameHeaderLen = 9
+
+// AppendFrameHeader appends a frame header for session id.
+func AppendFrameHeader(b []byte, kind byte, id uint64) []byte {
+	b = append(b, kind)
+	return binary.BigEndian.AppendUint64(b, id)
+}
+
+// ErrShortFrame is returned for a frame shorter than its header.
+var ErrShortFrame = errors.New("frame shorter than its header")
+
+// ParseFrame splits a frame into kind, session ID and payload. The payload
+// aliases b.
+func ParseFrame(b []byte) (kind byte, id uint64, payload []byte, err error) {
+	if len(b) < FrameHeaderLen {
+		return 0, 0, nil, ErrShortFrame
+	}
+	kind = b[0]
+	switch kind {
+	case FrameRelay, FrameDirect, FrameProbe:
+	default:
+		return 0, 0, nil, fmt.Errorf("unknown frame kind 0x%02x", kind)
+	}
+	id = binary.BigEndian.Uint64(b[1:9])
+	if id == 0 {
+		return 0, 0, nil, errors.New("frame for session 0")
+	}
+	return kind, id, b[FrameHeaderLen:], nil
+}

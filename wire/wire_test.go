@@ -1,0 +1,127 @@
+package wire
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net/netip"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestMessageRoundTrip(t *testing.T) {
+	msgs := []*Message{
+		{Type: TypeHello, Hello: &Hello{Token: "nlv1.x.y", Advertise: []netip.Prefix{netip.MustParsePrefix("192.168.77.0/24")}}},
+		{Type: TypeWelcome, Welcome: &Welcome{Name: "miranda", Role: "agent", Overlay: netip.MustParseAddr("100.64.0.2"), Observed: netip.MustParseAddrPort("198.18.3.2:5000")}},
+		{Type: TypeError, ID: 7, Error: &Error{Code: CodeUnknownAgent, Message: `no agent named "x"`}},
+		{Type: TypeConnect, ID: 1, Connect: &Connect{Agent: "miranda", Resume: 42}},
+		{Type: TypeSession, ID: 1, Session: &Session{ID: 42, PeerName: "alice", PeerKey: "ed25519:AA", PeerAddr: netip.MustParseAddr("100.64.0.3")}},
+		{Type: TypeAccept, Accept: &Accept{ID: 42}},
+	}
+	var buf bytes.Buffer
+	for _, m := range msgs {
+		if err := WriteMessage(&buf, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, want := range msgs {
+		got, err := ReadMessage(&buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("got %+v, want %+v", got, want)
+		}
+	}
+	if _, err := ReadMessage(&buf); err != io.EOF {
+		t.Fatalf("after last message: %v, want EOF", err)
+	}
+}
+
+func frameOf(body string) []byte {
+	b := binary.BigEndian.AppendUint32(nil, uint32(len(body)))
+	return append(b, body...)
+}
+
+func TestReadMessageRejects(t *testing.T) {
+	huge := binary.BigEndian.AppendUint32(nil, MaxMessageSize+1)
+	tests := []struct {
+		name string
+		in   []byte
+		want string
+	}{
+		{"oversize length", huge, "too large"},
+		{"truncated body", frameOf(`{"type":"hello"}`)[:10], "truncated"},
+		{"not json", frameOf("hello"), "bad control message"},
+		{"unknown type", frameOf(`{"type":"reboot"}`), "unknown type"},
+		{"missing body", frameOf(`{"type":"hello"}`), "without its body"},
+		{"two bodies", frameOf(`{"type":"hello","hello":{"token":"x"},"accept":{"id":1}}`), "2 bodies"},
+		{"unknown field", frameOf(`{"type":"accept","accept":{"id":1},"x":1}`), "unknown field"},
+		{"trailing", frameOf(`{"type":"accept","accept":{"id":1}}{}`), "trailing"},
+		{"bad address", frameOf(`{"type":"welcome","welcome":{"overlay":"999.1.1.1"}}`), "bad control message"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := ReadMessage(bytes.NewReader(tt.in))
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("err = %v, want containing %q", err, tt.want)
+			}
+		})
+	}
+	if _, err := ReadMessage(bytes.NewReader(huge)); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("oversize: %v is not ErrTooLarge", err)
+	}
+}
+
+func TestFrames(t *testing.T) {
+	b := AppendFrameHeader(nil, FrameRelay, 0xdeadbeef01)
+	b = append(b, "payload"...)
+	kind, id, p, err := ParseFrame(b)
+	if err != nil || kind != FrameRelay || id != 0xdeadbeef01 || string(p) != "payload" {
+		t.Fatalf("ParseFrame = %v %x %q %v", kind, id, p, err)
+	}
+	if b[0]&0x40 != 0 {
+		t.Fatal("frame kind has the QUIC fixed bit set")
+	}
+	for _, bad := range [][]byte{nil, {1, 2, 3}, AppendFrameHeader(nil, 0x40, 1), AppendFrameHeader(nil, FrameRelay, 0)} {
+		if _, _, _, err := ParseFrame(bad); err == nil {
+			t.Errorf("ParseFrame(%x) accepted", bad)
+		}
+	}
+}
+
+func FuzzReadMessage(f *testing.F) {
+	f.Add(frameOf(`{"type":"connect","id":1,"connect":{"agent":"miranda"}}`))
+	f.Add(frameOf(`{"type":"session","session":{"id":1,"peer_overlay":"100.64.0.2","advertise":["10.0.0.0/8"]}}`))
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := ReadMessage(bytes.NewReader(b))
+		if err != nil {
+			return
+		}
+		// Anything accepted must survive a round trip.
+		var buf bytes.Buffer
+		if err := WriteMessage(&buf, m); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ReadMessage(&buf); err != nil {
+			t.Fatalf("re-read of accepted message failed: %v", err)
+		}
+	})
+}
+
+func FuzzParseFrame(f *testing.F) {
+	f.Add(AppendFrameHeader(nil, FrameDirect, 9))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		kind, id, p, err := ParseFrame(b)
+		if err != nil {
+			return
+		}
+		if id == 0 || len(p) != len(b)-FrameHeaderLen || kind&0x40 != 0 {
+			t.Fatalf("bad parse of %x", b)
+		}
+	})
+}
