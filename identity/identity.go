@@ -194,7 +194,7 @@ func PeerKey(rawCerts [][]byte) (PublicKey, error) {
 	if !ok {
 		return nil, errors.New("peer certificate does not hold an Ed25519 key")
 	}
-	if err := cert.CheckSignatureFrom(cert); err != nil {
+	if err := cert.CheckSignature(cert.SignatureAlgorithm, cert.RawTBSCertificate, cert.Signature); err != nil {
 		return nil, fmt.Errorf("peer certificate is not self-signed by its key: %w", err)
 	}
 	return PublicKey(pub), nil
