@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -22,6 +23,7 @@ import (
 	"github.com/nlvpn/nlvpn/netstack"
 	"github.com/nlvpn/nlvpn/packet"
 	"github.com/nlvpn/nlvpn/platform"
+	"github.com/nlvpn/nlvpn/punch"
 	"github.com/nlvpn/nlvpn/session"
 	"github.com/nlvpn/nlvpn/wire"
 )
@@ -38,16 +40,27 @@ type Config struct {
 
 // Agent is a running agent.
 type Agent struct {
-	cfg  Config
-	log  *slog.Logger
-	ctrl *control.Client
-	eg   *netstack.Egress
+	cfg   Config
+	log   *slog.Logger
+	ctrl  *control.Client
+	eg    *netstack.Egress
+	sconn *session.Conn
+	mux   *punch.Mux
+	port  uint16
+	ctx   context.Context // the agent's lifetime
 
 	mu       sync.Mutex
 	offers   map[uint64]*wire.Session    // by session ID, as the gateway vouched
 	byClient map[netip.Addr]*clientState // by client overlay address
+	punches  map[uint64]*punchState      // by session ID
+	live     map[uint64]bool             // sessions with a peer connection
 
 	dropSpoofed, dropNoSession atomic.Uint64
+}
+
+type punchState struct {
+	p      *punch.Punch
+	cancel context.CancelFunc
 }
 
 type clientState struct {
@@ -63,7 +76,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if len(cfg.Advertise) == 0 {
 		return errors.New("nothing to advertise: give at least one --advertise CIDR")
 	}
-	a := &Agent{cfg: cfg, log: cfg.Log, offers: make(map[uint64]*wire.Session), byClient: make(map[netip.Addr]*clientState)}
+	a := &Agent{cfg: cfg, log: cfg.Log, offers: make(map[uint64]*wire.Session), byClient: make(map[netip.Addr]*clientState),
+		punches: make(map[uint64]*punchState), live: make(map[uint64]bool)}
 
 	uc, err := platform.ListenUDP(":0")
 	if err != nil {
@@ -71,6 +85,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	tr := &quic.Transport{Conn: uc}
 	defer tr.Close()
+	a.port = uint16(uc.LocalAddr().(*net.UDPAddr).Port)
 
 	var sconn *session.Conn
 	a.ctrl = control.New(control.Config{
@@ -80,6 +95,8 @@ func Run(ctx context.Context, cfg Config) error {
 		OnRequest: a.onRequest,
 	})
 	sconn = session.NewConn(a.ctrl)
+	a.sconn = sconn
+	a.mux = punch.NewMux(tr, sconn)
 	peerTr := &quic.Transport{Conn: sconn}
 	defer peerTr.Close()
 
@@ -101,6 +118,8 @@ func Run(ctx context.Context, cfg Config) error {
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	a.ctx = ctx
+	go a.mux.Run(ctx)
 	runErr := make(chan error, 1)
 	go func() { runErr <- a.ctrl.Run(ctx) }()
 	go a.acceptLoop(ctx, ln)
@@ -134,14 +153,103 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 		return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeBadRequest, Message: "agent accepts only session offers"}}
 	}
 	s := m.Session
-	if _, err := identity.ParsePublicKey(s.PeerKey); err != nil || !s.PeerAddr.IsValid() || s.ID == 0 {
-		return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeBadRequest, Message: "malformed session offer"}}
+	peerKey, err := identity.ParsePublicKey(s.PeerKey)
+	if err != nil || !s.PeerAddr.IsValid() || s.ID == 0 {
+		return badRequest("malformed session offer")
+	}
+	acc := &wire.Accept{ID: s.ID}
+	var probeKey []byte
+	if s.Mode != wire.ModeRelay {
+		off, err := punch.NewOffer(a.cfg.Key)
+		if err != nil {
+			return badRequest(err.Error())
+		}
+		if probeKey, err = off.Key(s.ID, peerKey, s.ProbePub, s.ProbeSig); err != nil {
+			a.log.Warn("session offer with a bad probe key", "client", s.PeerName, "err", err)
+			return badRequest("bad probe key: " + err.Error())
+		}
+		acc.Punch = wire.Punch{ProbePub: off.Pub, ProbeSig: off.Sig}
+		if w := a.ctrl.Welcome(); w != nil {
+			acc.Punch.Candidates = punch.Candidates(w.Observed, a.port)
+		}
 	}
 	a.mu.Lock()
 	a.offers[s.ID] = s
 	a.mu.Unlock()
-	a.log.Info("session offered", "client", s.PeerName, "client_overlay", s.PeerAddr, "session", fmt.Sprintf("%016x", s.ID))
-	return &wire.Message{Type: wire.TypeAccept, Accept: &wire.Accept{ID: s.ID}}
+	a.log.Info("session offered", "client", s.PeerName, "client_overlay", s.PeerAddr, "session", fmt.Sprintf("%016x", s.ID), "mode", modeName(s.Mode))
+	a.startPunch(s, probeKey)
+	return &wire.Message{Type: wire.TypeAccept, Accept: acc}
+}
+
+func badRequest(msg string) *wire.Message {
+	return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeBadRequest, Message: msg}}
+}
+
+func modeName(m string) string {
+	if m == wire.ModeAuto {
+		return "auto"
+	}
+	return m
+}
+
+// startPunch (re)starts direct-path punching for a session offer. Both
+// ends punch; each confirms the path by its own probes' answers.
+func (a *Agent) startPunch(s *wire.Session, key []byte) {
+	a.stopPunch(s.ID)
+	if s.Mode == wire.ModeDirect {
+		a.sconn.SetPath(s.ID, punch.Blackhole{})
+	} else {
+		a.sconn.SetPath(s.ID, nil)
+	}
+	if s.Mode == wire.ModeRelay {
+		return
+	}
+	log := a.log.With("client", s.PeerName, "session", fmt.Sprintf("%016x", s.ID))
+	ctx, cancel := context.WithCancel(a.ctx)
+	p := punch.New(punch.Config{
+		ID: s.ID, Key: key, Peer: punch.Usable(s.Candidates, nil, punch.MaxCandidates),
+		Send: a.mux.Send, Log: log,
+		OnDirect: func(remote netip.AddrPort, took time.Duration) {
+			a.sconn.SetPath(s.ID, &punch.Path{Mux: a.mux, Remote: remote})
+			log.Info("The direct channel has just been established", "remote", remote, "took", took.Round(time.Millisecond))
+		},
+		OnLost: func(remote netip.AddrPort) {
+			if s.Mode == wire.ModeDirect {
+				a.sconn.SetPath(s.ID, punch.Blackhole{})
+			} else {
+				a.sconn.SetPath(s.ID, nil)
+			}
+		},
+	})
+	a.mu.Lock()
+	a.punches[s.ID] = &punchState{p: p, cancel: cancel}
+	a.mu.Unlock()
+	a.mux.Add(s.ID, p)
+	log.Info("Trying to create a direct (peer-to-peer) channel", "candidates", s.Candidates)
+	go p.Run(ctx)
+	// An offer the client never follows up is forgotten.
+	time.AfterFunc(time.Minute, func() {
+		a.mu.Lock()
+		live := a.live[s.ID]
+		if !live {
+			delete(a.offers, s.ID)
+		}
+		a.mu.Unlock()
+		if !live {
+			a.stopPunch(s.ID)
+		}
+	})
+}
+
+func (a *Agent) stopPunch(id uint64) {
+	a.mu.Lock()
+	ps := a.punches[id]
+	delete(a.punches, id)
+	a.mu.Unlock()
+	if ps != nil {
+		ps.cancel()
+		a.mux.Remove(id, ps.p)
+	}
 }
 
 func (a *Agent) acceptLoop(ctx context.Context, ln *quic.Listener) {
@@ -189,6 +297,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	s := session.New(id, qc, log)
 	cs := &clientState{offer: offer, sess: s}
 	a.mu.Lock()
+	a.live[id] = true
 	old := a.byClient[offer.PeerAddr]
 	a.byClient[offer.PeerAddr] = cs
 	a.mu.Unlock()
@@ -212,7 +321,11 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	if a.byClient[offer.PeerAddr] == cs {
 		delete(a.byClient, offer.PeerAddr)
 	}
+	delete(a.live, id)
+	delete(a.offers, id)
 	a.mu.Unlock()
+	a.stopPunch(id)
+	a.sconn.SetPath(id, nil)
 	st2 := s.Stats()
 	log.Info("client disconnected", "after", time.Since(start).Round(time.Second), "reason", err, "rx_bytes", st2.RxBytes, "tx_bytes", st2.TxBytes)
 }

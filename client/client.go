@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -19,6 +20,7 @@ import (
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/platform"
+	"github.com/nlvpn/nlvpn/punch"
 	"github.com/nlvpn/nlvpn/session"
 	"github.com/nlvpn/nlvpn/tun"
 	"github.com/nlvpn/nlvpn/wire"
@@ -39,6 +41,13 @@ type Config struct {
 	Log            *slog.Logger
 	// OnUp, if set, runs once when the tunnel first comes up.
 	OnUp func()
+	// Mode is wire.ModeAuto, ModeDirect or ModeRelay.
+	Mode string
+	// DirectTimeout bounds the wait for a direct path in ModeDirect.
+	DirectTimeout time.Duration
+	// StatusSocket, if set, is a unix socket path where `nlvpn status` reads
+	// the tunnel's state.
+	StatusSocket string
 }
 
 // Client is a running client.
@@ -50,6 +59,22 @@ type Client struct {
 	tr    *quic.Transport
 	cur   atomic.Pointer[session.Session]
 	info  *wire.PeerInfo
+	mux   *punch.Mux
+	port  uint16
+	ctx   context.Context
+
+	pmu    sync.Mutex
+	punch  *punch.Punch
+	pstop  context.CancelFunc
+	path   pathState
+	direct chan struct{} // signalled when a direct path is confirmed
+}
+
+// pathState is what `nlvpn status` reports about the path in use.
+type pathState struct {
+	kind   string // "relay" or "direct"
+	remote string
+	since  time.Time
 }
 
 // Run brings the tunnel up and keeps it up until ctx ends. On return the
@@ -77,6 +102,9 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	tr := &quic.Transport{Conn: uc}
 	defer tr.Close()
+	c.port = uint16(uc.LocalAddr().(*net.UDPAddr).Port)
+	c.direct = make(chan struct{}, 1)
+	c.path = pathState{kind: "relay", remote: cfg.Gateway, since: time.Now()}
 
 	up := make(chan struct{}, 1)
 	c.ctrl = control.New(control.Config{
@@ -91,11 +119,21 @@ func Run(ctx context.Context, cfg Config) error {
 		},
 	})
 	c.sconn = session.NewConn(c.ctrl)
+	c.mux = punch.NewMux(tr, c.sconn)
 	c.tr = &quic.Transport{Conn: c.sconn}
 	defer c.tr.Close()
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	c.ctx = ctx
+	go c.mux.Run(ctx)
+	if cfg.StatusSocket != "" {
+		stop, err := c.serveStatus(cfg.StatusSocket)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	runErr := make(chan error, 1)
 	go func() { runErr <- c.ctrl.Run(ctx) }()
 
@@ -135,7 +173,7 @@ func Run(ctx context.Context, cfg Config) error {
 	for _, p := range skipped {
 		c.log.Warn("route already exists on this machine; not routing it into the tunnel", "prefix", p)
 	}
-	c.log.Info("tunnel up", "tun", dev.Name(), "overlay", w.Overlay, "agent_overlay", info.Overlay, "routes", routes, "path", "relay")
+	c.log.Info("tunnel up", "tun", dev.Name(), "overlay", w.Overlay, "agent_overlay", info.Overlay, "routes", routes, "path", c.pathKind())
 	if cfg.OnUp != nil {
 		cfg.OnUp()
 	}
@@ -205,9 +243,9 @@ func (c *Client) reattach(ctx context.Context, dev *tun.Device) {
 					old.Conn.CloseWithError(0, "replaced")
 				}
 				go c.pump(s, dev)
-				c.log.Info("session re-established", "session", fmt.Sprintf("%016x", s.ID))
+				c.log.Info("session re-established", "session", formatID(s.ID))
 			} else {
-				c.log.Info("session resumed over the relay", "session", fmt.Sprintf("%016x", s.ID))
+				c.log.Info("session resumed over the relay", "session", formatID(s.ID))
 			}
 			return
 		}
@@ -228,9 +266,21 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 	if cur != nil && cur.Alive() {
 		resume = cur.ID
 	}
-	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	rctx, cancel := context.WithTimeout(ctx, 15*time.Second+c.cfg.DirectTimeout)
 	defer cancel()
-	r, err := c.ctrl.Request(rctx, &wire.Message{Type: wire.TypeConnect, Connect: &wire.Connect{Agent: c.cfg.Agent, Resume: resume}})
+	req := &wire.Connect{Agent: c.cfg.Agent, Resume: resume, Mode: c.cfg.Mode}
+	var offer *punch.Offer
+	if c.cfg.Mode != wire.ModeRelay {
+		var err error
+		if offer, err = punch.NewOffer(c.cfg.Key); err != nil {
+			return nil, nil, err
+		}
+		req.Punch = wire.Punch{ProbePub: offer.Pub, ProbeSig: offer.Sig}
+		if w := c.ctrl.Welcome(); w != nil {
+			req.Punch.Candidates = punch.Candidates(w.Observed, c.port)
+		}
+	}
+	r, err := c.ctrl.Request(rctx, &wire.Message{Type: wire.TypeConnect, Connect: req})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -245,8 +295,16 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 	if err := checkKnownAgent(c.cfg.KnownAgents, c.cfg.Pin, c.cfg.Agent, key); err != nil {
 		return nil, nil, err
 	}
+	if err := c.startPunch(off, key, offer); err != nil {
+		return nil, nil, err
+	}
 	if resume != 0 && off.ID == resume && cur.Alive() {
 		return cur, c.info, nil
+	}
+	if c.cfg.Mode == wire.ModeDirect {
+		if err := c.waitDirect(rctx, off); err != nil {
+			return nil, nil, err
+		}
 	}
 	ctls, err := session.ClientTLS(c.cfg.Key, key)
 	if err != nil {
@@ -268,7 +326,7 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 		qc.CloseWithError(1, "bad peer info")
 		return nil, nil, fmt.Errorf("agent %q sent bad session info: %v", c.cfg.Agent, err)
 	}
-	c.log.Info("end-to-end session established", "session", fmt.Sprintf("%016x", off.ID), "agent_key", key, "took", time.Since(start).Round(time.Millisecond), "path", "relay")
+	c.log.Info("end-to-end session established", "session", formatID(off.ID), "agent_key", key, "took", time.Since(start).Round(time.Millisecond), "path", c.pathKind())
 	return session.New(off.ID, qc, c.log), m.Peer, nil
 }
 
@@ -309,3 +367,5 @@ func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
 		}
 	}
 }
+
+func formatID(id uint64) string { return fmt.Sprintf("%016x", id) }

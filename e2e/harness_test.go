@@ -83,6 +83,15 @@ func newEnv(t *testing.T, opts lab.Options, startClient bool) *env {
 	e.clientTok = e.token(t, "--client", "alice")
 	e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token", e.agentTok, "--gateway", e.gwAddr(),
 		"--advertise", e.lab.LANSubnet.String(), "--state-dir", filepath.Join(e.dir, "agent"))
+	// The client refuses an agent that is not connected yet: wait (bounded)
+	// for the agent to register. startClient retries anyway if the log line
+	// changes.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	if err := e.agent.WaitLog(ctx, "registered"); err != nil && !e.agent.Running() {
+		cancel()
+		t.Fatalf("agent: %v", err)
+	}
+	cancel()
 	if startClient {
 		e.client = e.startClient(t)
 	}
@@ -121,11 +130,7 @@ func (e *env) dumpLogs() {
 	procs := append([]*lab.Process(nil), e.procs...)
 	e.mu.Unlock()
 	for _, p := range procs {
-		state := "running"
-		if !p.Running() {
-			state = fmt.Sprintf("exited %d", p.ExitCode())
-		}
-		e.t.Logf("===== log of %s (%s) =====\n%s", p, state, p.Log())
+		e.t.Logf("===== log of %s (%s) =====\n%s", p, p.ExitStatus(), p.Log())
 	}
 }
 

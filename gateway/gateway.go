@@ -374,8 +374,11 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 	}
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	_, err := a.request(rctx, &wire.Message{Type: wire.TypeSession, Session: &wire.Session{
+	// The gateway passes the nodes' candidates and signed probe keys along
+	// unchanged; it cannot make a probe key of its own.
+	r, err := a.request(rctx, &wire.Message{Type: wire.TypeSession, Session: &wire.Session{
 		ID: id, PeerName: c.name, PeerKey: c.key.String(), PeerAddr: c.overlay,
+		Mode: req.Mode, Punch: req.Punch,
 	}})
 	if err != nil {
 		g.hub.Unbind(id)
@@ -387,8 +390,13 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 		return errorReply(wire.CodeUnavailable, "agent %q did not answer: %v", a.name, err)
 	}
 	log.Info("session set up", "session", fmt.Sprintf("%016x", id), "resumed", id == req.Resume)
+	if r.Type != wire.TypeAccept {
+		g.hub.Unbind(id)
+		return errorReply(wire.CodeUnavailable, "agent %q answered %s instead of accepting", a.name, r.Type)
+	}
 	return &wire.Message{Type: wire.TypeSession, Session: &wire.Session{
 		ID: id, PeerName: a.name, PeerKey: a.key.String(), PeerAddr: a.overlay, Advertise: a.adv,
+		Mode: req.Mode, Punch: r.Accept.Punch,
 	}}
 }
 

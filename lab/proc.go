@@ -44,6 +44,7 @@ type Process struct {
 	done    chan struct{}
 	waitErr error
 	stopMu  sync.Mutex
+	killed  bool // Stop had to use SIGKILL
 }
 
 type syncBuffer struct {
@@ -212,11 +213,32 @@ func (p *Process) Stop() int {
 	if p.Running() {
 		_ = p.cmd.Process.Signal(syscall.SIGTERM)
 		if !p.Wait(StopTimeout) {
+			p.killed = true
 			_ = p.cmd.Process.Kill()
 			<-p.done
 		}
 	}
 	return p.ExitCode()
+}
+
+// Killed reports whether Stop had to SIGKILL the process because it did
+// not exit within StopTimeout of SIGTERM.
+func (p *Process) Killed() bool {
+	p.stopMu.Lock()
+	defer p.stopMu.Unlock()
+	return p.killed
+}
+
+// ExitStatus describes how the process ended: "exit 0", "signal: terminated",
+// "killed after SIGTERM timeout", or "running".
+func (p *Process) ExitStatus() string {
+	if p.Running() {
+		return "running"
+	}
+	if p.Killed() {
+		return "SIGKILLed: did not exit within 5s of SIGTERM"
+	}
+	return p.cmd.ProcessState.String()
 }
 
 // String describes the process for logs.

@@ -107,6 +107,27 @@ func (e *Error) Fatal() bool {
 type Connect struct {
 	Agent  string `json:"agent"`
 	Resume uint64 `json:"resume,omitempty"`
+	Mode   string `json:"mode,omitempty"` // ModeAuto (""), ModeDirect or ModeRelay
+	Punch
+}
+
+// Connection modes.
+const (
+	ModeAuto   = ""       // relay at once, direct as soon as it is confirmed
+	ModeDirect = "direct" // direct only; never a relayed byte
+	ModeRelay  = "relay"  // relay only; no probes
+)
+
+// MaxCandidates bounds the candidate addresses a node may announce.
+const MaxCandidates = 16
+
+// Punch is what a node tells its peer, through the gateway, for hole
+// punching: where it may be reached, and its signed ephemeral half of the
+// probe key (see package punch).
+type Punch struct {
+	Candidates []netip.AddrPort `json:"candidates,omitempty"`
+	ProbePub   string           `json:"probe_pub,omitempty"`
+	ProbeSig   string           `json:"probe_sig,omitempty"`
 }
 
 // Session describes the other end of a session. The gateway vouches for the
@@ -117,11 +138,14 @@ type Session struct {
 	PeerKey   string         `json:"peer_key"`
 	PeerAddr  netip.Addr     `json:"peer_overlay"`
 	Advertise []netip.Prefix `json:"advertise,omitempty"` // the agent's, as registered
+	Mode      string         `json:"mode,omitempty"`
+	Punch                    // the peer's
 }
 
 // Accept is the agent's yes to a session offer.
 type Accept struct {
 	ID uint64 `json:"id"`
+	Punch
 }
 
 // WriteMessage writes m with a 4-byte big-endian length prefix.
@@ -209,6 +233,21 @@ func (m *Message) check() error {
 	}
 	if n != 1 {
 		return fmt.Errorf("%s message with %d bodies", m.Type, n)
+	}
+	var p *Punch
+	switch {
+	case m.Connect != nil:
+		p = &m.Connect.Punch
+		if c := m.Connect.Mode; c != ModeAuto && c != ModeDirect && c != ModeRelay {
+			return fmt.Errorf("unknown mode %q", c)
+		}
+	case m.Session != nil:
+		p = &m.Session.Punch
+	case m.Accept != nil:
+		p = &m.Accept.Punch
+	}
+	if p != nil && len(p.Candidates) > MaxCandidates {
+		return fmt.Errorf("%d candidates, more than %d", len(p.Candidates), MaxCandidates)
 	}
 	return nil
 }

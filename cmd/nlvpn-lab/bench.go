@@ -3,11 +3,9 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"regexp"
 	"strconv"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/nlvpn/nlvpn/lab"
@@ -29,6 +27,7 @@ type benchPath struct {
 // benchMetric is one row of the bench table.
 type benchMetric struct {
 	name    string
+	prec    int // decimals shown
 	measure func(p benchPath) (float64, error)
 }
 
@@ -83,9 +82,10 @@ func (r *runner) bench(secs int) error {
 		},
 	}
 	metrics := []benchMetric{
-		{"TCP, 1 stream (Mbit/s)", func(p benchPath) (float64, error) { return r.iperf(p, secs, 1) }},
-		{"TCP, 4 streams (Mbit/s)", func(p benchPath) (float64, error) { return r.iperf(p, secs, 4) }},
-		{"ping RTT avg (ms)", r.pingAvg},
+		{"TCP up, 1 stream (Mbit/s)", 0, func(p benchPath) (float64, error) { return r.iperf(p, secs, 1, false) }},
+		{"TCP up, 4 streams (Mbit/s)", 0, func(p benchPath) (float64, error) { return r.iperf(p, secs, 4, false) }},
+		{"TCP down, 1 stream (Mbit/s)", 0, func(p benchPath) (float64, error) { return r.iperf(p, secs, 1, true) }},
+		{"ping RTT avg (ms)", 3, r.pingAvg},
 	}
 
 	results := make([][]cell, len(metrics))
@@ -113,37 +113,36 @@ func (r *runner) bench(secs int) error {
 		}
 	}
 
-	say("Results (one run, same topology; iperf3 -t %d, ping -c 20 -i 0.2)", secs)
+	say("Results (one run, same topology; iperf3 -t %d; up = client sends, down = iperf3 -R; ping -c 20 -i 0.2)", secs)
 	for _, p := range paths {
 		fmt.Printf("    %-6s = %s\n", p.name, p.desc)
 	}
 	fmt.Println()
-	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 3, ' ', tabwriter.AlignRight)
-	header := "metric\t"
+	// Metric names left-aligned, numbers right-aligned.
+	fmt.Printf("    %-30s", "metric")
 	for _, p := range paths {
-		header += p.name + "\t"
+		fmt.Printf(" %10s", p.name)
 	}
 	for _, p := range paths[1:] {
-		header += p.name + "/" + paths[0].name + "\t"
+		fmt.Printf(" %12s", p.name+"/"+paths[0].name)
 	}
-	fmt.Fprintln(tw, header)
+	fmt.Println()
 	for i, m := range metrics {
-		row := m.name + "\t"
+		fmt.Printf("    %-30s", m.name)
 		for j := range paths {
-			row += fmtCell(results[i][j]) + "\t"
+			fmt.Printf(" %10s", fmtCell(results[i][j], m.prec))
 		}
 		base := results[i][0]
 		for j := 1; j < len(paths); j++ {
 			c := results[i][j]
 			if c.err != nil || base.err != nil || base.v == 0 {
-				row += "-\t"
+				fmt.Printf(" %12s", "-")
 			} else {
-				row += fmt.Sprintf("%.2f\t", c.v/base.v)
+				fmt.Printf(" %12.3f", c.v/base.v)
 			}
 		}
-		fmt.Fprintln(tw, row)
+		fmt.Println()
 	}
-	tw.Flush()
 	for i := range results {
 		for j := range results[i] {
 			if results[i][j].err != nil {
@@ -154,11 +153,11 @@ func (r *runner) bench(secs int) error {
 	return nil
 }
 
-func fmtCell(c cell) string {
+func fmtCell(c cell, prec int) string {
 	if c.err != nil {
 		return "error"
 	}
-	return fmt.Sprintf("%.1f", c.v)
+	return strconv.FormatFloat(c.v, 'f', prec, 64)
 }
 
 // iperfResult is the part of `iperf3 -J` output we use.
@@ -175,9 +174,14 @@ type iperfResult struct {
 }
 
 // iperf runs iperf3 from p.ns to p.addr and returns the received rate in Mbit/s.
-func (r *runner) iperf(p benchPath, secs, streams int) (float64, error) {
-	out, _, err := lab.Run(r.ctx, p.ns, "iperf3", "-c", p.addr, "-p", strconv.Itoa(iperfPort), "-t", strconv.Itoa(secs),
-		"-P", strconv.Itoa(streams), "-J", "--connect-timeout", "5000")
+// "up" is client → target; reverse (-R) is target → client.
+func (r *runner) iperf(p benchPath, secs, streams int, reverse bool) (float64, error) {
+	args := []string{"iperf3", "-c", p.addr, "-p", strconv.Itoa(iperfPort), "-t", strconv.Itoa(secs),
+		"-P", strconv.Itoa(streams), "-J", "--connect-timeout", "5000"}
+	if reverse {
+		args = append(args, "-R")
+	}
+	out, _, err := lab.Run(r.ctx, p.ns, args...)
 	var res iperfResult
 	if jerr := json.Unmarshal(out, &res); jerr != nil {
 		if err != nil {

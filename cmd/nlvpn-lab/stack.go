@@ -168,6 +168,15 @@ func (r *runner) startStack(verbose bool, check func() error) error {
 		return err
 	}
 
+	// Give the agent a moment to register, so the client finds it on its
+	// first try (the client refuses an agent that is not connected).
+	wctx, wcancel := context.WithTimeout(r.ctx, 20*time.Second)
+	if err := r.agent.WaitLog(wctx, "registered"); err != nil && !r.agent.Running() {
+		wcancel()
+		return fmt.Errorf("the agent exited: %w", err)
+	}
+	wcancel()
+
 	explain("Starting the client in namespace %s, behind a %v NAT. It dials out to the gateway too,\n    creates the TUN device %s and routes %s into it:\n    nlvpn up --token <client token> --gateway %s --agent %s",
 		l.NS.Client, l.Opts.ClientNAT, tunName, l.LANSubnet, r.gwAddr(), agentName)
 	deadline := time.Now().Add(40 * time.Second)

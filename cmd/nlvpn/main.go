@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -24,6 +25,7 @@ import (
 	"github.com/nlvpn/nlvpn/gateway"
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/token"
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 var version = "dev"
@@ -55,7 +57,7 @@ A first setup on three machines:
 		},
 		Before: setupLogging,
 		Commands: []*cli.Command{
-			gatewayCmd(), tokenCmd(), agentCmd(), upCmd(),
+			gatewayCmd(), tokenCmd(), agentCmd(), upCmd(), statusCmd(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints the error once
 	}
@@ -381,6 +383,9 @@ runs need only --agent.`,
 			&cli.StringFlag{Name: "agent", Aliases: []string{"n"}, Usage: "`NAME` of the agent to connect to", Required: true},
 			&cli.StringFlag{Name: "tun", Value: "nlvpn0", Usage: "TUN device name"},
 			&cli.DurationFlag{Name: "connect-timeout", Value: 20 * time.Second, Usage: "give up if the gateway cannot be reached at start within this"},
+			&cli.BoolFlag{Name: "direct", Aliases: []string{"d"}, Usage: "direct (peer-to-peer) path only: never send a byte through the relay; fail if no direct path within --direct-timeout"},
+			&cli.BoolFlag{Name: "relay", Aliases: []string{"r"}, Usage: "relay only: never try a direct path (no probes are sent)"},
+			&cli.DurationFlag{Name: "direct-timeout", Value: 10 * time.Second, Usage: "with --direct: how long to try before giving up"},
 		),
 		Action: func(c *cli.Context) error {
 			if !token.ValidName(c.String("agent")) {
@@ -393,15 +398,69 @@ runs need only --agent.`,
 			if !ns.claims.MayUse(c.String("agent")) {
 				return fmt.Errorf("the token of client %q does not allow agent %q (it allows %s)", ns.claims.Name, c.String("agent"), strings.Join(ns.claims.Agents, ", "))
 			}
+			mode, err := modeFlags(c)
+			if err != nil {
+				return err
+			}
 			ctx, cancel := signalContext(c)
 			defer cancel()
 			return client.Run(ctx, client.Config{
-				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"),
+				Mode: mode, DirectTimeout: c.Duration("direct-timeout"),
+				StatusSocket: filepath.Join(ns.stateDir, "status.sock"),
+				Gateway:      ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"),
 				KnownAgents: filepath.Join(ns.stateDir, "known_agents"), TunName: c.String("tun"),
 				ConnectTimeout: c.Duration("connect-timeout"),
 				Log:            slog.Default(),
 				OnUp:           func() { ns.remember(c.IsSet("gateway")) },
 			})
+		},
+	}
+}
+
+func modeFlags(c *cli.Context) (string, error) {
+	switch {
+	case c.Bool("direct") && c.Bool("relay"):
+		return "", errors.New("--direct and --relay exclude each other")
+	case c.Bool("direct"):
+		if c.Duration("direct-timeout") <= 0 {
+			return "", errors.New("--direct-timeout must be positive")
+		}
+		return wire.ModeDirect, nil
+	case c.Bool("relay"):
+		return wire.ModeRelay, nil
+	}
+	return wire.ModeAuto, nil
+}
+
+func statusCmd() *cli.Command {
+	return &cli.Command{
+		Name:  "status",
+		Usage: "show the running tunnel's path (direct or relay), remote address, RTT and traffic",
+		Description: `Asks the running ` + "`nlvpn up`" + ` (same --state-dir) over its local socket, which only
+its user can open. --json prints one object with "path" ("direct" or "relay"),
+"remote", "rtt_ms", "tx_bytes", "rx_bytes" and "since_switch_s".`,
+		Flags: []cli.Flag{
+			stateDirFlag("nlvpn"),
+			&cli.BoolFlag{Name: "json", Usage: "print one JSON object"},
+		},
+		Action: func(c *cli.Context) error {
+			path := filepath.Join(c.String("state-dir"), "status.sock")
+			conn, err := net.DialTimeout("unix", path, 2*time.Second)
+			if err != nil {
+				return fmt.Errorf("no running tunnel found (%s): is `nlvpn up` running with this --state-dir?", path)
+			}
+			defer conn.Close()
+			conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			var st client.Status
+			if err := json.NewDecoder(conn).Decode(&st); err != nil {
+				return fmt.Errorf("reading status: %w", err)
+			}
+			if c.Bool("json") {
+				return json.NewEncoder(os.Stdout).Encode(st)
+			}
+			fmt.Printf("agent:    %s\npath:     %s\nremote:   %s\nrtt:      %.2f ms\ntx:       %d bytes\nrx:       %d bytes\nswitched: %s ago\n",
+				st.Agent, st.Path, st.Remote, st.RTTMillis, st.TxBytes, st.RxBytes, time.Duration(st.SinceSwitchS*float64(time.Second)).Round(time.Second))
+			return nil
 		},
 	}
 }

@@ -1,0 +1,132 @@
+package client
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/punch"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+func (c *Client) pathKind() string {
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
+	return c.path.kind
+}
+
+func (c *Client) setPath(kind, remote string) {
+	c.pmu.Lock()
+	c.path = pathState{kind: kind, remote: remote, since: time.Now()}
+	c.pmu.Unlock()
+}
+
+// startPunch (re)starts punching for the session the gateway just set up.
+// In relay mode nothing is probed; in direct mode nothing may use the relay.
+func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offer *punch.Offer) error {
+	c.pmu.Lock()
+	if c.pstop != nil {
+		c.pstop()
+		c.mux.Remove(off.ID, c.punch)
+		c.pstop, c.punch = nil, nil
+	}
+	c.pmu.Unlock()
+	switch c.cfg.Mode {
+	case wire.ModeRelay:
+		c.sconn.SetPath(off.ID, nil)
+		c.setPath("relay", c.cfg.Gateway)
+		return nil
+	case wire.ModeDirect:
+		c.sconn.SetPath(off.ID, punch.Blackhole{})
+		c.setPath("none", "")
+	default:
+		c.sconn.SetPath(off.ID, nil)
+		c.setPath("relay", c.cfg.Gateway)
+	}
+	key, err := offer.Key(off.ID, agentKey, off.ProbePub, off.ProbeSig)
+	if err != nil {
+		return fmt.Errorf("agent %q: %w", c.cfg.Agent, err)
+	}
+	// Never probe into the tunnel: candidates inside the agent's subnets
+	// would be routed through the TUN.
+	cands := punch.Usable(off.Candidates, off.Advertise, punch.MaxCandidates)
+	id := off.ID
+	p := punch.New(punch.Config{
+		ID: id, Key: key, Peer: cands, Send: c.mux.Send, Log: c.log,
+		OnDirect: func(remote netip.AddrPort, took time.Duration) {
+			c.sconn.SetPath(id, &punch.Path{Mux: c.mux, Remote: remote})
+			c.setPath("direct", remote.String())
+			c.log.Info("The direct channel has just been established", "remote", remote, "took", took.Round(time.Millisecond))
+			select {
+			case c.direct <- struct{}{}:
+			default:
+			}
+		},
+		OnLost: func(remote netip.AddrPort) {
+			if c.cfg.Mode == wire.ModeDirect {
+				c.sconn.SetPath(id, punch.Blackhole{})
+				c.setPath("none", "")
+				return
+			}
+			c.sconn.SetPath(id, nil)
+			c.setPath("relay", c.cfg.Gateway)
+		},
+	})
+	ctx, cancel := context.WithCancel(c.ctx)
+	c.pmu.Lock()
+	c.punch, c.pstop = p, cancel
+	c.pmu.Unlock()
+	c.mux.Add(id, p)
+	if c.cfg.Mode != wire.ModeDirect {
+		c.log.Info("the tunnel starts on the relay and is on hold and waiting to create the direct channel")
+	}
+	c.log.Info("Trying to create a direct (peer-to-peer) channel", "candidates", cands)
+	go p.Run(ctx)
+	return nil
+}
+
+// waitDirect waits for the direct path in direct-only mode and, when it
+// does not come, says what was observed.
+func (c *Client) waitDirect(ctx context.Context, off *wire.Session) error {
+	t := time.NewTimer(c.cfg.DirectTimeout)
+	defer t.Stop()
+	select {
+	case <-c.direct:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+	}
+	c.pmu.Lock()
+	p := c.punch
+	c.pmu.Unlock()
+	if p != nil {
+		if _, _, ok := p.Remote(); ok {
+			return nil
+		}
+	}
+	var tried []string
+	var heard, sent uint64
+	if p != nil {
+		for _, a := range p.Candidates() {
+			tried = append(tried, a.String())
+		}
+		heard, sent = p.Stats()
+	}
+	var observed string
+	if w := c.ctrl.Welcome(); w != nil {
+		observed = w.Observed.String()
+	}
+	why := "no probe from the agent reached us and none of ours was answered: both sides appear to be behind endpoint-dependent (symmetric) NAT, or a firewall drops UDP between them"
+	if heard > 0 {
+		why = fmt.Sprintf("the agent's probes reached us (%d) but ours were never answered: our NAT or firewall filters the agent's replies (endpoint-dependent NAT on our side?)", heard)
+	}
+	if len(tried) == 0 {
+		why = "the agent announced no usable address"
+	}
+	return fmt.Errorf("no direct path to agent %q within %s: %s (sent %d probes to %s; our public address as the gateway sees it: %s)",
+		c.cfg.Agent, c.cfg.DirectTimeout, why, sent, strings.Join(tried, ", "), observed)
+}

@@ -1,0 +1,574 @@
+package netstack
+
+// The client's proxy mode: a gVisor stack that owns the client's overlay
+// address, used when the client cannot make a TUN device.
+//
+//	app ─ SOCKS5 / HTTP proxy (loopback) ─ Proxy.DialContext ─ gVisor stack (overlay addr)
+//	                                                              │ out(pkt)      ▲ Inject(pkt)
+//	                                                              ▼               │
+//	                                                         peer session ─ agent (Egress)
+//
+// Names (socks5h, HTTP CONNECT host names, absolute URLs) are resolved by a
+// small DNS client that sends its queries through the same stack to
+// ProxyConfig.DNS, i.e. to a resolver on the agent's side, so LAN-only names
+// work (see dns.go).
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+const (
+	// DefaultProxyMTU is used when ProxyConfig.MTU is zero.
+	DefaultProxyMTU = 1360
+	// DefaultProxyMaxConns bounds the proxy connections (SOCKS5 and HTTP
+	// together) served at once; connections beyond it are closed at accept.
+	DefaultProxyMaxConns = 4096
+	// DefaultProxyDialTimeout bounds a dial through the tunnel when the
+	// caller's context has no deadline. The agent gives up on its own real
+	// dial after DefaultEgressDialTimeout and answers with a RST, so this is
+	// only reached when the tunnel itself is down.
+	DefaultProxyDialTimeout = 20 * time.Second
+	// proxyHandshakeTimeout bounds the whole SOCKS5 negotiation and the HTTP
+	// request header (slowloris).
+	proxyHandshakeTimeout = 10 * time.Second
+
+	proxyNIC = tcpip.NICID(1)
+)
+
+// ProxyConfig configures a client-side Proxy stack.
+type ProxyConfig struct {
+	// Addr is the client's overlay address (IPv4), the stack's address.
+	Addr netip.Addr
+	// Addr6 is an optional IPv6 overlay address; without it IPv6
+	// destinations are unreachable.
+	Addr6 netip.Addr
+	// MTU of the virtual NIC; zero means DefaultProxyMTU.
+	MTU int
+	// DNS is the resolver reached through the tunnel for names (e.g. the
+	// agent's overlay address, port 53). Invalid means names cannot be
+	// resolved (IP literals still work).
+	DNS netip.AddrPort
+	// MaxConns bounds concurrent proxy connections; zero means DefaultProxyMaxConns.
+	MaxConns int
+	// Logger receives logs; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Credentials are the proxy's username and password (SOCKS5 method 0x02,
+// HTTP Proxy-Authorization Basic). A nil *Credentials means no auth.
+type Credentials struct{ User, Password string }
+
+// ProxyStats are cumulative counters of a Proxy (ActiveConns is a gauge).
+type ProxyStats struct {
+	Injected       uint64 // packets handed to Inject
+	Malformed      uint64 // injected packets dropped as not well-formed IP
+	OutPackets     uint64 // packets passed to out
+	Accepted       uint64 // proxy connections accepted (SOCKS5 and HTTP)
+	Rejected       uint64 // connections closed at accept: MaxConns reached
+	ActiveConns    int64  // proxy connections being served now
+	ProtocolErrors uint64 // SOCKS5/HTTP protocol violations (bad version, truncated, bad command, timeouts …)
+	AuthFailures   uint64 // missing or wrong credentials
+	Dials          uint64 // successful dials through the tunnel
+	DialFailures   uint64 // failed dials through the tunnel (incl. name resolution)
+	UDPAssociates  uint64 // SOCKS5 UDP ASSOCIATE sessions
+	UDPDatagrams   uint64 // datagrams relayed (both ways)
+	UDPDropped     uint64 // datagrams dropped: fragments, malformed header, foreign source, unresolvable
+	DNSQueries     uint64 // DNS queries sent through the tunnel
+	DNSFailures    uint64 // names that could not be resolved
+}
+
+type proxyCounters struct {
+	injected, malformed, outPackets, accepted, rejected atomic.Uint64
+	protoErrors, authFailures, dials, dialFailures      atomic.Uint64
+	udpAssociates, udpDatagrams, udpDropped             atomic.Uint64
+	dnsQueries, dnsFailures                             atomic.Uint64
+	active                                              atomic.Int64
+}
+
+// Proxy is the client's gVisor stack plus the local proxies that use it.
+// Create it with NewProxy.
+type Proxy struct {
+	cfg  ProxyConfig
+	mtu  int
+	log  *slog.Logger
+	out  func([]byte)
+	outM sync.Mutex
+
+	stack *stack.Stack
+	link  *channel.Endpoint
+
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	injectMu sync.RWMutex
+	closed   atomic.Bool
+
+	slots chan struct{} // connection bound
+
+	mu      sync.Mutex
+	done    bool
+	closers map[io.Closer]struct{}
+	wg      sync.WaitGroup
+
+	httpOnce sync.Once
+	httpTr   *http.Transport
+
+	dns *dnsClient
+
+	closeOnce sync.Once
+	c         proxyCounters
+}
+
+// NewProxy starts the client's stack. out receives each IP packet the stack
+// emits toward the agent. Calls to out are serialized and made from the
+// Proxy's own goroutine, never from inside Inject; out must not retain pkt
+// after it returns and must not call Close. A packet passed to out is never
+// longer than the MTU.
+func NewProxy(cfg ProxyConfig, out func(pkt []byte)) (*Proxy, error) {
+	if out == nil {
+		return nil, errors.New("netstack: NewProxy: out is nil")
+	}
+	if !cfg.Addr.Is4() {
+		return nil, errors.New("netstack: NewProxy: Addr must be an IPv4 address")
+	}
+	if cfg.Addr6.IsValid() && !cfg.Addr6.Is6() {
+		return nil, errors.New("netstack: NewProxy: Addr6 must be an IPv6 address")
+	}
+	mtu := cfg.MTU
+	if mtu == 0 {
+		mtu = DefaultProxyMTU
+	}
+	if mtu < 1280 || mtu > egMaxIPPacket {
+		return nil, errors.New("netstack: NewProxy: MTU must be between 1280 and 65535")
+	}
+	maxConns := cfg.MaxConns
+	if maxConns <= 0 {
+		maxConns = DefaultProxyMaxConns
+	}
+	p := &Proxy{
+		cfg:     cfg,
+		mtu:     mtu,
+		log:     cfg.Logger,
+		out:     out,
+		slots:   make(chan struct{}, maxConns),
+		closers: make(map[io.Closer]struct{}),
+	}
+	if p.log == nil {
+		p.log = slog.Default()
+	}
+	p.log = p.log.With("component", "proxy")
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+
+	s := stack.New(stack.Options{
+		NetworkProtocols: []stack.NetworkProtocolFactory{
+			// 127.0.0.1 through the tunnel is the agent's own loopback
+			// (reachable only if the agent allows it), so it must be routable.
+			ipv4.NewProtocolWithOptions(ipv4.Options{AllowExternalLoopbackTraffic: true}),
+			ipv6.NewProtocolWithOptions(ipv6.Options{AllowExternalLoopbackTraffic: true}),
+		},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol},
+	})
+	fail := func(what string, err tcpip.Error) (*Proxy, error) {
+		s.Close()
+		s.Wait()
+		p.cancel()
+		return nil, errors.New("netstack: NewProxy: " + what + ": " + err.String())
+	}
+	// Same tuning as the egress side (see egress.go).
+	tcpOpts := []tcpip.SettableTransportProtocolOption{
+		egPtr(tcpip.TCPSACKEnabled(true)),
+		egPtr(tcpip.TCPRecovery(0)), // RACK off
+		egPtr(tcpip.CongestionControlOption("reno")),
+		egPtr(tcpip.TCPModerateReceiveBufferOption(true)),
+		&tcpip.TCPSendBufferSizeRangeOption{Min: egTCPBufMin, Default: egTCPBufDefault, Max: egTCPBufMax},
+		&tcpip.TCPReceiveBufferSizeRangeOption{Min: egTCPBufMin, Default: egTCPBufDefault, Max: egTCPBufMax},
+	}
+	for _, o := range tcpOpts {
+		if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, o); err != nil {
+			return fail("tcp option", err)
+		}
+	}
+	p.link = channel.New(egLinkQueueDepth, uint32(mtu), "")
+	if err := s.CreateNIC(proxyNIC, p.link); err != nil {
+		return fail("create NIC", err)
+	}
+	for _, a := range []netip.Addr{cfg.Addr, cfg.Addr6} {
+		if !a.IsValid() {
+			continue
+		}
+		pa := tcpip.ProtocolAddress{Protocol: proxyNetProto(a), AddressWithPrefix: tcpip.AddrFromSlice(a.AsSlice()).WithPrefix()}
+		if err := s.AddProtocolAddress(proxyNIC, pa, stack.AddressProperties{}); err != nil {
+			return fail("add address", err)
+		}
+	}
+	s.SetRouteTable([]tcpip.Route{
+		{Destination: header.IPv4EmptySubnet, NIC: proxyNIC},
+		{Destination: header.IPv6EmptySubnet, NIC: proxyNIC},
+	})
+	p.stack = s
+	p.dns = newDNSClient(p)
+
+	p.wg.Add(1)
+	go p.pump()
+	p.log.Info("proxy netstack started", "addr", cfg.Addr, "mtu", mtu, "dns", cfg.DNS)
+	return p, nil
+}
+
+func proxyNetProto(a netip.Addr) tcpip.NetworkProtocolNumber {
+	if a.Is4() || a.Is4In6() {
+		return ipv4.ProtocolNumber
+	}
+	return ipv6.ProtocolNumber
+}
+
+func proxyFullAddr(ap netip.AddrPort) (tcpip.FullAddress, tcpip.NetworkProtocolNumber) {
+	a := ap.Addr().Unmap()
+	return tcpip.FullAddress{NIC: proxyNIC, Addr: tcpip.AddrFromSlice(a.AsSlice()), Port: ap.Port()}, proxyNetProto(a)
+}
+
+// Inject hands the stack one raw IP packet received from the agent. It
+// copies pkt, never panics on garbage (malformed packets are dropped and
+// counted) and may be called concurrently and after Close.
+func (p *Proxy) Inject(pkt []byte) {
+	p.c.injected.Add(1)
+	p.injectMu.RLock()
+	defer p.injectMu.RUnlock()
+	if p.closed.Load() {
+		return
+	}
+	b, proto, ok := egParseIP(pkt)
+	if !ok {
+		p.c.malformed.Add(1)
+		return
+	}
+	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(b)})
+	p.link.InjectInbound(proto, pb)
+	pb.DecRef()
+}
+
+func (p *Proxy) pump() {
+	defer p.wg.Done()
+	for {
+		pkt := p.link.ReadContext(p.ctx)
+		if pkt == nil {
+			if p.ctx.Err() != nil {
+				return
+			}
+			continue
+		}
+		v := pkt.ToView()
+		if b := v.AsSlice(); len(b) > 0 && len(b) <= p.mtu {
+			p.outM.Lock()
+			if p.ctx.Err() == nil {
+				p.c.outPackets.Add(1)
+				p.out(b)
+			}
+			p.outM.Unlock()
+		}
+		v.Release()
+		pkt.DecRef()
+	}
+}
+
+// Stats returns a snapshot of the counters.
+func (p *Proxy) Stats() ProxyStats {
+	return ProxyStats{
+		Injected:       p.c.injected.Load(),
+		Malformed:      p.c.malformed.Load(),
+		OutPackets:     p.c.outPackets.Load(),
+		Accepted:       p.c.accepted.Load(),
+		Rejected:       p.c.rejected.Load(),
+		ActiveConns:    p.c.active.Load(),
+		ProtocolErrors: p.c.protoErrors.Load(),
+		AuthFailures:   p.c.authFailures.Load(),
+		Dials:          p.c.dials.Load(),
+		DialFailures:   p.c.dialFailures.Load(),
+		UDPAssociates:  p.c.udpAssociates.Load(),
+		UDPDatagrams:   p.c.udpDatagrams.Load(),
+		UDPDropped:     p.c.udpDropped.Load(),
+		DNSQueries:     p.c.dnsQueries.Load(),
+		DNSFailures:    p.c.dnsFailures.Load(),
+	}
+}
+
+// Close stops the proxies started with ServeSOCKS5/ServeHTTP (their
+// listeners are closed, so those calls return), closes every proxied
+// connection, and tears the stack down. After Close returns out is no
+// longer called. Close is idempotent.
+func (p *Proxy) Close() error {
+	p.closeOnce.Do(func() {
+		p.injectMu.Lock()
+		p.closed.Store(true)
+		p.injectMu.Unlock()
+
+		p.mu.Lock()
+		p.done = true
+		closers := p.closers
+		p.closers = map[io.Closer]struct{}{}
+		p.mu.Unlock()
+
+		p.cancel()
+		for c := range closers {
+			_ = c.Close()
+		}
+		p.wg.Wait()
+		if p.httpTr != nil {
+			p.httpTr.CloseIdleConnections()
+		}
+		p.link.Close()
+		p.stack.Close()
+		p.stack.Wait()
+		p.log.Info("proxy netstack stopped")
+	})
+	return nil
+}
+
+// addCloser registers c to be closed by Close; after Close it closes c and
+// returns false.
+func (p *Proxy) addCloser(c io.Closer) bool {
+	p.mu.Lock()
+	if p.done {
+		p.mu.Unlock()
+		_ = c.Close()
+		return false
+	}
+	p.closers[c] = struct{}{}
+	p.mu.Unlock()
+	return true
+}
+
+func (p *Proxy) removeCloser(c io.Closer) {
+	p.mu.Lock()
+	delete(p.closers, c)
+	p.mu.Unlock()
+	_ = c.Close()
+}
+
+func (p *Proxy) track() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.done {
+		return false
+	}
+	p.wg.Add(1)
+	return true
+}
+
+// serve accepts connections on ln and runs handle for each on its own
+// goroutine, bounded by MaxConns, until ln is closed or the Proxy is.
+func (p *Proxy) serve(ln net.Listener, kind string, handle func(net.Conn)) error {
+	if !p.addCloser(ln) {
+		return net.ErrClosed
+	}
+	defer p.removeCloser(ln)
+	p.log.Info("proxy listening", "kind", kind, "addr", ln.Addr())
+	var tempDelay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || p.ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) || errors.Is(err, syscall.ECONNABORTED) {
+				// Transient (e.g. out of file descriptors): back off like net/http.
+				tempDelay = min(max(2*tempDelay, 5*time.Millisecond), time.Second)
+				p.log.Warn("proxy accept failed; retrying", "kind", kind, "error", err)
+				time.Sleep(tempDelay)
+				continue
+			}
+			return err
+		}
+		tempDelay = 0
+		select {
+		case p.slots <- struct{}{}:
+		default:
+			p.c.rejected.Add(1)
+			p.log.Warn("proxy connection limit reached; connection closed", "kind", kind, "limit", cap(p.slots))
+			_ = c.Close()
+			continue
+		}
+		if !p.track() {
+			<-p.slots
+			_ = c.Close()
+			return nil
+		}
+		p.c.accepted.Add(1)
+		p.c.active.Add(1)
+		go func() {
+			defer p.wg.Done()
+			defer func() { <-p.slots; p.c.active.Add(-1) }()
+			if !p.addCloser(c) {
+				return
+			}
+			defer p.removeCloser(c)
+			handle(c)
+		}()
+	}
+}
+
+// DialContext opens a connection through the tunnel. network is "tcp",
+// "tcp4", "tcp6", "udp", "udp4" or "udp6"; addr is host:port where host is
+// an IP literal or a name, resolved through the tunnel via ProxyConfig.DNS.
+// Errors wrap syscall.ECONNREFUSED, ENETUNREACH, EHOSTUNREACH, ETIMEDOUT
+// where the stack reported those, and *net.DNSError for names.
+func (p *Proxy) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	host, portStr, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, &net.OpError{Op: "dial", Net: network, Err: err}
+	}
+	port, err := strconv.ParseUint(portStr, 10, 16)
+	if err != nil {
+		return nil, &net.OpError{Op: "dial", Net: network, Err: errors.New("invalid port " + strconv.Quote(portStr))}
+	}
+	var addrs []netip.Addr
+	if ip, err := netip.ParseAddr(host); err == nil {
+		addrs = []netip.Addr{ip.WithZone("").Unmap()}
+	} else {
+		addrs, err = p.lookup(ctx, host)
+		if err != nil {
+			p.c.dialFailures.Add(1)
+			return nil, &net.OpError{Op: "dial", Net: network, Err: err}
+		}
+	}
+	var firstErr error
+	for _, a := range addrs {
+		if a.Is4() && (network == "tcp6" || network == "udp6") || a.Is6() && (network == "tcp4" || network == "udp4") {
+			continue
+		}
+		c, err := p.dialAddr(ctx, network, netip.AddrPortFrom(a, uint16(port)))
+		if err == nil {
+			p.c.dials.Add(1)
+			return c, nil
+		}
+		if firstErr == nil {
+			firstErr = err
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	p.c.dialFailures.Add(1)
+	if firstErr == nil {
+		firstErr = &net.OpError{Op: "dial", Net: network, Err: &net.AddrError{Err: "no suitable address", Addr: host}}
+	}
+	return nil, firstErr
+}
+
+// lookup resolves a name through the tunnel, IPv4 first.
+func (p *Proxy) lookup(ctx context.Context, host string) ([]netip.Addr, error) {
+	addrs, err := p.dns.lookup(ctx, host)
+	if err != nil {
+		p.c.dnsFailures.Add(1)
+	}
+	return addrs, err
+}
+
+func (p *Proxy) dialAddr(ctx context.Context, network string, dst netip.AddrPort) (net.Conn, error) {
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+		if _, ok := ctx.Deadline(); !ok {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, DefaultProxyDialTimeout)
+			defer cancel()
+		}
+		return p.dialTCP(ctx, dst)
+	case "udp", "udp4", "udp6":
+		fa, proto := proxyFullAddr(dst)
+		c, err := gonet.DialUDP(p.stack, nil, &fa, proto)
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
+	return nil, &net.OpError{Op: "dial", Net: network, Err: net.UnknownNetworkError(network)}
+}
+
+// dialTCP is gonet.DialContextTCP, keeping the kind of failure: gonet turns
+// every tcpip.Error into an opaque string, and the SOCKS5 reply code depends
+// on it.
+func (p *Proxy) dialTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	fa, proto := proxyFullAddr(dst)
+	opErr := func(err error) error {
+		return &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(dst), Err: err}
+	}
+	var wq waiter.Queue
+	ep, terr := p.stack.NewEndpoint(tcp.ProtocolNumber, proto, &wq)
+	if terr != nil {
+		return nil, opErr(proxyErrno(terr))
+	}
+	entry, notify := waiter.NewChannelEntry(waiter.WritableEvents)
+	wq.EventRegister(&entry)
+	defer wq.EventUnregister(&entry)
+	terr = ep.Connect(fa)
+	if _, ok := terr.(*tcpip.ErrConnectStarted); ok {
+		select {
+		case <-ctx.Done():
+			ep.Close()
+			err := ctx.Err()
+			if errors.Is(err, context.DeadlineExceeded) {
+				err = proxyTimeoutError{}
+			}
+			return nil, opErr(err)
+		case <-notify:
+		}
+		terr = ep.LastError()
+	}
+	if terr != nil {
+		ep.Close()
+		return nil, opErr(proxyErrno(terr))
+	}
+	return gonet.NewTCPConn(&wq, ep), nil
+}
+
+// proxyTimeoutError is a dial that did not complete in time.
+type proxyTimeoutError struct{}
+
+func (proxyTimeoutError) Error() string   { return "i/o timeout" }
+func (proxyTimeoutError) Timeout() bool   { return true }
+func (proxyTimeoutError) Temporary() bool { return true }
+func (proxyTimeoutError) Is(target error) bool {
+	return target == syscall.ETIMEDOUT || target == context.DeadlineExceeded
+}
+
+// proxyErrno maps the stack's errors to the errno a host socket would give.
+func proxyErrno(e tcpip.Error) error {
+	switch e.(type) {
+	case *tcpip.ErrConnectionRefused:
+		return syscall.ECONNREFUSED
+	case *tcpip.ErrNetworkUnreachable, *tcpip.ErrNoNet:
+		return syscall.ENETUNREACH
+	case *tcpip.ErrHostUnreachable, *tcpip.ErrHostDown:
+		return syscall.EHOSTUNREACH
+	case *tcpip.ErrTimeout:
+		return syscall.ETIMEDOUT
+	case *tcpip.ErrConnectionReset:
+		return syscall.ECONNRESET
+	case *tcpip.ErrConnectionAborted, *tcpip.ErrAborted:
+		return syscall.ECONNABORTED
+	}
+	return errors.New(e.String())
+}

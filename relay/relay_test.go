@@ -1,0 +1,403 @@
+package relay
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+// fakeConn records every datagram sent to it.
+type fakeConn struct {
+	mu   sync.Mutex
+	got  [][]byte
+	cond chan struct{} // signalled on every send
+	err  error
+}
+
+func newFakeConn() *fakeConn { return &fakeConn{cond: make(chan struct{}, 1)} }
+
+func (f *fakeConn) SendDatagram(b []byte) error {
+	f.mu.Lock()
+	f.got = append(f.got, append([]byte(nil), b...))
+	err := f.err
+	f.mu.Unlock()
+	select {
+	case f.cond <- struct{}{}:
+	default:
+	}
+	return err
+}
+
+func (f *fakeConn) frames() [][]byte {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([][]byte(nil), f.got...)
+}
+
+// wait waits until n datagrams have arrived.
+func (f *fakeConn) wait(t *testing.T, n int) [][]byte {
+	t.Helper()
+	deadline := time.After(3 * time.Second)
+	for {
+		if got := f.frames(); len(got) >= n {
+			return got
+		}
+		select {
+		case <-f.cond:
+		case <-deadline:
+			t.Fatalf("got %d datagrams, want %d", len(f.frames()), n)
+		}
+	}
+}
+
+// blockingConn never returns from SendDatagram until released.
+type blockingConn struct {
+	release chan struct{}
+	entered chan struct{}
+	once    sync.Once
+}
+
+func (b *blockingConn) SendDatagram([]byte) error {
+	b.once.Do(func() { close(b.entered) })
+	<-b.release
+	return errors.New("closed")
+}
+
+// discard drops everything, for the fuzz target.
+type discard struct{}
+
+func (discard) SendDatagram([]byte) error { return nil }
+
+func quietHub() *Hub { return NewHub(slog.New(slog.NewTextHandler(io.Discard, nil))) }
+
+func TestForwardBothWays(t *testing.T) {
+	h := quietHub()
+	ca, cb := newFakeConn(), newFakeConn()
+	a, b := h.NewPeer("client/alice", ca), h.NewPeer("agent/miranda", cb)
+	defer a.Close()
+	defer b.Close()
+	const id = 0x1122334455667788
+	if err := h.Bind(id, a, b); err != nil {
+		t.Fatal(err)
+	}
+	if !h.Has(id) {
+		t.Fatal("Has after Bind = false")
+	}
+
+	ab := [][]byte{Frame(id, []byte("hello agent")), Frame(id, bytes.Repeat([]byte{0xaa}, 1400)), Frame(id, nil)}
+	ba := [][]byte{Frame(id, []byte("hello client")), Frame(id, []byte{0, 1, 2, 3})}
+	for _, f := range ab {
+		h.Forward(a, append([]byte(nil), f...))
+	}
+	for _, f := range ba {
+		h.Forward(b, append([]byte(nil), f...))
+	}
+	gotB := cb.wait(t, len(ab))
+	gotA := ca.wait(t, len(ba))
+	for i := range ab {
+		if !bytes.Equal(gotB[i], ab[i]) {
+			t.Errorf("A→B frame %d changed: got %x, want %x", i, gotB[i], ab[i])
+		}
+	}
+	for i := range ba {
+		if !bytes.Equal(gotA[i], ba[i]) {
+			t.Errorf("B→A frame %d changed: got %x, want %x", i, gotA[i], ba[i])
+		}
+	}
+	// Payload survives the header round trip.
+	kind, gid, p, err := wire.ParseFrame(gotB[0])
+	if err != nil || kind != wire.FrameRelay || gid != id || string(p) != "hello agent" {
+		t.Fatalf("ParseFrame(forwarded) = %d %x %q %v", kind, gid, p, err)
+	}
+
+	var nab, nba uint64
+	for _, f := range ab {
+		nab += uint64(len(f))
+	}
+	for _, f := range ba {
+		nba += uint64(len(f))
+	}
+	st := h.Stats()
+	if st.Frames != uint64(len(ab)+len(ba)) || st.Bytes != nab+nba {
+		t.Errorf("Frames, Bytes = %d, %d; want %d, %d", st.Frames, st.Bytes, len(ab)+len(ba), nab+nba)
+	}
+	if st.Routes != 1 || len(st.Sessions) != 1 {
+		t.Fatalf("Routes = %d, Sessions = %+v; want one", st.Routes, st.Sessions)
+	}
+	rs := st.Sessions[0]
+	want := RouteStats{ID: id, A: "client/alice", B: "agent/miranda",
+		BytesAToB: nab, BytesBToA: nba, PacketsAToB: uint64(len(ab)), PacketsBToA: uint64(len(ba)), RelayedTotal: nab + nba}
+	if rs != want {
+		t.Errorf("route stats = %+v\nwant %+v", rs, want)
+	}
+	if st.DropUnknown+st.DropNotEndpoint+st.DropMalformed+st.DropQueueFull+st.DropSendFailed != 0 {
+		t.Errorf("drops counted on a clean run: %+v", st)
+	}
+}
+
+func TestForwardDrops(t *testing.T) {
+	h := quietHub()
+	ca, cb, cc := newFakeConn(), newFakeConn(), newFakeConn()
+	a, b, c := h.NewPeer("a", ca), h.NewPeer("b", cb), h.NewPeer("c", cc)
+	defer a.Close()
+	defer b.Close()
+	defer c.Close()
+	const id = 42
+	if err := h.Bind(id, a, b); err != nil {
+		t.Fatal(err)
+	}
+
+	tests := []struct {
+		name  string
+		from  *Peer
+		frame []byte
+		count func(Stats) uint64
+	}{
+		{"not an endpoint", c, Frame(id, []byte("intruder")), func(s Stats) uint64 { return s.DropNotEndpoint }},
+		{"unknown session", a, Frame(43, []byte("x")), func(s Stats) uint64 { return s.DropUnknown }},
+		{"empty", a, nil, func(s Stats) uint64 { return s.DropMalformed }},
+		{"short header", a, []byte{wire.FrameRelay, 0, 0, 0}, func(s Stats) uint64 { return s.DropMalformed }},
+		{"session zero", a, Frame(0, []byte("x")), func(s Stats) uint64 { return s.DropMalformed }},
+		{"direct kind", a, append(wire.AppendFrameHeader(nil, wire.FrameDirect, id), 'x'), func(s Stats) uint64 { return s.DropMalformed }},
+		{"probe kind", a, wire.AppendFrameHeader(nil, wire.FrameProbe, id), func(s Stats) uint64 { return s.DropMalformed }},
+		{"unknown kind", a, append(wire.AppendFrameHeader(nil, 0x7f, id), 'x'), func(s Stats) uint64 { return s.DropMalformed }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := h.Stats()
+			h.Forward(tt.from, tt.frame)
+			after := h.Stats()
+			if got := tt.count(after) - tt.count(before); got != 1 {
+				t.Errorf("drop counter moved by %d, want 1 (stats %+v)", got, after)
+			}
+			if after.Frames != before.Frames {
+				t.Errorf("dropped frame was counted as forwarded")
+			}
+		})
+	}
+	// Give any wrongly forwarded frame time to show up.
+	time.Sleep(50 * time.Millisecond)
+	for name, fc := range map[string]*fakeConn{"a": ca, "b": cb, "c": cc} {
+		if n := len(fc.frames()); n != 0 {
+			t.Errorf("peer %s received %d dropped frames", name, n)
+		}
+	}
+	if rs := h.Stats().Sessions[0]; rs.PacketsAToB != 0 || rs.PacketsBToA != 0 {
+		t.Errorf("dropped frames counted on the route: %+v", rs)
+	}
+}
+
+func TestBind(t *testing.T) {
+	h := quietHub()
+	a, b, c := h.NewPeer("a", newFakeConn()), h.NewPeer("b", newFakeConn()), h.NewPeer("c", newFakeConn())
+	defer a.Close()
+	defer b.Close()
+	defer c.Close()
+	if err := h.Bind(7, a, b); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Bind(7, a, b); err != nil {
+		t.Errorf("re-Bind of the same pair: %v, want ok (resumed session)", err)
+	}
+	for _, tt := range []struct {
+		name string
+		x, y *Peer
+	}{{"other client", c, b}, {"other agent", a, c}, {"swapped pair", b, a}} {
+		if err := h.Bind(7, tt.x, tt.y); !errors.Is(err, ErrInUse) {
+			t.Errorf("Bind(%s) = %v, want ErrInUse", tt.name, err)
+		}
+	}
+	for _, tt := range []struct {
+		name string
+		id   uint64
+		x, y *Peer
+	}{{"id 0", 0, a, b}, {"nil a", 8, nil, b}, {"nil b", 8, a, nil}, {"self", 8, a, a}} {
+		if err := h.Bind(tt.id, tt.x, tt.y); err == nil {
+			t.Errorf("Bind(%s) accepted", tt.name)
+		}
+	}
+	// The route still belongs to a and b.
+	h.Forward(c, Frame(7, []byte("x")))
+	if h.Stats().DropNotEndpoint != 1 {
+		t.Error("a failed Bind changed the route")
+	}
+	h.Unbind(7)
+	if h.Has(7) {
+		t.Fatal("Has after Unbind = true")
+	}
+	if err := h.Bind(7, c, b); err != nil {
+		t.Errorf("Bind of a freed ID: %v", err)
+	}
+}
+
+func TestPeerCloseRemovesRoutes(t *testing.T) {
+	h := quietHub()
+	cb := newFakeConn()
+	a, b, c := h.NewPeer("a", newFakeConn()), h.NewPeer("b", cb), h.NewPeer("c", newFakeConn())
+	defer b.Close()
+	defer c.Close()
+	for _, r := range []struct {
+		id   uint64
+		x, y *Peer
+	}{{1, a, b}, {2, c, a}, {3, b, c}} {
+		if err := h.Bind(r.id, r.x, r.y); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a.Close()
+	a.Close() // idempotent
+	if h.Has(1) || h.Has(2) {
+		t.Fatal("routes of a closed peer survive")
+	}
+	if !h.Has(3) {
+		t.Fatal("Close removed a route the peer was not on")
+	}
+	if n := h.Stats().Routes; n != 1 {
+		t.Fatalf("Routes = %d, want 1", n)
+	}
+	// A frame for a removed route is unknown now, and never reaches b.
+	h.Forward(b, Frame(1, []byte("late")))
+	if h.Stats().DropUnknown != 1 {
+		t.Fatalf("frame for a closed route: stats %+v", h.Stats())
+	}
+	time.Sleep(20 * time.Millisecond)
+	if len(cb.frames()) != 0 {
+		t.Fatal("frame forwarded over a closed route")
+	}
+}
+
+func TestSlowReceiverDoesNotBlockForward(t *testing.T) {
+	h := quietHub()
+	slow := &blockingConn{release: make(chan struct{}), entered: make(chan struct{})}
+	a, b := h.NewPeer("a", newFakeConn()), h.NewPeer("b", slow)
+	defer a.Close()
+	defer b.Close()
+	defer close(slow.release) // runs before b.Close: unblock the sender
+	if err := h.Bind(9, a, b); err != nil {
+		t.Fatal(err)
+	}
+
+	// One frame gets the sender stuck inside SendDatagram.
+	h.Forward(a, Frame(9, []byte("first")))
+	select {
+	case <-slow.entered:
+	case <-time.After(2 * time.Second):
+		t.Fatal("sender never called SendDatagram")
+	}
+
+	const extra = 100
+	total := QueueLen + extra
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < total; i++ {
+			h.Forward(a, Frame(9, []byte("more")))
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(3 * time.Second):
+		t.Fatal("Forward blocked on a receiver whose SendDatagram never returns")
+	}
+	st := h.Stats()
+	if st.DropQueueFull != extra {
+		t.Errorf("DropQueueFull = %d, want %d", st.DropQueueFull, extra)
+	}
+	if st.Frames != uint64(1+QueueLen) {
+		t.Errorf("Frames = %d, want %d (first + a full queue)", st.Frames, 1+QueueLen)
+	}
+	// The other direction is a different queue: it is not affected.
+	fa := a.conn.(*fakeConn)
+	h.Forward(b, Frame(9, []byte("reply")))
+	if got := fa.wait(t, 1); string(got[0][wire.FrameHeaderLen:]) != "reply" {
+		t.Fatalf("reverse direction got %q", got[0])
+	}
+}
+
+func TestSendFailureCounted(t *testing.T) {
+	h := quietHub()
+	cb := newFakeConn()
+	cb.err = errors.New("connection closed")
+	a, b := h.NewPeer("a", newFakeConn()), h.NewPeer("b", cb)
+	defer a.Close()
+	defer b.Close()
+	if err := h.Bind(5, a, b); err != nil {
+		t.Fatal(err)
+	}
+	h.Forward(a, Frame(5, []byte("x")))
+	cb.wait(t, 1)
+	deadline := time.Now().Add(2 * time.Second)
+	for h.Stats().DropSendFailed != 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("DropSendFailed = %d, want 1", h.Stats().DropSendFailed)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func TestForwardConcurrentWithClose(t *testing.T) {
+	// Forward, Bind and Close race in a real gateway: run them together
+	// under the race detector.
+	h := quietHub()
+	var wg sync.WaitGroup
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			a, b := h.NewPeer("a", newFakeConn()), h.NewPeer("b", newFakeConn())
+			id := uint64(100 + i)
+			if err := h.Bind(id, a, b); err != nil {
+				t.Error(err)
+				return
+			}
+			for j := 0; j < 200; j++ {
+				h.Forward(a, Frame(id, []byte("x")))
+				h.Forward(b, Frame(id, []byte("y")))
+				if j%50 == 0 {
+					_ = h.Stats()
+				}
+			}
+			a.Close()
+			h.Forward(b, Frame(id, []byte("z")))
+			b.Close()
+		}(i)
+	}
+	wg.Wait()
+	if st := h.Stats(); st.Routes != 0 {
+		t.Fatalf("routes left after every peer closed: %d", st.Routes)
+	}
+}
+
+func FuzzForward(f *testing.F) {
+	f.Add(Frame(1, []byte("payload")))
+	f.Add(Frame(2, nil))
+	f.Add([]byte{})
+	f.Add([]byte{wire.FrameRelay})
+	f.Add(wire.AppendFrameHeader(nil, wire.FrameDirect, 1))
+	h := quietHub()
+	a, b := h.NewPeer("a", discard{}), h.NewPeer("b", discard{})
+	if err := h.Bind(1, a, b); err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, buf []byte) {
+		before := h.Stats()
+		h.Forward(a, append([]byte(nil), buf...))
+		after := h.Stats()
+		moved := (after.Frames - before.Frames) + (after.DropMalformed - before.DropMalformed) +
+			(after.DropUnknown - before.DropUnknown) + (after.DropQueueFull - before.DropQueueFull)
+		if moved != 1 {
+			t.Fatalf("frame %x moved counters by %d, want exactly 1", buf, moved)
+		}
+		kind, id, _, err := wire.ParseFrame(buf)
+		valid := err == nil && kind == wire.FrameRelay && id == 1
+		if forwarded := after.Frames+after.DropQueueFull > before.Frames+before.DropQueueFull; forwarded != valid {
+			t.Fatalf("frame %x: forwarded=%v, but valid relay frame for the route=%v", buf, forwarded, valid)
+		}
+	})
+}
