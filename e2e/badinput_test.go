@@ -33,7 +33,7 @@ func flipChar(s string, i int) string {
 // with a clear message and a non-zero exit.
 func TestBadInput(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, coneCone, false)
+	e := newEnv(t, coneCone, false, relayOnly...)
 	// Make sure the agent is registered before testing "unknown agent".
 	e.client = e.startClient(t)
 	// Each refused client gets its own TUN name and state dir, so it cannot

@@ -35,6 +35,8 @@ type env struct {
 	client    *lab.Process
 	agentTok  string
 	clientTok string
+	// upFlags are extra flags for every `nlvpn up` (e.g. --relay).
+	upFlags []string
 
 	mu    sync.Mutex
 	procs []*lab.Process // every process ever started, for failure logs
@@ -63,10 +65,11 @@ func newLab(t *testing.T, opts lab.Options) *lab.Lab {
 }
 
 // newEnv builds the topology, starts the LAN services, the gateway and the
-// agent, and (if startClient) the client, waiting until the tunnel works.
-func newEnv(t *testing.T, opts lab.Options, startClient bool) *env {
+// agent, and (if startClient) the client with upFlags, waiting until the
+// tunnel works.
+func newEnv(t *testing.T, opts lab.Options, startClient bool, upFlags ...string) *env {
 	t.Helper()
-	e := &env{t: t, dir: t.TempDir()}
+	e := &env{t: t, dir: t.TempDir(), upFlags: upFlags}
 	e.lab = newLab(t, opts)
 	// Registered after the lab's cleanup, so it runs before teardown.
 	t.Cleanup(func() {
@@ -77,7 +80,7 @@ func newEnv(t *testing.T, opts lab.Options, startClient bool) *env {
 	startLANServers(t, e.lab)
 	e.gwState = filepath.Join(e.dir, "gw")
 	e.gwArgs = []string{"gateway", "--listen", fmt.Sprintf(":%d", gwPort),
-		"--public-addr", e.gwAddr(), "--state-dir", e.gwState}
+		"--public-addr", e.gwAddr(), "--state-dir", e.gwState, "--metrics", metricsAddr}
 	e.startGateway(t)
 	e.agentTok = e.token(t, "--agent", agentName)
 	e.clientTok = e.token(t, "--client", "alice")
@@ -172,8 +175,9 @@ func (e *env) token(t *testing.T, args ...string) string {
 
 // clientArgs is the `nlvpn up` command line for the main client.
 func (e *env) clientArgs(tok, agent, tun, stateDir string) []string {
-	return []string{"up", "--token", tok, "--gateway", e.gwAddr(), "--agent", agent,
+	args := []string{"up", "--token", tok, "--gateway", e.gwAddr(), "--agent", agent,
 		"--state-dir", stateDir, "--tun", tun}
+	return append(args, e.upFlags...)
 }
 
 // startClient starts `nlvpn up` in the client namespace and waits until
@@ -184,7 +188,9 @@ func (e *env) startClient(t *testing.T) *lab.Process {
 	deadline := time.Now().Add(readyTimeout)
 	var c *lab.Process
 	for {
-		c = e.start(t, e.lab.NS.Client, "client", e.clientArgs(e.clientTok, agentName, tunName, filepath.Join(e.dir, "client"))...)
+		// The relayed-tunnel suite tests the relay: --relay keeps the
+		// traffic on it (the direct path has its own tests).
+		c = e.start(t, e.lab.NS.Client, "client", append(e.clientArgs(e.clientTok, agentName, tunName, filepath.Join(e.dir, "client")), "--relay")...)
 		err := e.poll(time.Until(deadline), func() error {
 			if !c.Running() {
 				return errStop(fmt.Errorf("client exited with code %d", c.ExitCode()))

@@ -24,10 +24,11 @@ import (
 var coneCone = lab.Options{ClientNAT: lab.Cone, AgentNAT: lab.Cone}
 
 // TestRelayedTunnel shares one cone/cone topology across the data-path
-// checks; the last subtest stops the client and checks it cleaned up.
+// checks, on the relay (--relay where the binary has it); the last subtest
+// stops the client and checks it cleaned up.
 func TestRelayedTunnel(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, coneCone, true)
+	e := newEnv(t, coneCone, true, relayOnly...)
 
 	t.Run("HTTPDownload50MB", func(t *testing.T) {
 		const size = 50 << 20
@@ -373,10 +374,12 @@ func garbageToGateway(t *testing.T, e *env) {
 }
 
 // TestGatewayRestart stops the gateway mid-session and starts it again with
-// the same state; agent and client must reconnect by themselves.
+// the same state; agent and client must reconnect by themselves. The client
+// stays on the relay (--relay where available), so traffic flowing again
+// proves both re-registered with the new gateway process.
 func TestGatewayRestart(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, coneCone, true)
+	e := newEnv(t, coneCone, true, relayOnly...)
 	old := e.gateway
 	old.Stop()
 	t.Logf("gateway stopped with SIGTERM: %s", old.ExitStatus())

@@ -51,12 +51,12 @@ const (
 	// dial after DefaultEgressDialTimeout and answers with a RST, so this is
 	// only reached when the tunnel itself is down.
 	DefaultProxyDialTimeout = 20 * time.Second
-	// proxyHandshakeTimeout bounds the whole SOCKS5 negotiation and the HTTP
-	// request header (slowloris).
-	proxyHandshakeTimeout = 10 * time.Second
-
 	proxyNIC = tcpip.NICID(1)
 )
+
+// proxyHandshakeTimeout bounds the whole SOCKS5 negotiation and the HTTP
+// request header (slowloris). A variable so tests can shorten it.
+var proxyHandshakeTimeout = 10 * time.Second
 
 // ProxyConfig configures a client-side Proxy stack.
 type ProxyConfig struct {

@@ -36,15 +36,15 @@ const QueueLen = 1024
 
 // Stats are the hub's counters.
 type Stats struct {
-	Frames, Bytes       uint64 // forwarded
-	DropUnknown         uint64 // no route for the session ID
-	DropNotEndpoint     uint64 // sender is not an end of that route
-	DropQueueFull       uint64
-	DropMalformed       uint64
-	DropSendFailed      uint64
-	Routes              int
-	Sessions            []RouteStats
-	ActiveRelayedRoutes int
+	Frames          uint64       `json:"frames"` // forwarded
+	Bytes           uint64       `json:"bytes"`
+	DropUnknown     uint64       `json:"drop_unknown_session"` // no route for the session ID
+	DropNotEndpoint uint64       `json:"drop_not_endpoint"`    // sender is not an end of that route
+	DropQueueFull   uint64       `json:"drop_queue_full"`
+	DropMalformed   uint64       `json:"drop_malformed"`
+	DropSendFailed  uint64       `json:"drop_send_failed"`
+	Routes          int          `json:"routes"`
+	Sessions        []RouteStats `json:"sessions"`
 }
 
 // RouteStats counts one route's relayed traffic.

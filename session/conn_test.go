@@ -61,7 +61,7 @@ func TestConnWriteToFollowsPath(t *testing.T) {
 	for p, w := range want {
 		got := p.all()
 		if len(got) != len(w) {
-			t.Fatalf("path got %d packets, want %d: %q", len(got), len(w), got)
+			t.Fatalf("path got %d packets, want %d: %v", len(got), len(w), got)
 		}
 		for i := range w {
 			if got[i].id != w[i].id || !bytes.Equal(got[i].pkt, w[i].pkt) {

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -126,6 +127,7 @@ certificate instead. The gateway relays only end-to-end encrypted packets.`,
 			&cli.StringFlag{Name: "public-addr", Usage: "HOST:PORT nodes use to reach this gateway; put into tokens"},
 			&cli.StringFlag{Name: "cert", Usage: "TLS certificate file (PEM) instead of the self-signed one"},
 			&cli.StringFlag{Name: "key", Usage: "private key file (PEM) for --cert"},
+			&cli.StringFlag{Name: "metrics", Usage: "serve counters over HTTP on `ADDR` (e.g. 127.0.0.1:9433): /metrics (Prometheus) and /relay (JSON, relayed bytes per session)"},
 		},
 		Action: func(c *cli.Context) error {
 			if c.Args().Present() {
@@ -161,6 +163,16 @@ certificate instead. The gateway relays only end-to-end encrypted packets.`,
 			fmt.Fprintf(os.Stderr, "gateway certificate fingerprint: %s\n", g.Pin())
 			ctx, cancel := signalContext(c)
 			defer cancel()
+			if addr := c.String("metrics"); addr != "" {
+				ln, err := net.Listen("tcp", addr)
+				if err != nil {
+					return fmt.Errorf("--metrics: %w", err)
+				}
+				srv := &http.Server{Handler: g.Handler(), ReadHeaderTimeout: 5 * time.Second}
+				go srv.Serve(ln)
+				defer srv.Close()
+				slog.Info("serving metrics", "addr", ln.Addr().String())
+			}
 			return g.Run(ctx)
 		},
 	}

@@ -1,0 +1,41 @@
+package gateway
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"sort"
+)
+
+// Handler serves the gateway's counters: /relay as JSON (per-session
+// relayed bytes, so anyone can check the relay went quiet after a switch
+// to a direct path), /metrics in the Prometheus text format. It shows
+// byte counts and node names only, never traffic.
+func (g *Gateway) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/relay", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(g.hub.Stats())
+	})
+	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
+		s := g.hub.Stats()
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+		fmt.Fprintf(w, "# TYPE nlvpn_relay_frames_total counter\nnlvpn_relay_frames_total %d\n", s.Frames)
+		fmt.Fprintf(w, "# TYPE nlvpn_relay_bytes_total counter\nnlvpn_relay_bytes_total %d\n", s.Bytes)
+		fmt.Fprintf(w, "# TYPE nlvpn_relay_dropped_total counter\n")
+		for _, d := range []struct {
+			reason string
+			n      uint64
+		}{{"unknown_session", s.DropUnknown}, {"not_endpoint", s.DropNotEndpoint}, {"queue_full", s.DropQueueFull}, {"malformed", s.DropMalformed}, {"send_failed", s.DropSendFailed}} {
+			fmt.Fprintf(w, "nlvpn_relay_dropped_total{reason=%q} %d\n", d.reason, d.n)
+		}
+		fmt.Fprintf(w, "# TYPE nlvpn_relay_routes gauge\nnlvpn_relay_routes %d\n", s.Routes)
+		fmt.Fprintf(w, "# TYPE nlvpn_gateway_registrations_refused_total counter\nnlvpn_gateway_registrations_refused_total %d\n", g.rejected.Load())
+		sort.Slice(s.Sessions, func(i, j int) bool { return s.Sessions[i].ID < s.Sessions[j].ID })
+		fmt.Fprintf(w, "# TYPE nlvpn_relay_session_bytes_total counter\n")
+		for _, r := range s.Sessions {
+			fmt.Fprintf(w, "nlvpn_relay_session_bytes_total{session=\"%016x\",a=%q,b=%q} %d\n", r.ID, r.A, r.B, r.RelayedTotal)
+		}
+	})
+	return mux
+}

@@ -1,0 +1,482 @@
+package session
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/nlvpn/nlvpn/identity"
+)
+
+// pipePath delivers every packet to the Conn at the other end, like a
+// lossless network. It is safe for concurrent use.
+type pipePath struct {
+	name    string
+	to      *Conn
+	packets atomic.Uint64
+	drop    atomic.Bool // a dead path: packets vanish
+}
+
+func (p *pipePath) Send(id uint64, pkt []byte) error {
+	p.packets.Add(1)
+	if p.drop.Load() {
+		return nil
+	}
+	p.to.Deliver(id, append([]byte(nil), pkt...))
+	return nil
+}
+
+func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// peerPair is a client and an agent joined by pipe paths.
+type peerPair struct {
+	clientKey, agentKey     *identity.Key
+	clientConn, agentConn   *Conn
+	clientRelay, agentRelay *pipePath // the default ("relay") path each way
+	clientTr, agentTr       *quic.Transport
+	ln                      *quic.Listener
+}
+
+func newPeerPair(t *testing.T) *peerPair {
+	t.Helper()
+	p := &peerPair{}
+	var err error
+	if p.clientKey, err = identity.Generate(); err != nil {
+		t.Fatal(err)
+	}
+	if p.agentKey, err = identity.Generate(); err != nil {
+		t.Fatal(err)
+	}
+	p.clientRelay = &pipePath{name: "relay c→a"}
+	p.agentRelay = &pipePath{name: "relay a→c"}
+	p.clientConn = NewConn(p.clientRelay)
+	p.agentConn = NewConn(p.agentRelay)
+	p.clientRelay.to = p.agentConn
+	p.agentRelay.to = p.clientConn
+	p.clientTr = &quic.Transport{Conn: p.clientConn}
+	p.agentTr = &quic.Transport{Conn: p.agentConn}
+	stls, err := ServerTLS(p.agentKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.ln, err = p.agentTr.Listen(stls, QUICConfig()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		p.ln.Close()
+		p.clientTr.Close()
+		p.agentTr.Close()
+		p.clientConn.Close()
+		p.agentConn.Close()
+	})
+	return p
+}
+
+// connect dials from the client and accepts on the agent.
+func (p *peerPair) connect(t *testing.T, id uint64) (client, agent *quic.Conn) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ctls, err := ClientTLS(p.clientKey, p.agentKey.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	type res struct {
+		c   *quic.Conn
+		err error
+	}
+	acc := make(chan res, 1)
+	go func() {
+		c, err := p.ln.Accept(ctx)
+		acc <- res{c, err}
+	}()
+	client, err = p.clientTr.Dial(ctx, Addr(id), ctls, QUICConfig())
+	if err != nil {
+		t.Fatalf("Dial: %v", err)
+	}
+	r := <-acc
+	if r.err != nil {
+		t.Fatalf("Accept: %v", r.err)
+	}
+	t.Cleanup(func() {
+		client.CloseWithError(0, "")
+		r.c.CloseWithError(0, "")
+	})
+	return client, r.c
+}
+
+// collector gathers received packets.
+type collector struct {
+	mu   sync.Mutex
+	pkts map[uint32][]byte
+	bad  []string
+}
+
+func newCollector() *collector { return &collector{pkts: make(map[uint32][]byte)} }
+
+func (c *collector) recv(pkt []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(pkt) < 4 {
+		c.bad = append(c.bad, "short packet")
+		return
+	}
+	seq := binary.BigEndian.Uint32(pkt)
+	c.pkts[seq] = append([]byte(nil), pkt...)
+}
+
+func (c *collector) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.pkts)
+}
+
+// testPacket is packet seq: a sequence number and a pattern, 4..TunMTU bytes.
+func testPacket(seq uint32, dir byte) []byte {
+	n := 4 + int(seq*97)%(TunMTU-3) // covers 4 .. TunMTU
+	if seq%10 == 0 {
+		n = TunMTU
+	}
+	b := make([]byte, n)
+	binary.BigEndian.PutUint32(b, seq)
+	for i := 4; i < n; i++ {
+		b[i] = byte(int(seq)*31+i) ^ dir
+	}
+	return b
+}
+
+// pump sends packets [from, to) on s, keeping at most a window in flight so
+// the receiver's datagram queue (128 in quic-go) never overflows, and waits
+// until rx has them all.
+func pump(t *testing.T, s *Session, rx *collector, from, to uint32, dir byte) {
+	t.Helper()
+	const window = 32
+	deadline := time.Now().Add(5 * time.Second)
+	for seq := from; seq < to; seq++ {
+		for int(seq-from)-(rx.count()-int(from)) >= window {
+			if time.Now().After(deadline) {
+				t.Fatalf("stuck at packet %d: receiver has %d", seq, rx.count())
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+		if err := s.Send(testPacket(seq, dir)); err != nil {
+			t.Fatalf("Send(%d): %v", seq, err)
+		}
+	}
+	for rx.count() < int(to) {
+		if time.Now().After(deadline) {
+			t.Fatalf("receiver got %d of %d packets", rx.count(), to)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func (c *collector) verify(t *testing.T, n uint32, dir byte) {
+	t.Helper()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.bad) > 0 {
+		t.Fatalf("bad packets: %v", c.bad)
+	}
+	for seq := uint32(0); seq < n; seq++ {
+		got, ok := c.pkts[seq]
+		if !ok {
+			t.Fatalf("packet %d missing", seq)
+		}
+		if want := testPacket(seq, dir); string(got) != string(want) {
+			t.Fatalf("packet %d corrupted: %d bytes, want %d", seq, len(got), len(want))
+		}
+	}
+}
+
+func TestSessionEndToEnd(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0001
+	cq, aq := p.connect(t, id)
+
+	// The agent learns the client's key from the handshake.
+	got, err := PeerKeyOf(aq)
+	if err != nil || !got.Equal(p.clientKey.Public()) {
+		t.Fatalf("PeerKeyOf(agent side) = %s, %v; want %s", got, err, p.clientKey.Public())
+	}
+	if got, err := PeerKeyOf(cq); err != nil || !got.Equal(p.agentKey.Public()) {
+		t.Fatalf("PeerKeyOf(client side) = %s, %v; want %s", got, err, p.agentKey.Public())
+	}
+	if aq.RemoteAddr() != Addr(id) || cq.RemoteAddr() != Addr(id) {
+		t.Fatalf("remote addrs = %v / %v, want %v", aq.RemoteAddr(), cq.RemoteAddr(), Addr(id))
+	}
+
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	toAgent, toClient := newCollector(), newCollector()
+	go cs.Run(toClient.recv)
+	go as.Run(toAgent.recv)
+
+	const n = 300
+	pump(t, cs, toAgent, 0, n, 'c')
+	pump(t, as, toClient, 0, n, 'a')
+	toAgent.verify(t, n, 'c')
+	toClient.verify(t, n, 'a')
+
+	if st := cs.Stats(); st.TxPackets != n || st.RxPackets != n || st.DropSend+st.DropQueueFull+st.DropTooLarge != 0 {
+		t.Errorf("client stats %+v", st)
+	}
+	if st := as.Stats(); st.TxPackets != n || st.RxPackets != n {
+		t.Errorf("agent stats %+v", st)
+	}
+
+	// Over the tunnel MTU: refused, counted, not sent.
+	if err := cs.Send(make([]byte, TunMTU+1)); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("Send(TunMTU+1) = %v, want ErrTooLarge", err)
+	}
+	if st := cs.Stats(); st.DropTooLarge != 1 {
+		t.Errorf("DropTooLarge = %d, want 1", st.DropTooLarge)
+	}
+
+	// The session ends when the connection does, and Run returns.
+	cq.CloseWithError(0, "bye")
+	for _, s := range []*Session{cs, as} {
+		select {
+		case <-s.Done():
+		case <-time.After(3 * time.Second):
+			t.Fatal("Run did not return after the connection closed")
+		}
+		if s.Alive() {
+			t.Fatal("Alive after the session ended")
+		}
+	}
+}
+
+func TestSessionWrongAgentKey(t *testing.T) {
+	p := newPeerPair(t)
+	impostor, _ := identity.Generate()
+	ctls, err := ClientTLS(p.clientKey, impostor.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	accepted := make(chan *quic.Conn, 1)
+	go func() {
+		if c, err := p.ln.Accept(ctx); err == nil {
+			accepted <- c
+		}
+	}()
+	start := time.Now()
+	c, err := p.clientTr.Dial(ctx, Addr(9), ctls, QUICConfig())
+	if err == nil {
+		c.CloseWithError(0, "")
+		t.Fatal("handshake with an agent holding a different key succeeded")
+	}
+	if time.Since(start) > 4*time.Second {
+		t.Fatalf("handshake failure took %v; should fail at once", time.Since(start))
+	}
+	var te *quic.TransportError
+	if !errors.As(err, &te) || !te.ErrorCode.IsCryptoError() {
+		t.Fatalf("Dial error %v (%T), want a TLS (crypto) transport error", err, err)
+	}
+	select {
+	case <-accepted:
+		t.Fatal("agent accepted the connection")
+	case <-time.After(100 * time.Millisecond):
+	}
+}
+
+// A client without a certificate cannot reach the agent.
+func TestSessionClientWithoutCertificate(t *testing.T) {
+	p := newPeerPair(t)
+	ctls, err := ClientTLS(p.clientKey, p.agentKey.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctls.Certificates = nil
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	accepted := make(chan struct{}, 1)
+	go func() {
+		if _, err := p.ln.Accept(ctx); err == nil {
+			accepted <- struct{}{}
+		}
+	}()
+	c, err := p.clientTr.Dial(ctx, Addr(10), ctls, QUICConfig())
+	if err == nil {
+		// TLS 1.3: the server's verdict may come after the client's
+		// handshake completes; the connection must die then.
+		select {
+		case <-c.Context().Done():
+		case <-time.After(3 * time.Second):
+			t.Fatal("connection without a client certificate stayed up")
+		}
+	}
+	select {
+	case <-accepted:
+		t.Fatal("agent accepted a client without a certificate")
+	case <-time.After(100 * time.Millisecond):
+	}
+}
+
+// TestSessionSurvivesPathSwitch: the session moves relay → direct → relay
+// (and the direct path dying) while packets and a stream flow, without the
+// QUIC connection noticing. This is what the design relies on.
+func TestSessionSurvivesPathSwitch(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0002
+	cq, aq := p.connect(t, id)
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	toAgent, toClient := newCollector(), newCollector()
+	go cs.Run(toClient.recv)
+	go as.Run(toAgent.recv)
+
+	clientDirect := &pipePath{name: "direct c→a", to: p.agentConn}
+	agentDirect := &pipePath{name: "direct a→c", to: p.clientConn}
+
+	// A reliable stream runs across every switch, as a tunneled TCP would:
+	// the writer keeps writing until told to stop, the reader checks every
+	// byte and the total.
+	type result struct {
+		n   int
+		err error
+	}
+	readerDone := make(chan result, 1)
+	go func() {
+		st, err := aq.AcceptStream(context.Background())
+		if err != nil {
+			readerDone <- result{0, err}
+			return
+		}
+		buf := make([]byte, 32<<10)
+		var total int
+		for {
+			n, err := st.Read(buf)
+			for i := 0; i < n; i++ {
+				if buf[i] != byte((total+i)%251) {
+					readerDone <- result{total, errors.New("stream data corrupted")}
+					return
+				}
+			}
+			total += n
+			if err == io.EOF {
+				readerDone <- result{total, nil}
+				return
+			}
+			if err != nil {
+				readerDone <- result{total, err}
+				return
+			}
+		}
+	}()
+	st, err := cq.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopWriter := make(chan struct{})
+	writerDone := make(chan result, 1)
+	go func() {
+		buf := make([]byte, 8<<10)
+		var total int
+		for {
+			select {
+			case <-stopWriter:
+				writerDone <- result{total, st.Close()}
+				return
+			default:
+			}
+			for i := range buf {
+				buf[i] = byte((total + i) % 251)
+			}
+			if _, err := st.Write(buf); err != nil {
+				writerDone <- result{total, err}
+				return
+			}
+			total += len(buf)
+			time.Sleep(time.Millisecond)
+		}
+	}()
+
+	type phase struct {
+		name         string
+		switchTo     func()
+		onPath, idle []*pipePath
+	}
+	phases := []phase{
+		{"relay", func() {}, []*pipePath{p.clientRelay, p.agentRelay}, nil},
+		{"direct", func() {
+			p.clientConn.SetPath(id, clientDirect)
+			p.agentConn.SetPath(id, agentDirect)
+		}, []*pipePath{clientDirect, agentDirect}, []*pipePath{p.clientRelay, p.agentRelay}},
+		{"back to relay", func() {
+			p.clientConn.SetPath(id, nil)
+			p.agentConn.SetPath(id, nil)
+		}, []*pipePath{p.clientRelay, p.agentRelay}, []*pipePath{clientDirect, agentDirect}},
+	}
+	const per = 150
+	var seq uint32
+	for _, ph := range phases {
+		ph.switchTo()
+		before := map[*pipePath]uint64{}
+		for _, pp := range append(append([]*pipePath(nil), ph.onPath...), ph.idle...) {
+			before[pp] = pp.packets.Load()
+		}
+		pump(t, cs, toAgent, seq, seq+per, 'c')
+		pump(t, as, toClient, seq, seq+per, 'a')
+		seq += per
+		for _, pp := range ph.onPath {
+			// QUIC may put several small datagrams in one packet.
+			if pp.packets.Load()-before[pp] < per/4 {
+				t.Errorf("%s: path %s carried %d packets, want ≥ %d", ph.name, pp.name, pp.packets.Load()-before[pp], per/4)
+			}
+		}
+		for _, pp := range ph.idle {
+			if d := pp.packets.Load() - before[pp]; d != 0 {
+				t.Errorf("%s: old path %s still carried %d packets", ph.name, pp.name, d)
+			}
+		}
+	}
+	toAgent.verify(t, seq, 'c')
+	toClient.verify(t, seq, 'a')
+
+	// The direct path dies under a moving stream and the session falls
+	// back to the relay: QUIC retransmits what was lost, nothing breaks.
+	p.clientConn.SetPath(id, clientDirect)
+	p.agentConn.SetPath(id, agentDirect)
+	time.Sleep(20 * time.Millisecond)
+	clientDirect.drop.Store(true)
+	agentDirect.drop.Store(true)
+	time.Sleep(200 * time.Millisecond)
+	p.clientConn.SetPath(id, nil)
+	p.agentConn.SetPath(id, nil)
+
+	close(stopWriter)
+	var w, r result
+	for _, x := range []struct {
+		name string
+		ch   chan result
+		into *result
+	}{{"writer", writerDone, &w}, {"reader", readerDone, &r}} {
+		select {
+		case *x.into = <-x.ch:
+			if x.into.err != nil {
+				t.Fatalf("stream %s across path switches: %v", x.name, x.into.err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("stream %s did not finish across path switches", x.name)
+		}
+	}
+	if r.n != w.n || w.n < 64<<10 {
+		t.Fatalf("stream: wrote %d bytes, read %d", w.n, r.n)
+	}
+	t.Logf("stream carried %d bytes across relay → direct → relay → dead direct → relay", w.n)
+	if cq.Context().Err() != nil || aq.Context().Err() != nil {
+		t.Fatal("the QUIC connection died during the path switches")
+	}
+	// And datagrams still flow afterwards.
+	pump(t, cs, toAgent, seq, seq+50, 'c')
+	toAgent.verify(t, seq+50, 'c')
+}
