@@ -31,7 +31,9 @@ func (e *env) clientStateDir() string { return filepath.Join(e.dir, "client") }
 func (e *env) status(t *testing.T) (status, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	out, err := lab.Output(ctx, e.lab.NS.Client, nlvpnBin, "status", "--json", "--state-dir", e.clientStateDir())
+	// stdout only: a log line on stderr must not break the JSON.
+	stdout, _, err := lab.Run(ctx, e.lab.NS.Client, nlvpnBin, "status", "--json", "--state-dir", e.clientStateDir())
+	out := string(stdout)
 	if err != nil {
 		return status{}, err
 	}
@@ -47,7 +49,8 @@ func (e *env) relayedBytes(t *testing.T) uint64 {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	out, err := lab.Output(ctx, e.lab.NS.GW, "curl", "-sS", "--noproxy", "*", "--max-time", "5", "http://"+metricsAddr+"/relay")
+	stdout, _, err := lab.Run(ctx, e.lab.NS.GW, "curl", "-sS", "--noproxy", "*", "--max-time", "5", "http://"+metricsAddr+"/relay")
+	out := string(stdout)
 	if err != nil {
 		t.Fatalf("gateway metrics: %v", err)
 	}
@@ -253,7 +256,7 @@ func TestSymmetricDirectOnlyFails(t *testing.T) {
 		t.Fatalf("--direct: the relay carried %d bytes", n)
 	}
 	if lab.NamespaceExists(e.lab.NS.Client) {
-		if out, _ := lab.Output(context.Background(), e.lab.NS.Client, "ip", "link", "show", tunName); out != "" {
+		if out, err := lab.Output(context.Background(), e.lab.NS.Client, "ip", "link", "show", tunName); err == nil {
 			t.Fatalf("TUN device left after the failure: %s", out)
 		}
 	}
