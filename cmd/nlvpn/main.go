@@ -62,7 +62,10 @@ A first setup on three machines:
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints the error once
 	}
-	if err := app.Run(os.Args); err != nil {
+	stopProfile := startProfile()
+	err := app.Run(os.Args)
+	stopProfile()
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "nlvpn: %s\n", oneLine(err))
 		os.Exit(1)
 	}
