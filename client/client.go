@@ -19,6 +19,7 @@ import (
 
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/packet"
 	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/punch"
 	"github.com/nlvpn/nlvpn/session"
@@ -361,11 +362,31 @@ func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
 		}
 		s := c.cur.Load()
 		for i := 0; i < k; i++ {
+			pkt := bufs[i][tun.Offset : tun.Offset+sizes[i]]
+			if len(pkt) > session.TunMTU {
+				// Never a silent drop: tell the sender the path's MTU.
+				c.tooBig(dev, pkt)
+				continue
+			}
 			if s != nil {
-				s.Send(bufs[i][tun.Offset : tun.Offset+sizes[i]])
+				s.Send(pkt)
 			}
 		}
 	}
 }
 
 func formatID(id uint64) string { return fmt.Sprintf("%016x", id) }
+
+// tooBig answers an oversize packet with ICMP "fragmentation needed" /
+// "packet too big" written back into the TUN.
+func (c *Client) tooBig(dev *tun.Device, pkt []byte) {
+	icmp := packet.TooBig(pkt, session.TunMTU)
+	if icmp == nil {
+		return
+	}
+	buf := make([]byte, tun.Offset+len(icmp))
+	copy(buf[tun.Offset:], icmp)
+	if _, err := dev.Write([][]byte{buf}); err != nil {
+		c.log.Debug("writing ICMP too-big failed", "err", err)
+	}
+}

@@ -73,7 +73,14 @@ type node struct {
 	pmu     sync.Mutex
 	pending map[uint64]chan *wire.Message
 	nextID  uint64
+
+	inflight chan struct{}     // bounds concurrent connect requests
+	rmu      sync.Mutex        // guards routes
+	routes   map[string]uint64 // client: its current session per agent
 }
+
+// maxInflightConnects bounds one client's concurrent connect requests.
+const maxInflightConnects = 4
 
 func (n *node) write(m *wire.Message) error {
 	n.wmu.Lock()
@@ -248,7 +255,8 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		g.refuse(qc, st, code, err.Error())
 		return
 	}
-	n := &node{name: claims.Name, role: claims.Role, key: key, claims: claims, qc: qc, stream: st, pending: make(map[uint64]chan *wire.Message)}
+	n := &node{name: claims.Name, role: claims.Role, key: key, claims: claims, qc: qc, stream: st, pending: make(map[uint64]chan *wire.Message),
+		inflight: make(chan struct{}, maxInflightConnects), routes: make(map[string]uint64)}
 	log = log.With("role", n.role, "name", n.name)
 	if n.role == token.RoleAgent {
 		for _, p := range m.Hello.Advertise {
@@ -324,14 +332,26 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		}
 		n.pmu.Lock()
 		ch, isReply := n.pending[m.ID]
+		delete(n.pending, m.ID)
 		n.pmu.Unlock()
 		if isReply {
-			ch <- m
+			select {
+			case ch <- m:
+			default: // a duplicate reply; the request has its answer
+			}
 			continue
 		}
 		switch {
 		case m.Type == wire.TypeConnect && n.role == token.RoleClient:
+			// Bound the work one client can make the gateway do at once.
+			select {
+			case n.inflight <- struct{}{}:
+			default:
+				n.write(&wire.Message{Type: wire.TypeError, ID: m.ID, Error: &wire.Error{Code: wire.CodeUnavailable, Message: "too many connect requests at once"}})
+				continue
+			}
 			go func() {
+				defer func() { <-n.inflight }()
 				reply := g.connect(ctx, n, m.Connect)
 				reply.ID = m.ID
 				n.write(reply)
@@ -388,6 +408,15 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 			return errorReply(we.Code, "agent %q refused: %s", a.name, we.Message)
 		}
 		return errorReply(wire.CodeUnavailable, "agent %q did not answer: %v", a.name, err)
+	}
+	// One route per client and agent: a new session replaces the last, so a
+	// client cannot pile up routes by reconnecting.
+	c.rmu.Lock()
+	prev := c.routes[a.name]
+	c.routes[a.name] = id
+	c.rmu.Unlock()
+	if prev != 0 && prev != id {
+		g.hub.Unbind(prev)
 	}
 	log.Info("session set up", "session", fmt.Sprintf("%016x", id), "resumed", id == req.Resume)
 	if r.Type != wire.TypeAccept {

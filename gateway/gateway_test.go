@@ -1,0 +1,725 @@
+package gateway
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/nlvpn/nlvpn/control"
+	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/session"
+	"github.com/nlvpn/nlvpn/token"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+var overlayNet = netip.MustParsePrefix("100.64.0.0/10")
+
+// testGateway is a gateway running on loopback.
+type testGateway struct {
+	g      *Gateway
+	state  *State
+	cancel context.CancelFunc
+	done   chan error
+	once   sync.Once
+}
+
+func startGateway(t *testing.T, dir string) *testGateway {
+	t.Helper()
+	st, err := OpenState(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := New(Config{State: st, Listen: "127.0.0.1:0", Log: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	tg := &testGateway{g: g, state: st, cancel: cancel, done: make(chan error, 1)}
+	go func() { tg.done <- g.Run(ctx) }()
+	deadline := time.Now().Add(3 * time.Second)
+	for g.Addr() == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("gateway did not start listening")
+		}
+		select {
+		case err := <-tg.done:
+			t.Fatalf("gateway Run: %v", err)
+		case <-time.After(time.Millisecond):
+		}
+	}
+	if !g.Addr().IP.IsLoopback() {
+		t.Fatalf("gateway listens on %v", g.Addr())
+	}
+	t.Cleanup(func() { tg.stop(t) })
+	return tg
+}
+
+// stop ends Run and waits for it briefly. A Run that does not return is
+// the bug TestShutdownWithConnectedNodes reports; other tests only need the
+// gateway out of the way, so they do not fail on it.
+func (tg *testGateway) stop(t *testing.T) {
+	t.Helper()
+	tg.once.Do(func() {
+		tg.cancel()
+		select {
+		case err := <-tg.done:
+			if err != nil {
+				t.Errorf("gateway Run returned %v", err)
+			}
+		case <-time.After(500 * time.Millisecond):
+		}
+	})
+}
+
+func (tg *testGateway) token(t *testing.T, c token.Claims) string {
+	t.Helper()
+	if c.Expires == 0 {
+		c.Expires = time.Now().Add(time.Hour).Unix()
+	}
+	c.Gateway = tg.g.Addr().String()
+	c.Pin = tg.g.Pin()
+	tok, err := token.Issue(tg.state.Key, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+type relayed struct {
+	id  uint64
+	pkt []byte
+}
+
+type nodeOpts struct {
+	token     string
+	key       *identity.Key // nil: a fresh one
+	advertise []netip.Prefix
+	pin       string // "": the gateway's
+	onRequest func(ctx context.Context, m *wire.Message) *wire.Message
+}
+
+// testNode is a control.Client with its own UDP socket.
+type testNode struct {
+	c      *control.Client
+	key    *identity.Key
+	relay  chan relayed
+	offers chan *wire.Session
+	runErr chan error
+	cancel context.CancelFunc
+	once   sync.Once
+	tr     *quic.Transport
+}
+
+// acceptOffers is an agent's OnRequest that takes every session offer.
+func (n *testNode) acceptOffers(_ context.Context, m *wire.Message) *wire.Message {
+	if m.Type != wire.TypeSession {
+		return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeBadRequest, Message: "only offers"}}
+	}
+	n.offers <- m.Session
+	return &wire.Message{Type: wire.TypeAccept, Accept: &wire.Accept{ID: m.Session.ID}}
+}
+
+func startNode(t *testing.T, tg *testGateway, o nodeOpts) *testNode {
+	t.Helper()
+	key := o.key
+	if key == nil {
+		var err error
+		if key, err = identity.Generate(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	uc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &testNode{key: key, relay: make(chan relayed, 1024), offers: make(chan *wire.Session, 16), runErr: make(chan error, 1), tr: &quic.Transport{Conn: uc}}
+	pin := o.pin
+	if pin == "" {
+		pin = tg.g.Pin()
+	}
+	onRequest := o.onRequest
+	if onRequest == nil {
+		onRequest = n.acceptOffers
+	}
+	n.c = control.New(control.Config{
+		Gateway: tg.g.Addr().String(), Pin: pin, Token: o.token, Key: key, Advertise: o.advertise,
+		Transport: n.tr, Log: quietLog(),
+		OnRelay: func(id uint64, pkt []byte) {
+			select {
+			case n.relay <- relayed{id, pkt}:
+			default:
+			}
+		},
+		OnRequest: onRequest,
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	n.cancel = cancel
+	go func() { n.runErr <- n.c.Run(ctx) }()
+	t.Cleanup(func() { n.stop(t) })
+	return n
+}
+
+// stop cancels Run and closes the node's socket. Run should return at
+// once (TestClientRunReturnsOnCancel checks it); here it is not waited for
+// long, and the transport is closed in any case.
+func (n *testNode) stop(t *testing.T) {
+	n.once.Do(func() {
+		n.cancel()
+		select {
+		case err := <-n.runErr:
+			n.runErr <- err
+		case <-time.After(300 * time.Millisecond):
+		}
+		n.tr.Close()
+		n.tr.Conn.Close()
+	})
+}
+
+func (n *testNode) ready(t *testing.T) *wire.Welcome {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	w, err := n.c.Ready(ctx)
+	if err != nil {
+		t.Fatalf("registration: %v", err)
+	}
+	return w
+}
+
+// refused waits for Run to give up with a FatalError.
+func (n *testNode) refused(t *testing.T) *control.FatalError {
+	t.Helper()
+	select {
+	case err := <-n.runErr:
+		n.runErr <- err // for stop
+		var fe *control.FatalError
+		if !errors.As(err, &fe) {
+			t.Fatalf("Run returned %v (%T), want a *control.FatalError", err, err)
+		}
+		return fe
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run kept retrying a registration the gateway refuses for good")
+		return nil
+	}
+}
+
+func connectMsg(agent string) *wire.Message {
+	return &wire.Message{Type: wire.TypeConnect, Connect: &wire.Connect{Agent: agent}}
+}
+
+func request(t *testing.T, n *testNode, m *wire.Message) (*wire.Message, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return n.c.Request(ctx, m)
+}
+
+func wantWireError(t *testing.T, err error, code string) *wire.Error {
+	t.Helper()
+	var we *wire.Error
+	if !errors.As(err, &we) {
+		t.Fatalf("err = %v (%T), want a *wire.Error %s", err, err, code)
+	}
+	if we.Code != code {
+		t.Fatalf("error code = %q (%s), want %q", we.Code, we.Message, code)
+	}
+	return we
+}
+
+var lan = []netip.Prefix{netip.MustParsePrefix("192.168.77.0/24")}
+
+func TestRegisterAndConnect(t *testing.T) {
+	tg := startGateway(t, t.TempDir())
+	agent := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), advertise: lan})
+	aw := agent.ready(t)
+	if aw.Name != "miranda" || aw.Role != token.RoleAgent {
+		t.Fatalf("agent welcome = %+v", aw)
+	}
+	if !overlayNet.Contains(aw.Overlay) {
+		t.Fatalf("agent overlay %v is outside %v", aw.Overlay, overlayNet)
+	}
+	if aw.Observed.Addr() != netip.MustParseAddr("127.0.0.1") || aw.Observed.Port() == 0 {
+		t.Errorf("observed address = %v, want the agent's loopback socket", aw.Observed)
+	}
+	if got := agent.tr.Conn.LocalAddr().(*net.UDPAddr).AddrPort(); got.Port() != aw.Observed.Port() {
+		t.Errorf("observed %v, but the agent's socket is %v", aw.Observed, got)
+	}
+
+	// "nosuch" is allowed by the token, so asking for it tests the directory.
+	client := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"miranda", "nosuch"}})})
+	cw := client.ready(t)
+	if cw.Role != token.RoleClient || !overlayNet.Contains(cw.Overlay) || cw.Overlay == aw.Overlay {
+		t.Fatalf("client welcome = %+v (agent overlay %v)", cw, aw.Overlay)
+	}
+
+	r, err := request(t, client, connectMsg("miranda"))
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	if r.Type != wire.TypeSession || r.Session == nil {
+		t.Fatalf("Connect reply = %+v", r)
+	}
+	s := r.Session
+	if s.ID == 0 || s.PeerName != "miranda" || s.PeerKey != agent.key.Public().String() || s.PeerAddr != aw.Overlay {
+		t.Fatalf("session = %+v; want agent miranda, key %s, overlay %v", s, agent.key.Public(), aw.Overlay)
+	}
+	if len(s.Advertise) != 1 || s.Advertise[0] != lan[0] {
+		t.Errorf("session advertise = %v, want %v", s.Advertise, lan)
+	}
+	// The agent was offered the same session with the client's identity.
+	select {
+	case off := <-agent.offers:
+		if off.ID != s.ID || off.PeerName != "alice" || off.PeerKey != client.key.Public().String() || off.PeerAddr != cw.Overlay {
+			t.Fatalf("agent offer = %+v; want session %x from alice %s at %v", off, s.ID, client.key.Public(), cw.Overlay)
+		}
+	default:
+		t.Fatal("the agent was never offered the session")
+	}
+
+	t.Run("relay", func(t *testing.T) {
+		testRelay(t, tg, client, agent, s.ID)
+	})
+
+	tests := []struct {
+		name string
+		from *testNode
+		msg  *wire.Message
+		code string
+	}{
+		{"unknown agent", client, connectMsg("nosuch"), wire.CodeUnknownAgent},
+		{"agent may not connect", agent, connectMsg("miranda"), wire.CodeBadRequest},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := request(t, tt.from, tt.msg)
+			wantWireError(t, err, tt.code)
+		})
+	}
+	// A refused request is an answer, not the end of the node's connection.
+	if _, err := request(t, client, connectMsg("miranda")); err != nil {
+		t.Fatalf("Connect after refusals: %v", err)
+	}
+}
+
+func testRelay(t *testing.T, tg *testGateway, client, agent *testNode, id uint64) {
+	before := tg.g.RelayStats()
+	const n = 20
+	send := func(from *testNode, dir byte, i int) []byte {
+		pkt := bytes.Repeat([]byte{dir, byte(i)}, 50+i*30) // up to 1340 bytes
+		if err := from.c.Send(id, pkt); err != nil {
+			t.Fatalf("Send: %v", err)
+		}
+		return pkt
+	}
+	recv := func(to *testNode, want []byte) {
+		t.Helper()
+		select {
+		case r := <-to.relay:
+			if r.id != id || !bytes.Equal(r.pkt, want) {
+				t.Fatalf("relayed %x/%d bytes, want %x/%d bytes unchanged", r.id, len(r.pkt), id, len(want))
+			}
+		case <-time.After(3 * time.Second):
+			t.Fatal("relayed packet did not arrive")
+		}
+	}
+	var ab, ba uint64
+	for i := 0; i < n; i++ {
+		p := send(client, 'c', i)
+		ab += uint64(wire.FrameHeaderLen + len(p))
+		recv(agent, p)
+		p = send(agent, 'a', i)
+		ba += uint64(wire.FrameHeaderLen + len(p))
+		recv(client, p)
+	}
+	// The MTU budget: a peer session packet of full PeerPacketSize fits one
+	// relay DATAGRAM on the gateway connection, both ways.
+	full := bytes.Repeat([]byte{0x5a}, session.PeerPacketSize)
+	for _, d := range []struct{ from, to *testNode }{{client, agent}, {agent, client}} {
+		if err := d.from.c.Send(id, full); err != nil {
+			t.Fatalf("Send of a %d-byte peer packet over the relay: %v", len(full), err)
+		}
+		recv(d.to, full)
+	}
+	ab += uint64(wire.FrameHeaderLen + len(full))
+	ba += uint64(wire.FrameHeaderLen + len(full))
+
+	st := tg.g.RelayStats()
+	if st.Frames-before.Frames != 2*n+2 || st.Bytes-before.Bytes != ab+ba {
+		t.Errorf("relay frames, bytes = +%d, +%d; want +%d, +%d", st.Frames-before.Frames, st.Bytes-before.Bytes, 2*n+2, ab+ba)
+	}
+	var rs *struct{ ab, ba uint64 }
+	for _, r := range st.Sessions {
+		if r.ID == id {
+			rs = &struct{ ab, ba uint64 }{r.BytesAToB, r.BytesBToA}
+			if r.A != "client/alice" || r.B != "agent/miranda" || r.PacketsAToB != n+1 || r.PacketsBToA != n+1 || r.RelayedTotal != ab+ba {
+				t.Errorf("route stats = %+v", r)
+			}
+		}
+	}
+	if rs == nil {
+		t.Fatalf("no route stats for session %x in %+v", id, st.Sessions)
+	}
+	if rs.ab != ab || rs.ba != ba {
+		t.Errorf("route bytes = %d/%d, want %d/%d", rs.ab, rs.ba, ab, ba)
+	}
+	// A frame for a session the node is not part of is not delivered.
+	if err := client.c.Send(id^1, []byte("stray")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	select {
+	case r := <-agent.relay:
+		t.Fatalf("frame for an unknown session delivered: %x", r.id)
+	default:
+	}
+	if got := tg.g.RelayStats().DropUnknown - before.DropUnknown; got != 1 {
+		t.Errorf("DropUnknown = +%d, want +1", got)
+	}
+}
+
+func TestConnectForbiddenByToken(t *testing.T) {
+	tg := startGateway(t, t.TempDir())
+	agent := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), advertise: lan})
+	agent.ready(t)
+	tests := []struct {
+		agents []string
+		code   string // "" means allowed
+	}{
+		{[]string{"other"}, wire.CodeForbidden},
+		{nil, wire.CodeForbidden},
+		{[]string{"*"}, ""},
+		{[]string{"other", "miranda"}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.agents, ","), func(t *testing.T) {
+			c := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "bob", Agents: tt.agents})})
+			c.ready(t)
+			r, err := request(t, c, connectMsg("miranda"))
+			if tt.code == "" {
+				if err != nil || r.Session == nil {
+					t.Fatalf("Connect = %+v, %v; want a session", r, err)
+				}
+				<-agent.offers
+				return
+			}
+			we := wantWireError(t, err, tt.code)
+			if !strings.Contains(we.Message, "miranda") {
+				t.Errorf("message %q does not name the agent", we.Message)
+			}
+			select {
+			case off := <-agent.offers:
+				t.Fatalf("agent was offered a forbidden session: %+v", off)
+			default:
+			}
+		})
+	}
+}
+
+func TestRegistrationRefused(t *testing.T) {
+	tg := startGateway(t, t.TempDir())
+	otherKey, _ := identity.Generate()
+	forged, err := token.Issue(otherKey, token.Claims{Role: token.RoleClient, Name: "mallory", Agents: []string{"*"}, Expires: time.Now().Add(time.Hour).Unix()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherCert, _ := identity.SelfSigned(otherKey.Signer(), "nlvpn-gateway")
+	valid := tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"*"}})
+
+	tests := []struct {
+		name string
+		opts nodeOpts
+		code string
+		msg  string
+	}{
+		{"expired token", nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Expires: time.Now().Add(-time.Minute).Unix()})}, wire.CodeExpired, "expired"},
+		{"token of another gateway", nodeOpts{token: forged}, wire.CodeBadToken, "signature is not valid"},
+		{"altered token", nodeOpts{token: valid[:len(valid)-3] + "AAA"}, wire.CodeBadToken, "signature is not valid"},
+		{"garbage", nodeOpts{token: "hello, gateway"}, wire.CodeBadToken, "malformed"},
+		{"empty", nodeOpts{token: ""}, wire.CodeBadToken, "malformed"},
+		{"wrong pin", nodeOpts{token: valid, pin: identity.Fingerprint(otherCert.Leaf)}, wire.CodeBadRequest, "pin mismatch"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			n := startNode(t, tg, tt.opts)
+			start := time.Now()
+			fe := n.refused(t)
+			if fe.Code != tt.code || !strings.Contains(fe.Message, tt.msg) {
+				t.Errorf("FatalError = %q %q; want code %q, message containing %q", fe.Code, fe.Message, tt.code, tt.msg)
+			}
+			if d := time.Since(start); d > 4*time.Second {
+				t.Errorf("refusal took %v", d)
+			}
+			if n.c.Welcome() != nil {
+				t.Error("a refused node has a Welcome")
+			}
+		})
+	}
+	// The gateway still serves good nodes.
+	startNode(t, tg, nodeOpts{token: valid}).ready(t)
+}
+
+func TestAgentNameInUse(t *testing.T) {
+	tg := startGateway(t, t.TempDir())
+	tok := tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"})
+	first := startNode(t, tg, nodeOpts{token: tok, advertise: lan})
+	w1 := first.ready(t)
+
+	impostor := startNode(t, tg, nodeOpts{token: tok})
+	fe := impostor.refused(t)
+	if fe.Code != wire.CodeNameInUse || !strings.Contains(fe.Message, "miranda") {
+		t.Fatalf("FatalError = %q %q, want name_in_use naming the agent", fe.Code, fe.Message)
+	}
+
+	// The first agent is untouched: clients still reach it, with its key.
+	client := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"*"}})})
+	client.ready(t)
+	r, err := request(t, client, connectMsg("miranda"))
+	if err != nil || r.Session.PeerKey != first.key.Public().String() {
+		t.Fatalf("Connect after the impostor = %+v, %v; want the first agent's key", r, err)
+	}
+
+	// The same agent (same key) reconnecting from a new socket replaces
+	// the old connection and keeps its overlay address.
+	again := startNode(t, tg, nodeOpts{token: tok, key: first.key, advertise: lan})
+	w2 := again.ready(t)
+	if w2.Overlay != w1.Overlay {
+		t.Fatalf("reconnected agent overlay %v, was %v", w2.Overlay, w1.Overlay)
+	}
+}
+
+func TestOverlaySurvivesRestart(t *testing.T) {
+	dir := t.TempDir()
+	agentKey, _ := identity.Generate()
+	clientKey, _ := identity.Generate()
+
+	run := func() (agentAddr, clientAddr netip.Addr) {
+		tg := startGateway(t, dir)
+		a := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), key: agentKey, advertise: lan})
+		c := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice"}), key: clientKey})
+		agentAddr, clientAddr = a.ready(t).Overlay, c.ready(t).Overlay
+		a.stop(t)
+		c.stop(t)
+		tg.stop(t)
+		return
+	}
+	a1, c1 := run()
+	// Another agent registers in between, on a third gateway instance.
+	tg := startGateway(t, dir)
+	other := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "prospero"}), advertise: lan})
+	o := other.ready(t).Overlay
+	other.stop(t)
+	tg.stop(t)
+
+	a2, c2 := run()
+	if a1 != a2 || c1 != c2 {
+		t.Fatalf("overlay addresses changed across a restart: agent %v → %v, client %v → %v", a1, a2, c1, c2)
+	}
+	if o == a1 || o == c1 || a1 == c1 {
+		t.Fatalf("overlay addresses collide: %v %v %v", a1, c1, o)
+	}
+	for _, a := range []netip.Addr{a1, c1, o} {
+		if !overlayNet.Contains(a) {
+			t.Fatalf("%v outside %v", a, overlayNet)
+		}
+	}
+}
+
+// TestShutdownWithConnectedNodes: cancelling Run's context stops the
+// gateway even while nodes are connected (Ctrl-C on `nlvpn gateway`).
+func TestShutdownWithConnectedNodes(t *testing.T) {
+	tg := startGateway(t, t.TempDir())
+	a := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), advertise: lan})
+	a.ready(t)
+	tg.cancel()
+	select {
+	case err := <-tg.done:
+		tg.done <- err
+	case <-time.After(2 * time.Second):
+		t.Fatal("BUG: gateway Run does not return after its context ends while a node is connected " +
+			"(serve goroutines block in ReadMessage; Run waits for them before closing the transport)")
+	}
+}
+
+// TestClientRunReturnsOnCancel: control.Client.Run returns when its
+// context ends, and the gateway learns at once that the node left (the
+// agent's name is free again for another key).
+func TestClientRunReturnsOnCancel(t *testing.T) {
+	tg := startGateway(t, t.TempDir())
+	tok := tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"})
+	a := startNode(t, tg, nodeOpts{token: tok, advertise: lan})
+	a.ready(t)
+	a.cancel()
+	select {
+	case err := <-a.runErr:
+		a.runErr <- err
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("Run = %v, want context.Canceled", err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("BUG: control.Client.Run does not return after its context ends while registered " +
+			"(readControl blocks in wire.ReadMessage and never watches ctx; the connection is never closed)")
+	}
+	// A new agent of that name, with another key, is welcome now.
+	b := startNode(t, tg, nodeOpts{token: tok, advertise: lan})
+	b.ready(t)
+}
+
+// hostile dials the gateway with a valid node certificate but speaks
+// nonsense on the control stream.
+func hostile(t *testing.T, tg *testGateway, payload []byte) (*wire.Message, error, *quic.Conn) {
+	t.Helper()
+	key, _ := identity.Generate()
+	cert, err := key.Certificate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	uc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &quic.Transport{Conn: uc}
+	t.Cleanup(func() { tr.Close(); uc.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	qc, err := tr.Dial(ctx, tg.g.Addr(), &tls.Config{
+		MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert},
+		NextProtos: []string{wire.ALPNGateway}, InsecureSkipVerify: true,
+		VerifyPeerCertificate: identity.VerifyPin(tg.g.Pin()),
+	}, control.QUICConfig())
+	if err != nil {
+		t.Fatalf("raw dial: %v", err)
+	}
+	t.Cleanup(func() { qc.CloseWithError(0, "") })
+	st, err := qc.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Write(payload); err != nil {
+		t.Fatal(err)
+	}
+	st.SetReadDeadline(time.Now().Add(5 * time.Second))
+	m, err := wire.ReadMessage(st)
+	return m, err, qc
+}
+
+func frame(body string) []byte {
+	b := []byte{0, 0, 0, 0}
+	b[0], b[1], b[2], b[3] = byte(len(body)>>24), byte(len(body)>>16), byte(len(body)>>8), byte(len(body))
+	return append(b, body...)
+}
+
+func TestHostileFirstMessage(t *testing.T) {
+	tg := startGateway(t, t.TempDir())
+	agent := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), advertise: lan})
+	agent.ready(t)
+
+	tests := []struct {
+		name    string
+		payload []byte
+		want    string
+	}{
+		{"garbage json", frame("\x00garbage{"), "bad registration"},
+		{"huge length", []byte{0xff, 0xff, 0xff, 0xff, 'x'}, "bad registration"},
+		{"connect before hello", frame(`{"type":"connect","id":1,"connect":{"agent":"miranda"}}`), "must be hello"},
+		{"unknown type", frame(`{"type":"reboot"}`), "bad registration"},
+		{"hello without body", frame(`{"type":"hello"}`), "bad registration"},
+	}
+	// The gateway gives a refused node 2s to hang up by itself before it
+	// closes the connection; the connections are opened first and their
+	// ends awaited together, so the test takes that time only once.
+	conns := make([]*quic.Conn, len(tests))
+	for i, tt := range tests {
+		m, err, qc := hostile(t, tg, tt.payload)
+		if err != nil {
+			t.Fatalf("%s: no error message from the gateway: %v", tt.name, err)
+		}
+		if m.Type != wire.TypeError || m.Error.Code != wire.CodeBadRequest || !strings.Contains(m.Error.Message, tt.want) {
+			t.Fatalf("%s: gateway answered %+v %+v; want bad_request containing %q", tt.name, m, m.Error, tt.want)
+		}
+		conns[i] = qc
+	}
+	deadline := time.After(4 * time.Second)
+	for i, qc := range conns {
+		select {
+		case <-qc.Context().Done():
+		case <-deadline:
+			t.Fatalf("%s: gateway kept the hostile connection open", tests[i].name)
+		}
+	}
+	// Everyone else is still served.
+	client := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"*"}})})
+	client.ready(t)
+	if _, err := request(t, client, connectMsg("miranda")); err != nil {
+		t.Fatalf("Connect after hostile nodes: %v", err)
+	}
+}
+
+// TestAgentRefusal: an agent's refusal reaches the client as an answer
+// with the agent's code.
+func TestAgentRefusal(t *testing.T) {
+	tg := startGateway(t, t.TempDir())
+	agent := startNode(t, tg, nodeOpts{
+		token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), advertise: lan,
+		onRequest: func(context.Context, *wire.Message) *wire.Message {
+			return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeForbidden, Message: "not today"}}
+		},
+	})
+	agent.ready(t)
+	client := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"*"}})})
+	client.ready(t)
+	_, err := request(t, client, connectMsg("miranda"))
+	we := wantWireError(t, err, wire.CodeForbidden)
+	if !strings.Contains(we.Message, "not today") {
+		t.Errorf("message %q lost the agent's reason", we.Message)
+	}
+	if tg.g.RelayStats().Routes != 0 {
+		t.Error("a refused session left a relay route")
+	}
+}
+
+// TestLateReplyDoesNotKillClient: a client that gave up waiting for a
+// Connect must survive the gateway's late answer. A late error reply whose
+// code happens to be "fatal" (forbidden, unknown_agent, ...) must not be
+// taken for a notice that ends the node's gateway connection for good.
+func TestLateReplyDoesNotKillClient(t *testing.T) {
+	tg := startGateway(t, t.TempDir())
+	agent := startNode(t, tg, nodeOpts{
+		token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), advertise: lan,
+		onRequest: func(context.Context, *wire.Message) *wire.Message {
+			time.Sleep(400 * time.Millisecond)
+			return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeForbidden, Message: "slow no"}}
+		},
+	})
+	agent.ready(t)
+	client := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"*"}})})
+	client.ready(t)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	_, err := client.c.Request(ctx, connectMsg("miranda"))
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Request = %v, want context.DeadlineExceeded", err)
+	}
+	select {
+	case err := <-client.runErr:
+		client.runErr <- err
+		t.Fatalf("BUG: the client's Run ended for good after a late reply to an abandoned request: %v", err)
+	case <-time.After(time.Second):
+	}
+	if _, err := request(t, client, connectMsg("nosuch")); err == nil || errors.Is(err, control.ErrNotConnected) {
+		t.Fatalf("client unusable after a late reply: %v", err)
+	}
+}
