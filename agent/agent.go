@@ -55,7 +55,37 @@ type Agent struct {
 	punches  map[uint64]*punchState      // by session ID
 	live     map[uint64]bool             // sessions with a peer connection
 
-	dropSpoofed, dropNoSession atomic.Uint64
+	// in decouples the sessions' datagram readers from the netstack, which
+	// processes each packet on the caller's goroutine: quic-go keeps only
+	// 128 received datagrams per connection and drops the rest, so a slow
+	// reader loses bursts.
+	in chan []byte
+
+	dropSpoofed, dropNoSession, dropInFull atomic.Uint64
+}
+
+// inQueueLen bounds client packets waiting for the netstack.
+const inQueueLen = 4096
+
+func (a *Agent) inject(pkt []byte) {
+	b := make([]byte, len(pkt))
+	copy(b, pkt)
+	select {
+	case a.in <- b:
+	default:
+		a.dropInFull.Add(1)
+	}
+}
+
+func (a *Agent) runInject(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case b := <-a.in:
+			a.eg.Inject(b)
+		}
+	}
 }
 
 type punchState struct {
@@ -77,7 +107,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return errors.New("nothing to advertise: give at least one --advertise CIDR")
 	}
 	a := &Agent{cfg: cfg, log: cfg.Log, offers: make(map[uint64]*wire.Session), byClient: make(map[netip.Addr]*clientState),
-		punches: make(map[uint64]*punchState), live: make(map[uint64]bool)}
+		punches: make(map[uint64]*punchState), live: make(map[uint64]bool), in: make(chan []byte, inQueueLen)}
 
 	uc, err := platform.ListenUDP(":0")
 	if err != nil {
@@ -120,6 +150,7 @@ func Run(ctx context.Context, cfg Config) error {
 	defer cancel()
 	a.ctx = ctx
 	go a.mux.Run(ctx)
+	go a.runInject(ctx)
 	runErr := make(chan error, 1)
 	go func() { runErr <- a.ctrl.Run(ctx) }()
 	go a.acceptLoop(ctx, ln)
@@ -315,7 +346,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 			a.dropSpoofed.Add(1)
 			return
 		}
-		a.eg.Inject(pkt)
+		a.inject(pkt)
 	})
 	a.mu.Lock()
 	if a.byClient[offer.PeerAddr] == cs {

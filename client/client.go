@@ -61,6 +61,7 @@ type Client struct {
 	cur   atomic.Pointer[session.Session]
 	info  *wire.PeerInfo
 	mux   *punch.Mux
+	tunw  *tun.BatchWriter
 	port  uint16
 	ctx   context.Context
 
@@ -179,8 +180,10 @@ func Run(ctx context.Context, cfg Config) error {
 		cfg.OnUp()
 	}
 
+	c.tunw = dev.NewBatchWriter(1024)
+	go c.tunw.Run(ctx)
 	go c.readTUN(ctx, dev)
-	go c.pump(s, dev)
+	go c.pump(s, c.tunw)
 	defer func() {
 		if s := c.cur.Load(); s != nil {
 			s.Conn.CloseWithError(0, "client exiting")
@@ -243,7 +246,7 @@ func (c *Client) reattach(ctx context.Context, dev *tun.Device) {
 				if old != nil {
 					old.Conn.CloseWithError(0, "replaced")
 				}
-				go c.pump(s, dev)
+				go c.pump(s, c.tunw)
 				c.log.Info("session re-established", "session", formatID(s.ID))
 			} else {
 				c.log.Info("session resumed over the relay", "session", formatID(s.ID))
@@ -332,16 +335,8 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 }
 
 // pump carries one session's received packets into the TUN.
-func (c *Client) pump(s *session.Session, dev *tun.Device) {
-	buf := make([]byte, tun.Offset+65536)
-	bufs := [][]byte{buf}
-	s.Run(func(pkt []byte) {
-		n := copy(buf[tun.Offset:], pkt)
-		bufs[0] = buf[:tun.Offset+n]
-		if _, err := dev.Write(bufs); err != nil {
-			c.log.Debug("TUN write failed", "err", err)
-		}
-	})
+func (c *Client) pump(s *session.Session, w *tun.BatchWriter) {
+	s.Run(w.Write)
 }
 
 // readTUN carries the machine's packets into the current session.
@@ -365,7 +360,7 @@ func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
 			pkt := bufs[i][tun.Offset : tun.Offset+sizes[i]]
 			if len(pkt) > session.TunMTU {
 				// Never a silent drop: tell the sender the path's MTU.
-				c.tooBig(dev, pkt)
+				c.tooBig(pkt)
 				continue
 			}
 			if s != nil {
@@ -379,14 +374,8 @@ func formatID(id uint64) string { return fmt.Sprintf("%016x", id) }
 
 // tooBig answers an oversize packet with ICMP "fragmentation needed" /
 // "packet too big" written back into the TUN.
-func (c *Client) tooBig(dev *tun.Device, pkt []byte) {
-	icmp := packet.TooBig(pkt, session.TunMTU)
-	if icmp == nil {
-		return
-	}
-	buf := make([]byte, tun.Offset+len(icmp))
-	copy(buf[tun.Offset:], icmp)
-	if _, err := dev.Write([][]byte{buf}); err != nil {
-		c.log.Debug("writing ICMP too-big failed", "err", err)
+func (c *Client) tooBig(pkt []byte) {
+	if icmp := packet.TooBig(pkt, session.TunMTU); icmp != nil {
+		c.tunw.Write(icmp)
 	}
 }
