@@ -240,6 +240,10 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 
 	connCtx, cancelConn := context.WithCancel(ctx)
 	defer cancelConn()
+	// When the node stops, say goodbye so the gateway forgets it at once
+	// instead of after the idle timeout.
+	stop := context.AfterFunc(connCtx, func() { qc.CloseWithError(0, "node stopping") })
+	defer stop()
 	c.mu.Lock()
 	c.cur = k
 	c.mu.Unlock()
@@ -297,6 +301,10 @@ func (c *Client) readControl(ctx context.Context, k *conn) error {
 		switch {
 		case isReply:
 			ch <- m
+		case m.Type == wire.TypeError && m.ID != 0:
+			// The reply to a request that gave up waiting: it speaks of that
+			// request, not of this node's registration.
+			c.log.Debug("late reply from gateway", "code", m.Error.Code, "msg", m.Error.Message)
 		case m.Type == wire.TypeError:
 			if m.Error.Fatal() {
 				return fatal(m.Error)

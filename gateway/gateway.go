@@ -221,6 +221,9 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	remote := qc.RemoteAddr().String()
 	log := g.log.With("remote", remote)
 	defer qc.CloseWithError(0, "")
+	// On shutdown, close every node connection so each serve returns.
+	stop := context.AfterFunc(ctx, func() { qc.CloseWithError(0, "gateway shutting down") })
+	defer stop()
 	key, err := peerKey(qc)
 	if err != nil {
 		log.Info("node rejected", "err", err)

@@ -579,7 +579,7 @@ func TestClientRunReturnsOnCancel(t *testing.T) {
 
 // hostile dials the gateway with a valid node certificate but speaks
 // nonsense on the control stream.
-func hostile(t *testing.T, tg *testGateway, payload []byte) (*wire.Message, error, *quic.Conn) {
+func hostile(t *testing.T, tg *testGateway, payload []byte) (*wire.Message, *quic.Conn, error) {
 	t.Helper()
 	key, _ := identity.Generate()
 	cert, err := key.Certificate()
@@ -612,7 +612,7 @@ func hostile(t *testing.T, tg *testGateway, payload []byte) (*wire.Message, erro
 	}
 	st.SetReadDeadline(time.Now().Add(5 * time.Second))
 	m, err := wire.ReadMessage(st)
-	return m, err, qc
+	return m, qc, err
 }
 
 func frame(body string) []byte {
@@ -642,7 +642,7 @@ func TestHostileFirstMessage(t *testing.T) {
 	// ends awaited together, so the test takes that time only once.
 	conns := make([]*quic.Conn, len(tests))
 	for i, tt := range tests {
-		m, err, qc := hostile(t, tg, tt.payload)
+		m, qc, err := hostile(t, tg, tt.payload)
 		if err != nil {
 			t.Fatalf("%s: no error message from the gateway: %v", tt.name, err)
 		}

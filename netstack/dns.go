@@ -57,13 +57,22 @@ type dnsCacheEntry struct {
 }
 
 type dnsClient struct {
-	p     *Proxy
-	mu    sync.Mutex
-	cache map[string]dnsCacheEntry
+	p        *Proxy
+	mu       sync.Mutex
+	cache    map[string]dnsCacheEntry
+	inflight map[string]*dnsCall
+}
+
+// dnsCall is one lookup in progress; concurrent lookups of the same name
+// wait for it instead of sending their own queries.
+type dnsCall struct {
+	done  chan struct{}
+	addrs []netip.Addr
+	err   error
 }
 
 func newDNSClient(p *Proxy) *dnsClient {
-	return &dnsClient{p: p, cache: make(map[string]dnsCacheEntry)}
+	return &dnsClient{p: p, cache: make(map[string]dnsCacheEntry), inflight: make(map[string]*dnsCall)}
 }
 
 // lookup resolves host (a name, not an IP literal) to addresses, IPv4 first.
@@ -73,13 +82,41 @@ func (d *dnsClient) lookup(ctx context.Context, host string) ([]netip.Addr, erro
 	if name == "" || len(name) > 253 {
 		return nil, &net.DNSError{Err: "invalid name", Name: host, IsNotFound: true}
 	}
-	now := time.Now()
 	d.mu.Lock()
-	if e, ok := d.cache[name]; ok && now.Before(e.expires) {
+	if e, ok := d.cache[name]; ok && time.Now().Before(e.expires) {
 		d.mu.Unlock()
 		return e.addrs, e.err
 	}
+	if c, ok := d.inflight[name]; ok {
+		d.mu.Unlock()
+		select {
+		case <-c.done:
+			return c.addrs, c.err
+		case <-ctx.Done():
+			return nil, &net.DNSError{Err: ctx.Err().Error(), Name: host, IsTimeout: errors.Is(ctx.Err(), context.DeadlineExceeded)}
+		}
+	}
+	c := &dnsCall{done: make(chan struct{})}
+	d.inflight[name] = c
 	d.mu.Unlock()
+	// The shared lookup must not die with the first caller's context.
+	lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), dnsQueryTimeout*dnsAttempts+time.Second)
+	defer cancel()
+	stop := context.AfterFunc(d.p.ctx, cancel)
+	defer stop()
+	c.addrs, c.err = d.resolve(lctx, host, name)
+	d.mu.Lock()
+	delete(d.inflight, name)
+	d.mu.Unlock()
+	close(c.done)
+	if c.err != nil {
+		d.p.log.Debug("name resolution through the tunnel failed", "name", host, "error", c.err)
+	}
+	return c.addrs, c.err
+}
+
+func (d *dnsClient) resolve(ctx context.Context, host, name string) ([]netip.Addr, error) {
+	now := time.Now()
 
 	if !d.p.cfg.DNS.IsValid() {
 		return nil, &net.DNSError{Err: "no DNS server configured for the tunnel", Name: host}

@@ -51,7 +51,7 @@ const (
 	// dial after DefaultEgressDialTimeout and answers with a RST, so this is
 	// only reached when the tunnel itself is down.
 	DefaultProxyDialTimeout = 20 * time.Second
-	proxyNIC = tcpip.NICID(1)
+	proxyNIC                = tcpip.NICID(1)
 )
 
 // proxyHandshakeTimeout bounds the whole SOCKS5 negotiation and the HTTP
@@ -133,8 +133,7 @@ type Proxy struct {
 	closers map[io.Closer]struct{}
 	wg      sync.WaitGroup
 
-	httpOnce sync.Once
-	httpTr   *http.Transport
+	httpTr *http.Transport
 
 	dns *dnsClient
 
@@ -230,6 +229,7 @@ func NewProxy(cfg ProxyConfig, out func(pkt []byte)) (*Proxy, error) {
 	})
 	p.stack = s
 	p.dns = newDNSClient(p)
+	p.httpTr = newProxyTransport(p)
 
 	p.wg.Add(1)
 	go p.pump()
@@ -335,9 +335,7 @@ func (p *Proxy) Close() error {
 			_ = c.Close()
 		}
 		p.wg.Wait()
-		if p.httpTr != nil {
-			p.httpTr.CloseIdleConnections()
-		}
+		p.httpTr.CloseIdleConnections()
 		p.link.Close()
 		p.stack.Close()
 		p.stack.Wait()
@@ -488,6 +486,9 @@ func (p *Proxy) lookup(ctx context.Context, host string) ([]netip.Addr, error) {
 }
 
 func (p *Proxy) dialAddr(ctx context.Context, network string, dst netip.AddrPort) (net.Conn, error) {
+	if dst.Addr().Is6() && !p.cfg.Addr6.IsValid() {
+		return nil, &net.OpError{Op: "dial", Net: network, Addr: net.UDPAddrFromAddrPort(dst), Err: syscall.ENETUNREACH}
+	}
 	switch network {
 	case "tcp", "tcp4", "tcp6":
 		if _, ok := ctx.Deadline(); !ok {
@@ -559,7 +560,8 @@ func proxyErrno(e tcpip.Error) error {
 	switch e.(type) {
 	case *tcpip.ErrConnectionRefused:
 		return syscall.ECONNREFUSED
-	case *tcpip.ErrNetworkUnreachable, *tcpip.ErrNoNet:
+	case *tcpip.ErrNetworkUnreachable, *tcpip.ErrNoNet, *tcpip.ErrBadLocalAddress:
+		// ErrBadLocalAddress: no overlay address of the destination's family.
 		return syscall.ENETUNREACH
 	case *tcpip.ErrHostUnreachable, *tcpip.ErrHostDown:
 		return syscall.EHOSTUNREACH

@@ -20,20 +20,19 @@ import (
 	"time"
 )
 
+func newProxyTransport(p *Proxy) *http.Transport {
+	return &http.Transport{
+		DialContext:           p.DialContext,
+		Proxy:                 nil, // never chain to the environment's proxy
+		MaxIdleConns:          100,
+		IdleConnTimeout:       90 * time.Second,
+		ExpectContinueTimeout: time.Second,
+	}
+}
+
 // ServeHTTP serves an HTTP proxy on ln until ln is closed (then it returns
 // nil) or the Proxy is. (It is not an http.Handler.)
 func (p *Proxy) ServeHTTP(ln net.Listener, auth *Credentials) error {
-	p.httpOnce.Do(func() {
-		p.httpTr = &http.Transport{
-			DialContext:           p.DialContext,
-			Proxy:                 nil,
-			ForceAttemptHTTP2:     false,
-			MaxIdleConns:          100,
-			IdleConnTimeout:       90 * time.Second,
-			ResponseHeaderTimeout: 0,
-			ExpectContinueTimeout: time.Second,
-		}
-	})
 	h := &proxyHTTPHandler{p: p, auth: auth, log: p.log.With("proto", "http")}
 	h.rp = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {

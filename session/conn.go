@@ -1,7 +1,6 @@
 package session
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -48,10 +47,10 @@ type Conn struct {
 	closed chan struct{}
 	once   sync.Once
 
-	dmu      sync.Mutex
-	deadline time.Time
-	dlCh     chan struct{} // closed when the read deadline passes
-	dlTimer  *time.Timer
+	dmu     sync.Mutex
+	dlGen   uint64        // bumped by every SetReadDeadline
+	dlCh    chan struct{} // closed when the read deadline passes
+	dlTimer *time.Timer
 
 	dropInFull, dropSend atomic.Uint64
 }
@@ -158,29 +157,25 @@ func (c *Conn) SetReadDeadline(t time.Time) error {
 		c.dlCh = make(chan struct{})
 	default:
 	}
-	c.deadline = t
+	// A timer that already fired may still be waiting for the lock; the
+	// generation tells it that its deadline is no longer the one in force.
+	c.dlGen++
 	if t.IsZero() {
 		return nil
 	}
-	ch := c.dlCh
-	if d := time.Until(t); d <= 0 {
+	ch, gen := c.dlCh, c.dlGen
+	if time.Until(t) <= 0 {
 		close(ch)
-	} else {
-		c.dlTimer = time.AfterFunc(d, func() {
-			c.dmu.Lock()
-			defer c.dmu.Unlock()
-			if c.dlCh == ch {
-				select {
-				case <-ch:
-				default:
-					close(ch)
-				}
-			}
-		})
+		return nil
 	}
+	c.dlTimer = time.AfterFunc(time.Until(t), func() {
+		c.dmu.Lock()
+		defer c.dmu.Unlock()
+		if c.dlGen == gen {
+			close(ch)
+		}
+	})
 	return nil
 }
-
-var errNoPath = errors.New("no path")
 
 var _ net.PacketConn = (*Conn)(nil)

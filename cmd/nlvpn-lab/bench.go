@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"regexp"
 	"strconv"
@@ -36,7 +37,7 @@ type cell struct {
 	err error
 }
 
-func (r *runner) bench(secs int) error {
+func (r *runner) bench(secs, trials int) error {
 	l := r.lab
 	say("Building the namespace topology (prefix %s, client %v NAT, agent %v NAT).", l.Prefix, l.Opts.ClientNAT, l.Opts.AgentNAT)
 	if err := r.build(); err != nil {
@@ -55,6 +56,23 @@ func (r *runner) bench(secs int) error {
 		}
 	}
 
+	tunnelUp := func() error {
+		out, err := lab.Output(r.ctx, l.NS.Client, "ip", "route", "show", l.LANSubnet.String())
+		if err != nil {
+			return err
+		}
+		if strings.TrimSpace(out) == "" {
+			return fmt.Errorf("no route to %s yet", l.LANSubnet)
+		}
+		_, err = lab.Output(r.ctx, l.NS.Client, "ping", "-c", "1", "-W", "2", l.LANHost.String())
+		return err
+	}
+	// Binaries from before the direct path have neither flag; their only
+	// path is the relay.
+	var relayFlags []string
+	if r.supports("up", "--relay") {
+		relayFlags = []string{"--relay"}
+	}
 	paths := []benchPath{
 		{
 			name: "raw",
@@ -63,23 +81,25 @@ func (r *runner) bench(secs int) error {
 		},
 		{
 			name: "relay",
-			desc: fmt.Sprintf("through nlvpn: client ns -> TUN -> gateway relay -> agent -> LAN host %s", l.LANHost),
+			desc: fmt.Sprintf("nlvpn up %s: client ns -> TUN -> client NAT -> gateway relay -> agent NAT -> agent -> LAN host %s", strings.Join(relayFlags, " "), l.LANHost),
 			ns:   l.NS.Client, addr: l.LANHost.String(),
 			setup: func() error {
-				say("Starting gateway, agent and client (relayed tunnel).")
-				return r.startStack(false, func() error {
-					out, err := lab.Output(r.ctx, l.NS.Client, "ip", "route", "show", l.LANSubnet.String())
-					if err != nil {
-						return err
-					}
-					if strings.TrimSpace(out) == "" {
-						return fmt.Errorf("no route to %s yet", l.LANSubnet)
-					}
-					_, err = lab.Output(r.ctx, l.NS.Client, "ping", "-c", "1", "-W", "2", l.LANHost.String())
-					return err
-				})
+				say("Starting gateway, agent and client (nlvpn up %s: relayed tunnel).", strings.Join(relayFlags, " "))
+				return r.startStack(false, tunnelUp, relayFlags...)
 			},
 		},
+	}
+	if r.supports("up", "--direct") {
+		paths = append(paths, benchPath{
+			name: "direct",
+			desc: fmt.Sprintf("nlvpn up --direct: client ns -> TUN -> client NAT -> hole-punched UDP -> agent NAT -> agent -> LAN host %s", l.LANHost),
+			ns:   l.NS.Client, addr: l.LANHost.String(),
+			setup: func() error {
+				say("Restarting the client with --direct (peer-to-peer path).")
+				r.client.Stop()
+				return r.startClient(false, tunnelUp, "--direct")
+			},
+		})
 	}
 	metrics := []benchMetric{
 		{"TCP up, 1 stream (Mbit/s)", 0, func(p benchPath) (float64, error) { return r.iperf(p, secs, 1, false) }},
@@ -102,7 +122,7 @@ func (r *runner) bench(secs int) error {
 			if err := r.ctx.Err(); err != nil {
 				return err
 			}
-			fmt.Printf("    measuring %-24s on %-6s ... ", m.name, p.name)
+			fmt.Printf("    measuring %-28s on %-6s ... ", m.name, p.name)
 			v, err := m.measure(p)
 			results[i][j] = cell{v, err}
 			if err != nil {
@@ -143,14 +163,20 @@ func (r *runner) bench(secs int) error {
 		}
 		fmt.Println()
 	}
+	var errs []error
 	for i := range results {
 		for j := range results[i] {
 			if results[i][j].err != nil {
-				return fmt.Errorf("some measurements failed")
+				errs = append(errs, fmt.Errorf("%s on %s: %w", metrics[i].name, paths[j].name, results[i][j].err))
 			}
 		}
 	}
-	return nil
+	if trials > 0 && r.supports("status", "--json") {
+		if err := r.startupTrials(trials); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func fmtCell(c cell, prec int) string {

@@ -27,7 +27,7 @@ func usage() {
 
 Usage:
   nlvpn-lab demo  [--nlvpn PATH] [--client-nat cone|symmetric|none] [--agent-nat ...]
-  nlvpn-lab bench [--nlvpn PATH] [--time SECONDS]
+  nlvpn-lab bench [--nlvpn PATH] [--time SECONDS] [--trials N]
 
 Needs root (or CAP_NET_ADMIN+CAP_SYS_ADMIN), iproute2 and nftables; bench
 also needs iperf3 and ping, demo needs curl.
@@ -45,6 +45,7 @@ func main() {
 	cnat := fs.String("client-nat", "cone", "NAT in front of the client: cone, symmetric or none")
 	anat := fs.String("agent-nat", "cone", "NAT in front of the agent: cone, symmetric or none")
 	secs := fs.Int("time", 5, "bench: seconds per iperf3 run")
+	trials := fs.Int("trials", 10, "bench: startup trials (time to first packet and to the direct path); 0 skips them")
 	verbose := fs.Bool("v", false, "print every command that builds the lab")
 	switch cmd {
 	case "demo", "bench":
@@ -116,7 +117,7 @@ func main() {
 	case "demo":
 		err = r.demo()
 	case "bench":
-		err = r.bench(*secs)
+		err = r.bench(*secs, *trials)
 	}
 	interrupted := ctx.Err() != nil
 	if err != nil {

@@ -30,6 +30,8 @@ type runner struct {
 	procs []*lab.Process
 
 	gateway, agent, client *lab.Process
+	clientTok              string
+	clientN                int
 }
 
 func (r *runner) gwAddr() string { return r.lab.GatewayAddrPort(gwPort).String() }
@@ -114,7 +116,7 @@ func (r *runner) listening(ns, proto string, port int) func() error {
 
 // startStack starts gateway, agent and client and waits until the client
 // routes the LAN into its TUN and check succeeds. verbose explains each step.
-func (r *runner) startStack(verbose bool, check func() error) error {
+func (r *runner) startStack(verbose bool, check func() error, upFlags ...string) error {
 	l := r.lab
 	explain := func(format string, args ...any) {
 		if verbose {
@@ -179,16 +181,28 @@ func (r *runner) startStack(verbose bool, check func() error) error {
 
 	explain("Starting the client in namespace %s, behind a %v NAT. It dials out to the gateway too,\n    creates the TUN device %s and routes %s into it:\n    nlvpn up --token <client token> --gateway %s --agent %s",
 		l.NS.Client, l.Opts.ClientNAT, tunName, l.LANSubnet, r.gwAddr(), agentName)
+	r.clientTok = clientTok
+	return r.startClient(verbose, check, upFlags...)
+}
+
+// startClient starts `nlvpn up` (with upFlags) and waits until check
+// passes. A client that exits early (e.g. the agent is not registered yet)
+// is restarted, within 40 s.
+func (r *runner) startClient(verbose bool, check func() error, upFlags ...string) error {
+	l := r.lab
 	deadline := time.Now().Add(40 * time.Second)
 	for attempt := 1; ; attempt++ {
-		r.client, err = r.start(l.NS.Client, fmt.Sprintf("client-%d", attempt), "up", "--token", clientTok, "--gateway", r.gwAddr(),
-			"--agent", agentName, "--state-dir", filepath.Join(r.dir, "client"), "--tun", tunName)
+		r.clientN++
+		args := append([]string{"up", "--token", r.clientTok, "--gateway", r.gwAddr(),
+			"--agent", agentName, "--state-dir", filepath.Join(r.dir, "client"), "--tun", tunName}, upFlags...)
+		var err error
+		r.client, err = r.start(l.NS.Client, fmt.Sprintf("client-%d", r.clientN), args...)
 		if err != nil {
 			return err
 		}
 		err = r.poll(time.Until(deadline), r.client, check)
 		if err == nil {
-			break
+			return nil
 		}
 		if r.client.Running() || r.ctx.Err() != nil || time.Until(deadline) < time.Second {
 			return fmt.Errorf("the tunnel did not come up: %w", err)
@@ -202,7 +216,12 @@ func (r *runner) startStack(verbose bool, check func() error) error {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	return nil
+}
+
+// supports reports whether `nlvpn <cmd> --help` mentions flag.
+func (r *runner) supports(cmd, flag string) bool {
+	out, _ := exec.Command(r.nlvpn, cmd, "--help").CombinedOutput()
+	return strings.Contains(string(out), flag)
 }
 
 func short(tok string) string {

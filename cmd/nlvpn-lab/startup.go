@@ -1,0 +1,160 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/nlvpn/nlvpn/lab"
+)
+
+const probePort = 7070
+
+// startupTrials restarts the client (default mode) n times and measures,
+// from the moment `nlvpn up` is started: the first TCP handshake through
+// the tunnel to the LAN host, and the client reporting path "direct" in
+// `nlvpn status --json`. It needs a running stack (gateway, agent).
+func (r *runner) startupTrials(n int) error {
+	l := r.lab
+	ln, err := lab.Listen(l.NS.LAN, "tcp4", fmt.Sprintf("%s:%d", l.LANHost, probePort))
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	target := fmt.Sprintf("%s:%d", l.LANHost, probePort)
+	say("Startup: %d trials of `nlvpn up` (default mode), timing the first TCP handshake to %s and the switch to the direct path.", n, target)
+	var first, direct []time.Duration
+	for i := 1; i <= n; i++ {
+		if err := r.ctx.Err(); err != nil {
+			return err
+		}
+		if r.client != nil {
+			r.client.Stop()
+		}
+		r.clientN++
+		start := time.Now()
+		r.client, err = r.start(l.NS.Client, fmt.Sprintf("client-%d", r.clientN), "up", "--token", r.clientTok, "--gateway", r.gwAddr(),
+			"--agent", agentName, "--state-dir", filepath.Join(r.dir, "client"), "--tun", tunName)
+		if err != nil {
+			return err
+		}
+		// Two pollers, so the slower status call does not blur the first-packet time.
+		deadline := start.Add(30 * time.Second)
+		alive := func() bool { return time.Now().Before(deadline) && r.client.Running() && r.ctx.Err() == nil }
+		var tFirst, tDirect time.Duration
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for alive() && r.clientPath() != "direct" {
+				time.Sleep(20 * time.Millisecond)
+			}
+			if alive() {
+				tDirect = time.Since(start)
+			}
+		}()
+		// A new handshake attempt every 10 ms, each allowed 1 s, so a SYN
+		// lost while the tunnel comes up does not cost a retransmit timeout.
+		won := make(chan time.Duration, 1)
+		var wg sync.WaitGroup
+	attempts:
+		for alive() {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx, cancel := context.WithTimeout(r.ctx, time.Second)
+				defer cancel()
+				if c, err := lab.DialContext(ctx, l.NS.Client, "tcp4", target); err == nil {
+					c.Close()
+					select {
+					case won <- time.Since(start):
+					default:
+					}
+				}
+			}()
+			select {
+			case tFirst = <-won:
+				break attempts
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+		wg.Wait()
+		if tFirst == 0 {
+			select {
+			case tFirst = <-won:
+			default:
+			}
+		}
+		<-done
+		fmt.Printf("    trial %2d: first packet %s, direct %s\n", i, fmtDur(tFirst), fmtDur(tDirect))
+		if tFirst > 0 {
+			first = append(first, tFirst)
+		}
+		if tDirect > 0 {
+			direct = append(direct, tDirect)
+		}
+	}
+	fmt.Println()
+	fmt.Printf("    %-34s %10s %10s %8s\n", "from `nlvpn up` to", "median", "max", "trials")
+	fmt.Printf("    %-34s %10s %10s %5d/%d\n", "first TCP handshake through tunnel", fmtDur(median(first)), fmtDur(maxDur(first)), len(first), n)
+	fmt.Printf("    %-34s %10s %10s %5d/%d\n", "path reported \"direct\"", fmtDur(median(direct)), fmtDur(maxDur(direct)), len(direct), n)
+	if len(first) < n {
+		return fmt.Errorf("%d of %d trials never passed traffic", n-len(first), n)
+	}
+	return nil
+}
+
+// clientPath returns the running client's "path" from `nlvpn status --json`.
+func (r *runner) clientPath() string {
+	ctx, cancel := context.WithTimeout(r.ctx, 2*time.Second)
+	defer cancel()
+	out, _, err := lab.Run(ctx, r.lab.NS.Client, r.nlvpn, "status", "--json", "--state-dir", filepath.Join(r.dir, "client"))
+	if err != nil {
+		return ""
+	}
+	var st struct {
+		Path string `json:"path"`
+	}
+	if json.Unmarshal(out, &st) != nil {
+		return ""
+	}
+	return st.Path
+}
+
+func median(d []time.Duration) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func maxDur(d []time.Duration) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	return slices.Max(d)
+}
+
+func fmtDur(d time.Duration) string {
+	if d == 0 {
+		return "never"
+	}
+	return d.Round(time.Millisecond).String()
+}
