@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,7 +36,10 @@ type Config struct {
 	Token     string
 	Key       *identity.Key
 	Advertise []netip.Prefix
-	Log       *slog.Logger
+	// AllowLoopback lets clients reach this host's own loopback services,
+	// as 127.0.0.1 / ::1 or as the agent's overlay address. Off by default.
+	AllowLoopback bool
+	Log           *slog.Logger
 }
 
 // Agent is a running agent.
@@ -44,6 +48,7 @@ type Agent struct {
 	log   *slog.Logger
 	ctrl  *control.Client
 	eg    *netstack.Egress
+	dns   *netstack.DNSServer
 	sconn *session.Conn
 	mux   *punch.Mux
 	port  uint16
@@ -130,7 +135,8 @@ func Run(ctx context.Context, cfg Config) error {
 	peerTr := &quic.Transport{Conn: sconn}
 	defer peerTr.Close()
 
-	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: session.TunMTU, Allow: a.allow, Logger: cfg.Log}, a.toClient)
+	a.dns = netstack.NewDNSServer(net.DefaultResolver, cfg.Log)
+	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: session.TunMTU, Allow: a.allow, Dial: a.dial, Logger: cfg.Log}, a.toClient)
 	if err != nil {
 		return fmt.Errorf("start egress netstack: %w", err)
 	}
@@ -167,15 +173,53 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 }
 
-// allow is the agent's policy: only the advertised subnets.
+// overlay is the agent's overlay address, once registered.
+func (a *Agent) overlay() netip.Addr {
+	if w := a.ctrl.Welcome(); w != nil {
+		return w.Overlay
+	}
+	return netip.Addr{}
+}
+
+// allow is the agent's policy: the advertised subnets; its DNS service on
+// the overlay address; its own loopback (also as the overlay address) only
+// with AllowLoopback. Everything else is refused and logged.
 func (a *Agent) allow(dst netip.AddrPort, proto string) bool {
+	ip := dst.Addr().Unmap()
+	ov := a.overlay()
+	switch {
+	case ip == ov && proto == "udp" && dst.Port() == 53:
+		return true
+	case ip.IsLoopback() || ip == ov:
+		if a.cfg.AllowLoopback {
+			return true
+		}
+		a.log.Info("refused a client's connection to this host's loopback (start the agent with --allow-loopback to allow it)", "dst", dst, "proto", proto)
+		return false
+	}
 	for _, p := range a.cfg.Advertise {
-		if p.Contains(dst.Addr()) {
+		if p.Contains(ip) {
 			return true
 		}
 	}
-	a.log.Debug("denied by policy", "dst", dst, "proto", proto)
+	a.log.Info("refused by policy: not in an advertised subnet", "dst", dst, "proto", proto)
 	return false
+}
+
+// dial opens the real flow for the egress: DNS on the overlay address is
+// answered in-process with this host's resolver; the overlay address
+// otherwise means this host's loopback (allow has checked that).
+func (a *Agent) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err == nil && ap.Addr().Unmap() == a.overlay() {
+		if ap.Port() == 53 && strings.HasPrefix(network, "udp") {
+			return netstack.DNSDialer(ap, a.dns, nil)(ctx, network, addr)
+		}
+		addr = netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), ap.Port()).String()
+	}
+	var d net.Dialer
+	d.Timeout = 10 * time.Second
+	return d.DialContext(ctx, network, addr)
 }
 
 // onRequest answers the gateway's session offers.

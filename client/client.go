@@ -49,6 +49,8 @@ type Config struct {
 	// StatusSocket, if set, is a unix socket path where `nlvpn status` reads
 	// the tunnel's state.
 	StatusSocket string
+	// Netstack, if set, selects the unprivileged mode (no TUN device).
+	Netstack *NetstackConfig
 }
 
 // Client is a running client.
@@ -63,7 +65,10 @@ type Client struct {
 	mux   *punch.Mux
 	tunw  *tun.BatchWriter
 	port  uint16
-	ctx   context.Context
+	// deliver takes each packet from the agent: into the TUN, or into the
+	// netstack.
+	deliver func(pkt []byte)
+	ctx     context.Context
 
 	pmu    sync.Mutex
 	punch  *punch.Punch
@@ -90,13 +95,16 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	c := &Client{cfg: cfg, log: cfg.Log.With("agent", cfg.Agent)}
 
-	// The device first: without the right to create it there is no point
-	// in going further, and the user should hear so at once.
-	dev, err := tun.Create(cfg.TunName, session.TunMTU)
-	if err != nil {
-		return fmt.Errorf("%w (the TUN mode needs root or CAP_NET_ADMIN)", err)
+	// The TUN device first: without the right to create it there is no
+	// point in going further, and the user should hear so at once.
+	var dev *tun.Device
+	if cfg.Netstack == nil {
+		var err error
+		if dev, err = tun.Create(cfg.TunName, session.TunMTU); err != nil {
+			return fmt.Errorf("%w (the TUN mode needs root or CAP_NET_ADMIN; without them use --netstack)", err)
+		}
+		defer dev.Close()
 	}
-	defer dev.Close()
 
 	uc, err := platform.ListenUDP(":0")
 	if err != nil {
@@ -157,33 +165,25 @@ func Run(ctx context.Context, cfg Config) error {
 	c.info = info
 	c.cur.Store(s)
 
-	routes := c.routes(info)
-	undo, skipped, err := platform.Configure(platform.Config{
-		Interface: dev.Name(),
-		Addr:      netip.PrefixFrom(w.Overlay, w.Overlay.BitLen()),
-		Routes:    routes,
-	})
-	if err != nil {
-		s.Conn.CloseWithError(0, "bye")
-		return err
-	}
-	defer func() {
-		if err := undo(); err != nil {
-			c.log.Warn("cleanup", "err", err)
+	if dev != nil {
+		stop, err := c.startTUN(ctx, dev, w, info)
+		if err != nil {
+			s.Conn.CloseWithError(0, "bye")
+			return err
 		}
-	}()
-	for _, p := range skipped {
-		c.log.Warn("route already exists on this machine; not routing it into the tunnel", "prefix", p)
+		defer stop()
+	} else {
+		stop, err := c.startNetstack(ctx, w, info)
+		if err != nil {
+			s.Conn.CloseWithError(0, "bye")
+			return err
+		}
+		defer stop()
 	}
-	c.log.Info("tunnel up", "tun", dev.Name(), "overlay", w.Overlay, "agent_overlay", info.Overlay, "routes", routes, "path", c.pathKind())
 	if cfg.OnUp != nil {
 		cfg.OnUp()
 	}
-
-	c.tunw = dev.NewBatchWriter(1024)
-	go c.tunw.Run(ctx)
-	go c.readTUN(ctx, dev)
-	go c.pump(s, c.tunw)
+	go c.pump(s)
 	defer func() {
 		if s := c.cur.Load(); s != nil {
 			s.Conn.CloseWithError(0, "client exiting")
@@ -204,10 +204,10 @@ func Run(ctx context.Context, cfg Config) error {
 		case <-up:
 			// The gateway connection came back (a gateway restart, a
 			// network change): re-attach the session to a relay route.
-			c.reattach(ctx, dev)
+			c.reattach(ctx)
 		case <-cur.Done():
 			c.log.Warn("session with agent ended; reconnecting")
-			c.reattach(ctx, dev)
+			c.reattach(ctx)
 		}
 	}
 }
@@ -237,7 +237,7 @@ func (c *Client) routes(info *wire.PeerInfo) []netip.Prefix {
 // reattach resumes the current session through a new relay route, or, if
 // it is dead, sets up a new one. It retries with backoff until it succeeds
 // or ctx ends.
-func (c *Client) reattach(ctx context.Context, dev *tun.Device) {
+func (c *Client) reattach(ctx context.Context) {
 	backoff := 500 * time.Millisecond
 	for ctx.Err() == nil {
 		s, _, err := c.establish(ctx, c.cur.Load())
@@ -246,7 +246,7 @@ func (c *Client) reattach(ctx context.Context, dev *tun.Device) {
 				if old != nil {
 					old.Conn.CloseWithError(0, "replaced")
 				}
-				go c.pump(s, c.tunw)
+				go c.pump(s)
 				c.log.Info("session re-established", "session", formatID(s.ID))
 			} else {
 				c.log.Info("session resumed over the relay", "session", formatID(s.ID))
@@ -335,8 +335,42 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 }
 
 // pump carries one session's received packets into the TUN.
-func (c *Client) pump(s *session.Session, w *tun.BatchWriter) {
-	s.Run(w.Write)
+func (c *Client) pump(s *session.Session) {
+	s.Run(c.deliver)
+}
+
+// startTUN routes the agent's overlay address and subnets into the TUN
+// device and starts carrying its packets.
+func (c *Client) startTUN(ctx context.Context, dev *tun.Device, w *wire.Welcome, info *wire.PeerInfo) (stop func(), err error) {
+	routes := c.routes(info)
+	undo, skipped, err := platform.Configure(platform.Config{
+		Interface: dev.Name(),
+		Addr:      netip.PrefixFrom(w.Overlay, w.Overlay.BitLen()),
+		Routes:    routes,
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range skipped {
+		c.log.Warn("route already exists on this machine; not routing it into the tunnel", "prefix", p)
+	}
+	c.tunw = dev.NewBatchWriter(1024)
+	c.deliver = c.tunw.Write
+	go c.tunw.Run(ctx)
+	go c.readTUN(ctx, dev)
+	c.log.Info("tunnel up", "mode", "tun", "tun", dev.Name(), "overlay", w.Overlay, "agent_overlay", info.Overlay, "routes", routes, "path", c.pathKind())
+	return func() {
+		if err := undo(); err != nil {
+			c.log.Warn("cleanup", "err", err)
+		}
+	}, nil
+}
+
+// send carries one packet from this machine into the current session.
+func (c *Client) send(pkt []byte) {
+	if s := c.cur.Load(); s != nil {
+		s.Send(pkt)
+	}
 }
 
 // readTUN carries the machine's packets into the current session.

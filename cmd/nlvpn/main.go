@@ -25,6 +25,7 @@ import (
 	"github.com/nlvpn/nlvpn/config"
 	"github.com/nlvpn/nlvpn/gateway"
 	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/wire"
 )
@@ -58,7 +59,7 @@ A first setup on three machines:
 		},
 		Before: setupLogging,
 		Commands: []*cli.Command{
-			gatewayCmd(), tokenCmd(), agentCmd(), upCmd(), statusCmd(),
+			gatewayCmd(), tokenCmd(), agentCmd(), upCmd(), connectCmd(), forwardCmd(), statusCmd(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints the error once
 	}
@@ -75,12 +76,18 @@ func oneLine(err error) string {
 	return strings.ReplaceAll(err.Error(), "\n", "; ")
 }
 
+// logLevel is the level every handler checks, so a command can change it.
+var logLevel slog.LevelVar
+
+func setupLoggingLevel(l slog.Level) { logLevel.Set(l) }
+
 func setupLogging(c *cli.Context) error {
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(c.String("log-level"))); err != nil {
 		return fmt.Errorf("--log-level: %w", err)
 	}
-	opts := &slog.HandlerOptions{Level: lvl}
+	logLevel.Set(lvl)
+	opts := &slog.HandlerOptions{Level: &logLevel}
 	var h slog.Handler
 	switch c.String("log-format") {
 	case "text":
@@ -256,7 +263,7 @@ certificate pin: it is all a new node needs. Keep tokens secret.`,
 // nodeFlags are shared by agent and up.
 func nodeFlags() []cli.Flag {
 	return []cli.Flag{
-		&cli.StringFlag{Name: "token", Usage: "token from `nlvpn token` (or NLVPN_TOKEN, or token = in the config file)", EnvVars: []string{"NLVPN_TOKEN"}},
+		&cli.StringFlag{Name: "token", Usage: "token from \"nlvpn token\" (or NLVPN_TOKEN, or token = in the config file)", EnvVars: []string{"NLVPN_TOKEN"}},
 		&cli.StringFlag{Name: "gateway", Usage: "gateway HOST:PORT, overriding the token's (or NLVPN_GATEWAY, or gateway = in the config file)", EnvVars: []string{"NLVPN_GATEWAY"}},
 		stateDirFlag("nlvpn"),
 		&cli.StringFlag{Name: "config", Usage: "config file (default: STATE-DIR/config)", EnvVars: []string{"NLVPN_CONFIG"}},
@@ -355,6 +362,7 @@ route back from the LAN are needed. Traffic to anything not advertised is refuse
 It reconnects to the gateway by itself.`,
 		Flags: append(nodeFlags(),
 			&cli.StringSliceFlag{Name: "advertise", Usage: "`CIDR` clients may reach (repeatable), e.g. 192.168.1.0/24"},
+			&cli.BoolFlag{Name: "allow-loopback", Usage: "let clients reach this host's own loopback services (as 127.0.0.1 or as the agent's overlay address); refused and logged otherwise"},
 		),
 		Action: func(c *cli.Context) error {
 			var adv []netip.Prefix
@@ -378,7 +386,8 @@ It reconnects to the gateway by itself.`,
 			defer cancel()
 			return agent.Run(ctx, agent.Config{
 				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv,
-				Log: slog.Default().With("agent", ns.claims.Name),
+				AllowLoopback: c.Bool("allow-loopback"),
+				Log:           slog.Default().With("agent", ns.claims.Name),
 			})
 		},
 	}
@@ -394,14 +403,12 @@ routes the agent's overlay address and advertised subnets into it. Every program
 the machine then reaches those subnets. Ctrl-C or SIGTERM removes the routes and the
 device. After a first successful run the token is saved to the config file, so later
 runs need only --agent.`,
-		Flags: append(nodeFlags(),
+		Flags: append(append(append(nodeFlags(),
 			&cli.StringFlag{Name: "agent", Aliases: []string{"n"}, Usage: "`NAME` of the agent to connect to", Required: true},
 			&cli.StringFlag{Name: "tun", Value: "nlvpn0", Usage: "TUN device name"},
+			&cli.BoolFlag{Name: "netstack", Usage: "no TUN device: run a userspace netstack behind local SOCKS5 and HTTP proxies (chosen by itself without CAP_NET_ADMIN)"},
 			&cli.DurationFlag{Name: "connect-timeout", Value: 20 * time.Second, Usage: "give up if the gateway cannot be reached at start within this"},
-			&cli.BoolFlag{Name: "direct", Aliases: []string{"d"}, Usage: "direct (peer-to-peer) path only: never send a byte through the relay; fail if no direct path within --direct-timeout"},
-			&cli.BoolFlag{Name: "relay", Aliases: []string{"r"}, Usage: "relay only: never try a direct path (no probes are sent)"},
-			&cli.DurationFlag{Name: "direct-timeout", Value: 10 * time.Second, Usage: "with --direct: how long to try before giving up"},
-		),
+		), modeFlagList()...), proxyFlagList()...),
 		Action: func(c *cli.Context) error {
 			if !token.ValidName(c.String("agent")) {
 				return fmt.Errorf("--agent %q is not a valid agent name", c.String("agent"))
@@ -417,10 +424,25 @@ runs need only --agent.`,
 			if err != nil {
 				return err
 			}
+			var nsCfg *client.NetstackConfig
+			if ok, why := platform.CanCreateTUN(); c.Bool("netstack") || !ok {
+				if nsCfg, err = proxyConfig(c); err != nil {
+					return err
+				}
+				reason := "--netstack given"
+				if !c.Bool("netstack") {
+					reason = why
+				}
+				fmt.Fprintf(os.Stderr, "nlvpn: netstack mode (%s): SOCKS5 proxy on %s, HTTP proxy on %s; e.g. curl --socks5-hostname %s http://host.on.the.lan/\n",
+					reason, orNone(nsCfg.SOCKS5), orNone(nsCfg.HTTP), nsCfg.SOCKS5)
+			} else {
+				fmt.Fprintf(os.Stderr, "nlvpn: TUN mode (device %s): every program on this machine reaches the agent's subnets\n", c.String("tun"))
+			}
 			ctx, cancel := signalContext(c)
 			defer cancel()
 			return client.Run(ctx, client.Config{
-				Mode: mode, DirectTimeout: c.Duration("direct-timeout"),
+				Netstack: nsCfg,
+				Mode:     mode, DirectTimeout: c.Duration("direct-timeout"),
 				StatusSocket: filepath.Join(ns.stateDir, "status.sock"),
 				Gateway:      ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"),
 				KnownAgents: filepath.Join(ns.stateDir, "known_agents"), TunName: c.String("tun"),
