@@ -72,7 +72,7 @@ type Punch struct {
 	wake      chan struct{}
 
 	dropBadMAC, dropMalformed uint64
-	pingsHeard, pingsSent      uint64
+	pingsHeard, pingsSent     uint64
 }
 
 // Stats counts probes: valid pings heard from the peer and pings sent.
