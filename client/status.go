@@ -19,6 +19,13 @@ type Status struct {
 	SinceSwitchS float64 `json:"since_switch_s"`
 	Session      string  `json:"session,omitempty"`
 	DropsQueue   uint64  `json:"drops_queue_full"`
+	// Where packets were lost, for diagnosing throughput: by the peer
+	// connection (QUIC's own count), and in our queues.
+	QUICPacketsSent uint64 `json:"quic_packets_sent"`
+	QUICPacketsLost uint64 `json:"quic_packets_lost"`
+	QUICCwnd        uint64 `json:"quic_cwnd"`
+	DropsInbound    uint64 `json:"drops_inbound"`
+	DropsTUNWrite   uint64 `json:"drops_tun_write"`
 }
 
 // Status reports the tunnel's state now.
@@ -30,8 +37,14 @@ func (c *Client) Status() Status {
 	if s := c.cur.Load(); s != nil {
 		ss := s.Stats()
 		st.TxBytes, st.RxBytes, st.DropsQueue = ss.TxBytes, ss.RxBytes, ss.DropQueueFull
-		st.RTTMillis = float64(s.Conn.ConnectionStats().SmoothedRTT.Microseconds()) / 1000
+		cs := s.Conn.ConnectionStats()
+		st.RTTMillis = float64(cs.SmoothedRTT.Microseconds()) / 1000
+		st.QUICPacketsSent, st.QUICPacketsLost, st.QUICCwnd = cs.PacketsSent, cs.PacketsLost, cs.CongestionWindow
 		st.Session = formatID(s.ID)
+	}
+	st.DropsInbound, _ = c.sconn.Drops()
+	if c.tunw != nil {
+		st.DropsTUNWrite = c.tunw.Drops()
 	}
 	return st
 }
