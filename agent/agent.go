@@ -114,9 +114,12 @@ func Run(ctx context.Context, cfg Config) error {
 	a := &Agent{cfg: cfg, log: cfg.Log, offers: make(map[uint64]*wire.Session), byClient: make(map[netip.Addr]*clientState),
 		punches: make(map[uint64]*punchState), live: make(map[uint64]bool), in: make(chan []byte, inQueueLen)}
 
-	uc, err := platform.ListenUDP(":0")
+	uc, frames, err := platform.ListenUDPPair(":0")
 	if err != nil {
 		return fmt.Errorf("open UDP socket: %w", err)
+	}
+	if frames != nil {
+		defer frames.Close()
 	}
 	tr := &quic.Transport{Conn: uc}
 	defer tr.Close()
@@ -131,7 +134,7 @@ func Run(ctx context.Context, cfg Config) error {
 	})
 	sconn = session.NewConn(a.ctrl)
 	a.sconn = sconn
-	a.mux = punch.NewMux(tr, sconn)
+	a.mux = punch.NewMux(tr, frames, sconn)
 	peerTr := &quic.Transport{Conn: sconn}
 	defer peerTr.Close()
 
@@ -402,7 +405,8 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	a.stopPunch(id)
 	a.sconn.SetPath(id, nil)
 	st2 := s.Stats()
-	log.Info("client disconnected", "after", time.Since(start).Round(time.Second), "reason", err, "rx_bytes", st2.RxBytes, "tx_bytes", st2.TxBytes)
+	log.Info("client disconnected", "after", time.Since(start).Round(time.Second), "reason", err, "rx_bytes", st2.RxBytes, "tx_bytes", st2.TxBytes,
+		"drops_queue_full", st2.DropQueueFull, "drops_netstack_queue", a.dropInFull.Load(), "quic_lost", qc.ConnectionStats().PacketsLost)
 }
 
 // toClient sends a packet from the egress stack to the client it is for.

@@ -106,9 +106,12 @@ func Run(ctx context.Context, cfg Config) error {
 		defer dev.Close()
 	}
 
-	uc, err := platform.ListenUDP(":0")
+	uc, frames, err := platform.ListenUDPPair(":0")
 	if err != nil {
 		return fmt.Errorf("open UDP socket: %w", err)
+	}
+	if frames != nil {
+		defer frames.Close()
 	}
 	tr := &quic.Transport{Conn: uc}
 	defer tr.Close()
@@ -129,7 +132,7 @@ func Run(ctx context.Context, cfg Config) error {
 		},
 	})
 	c.sconn = session.NewConn(c.ctrl)
-	c.mux = punch.NewMux(tr, c.sconn)
+	c.mux = punch.NewMux(tr, frames, c.sconn)
 	c.tr = &quic.Transport{Conn: c.sconn}
 	defer c.tr.Close()
 

@@ -18,3 +18,10 @@ func ListenUDP(addr string) (*net.UDPConn, error) {
 	c.SetWriteBuffer(8 << 20)
 	return c, nil
 }
+
+// ListenUDPPair opens the node's UDP socket; frames is nil here: the
+// caller uses quic-go's non-QUIC packet queue.
+func ListenUDPPair(addr string) (quic, frames *net.UDPConn, err error) {
+	quic, err = ListenUDP(addr)
+	return quic, nil, err
+}

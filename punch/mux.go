@@ -19,8 +19,9 @@ import (
 // through the same transport, so the NAT mapping the gateway observed is
 // the one peers punch towards.
 type Mux struct {
-	tr    *quic.Transport
-	sconn *session.Conn
+	tr     *quic.Transport
+	frames *net.UDPConn // the port's frame socket (platform.ListenUDPPair), or nil
+	sconn  *session.Conn
 
 	mu      sync.RWMutex
 	punches map[uint64]*Punch
@@ -28,9 +29,12 @@ type Mux struct {
 	dropUnknown, dropMalformed atomic.Uint64
 }
 
-// NewMux returns a Mux over tr delivering direct packets into sconn.
-func NewMux(tr *quic.Transport, sconn *session.Conn) *Mux {
-	return &Mux{tr: tr, sconn: sconn, punches: make(map[uint64]*Punch)}
+// NewMux returns a Mux delivering direct packets into sconn. With frames
+// (the frame socket of the node's port, see platform.ListenUDPPair) it
+// reads and writes frames there; without, it takes them from tr's
+// non-QUIC packet queue and writes through tr.
+func NewMux(tr *quic.Transport, frames *net.UDPConn, sconn *session.Conn) *Mux {
+	return &Mux{tr: tr, frames: frames, sconn: sconn, punches: make(map[uint64]*Punch)}
 }
 
 // Add registers a session's punch so its probes and direct packets are
@@ -52,6 +56,10 @@ func (m *Mux) Remove(id uint64, p *Punch) {
 
 // Send writes a raw frame to addr from the shared socket.
 func (m *Mux) Send(b []byte, to netip.AddrPort) error {
+	if m.frames != nil {
+		_, err := m.frames.WriteToUDPAddrPort(b, to)
+		return err
+	}
 	_, err := m.tr.WriteTo(b, net.UDPAddrFromAddrPort(to))
 	return err
 }
@@ -63,15 +71,32 @@ func (m *Mux) Drops() (unknown, malformed uint64) {
 
 // Run reads non-QUIC packets until ctx ends.
 func (m *Mux) Run(ctx context.Context) {
+	if m.frames != nil {
+		stop := context.AfterFunc(ctx, func() { m.frames.Close() })
+		defer stop()
+	}
 	buf := make([]byte, 2048)
 	for {
-		n, addr, err := m.tr.ReadNonQUICPacket(ctx, buf)
-		if err != nil {
-			return
-		}
-		ua, ok := addr.(*net.UDPAddr)
-		if !ok {
-			continue
+		var n int
+		var from netip.AddrPort
+		if m.frames != nil {
+			var err error
+			if n, from, err = m.frames.ReadFromUDPAddrPort(buf); err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				continue
+			}
+		} else {
+			k, addr, err := m.tr.ReadNonQUICPacket(ctx, buf)
+			if err != nil {
+				return
+			}
+			ua, ok := addr.(*net.UDPAddr)
+			if !ok {
+				continue
+			}
+			n, from = k, ua.AddrPort()
 		}
 		kind, id, payload, err := wire.ParseFrame(buf[:n])
 		if err != nil {
@@ -87,7 +112,7 @@ func (m *Mux) Run(ctx context.Context) {
 		}
 		switch kind {
 		case wire.FrameProbe:
-			p.Handle(buf[:wire.FrameHeaderLen], payload, ua.AddrPort())
+			p.Handle(buf[:wire.FrameHeaderLen], payload, from)
 		case wire.FrameDirect:
 			// QUIC authenticates the packet itself; any source may carry
 			// it (the peer's NAT may have rebound), we reply on our path.
