@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -76,7 +77,20 @@ func (r *runner) demo() error {
 		return fmt.Errorf("curl through the tunnel: %w", err)
 	}
 	fmt.Println(indent(body))
-	say("It works: the packets went client -> client NAT -> gateway (relay, ciphertext only) -> agent NAT -> agent -> LAN host, and back.")
+	say("It works. Which way did the packets go? `nlvpn status` asks the running client:")
+	status, err := lab.Output(r.ctx, l.NS.Client, r.nlvpn, "status", "--state-dir", filepath.Join(r.dir, "client"))
+	if err != nil {
+		return fmt.Errorf("nlvpn status: %w", err)
+	}
+	fmt.Println(indent(status))
+	if strings.Contains(status, "direct") {
+		say("The tunnel came up on the gateway's relay at once, and both sides punched through their NATs in parallel:\n" +
+			"    now the packets go client -> client NAT -> agent NAT -> agent -> LAN host directly, end-to-end encrypted;\n" +
+			"    the gateway only introduced them (it relays, as ciphertext, only when no direct path can be made).")
+	} else {
+		say("The packets go client -> client NAT -> gateway (relay, ciphertext only) -> agent NAT -> agent -> LAN host;\n" +
+			"    a direct path could not be made (yet) through these NATs.")
+	}
 	r.stopClient()
 	return nil
 }
