@@ -1,10 +1,12 @@
 # nlvpn developer targets. The namespace tests, demo and bench need root.
+# Go from its usual place on a fresh machine, if it is not on PATH already.
+export PATH := $(PATH):/usr/local/go/bin
 GO      ?= go
 BIN     := bin
 # Every package except the end-to-end suite, which runs separately.
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e$$')
 
-.PHONY: all build demo test fmt-check vet unit e2e bench fuzz clean
+.PHONY: all build deps demo test fmt-check vet unit e2e bench fuzz clean
 
 all: build
 
@@ -12,10 +14,15 @@ build:
 	$(GO) build -o $(BIN)/nlvpn ./cmd/nlvpn
 	$(GO) build -o $(BIN)/nlvpn-lab ./cmd/nlvpn-lab
 
-demo: build
+# System tools (iproute2, nftables, curl, iperf3, tcpdump, ping, gcc):
+# installs the missing ones with apt-get, or says which are missing.
+deps:
+	@scripts/deps.sh
+
+demo: deps build
 	$(BIN)/nlvpn-lab demo --nlvpn $(BIN)/nlvpn
 
-test: fmt-check vet unit e2e
+test: deps fmt-check vet unit e2e
 
 fmt-check:
 	@out="$$(gofmt -l .)"; \
@@ -30,7 +37,7 @@ unit:
 e2e:
 	$(GO) test -count=1 -timeout 15m -v ./e2e/
 
-bench: build
+bench: deps build
 	$(BIN)/nlvpn-lab bench --nlvpn $(BIN)/nlvpn
 	$(GO) test -run '^$$' -bench . -benchtime 1x $(UNIT_PKGS)
 

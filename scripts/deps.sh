@@ -11,6 +11,9 @@ have iperf3  || need+=(iperf3)
 have tcpdump || need+=(tcpdump)
 have ping    || need+=(iputils-ping)
 have make    || need+=(make)
+have ssh     || need+=(openssh-client)   # the ssh ProxyCommand test
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+have setpriv || need+=(util-linux)       # runs the client unprivileged in tests
 have gcc     || need+=(gcc libc6-dev)   # go test -race needs cgo
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 if [ ${#need[@]} -eq 0 ]; then
