@@ -23,9 +23,9 @@ import (
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/netstack"
 	"github.com/nlvpn/nlvpn/packet"
-	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/punch"
 	"github.com/nlvpn/nlvpn/session"
+	"github.com/nlvpn/nlvpn/underlay"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
@@ -114,29 +114,15 @@ func Run(ctx context.Context, cfg Config) error {
 	a := &Agent{cfg: cfg, log: cfg.Log, offers: make(map[uint64]*wire.Session), byClient: make(map[netip.Addr]*clientState),
 		punches: make(map[uint64]*punchState), live: make(map[uint64]bool), in: make(chan []byte, inQueueLen)}
 
-	uc, frames, err := platform.ListenUDPPair(":0")
-	if err != nil {
-		return fmt.Errorf("open UDP socket: %w", err)
-	}
-	if frames != nil {
-		defer frames.Close()
-	}
-	tr := &quic.Transport{Conn: uc}
-	defer tr.Close()
-	a.port = uint16(uc.LocalAddr().(*net.UDPAddr).Port)
-
-	var sconn *session.Conn
-	a.ctrl = control.New(control.Config{
+	u, err := underlay.Open(control.Config{
 		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Advertise: cfg.Advertise,
-		Transport: tr, Log: cfg.Log,
-		OnRelay:   func(id uint64, pkt []byte) { sconn.Deliver(id, pkt) },
-		OnRequest: a.onRequest,
+		Log: cfg.Log, OnRequest: a.onRequest,
 	})
-	sconn = session.NewConn(a.ctrl)
-	a.sconn = sconn
-	a.mux = punch.NewMux(tr, frames, sconn)
-	peerTr := &quic.Transport{Conn: sconn}
-	defer peerTr.Close()
+	if err != nil {
+		return err
+	}
+	defer u.Close()
+	a.ctrl, a.sconn, a.mux, a.port = u.Ctrl, u.Conn, u.Mux, u.Port
 
 	a.dns = netstack.NewDNSServer(net.DefaultResolver, cfg.Log)
 	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: session.TunMTU, Allow: a.allow, Dial: a.dial, Logger: cfg.Log}, a.toClient)
@@ -149,7 +135,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	ln, err := peerTr.Listen(stls, session.QUICConfig())
+	ln, err := u.Peers.Listen(stls, session.QUICConfig())
 	if err != nil {
 		return err
 	}
@@ -158,7 +144,7 @@ func Run(ctx context.Context, cfg Config) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	a.ctx = ctx
-	go a.mux.Run(ctx)
+	go u.Run(ctx)
 	go a.runInject(ctx)
 	runErr := make(chan error, 1)
 	go func() { runErr <- a.ctrl.Run(ctx) }()

@@ -24,6 +24,7 @@ import (
 	"github.com/nlvpn/nlvpn/punch"
 	"github.com/nlvpn/nlvpn/session"
 	"github.com/nlvpn/nlvpn/tun"
+	"github.com/nlvpn/nlvpn/underlay"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
@@ -106,24 +107,9 @@ func Run(ctx context.Context, cfg Config) error {
 		defer dev.Close()
 	}
 
-	uc, frames, err := platform.ListenUDPPair(":0")
-	if err != nil {
-		return fmt.Errorf("open UDP socket: %w", err)
-	}
-	if frames != nil {
-		defer frames.Close()
-	}
-	tr := &quic.Transport{Conn: uc}
-	defer tr.Close()
-	c.port = uint16(uc.LocalAddr().(*net.UDPAddr).Port)
-	c.direct = make(chan struct{}, 1)
-	c.path = pathState{kind: "relay", remote: cfg.Gateway, since: time.Now()}
-
 	up := make(chan struct{}, 1)
-	c.ctrl = control.New(control.Config{
-		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key,
-		Transport: tr, Log: cfg.Log,
-		OnRelay: func(id uint64, pkt []byte) { c.sconn.Deliver(id, pkt) },
+	u, err := underlay.Open(control.Config{
+		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Log: cfg.Log,
 		OnUp: func(context.Context, *wire.Welcome) {
 			select {
 			case up <- struct{}{}:
@@ -131,15 +117,18 @@ func Run(ctx context.Context, cfg Config) error {
 			}
 		},
 	})
-	c.sconn = session.NewConn(c.ctrl)
-	c.mux = punch.NewMux(tr, frames, c.sconn)
-	c.tr = &quic.Transport{Conn: c.sconn}
-	defer c.tr.Close()
+	if err != nil {
+		return err
+	}
+	defer u.Close()
+	c.ctrl, c.sconn, c.mux, c.tr, c.port = u.Ctrl, u.Conn, u.Mux, u.Peers, u.Port
+	c.direct = make(chan struct{}, 1)
+	c.path = pathState{kind: "relay", remote: cfg.Gateway, since: time.Now()}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	c.ctx = ctx
-	go c.mux.Run(ctx)
+	go u.Run(ctx)
 	if cfg.StatusSocket != "" {
 		stop, err := c.serveStatus(cfg.StatusSocket)
 		if err != nil {

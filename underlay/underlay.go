@@ -1,0 +1,63 @@
+// Package underlay is a node's one UDP port and everything that shares it:
+// the QUIC transport that holds the gateway connection, the control client
+// on it, the virtual packet conn under the peer sessions (whose default
+// path is the relay), the frame mux for direct paths, and the QUIC
+// transport the peer sessions run on. Agent and client both stand on it.
+package underlay
+
+import (
+	"context"
+	"fmt"
+	"net"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/nlvpn/nlvpn/control"
+	"github.com/nlvpn/nlvpn/platform"
+	"github.com/nlvpn/nlvpn/punch"
+	"github.com/nlvpn/nlvpn/session"
+)
+
+// Underlay is an open node port.
+type Underlay struct {
+	Ctrl  *control.Client
+	Conn  *session.Conn   // under the peer sessions
+	Mux   *punch.Mux      // probes and direct traffic
+	Peers *quic.Transport // the peer sessions' QUIC transport, on Conn
+	Port  uint16
+
+	udp    *net.UDPConn
+	frames *net.UDPConn
+	tr     *quic.Transport
+}
+
+// Open opens the port and builds the layers on it. cfg is the control
+// client's configuration; Open fills in its Transport and OnRelay.
+func Open(cfg control.Config) (*Underlay, error) {
+	udp, frames, err := platform.ListenUDPPair(":0")
+	if err != nil {
+		return nil, fmt.Errorf("open UDP socket: %w", err)
+	}
+	u := &Underlay{udp: udp, frames: frames, Port: uint16(udp.LocalAddr().(*net.UDPAddr).Port)}
+	u.tr = &quic.Transport{Conn: udp}
+	cfg.Transport = u.tr
+	cfg.OnRelay = func(id uint64, pkt []byte) { u.Conn.Deliver(id, pkt) }
+	u.Ctrl = control.New(cfg)
+	u.Conn = session.NewConn(u.Ctrl)
+	u.Mux = punch.NewMux(u.tr, frames, u.Conn)
+	u.Peers = &quic.Transport{Conn: u.Conn}
+	return u, nil
+}
+
+// Run reads direct-path frames until ctx ends.
+func (u *Underlay) Run(ctx context.Context) { u.Mux.Run(ctx) }
+
+// Close closes the peer sessions, the gateway connection and the sockets.
+func (u *Underlay) Close() {
+	u.Peers.Close()
+	u.tr.Close()
+	if u.frames != nil {
+		u.frames.Close()
+	}
+	u.udp.Close()
+}
