@@ -16,27 +16,21 @@ package netstack
 import (
 	"context"
 	"errors"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
-	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/header"
-	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
-	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
 )
 
@@ -51,7 +45,6 @@ const (
 	// dial after DefaultEgressDialTimeout and answers with a RST, so this is
 	// only reached when the tunnel itself is down.
 	DefaultProxyDialTimeout = 20 * time.Second
-	proxyNIC                = tcpip.NICID(1)
 )
 
 // proxyHandshakeTimeout bounds the whole SOCKS5 negotiation and the HTTP
@@ -100,45 +93,30 @@ type ProxyStats struct {
 	DNSFailures    uint64 // names that could not be resolved
 }
 
+// proxyCounters are the Proxy-only counters; Injected, Malformed and
+// OutPackets are counted by stackCore.
 type proxyCounters struct {
-	injected, malformed, outPackets, accepted, rejected atomic.Uint64
-	protoErrors, authFailures, dials, dialFailures      atomic.Uint64
-	udpAssociates, udpDatagrams, udpDropped             atomic.Uint64
-	dnsQueries, dnsFailures                             atomic.Uint64
-	active                                              atomic.Int64
+	accepted, rejected                             atomic.Uint64
+	protoErrors, authFailures, dials, dialFailures atomic.Uint64
+	udpAssociates, udpDatagrams, udpDropped        atomic.Uint64
+	dnsQueries, dnsFailures                        atomic.Uint64
+	active                                         atomic.Int64
 }
 
 // Proxy is the client's gVisor stack plus the local proxies that use it.
 // Create it with NewProxy.
 type Proxy struct {
-	cfg  ProxyConfig
-	mtu  int
-	log  *slog.Logger
-	out  func([]byte)
-	outM sync.Mutex
+	stackCore
 
-	stack *stack.Stack
-	link  *channel.Endpoint
-
-	ctx    context.Context
-	cancel context.CancelFunc
-
-	injectMu sync.RWMutex
-	closed   atomic.Bool
+	cfg ProxyConfig
 
 	slots chan struct{} // connection bound
-
-	mu      sync.Mutex
-	done    bool
-	closers map[io.Closer]struct{}
-	wg      sync.WaitGroup
 
 	httpTr *http.Transport
 
 	dns *dnsClient
 
-	closeOnce sync.Once
-	c         proxyCounters
+	c proxyCounters
 }
 
 // NewProxy starts the client's stack. out receives each IP packet the stack
@@ -156,85 +134,49 @@ func NewProxy(cfg ProxyConfig, out func(pkt []byte)) (*Proxy, error) {
 	if cfg.Addr6.IsValid() && !cfg.Addr6.Is6() {
 		return nil, errors.New("netstack: NewProxy: Addr6 must be an IPv6 address")
 	}
-	mtu := cfg.MTU
-	if mtu == 0 {
-		mtu = DefaultProxyMTU
-	}
-	if mtu < 1280 || mtu > egMaxIPPacket {
-		return nil, errors.New("netstack: NewProxy: MTU must be between 1280 and 65535")
+	mtu, err := stackMTU("NewProxy", cfg.MTU, DefaultProxyMTU)
+	if err != nil {
+		return nil, err
 	}
 	maxConns := cfg.MaxConns
 	if maxConns <= 0 {
 		maxConns = DefaultProxyMaxConns
 	}
 	p := &Proxy{
-		cfg:     cfg,
-		mtu:     mtu,
-		log:     cfg.Logger,
-		out:     out,
-		slots:   make(chan struct{}, maxConns),
-		closers: make(map[io.Closer]struct{}),
+		cfg:   cfg,
+		slots: make(chan struct{}, maxConns),
 	}
-	if p.log == nil {
-		p.log = slog.Default()
-	}
-	p.log = p.log.With("component", "proxy")
-	p.ctx, p.cancel = context.WithCancel(context.Background())
-
-	s := stack.New(stack.Options{
-		NetworkProtocols: []stack.NetworkProtocolFactory{
-			// 127.0.0.1 through the tunnel is the agent's own loopback
-			// (reachable only if the agent allows it), so it must be routable.
-			ipv4.NewProtocolWithOptions(ipv4.Options{AllowExternalLoopbackTraffic: true}),
-			ipv6.NewProtocolWithOptions(ipv6.Options{AllowExternalLoopbackTraffic: true}),
-		},
-		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol},
+	err = p.init(stackConfig{
+		who:       "NewProxy",
+		component: "proxy",
+		log:       cfg.Logger,
+		mtu:       mtu,
+		out:       out,
+		setup:     p.setupNIC,
 	})
-	fail := func(what string, err tcpip.Error) (*Proxy, error) {
-		s.Close()
-		s.Wait()
-		p.cancel()
-		return nil, errors.New("netstack: NewProxy: " + what + ": " + err.String())
+	if err != nil {
+		return nil, err
 	}
-	// Same tuning as the egress side (see egress.go).
-	tcpOpts := []tcpip.SettableTransportProtocolOption{
-		egPtr(tcpip.TCPSACKEnabled(true)),
-		egPtr(tcpip.TCPRecovery(0)), // RACK off
-		egPtr(tcpip.CongestionControlOption("reno")),
-		egPtr(tcpip.TCPModerateReceiveBufferOption(true)),
-		&tcpip.TCPSendBufferSizeRangeOption{Min: egTCPBufMin, Default: egTCPBufDefault, Max: egTCPBufMax},
-		&tcpip.TCPReceiveBufferSizeRangeOption{Min: egTCPBufMin, Default: egTCPBufDefault, Max: egTCPBufMax},
-	}
-	for _, o := range tcpOpts {
-		if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, o); err != nil {
-			return fail("tcp option", err)
-		}
-	}
-	p.link = channel.New(egLinkQueueDepth, uint32(mtu), "")
-	if err := s.CreateNIC(proxyNIC, p.link); err != nil {
-		return fail("create NIC", err)
-	}
-	for _, a := range []netip.Addr{cfg.Addr, cfg.Addr6} {
+	p.dns = newDNSClient(p)
+	p.httpTr = newProxyTransport(p)
+	p.start()
+	p.log.Info("proxy netstack started", "addr", cfg.Addr, "mtu", mtu, "dns", cfg.DNS)
+	return p, nil
+}
+
+// setupNIC gives the NIC the client's overlay addresses: unlike Egress, the
+// proxy stack is an ordinary host that owns its addresses.
+func (p *Proxy) setupNIC(s *stack.Stack) (string, tcpip.Error) {
+	for _, a := range []netip.Addr{p.cfg.Addr, p.cfg.Addr6} {
 		if !a.IsValid() {
 			continue
 		}
 		pa := tcpip.ProtocolAddress{Protocol: proxyNetProto(a), AddressWithPrefix: tcpip.AddrFromSlice(a.AsSlice()).WithPrefix()}
-		if err := s.AddProtocolAddress(proxyNIC, pa, stack.AddressProperties{}); err != nil {
-			return fail("add address", err)
+		if err := s.AddProtocolAddress(stackNIC, pa, stack.AddressProperties{}); err != nil {
+			return "add address", err
 		}
 	}
-	s.SetRouteTable([]tcpip.Route{
-		{Destination: header.IPv4EmptySubnet, NIC: proxyNIC},
-		{Destination: header.IPv6EmptySubnet, NIC: proxyNIC},
-	})
-	p.stack = s
-	p.dns = newDNSClient(p)
-	p.httpTr = newProxyTransport(p)
-
-	p.wg.Add(1)
-	go p.pump()
-	p.log.Info("proxy netstack started", "addr", cfg.Addr, "mtu", mtu, "dns", cfg.DNS)
-	return p, nil
+	return "", nil
 }
 
 func proxyNetProto(a netip.Addr) tcpip.NetworkProtocolNumber {
@@ -246,59 +188,20 @@ func proxyNetProto(a netip.Addr) tcpip.NetworkProtocolNumber {
 
 func proxyFullAddr(ap netip.AddrPort) (tcpip.FullAddress, tcpip.NetworkProtocolNumber) {
 	a := ap.Addr().Unmap()
-	return tcpip.FullAddress{NIC: proxyNIC, Addr: tcpip.AddrFromSlice(a.AsSlice()), Port: ap.Port()}, proxyNetProto(a)
+	return tcpip.FullAddress{NIC: stackNIC, Addr: tcpip.AddrFromSlice(a.AsSlice()), Port: ap.Port()}, proxyNetProto(a)
 }
 
 // Inject hands the stack one raw IP packet received from the agent. It
 // copies pkt, never panics on garbage (malformed packets are dropped and
 // counted) and may be called concurrently and after Close.
-func (p *Proxy) Inject(pkt []byte) {
-	p.c.injected.Add(1)
-	p.injectMu.RLock()
-	defer p.injectMu.RUnlock()
-	if p.closed.Load() {
-		return
-	}
-	b, proto, ok := egParseIP(pkt)
-	if !ok {
-		p.c.malformed.Add(1)
-		return
-	}
-	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(b)})
-	p.link.InjectInbound(proto, pb)
-	pb.DecRef()
-}
-
-func (p *Proxy) pump() {
-	defer p.wg.Done()
-	for {
-		pkt := p.link.ReadContext(p.ctx)
-		if pkt == nil {
-			if p.ctx.Err() != nil {
-				return
-			}
-			continue
-		}
-		v := pkt.ToView()
-		if b := v.AsSlice(); len(b) > 0 && len(b) <= p.mtu {
-			p.outM.Lock()
-			if p.ctx.Err() == nil {
-				p.c.outPackets.Add(1)
-				p.out(b)
-			}
-			p.outM.Unlock()
-		}
-		v.Release()
-		pkt.DecRef()
-	}
-}
+func (p *Proxy) Inject(pkt []byte) { p.inject(pkt) }
 
 // Stats returns a snapshot of the counters.
 func (p *Proxy) Stats() ProxyStats {
 	return ProxyStats{
-		Injected:       p.c.injected.Load(),
-		Malformed:      p.c.malformed.Load(),
-		OutPackets:     p.c.outPackets.Load(),
+		Injected:       p.injected.Load(),
+		Malformed:      p.malformed.Load(),
+		OutPackets:     p.outPackets.Load(),
 		Accepted:       p.c.accepted.Load(),
 		Rejected:       p.c.rejected.Load(),
 		ActiveConns:    p.c.active.Load(),
@@ -319,60 +222,10 @@ func (p *Proxy) Stats() ProxyStats {
 // connection, and tears the stack down. After Close returns out is no
 // longer called. Close is idempotent.
 func (p *Proxy) Close() error {
-	p.closeOnce.Do(func() {
-		p.injectMu.Lock()
-		p.closed.Store(true)
-		p.injectMu.Unlock()
-
-		p.mu.Lock()
-		p.done = true
-		closers := p.closers
-		p.closers = map[io.Closer]struct{}{}
-		p.mu.Unlock()
-
-		p.cancel()
-		for c := range closers {
-			_ = c.Close()
-		}
-		p.wg.Wait()
-		p.httpTr.CloseIdleConnections()
-		p.link.Close()
-		p.stack.Close()
-		p.stack.Wait()
-		p.log.Info("proxy netstack stopped")
-	})
+	// Idle keep-alive connections of the HTTP proxy's transport are closed
+	// once no handler can use the transport any more.
+	p.shutdown(p.httpTr.CloseIdleConnections, "proxy netstack stopped")
 	return nil
-}
-
-// addCloser registers c to be closed by Close; after Close it closes c and
-// returns false.
-func (p *Proxy) addCloser(c io.Closer) bool {
-	p.mu.Lock()
-	if p.done {
-		p.mu.Unlock()
-		_ = c.Close()
-		return false
-	}
-	p.closers[c] = struct{}{}
-	p.mu.Unlock()
-	return true
-}
-
-func (p *Proxy) removeCloser(c io.Closer) {
-	p.mu.Lock()
-	delete(p.closers, c)
-	p.mu.Unlock()
-	_ = c.Close()
-}
-
-func (p *Proxy) track() bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.done {
-		return false
-	}
-	p.wg.Add(1)
-	return true
 }
 
 // serve accepts connections on ln and runs handle for each on its own

@@ -436,7 +436,7 @@ func (r *socksUDPRelay) endpoint(dst netip.Addr) (*gonet.UDPConn, error) {
 	if r.eps[i] != nil {
 		return r.eps[i], nil
 	}
-	la := tcpip.FullAddress{NIC: proxyNIC, Addr: tcpip.AddrFromSlice(src.AsSlice())}
+	la := tcpip.FullAddress{NIC: stackNIC, Addr: tcpip.AddrFromSlice(src.AsSlice())}
 	ep, err := gonet.DialUDP(r.p.stack, &la, nil, proxyNetProto(src))
 	if err != nil {
 		return nil, err

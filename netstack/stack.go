@@ -1,0 +1,291 @@
+package netstack
+
+// stackCore is the gVisor plumbing Egress and Proxy share: one stack with one
+// channel NIC, a pump that hands the stack's output to out, a guarded Inject,
+// and the bookkeeping that lets Close tear all of it down exactly once. The
+// two types differ only in what they hang off the stack (forwarders vs. an
+// address and dialers), so that part is left to them.
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	gicmp "gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+)
+
+// Stack tuning. The TCP numbers follow what people who run gVisor at scale
+// (e.g. Tailscale's netstack) use: SACK on, RACK off, reno, buffers of
+// several MiB with receive-buffer auto-tuning.
+const (
+	// stackNIC is the only NIC of either stack.
+	stackNIC            = tcpip.NICID(1)
+	stackTCPBufMin      = tcp.MinBufferSize
+	stackTCPBufDefault  = 1 << 20
+	stackTCPBufMax      = 8 << 20
+	stackLinkQueueDepth = 4096
+)
+
+// stackConfig is what differs between the two stacks at creation.
+type stackConfig struct {
+	who       string // constructor, prefixed to errors ("NewEgress")
+	component string // the logger's "component" attribute
+	log       *slog.Logger
+	mtu       int // already validated by stackMTU
+	out       func(pkt []byte)
+	icmp      bool // register the ICMP transports (Egress answers echoes)
+	// setup configures the NIC for its owner once it exists (addresses,
+	// promiscuity, transport handlers); on failure it names the step.
+	setup func(s *stack.Stack) (what string, err tcpip.Error)
+}
+
+// stackCore is embedded by Egress and Proxy; see the top of this file.
+type stackCore struct {
+	mtu int
+	log *slog.Logger
+
+	out   func(pkt []byte)
+	outMu sync.Mutex // serializes calls to out
+
+	stack *stack.Stack
+	link  *channel.Endpoint
+
+	// ctx is cancelled by Close; everything the owner starts derives from it.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	// intercept, if set, sees each well-formed injected packet before the
+	// stack does and returns true if it consumed it. Set before start.
+	intercept func(pkt []byte) bool
+
+	// injectMu is held shared by inject while it feeds the stack and
+	// exclusively by shutdown, so no packet enters a stack being torn down.
+	injectMu sync.RWMutex
+	closed   atomic.Bool
+
+	mu      sync.Mutex // guards done, closers and wg.Add
+	done    bool
+	closers map[io.Closer]struct{}
+	wg      sync.WaitGroup
+
+	closeOnce sync.Once
+
+	// Counters both Stats report.
+	injected, malformed, outPackets atomic.Uint64
+}
+
+// stackMTU applies the default and checks the range, so both constructors
+// reject the same values with the same message.
+func stackMTU(who string, mtu, def int) (int, error) {
+	if mtu == 0 {
+		mtu = def
+	}
+	if mtu < 1280 || mtu > egMaxIPPacket {
+		return 0, errors.New("netstack: " + who + ": MTU must be between 1280 and 65535")
+	}
+	return mtu, nil
+}
+
+// init creates the tuned stack and its NIC. It does not start the pump: the
+// owner finishes its own setup first and then calls start.
+func (c *stackCore) init(cfg stackConfig) error {
+	c.mtu = cfg.mtu
+	c.out = cfg.out
+	c.closers = make(map[io.Closer]struct{})
+	c.log = cfg.log
+	if c.log == nil {
+		c.log = slog.Default()
+	}
+	c.log = c.log.With("component", cfg.component)
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+
+	transports := []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol}
+	if cfg.icmp {
+		transports = append(transports, gicmp.NewProtocol4, gicmp.NewProtocol6)
+	}
+	s := stack.New(stack.Options{
+		NetworkProtocols: []stack.NetworkProtocolFactory{
+			// Loopback destinations are let into the stack: through the
+			// tunnel 127.0.0.1 is the agent's own loopback, and whether a
+			// client may reach it is the agent's Allow decision.
+			ipv4.NewProtocolWithOptions(ipv4.Options{AllowExternalLoopbackTraffic: true}),
+			ipv6.NewProtocolWithOptions(ipv6.Options{AllowExternalLoopbackTraffic: true}),
+		},
+		TransportProtocols: transports,
+	})
+	fail := func(what string, err tcpip.Error) error {
+		s.Close()
+		s.Wait()
+		c.cancel()
+		return errors.New("netstack: " + cfg.who + ": " + what + ": " + err.String())
+	}
+
+	tcpOpts := []tcpip.SettableTransportProtocolOption{
+		stackPtr(tcpip.TCPSACKEnabled(true)),
+		stackPtr(tcpip.TCPRecovery(0)), // RACK off
+		stackPtr(tcpip.CongestionControlOption("reno")),
+		stackPtr(tcpip.TCPModerateReceiveBufferOption(true)),
+		&tcpip.TCPSendBufferSizeRangeOption{Min: stackTCPBufMin, Default: stackTCPBufDefault, Max: stackTCPBufMax},
+		&tcpip.TCPReceiveBufferSizeRangeOption{Min: stackTCPBufMin, Default: stackTCPBufDefault, Max: stackTCPBufMax},
+	}
+	for _, o := range tcpOpts {
+		if err := s.SetTransportProtocolOption(tcp.ProtocolNumber, o); err != nil {
+			return fail("tcp option", err)
+		}
+	}
+
+	c.link = channel.New(stackLinkQueueDepth, uint32(cfg.mtu), "")
+	if err := s.CreateNIC(stackNIC, c.link); err != nil {
+		return fail("create NIC", err)
+	}
+	if cfg.setup != nil {
+		if what, err := cfg.setup(s); err != nil {
+			return fail(what, err)
+		}
+	}
+	s.SetRouteTable([]tcpip.Route{
+		{Destination: header.IPv4EmptySubnet, NIC: stackNIC},
+		{Destination: header.IPv6EmptySubnet, NIC: stackNIC},
+	})
+	c.stack = s
+	return nil
+}
+
+func stackPtr[T any](v T) *T { return &v }
+
+// start runs the output pump; from here on out may be called.
+func (c *stackCore) start() {
+	c.wg.Add(1)
+	go c.pump()
+}
+
+// inject feeds one raw IP packet to the stack: counted, dropped if malformed
+// or after shutdown has begun, offered to intercept first. It copies pkt.
+func (c *stackCore) inject(pkt []byte) {
+	c.injected.Add(1)
+	c.injectMu.RLock()
+	defer c.injectMu.RUnlock()
+	if c.closed.Load() {
+		return
+	}
+	b, proto, ok := egParseIP(pkt)
+	if !ok {
+		c.malformed.Add(1)
+		return
+	}
+	if c.intercept != nil && c.intercept(b) {
+		return
+	}
+	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(b)})
+	c.link.InjectInbound(proto, pb)
+	pb.DecRef()
+}
+
+// pump moves packets the stack wrote to the link endpoint to out.
+func (c *stackCore) pump() {
+	defer c.wg.Done()
+	for {
+		pkt := c.link.ReadContext(c.ctx)
+		if pkt == nil {
+			if c.ctx.Err() != nil {
+				return
+			}
+			continue
+		}
+		v := pkt.ToView()
+		c.emit(v.AsSlice())
+		v.Release()
+		pkt.DecRef()
+	}
+}
+
+// emit passes one packet to out, serialized with every other call; none
+// reaches out once shutdown has cancelled ctx.
+func (c *stackCore) emit(b []byte) {
+	if len(b) == 0 || len(b) > c.mtu {
+		return
+	}
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.ctx.Err() != nil {
+		return
+	}
+	c.outPackets.Add(1)
+	c.out(b)
+}
+
+// shutdown runs the close sequence once: stop inject, refuse new work, cancel,
+// close every registered closer, wait for the tracked goroutines, run
+// afterWait (owner resources that those goroutines may still have used),
+// then tear the stack down and log stopped.
+func (c *stackCore) shutdown(afterWait func(), stopped string) {
+	c.closeOnce.Do(func() {
+		c.injectMu.Lock()
+		c.closed.Store(true)
+		c.injectMu.Unlock()
+
+		c.mu.Lock()
+		c.done = true
+		closers := c.closers
+		c.closers = map[io.Closer]struct{}{}
+		c.mu.Unlock()
+
+		c.cancel()
+		for cl := range closers {
+			_ = cl.Close()
+		}
+		c.wg.Wait()
+		if afterWait != nil {
+			afterWait()
+		}
+		c.link.Close()
+		c.stack.Close()
+		c.stack.Wait()
+		c.log.Info(stopped)
+	})
+}
+
+// track registers one more goroutine of work; it fails once shutdown has begun.
+func (c *stackCore) track() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done {
+		return false
+	}
+	c.wg.Add(1)
+	return true
+}
+
+// addCloser registers cl to be closed by shutdown; if shutdown has already
+// begun it closes cl at once and returns false.
+func (c *stackCore) addCloser(cl io.Closer) bool {
+	c.mu.Lock()
+	if c.done {
+		c.mu.Unlock()
+		_ = cl.Close()
+		return false
+	}
+	c.closers[cl] = struct{}{}
+	c.mu.Unlock()
+	return true
+}
+
+// removeCloser forgets cl and closes it.
+func (c *stackCore) removeCloser(cl io.Closer) {
+	c.mu.Lock()
+	delete(c.closers, cl)
+	c.mu.Unlock()
+	_ = cl.Close()
+}
