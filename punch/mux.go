@@ -2,6 +2,7 @@ package punch
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/netip"
 	"sync"
@@ -82,10 +83,10 @@ func (m *Mux) Run(ctx context.Context) {
 		if m.frames != nil {
 			var err error
 			if n, from, err = m.frames.ReadFromUDPAddrPort(buf); err != nil {
-				if ctx.Err() != nil {
+				if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 					return
 				}
-				continue
+				continue // a transient error (e.g. an ICMP-reported refusal)
 			}
 		} else {
 			k, addr, err := m.tr.ReadNonQUICPacket(ctx, buf)

@@ -304,7 +304,7 @@ func setupNode(c *cli.Context, role string) (*nodeSetup, error) {
 		return nil, fmt.Errorf("the token given is not usable: %w", err)
 	}
 	if ns.claims.Role != role {
-		return nil, fmt.Errorf("this is a token for %s %q; `nlvpn %s` needs a %s token", ns.claims.Role, ns.claims.Name, map[string]string{token.RoleAgent: "agent", token.RoleClient: "up"}[role], role)
+		return nil, fmt.Errorf("this is a token for %s %q; `nlvpn %s` needs %s token", ns.claims.Role, ns.claims.Name, map[string]string{token.RoleAgent: "agent", token.RoleClient: "up"}[role], map[string]string{token.RoleAgent: "an agent", token.RoleClient: "a client"}[role])
 	}
 	if exp := time.Unix(ns.claims.Expires, 0); time.Now().After(exp) {
 		return nil, fmt.Errorf("the token for %q expired at %s; ask for a new one (nlvpn token)", ns.claims.Name, exp.UTC().Format(time.RFC3339))

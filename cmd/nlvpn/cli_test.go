@@ -1,0 +1,326 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nlvpn/nlvpn/client"
+	"github.com/nlvpn/nlvpn/gateway"
+	"github.com/nlvpn/nlvpn/token"
+)
+
+// nlvpnBin is the binary under test, built once by TestMain.
+var nlvpnBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "nlvpn-cli-test")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	nlvpnBin = filepath.Join(dir, "nlvpn")
+	out, err := exec.Command("go", "build", "-o", nlvpnBin, ".").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "building nlvpn: %v\n%s", err, out)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+type result struct {
+	stdout, stderr string
+	code           int
+}
+
+// nlvpn runs the binary with a clean environment (no NLVPN_* from the
+// caller, HOME and XDG_STATE_HOME in a temp dir) and a 10 s limit.
+func nlvpn(t *testing.T, env []string, args ...string) result {
+	t.Helper()
+	home := t.TempDir()
+	cmd := exec.Command(nlvpnBin, args...)
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + home, "XDG_STATE_HOME=" + filepath.Join(home, "state")}
+	cmd.Env = append(cmd.Env, env...)
+	var so, se bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &so, &se
+	cmd.Stdin = strings.NewReader("")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		<-done
+		t.Fatalf("nlvpn %v did not exit within 10 s; stderr:\n%s", args, se.String())
+	}
+	return result{so.String(), se.String(), cmd.ProcessState.ExitCode()}
+}
+
+func (r result) wantFail(t *testing.T, substrs ...string) {
+	t.Helper()
+	if r.code == 0 {
+		t.Fatalf("exit 0, want failure; stdout %q stderr %q", r.stdout, r.stderr)
+	}
+	if !strings.HasPrefix(r.stderr, "nlvpn: ") {
+		t.Errorf("stderr %q: want one line starting \"nlvpn: \"", r.stderr)
+	}
+	if n := strings.Count(strings.TrimRight(r.stderr, "\n"), "\n"); n != 0 {
+		t.Errorf("error is %d lines, want one: %q", n+1, r.stderr)
+	}
+	for _, s := range substrs {
+		if !strings.Contains(r.stderr, s) {
+			t.Errorf("stderr %q lacks %q", r.stderr, s)
+		}
+	}
+}
+
+// gatewayState makes a gateway state directory, as `nlvpn gateway` would.
+func gatewayState(t *testing.T) (dir, pin string) {
+	t.Helper()
+	dir = filepath.Join(t.TempDir(), "gw")
+	st, err := gateway.OpenState(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.ReadInfo()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir, info.Pin
+}
+
+func issue(t *testing.T, dir string, args ...string) string {
+	t.Helper()
+	r := nlvpn(t, nil, append([]string{"token", "--state-dir", dir}, args...)...)
+	if r.code != 0 {
+		t.Fatalf("nlvpn token %v: exit %d: %s", args, r.code, r.stderr)
+	}
+	lines := strings.Split(strings.TrimRight(r.stdout, "\n"), "\n")
+	if len(lines) != 1 || !strings.HasSuffix(r.stdout, "\n") {
+		t.Fatalf("token output %q: want exactly one line", r.stdout)
+	}
+	return lines[0]
+}
+
+func TestCLITokenIssues(t *testing.T) {
+	dir, pin := gatewayState(t)
+	for _, tc := range []struct {
+		args   []string
+		role   string
+		name   string
+		agents []string
+		gw     string
+	}{
+		{[]string{"--client", "alice", "--gateway", "127.0.0.1:4433"}, token.RoleClient, "alice", []string{"*"}, "127.0.0.1:4433"},
+		{[]string{"--agent", "miranda", "--gateway", "[::1]:4433"}, token.RoleAgent, "miranda", nil, "[::1]:4433"},
+		{[]string{"--client", "bob", "--gateway", "127.0.0.1:1", "--allow-agent", "miranda", "--allow-agent", "caliban"}, token.RoleClient, "bob", []string{"miranda", "caliban"}, "127.0.0.1:1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := time.Now()
+			tok := issue(t, dir, tc.args...)
+			cl, err := token.Parse(tok)
+			if err != nil {
+				t.Fatalf("token.Parse: %v (%q)", err, tok)
+			}
+			if cl.Role != tc.role || cl.Name != tc.name || cl.Pin != pin || cl.Gateway != tc.gw {
+				t.Fatalf("claims %+v; want role %s name %s pin %s gateway %s", cl, tc.role, tc.name, pin, tc.gw)
+			}
+			if strings.Join(cl.Agents, ",") != strings.Join(tc.agents, ",") {
+				t.Fatalf("agents %v, want %v", cl.Agents, tc.agents)
+			}
+			exp := time.Unix(cl.Expires, 0)
+			if d := exp.Sub(before); d < 719*time.Hour || d > 721*time.Hour {
+				t.Fatalf("default expiry in %v, want 30 days", d)
+			}
+		})
+	}
+}
+
+func TestCLITokenTTLAndPublicAddr(t *testing.T) {
+	dir, pin := gatewayState(t)
+	st, err := gateway.OpenState(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.WriteInfo(gateway.Info{Pin: pin, PublicAddr: "127.0.0.1:7000"}); err != nil {
+		t.Fatal(err)
+	}
+	cl, err := token.Parse(issue(t, dir, "--client", "alice", "--ttl", "1h"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cl.Gateway != "127.0.0.1:7000" {
+		t.Fatalf("gateway %q: want the gateway's --public-addr", cl.Gateway)
+	}
+	if d := time.Until(time.Unix(cl.Expires, 0)); d > time.Hour || d < 58*time.Minute {
+		t.Fatalf("--ttl 1h gave expiry in %v", d)
+	}
+}
+
+func TestCLITokenErrors(t *testing.T) {
+	dir, _ := gatewayState(t)
+	empty := t.TempDir()
+	for _, tc := range []struct {
+		name string
+		args []string
+		want []string
+	}{
+		{"no gateway key", []string{"token", "--state-dir", empty, "--client", "alice", "--gateway", "127.0.0.1:4433"}, []string{"no gateway key in " + empty, "nlvpn gateway"}},
+		{"both roles", []string{"token", "--state-dir", dir, "--client", "alice", "--agent", "miranda", "--gateway", "127.0.0.1:4433"}, []string{"exactly one of --agent"}},
+		{"no role", []string{"token", "--state-dir", dir, "--gateway", "127.0.0.1:4433"}, []string{"exactly one of --agent"}},
+		{"no gateway address", []string{"token", "--state-dir", dir, "--client", "alice"}, []string{"--gateway"}},
+		{"bad gateway address", []string{"token", "--state-dir", dir, "--client", "alice", "--gateway", "127.0.0.1"}, []string{"HOST:PORT"}},
+		{"bad name", []string{"token", "--state-dir", dir, "--client", "Alice Smith", "--gateway", "127.0.0.1:4433"}, []string{"Alice Smith"}},
+		{"allow-agent on agent token", []string{"token", "--state-dir", dir, "--agent", "miranda", "--allow-agent", "x", "--gateway", "127.0.0.1:4433"}, []string{"--allow-agent"}},
+		{"non-positive ttl", []string{"token", "--state-dir", dir, "--client", "alice", "--ttl", "0s", "--gateway", "127.0.0.1:4433"}, []string{"--ttl"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := nlvpn(t, nil, tc.args...)
+			r.wantFail(t, tc.want...)
+			if r.stdout != "" {
+				t.Fatalf("a failed token command printed %q on stdout", r.stdout)
+			}
+		})
+	}
+	if _, err := os.Stat(filepath.Join(empty, "gateway.key")); err == nil {
+		t.Fatal("`nlvpn token` made a gateway key in a directory that had none")
+	}
+}
+
+func TestCLINodeErrors(t *testing.T) {
+	dir, _ := gatewayState(t)
+	clientTok := issue(t, dir, "--client", "alice", "--gateway", "127.0.0.1:4433", "--allow-agent", "miranda")
+	agentTok := issue(t, dir, "--agent", "miranda", "--gateway", "127.0.0.1:4433")
+	for _, tc := range []struct {
+		name string
+		env  []string
+		args []string
+		want []string
+	}{
+		{"up without token", nil, []string{"up", "--agent", "x"}, []string{"no token", "--token", "NLVPN_TOKEN"}},
+		{"agent without token", nil, []string{"agent", "--advertise", "10.0.0.0/8"}, []string{"no token"}},
+		{"agent with a client token", nil, []string{"agent", "--token", clientTok, "--advertise", "10.0.0.0/8"}, []string{`token for client "alice"`, "`nlvpn agent`", "agent token"}},
+		{"up with an agent token", nil, []string{"up", "--token", agentTok, "--agent", "miranda"}, []string{`token for agent "miranda"`, "`nlvpn up`", "client token"}},
+		{"agent token from env for up", []string{"NLVPN_TOKEN=" + agentTok}, []string{"up", "--agent", "miranda"}, []string{`token for agent "miranda"`}},
+		{"garbage token", nil, []string{"up", "--token", "nlv1.garbage", "--agent", "miranda"}, []string{"not usable"}},
+		{"agent not allowed", nil, []string{"up", "--token", clientTok, "--agent", "caliban"}, []string{`does not allow agent "caliban"`, "miranda"}},
+		{"invalid agent name", nil, []string{"up", "--token", clientTok, "--agent", "Not Valid"}, []string{"not a valid agent name"}},
+		{"up needs --agent", nil, []string{"up", "--token", clientTok}, []string{"agent"}},
+		{"direct and relay", nil, []string{"up", "--token", clientTok, "--agent", "miranda", "-d", "-r"}, []string{"exclude each other"}},
+		{"open proxy refused", nil, []string{"up", "--token", clientTok, "--agent", "miranda", "--netstack", "--socks5", "0.0.0.0:1080"}, []string{"not loopback"}},
+		{"agent without advertise", nil, []string{"agent", "--token", agentTok}, []string{"--advertise"}},
+		{"agent bad advertise", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/33"}, []string{"--advertise"}},
+		{"bad gateway override", nil, []string{"up", "--token", clientTok, "--agent", "miranda", "--gateway", "nohostport"}, []string{"HOST:PORT"}},
+		{"forward nothing", nil, []string{"forward", "--token", clientTok, "-n", "miranda"}, []string{"nothing to forward"}},
+		{"forward bad spec", nil, []string{"forward", "--token", clientTok, "-n", "miranda", "-L", "8080:h"}, []string{"[BIND:]PORT:HOST:HOSTPORT"}},
+		{"connect without target", nil, []string{"connect", "--token", clientTok, "-n", "miranda"}, []string{"usage"}},
+		{"connect bad target", nil, []string{"connect", "--token", clientTok, "-n", "miranda", "nohostport"}, []string{"HOST:PORT"}},
+		{"bad log level", nil, []string{"--log-level", "loud", "status"}, []string{"--log-level"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			state := filepath.Join(t.TempDir(), "state")
+			args := append([]string{tc.args[0], "--state-dir", state}, tc.args[1:]...)
+			if tc.args[0] == "--log-level" {
+				args = append(tc.args, "--state-dir", state)
+			}
+			nlvpn(t, tc.env, args...).wantFail(t, tc.want...)
+			// A refused token is never saved for the next run.
+			if _, err := os.Stat(filepath.Join(state, "config")); err == nil {
+				t.Fatal("a failed run wrote the config file")
+			}
+		})
+	}
+}
+
+func TestCLIHelpListsCommands(t *testing.T) {
+	r := nlvpn(t, nil, "--help")
+	if r.code != 0 {
+		t.Fatalf("--help exit %d: %s", r.code, r.stderr)
+	}
+	for _, c := range []string{"gateway", "token", "agent", "up", "connect", "forward", "status"} {
+		found := false
+		for _, line := range strings.Split(r.stdout, "\n") {
+			if f := strings.Fields(line); len(f) > 0 && strings.TrimSuffix(f[0], ",") == c {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("--help does not list the %q command:\n%s", c, r.stdout)
+		}
+	}
+	// Each command's own help works and exits 0.
+	for _, c := range []string{"gateway", "token", "agent", "up", "connect", "forward", "status"} {
+		if r := nlvpn(t, nil, c, "--help"); r.code != 0 || !strings.Contains(r.stdout, c) {
+			t.Errorf("nlvpn %s --help: exit %d, stdout %q", c, r.code, r.stdout)
+		}
+	}
+}
+
+func TestCLIStatusNoTunnel(t *testing.T) {
+	state := t.TempDir()
+	nlvpn(t, nil, "status", "--state-dir", state).wantFail(t, "no running tunnel", filepath.Join(state, "status.sock"))
+	nlvpn(t, nil, "status", "--json", "--state-dir", state).wantFail(t, "no running tunnel")
+}
+
+// TestCLIStatusReadsSocket serves a status on STATE-DIR/status.sock, as a
+// running `nlvpn up` does, and reads it with `nlvpn status`.
+func TestCLIStatusReadsSocket(t *testing.T) {
+	state, err := os.MkdirTemp("", "nlst")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(state)
+	ln, err := net.Listen("unix", filepath.Join(state, "status.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	want := client.Status{Agent: "miranda", Path: "direct", Remote: "127.0.0.1:40000", RTTMillis: 1.25, TxBytes: 1000, RxBytes: 2000, SinceSwitchS: 65}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			json.NewEncoder(c).Encode(want)
+			c.Close()
+		}
+	}()
+
+	r := nlvpn(t, nil, "status", "--json", "--state-dir", state)
+	if r.code != 0 {
+		t.Fatalf("status --json: exit %d: %s", r.code, r.stderr)
+	}
+	var m map[string]any
+	if err := json.Unmarshal([]byte(r.stdout), &m); err != nil {
+		t.Fatalf("status --json printed %q: %v", r.stdout, err)
+	}
+	for k, v := range map[string]any{"path": "direct", "remote": "127.0.0.1:40000", "rtt_ms": 1.25, "tx_bytes": 1000.0, "rx_bytes": 2000.0, "since_switch_s": 65.0} {
+		if m[k] != v {
+			t.Errorf("status --json %q = %v, want %v", k, m[k], v)
+		}
+	}
+
+	r = nlvpn(t, nil, "status", "--state-dir", state)
+	if r.code != 0 {
+		t.Fatalf("status: exit %d: %s", r.code, r.stderr)
+	}
+	for _, s := range []string{"miranda", "direct", "127.0.0.1:40000", "1.25 ms", "1000 bytes", "2000 bytes", "1m5s ago"} {
+		if !strings.Contains(r.stdout, s) {
+			t.Errorf("status output lacks %q:\n%s", s, r.stdout)
+		}
+	}
+}

@@ -1,0 +1,193 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/nlvpn/nlvpn/client"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+func TestParseForward(t *testing.T) {
+	for _, tc := range []struct {
+		in      string
+		listen  string
+		target  string
+		wantErr string
+	}{
+		{in: "8080:intranet.lan:80", listen: "127.0.0.1:8080", target: "intranet.lan:80"},
+		{in: "0.0.0.0:8080:10.0.0.5:22", listen: "0.0.0.0:8080", target: "10.0.0.5:22"},
+		{in: "127.0.0.1:1:h:65535", listen: "127.0.0.1:1", target: "h:65535"},
+		{in: ":8080:h:80", listen: ":8080", target: "h:80"}, // empty BIND: every address, as ssh -L
+		{in: "8080:h", wantErr: "[BIND:]PORT:HOST:HOSTPORT"},
+		{in: "8080", wantErr: "[BIND:]PORT:HOST:HOSTPORT"},
+		{in: "", wantErr: "[BIND:]PORT:HOST:HOSTPORT"},
+		{in: "a:b:8080:h:80", wantErr: "[BIND:]PORT:HOST:HOSTPORT"},
+		{in: "x:h:80", wantErr: "not a port"},
+		{in: "8080:h:y", wantErr: "not a port"},
+		{in: "0:h:80", wantErr: "not a port"},
+		{in: "8080:h:0", wantErr: "not a port"},
+		{in: "65536:h:80", wantErr: "not a port"},
+		{in: "8080:h:70000", wantErr: "not a port"},
+		{in: "-1:h:80", wantErr: "not a port"},
+		{in: "8080::80", wantErr: "no host"},
+		{in: "127.0.0.1:8080::80", wantErr: "no host"},
+	} {
+		t.Run(tc.in, func(t *testing.T) {
+			f, err := parseForward("tcp", tc.in)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("parseForward(%q) = %+v, %v; want error with %q", tc.in, f, err, tc.wantErr)
+				}
+				if !strings.Contains(err.Error(), fmt.Sprintf("%q", tc.in)) {
+					t.Fatalf("error %q does not quote the bad spec", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if f.network != "tcp" || f.listen != tc.listen || f.target != tc.target {
+				t.Fatalf("parseForward(%q) = %+v, want listen %s target %s", tc.in, f, tc.listen, tc.target)
+			}
+		})
+	}
+	if f, err := parseForward("udp", "53:dns.lan:53"); err != nil || f.network != "udp" {
+		t.Fatalf("udp forward: %+v %v", f, err)
+	}
+}
+
+// runWithFlags runs a one-command cli.App with flags and args and calls
+// action with its context.
+func runWithFlags(t *testing.T, flags []cli.Flag, args []string, action func(*cli.Context) error) error {
+	t.Helper()
+	app := &cli.App{
+		Name:           "t",
+		Flags:          flags,
+		Action:         action,
+		Writer:         &strings.Builder{},
+		ErrWriter:      &strings.Builder{},
+		ExitErrHandler: func(*cli.Context, error) {},
+	}
+	return app.Run(append([]string{"t"}, args...))
+}
+
+func TestProxyConfig(t *testing.T) {
+	for _, env := range []string{"NLVPN_PROXY_USER", "NLVPN_PROXY_PASSWORD"} {
+		t.Setenv(env, "")
+	}
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		wantErr string
+		check   func(t *testing.T, nc *client.NetstackConfig)
+	}{
+		{name: "defaults are loopback, no auth", check: func(t *testing.T, nc *client.NetstackConfig) {
+			if nc.SOCKS5 != "127.0.0.1:1080" || nc.HTTP != "127.0.0.1:8080" || nc.Auth != nil {
+				t.Fatalf("%+v", nc)
+			}
+		}},
+		{name: "v6 loopback and localhost ok", args: []string{"--socks5", "[::1]:1080", "--http-proxy", "localhost:8080"}},
+		{name: "disabled proxies", args: []string{"--socks5", "", "--http-proxy", ""}, check: func(t *testing.T, nc *client.NetstackConfig) {
+			if nc.SOCKS5 != "" || nc.HTTP != "" {
+				t.Fatalf("%+v", nc)
+			}
+		}},
+		{name: "all interfaces without auth", args: []string{"--socks5", "0.0.0.0:1080"}, wantErr: "not loopback"},
+		{name: "empty host without auth", args: []string{"--http-proxy", ":8080"}, wantErr: "not loopback"},
+		{name: "LAN address without auth", args: []string{"--http-proxy", "192.168.1.5:8080"}, wantErr: "not loopback"},
+		{name: "a name that only resolves to loopback is still refused", args: []string{"--socks5", "myhost:1080"}, wantErr: "not loopback"},
+		{name: "user without password", args: []string{"--proxy-user", "me"}, wantErr: "go together"},
+		{name: "password without user", args: []string{"--proxy-password", "pw"}, wantErr: "go together"},
+		{name: "password from env without user", env: map[string]string{"NLVPN_PROXY_PASSWORD": "pw"}, wantErr: "go together"},
+		{name: "beyond loopback with auth", args: []string{"--socks5", "0.0.0.0:1080", "--proxy-user", "me"}, env: map[string]string{"NLVPN_PROXY_PASSWORD": "pw"},
+			check: func(t *testing.T, nc *client.NetstackConfig) {
+				if nc.Auth == nil || nc.Auth.User != "me" || nc.Auth.Password != "pw" {
+					t.Fatalf("auth %+v", nc.Auth)
+				}
+			}},
+		{name: "no port", args: []string{"--socks5", "127.0.0.1"}, wantErr: "HOST:PORT"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			var nc *client.NetstackConfig
+			err := runWithFlags(t, proxyFlagList(), tc.args, func(c *cli.Context) error {
+				var err error
+				nc, err = proxyConfig(c)
+				return err
+			})
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err %v, want one with %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.check != nil {
+				tc.check(t, nc)
+			}
+		})
+	}
+}
+
+func TestModeFlags(t *testing.T) {
+	for _, tc := range []struct {
+		args    []string
+		want    string
+		wantErr string
+	}{
+		{args: nil, want: wire.ModeAuto},
+		{args: []string{"--direct"}, want: wire.ModeDirect},
+		{args: []string{"-d"}, want: wire.ModeDirect},
+		{args: []string{"--relay"}, want: wire.ModeRelay},
+		{args: []string{"-r"}, want: wire.ModeRelay},
+		{args: []string{"-d", "-r"}, wantErr: "exclude each other"},
+		{args: []string{"--direct", "--relay"}, wantErr: "exclude each other"},
+		{args: []string{"-d", "--direct-timeout", "0s"}, wantErr: "direct-timeout"},
+		{args: []string{"-d", "--direct-timeout", "3s"}, want: wire.ModeDirect},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			var mode string
+			err := runWithFlags(t, modeFlagList(), tc.args, func(c *cli.Context) error {
+				var err error
+				mode, err = modeFlags(c)
+				return err
+			})
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err %v, want one with %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil || mode != tc.want {
+				t.Fatalf("mode %q err %v, want %q", mode, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestOneLine(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"plain", "plain"},
+		{"a\nb", "a; b"},
+		{"a\nb\nc", "a; b; c"},
+		{"trailing\n", "trailing; "},
+	} {
+		if got := oneLine(errors.New(tc.in)); got != tc.want {
+			t.Errorf("oneLine(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+	wrapped := fmt.Errorf("outer: %w", errors.New("inner\ndetail"))
+	if got := oneLine(wrapped); strings.Contains(got, "\n") {
+		t.Errorf("oneLine left a newline: %q", got)
+	}
+}

@@ -1,0 +1,224 @@
+package tun
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The queue-side behaviour of BatchWriter needs no device: Write never
+// touches it.
+func TestBatchWriterDropsWhenFull(t *testing.T) {
+	for _, tc := range []struct {
+		queue, writes int
+		wantDrops     uint64
+	}{
+		{queue: 1, writes: 1, wantDrops: 0},
+		{queue: 2, writes: 5, wantDrops: 3},
+		{queue: 8, writes: 8, wantDrops: 0},
+		{queue: 8, writes: 100, wantDrops: 92},
+	} {
+		w := (&Device{}).NewBatchWriter(tc.queue)
+		done := make(chan struct{})
+		go func() {
+			for i := range tc.writes {
+				w.Write([]byte{byte(i)})
+			}
+			close(done)
+		}()
+		select {
+		case <-done:
+		case <-time.After(3 * time.Second):
+			t.Fatalf("queue %d: Write blocked on a full queue", tc.queue)
+		}
+		if got := w.Drops(); got != tc.wantDrops {
+			t.Errorf("queue %d, %d writes: Drops = %d, want %d", tc.queue, tc.writes, got, tc.wantDrops)
+		}
+		// The first packets are the ones kept, in order.
+		for i := range min(tc.queue, tc.writes) {
+			b := <-w.ch
+			if len(b) != Offset+1 || b[Offset] != byte(i) {
+				t.Fatalf("queued packet %d = %x", i, b)
+			}
+		}
+	}
+}
+
+func TestBatchWriterCopies(t *testing.T) {
+	w := (&Device{}).NewBatchWriter(4)
+	pkt := bytes.Repeat([]byte{0xaa}, 1400)
+	w.Write(pkt)
+	for i := range pkt {
+		pkt[i] = 0 // the caller reuses its buffer at once
+	}
+	big := bytes.Repeat([]byte{0xbb}, coalesceCap) // larger than a pooled buffer
+	w.Write(big)
+	b := <-w.ch
+	if len(b) != Offset+1400 || !bytes.Equal(b[Offset:], bytes.Repeat([]byte{0xaa}, 1400)) {
+		t.Fatal("queued packet changed with the caller's buffer, or has the wrong length")
+	}
+	b = <-w.ch
+	if len(b) != Offset+len(big) || !bytes.Equal(b[Offset:], big) {
+		t.Fatalf("oversize packet queued as %d bytes, want %d", len(b)-Offset, len(big))
+	}
+}
+
+// TestDeviceInNetns creates a real TUN device, in a network namespace of
+// its own (a child process of this test binary), so nothing outside is
+// touched: it checks the name and MTU, that BatchWriter delivers a packet
+// into the kernel, and that Close removes the device.
+func TestDeviceInNetns(t *testing.T) {
+	if os.Getenv("NLVPN_TUN_CHILD") == "1" {
+		deviceChild(t)
+		return
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a TUN device and a network namespace")
+	}
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		t.Skip("no /dev/net/tun")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("no ip command")
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestDeviceInNetns$", "-test.v", "-test.count=1")
+	cmd.Env = append(os.Environ(), "NLVPN_TUN_CHILD=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			t.Fatalf("in the namespace: %v\n%s", err, out)
+		}
+		t.Skipf("cannot start a process in a new network namespace: %v", err)
+	}
+	if !bytes.Contains(out, []byte("--- PASS: TestDeviceInNetns")) {
+		t.Fatalf("child did not run the test:\n%s", out)
+	}
+}
+
+func deviceChild(t *testing.T) {
+	// Make sure this really is a fresh namespace: only lo.
+	ifs, err := net.Interfaces()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ifs) != 1 || ifs[0].Name != "lo" {
+		t.Fatalf("not in a fresh network namespace: %v", ifs)
+	}
+	const name, mtu = "nlvt0", 1280
+	d, err := Create(name, mtu)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	defer func() {
+		if !closed {
+			d.Close()
+		}
+	}()
+	if d.Name() != name || d.MTU() != mtu {
+		t.Fatalf("Name %q MTU %d", d.Name(), d.MTU())
+	}
+	ifc, err := net.InterfaceByName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ifc.MTU != mtu {
+		t.Fatalf("kernel MTU %d, want %d", ifc.MTU, mtu)
+	}
+	if d.BatchSize() < 1 {
+		t.Fatalf("BatchSize %d", d.BatchSize())
+	}
+	for _, args := range [][]string{{"link", "set", name, "up"}, {"addr", "add", "10.77.0.1/24", "dev", name}} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v: %s", args, err, out)
+		}
+	}
+	uc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(10, 77, 0, 1), Port: 5555})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer uc.Close()
+
+	w := d.NewBatchWriter(64)
+	ctx, cancel := context.WithCancel(context.Background())
+	runDone := make(chan error, 1)
+	go func() { runDone <- w.Run(ctx) }()
+
+	payload := []byte("through the tun")
+	for i := range 3 {
+		w.Write(udp4(netip.MustParseAddrPort("10.77.0.2:4000"), netip.MustParseAddrPort("10.77.0.1:5555"), append(payload, byte('0'+i))))
+	}
+	uc.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 2048)
+	for i := range 3 {
+		n, from, err := uc.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			t.Fatalf("packet %d written to the TUN never reached a socket: %v (drops %d)", i, err, w.Drops())
+		}
+		if from != netip.MustParseAddrPort("10.77.0.2:4000") || !bytes.Equal(buf[:n], append(payload, byte('0'+i))) {
+			t.Fatalf("got %q from %v", buf[:n], from)
+		}
+	}
+	if w.Drops() != 0 {
+		t.Fatalf("drops %d", w.Drops())
+	}
+	cancel()
+	select {
+	case err := <-runDone:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("Run returned %v", err)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("Run did not return after cancel")
+	}
+
+	closed = true
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		if _, err := net.InterfaceByName(name); err != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the device still exists after Close")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// udp4 builds an IPv4/UDP packet (UDP checksum 0: optional over IPv4).
+func udp4(src, dst netip.AddrPort, payload []byte) []byte {
+	b := make([]byte, 28+len(payload))
+	b[0] = 0x45
+	binary.BigEndian.PutUint16(b[2:], uint16(len(b)))
+	b[8] = 64
+	b[9] = 17
+	s, d := src.Addr().As4(), dst.Addr().As4()
+	copy(b[12:16], s[:])
+	copy(b[16:20], d[:])
+	var sum uint32
+	for i := 0; i < 20; i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(b[i:]))
+	}
+	for sum > 0xffff {
+		sum = sum&0xffff + sum>>16
+	}
+	binary.BigEndian.PutUint16(b[10:], ^uint16(sum))
+	binary.BigEndian.PutUint16(b[20:], src.Port())
+	binary.BigEndian.PutUint16(b[22:], dst.Port())
+	binary.BigEndian.PutUint16(b[24:], uint16(8+len(payload)))
+	copy(b[28:], payload)
+	return b
+}
