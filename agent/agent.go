@@ -387,7 +387,15 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	}
 	delete(a.live, id)
 	delete(a.offers, id)
+	_, stillThere := a.byClient[offer.PeerAddr]
 	a.mu.Unlock()
+	if !stillThere {
+		// The client is gone (not just moved to a new session): end its
+		// flows on the LAN too.
+		if n := a.eg.CloseClient(offer.PeerAddr); n > 0 {
+			log.Info("closed the client's open flows", "flows", n)
+		}
+	}
 	a.stopPunch(id)
 	a.sconn.SetPath(id, nil)
 	st2 := s.Stats()

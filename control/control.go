@@ -217,7 +217,11 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 		return false, err
 	}
 	k := &conn{qc: qc, stream: st, pending: make(map[uint64]chan *wire.Message)}
-	if err := k.write(&wire.Message{Type: wire.TypeHello, Hello: &wire.Hello{Token: c.cfg.Token, Advertise: c.cfg.Advertise, Version: "1"}}); err != nil {
+	hello := &wire.Hello{Token: c.cfg.Token, Advertise: c.cfg.Advertise, Version: "1"}
+	if w := c.welcome.Load(); w != nil {
+		hello.Overlay = w.Overlay // keep our address across reconnects
+	}
+	if err := k.write(&wire.Message{Type: wire.TypeHello, Hello: hello}); err != nil {
 		return false, err
 	}
 	st.SetReadDeadline(time.Now().Add(10 * time.Second))

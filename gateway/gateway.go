@@ -51,6 +51,7 @@ type Gateway struct {
 
 	mu     sync.Mutex
 	agents map[string]*node
+	live   map[netip.Addr]*node // overlay addresses of connected nodes
 
 	rejected atomic.Uint64 // registrations refused
 	addr     atomic.Pointer[net.UDPAddr]
@@ -123,7 +124,7 @@ func New(cfg Config) (*Gateway, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	g := &Gateway{cfg: cfg, log: cfg.Log, hub: relay.NewHub(cfg.Log), agents: make(map[string]*node)}
+	g := &Gateway{cfg: cfg, log: cfg.Log, hub: relay.NewHub(cfg.Log), agents: make(map[string]*node), live: make(map[netip.Addr]*node)}
 	var err error
 	if g.overlay, err = openOverlayPool(cfg.State.Dir); err != nil {
 		return nil, err
@@ -270,15 +271,12 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 			n.adv = append(n.adv, p.Masked())
 		}
 	}
-	overlayKey := "agent/" + n.name
-	if n.role == token.RoleClient {
-		overlayKey = "client/" + n.name + "/" + key.String()
-	}
-	if n.overlay, err = g.overlay.Get(overlayKey); err != nil {
+	if n.overlay, err = g.assignOverlay(n, m.Hello.Overlay); err != nil {
 		log.Error("overlay allocation failed", "err", err)
 		g.refuse(qc, st, wire.CodeUnavailable, "gateway cannot allocate an overlay address")
 		return
 	}
+	defer g.releaseOverlay(n)
 	if n.role == token.RoleAgent {
 		g.mu.Lock()
 		old := g.agents[n.name]
@@ -438,4 +436,64 @@ func peerKey(qc *quic.Conn) (identity.PublicKey, error) {
 		return nil, errors.New("node presented no certificate")
 	}
 	return identity.PeerKey([][]byte{st.PeerCertificates[0].Raw})
+}
+
+// maxClientAddrs bounds the overlay addresses one client key may hold: one
+// per process running at once with that key (`up` and a few `connect`s).
+const maxClientAddrs = 16
+
+// assignOverlay gives a node its overlay address. An agent has one per
+// name. A client key has one per process running at once, so `up` and an
+// ssh `connect` from the same machine do not collide at the agent; a node
+// reconnecting gets back the address it asks for (the one it had) if that
+// is still its own and free, so its end-to-end session carries on.
+func (g *Gateway) assignOverlay(n *node, want netip.Addr) (netip.Addr, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if n.role == token.RoleAgent {
+		a, err := g.overlay.Get("agent/" + n.name)
+		if err == nil {
+			g.live[a] = n
+		}
+		return a, err
+	}
+	key := func(i int) string {
+		k := "client/" + n.name + "/" + n.key.String()
+		if i > 0 {
+			k += fmt.Sprintf("#%d", i)
+		}
+		return k
+	}
+	if want.IsValid() {
+		for i := 0; i < maxClientAddrs; i++ {
+			if a, ok := g.overlay.Peek(key(i)); ok && a == want && !g.isLive(a) {
+				g.live[a] = n
+				return a, nil
+			}
+		}
+	}
+	for i := 0; i < maxClientAddrs; i++ {
+		a, err := g.overlay.Get(key(i))
+		if err != nil {
+			return netip.Addr{}, err
+		}
+		if !g.isLive(a) {
+			g.live[a] = n
+			return a, nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("client %q already has %d connections with one key", n.name, maxClientAddrs)
+}
+
+func (g *Gateway) isLive(a netip.Addr) bool {
+	n := g.live[a]
+	return n != nil && n.qc.Context().Err() == nil
+}
+
+func (g *Gateway) releaseOverlay(n *node) {
+	g.mu.Lock()
+	if g.live[n.overlay] == n {
+		delete(g.live, n.overlay)
+	}
+	g.mu.Unlock()
 }

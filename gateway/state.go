@@ -104,6 +104,14 @@ func openOverlayPool(dir string) (*overlayPool, error) {
 	return p, nil
 }
 
+// Peek returns the address recorded for key, without allocating.
+func (p *overlayPool) Peek(key string) (netip.Addr, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	a, ok := p.m[key]
+	return a, ok && overlayPrefix.Contains(a)
+}
+
 // Get returns the address for key, allocating and saving one if needed.
 func (p *overlayPool) Get(key string) (netip.Addr, error) {
 	p.mu.Lock()

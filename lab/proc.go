@@ -94,6 +94,9 @@ func StartProcess(ns string, cfg ProcConfig) (*Process, error) {
 	}
 	// If the lab process dies, take the child with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// A grandchild that outlives the process (e.g. an sshd session) keeps
+	// the output pipe open: do not let that block Wait (and Stop) forever.
+	cmd.WaitDelay = StopTimeout
 	if err := cmd.Start(); err != nil {
 		if p.logFile != nil {
 			p.logFile.Close()

@@ -19,9 +19,11 @@ package netstack
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -119,7 +121,54 @@ type Egress struct {
 
 	echoID atomic.Uint32 // ICMP id allocator for raw sockets
 
+	// flows holds each client's open real connections, so that when a
+	// client's session ends its flows end too, instead of lingering on the
+	// LAN (an ssh session left open on the target, say).
+	flowMu sync.Mutex
+	flows  map[netip.Addr]map[io.Closer]struct{}
+
 	c egressCounters
+}
+
+// addFlow records a real connection made for client.
+func (e *Egress) addFlow(client netip.Addr, c io.Closer) {
+	e.flowMu.Lock()
+	defer e.flowMu.Unlock()
+	if e.flows == nil {
+		e.flows = make(map[netip.Addr]map[io.Closer]struct{})
+	}
+	m := e.flows[client]
+	if m == nil {
+		m = make(map[io.Closer]struct{})
+		e.flows[client] = m
+	}
+	m[c] = struct{}{}
+}
+
+// removeFlow forgets a connection that ended.
+func (e *Egress) removeFlow(client netip.Addr, c io.Closer) {
+	e.flowMu.Lock()
+	defer e.flowMu.Unlock()
+	if m := e.flows[client]; m != nil {
+		delete(m, c)
+		if len(m) == 0 {
+			delete(e.flows, client)
+		}
+	}
+}
+
+// CloseClient ends every flow of the client with overlay address addr
+// (its real connections close, which ends the tunneled side too) and
+// returns how many there were. The agent calls it when a session ends.
+func (e *Egress) CloseClient(addr netip.Addr) int {
+	e.flowMu.Lock()
+	m := e.flows[addr]
+	delete(e.flows, addr)
+	e.flowMu.Unlock()
+	for c := range m {
+		_ = c.Close()
+	}
+	return len(m)
 }
 
 // NewEgress starts a stack.

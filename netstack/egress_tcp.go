@@ -49,6 +49,8 @@ func (e *Egress) handleTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	defer e.removeCloser(remote)
+	e.addFlow(src.Addr(), remote)
+	defer e.removeFlow(src.Addr(), remote)
 
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)

@@ -66,6 +66,8 @@ func (e *Egress) runUDP(client *gonet.UDPConn, src, dst netip.AddrPort) {
 		return
 	}
 	defer e.removeCloser(remote)
+	e.addFlow(src.Addr(), remote)
+	defer e.removeFlow(src.Addr(), remote)
 	log.Debug("udp flow open")
 
 	var last atomic.Int64

@@ -74,6 +74,9 @@ type Hello struct {
 	Token     string         `json:"token"`
 	Advertise []netip.Prefix `json:"advertise,omitempty"` // agents: subnets offered
 	Version   string         `json:"version,omitempty"`
+	// Overlay is the address the node had before a reconnect; the gateway
+	// gives it back if it is still the node's and free.
+	Overlay netip.Addr `json:"overlay,omitempty"`
 }
 
 // Welcome confirms registration.

@@ -83,7 +83,9 @@ func setupLoggingLevel(l slog.Level) { logLevel.Set(l) }
 
 func setupLogging(c *cli.Context) error {
 	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+	if c.String("log-level") == "" {
+		lvl = slog.LevelInfo // an empty NLVPN_LOG_LEVEL means unset
+	} else if err := lvl.UnmarshalText([]byte(c.String("log-level"))); err != nil {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	logLevel.Set(lvl)
@@ -101,9 +103,10 @@ func setupLogging(c *cli.Context) error {
 	return nil
 }
 
-// signalContext ends on Ctrl-C or SIGTERM, so every role cleans up.
+// signalContext ends on Ctrl-C, SIGTERM or SIGHUP (ssh sends it to a
+// ProxyCommand when the session ends), so every role cleans up.
 func signalContext(c *cli.Context) (context.Context, context.CancelFunc) {
-	return signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
+	return signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 }
 
 func defaultStateDir(name string) string {
