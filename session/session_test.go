@@ -45,7 +45,7 @@ type peerPair struct {
 	ln                      *quic.Listener
 }
 
-func newPeerPair(t *testing.T) *peerPair {
+func newPeerPair(t testing.TB) *peerPair {
 	t.Helper()
 	p := &peerPair{}
 	var err error
@@ -81,7 +81,7 @@ func newPeerPair(t *testing.T) *peerPair {
 }
 
 // connect dials from the client and accepts on the agent.
-func (p *peerPair) connect(t *testing.T, id uint64) (client, agent *quic.Conn) {
+func (p *peerPair) connect(t testing.TB, id uint64) (client, agent *quic.Conn) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
