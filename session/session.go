@@ -32,8 +32,10 @@ func QUICConfig() *quic.Config {
 		// Long enough to ride out a gateway restart on the relay path.
 		MaxIdleTimeout:  90 * time.Second,
 		KeepAlivePeriod: 5 * time.Second,
-		// The control stream carries little; the windows matter only for it.
-		MaxIncomingStreams:    16,
+		// One stream: the agent's session info to the client. Nothing else
+		// is read, so nothing else may be opened (a peer cannot make us
+		// buffer streams nobody reads).
+		MaxIncomingStreams:    1,
 		MaxIncomingUniStreams: -1,
 	}
 }
