@@ -44,7 +44,8 @@ func main() {
 
    gateway  the public rendezvous and relay (UDP/QUIC); it never sees your traffic in clear
    agent    runs inside the remote network and gives clients access to its subnets
-   up       (the client) routes the agent's subnets on this machine through a TUN device
+   up       (the client) routes the agent's subnets on this machine through a TUN device,
+            or without root serves local SOCKS5/HTTP proxies into them (also: connect, forward)
 
 A first setup on three machines:
 
@@ -399,13 +400,17 @@ It reconnects to the gateway by itself.`,
 func upCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "up",
-		Usage: "connect this machine to an agent's network (needs root for the TUN device)",
+		Usage: "connect this machine to an agent's network: a TUN device as root, local SOCKS5/HTTP proxies without",
 		Description: `Asks the gateway for a session with the agent, checks the agent's key (pinned on first
 use in STATE-DIR/known_agents; a changed key is an error), creates a TUN device and
 routes the agent's overlay address and advertised subnets into it. Every program on
 the machine then reaches those subnets. Ctrl-C or SIGTERM removes the routes and the
-device. After a first successful run the token is saved to the config file, so later
-runs need only --agent.`,
+device. Without CAP_NET_ADMIN (or with --netstack) it runs the same tunnel on a userspace
+netstack instead and serves a SOCKS5 and an HTTP proxy on loopback; names given to the
+proxies are resolved by the agent. After a first successful run the token is saved to
+the config file, so later runs need only --agent. The tunnel starts on the gateway's
+relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
+--direct and --relay. nlvpn status shows which is in use.`,
 		Flags: append(append(append(nodeFlags(),
 			&cli.StringFlag{Name: "agent", Aliases: []string{"n"}, Usage: "`NAME` of the agent to connect to", Required: true},
 			&cli.StringFlag{Name: "tun", Value: "nlvpn0", Usage: "TUN device name"},
