@@ -67,6 +67,7 @@ type Agent struct {
 	in chan []byte
 
 	dropSpoofed, dropNoSession, dropInFull atomic.Uint64
+	lastDenyLog                            atomic.Int64
 }
 
 // inQueueLen bounds client packets waiting for the netstack.
@@ -141,24 +142,40 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer ln.Close()
 
+	// The gateway connection and the direct paths outlive ctx by a moment
+	// at shutdown: the sessions' goodbyes travel on them, so clients learn
+	// at once that the agent left instead of after an idle timeout.
+	pathCtx, cancelPaths := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelPaths()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	a.ctx = ctx
-	go u.Run(ctx)
+	go u.Run(pathCtx)
 	go a.runInject(ctx)
 	runErr := make(chan error, 1)
-	go func() { runErr <- a.ctrl.Run(ctx) }()
+	go func() { runErr <- a.ctrl.Run(pathCtx) }()
 	go a.acceptLoop(ctx, ln)
 	a.log.Info("agent starting", "advertise", cfg.Advertise)
 
 	select {
 	case <-ctx.Done():
+		a.closeSessions()
 		return nil
 	case err := <-runErr:
-		if ctx.Err() != nil {
-			return nil
-		}
 		return err
+	}
+}
+
+// closeSessions says goodbye to every connected client.
+func (a *Agent) closeSessions() {
+	a.mu.Lock()
+	var ss []*session.Session
+	for _, cs := range a.byClient {
+		ss = append(ss, cs.sess)
+	}
+	a.mu.Unlock()
+	for _, s := range ss {
+		s.Conn.CloseWithError(0, "agent shutting down")
 	}
 }
 
@@ -183,7 +200,7 @@ func (a *Agent) allow(dst netip.AddrPort, proto string) bool {
 		if a.cfg.AllowLoopback {
 			return true
 		}
-		a.log.Info("refused a client's connection to this host's loopback (start the agent with --allow-loopback to allow it)", "dst", dst, "proto", proto)
+		a.logDenied("refused a client's connection to this host's loopback (start the agent with --allow-loopback to allow it)", dst, proto)
 		return false
 	}
 	for _, p := range a.cfg.Advertise {
@@ -191,8 +208,20 @@ func (a *Agent) allow(dst netip.AddrPort, proto string) bool {
 			return true
 		}
 	}
-	a.log.Info("refused by policy: not in an advertised subnet", "dst", dst, "proto", proto)
+	a.logDenied("refused by policy: not in an advertised subnet", dst, proto)
 	return false
+}
+
+// logDenied logs a refusal at most once a second: a client sending
+// refused packets in a loop must not fill the disk or slow the shared
+// inject goroutine. The egress counts every refusal.
+func (a *Agent) logDenied(msg string, dst netip.AddrPort, proto string) {
+	now := time.Now().UnixNano()
+	last := a.lastDenyLog.Load()
+	if now-last < int64(time.Second) || !a.lastDenyLog.CompareAndSwap(last, now) {
+		return
+	}
+	a.log.Info(msg, "dst", dst, "proto", proto)
 }
 
 // dial opens the real flow for the egress: DNS on the overlay address is
@@ -238,8 +267,28 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 		}
 	}
 	a.mu.Lock()
+	if prev := a.offers[s.ID]; prev != nil && prev.PeerKey != s.PeerKey {
+		// A session ID belongs to one client key; another client naming it
+		// (it travels in clear in frame headers) must not take it over.
+		a.mu.Unlock()
+		return badRequest("session ID in use")
+	}
+	acc.Resumed = a.live[s.ID]
+	// One pending (not yet connected) offer per client key: a client
+	// cannot pile up offers, each with probes aimed where it says.
+	var stale []uint64
+	for id, o := range a.offers {
+		if id != s.ID && o.PeerKey == s.PeerKey && !a.live[id] {
+			delete(a.offers, id)
+			stale = append(stale, id)
+		}
+	}
 	a.offers[s.ID] = s
 	a.mu.Unlock()
+	for _, id := range stale {
+		a.stopPunch(id)
+		a.sconn.SetPath(id, nil)
+	}
 	a.log.Info("session offered", "client", s.PeerName, "client_overlay", s.PeerAddr, "session", fmt.Sprintf("%016x", s.ID), "mode", modeName(s.Mode))
 	a.startPunch(s, probeKey)
 	return &wire.Message{Type: wire.TypeAccept, Accept: acc}
@@ -301,6 +350,7 @@ func (a *Agent) startPunch(s *wire.Session, key []byte) {
 		a.mu.Unlock()
 		if !live {
 			a.stopPunch(s.ID)
+			a.sconn.SetPath(s.ID, nil)
 		}
 	})
 }

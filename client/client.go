@@ -69,13 +69,18 @@ type Client struct {
 	// deliver takes each packet from the agent: into the TUN, or into the
 	// netstack.
 	deliver func(pkt []byte)
-	ctx     context.Context
+	// overlay is our address; agentPrefixes what the agent may send from.
+	overlay       netip.Addr
+	agentPrefixes []netip.Prefix
+	dropForeign   atomic.Uint64
+	ctx           context.Context
 
-	pmu    sync.Mutex
-	punch  *punch.Punch
-	pstop  context.CancelFunc
-	path   pathState
-	direct chan struct{} // signalled when a direct path is confirmed
+	pmu     sync.Mutex
+	punch   *punch.Punch
+	punchID uint64
+	pstop   context.CancelFunc
+	path    pathState
+	direct  chan struct{} // signalled when a direct path is confirmed
 }
 
 // pathState is what `nlvpn status` reports about the path in use.
@@ -114,6 +119,16 @@ func Run(ctx context.Context, cfg Config) error {
 			select {
 			case up <- struct{}{}:
 			default:
+			}
+		},
+		// The agent left the gateway: re-attach now rather than after the
+		// session's idle timeout.
+		OnGone: func(id uint64) {
+			if s := c.cur.Load(); s != nil && s.ID == id {
+				select {
+				case up <- struct{}{}:
+				default:
+				}
 			}
 		},
 	})
@@ -156,6 +171,12 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	c.info = info
 	c.cur.Store(s)
+	c.overlay = w.Overlay
+	// The agent's own loopback (reached through the netstack with
+	// --allow-loopback) answers from 127.0.0.1; the kernel drops such
+	// sources arriving on a TUN anyway.
+	c.agentPrefixes = append([]netip.Prefix{netip.PrefixFrom(info.Overlay, info.Overlay.BitLen()),
+		netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}, info.Advertise...)
 
 	if dev != nil {
 		stop, err := c.startTUN(ctx, dev, w, info)
@@ -209,17 +230,23 @@ func Run(ctx context.Context, cfg Config) error {
 // would route the tunnel into itself).
 func (c *Client) routes(info *wire.PeerInfo) []netip.Prefix {
 	rs := []netip.Prefix{netip.PrefixFrom(info.Overlay, info.Overlay.BitLen())}
-	var gw netip.Addr
+	var gws []netip.Addr
 	if host, _, err := net.SplitHostPort(c.cfg.Gateway); err == nil {
-		if ips, err := net.LookupIP(host); err == nil && len(ips) > 0 {
-			gw, _ = netip.AddrFromSlice(ips[0])
-			gw = gw.Unmap()
+		if ips, err := net.LookupIP(host); err == nil {
+			for _, ip := range ips {
+				if a, ok := netip.AddrFromSlice(ip); ok {
+					gws = append(gws, a.Unmap())
+				}
+			}
 		}
 	}
+next:
 	for _, p := range info.Advertise {
-		if gw.IsValid() && p.Contains(gw) {
-			c.log.Warn("not routing an advertised subnet that contains the gateway", "prefix", p, "gateway", gw)
-			continue
+		for _, gw := range gws {
+			if p.Contains(gw) {
+				c.log.Warn("not routing an advertised subnet that contains the gateway", "prefix", p, "gateway", gw)
+				continue next
+			}
 		}
 		rs = append(rs, p)
 	}
@@ -294,7 +321,7 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 	if err := c.startPunch(off, key, offer); err != nil {
 		return nil, nil, err
 	}
-	if resume != 0 && off.ID == resume && cur.Alive() {
+	if resume != 0 && off.ID == resume && off.Resumed && cur.Alive() {
 		return cur, c.info, nil
 	}
 	if c.cfg.Mode == wire.ModeDirect {
@@ -328,7 +355,29 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 
 // pump carries one session's received packets into the TUN.
 func (c *Client) pump(s *session.Session) {
-	s.Run(c.deliver)
+	s.Run(c.receive)
+}
+
+// receive lets in only what the agent may send: packets to our overlay
+// address from the agent's overlay address or its advertised subnets. A
+// compromised agent must not inject packets claiming to come from
+// anywhere else (WireGuard's AllowedIPs check on receive does the same).
+func (c *Client) receive(pkt []byte) {
+	src, dst, ok := packet.Addrs(pkt)
+	if !ok || dst != c.overlay || !c.fromAgent(src) {
+		c.dropForeign.Add(1)
+		return
+	}
+	c.deliver(pkt)
+}
+
+func (c *Client) fromAgent(src netip.Addr) bool {
+	for _, p := range c.agentPrefixes {
+		if p.Contains(src) {
+			return true
+		}
+	}
+	return false
 }
 
 // startTUN routes the agent's overlay address and subnets into the TUN

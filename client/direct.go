@@ -29,9 +29,19 @@ func (c *Client) setPath(kind, remote string) {
 func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offer *punch.Offer) error {
 	c.pmu.Lock()
 	if c.pstop != nil {
+		// Retire the last session's punch under its own ID, so a late pong
+		// for it cannot report a path the new session does not have.
 		c.pstop()
-		c.mux.Remove(off.ID, c.punch)
+		c.mux.Remove(c.punchID, c.punch)
+		if c.punchID != off.ID {
+			c.sconn.SetPath(c.punchID, nil)
+		}
 		c.pstop, c.punch = nil, nil
+	}
+	// A confirmation signalled for the retired punch must not count.
+	select {
+	case <-c.direct:
+	default:
 	}
 	c.pmu.Unlock()
 	switch c.cfg.Mode {
@@ -77,7 +87,7 @@ func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offe
 	})
 	ctx, cancel := context.WithCancel(c.ctx)
 	c.pmu.Lock()
-	c.punch, c.pstop = p, cancel
+	c.punch, c.pstop, c.punchID = p, cancel, id
 	c.pmu.Unlock()
 	c.mux.Add(id, p)
 	if c.cfg.Mode != wire.ModeDirect {

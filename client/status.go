@@ -26,6 +26,7 @@ type Status struct {
 	QUICCwnd        uint64 `json:"quic_cwnd"`
 	DropsInbound    uint64 `json:"drops_inbound"`
 	DropsTUNWrite   uint64 `json:"drops_tun_write"`
+	DropsForeign    uint64 `json:"drops_foreign"` // from the agent, not from its addresses
 }
 
 // Status reports the tunnel's state now.
@@ -43,6 +44,7 @@ func (c *Client) Status() Status {
 		st.Session = formatID(s.ID)
 	}
 	st.DropsInbound, _ = c.sconn.Drops()
+	st.DropsForeign = c.dropForeign.Load()
 	if c.tunw != nil {
 		st.DropsTUNWrite = c.tunw.Drops()
 	}

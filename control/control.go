@@ -58,6 +58,9 @@ type Config struct {
 	// OnUp runs after every registration, the first and each after a
 	// reconnect, in its own goroutine; ctx ends with that connection.
 	OnUp func(ctx context.Context, w *wire.Welcome)
+	// OnGone is told when the other end of one of this node's sessions
+	// left the gateway.
+	OnGone func(id uint64)
 }
 
 // FatalError is a refusal by the gateway that retrying cannot fix.
@@ -84,7 +87,7 @@ type Client struct {
 	failed  chan struct{} // closed when Run gives up
 	err     error
 
-	dropRelay atomic.Uint64
+	dropRelay, dropRelayOut atomic.Uint64
 }
 
 // New returns a Client; Run connects it.
@@ -154,6 +157,7 @@ func (c *Client) run(ctx context.Context) error {
 type conn struct {
 	qc     *quic.Conn
 	stream *quic.Stream
+	relayq chan []byte // relay frames waiting for the connection
 
 	wmu     sync.Mutex
 	pmu     sync.Mutex
@@ -216,7 +220,7 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	k := &conn{qc: qc, stream: st, pending: make(map[uint64]chan *wire.Message)}
+	k := &conn{qc: qc, stream: st, pending: make(map[uint64]chan *wire.Message), relayq: make(chan []byte, relayQueueLen)}
 	hello := &wire.Hello{Token: c.cfg.Token, Advertise: c.cfg.Advertise, Version: "1"}
 	if w := c.welcome.Load(); w != nil {
 		hello.Overlay = w.Overlay // keep our address across reconnects
@@ -269,6 +273,7 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 		go c.cfg.OnUp(connCtx, w)
 	}
 	go c.readRelay(connCtx, qc)
+	go c.sendRelay(connCtx, k)
 	return true, c.readControl(connCtx, k)
 }
 
@@ -314,6 +319,10 @@ func (c *Client) readControl(ctx context.Context, k *conn) error {
 				return fatal(m.Error)
 			}
 			c.log.Warn("gateway reports an error", "code", m.Error.Code, "msg", m.Error.Message)
+		case m.Type == wire.TypeGone:
+			if c.cfg.OnGone != nil {
+				c.cfg.OnGone(m.Gone.ID)
+			}
 		case m.ID != 0 && c.cfg.OnRequest != nil:
 			go func() {
 				reply := c.cfg.OnRequest(ctx, m)
@@ -366,7 +375,16 @@ func (c *Client) Request(ctx context.Context, m *wire.Message) (*wire.Message, e
 	}
 }
 
-// Send implements session.Path: the relay path through the gateway.
+// relayQueueLen bounds relay frames waiting for the gateway connection.
+const relayQueueLen = 1024
+
+// ErrRelayFull is returned by Send when the relay queue is full.
+var ErrRelayFull = errors.New("relay queue full")
+
+// Send implements session.Path: the relay path through the gateway. It
+// never blocks (quic-go's SendDatagram does, once 32 frames wait, and a
+// stalled gateway connection must not stall the peer session): a full
+// queue drops the frame and counts it, like a full socket buffer.
 func (c *Client) Send(id uint64, pkt []byte) error {
 	c.mu.Lock()
 	k := c.cur
@@ -377,7 +395,26 @@ func (c *Client) Send(id uint64, pkt []byte) error {
 	b := make([]byte, 0, wire.FrameHeaderLen+len(pkt))
 	b = wire.AppendFrameHeader(b, wire.FrameRelay, id)
 	b = append(b, pkt...)
-	return k.qc.SendDatagram(b)
+	select {
+	case k.relayq <- b:
+		return nil
+	default:
+		c.dropRelayOut.Add(1)
+		return ErrRelayFull
+	}
+}
+
+func (c *Client) sendRelay(ctx context.Context, k *conn) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case b := <-k.relayq:
+			if err := k.qc.SendDatagram(b); err != nil {
+				c.dropRelayOut.Add(1)
+			}
+		}
+	}
 }
 
 // RelayDrops counts malformed or unexpected frames received from the gateway.

@@ -302,6 +302,9 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		}()
 	}
 	n.peer = g.hub.NewPeer(n.role+"/"+n.name, qc)
+	n.peer.OnGone = func(id uint64) {
+		go n.write(&wire.Message{Type: wire.TypeGone, Gone: &wire.Gone{ID: id}})
+	}
 	defer n.peer.Close()
 
 	var observed netip.AddrPort
@@ -426,7 +429,7 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 	}
 	return &wire.Message{Type: wire.TypeSession, Session: &wire.Session{
 		ID: id, PeerName: a.name, PeerKey: a.key.String(), PeerAddr: a.overlay, Advertise: a.adv,
-		Mode: req.Mode, Punch: r.Accept.Punch,
+		Mode: req.Mode, Punch: r.Accept.Punch, Resumed: r.Accept.Resumed && id == req.Resume,
 	}}
 }
 
@@ -438,15 +441,17 @@ func peerKey(qc *quic.Conn) (identity.PublicKey, error) {
 	return identity.PeerKey([][]byte{st.PeerCertificates[0].Raw})
 }
 
-// maxClientAddrs bounds the overlay addresses one client key may hold: one
-// per process running at once with that key (`up` and a few `connect`s).
+// maxClientAddrs bounds the overlay addresses one client name may hold:
+// one per process running at once (`up` and a few `connect`s).
 const maxClientAddrs = 16
 
 // assignOverlay gives a node its overlay address. An agent has one per
-// name. A client key has one per process running at once, so `up` and an
-// ssh `connect` from the same machine do not collide at the agent; a node
-// reconnecting gets back the address it asks for (the one it had) if that
-// is still its own and free, so its end-to-end session carries on.
+// name. A client name has one per process running at once ("slots"), so
+// `up` and an ssh `connect` from one machine do not collide at the agent,
+// and the pool stays bounded by names, not by keys. A node reconnecting
+// asks for the address it had and gets it back if it is free, or held by
+// a stale connection with the same key (which is then closed), so its
+// end-to-end session carries on.
 func (g *Gateway) assignOverlay(n *node, want netip.Addr) (netip.Addr, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -457,23 +462,30 @@ func (g *Gateway) assignOverlay(n *node, want netip.Addr) (netip.Addr, error) {
 		}
 		return a, err
 	}
-	key := func(i int) string {
-		k := "client/" + n.name + "/" + n.key.String()
-		if i > 0 {
-			k += fmt.Sprintf("#%d", i)
+	slot := func(i int) string {
+		if i == 0 {
+			return "client/" + n.name
 		}
-		return k
+		return fmt.Sprintf("client/%s#%d", n.name, i)
 	}
 	if want.IsValid() {
 		for i := 0; i < maxClientAddrs; i++ {
-			if a, ok := g.overlay.Peek(key(i)); ok && a == want && !g.isLive(a) {
-				g.live[a] = n
-				return a, nil
+			a, ok := g.overlay.Peek(slot(i))
+			if !ok || a != want {
+				continue
 			}
+			if holder := g.live[a]; holder != nil && holder.qc.Context().Err() == nil {
+				if !holder.key.Equal(n.key) {
+					break // another machine's now
+				}
+				holder.qc.CloseWithError(0, "replaced by a new connection")
+			}
+			g.live[a] = n
+			return a, nil
 		}
 	}
 	for i := 0; i < maxClientAddrs; i++ {
-		a, err := g.overlay.Get(key(i))
+		a, err := g.overlay.Get(slot(i))
 		if err != nil {
 			return netip.Addr{}, err
 		}
@@ -482,7 +494,7 @@ func (g *Gateway) assignOverlay(n *node, want netip.Addr) (netip.Addr, error) {
 			return a, nil
 		}
 	}
-	return netip.Addr{}, fmt.Errorf("client %q already has %d connections with one key", n.name, maxClientAddrs)
+	return netip.Addr{}, fmt.Errorf("client %q already has %d connections", n.name, maxClientAddrs)
 }
 
 func (g *Gateway) isLive(a netip.Addr) bool {

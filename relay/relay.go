@@ -89,11 +89,16 @@ func NewHub(log *slog.Logger) *Hub {
 // Peer is one node connection as the hub sees it.
 type Peer struct {
 	Name string
-	hub  *Hub
-	conn DatagramSender
-	out  chan []byte
-	done chan struct{}
-	once sync.Once
+	// OnGone, if set (before any Bind), is called with the ID of each of
+	// this peer's routes removed because the other end closed, so the
+	// gateway can tell this node at once instead of letting it find out
+	// by silence.
+	OnGone func(id uint64)
+	hub    *Hub
+	conn   DatagramSender
+	out    chan []byte
+	done   chan struct{}
+	once   sync.Once
 }
 
 // NewPeer registers a node connection and starts its sender. Close it when
@@ -122,13 +127,29 @@ func (p *Peer) Close() {
 	p.once.Do(func() {
 		close(p.done)
 		h := p.hub
+		type gone struct {
+			id   uint64
+			peer *Peer
+		}
+		var survivors []gone
 		h.mu.Lock()
 		for id, r := range h.routes {
-			if r.a == p || r.b == p {
-				delete(h.routes, id)
+			switch p {
+			case r.a:
+				survivors = append(survivors, gone{id, r.b})
+			case r.b:
+				survivors = append(survivors, gone{id, r.a})
+			default:
+				continue
 			}
+			delete(h.routes, id)
 		}
 		h.mu.Unlock()
+		for _, g := range survivors {
+			if g.peer.OnGone != nil {
+				g.peer.OnGone(g.id)
+			}
+		}
 	})
 }
 

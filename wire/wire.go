@@ -32,6 +32,9 @@ const (
 	TypeConnect = "connect" // client → gateway: open a session to an agent
 	TypeSession = "session" // gateway → client (reply to connect) and → agent (offer)
 	TypeAccept  = "accept"  // agent → gateway, reply to a session offer
+	// TypeGone tells a node that the other end of one of its sessions left
+	// the gateway (its relay route is gone), so it can re-attach at once.
+	TypeGone = "gone"
 	// TypePeerInfo travels inside the peer session, agent → client: the
 	// agent's own word on what it serves, so the gateway cannot add routes.
 	TypePeerInfo = "peer_info"
@@ -59,6 +62,7 @@ type Message struct {
 	Connect *Connect  `json:"connect,omitempty"`
 	Session *Session  `json:"session,omitempty"`
 	Accept  *Accept   `json:"accept,omitempty"`
+	Gone    *Gone     `json:"gone,omitempty"`
 	Peer    *PeerInfo `json:"peer,omitempty"`
 }
 
@@ -142,13 +146,23 @@ type Session struct {
 	PeerAddr  netip.Addr     `json:"peer_overlay"`
 	Advertise []netip.Prefix `json:"advertise,omitempty"` // the agent's, as registered
 	Mode      string         `json:"mode,omitempty"`
-	Punch                    // the peer's
+	// Resumed (to a client) says the agent still holds the session's
+	// end-to-end connection, so the client may keep using it.
+	Resumed bool `json:"resumed,omitempty"`
+	Punch        // the peer's
 }
 
-// Accept is the agent's yes to a session offer.
+// Accept is the agent's yes to a session offer. Resumed says the agent
+// still has a live end-to-end connection for that session ID.
 type Accept struct {
-	ID uint64 `json:"id"`
+	ID      uint64 `json:"id"`
+	Resumed bool   `json:"resumed,omitempty"`
 	Punch
+}
+
+// Gone names a session whose other end left.
+type Gone struct {
+	ID uint64 `json:"id"`
 }
 
 // WriteMessage writes m with a 4-byte big-endian length prefix.
@@ -222,6 +236,8 @@ func (m *Message) check() error {
 		present = m.Accept != nil
 	case TypePeerInfo:
 		present = m.Peer != nil
+	case TypeGone:
+		present = m.Gone != nil
 	default:
 		return fmt.Errorf("unknown type %q", m.Type)
 	}
@@ -229,7 +245,7 @@ func (m *Message) check() error {
 		return fmt.Errorf("%s message without its body", m.Type)
 	}
 	n := 0
-	for _, p := range []bool{m.Hello != nil, m.Welcome != nil, m.Error != nil, m.Connect != nil, m.Session != nil, m.Accept != nil, m.Peer != nil} {
+	for _, p := range []bool{m.Hello != nil, m.Welcome != nil, m.Error != nil, m.Connect != nil, m.Session != nil, m.Accept != nil, m.Peer != nil, m.Gone != nil} {
 		if p {
 			n++
 		}

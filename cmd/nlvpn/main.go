@@ -131,9 +131,10 @@ func gatewayCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "gateway",
 		Usage: "run the public gateway: authentication, agent directory, rendezvous and relay",
-		Description: `Serves QUIC on a UDP port. On first start it creates its key and a self-signed
-certificate in --state-dir and prints the certificate fingerprint; tokens carry that
-fingerprint, so nodes need nothing else to trust it. --cert/--key use a real
+		Description: `Serves QUIC on a UDP port. On first start it creates its key in --state-dir; its
+self-signed certificate is made from that key at every start (so the fingerprint never
+changes) and the fingerprint is printed; tokens carry it, so nodes need nothing else to
+trust the gateway. --cert/--key use a real
 certificate instead. The gateway relays only end-to-end encrypted packets.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: ":4433", Usage: "UDP address to listen on"},
