@@ -356,6 +356,9 @@ func (c *Client) Request(ctx context.Context, m *wire.Message) (*wire.Message, e
 	k.pending[m.ID] = ch
 	k.pmu.Unlock()
 	if err := k.write(m); err != nil {
+		k.pmu.Lock()
+		delete(k.pending, m.ID)
+		k.pmu.Unlock()
 		return nil, err
 	}
 	select {

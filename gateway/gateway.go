@@ -76,12 +76,38 @@ type node struct {
 	nextID  uint64
 
 	inflight chan struct{}     // bounds concurrent connect requests
+	bucket   float64           // connect tokens left (see connectAllowed)
+	bucketAt time.Time         // when bucket was last filled
 	rmu      sync.Mutex        // guards routes
 	routes   map[string]uint64 // client: its current session per agent
 }
 
 // maxInflightConnects bounds one client's concurrent connect requests.
 const maxInflightConnects = 4
+
+// Connect requests per client connection: a burst of connectBurst, then
+// one every connectEvery. Each connect makes the agent probe the addresses
+// the client names; this keeps that a trickle.
+const (
+	connectBurst = 10
+	connectEvery = time.Second
+)
+
+// connectAllowed takes a token from the node's connect bucket.
+func (n *node) connectAllowed(now time.Time) bool {
+	n.rmu.Lock()
+	defer n.rmu.Unlock()
+	if n.bucketAt.IsZero() {
+		n.bucket, n.bucketAt = connectBurst, now
+	}
+	n.bucket = min(connectBurst, n.bucket+now.Sub(n.bucketAt).Seconds()/connectEvery.Seconds())
+	n.bucketAt = now
+	if n.bucket < 1 {
+		return false
+	}
+	n.bucket--
+	return true
+}
 
 func (n *node) write(m *wire.Message) error {
 	n.wmu.Lock()
@@ -385,6 +411,9 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 		log.Info("connect to unknown agent")
 		return errorReply(wire.CodeUnknownAgent, "no agent named %q is connected to this gateway", req.Agent)
 	}
+	if !c.connectAllowed(time.Now()) {
+		return errorReply(wire.CodeUnavailable, "too many connect requests; slow down")
+	}
 	id := req.Resume
 	if id == 0 || g.hub.Bind(id, c.peer, a.peer) != nil {
 		for {
@@ -412,6 +441,11 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 			return errorReply(we.Code, "agent %q refused: %s", a.name, we.Message)
 		}
 		return errorReply(wire.CodeUnavailable, "agent %q did not answer: %v", a.name, err)
+	}
+	if c.qc.Context().Err() != nil {
+		// The client left while we asked the agent: do not leave its route.
+		g.hub.Unbind(id)
+		return errorReply(wire.CodeUnavailable, "client disconnected")
 	}
 	// One route per client and agent: a new session replaces the last, so a
 	// client cannot pile up routes by reconnecting.
