@@ -72,8 +72,11 @@ type Client struct {
 	// overlay is our address; agentPrefixes what the agent may send from.
 	overlay       netip.Addr
 	agentPrefixes []netip.Prefix
-	dropForeign   atomic.Uint64
-	ctx           context.Context
+	// marked: the node's sockets bypass the tunnel's routes, so even a
+	// subnet containing the gateway can be routed.
+	marked      bool
+	dropForeign atomic.Uint64
+	ctx         context.Context
 
 	pmu     sync.Mutex
 	punch   *punch.Punch
@@ -137,6 +140,13 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer u.Close()
 	c.ctrl, c.sconn, c.mux, c.tr, c.port = u.Ctrl, u.Conn, u.Mux, u.Peers, u.Port
+	if dev != nil {
+		if err := u.Mark(); err != nil {
+			c.log.Warn("cannot mark the UDP socket to bypass the tunnel's routes; subnets containing the gateway will not be routed", "err", err)
+		} else {
+			c.marked = true
+		}
+	}
 	c.direct = make(chan struct{}, 1)
 	c.path = pathState{kind: "relay", remote: cfg.Gateway, since: time.Now()}
 
@@ -226,8 +236,8 @@ func Run(ctx context.Context, cfg Config) error {
 }
 
 // routes is what goes into the TUN: the agent's overlay address and its
-// subnets, minus any that would swallow the gateway's own address (that
-// would route the tunnel into itself).
+// subnets; without the socket mark, minus any that would swallow the
+// gateway's own address (that would route the tunnel into itself).
 func (c *Client) routes(info *wire.PeerInfo) []netip.Prefix {
 	rs := []netip.Prefix{netip.PrefixFrom(info.Overlay, info.Overlay.BitLen())}
 	var gws []netip.Addr
@@ -239,6 +249,9 @@ func (c *Client) routes(info *wire.PeerInfo) []netip.Prefix {
 				}
 			}
 		}
+	}
+	if c.marked {
+		gws = nil
 	}
 next:
 	for _, p := range info.Advertise {

@@ -174,7 +174,9 @@ func TestRelayedTunnel(t *testing.T) {
 			}
 		}
 		rules, _ := lab.Output(ctx, e.lab.NS.Client, "ip", "rule", "show")
-		t.Logf("ip rules after exit:\n%s", rules)
+		if strings.Contains(rules, "5228") || strings.Contains(rules, "0x4e4c") {
+			t.Errorf("policy rules left behind after the client exited:\n%s", rules)
+		}
 	})
 }
 

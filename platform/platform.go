@@ -12,5 +12,21 @@ type Config struct {
 	Routes    []netip.Prefix // sent into the device, with Addr as source
 }
 
+// The underlay must never enter the tunnel. On Linux the tunnel's routes
+// live in their own table, consulted before the main one, and the node's
+// UDP sockets carry a firewall mark that sends them to the main table
+// first: routing the agent's subnets (one day a default route) into the
+// TUN can then never capture the tunnel's own packets.
+const (
+	// Table holds the tunnel's routes ("ip route show table 5228").
+	Table = 5228
+	// Mark is set on the node's UDP sockets (SO_MARK).
+	Mark = 0x4e4c
+	// RulePriorityMarked sends marked packets to the main table;
+	// RulePriorityTunnel sends everything else to Table first.
+	RulePriorityMarked = 5208
+	RulePriorityTunnel = 5228
+)
+
 // Undo reverses a Configure. It is safe to call more than once.
 type Undo func() error

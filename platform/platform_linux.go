@@ -9,18 +9,22 @@ import (
 	"syscall"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
-// Configure brings the interface up with its address and adds the routes,
-// with netlink. A route that already exists (the same prefix through another
-// interface, say the machine's own LAN) is skipped and reported in skipped,
-// never replaced: taking over a route the user relies on would cut them off.
+// Configure brings the interface up with its address, installs the two
+// policy rules (marked packets → main table; everything else → Table
+// first) and adds the routes to Table. A prefix the main table already
+// routes exactly (say the machine's own LAN) is skipped and reported in
+// skipped, never shadowed: taking over a route the user relies on would
+// cut them off. Rules left by a run that was killed are replaced.
 func Configure(cfg Config) (undo Undo, skipped []netip.Prefix, err error) {
 	link, err := netlink.LinkByName(cfg.Interface)
 	if err != nil {
 		return nil, nil, fmt.Errorf("interface %s: %w", cfg.Interface, err)
 	}
 	var added []*netlink.Route
+	var rules []*netlink.Rule
 	var addr *netlink.Addr
 	var once sync.Once
 	undo = func() error {
@@ -29,6 +33,11 @@ func Configure(cfg Config) (undo Undo, skipped []netip.Prefix, err error) {
 			for _, r := range added {
 				if err := netlink.RouteDel(r); err != nil && !errors.Is(err, syscall.ESRCH) && !errors.Is(err, syscall.ENODEV) {
 					errs = append(errs, fmt.Errorf("remove route %s: %w", r.Dst, err))
+				}
+			}
+			for _, r := range rules {
+				if err := netlink.RuleDel(r); err != nil && !errors.Is(err, syscall.ENOENT) {
+					errs = append(errs, fmt.Errorf("remove rule %d: %w", r.Priority, err))
 				}
 			}
 			if addr != nil {
@@ -48,8 +57,25 @@ func Configure(cfg Config) (undo Undo, skipped []netip.Prefix, err error) {
 		undo()
 		return nil, nil, fmt.Errorf("bring %s up: %w", cfg.Interface, err)
 	}
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		for _, r := range policyRules(fam) {
+			deleteStaleRules(r)
+			if err := netlink.RuleAdd(r); err != nil {
+				if fam == unix.AF_INET6 {
+					continue // a machine without IPv6 has no v6 rules to set
+				}
+				undo()
+				return nil, nil, fmt.Errorf("add policy rule %d: %w", r.Priority, err)
+			}
+			rules = append(rules, r)
+		}
+	}
 	for _, p := range cfg.Routes {
-		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: ipNet(p), Scope: netlink.SCOPE_LINK}
+		if routedInMain(p) {
+			skipped = append(skipped, p)
+			continue
+		}
+		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: ipNet(p), Scope: netlink.SCOPE_LINK, Table: Table}
 		if p.Addr().Is4() == cfg.Addr.Addr().Is4() {
 			r.Src = net.IP(cfg.Addr.Addr().AsSlice())
 		}
@@ -64,6 +90,62 @@ func Configure(cfg Config) (undo Undo, skipped []netip.Prefix, err error) {
 		added = append(added, r)
 	}
 	return undo, skipped, nil
+}
+
+func policyRules(family int) []*netlink.Rule {
+	marked := netlink.NewRule()
+	marked.Family = family
+	marked.Priority = RulePriorityMarked
+	marked.Mark = Mark
+	mask := uint32(0xffffffff)
+	marked.Mask = &mask
+	marked.Table = unix.RT_TABLE_MAIN
+	tunnel := netlink.NewRule()
+	tunnel.Family = family
+	tunnel.Priority = RulePriorityTunnel
+	tunnel.Table = Table
+	return []*netlink.Rule{marked, tunnel}
+}
+
+// deleteStaleRules removes rules with our priority and table, left by a
+// run that could not clean up.
+func deleteStaleRules(want *netlink.Rule) {
+	rs, err := netlink.RuleList(want.Family)
+	if err != nil {
+		return
+	}
+	for _, r := range rs {
+		if r.Priority == want.Priority && r.Table == want.Table {
+			r := r
+			netlink.RuleDel(&r)
+		}
+	}
+}
+
+// routedInMain reports whether the main table has a route for exactly p.
+func routedInMain(p netip.Prefix) bool {
+	fam := unix.AF_INET
+	if p.Addr().Is6() {
+		fam = unix.AF_INET6
+	}
+	rs, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_MAIN, Dst: ipNet(p)}, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_DST)
+	return err == nil && len(rs) > 0
+}
+
+// MarkSocket sets SO_MARK so the socket's packets bypass the tunnel's
+// routes (see Table). It needs CAP_NET_ADMIN.
+func MarkSocket(c *net.UDPConn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, Mark)
+	}); err != nil {
+		return err
+	}
+	return serr
 }
 
 func ipNet(p netip.Prefix) *net.IPNet {

@@ -4,6 +4,7 @@ package platform
 
 import (
 	"errors"
+	"net"
 	"net/netip"
 	"runtime"
 )
@@ -12,3 +13,6 @@ import (
 func Configure(cfg Config) (Undo, []netip.Prefix, error) {
 	return nil, nil, errors.New("TUN mode is not supported on " + runtime.GOOS + " yet; use the netstack (SOCKS5) mode")
 }
+
+// MarkSocket is not needed without the TUN mode.
+func MarkSocket(c *net.UDPConn) error { return nil }

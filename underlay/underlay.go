@@ -49,6 +49,18 @@ func Open(cfg control.Config) (*Underlay, error) {
 	return u, nil
 }
 
+// Mark sets the bypass mark on the port's sockets, so that routes the
+// client adds into its TUN can never capture the tunnel's own packets.
+func (u *Underlay) Mark() error {
+	if err := platform.MarkSocket(u.udp); err != nil {
+		return err
+	}
+	if u.frames != nil {
+		return platform.MarkSocket(u.frames)
+	}
+	return nil
+}
+
 // Run reads direct-path frames until ctx ends.
 func (u *Underlay) Run(ctx context.Context) { u.Mux.Run(ctx) }
 

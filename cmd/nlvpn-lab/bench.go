@@ -82,7 +82,7 @@ func (r *runner) bench(secs, trials int) error {
 	}
 
 	tunnelUp := func() error {
-		out, err := lab.Output(r.ctx, l.NS.Client, "ip", "route", "show", l.LANSubnet.String())
+		out, err := lab.Output(r.ctx, l.NS.Client, "ip", "route", "show", "table", "all", l.LANSubnet.String())
 		if err != nil {
 			return err
 		}

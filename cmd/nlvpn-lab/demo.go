@@ -54,7 +54,7 @@ func (r *runner) demo() error {
 	}
 
 	check := func() error {
-		out, err := lab.Output(r.ctx, l.NS.Client, "ip", "route", "show", l.LANSubnet.String())
+		out, err := lab.Output(r.ctx, l.NS.Client, "ip", "route", "show", "table", "all", l.LANSubnet.String())
 		if err != nil {
 			return err
 		}
@@ -68,8 +68,10 @@ func (r *runner) demo() error {
 		return err
 	}
 	out, _ := lab.Output(r.ctx, l.NS.Client, "ip", "-br", "addr", "show", tunName)
-	routes, _ := lab.Output(r.ctx, l.NS.Client, "ip", "route")
-	fmt.Printf("    the tunnel is up. In the client namespace:\n%s\n%s\n", indent(out), indent(routes))
+	routes, _ := lab.Output(r.ctx, l.NS.Client, "ip", "route", "show", "table", "5228")
+	rules, _ := lab.Output(r.ctx, l.NS.Client, "ip", "rule", "show")
+	fmt.Printf("    the tunnel is up. In the client namespace, the TUN device, the tunnel's routing table 5228,\n"+
+		"    and the rules that send the node's own (marked) UDP packets past it:\n%s\n%s\n%s\n", indent(out), indent(routes), indent(rules))
 
 	say("Now the same `curl %s`, run in the client namespace, through the tunnel:", url)
 	body, err := curl(10)

@@ -1,0 +1,41 @@
+package e2e
+
+import (
+	"context"
+	"github.com/nlvpn/nlvpn/lab"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestRoutesNeverCaptureTheTunnel has the agent advertise a subnet that
+// contains the gateway (all of the simulated internet). The client routes
+// it into its TUN; its own UDP socket is marked past those routes, so the
+// tunnel keeps working instead of routing itself into itself.
+func TestRoutesNeverCaptureTheTunnel(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, coneCone, false)
+	e.agent.Stop()
+	e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token", e.agentTok, "--gateway", e.gwAddr(),
+		"--advertise", e.lab.LANSubnet.String(), "--advertise", "198.18.0.0/15", "--state-dir", filepath.Join(e.dir, "agent"))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := e.agent.WaitLog(ctx, "registered"); err != nil {
+		t.Fatalf("agent: %v", err)
+	}
+	e.startClientMode(t)
+	out, err := lab.Output(context.Background(), e.lab.NS.Client, "ip", "route", "show", "table", "all", "198.18.0.0/15")
+	if err != nil || !strings.Contains(out, tunName) {
+		t.Fatalf("198.18.0.0/15 is not routed into the TUN: %q %v", out, err)
+	}
+	// Keepalives and traffic must keep flowing to the gateway, which now
+	// sits inside a routed subnet.
+	time.Sleep(6 * time.Second)
+	if err := e.download(t, 4<<20, 21); err != nil {
+		t.Fatalf("tunnel broke once the gateway's subnet was routed into it: %v", err)
+	}
+	if !e.client.Running() {
+		t.Fatal("client exited")
+	}
+}
