@@ -146,14 +146,24 @@ func Run(ctx context.Context, cfg Config) error {
 	// at shutdown: the sessions' goodbyes travel on them, so clients learn
 	// at once that the agent left instead of after an idle timeout.
 	pathCtx, cancelPaths := context.WithCancel(context.WithoutCancel(ctx))
-	defer cancelPaths()
+	ctrlDone := make(chan struct{})
+	defer func() {
+		cancelPaths()
+		select {
+		case <-ctrlDone:
+		case <-time.After(2 * time.Second):
+		}
+	}()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	a.ctx = ctx
 	go u.Run(pathCtx)
 	go a.runInject(ctx)
 	runErr := make(chan error, 1)
-	go func() { runErr <- a.ctrl.Run(pathCtx) }()
+	go func() {
+		runErr <- a.ctrl.Run(pathCtx)
+		close(ctrlDone)
+	}()
 	go a.acceptLoop(ctx, ln)
 	a.log.Info("agent starting", "advertise", cfg.Advertise)
 
@@ -176,6 +186,9 @@ func (a *Agent) closeSessions() {
 	a.mu.Unlock()
 	for _, s := range ss {
 		s.Conn.CloseWithError(0, "agent shutting down")
+	}
+	if len(ss) > 0 {
+		a.ctrl.Flush(500 * time.Millisecond)
 	}
 }
 

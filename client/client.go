@@ -150,10 +150,22 @@ func Run(ctx context.Context, cfg Config) error {
 	c.direct = make(chan struct{}, 1)
 	c.path = pathState{kind: "relay", remote: cfg.Gateway, since: time.Now()}
 
+	// The gateway connection and the direct paths outlive ctx by a moment
+	// at exit, so the session's goodbye reaches the agent (which then ends
+	// this client's flows on its LAN) and the gateway forgets us at once.
+	pathCtx, cancelPaths := context.WithCancel(context.WithoutCancel(ctx))
+	ctrlDone := make(chan struct{})
+	defer func() {
+		cancelPaths()
+		select {
+		case <-ctrlDone:
+		case <-time.After(2 * time.Second):
+		}
+	}()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	c.ctx = ctx
-	go u.Run(ctx)
+	go u.Run(pathCtx)
 	if cfg.StatusSocket != "" {
 		stop, err := c.serveStatus(cfg.StatusSocket)
 		if err != nil {
@@ -162,7 +174,10 @@ func Run(ctx context.Context, cfg Config) error {
 		defer stop()
 	}
 	runErr := make(chan error, 1)
-	go func() { runErr <- c.ctrl.Run(ctx) }()
+	go func() {
+		runErr <- c.ctrl.Run(pathCtx)
+		close(ctrlDone)
+	}()
 
 	rctx, rcancel := context.WithTimeout(ctx, cfg.ConnectTimeout)
 	w, err := c.ctrl.Ready(rctx)
@@ -210,6 +225,7 @@ func Run(ctx context.Context, cfg Config) error {
 	defer func() {
 		if s := c.cur.Load(); s != nil {
 			s.Conn.CloseWithError(0, "client exiting")
+			c.ctrl.Flush(500 * time.Millisecond)
 		}
 	}()
 
@@ -220,9 +236,6 @@ func Run(ctx context.Context, cfg Config) error {
 			c.log.Info("shutting down")
 			return nil
 		case err := <-runErr:
-			if ctx.Err() != nil {
-				return nil
-			}
 			return err
 		case <-up:
 			// The gateway connection came back (a gateway restart, a

@@ -407,6 +407,22 @@ func (c *Client) Send(id uint64, pkt []byte) error {
 	}
 }
 
+// Flush waits, at most d, until the relay frames queued so far have been
+// handed to the gateway connection: a goodbye sent just before exit must
+// not die in the queue.
+func (c *Client) Flush(d time.Duration) {
+	c.mu.Lock()
+	k := c.cur
+	c.mu.Unlock()
+	if k == nil {
+		return
+	}
+	deadline := time.Now().Add(d)
+	for len(k.relayq) > 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 func (c *Client) sendRelay(ctx context.Context, k *conn) {
 	for {
 		select {
