@@ -27,7 +27,10 @@ type Mux struct {
 	mu      sync.RWMutex
 	punches map[uint64]*Punch
 
-	dropUnknown, dropMalformed atomic.Uint64
+	outq chan outFrame // direct frames for the batch writer
+
+	dropUnknown, dropMalformed, dropOut atomic.Uint64
+	gsoWrites                           atomic.Uint64 // batched system calls
 }
 
 // NewMux returns a Mux delivering direct packets into sconn. With frames
@@ -35,7 +38,7 @@ type Mux struct {
 // reads and writes frames there; without, it takes them from tr's
 // non-QUIC packet queue and writes through tr.
 func NewMux(tr *quic.Transport, frames *net.UDPConn, sconn *session.Conn) *Mux {
-	return &Mux{tr: tr, frames: frames, sconn: sconn, punches: make(map[uint64]*Punch)}
+	return &Mux{tr: tr, frames: frames, sconn: sconn, punches: make(map[uint64]*Punch), outq: make(chan outFrame, outQueueLen)}
 }
 
 // Add registers a session's punch so its probes and direct packets are
@@ -75,6 +78,7 @@ func (m *Mux) Run(ctx context.Context) {
 	if m.frames != nil {
 		stop := context.AfterFunc(ctx, func() { m.frames.Close() })
 		defer stop()
+		go m.runWriter(ctx)
 	}
 	buf := make([]byte, 2048)
 	for {
@@ -130,12 +134,93 @@ type Path struct {
 	Remote netip.AddrPort
 }
 
-// Send implements session.Path.
+// Send implements session.Path. With the port's own frame socket, packets
+// are queued for the batch writer (which never blocks the session);
+// otherwise they are written at once through quic-go's transport.
 func (d *Path) Send(id uint64, pkt []byte) error {
 	b := make([]byte, 0, wire.FrameHeaderLen+len(pkt))
 	b = wire.AppendFrameHeader(b, wire.FrameDirect, id)
 	b = append(b, pkt...)
-	return d.Mux.Send(b, d.Remote)
+	m := d.Mux
+	if m.frames == nil {
+		return m.Send(b, d.Remote)
+	}
+	select {
+	case m.outq <- outFrame{b, d.Remote}:
+		return nil
+	default:
+		m.dropOut.Add(1)
+		return errQueueFull
+	}
+}
+
+var errQueueFull = errors.New("direct path queue full")
+
+type outFrame struct {
+	b  []byte
+	to netip.AddrPort
+}
+
+// outQueueLen bounds direct frames waiting for the socket.
+const outQueueLen = 2048
+
+// maxBatch bounds the datagrams one GSO write carries (the kernel's limit
+// is 64 segments and 64 KiB).
+const maxBatch = 32
+
+// runWriter writes queued direct frames. Consecutive frames to one address
+// of one size go out in a single GSO system call: the per-packet system
+// call is most of what a direct path costs.
+func (m *Mux) runWriter(ctx context.Context) {
+	gso := true
+	batch := make([]outFrame, 0, maxBatch)
+	buf := make([]byte, 0, 64<<10)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case f := <-m.outq:
+			batch = append(batch[:0], f)
+		}
+	fill:
+		for len(batch) < maxBatch {
+			select {
+			case f := <-m.outq:
+				batch = append(batch, f)
+			default:
+				break fill
+			}
+		}
+		for len(batch) > 0 {
+			// A run: same address, same size (the last may be shorter).
+			n, seg := 1, len(batch[0].b)
+			for n < len(batch) && batch[n].to == batch[0].to && len(batch[n].b) <= seg && (n+1)*seg <= cap(buf) {
+				short := len(batch[n].b) < seg
+				n++
+				if short {
+					break
+				}
+			}
+			sent := false
+			if gso && n > 1 {
+				buf = buf[:0]
+				for _, f := range batch[:n] {
+					buf = append(buf, f.b...)
+				}
+				if sent = sendSegments(m.frames, buf, seg, batch[0].to); sent {
+					m.gsoWrites.Add(1)
+				} else {
+					gso = false // the kernel cannot; one write per frame from now on
+				}
+			}
+			if !sent {
+				for _, f := range batch[:n] {
+					m.frames.WriteToUDPAddrPort(f.b, f.to)
+				}
+			}
+			batch = batch[n:]
+		}
+	}
 }
 
 // Blackhole is the path of a direct-only session before it has a direct
