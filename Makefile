@@ -39,7 +39,7 @@ e2e:
 
 bench: deps build
 	$(BIN)/nlvpn-lab bench --nlvpn $(BIN)/nlvpn
-	$(GO) test -run '^$$' -bench . -benchtime 1x $(UNIT_PKGS)
+	$(GO) test -run '^$$' -bench . -benchmem ./session ./relay
 
 # Short fuzz runs of every Fuzz target (FUZZTIME per target).
 FUZZTIME ?= 10s
