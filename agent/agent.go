@@ -142,28 +142,14 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer ln.Close()
 
-	// The gateway connection and the direct paths outlive ctx by a moment
-	// at shutdown: the sessions' goodbyes travel on them, so clients learn
-	// at once that the agent left instead of after an idle timeout.
-	pathCtx, cancelPaths := context.WithCancel(context.WithoutCancel(ctx))
-	ctrlDone := make(chan struct{})
-	defer func() {
-		cancelPaths()
-		select {
-		case <-ctrlDone:
-		case <-time.After(2 * time.Second):
-		}
-	}()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	a.ctx = ctx
-	go u.Run(pathCtx)
 	go a.runInject(ctx)
-	runErr := make(chan error, 1)
-	go func() {
-		runErr <- a.ctrl.Run(pathCtx)
-		close(ctrlDone)
-	}()
+	// The sessions' goodbyes at shutdown travel on the paths Start runs, so
+	// clients learn at once that the agent left; Stop ends them after.
+	runErr := u.Start()
+	defer u.Stop()
 	go a.acceptLoop(ctx, ln)
 	a.log.Info("agent starting", "advertise", cfg.Advertise)
 

@@ -150,22 +150,14 @@ func Run(ctx context.Context, cfg Config) error {
 	c.direct = make(chan struct{}, 1)
 	c.path = pathState{kind: "relay", remote: cfg.Gateway, since: time.Now()}
 
-	// The gateway connection and the direct paths outlive ctx by a moment
-	// at exit, so the session's goodbye reaches the agent (which then ends
-	// this client's flows on its LAN) and the gateway forgets us at once.
-	pathCtx, cancelPaths := context.WithCancel(context.WithoutCancel(ctx))
-	ctrlDone := make(chan struct{})
-	defer func() {
-		cancelPaths()
-		select {
-		case <-ctrlDone:
-		case <-time.After(2 * time.Second):
-		}
-	}()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	c.ctx = ctx
-	go u.Run(pathCtx)
+	// The session's goodbye at exit travels on the paths Start runs, so the
+	// agent ends this client's flows on its LAN at once and the gateway
+	// forgets us; Stop ends them after.
+	runErr := u.Start()
+	defer u.Stop()
 	if cfg.StatusSocket != "" {
 		stop, err := c.serveStatus(cfg.StatusSocket)
 		if err != nil {
@@ -173,11 +165,6 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		defer stop()
 	}
-	runErr := make(chan error, 1)
-	go func() {
-		runErr <- c.ctrl.Run(pathCtx)
-		close(ctrlDone)
-	}()
 
 	rctx, rcancel := context.WithTimeout(ctx, cfg.ConnectTimeout)
 	w, err := c.ctrl.Ready(rctx)

@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"time"
 
 	"github.com/quic-go/quic-go"
 
@@ -29,6 +30,8 @@ type Underlay struct {
 	udp    *net.UDPConn
 	frames *net.UDPConn
 	tr     *quic.Transport
+	stop   context.CancelFunc
+	done   chan struct{}
 }
 
 // Open opens the port and builds the layers on it. cfg is the control
@@ -61,8 +64,36 @@ func (u *Underlay) Mark() error {
 	return nil
 }
 
-// Run reads direct-path frames until ctx ends.
-func (u *Underlay) Run(ctx context.Context) { u.Mux.Run(ctx) }
+// Start runs the gateway connection and the direct-path reader. They do
+// not stop with ctx's parent: at exit a node first says goodbye on its
+// sessions, and those goodbyes travel on these paths; Stop ends them
+// afterwards. The returned channel yields the control client's result (a
+// refusal the node cannot get past).
+func (u *Underlay) Start() <-chan error {
+	ctx, cancel := context.WithCancel(context.Background())
+	u.stop = cancel
+	u.done = make(chan struct{})
+	runErr := make(chan error, 1)
+	go u.Mux.Run(ctx)
+	go func() {
+		runErr <- u.Ctrl.Run(ctx)
+		close(u.done)
+	}()
+	return runErr
+}
+
+// Stop ends what Start started, waiting (briefly) until the gateway
+// connection has said goodbye too.
+func (u *Underlay) Stop() {
+	if u.stop == nil {
+		return
+	}
+	u.stop()
+	select {
+	case <-u.done:
+	case <-time.After(2 * time.Second):
+	}
+}
 
 // Close closes the peer sessions, the gateway connection and the sockets.
 func (u *Underlay) Close() {
