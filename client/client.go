@@ -71,6 +71,7 @@ type Client struct {
 	deliver func(pkt []byte)
 	// overlay is our address; agentPrefixes what the agent may send from.
 	overlay       netip.Addr
+	mine          atomic.Pointer[netip.Addr] // overlay, for the reconnect check
 	agentPrefixes []netip.Prefix
 	// marked: the node's sockets bypass the tunnel's routes, so even a
 	// subnet containing the gateway can be routed.
@@ -116,9 +117,20 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	up := make(chan struct{}, 1)
+	moved := make(chan netip.Addr, 1)
 	u, err := underlay.Open(control.Config{
 		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Log: cfg.Log,
-		OnUp: func(context.Context, *wire.Welcome) {
+		OnUp: func(_ context.Context, w *wire.Welcome) {
+			if mine := c.mine.Load(); mine != nil && w.Overlay != *mine {
+				// Another process with this client name holds our address
+				// now; our TUN and sessions still use the old one, and
+				// nothing would get through. Say so and stop.
+				select {
+				case moved <- w.Overlay:
+				default:
+				}
+				return
+			}
 			select {
 			case up <- struct{}{}:
 			default:
@@ -184,6 +196,7 @@ func Run(ctx context.Context, cfg Config) error {
 	c.info = info
 	c.cur.Store(s)
 	c.overlay = w.Overlay
+	c.mine.Store(&w.Overlay)
 	// The agent's own loopback (reached through the netstack with
 	// --allow-loopback) answers from 127.0.0.1; the kernel drops such
 	// sources arriving on a TUN anyway.
@@ -224,6 +237,8 @@ func Run(ctx context.Context, cfg Config) error {
 			return nil
 		case err := <-runErr:
 			return err
+		case a := <-moved:
+			return fmt.Errorf("the gateway moved this client from overlay address %s to %s (another process with the client name %q holds it); start nlvpn up again", c.overlay, a, c.ctrl.Welcome().Name)
 		case <-up:
 			// The gateway connection came back (a gateway restart, a
 			// network change): re-attach the session to a relay route.
