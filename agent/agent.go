@@ -49,6 +49,7 @@ type Agent struct {
 	ctrl  *control.Client
 	eg    *netstack.Egress
 	dns   *netstack.DNSServer
+	u     *underlay.Underlay
 	sconn *session.Conn
 	mux   *punch.Mux
 	port  uint16
@@ -123,7 +124,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer u.Close()
-	a.ctrl, a.sconn, a.mux, a.port = u.Ctrl, u.Conn, u.Mux, u.Port
+	a.u, a.ctrl, a.sconn, a.mux, a.port = u, u.Ctrl, u.Conn, u.Mux, u.Port
 
 	a.dns = netstack.NewDNSServer(net.DefaultResolver, cfg.Log)
 	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: session.TunMTU, Allow: a.allow, Dial: a.dial, Logger: cfg.Log}, a.toClient)
@@ -174,7 +175,7 @@ func (a *Agent) closeSessions() {
 		s.Conn.CloseWithError(0, "agent shutting down")
 	}
 	if len(ss) > 0 {
-		a.ctrl.Flush(500 * time.Millisecond)
+		a.u.Flush(500 * time.Millisecond)
 	}
 }
 

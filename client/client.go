@@ -64,6 +64,7 @@ type Client struct {
 	cur   atomic.Pointer[session.Session]
 	info  *wire.PeerInfo
 	mux   *punch.Mux
+	u     *underlay.Underlay
 	tunw  *tun.BatchWriter
 	port  uint16
 	// deliver takes each packet from the agent: into the TUN, or into the
@@ -151,7 +152,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer u.Close()
-	c.ctrl, c.sconn, c.mux, c.tr, c.port = u.Ctrl, u.Conn, u.Mux, u.Peers, u.Port
+	c.u, c.ctrl, c.sconn, c.mux, c.tr, c.port = u, u.Ctrl, u.Conn, u.Mux, u.Peers, u.Port
 	if dev != nil {
 		if err := u.Mark(); err != nil {
 			c.log.Warn("cannot mark the UDP socket to bypass the tunnel's routes; subnets containing the gateway will not be routed", "err", err)
@@ -225,7 +226,7 @@ func Run(ctx context.Context, cfg Config) error {
 	defer func() {
 		if s := c.cur.Load(); s != nil {
 			s.Conn.CloseWithError(0, "client exiting")
-			c.ctrl.Flush(500 * time.Millisecond)
+			c.u.Flush(500 * time.Millisecond)
 		}
 	}()
 

@@ -378,18 +378,15 @@ func (c *Client) Request(ctx context.Context, m *wire.Message) (*wire.Message, e
 	}
 }
 
-// relayQueueLen bounds relay frames waiting for the gateway connection;
-// short, so a queue does not stand between the peer session's congestion
-// control and the network.
-const relayQueueLen = 64
+// relayQueueLen bounds relay frames waiting for the gateway connection.
+const relayQueueLen = 512
 
 // ErrRelayFull is returned by Send when the relay queue is full.
 var ErrRelayFull = errors.New("relay queue full")
 
 // Send implements session.Path: the relay path through the gateway. It
-// blocks at most relayWait (quic-go's SendDatagram blocks without bound
-// once 32 frames wait, and a stalled gateway connection must not stall the
-// peer session); then it drops the frame and counts it.
+// never blocks (quic-go's SendDatagram blocks without bound once 32 frames
+// wait, and a stalled gateway connection must not stall the peer session).
 func (c *Client) Send(id uint64, pkt []byte) error {
 	c.mu.Lock()
 	k := c.cur
@@ -404,23 +401,13 @@ func (c *Client) Send(id uint64, pkt []byte) error {
 	case k.relayq <- b:
 		return nil
 	default:
-	}
-	// Full: wait a little, as a socket with a full buffer would. That
-	// backpressure keeps the peer session's congestion control honest; the
-	// bound keeps a stalled gateway connection from stalling the session.
-	t := time.NewTimer(relayWait)
-	defer t.Stop()
-	select {
-	case k.relayq <- b:
-		return nil
-	case <-t.C:
+		// Full: drop and count, like a full socket buffer. Never wait: the
+		// queue is shared by every session on this node, and one busy
+		// session must not hold up the others.
 		c.dropRelayOut.Add(1)
 		return ErrRelayFull
 	}
 }
-
-// relayWait bounds how long Send waits for room in a full relay queue.
-const relayWait = 50 * time.Millisecond
 
 // Flush waits, at most d, until the relay frames queued so far have been
 // handed to the gateway connection: a goodbye sent just before exit must

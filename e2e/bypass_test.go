@@ -10,7 +10,8 @@ import (
 )
 
 // TestRoutesNeverCaptureTheTunnel has the agent advertise a subnet that
-// contains the gateway (all of the simulated internet). The client routes
+// contains the gateway (all of the simulated internet) and one that
+// contains the client's own LAN. The client routes
 // it into its TUN; its own UDP socket is marked past those routes, so the
 // tunnel keeps working instead of routing itself into itself.
 func TestRoutesNeverCaptureTheTunnel(t *testing.T) {
@@ -18,7 +19,8 @@ func TestRoutesNeverCaptureTheTunnel(t *testing.T) {
 	e := newEnv(t, coneCone, false)
 	e.agent.Stop()
 	e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token", e.agentTok, "--gateway", e.gwAddr(),
-		"--advertise", e.lab.LANSubnet.String(), "--advertise", "198.18.0.0/15", "--state-dir", filepath.Join(e.dir, "agent"))
+		"--advertise", e.lab.LANSubnet.String(), "--advertise", "198.18.0.0/15", "--advertise", "10.0.0.0/8",
+		"--state-dir", filepath.Join(e.dir, "agent"))
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	if err := e.agent.WaitLog(ctx, "registered"); err != nil {
@@ -28,6 +30,16 @@ func TestRoutesNeverCaptureTheTunnel(t *testing.T) {
 	out, err := lab.Output(context.Background(), e.lab.NS.Client, "ip", "route", "show", "table", "all", "198.18.0.0/15")
 	if err != nil || !strings.Contains(out, tunName) {
 		t.Fatalf("198.18.0.0/15 is not routed into the TUN: %q %v", out, err)
+	}
+	// The client's own LAN (10.0.1.0/24) lies inside the advertised
+	// 10.0.0.0/8: it must stay the machine's (a throw route), so the NAT
+	// router next door still answers directly.
+	out, err = lab.Output(context.Background(), e.lab.NS.Client, "ip", "route", "show", "table", "5228")
+	if err != nil || !strings.Contains(out, "throw 10.0.1.0/24") {
+		t.Fatalf("no throw route for the client's own LAN in table 5228: %q %v", out, err)
+	}
+	if _, err := lab.Output(context.Background(), e.lab.NS.Client, "ping", "-c", "1", "-W", "2", "10.0.1.1"); err != nil {
+		t.Fatalf("the client lost its own LAN: %v", err)
 	}
 	// Keepalives and traffic must keep flowing to the gateway, which now
 	// sits inside a routed subnet.

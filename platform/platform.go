@@ -22,10 +22,8 @@ const (
 	Table = 5228
 	// Mark is set on the node's UDP sockets (SO_MARK).
 	Mark = 0x4e4c
-	// RulePriorityMarked sends marked packets to the main table;
-	// RulePriorityTunnel sends everything else to Table first.
-	RulePriorityMarked = 5208
-	RulePriorityTunnel = 5228
+	// RulePriority is the rule "not fwmark Mark lookup Table".
+	RulePriority = 5228
 )
 
 // Undo reverses a Configure. It is safe to call more than once.

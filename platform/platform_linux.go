@@ -12,12 +12,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Configure brings the interface up with its address, installs the two
-// policy rules (marked packets → main table; everything else → Table
-// first) and adds the routes to Table. A prefix the main table already
-// routes exactly (say the machine's own LAN) is skipped and reported in
-// skipped, never shadowed: taking over a route the user relies on would
-// cut them off. Rules left by a run that was killed are replaced.
+// Configure brings the interface up with its address, installs the policy
+// rule (everything without the node's mark → Table first) and adds the
+// routes to Table. A prefix the main table already routes exactly (say the
+// machine's own LAN) is skipped and reported in skipped, and routes the
+// main table has inside an advertised prefix keep winning (throw routes):
+// taking over routes the user relies on would cut them off.
 func Configure(cfg Config) (undo Undo, skipped []netip.Prefix, err error) {
 	link, err := netlink.LinkByName(cfg.Interface)
 	if err != nil {
@@ -35,9 +35,13 @@ func Configure(cfg Config) (undo Undo, skipped []netip.Prefix, err error) {
 					errs = append(errs, fmt.Errorf("remove route %s: %w", r.Dst, err))
 				}
 			}
-			for _, r := range rules {
-				if err := netlink.RuleDel(r); err != nil && !errors.Is(err, syscall.ENOENT) {
-					errs = append(errs, fmt.Errorf("remove rule %d: %w", r.Priority, err))
+			// The rule is shared with any other tunnel on this machine:
+			// only the last one out removes it.
+			if tableEmpty() {
+				for _, r := range rules {
+					if err := netlink.RuleDel(r); err != nil && !errors.Is(err, syscall.ENOENT) {
+						errs = append(errs, fmt.Errorf("remove rule %d: %w", r.Priority, err))
+					}
 				}
 			}
 			if addr != nil {
@@ -58,16 +62,24 @@ func Configure(cfg Config) (undo Undo, skipped []netip.Prefix, err error) {
 		return nil, nil, fmt.Errorf("bring %s up: %w", cfg.Interface, err)
 	}
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
-		for _, r := range policyRules(fam) {
-			deleteStaleRules(r)
-			if err := netlink.RuleAdd(r); err != nil {
-				if fam == unix.AF_INET6 {
-					continue // a machine without IPv6 has no v6 rules to set
-				}
-				undo()
-				return nil, nil, fmt.Errorf("add policy rule %d: %w", r.Priority, err)
+		r := policyRule(fam)
+		// Another nlvpn up (another --tun) may have added the same rule;
+		// it is shared, and removed by whoever leaves the table empty.
+		if err := netlink.RuleAdd(r); err != nil && !errors.Is(err, syscall.EEXIST) {
+			if fam == unix.AF_INET6 {
+				continue // a machine without IPv6 has no v6 rules to set
 			}
-			rules = append(rules, r)
+			undo()
+			return nil, nil, fmt.Errorf("add policy rule %d: %w", r.Priority, err)
+		}
+		rules = append(rules, r)
+	}
+	// Routes the machine has inside an advertised prefix (its own LAN
+	// inside a wide advertisement, a container bridge) stay the machine's:
+	// a "throw" in our table sends their lookups on to the main table.
+	for _, t := range throwsFor(cfg.Routes) {
+		if err := netlink.RouteAdd(t); err == nil {
+			added = append(added, t)
 		}
 	}
 	for _, p := range cfg.Routes {
@@ -92,34 +104,60 @@ func Configure(cfg Config) (undo Undo, skipped []netip.Prefix, err error) {
 	return undo, skipped, nil
 }
 
-func policyRules(family int) []*netlink.Rule {
-	marked := netlink.NewRule()
-	marked.Family = family
-	marked.Priority = RulePriorityMarked
-	marked.Mark = Mark
+// policyRule sends every packet without the node's mark to Table first;
+// marked packets (the tunnel's own) never see it, whatever the main or
+// other tables hold.
+func policyRule(family int) *netlink.Rule {
+	r := netlink.NewRule()
+	r.Family = family
+	r.Priority = RulePriority
+	r.Mark = Mark
 	mask := uint32(0xffffffff)
-	marked.Mask = &mask
-	marked.Table = unix.RT_TABLE_MAIN
-	tunnel := netlink.NewRule()
-	tunnel.Family = family
-	tunnel.Priority = RulePriorityTunnel
-	tunnel.Table = Table
-	return []*netlink.Rule{marked, tunnel}
+	r.Mask = &mask
+	r.Invert = true
+	r.Table = Table
+	return r
 }
 
-// deleteStaleRules removes rules with our priority and table, left by a
-// run that could not clean up.
-func deleteStaleRules(want *netlink.Rule) {
-	rs, err := netlink.RuleList(want.Family)
-	if err != nil {
-		return
-	}
-	for _, r := range rs {
-		if r.Priority == want.Priority && r.Table == want.Table {
-			r := r
-			netlink.RuleDel(&r)
+// tableEmpty reports whether no tunnel has routes in Table any more.
+func tableEmpty() bool {
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		rs, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: Table}, netlink.RT_FILTER_TABLE)
+		if err != nil || len(rs) > 0 {
+			return false
 		}
 	}
+	return true
+}
+
+// throwsFor returns throw routes for the main table's routes that lie
+// strictly inside one of the advertised prefixes.
+func throwsFor(adv []netip.Prefix) []*netlink.Route {
+	var out []*netlink.Route
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		rs, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			continue
+		}
+		for _, r := range rs {
+			if r.Dst == nil {
+				continue // the default route is what advertising a prefix overrides
+			}
+			dst, ok := netip.AddrFromSlice(r.Dst.IP)
+			if !ok {
+				continue
+			}
+			ones, _ := r.Dst.Mask.Size()
+			d := netip.PrefixFrom(dst.Unmap(), ones)
+			for _, p := range adv {
+				if p.Addr().Is4() == d.Addr().Is4() && p.Bits() < d.Bits() && p.Contains(d.Addr()) {
+					out = append(out, &netlink.Route{Dst: ipNet(d), Table: Table, Type: unix.RTN_THROW})
+					break
+				}
+			}
+		}
+	}
+	return out
 }
 
 // routedInMain reports whether the main table has a route for exactly p.

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/quic-go/quic-go"
 
@@ -68,6 +69,14 @@ func (m *Mux) Send(b []byte, to netip.AddrPort) error {
 	return err
 }
 
+// Flush waits, at most d, until the direct frames queued so far are out.
+func (m *Mux) Flush(d time.Duration) {
+	deadline := time.Now().Add(d)
+	for len(m.outq) > 0 && time.Now().Before(deadline) {
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
 // Drops counts frames for no known session and malformed ones.
 func (m *Mux) Drops() (unknown, malformed uint64) {
 	return m.dropUnknown.Load(), m.dropMalformed.Load()
@@ -76,9 +85,12 @@ func (m *Mux) Drops() (unknown, malformed uint64) {
 // Run reads non-QUIC packets until ctx ends.
 func (m *Mux) Run(ctx context.Context) {
 	if m.frames != nil {
-		stop := context.AfterFunc(ctx, func() { m.frames.Close() })
+		wdone := make(chan struct{})
+		go func() { m.runWriter(ctx); close(wdone) }()
+		// Close the socket (ending the read below) once the writer has sent
+		// what was queued.
+		stop := context.AfterFunc(ctx, func() { <-wdone; m.frames.Close() })
 		defer stop()
-		go m.runWriter(ctx)
 	}
 	buf := make([]byte, 2048)
 	for {
@@ -178,7 +190,15 @@ func (m *Mux) runWriter(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
-			return
+			// Last frames (a session's goodbye) still go out.
+			for {
+				select {
+				case f := <-m.outq:
+					m.frames.WriteToUDPAddrPort(f.b, f.to)
+				default:
+					return
+				}
+			}
 		case f := <-m.outq:
 			batch = append(batch[:0], f)
 		}
@@ -207,10 +227,11 @@ func (m *Mux) runWriter(ctx context.Context) {
 				for _, f := range batch[:n] {
 					buf = append(buf, f.b...)
 				}
-				if sent = sendSegments(m.frames, buf, seg, batch[0].to); sent {
+				err := sendSegments(m.frames, buf, seg, batch[0].to)
+				if sent = err == nil; sent {
 					m.gsoWrites.Add(1)
-				} else {
-					gso = false // the kernel cannot; one write per frame from now on
+				} else if gsoUnsupported(err) {
+					gso = false // the kernel or route cannot; one write per frame from now on
 				}
 			}
 			if !sent {

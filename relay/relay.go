@@ -99,7 +99,10 @@ type Peer struct {
 	out    chan []byte
 	done   chan struct{}
 	once   sync.Once
+	closed bool // guarded by hub.mu
 }
+
+var errPeerClosed = errors.New("relay: peer closed")
 
 // NewPeer registers a node connection and starts its sender. Close it when
 // the connection ends; that also removes its routes.
@@ -133,6 +136,7 @@ func (p *Peer) Close() {
 		}
 		var survivors []gone
 		h.mu.Lock()
+		p.closed = true
 		for id, r := range h.routes {
 			switch p {
 			case r.a:
@@ -164,6 +168,9 @@ func (h *Hub) Bind(id uint64, a, b *Peer) error {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if a.closed || b.closed {
+		return errPeerClosed // its connection is gone; a route would dangle
+	}
 	if r, ok := h.routes[id]; ok && !(r.a == a && r.b == b) {
 		return ErrInUse
 	}

@@ -82,6 +82,14 @@ func (u *Underlay) Start() <-chan error {
 	return runErr
 }
 
+// Flush waits, at most d, until frames queued on either path are out: a
+// session's goodbye must not die in a queue at exit.
+func (u *Underlay) Flush(d time.Duration) {
+	u.Mux.Flush(d)
+	u.Ctrl.Flush(d)
+	time.Sleep(20 * time.Millisecond) // the frame the sender holds right now
+}
+
 // Stop ends what Start started, waiting (briefly) until the gateway
 // connection has said goodbye too.
 func (u *Underlay) Stop() {
