@@ -157,19 +157,8 @@ func (c *Client) run(ctx context.Context) error {
 type conn struct {
 	qc     *quic.Conn
 	stream *quic.Stream
+	ch     *wire.Channel
 	relayq chan []byte // relay frames waiting for the connection
-
-	wmu     sync.Mutex
-	pmu     sync.Mutex
-	pending map[uint64]chan *wire.Message
-	nextID  uint64
-}
-
-func (k *conn) write(m *wire.Message) error {
-	k.wmu.Lock()
-	defer k.wmu.Unlock()
-	k.stream.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	return wire.WriteMessage(k.stream, m)
 }
 
 func (c *Client) tlsConfig() (*tls.Config, error) {
@@ -220,12 +209,12 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	k := &conn{qc: qc, stream: st, pending: make(map[uint64]chan *wire.Message), relayq: make(chan []byte, relayQueueLen)}
+	k := &conn{qc: qc, stream: st, ch: wire.NewChannel(st), relayq: make(chan []byte, relayQueueLen)}
 	hello := &wire.Hello{Token: c.cfg.Token, Advertise: c.cfg.Advertise, Version: "1"}
 	if w := c.welcome.Load(); w != nil {
 		hello.Overlay = w.Overlay // keep our address across reconnects
 	}
-	if err := k.write(&wire.Message{Type: wire.TypeHello, Hello: hello}); err != nil {
+	if err := k.ch.Write(&wire.Message{Type: wire.TypeHello, Hello: hello}); err != nil {
 		return false, err
 	}
 	st.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -261,12 +250,7 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 			c.cur = nil
 		}
 		c.mu.Unlock()
-		k.pmu.Lock()
-		for id, ch := range k.pending {
-			close(ch)
-			delete(k.pending, id)
-		}
-		k.pmu.Unlock()
+		k.ch.Close()
 	}()
 	c.upOnce.Do(func() { close(c.up) })
 	if c.cfg.OnUp != nil {
@@ -301,15 +285,10 @@ func (c *Client) readControl(ctx context.Context, k *conn) error {
 			}
 			return err
 		}
-		k.pmu.Lock()
-		ch, isReply := k.pending[m.ID]
-		if isReply {
-			delete(k.pending, m.ID)
+		if k.ch.Deliver(m) {
+			continue
 		}
-		k.pmu.Unlock()
 		switch {
-		case isReply:
-			ch <- m
 		case m.Type == wire.TypeError && m.ID != 0:
 			// The reply to a request that gave up waiting: it speaks of that
 			// request, not of this node's registration.
@@ -327,7 +306,7 @@ func (c *Client) readControl(ctx context.Context, k *conn) error {
 			go func() {
 				reply := c.cfg.OnRequest(ctx, m)
 				reply.ID = m.ID
-				if err := k.write(reply); err != nil {
+				if err := k.ch.Write(reply); err != nil {
 					c.log.Debug("reply to gateway failed", "err", err)
 				}
 			}()
@@ -349,33 +328,11 @@ func (c *Client) Request(ctx context.Context, m *wire.Message) (*wire.Message, e
 	if k == nil {
 		return nil, ErrNotConnected
 	}
-	ch := make(chan *wire.Message, 1)
-	k.pmu.Lock()
-	k.nextID++
-	m.ID = k.nextID
-	k.pending[m.ID] = ch
-	k.pmu.Unlock()
-	if err := k.write(m); err != nil {
-		k.pmu.Lock()
-		delete(k.pending, m.ID)
-		k.pmu.Unlock()
-		return nil, err
+	r, err := k.ch.Request(ctx, m)
+	if errors.Is(err, wire.ErrChannelClosed) {
+		return nil, ErrNotConnected
 	}
-	select {
-	case r, ok := <-ch:
-		if !ok {
-			return nil, ErrNotConnected
-		}
-		if r.Type == wire.TypeError {
-			return nil, r.Error
-		}
-		return r, nil
-	case <-ctx.Done():
-		k.pmu.Lock()
-		delete(k.pending, m.ID)
-		k.pmu.Unlock()
-		return nil, ctx.Err()
-	}
+	return r, err
 }
 
 // relayQueueLen bounds relay frames waiting for the gateway connection.

@@ -68,12 +68,7 @@ type node struct {
 	qc      *quic.Conn
 	peer    *relay.Peer
 
-	wmu    sync.Mutex
-	stream *quic.Stream
-
-	pmu     sync.Mutex
-	pending map[uint64]chan *wire.Message
-	nextID  uint64
+	ch *wire.Channel // the control stream
 
 	inflight chan struct{}     // bounds concurrent connect requests
 	bucket   float64           // connect tokens left (see connectAllowed)
@@ -109,40 +104,15 @@ func (n *node) connectAllowed(now time.Time) bool {
 	return true
 }
 
-func (n *node) write(m *wire.Message) error {
-	n.wmu.Lock()
-	defer n.wmu.Unlock()
-	n.stream.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	return wire.WriteMessage(n.stream, m)
-}
+func (n *node) write(m *wire.Message) error { return n.ch.Write(m) }
 
 // request sends m to the node and waits for its reply.
 func (n *node) request(ctx context.Context, m *wire.Message) (*wire.Message, error) {
-	ch := make(chan *wire.Message, 1)
-	n.pmu.Lock()
-	n.nextID++
-	m.ID = n.nextID
-	n.pending[m.ID] = ch
-	n.pmu.Unlock()
-	defer func() {
-		n.pmu.Lock()
-		delete(n.pending, m.ID)
-		n.pmu.Unlock()
-	}()
-	if err := n.write(m); err != nil {
-		return nil, err
-	}
-	select {
-	case r := <-ch:
-		if r.Type == wire.TypeError {
-			return nil, r.Error
-		}
-		return r, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	case <-n.qc.Context().Done():
+	r, err := n.ch.Request(ctx, m)
+	if errors.Is(err, wire.ErrChannelClosed) {
 		return nil, errors.New("node disconnected")
 	}
+	return r, err
 }
 
 // New prepares a gateway from its state.
@@ -285,8 +255,9 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		g.refuse(qc, st, code, err.Error())
 		return
 	}
-	n := &node{name: claims.Name, role: claims.Role, key: key, claims: claims, qc: qc, stream: st, pending: make(map[uint64]chan *wire.Message),
+	n := &node{name: claims.Name, role: claims.Role, key: key, claims: claims, qc: qc, ch: wire.NewChannel(st),
 		inflight: make(chan struct{}, maxInflightConnects), routes: make(map[string]uint64)}
+	defer n.ch.Close() // fails requests still waiting on this node
 	log = log.With("role", n.role, "name", n.name)
 	if n.role == token.RoleAgent {
 		for _, p := range m.Hello.Advertise {
@@ -360,15 +331,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 			}
 			return
 		}
-		n.pmu.Lock()
-		ch, isReply := n.pending[m.ID]
-		delete(n.pending, m.ID)
-		n.pmu.Unlock()
-		if isReply {
-			select {
-			case ch <- m:
-			default: // a duplicate reply; the request has its answer
-			}
+		if n.ch.Deliver(m) {
 			continue
 		}
 		switch {
