@@ -20,6 +20,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/relay"
 	"github.com/nlvpn/nlvpn/session"
 	"github.com/nlvpn/nlvpn/wire"
 )
@@ -351,9 +352,7 @@ func (c *Client) Send(id uint64, pkt []byte) error {
 	if k == nil {
 		return ErrNotConnected
 	}
-	b := make([]byte, 0, wire.FrameHeaderLen+len(pkt))
-	b = wire.AppendFrameHeader(b, wire.FrameRelay, id)
-	b = append(b, pkt...)
+	b := relay.Frame(id, pkt)
 	select {
 	case k.relayq <- b:
 		return nil

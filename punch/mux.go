@@ -150,9 +150,7 @@ type Path struct {
 // are queued for the batch writer (which never blocks the session);
 // otherwise they are written at once through quic-go's transport.
 func (d *Path) Send(id uint64, pkt []byte) error {
-	b := make([]byte, 0, wire.FrameHeaderLen+len(pkt))
-	b = wire.AppendFrameHeader(b, wire.FrameDirect, id)
-	b = append(b, pkt...)
+	b := wire.NewFrame(wire.FrameDirect, id, pkt)
 	m := d.Mux
 	if m.frames == nil {
 		return m.Send(b, d.Remote)

@@ -22,11 +22,7 @@ type DatagramSender interface {
 }
 
 // Frame builds a relay frame around pkt.
-func Frame(id uint64, pkt []byte) []byte {
-	b := make([]byte, 0, wire.FrameHeaderLen+len(pkt))
-	b = wire.AppendFrameHeader(b, wire.FrameRelay, id)
-	return append(b, pkt...)
-}
+func Frame(id uint64, pkt []byte) []byte { return wire.NewFrame(wire.FrameRelay, id, pkt) }
 
 // QueueLen is how many frames may wait for one node's connection. Beyond it
 // frames are dropped and counted: a slow receiver must not stall the reader

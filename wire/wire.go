@@ -289,6 +289,14 @@ func AppendFrameHeader(b []byte, kind byte, id uint64) []byte {
 	return binary.BigEndian.AppendUint64(b, id)
 }
 
+// NewFrame builds a frame of the given kind around payload, in a new
+// buffer of exactly its size.
+func NewFrame(kind byte, id uint64, payload []byte) []byte {
+	b := make([]byte, 0, FrameHeaderLen+len(payload))
+	b = AppendFrameHeader(b, kind, id)
+	return append(b, payload...)
+}
+
 // ErrShortFrame is returned for a frame shorter than its header.
 var ErrShortFrame = errors.New("frame shorter than its header")
 
