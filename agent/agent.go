@@ -289,7 +289,7 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 		a.stopPunch(id)
 		a.sconn.SetPath(id, nil)
 	}
-	a.log.Info("session offered", "client", s.PeerName, "client_overlay", s.PeerAddr, "session", fmt.Sprintf("%016x", s.ID), "mode", modeName(s.Mode))
+	a.log.Info("session offered", "client", s.PeerName, "client_overlay", s.PeerAddr, "session", wire.SessionID(s.ID), "mode", modeName(s.Mode))
 	a.startPunch(s, probeKey)
 	return &wire.Message{Type: wire.TypeAccept, Accept: acc}
 }
@@ -317,7 +317,7 @@ func (a *Agent) startPunch(s *wire.Session, key []byte) {
 	if s.Mode == wire.ModeRelay {
 		return
 	}
-	log := a.log.With("client", s.PeerName, "session", fmt.Sprintf("%016x", s.ID))
+	log := a.log.With("client", s.PeerName, "session", wire.SessionID(s.ID))
 	ctx, cancel := context.WithCancel(a.ctx)
 	p := punch.New(punch.Config{
 		ID: s.ID, Key: key, Peer: punch.Usable(s.Candidates, nil, punch.MaxCandidates),
@@ -381,7 +381,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	a.mu.Lock()
 	offer := a.offers[id]
 	a.mu.Unlock()
-	log := a.log.With("session", fmt.Sprintf("%016x", id))
+	log := a.log.With("session", wire.SessionID(id))
 	if offer == nil {
 		log.Warn("peer connection for a session the gateway never offered")
 		qc.CloseWithError(1, "unknown session")

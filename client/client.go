@@ -295,9 +295,9 @@ func (c *Client) reattach(ctx context.Context) {
 					old.Conn.CloseWithError(0, "replaced")
 				}
 				go c.pump(s)
-				c.log.Info("session re-established", "session", formatID(s.ID))
+				c.log.Info("session re-established", "session", wire.SessionID(s.ID))
 			} else {
-				c.log.Info("session resumed over the relay", "session", formatID(s.ID))
+				c.log.Info("session resumed over the relay", "session", wire.SessionID(s.ID))
 			}
 			return
 		}
@@ -378,7 +378,7 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 		qc.CloseWithError(1, "bad peer info")
 		return nil, nil, fmt.Errorf("agent %q sent bad session info: %v", c.cfg.Agent, err)
 	}
-	c.log.Info("end-to-end session established", "session", formatID(off.ID), "agent_key", key, "took", time.Since(start).Round(time.Millisecond), "path", c.pathKind())
+	c.log.Info("end-to-end session established", "session", wire.SessionID(off.ID), "agent_key", key, "took", time.Since(start).Round(time.Millisecond), "path", c.pathKind())
 	return session.New(off.ID, qc, c.log), m.Peer, nil
 }
 
@@ -473,8 +473,6 @@ func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
 		}
 	}
 }
-
-func formatID(id uint64) string { return fmt.Sprintf("%016x", id) }
 
 // tooBig answers an oversize packet with ICMP "fragmentation needed" /
 // "packet too big" written back into the TUN.

@@ -6,6 +6,8 @@ import (
 	"net"
 	"os"
 	"time"
+
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 // Status is what `nlvpn status --json` prints. Scripts rely on these names.
@@ -41,7 +43,7 @@ func (c *Client) Status() Status {
 		cs := s.Conn.ConnectionStats()
 		st.RTTMillis = float64(cs.SmoothedRTT.Microseconds()) / 1000
 		st.QUICPacketsSent, st.QUICPacketsLost, st.QUICCwnd = cs.PacketsSent, cs.PacketsLost, cs.CongestionWindow
-		st.Session = formatID(s.ID)
+		st.Session = wire.SessionID(s.ID)
 	}
 	st.DropsInbound, _ = c.sconn.Drops()
 	st.DropsForeign = c.dropForeign.Load()

@@ -419,7 +419,7 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 	if prev != 0 && prev != id {
 		g.hub.Unbind(prev)
 	}
-	log.Info("session set up", "session", fmt.Sprintf("%016x", id), "resumed", id == req.Resume)
+	log.Info("session set up", "session", wire.SessionID(id), "resumed", id == req.Resume)
 	if r.Type != wire.TypeAccept {
 		g.hub.Unbind(id)
 		return errorReply(wire.CodeUnavailable, "agent %q answered %s instead of accepting", a.name, r.Type)

@@ -7,6 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 // Addr is the remote address a peer session's QUIC stack sees: the session
@@ -18,7 +20,7 @@ type Addr uint64
 // Network implements net.Addr.
 func (Addr) Network() string { return "nlvpn-session" }
 
-func (a Addr) String() string { return fmt.Sprintf("session/%016x", uint64(a)) }
+func (a Addr) String() string { return "session/" + wire.SessionID(uint64(a)) }
 
 // Path sends a peer session's packets one way: through the relay or directly.
 type Path interface {

@@ -289,6 +289,9 @@ func AppendFrameHeader(b []byte, kind byte, id uint64) []byte {
 	return binary.BigEndian.AppendUint64(b, id)
 }
 
+// SessionID formats a session ID the one way logs and metrics show it.
+func SessionID(id uint64) string { return fmt.Sprintf("%016x", id) }
+
 // NewFrame builds a frame of the given kind around payload, in a new
 // buffer of exactly its size.
 func NewFrame(kind byte, id uint64, payload []byte) []byte {
