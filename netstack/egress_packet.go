@@ -2,6 +2,7 @@ package netstack
 
 import (
 	"encoding/binary"
+	"github.com/nlvpn/nlvpn/packet"
 	"net/netip"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -38,7 +39,7 @@ func egParseIP(pkt []byte) ([]byte, tcpip.NetworkProtocolNumber, bool) {
 		if ihl < header.IPv4MinimumSize || ihl > len(pkt) || total < ihl || total > len(pkt) {
 			return nil, 0, false
 		}
-		if egChecksum(pkt[:ihl], 0) != 0xffff {
+		if packet.Sum(pkt[:ihl], 0) != 0xffff {
 			return nil, 0, false
 		}
 		return pkt[:total], header.IPv4ProtocolNumber, true
@@ -91,7 +92,7 @@ func egParseEcho(p []byte) (egEchoRequest, egEchoVerdict) {
 		if len(icmp) < 8 || icmp[0] != egICMPv4EchoRequest {
 			return r, egEchoNot
 		}
-		if icmp[1] != 0 || egChecksum(icmp, 0) != 0xffff {
+		if icmp[1] != 0 || packet.Sum(icmp, 0) != 0xffff {
 			return r, egEchoMalformed
 		}
 		r.src = netip.AddrFrom4([4]byte(p[12:16]))
@@ -114,7 +115,7 @@ func egParseEcho(p []byte) (egEchoRequest, egEchoVerdict) {
 		r.v6 = true
 		r.src = netip.AddrFrom16([16]byte(p[8:24]))
 		r.dst = netip.AddrFrom16([16]byte(p[24:40]))
-		if icmp[1] != 0 || egChecksum(icmp, egPseudoSum6(r.src, r.dst, len(icmp))) != 0xffff {
+		if icmp[1] != 0 || packet.Sum(icmp, packet.PseudoSum6(r.src, r.dst, len(icmp), egProtoICMPv6)) != 0xffff {
 			return r, egEchoMalformed
 		}
 	default:
@@ -144,7 +145,7 @@ func egBuildEchoReply(r egEchoRequest, data []byte) []byte {
 		binary.BigEndian.PutUint16(m[4:6], r.id)
 		binary.BigEndian.PutUint16(m[6:8], r.seq)
 		copy(m[8:], data)
-		binary.BigEndian.PutUint16(m[2:4], ^egChecksum(m, egPseudoSum6(r.dst, r.src, icmpLen)))
+		binary.BigEndian.PutUint16(m[2:4], ^packet.Sum(m, packet.PseudoSum6(r.dst, r.src, icmpLen, egProtoICMPv6)))
 		return b
 	}
 	b := make([]byte, header.IPv4MinimumSize+8+len(data))
@@ -156,42 +157,12 @@ func egBuildEchoReply(r egEchoRequest, data []byte) []byte {
 	src, dst := r.dst.As4(), r.src.As4()
 	copy(b[12:16], src[:])
 	copy(b[16:20], dst[:])
-	binary.BigEndian.PutUint16(b[10:12], ^egChecksum(b[:20], 0))
+	binary.BigEndian.PutUint16(b[10:12], ^packet.Sum(b[:20], 0))
 	m := b[20:]
 	m[0] = egICMPv4EchoReply
 	binary.BigEndian.PutUint16(m[4:6], r.id)
 	binary.BigEndian.PutUint16(m[6:8], r.seq)
 	copy(m[8:], data)
-	binary.BigEndian.PutUint16(m[2:4], ^egChecksum(m, 0))
+	binary.BigEndian.PutUint16(m[2:4], ^packet.Sum(m, 0))
 	return b
-}
-
-// egChecksum returns the ones'-complement sum of b added to initial, folded to
-// 16 bits (not inverted). A region carrying a valid checksum sums to 0xffff.
-func egChecksum(b []byte, initial uint32) uint16 {
-	sum := initial
-	for len(b) >= 2 {
-		sum += uint32(b[0])<<8 | uint32(b[1])
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		sum += uint32(b[0]) << 8
-	}
-	for sum>>16 != 0 {
-		sum = sum&0xffff + sum>>16
-	}
-	return uint16(sum)
-}
-
-// egPseudoSum6 is the unfolded sum of the IPv6 pseudo-header for ICMPv6.
-func egPseudoSum6(src, dst netip.Addr, length int) uint32 {
-	var sum uint32
-	s, d := src.As16(), dst.As16()
-	for i := 0; i < 16; i += 2 {
-		sum += uint32(s[i])<<8 | uint32(s[i+1])
-		sum += uint32(d[i])<<8 | uint32(d[i+1])
-	}
-	sum += uint32(length>>16) + uint32(length&0xffff)
-	sum += egProtoICMPv6
-	return sum
 }

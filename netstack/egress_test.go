@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/nlvpn/nlvpn/packet"
 	"io"
 	"log/slog"
 	"net"
@@ -495,12 +496,12 @@ func egEchoRequestPacket(src, dst netip.Addr, id, seq uint16, data []byte) []byt
 		m := p[40:]
 		m[0] = egICMPv6EchoRequest
 		m[2], m[3] = 0, 0
-		binary.BigEndian.PutUint16(m[2:4], ^egChecksum(m, egPseudoSum6(src, dst, len(m))))
+		binary.BigEndian.PutUint16(m[2:4], ^packet.Sum(m, packet.PseudoSum6(src, dst, len(m), egProtoICMPv6)))
 	} else {
 		m := p[20:]
 		m[0] = egICMPv4EchoRequest
 		m[2], m[3] = 0, 0
-		binary.BigEndian.PutUint16(m[2:4], ^egChecksum(m, 0))
+		binary.BigEndian.PutUint16(m[2:4], ^packet.Sum(m, 0))
 	}
 	return p
 }
@@ -587,7 +588,7 @@ func egCheckEchoReply(t *testing.T, p []byte, src, dst netip.Addr, id, seq uint1
 			t.Fatalf("addresses %x", p[8:40])
 		}
 		m = p[40:]
-		if m[0] != egICMPv6EchoReply || egChecksum(m, egPseudoSum6(src, dst, len(m))) != 0xffff {
+		if m[0] != egICMPv6EchoReply || packet.Sum(m, packet.PseudoSum6(src, dst, len(m), egProtoICMPv6)) != 0xffff {
 			t.Fatalf("bad ICMPv6 reply type or checksum: %x", m)
 		}
 	} else {
@@ -602,10 +603,10 @@ func egCheckEchoReply(t *testing.T, p []byte, src, dst netip.Addr, id, seq uint1
 			t.Fatalf("addresses %v -> %v", h.SourceAddress(), h.DestinationAddress())
 		}
 		m = p[20:]
-		if m[0] != egICMPv4EchoReply || m[1] != 0 || header.ICMPv4(m).Checksum() != ^egChecksum(append([]byte{m[0], m[1], 0, 0}, m[4:]...), 0) {
+		if m[0] != egICMPv4EchoReply || m[1] != 0 || header.ICMPv4(m).Checksum() != ^packet.Sum(append([]byte{m[0], m[1], 0, 0}, m[4:]...), 0) {
 			t.Fatalf("bad ICMP reply type or checksum: %x", m)
 		}
-		if egChecksum(m, 0) != 0xffff {
+		if packet.Sum(m, 0) != 0xffff {
 			t.Fatal("ICMP checksum does not verify")
 		}
 	}

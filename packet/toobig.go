@@ -56,11 +56,7 @@ func TooBig(pkt []byte, mtu int) []byte {
 	icmp[0] = 2 // packet too big
 	binary.BigEndian.PutUint32(icmp[4:8], uint32(mtu))
 	copy(icmp[8:], quote)
-	// Pseudo-header: addresses, upper-layer length, next header.
-	var sum uint32
-	sum = sumBytes(b[8:40], sum)
-	sum += uint32(len(icmp)) + 58
-	binary.BigEndian.PutUint16(icmp[2:4], checksum(icmp, sum))
+	binary.BigEndian.PutUint16(icmp[2:4], checksum(icmp, PseudoSum6(dst, src, len(icmp), 58)))
 	return b
 }
 
@@ -73,23 +69,4 @@ func isICMPError4(pkt []byte, ihl int) bool {
 		return true
 	}
 	return false
-}
-
-func sumBytes(b []byte, sum uint32) uint32 {
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(b[i])<<8 | uint32(b[i+1])
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	return sum
-}
-
-// checksum is the Internet checksum of b, starting from a partial sum.
-func checksum(b []byte, initial uint32) uint16 {
-	sum := sumBytes(b, initial)
-	for sum>>16 != 0 {
-		sum = sum&0xffff + sum>>16
-	}
-	return ^uint16(sum)
 }

@@ -79,10 +79,7 @@ func TestTooBigIPv6(t *testing.T) {
 		t.Fatalf("MTU %d", mtu)
 	}
 	// Verify the checksum with the pseudo-header.
-	var sum uint32
-	sum = sumBytes(b[8:40], sum)
-	sum += uint32(len(b)-40) + 58
-	if checksum(b[40:], sum) != 0 {
+	if checksum(b[40:], PseudoSum6(src, dst, len(b)-40, 58)) != 0 {
 		t.Fatal("bad ICMPv6 checksum")
 	}
 }
