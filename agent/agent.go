@@ -309,11 +309,7 @@ func modeName(m string) string {
 // ends punch; each confirms the path by its own probes' answers.
 func (a *Agent) startPunch(s *wire.Session, key []byte) {
 	a.stopPunch(s.ID)
-	if s.Mode == wire.ModeDirect {
-		a.sconn.SetPath(s.ID, punch.Blackhole{})
-	} else {
-		a.sconn.SetPath(s.ID, nil)
-	}
+	a.sconn.SetPath(s.ID, punch.Fallback(s.Mode))
 	if s.Mode == wire.ModeRelay {
 		return
 	}
@@ -326,13 +322,7 @@ func (a *Agent) startPunch(s *wire.Session, key []byte) {
 			a.sconn.SetPath(s.ID, &punch.Path{Mux: a.mux, Remote: remote})
 			log.Info("The direct channel has just been established", "remote", remote, "took", took.Round(time.Millisecond))
 		},
-		OnLost: func(remote netip.AddrPort) {
-			if s.Mode == wire.ModeDirect {
-				a.sconn.SetPath(s.ID, punch.Blackhole{})
-			} else {
-				a.sconn.SetPath(s.ID, nil)
-			}
-		},
+		OnLost: func(netip.AddrPort) { a.sconn.SetPath(s.ID, punch.Fallback(s.Mode)) },
 	})
 	a.mu.Lock()
 	a.punches[s.ID] = &punchState{p: p, cancel: cancel}

@@ -24,6 +24,17 @@ func (c *Client) setPath(kind, remote string) {
 	c.pmu.Unlock()
 }
 
+// fallBack puts session id on the path it takes without a direct one, and
+// says so in the status.
+func (c *Client) fallBack(id uint64) {
+	c.sconn.SetPath(id, punch.Fallback(c.cfg.Mode))
+	if c.cfg.Mode == wire.ModeDirect {
+		c.setPath("none", "")
+	} else {
+		c.setPath("relay", c.cfg.Gateway)
+	}
+}
+
 // startPunch (re)starts punching for the session the gateway just set up.
 // In relay mode nothing is probed; in direct mode nothing may use the relay.
 func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offer *punch.Offer) error {
@@ -44,17 +55,9 @@ func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offe
 	default:
 	}
 	c.pmu.Unlock()
-	switch c.cfg.Mode {
-	case wire.ModeRelay:
-		c.sconn.SetPath(off.ID, nil)
-		c.setPath("relay", c.cfg.Gateway)
+	c.fallBack(off.ID)
+	if c.cfg.Mode == wire.ModeRelay {
 		return nil
-	case wire.ModeDirect:
-		c.sconn.SetPath(off.ID, punch.Blackhole{})
-		c.setPath("none", "")
-	default:
-		c.sconn.SetPath(off.ID, nil)
-		c.setPath("relay", c.cfg.Gateway)
 	}
 	key, err := offer.Key(off.ID, agentKey, off.ProbePub, off.ProbeSig)
 	if err != nil {
@@ -75,15 +78,7 @@ func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offe
 			default:
 			}
 		},
-		OnLost: func(remote netip.AddrPort) {
-			if c.cfg.Mode == wire.ModeDirect {
-				c.sconn.SetPath(id, punch.Blackhole{})
-				c.setPath("none", "")
-				return
-			}
-			c.sconn.SetPath(id, nil)
-			c.setPath("relay", c.cfg.Gateway)
-		},
+		OnLost: func(netip.AddrPort) { c.fallBack(id) },
 	})
 	ctx, cancel := context.WithCancel(c.ctx)
 	c.pmu.Lock()
