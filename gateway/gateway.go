@@ -221,7 +221,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	// On shutdown, close every node connection so each serve returns.
 	stop := context.AfterFunc(ctx, func() { qc.CloseWithError(0, "gateway shutting down") })
 	defer stop()
-	key, err := peerKey(qc)
+	key, err := identity.KeyOf(qc.ConnectionState().TLS)
 	if err != nil {
 		log.Info("node rejected", "err", err)
 		return
@@ -428,14 +428,6 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 		ID: id, PeerName: a.name, PeerKey: a.key.String(), PeerAddr: a.overlay, Advertise: a.adv,
 		Mode: req.Mode, Punch: r.Accept.Punch, Resumed: r.Accept.Resumed && id == req.Resume,
 	}}
-}
-
-func peerKey(qc *quic.Conn) (identity.PublicKey, error) {
-	st := qc.ConnectionState().TLS
-	if len(st.PeerCertificates) != 1 {
-		return nil, errors.New("node presented no certificate")
-	}
-	return identity.PeerKey([][]byte{st.PeerCertificates[0].Raw})
 }
 
 // maxClientAddrs bounds the overlay addresses one client name may hold:

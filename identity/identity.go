@@ -200,6 +200,15 @@ func PeerKey(rawCerts [][]byte) (PublicKey, error) {
 	return PublicKey(pub), nil
 }
 
+// KeyOf returns the key the peer of a completed TLS handshake proved it
+// holds: the one in its single self-signed certificate.
+func KeyOf(st tls.ConnectionState) (PublicKey, error) {
+	if len(st.PeerCertificates) != 1 {
+		return nil, errors.New("peer presented no certificate")
+	}
+	return PeerKey([][]byte{st.PeerCertificates[0].Raw})
+}
+
 // Fingerprint is the pin of a certificate: SHA-256 over its
 // SubjectPublicKeyInfo, hex. Pinning the key rather than the whole
 // certificate lets a gateway renew its certificate without new tokens.

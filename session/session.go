@@ -89,11 +89,7 @@ func ServerTLS(key *identity.Key) (*tls.Config, error) {
 // PeerKeyOf returns the key the remote end of an established connection
 // proved it holds.
 func PeerKeyOf(c *quic.Conn) (identity.PublicKey, error) {
-	st := c.ConnectionState().TLS
-	if len(st.PeerCertificates) != 1 {
-		return nil, errors.New("peer presented no certificate")
-	}
-	return identity.PeerKey([][]byte{st.PeerCertificates[0].Raw})
+	return identity.KeyOf(c.ConnectionState().TLS)
 }
 
 // SendQueueLen bounds packets waiting for the QUIC connection. quic-go's
