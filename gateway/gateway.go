@@ -8,7 +8,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -163,17 +162,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	rk := quic.StatelessResetKey(sha256.Sum256(append([]byte("nlvpn stateless reset\x00"), g.cfg.State.Key.Sign([]byte("stateless-reset"))...)))
 	tr := &quic.Transport{Conn: uc, StatelessResetKey: &rk}
 	defer tr.Close()
-	tc := &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{g.cert},
-		NextProtos:   []string{wire.ALPNGateway},
-		ClientAuth:   tls.RequireAnyClientCert,
-		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			_, err := identity.PeerKey(raw)
-			return err
-		},
-	}
-	ln, err := tr.Listen(tc, control.QUICConfig())
+	ln, err := tr.Listen(identity.ServerTLS(g.cert, wire.ALPNGateway), control.QUICConfig())
 	if err != nil {
 		return err
 	}

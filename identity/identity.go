@@ -200,6 +200,22 @@ func PeerKey(rawCerts [][]byte) (PublicKey, error) {
 	return PublicKey(pub), nil
 }
 
+// ServerTLS is a TLS 1.3 server configuration presenting cert that requires
+// the client to present a node certificate (an Ed25519 key, self-signed);
+// the caller reads the key with KeyOf and decides whether it is welcome.
+func ServerTLS(cert tls.Certificate, alpn string) *tls.Config {
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{cert},
+		NextProtos:   []string{alpn},
+		ClientAuth:   tls.RequireAnyClientCert,
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			_, err := PeerKey(raw)
+			return err
+		},
+	}
+}
+
 // KeyOf returns the key the peer of a completed TLS handshake proved it
 // holds: the one in its single self-signed certificate.
 func KeyOf(st tls.ConnectionState) (PublicKey, error) {

@@ -74,16 +74,7 @@ func ServerTLS(key *identity.Key) (*tls.Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{cert},
-		NextProtos:   []string{wire.ALPNPeer},
-		ClientAuth:   tls.RequireAnyClientCert,
-		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			_, err := identity.PeerKey(raw)
-			return err
-		},
-	}, nil
+	return identity.ServerTLS(cert, wire.ALPNPeer), nil
 }
 
 // PeerKeyOf returns the key the remote end of an established connection
