@@ -74,11 +74,11 @@ type Agent struct {
 // inQueueLen bounds client packets waiting for the netstack.
 const inQueueLen = 4096
 
+// inject queues a client packet for the netstack; it takes pkt, which
+// Session.Run hands over as the packet's own buffer.
 func (a *Agent) inject(pkt []byte) {
-	b := make([]byte, len(pkt))
-	copy(b, pkt)
 	select {
-	case a.in <- b:
+	case a.in <- pkt:
 	default:
 		a.dropInFull.Add(1)
 	}

@@ -147,7 +147,8 @@ func (s *Session) Alive() bool {
 }
 
 // Run pumps packets until the connection ends: queued packets out as
-// datagrams, received datagrams to recv (which must not retain them).
+// datagrams, received datagrams to recv, which owns each one (quic-go
+// hands every datagram over in a buffer of its own).
 func (s *Session) Run(recv func(pkt []byte)) error {
 	defer close(s.done)
 	ctx := s.Conn.Context()
