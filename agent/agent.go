@@ -44,16 +44,12 @@ type Config struct {
 
 // Agent is a running agent.
 type Agent struct {
-	cfg   Config
-	log   *slog.Logger
-	ctrl  *control.Client
-	eg    *netstack.Egress
-	dns   *netstack.DNSServer
-	u     *underlay.Underlay
-	sconn *session.Conn
-	mux   *punch.Mux
-	port  uint16
-	ctx   context.Context // the agent's lifetime
+	cfg Config
+	log *slog.Logger
+	u   *underlay.Underlay // the node's port: gateway connection, session conn, frame mux
+	eg  *netstack.Egress
+	dns *netstack.DNSServer
+	ctx context.Context // the agent's lifetime
 
 	mu       sync.Mutex
 	offers   map[uint64]*wire.Session    // by session ID, as the gateway vouched
@@ -124,7 +120,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer u.Close()
-	a.u, a.ctrl, a.sconn, a.mux, a.port = u, u.Ctrl, u.Conn, u.Mux, u.Port
+	a.u = u
 
 	a.dns = netstack.NewDNSServer(net.DefaultResolver, cfg.Log)
 	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: session.TunMTU, Allow: a.allow, Dial: a.dial, Logger: cfg.Log}, a.toClient)
@@ -181,7 +177,7 @@ func (a *Agent) closeSessions() {
 
 // overlay is the agent's overlay address, once registered.
 func (a *Agent) overlay() netip.Addr {
-	if w := a.ctrl.Welcome(); w != nil {
+	if w := a.u.Ctrl.Welcome(); w != nil {
 		return w.Overlay
 	}
 	return netip.Addr{}
@@ -262,8 +258,8 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 			return badRequest("bad probe key: " + err.Error())
 		}
 		acc.Punch = wire.Punch{ProbePub: off.Pub, ProbeSig: off.Sig}
-		if w := a.ctrl.Welcome(); w != nil {
-			acc.Punch.Candidates = punch.Candidates(w.Observed, a.port)
+		if w := a.u.Ctrl.Welcome(); w != nil {
+			acc.Punch.Candidates = punch.Candidates(w.Observed, a.u.Port)
 		}
 	}
 	a.mu.Lock()
@@ -287,7 +283,7 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 	a.mu.Unlock()
 	for _, id := range stale {
 		a.stopPunch(id)
-		a.sconn.SetPath(id, nil)
+		a.u.Conn.SetPath(id, nil)
 	}
 	a.log.Info("session offered", "client", s.PeerName, "client_overlay", s.PeerAddr, "session", wire.SessionID(s.ID), "mode", modeName(s.Mode))
 	a.startPunch(s, probeKey)
@@ -309,7 +305,7 @@ func modeName(m string) string {
 // ends punch; each confirms the path by its own probes' answers.
 func (a *Agent) startPunch(s *wire.Session, key []byte) {
 	a.stopPunch(s.ID)
-	a.sconn.SetPath(s.ID, punch.Fallback(s.Mode))
+	a.u.Conn.SetPath(s.ID, punch.Fallback(s.Mode))
 	if s.Mode == wire.ModeRelay {
 		return
 	}
@@ -317,17 +313,17 @@ func (a *Agent) startPunch(s *wire.Session, key []byte) {
 	ctx, cancel := context.WithCancel(a.ctx)
 	p := punch.New(punch.Config{
 		ID: s.ID, Key: key, Peer: punch.Usable(s.Candidates, nil, punch.MaxCandidates),
-		Send: a.mux.Send, Log: log,
+		Send: a.u.Mux.Send, Log: log,
 		OnDirect: func(remote netip.AddrPort, took time.Duration) {
-			a.sconn.SetPath(s.ID, &punch.Path{Mux: a.mux, Remote: remote})
+			a.u.Conn.SetPath(s.ID, &punch.Path{Mux: a.u.Mux, Remote: remote})
 			log.Info("The direct channel has just been established", "remote", remote, "took", took.Round(time.Millisecond))
 		},
-		OnLost: func(netip.AddrPort) { a.sconn.SetPath(s.ID, punch.Fallback(s.Mode)) },
+		OnLost: func(netip.AddrPort) { a.u.Conn.SetPath(s.ID, punch.Fallback(s.Mode)) },
 	})
 	a.mu.Lock()
 	a.punches[s.ID] = &punchState{p: p, cancel: cancel}
 	a.mu.Unlock()
-	a.mux.Add(s.ID, p)
+	a.u.Mux.Add(s.ID, p)
 	log.Info("Trying to create a direct (peer-to-peer) channel", "candidates", s.Candidates)
 	go p.Run(ctx)
 	// An offer the client never follows up is forgotten.
@@ -340,7 +336,7 @@ func (a *Agent) startPunch(s *wire.Session, key []byte) {
 		a.mu.Unlock()
 		if !live {
 			a.stopPunch(s.ID)
-			a.sconn.SetPath(s.ID, nil)
+			a.u.Conn.SetPath(s.ID, nil)
 		}
 	})
 }
@@ -352,7 +348,7 @@ func (a *Agent) stopPunch(id uint64) {
 	a.mu.Unlock()
 	if ps != nil {
 		ps.cancel()
-		a.mux.Remove(id, ps.p)
+		a.u.Mux.Remove(id, ps.p)
 	}
 }
 
@@ -391,7 +387,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		return
 	}
 	err = wire.WriteMessage(st, &wire.Message{Type: wire.TypePeerInfo, Peer: &wire.PeerInfo{
-		Name: a.ctrl.Welcome().Name, Overlay: a.ctrl.Welcome().Overlay, Advertise: a.cfg.Advertise,
+		Name: a.u.Ctrl.Welcome().Name, Overlay: a.u.Ctrl.Welcome().Overlay, Advertise: a.cfg.Advertise,
 	}})
 	if err != nil {
 		log.Info("peer info not sent", "err", err)
@@ -437,7 +433,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		}
 	}
 	a.stopPunch(id)
-	a.sconn.SetPath(id, nil)
+	a.u.Conn.SetPath(id, nil)
 	st2 := s.Stats()
 	log.Info("client disconnected", "after", time.Since(start).Round(time.Second), "reason", err, "rx_bytes", st2.RxBytes, "tx_bytes", st2.TxBytes,
 		"drops_queue_full", st2.DropQueueFull, "drops_netstack_queue", a.dropInFull.Load(), "quic_lost", qc.ConnectionStats().PacketsLost)

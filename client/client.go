@@ -15,8 +15,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/quic-go/quic-go"
-
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/packet"
@@ -56,17 +54,12 @@ type Config struct {
 
 // Client is a running client.
 type Client struct {
-	cfg   Config
-	log   *slog.Logger
-	ctrl  *control.Client
-	sconn *session.Conn
-	tr    *quic.Transport
-	cur   atomic.Pointer[session.Session]
-	info  *wire.PeerInfo
-	mux   *punch.Mux
-	u     *underlay.Underlay
-	tunw  *tun.BatchWriter
-	port  uint16
+	cfg  Config
+	log  *slog.Logger
+	u    *underlay.Underlay // the node's port: gateway connection, session conn, frame mux
+	cur  atomic.Pointer[session.Session]
+	info *wire.PeerInfo
+	tunw *tun.BatchWriter
 	// deliver takes each packet from the agent: into the TUN, or into the
 	// netstack.
 	deliver func(pkt []byte)
@@ -152,7 +145,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer u.Close()
-	c.u, c.ctrl, c.sconn, c.mux, c.tr, c.port = u, u.Ctrl, u.Conn, u.Mux, u.Peers, u.Port
+	c.u = u
 	if dev != nil {
 		if err := u.Mark(); err != nil {
 			c.log.Warn("cannot mark the UDP socket to bypass the tunnel's routes; subnets containing the gateway will not be routed", "err", err)
@@ -180,7 +173,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	rctx, rcancel := context.WithTimeout(ctx, cfg.ConnectTimeout)
-	w, err := c.ctrl.Ready(rctx)
+	w, err := c.u.Ctrl.Ready(rctx)
 	rcancel()
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
@@ -239,7 +232,7 @@ func Run(ctx context.Context, cfg Config) error {
 		case err := <-runErr:
 			return err
 		case a := <-moved:
-			return fmt.Errorf("the gateway moved this client from overlay address %s to %s (another process with the client name %q holds it); start nlvpn up again", c.overlay, a, c.ctrl.Welcome().Name)
+			return fmt.Errorf("the gateway moved this client from overlay address %s to %s (another process with the client name %q holds it); start nlvpn up again", c.overlay, a, c.u.Ctrl.Welcome().Name)
 		case <-up:
 			// The gateway connection came back (a gateway restart, a
 			// network change): re-attach the session to a relay route.
@@ -328,11 +321,11 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 			return nil, nil, err
 		}
 		req.Punch = wire.Punch{ProbePub: offer.Pub, ProbeSig: offer.Sig}
-		if w := c.ctrl.Welcome(); w != nil {
-			req.Punch.Candidates = punch.Candidates(w.Observed, c.port)
+		if w := c.u.Ctrl.Welcome(); w != nil {
+			req.Punch.Candidates = punch.Candidates(w.Observed, c.u.Port)
 		}
 	}
-	r, err := c.ctrl.Request(rctx, &wire.Message{Type: wire.TypeConnect, Connect: req})
+	r, err := c.u.Ctrl.Request(rctx, &wire.Message{Type: wire.TypeConnect, Connect: req})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -363,7 +356,7 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 		return nil, nil, err
 	}
 	start := time.Now()
-	qc, err := c.tr.Dial(rctx, session.Addr(off.ID), ctls, session.QUICConfig())
+	qc, err := c.u.Peers.Dial(rctx, session.Addr(off.ID), ctls, session.QUICConfig())
 	if err != nil {
 		return nil, nil, fmt.Errorf("end-to-end handshake with agent %q: %w", c.cfg.Agent, err)
 	}

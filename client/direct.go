@@ -27,7 +27,7 @@ func (c *Client) setPath(kind, remote string) {
 // fallBack puts session id on the path it takes without a direct one, and
 // says so in the status.
 func (c *Client) fallBack(id uint64) {
-	c.sconn.SetPath(id, punch.Fallback(c.cfg.Mode))
+	c.u.Conn.SetPath(id, punch.Fallback(c.cfg.Mode))
 	if c.cfg.Mode == wire.ModeDirect {
 		c.setPath("none", "")
 	} else {
@@ -43,9 +43,9 @@ func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offe
 		// Retire the last session's punch under its own ID, so a late pong
 		// for it cannot report a path the new session does not have.
 		c.pstop()
-		c.mux.Remove(c.punchID, c.punch)
+		c.u.Mux.Remove(c.punchID, c.punch)
 		if c.punchID != off.ID {
-			c.sconn.SetPath(c.punchID, nil)
+			c.u.Conn.SetPath(c.punchID, nil)
 		}
 		c.pstop, c.punch = nil, nil
 	}
@@ -68,9 +68,9 @@ func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offe
 	cands := punch.Usable(off.Candidates, off.Advertise, punch.MaxCandidates)
 	id := off.ID
 	p := punch.New(punch.Config{
-		ID: id, Key: key, Peer: cands, Send: c.mux.Send, Log: c.log,
+		ID: id, Key: key, Peer: cands, Send: c.u.Mux.Send, Log: c.log,
 		OnDirect: func(remote netip.AddrPort, took time.Duration) {
-			c.sconn.SetPath(id, &punch.Path{Mux: c.mux, Remote: remote})
+			c.u.Conn.SetPath(id, &punch.Path{Mux: c.u.Mux, Remote: remote})
 			c.setPath("direct", remote.String())
 			c.log.Info("The direct channel has just been established", "remote", remote, "took", took.Round(time.Millisecond))
 			select {
@@ -84,7 +84,7 @@ func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offe
 	c.pmu.Lock()
 	c.punch, c.pstop, c.punchID = p, cancel, id
 	c.pmu.Unlock()
-	c.mux.Add(id, p)
+	c.u.Mux.Add(id, p)
 	if c.cfg.Mode != wire.ModeDirect {
 		c.log.Info("the tunnel starts on the relay and is on hold and waiting to create the direct channel")
 	}
@@ -122,7 +122,7 @@ func (c *Client) waitDirect(ctx context.Context, off *wire.Session) error {
 		heard, sent = p.Stats()
 	}
 	var observed string
-	if w := c.ctrl.Welcome(); w != nil {
+	if w := c.u.Ctrl.Welcome(); w != nil {
 		observed = w.Observed.String()
 	}
 	why := "no probe from the agent reached us and none of ours was answered: both sides appear to be behind endpoint-dependent (symmetric) NAT, or a firewall drops UDP between them"

@@ -45,7 +45,7 @@ func (c *Client) Status() Status {
 		st.QUICPacketsSent, st.QUICPacketsLost, st.QUICCwnd = cs.PacketsSent, cs.PacketsLost, cs.CongestionWindow
 		st.Session = wire.SessionID(s.ID)
 	}
-	st.DropsInbound, _ = c.sconn.Drops()
+	st.DropsInbound, _ = c.u.Conn.Drops()
 	st.DropsForeign = c.dropForeign.Load()
 	if c.tunw != nil {
 		st.DropsTUNWrite = c.tunw.Drops()

@@ -11,14 +11,15 @@ import (
 	"time"
 
 	"github.com/nlvpn/nlvpn/session"
+	"github.com/nlvpn/nlvpn/underlay"
 )
 
 // statusClient is a Client with just what Status needs: no session yet.
 func statusClient() *Client {
 	return &Client{
-		cfg:   Config{Agent: "miranda"},
-		sconn: session.NewConn(nil),
-		path:  pathState{kind: "relay", remote: "127.0.0.1:4433", since: time.Now().Add(-3 * time.Second)},
+		cfg:  Config{Agent: "miranda"},
+		u:    &underlay.Underlay{Conn: session.NewConn(nil)},
+		path: pathState{kind: "relay", remote: "127.0.0.1:4433", since: time.Now().Add(-3 * time.Second)},
 	}
 }
 
