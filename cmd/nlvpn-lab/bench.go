@@ -10,6 +10,8 @@ import (
 	"net/http"
 	"path/filepath"
 	"regexp"
+	"slices"
+	"sync"
 	"strconv"
 	"strings"
 	"time"
@@ -120,6 +122,10 @@ func (r *runner) bench(secs, trials int) error {
 			desc: fmt.Sprintf("nlvpn up --direct: client ns -> TUN -> client NAT -> hole-punched UDP -> agent NAT -> agent -> LAN host %s", l.LANHost),
 			ns:   l.NS.Client, addr: l.LANHost.String(),
 			setup: func() error {
+				if r.gateway == nil {
+					say("Starting gateway, agent and client (nlvpn up --direct).")
+					return r.startStack(false, tunnelUp, "--direct")
+				}
 				say("Restarting the client with --direct (peer-to-peer path).")
 				r.client.Stop()
 				return r.startClient(false, tunnelUp, "--direct")
@@ -159,6 +165,15 @@ func (r *runner) bench(secs, trials int) error {
 		{"ping RTT avg (ms)", 3, r.pingAvg},
 	}
 
+	if r.only != nil {
+		var keep []benchPath
+		for _, p := range paths {
+			if p.name == "raw" || slices.Contains(r.only, p.name) {
+				keep = append(keep, p)
+			}
+		}
+		paths = keep
+	}
 	results := make([][]cell, len(metrics))
 	for i := range results {
 		results[i] = make([]cell, len(paths))
@@ -280,7 +295,22 @@ func (r *runner) iperf(p benchPath, secs, streams int, reverse bool) (float64, e
 	if reverse {
 		args = append(args, "-R")
 	}
+	var profiled sync.WaitGroup
+	if r.profileDir != "" && p.name == "direct" && streams == 1 && !reverse {
+		for _, who := range []struct{ name, ns string }{{"client", r.lab.NS.Client}, {"agent", r.lab.NS.Agent}} {
+			profiled.Add(1)
+			go func() {
+				defer profiled.Done()
+				file := filepath.Join(r.profileDir, who.name+".pprof")
+				url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", pprofAddr, max(1, secs-1))
+				if _, stderr, err := lab.Run(r.ctx, who.ns, "curl", "-sS", "-f", "-o", file, url); err != nil {
+					fmt.Printf("(profile of %s failed: %v %s) ", who.name, err, stderr)
+				}
+			}()
+		}
+	}
 	out, _, err := lab.Run(r.ctx, p.ns, args...)
+	profiled.Wait()
 	var res iperfResult
 	if jerr := json.Unmarshal(out, &res); jerr != nil {
 		if err != nil {

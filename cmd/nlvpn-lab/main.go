@@ -47,6 +47,8 @@ func main() {
 	secs := fs.Int("time", 5, "bench: seconds per iperf3 run")
 	trials := fs.Int("trials", 10, "bench: startup trials (time to first packet and to the direct path); 0 skips them")
 	verbose := fs.Bool("v", false, "print every command that builds the lab")
+	profile := fs.String("profile", "", "bench: write CPU profiles of client and agent, taken during the direct single-stream upload, into this directory")
+	only := fs.String("paths", "", "bench: comma-separated paths to measure (default: all)")
 	switch cmd {
 	case "demo", "bench":
 	case "-h", "--help", "help":
@@ -112,7 +114,10 @@ func main() {
 		os.Exit(130)
 	}()
 
-	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir}
+	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile}
+	if *only != "" {
+		r.only = strings.Split(*only, ",")
+	}
 	switch cmd {
 	case "demo":
 		err = r.demo()

@@ -32,7 +32,14 @@ type runner struct {
 	gateway, agent, client *lab.Process
 	clientTok              string
 	clientN                int
+
+	profileDir string   // bench: where CPU profiles go ("" = none)
+	only       []string // bench: the paths to measure (nil = all)
 }
+
+// pprofAddr is where every nlvpn process serves pprof when the bench takes
+// profiles (loopback of its own namespace).
+const pprofAddr = "127.0.0.1:6060"
 
 func (r *runner) gwAddr() string { return r.lab.GatewayAddrPort(gwPort).String() }
 
@@ -49,7 +56,7 @@ func (r *runner) start(ns, name string, args ...string) (*lab.Process, error) {
 	p, err := r.lab.Start(ns, lab.ProcConfig{
 		Name:    name,
 		Args:    append([]string{r.nlvpn}, args...),
-		Env:     []string{"HOME=" + home, "XDG_CONFIG_HOME=" + filepath.Join(home, ".config")},
+		Env:     r.env(home),
 		LogPath: filepath.Join(r.dir, name+".log"),
 	})
 	if err != nil {
@@ -57,6 +64,14 @@ func (r *runner) start(ns, name string, args ...string) (*lab.Process, error) {
 	}
 	r.procs = append(r.procs, p)
 	return p, nil
+}
+
+func (r *runner) env(home string) []string {
+	env := []string{"HOME=" + home, "XDG_CONFIG_HOME=" + filepath.Join(home, ".config")}
+	if r.profileDir != "" {
+		env = append(env, "NLVPN_PPROF="+pprofAddr)
+	}
+	return env
 }
 
 func (r *runner) dumpLogs() {
