@@ -39,7 +39,10 @@ type Config struct {
 	// AllowLoopback lets clients reach this host's own loopback services,
 	// as 127.0.0.1 / ::1 or as the agent's overlay address. Off by default.
 	AllowLoopback bool
-	Log           *slog.Logger
+	// StatusSocket, if set, is a unix socket path where `nlvpn status`
+	// reads the agent's sessions and drop counters.
+	StatusSocket string
+	Log          *slog.Logger
 }
 
 // Agent is a running agent.
@@ -148,6 +151,13 @@ func Run(ctx context.Context, cfg Config) error {
 	runErr := u.Start()
 	defer u.Stop()
 	go a.acceptLoop(ctx, ln)
+	if cfg.StatusSocket != "" {
+		stop, err := a.serveStatus(cfg.StatusSocket)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	a.log.Info("agent starting", "advertise", cfg.Advertise)
 
 	select {

@@ -1,17 +1,15 @@
 package client
 
 import (
-	"encoding/json"
-	"errors"
-	"net"
-	"os"
 	"time"
 
+	"github.com/nlvpn/nlvpn/status"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
 // Status is what `nlvpn status --json` prints. Scripts rely on these names.
 type Status struct {
+	Role         string  `json:"role"` // "client"
 	Agent        string  `json:"agent"`
 	Path         string  `json:"path"`   // "direct" or "relay" ("none" while a direct-only tunnel has no path)
 	Remote       string  `json:"remote"` // the peer's direct address, or the gateway's
@@ -36,7 +34,7 @@ func (c *Client) Status() Status {
 	c.pmu.Lock()
 	ps := c.path
 	c.pmu.Unlock()
-	st := Status{Agent: c.cfg.Agent, Path: ps.kind, Remote: ps.remote, SinceSwitchS: time.Since(ps.since).Seconds()}
+	st := Status{Role: "client", Agent: c.cfg.Agent, Path: ps.kind, Remote: ps.remote, SinceSwitchS: time.Since(ps.since).Seconds()}
 	if s := c.cur.Load(); s != nil {
 		ss := s.Stats()
 		st.TxBytes, st.RxBytes, st.DropsQueue = ss.TxBytes, ss.RxBytes, ss.DropQueueFull
@@ -53,35 +51,7 @@ func (c *Client) Status() Status {
 	return st
 }
 
-// serveStatus answers each connection on a unix socket with one JSON
-// Status. The socket is 0600 (in a 0700 state directory): only this user
-// can read it.
+// serveStatus serves Status on the unix socket at path (see package status).
 func (c *Client) serveStatus(path string) (stop func(), err error) {
-	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
-		// A stale socket from a run that was killed; a live one would answer.
-		if conn, err := net.Dial("unix", path); err == nil {
-			conn.Close()
-			return nil, errors.New("another nlvpn up is already running with this state directory (" + path + ")")
-		}
-		os.Remove(path)
-	}
-	old := umask(0o177)
-	ln, err := net.Listen("unix", path)
-	umask(old)
-	if err != nil {
-		return nil, err
-	}
-	os.Chmod(path, 0o600)
-	go func() {
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
-			json.NewEncoder(conn).Encode(c.Status())
-			conn.Close()
-		}
-	}()
-	return func() { ln.Close(); os.Remove(path) }, nil
+	return status.Serve(path, func() any { return c.Status() })
 }

@@ -271,8 +271,8 @@ func TestCLIHelpListsCommands(t *testing.T) {
 
 func TestCLIStatusNoTunnel(t *testing.T) {
 	state := t.TempDir()
-	nlvpn(t, nil, "status", "--state-dir", state).wantFail(t, "no running tunnel", filepath.Join(state, "status.sock"))
-	nlvpn(t, nil, "status", "--json", "--state-dir", state).wantFail(t, "no running tunnel")
+	nlvpn(t, nil, "status", "--state-dir", state).wantFail(t, "no running nlvpn", filepath.Join(state, "status.sock"))
+	nlvpn(t, nil, "status", "--json", "--state-dir", state).wantFail(t, "no running nlvpn")
 }
 
 // TestCLIStatusReadsSocket serves a status on STATE-DIR/status.sock, as a

@@ -26,6 +26,7 @@ import (
 	"github.com/nlvpn/nlvpn/gateway"
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/platform"
+	"github.com/nlvpn/nlvpn/status"
 	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/wire"
 )
@@ -392,6 +393,7 @@ It reconnects to the gateway by itself.`,
 			return agent.Run(ctx, agent.Config{
 				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv,
 				AllowLoopback: c.Bool("allow-loopback"),
+				StatusSocket:  filepath.Join(ns.stateDir, "status.sock"),
 				Log:           slog.Default().With("agent", ns.claims.Name),
 			})
 		},
@@ -481,28 +483,43 @@ func modeFlags(c *cli.Context) (string, error) {
 func statusCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "status",
-		Usage: "show the running tunnel's path (direct or relay), remote address, RTT and traffic",
-		Description: `Asks the running ` + "`nlvpn up`" + ` (same --state-dir) over its local socket, which only
-its user can open. --json prints one object with "path" ("direct" or "relay"),
-"remote", "rtt_ms", "tx_bytes", "rx_bytes" and "since_switch_s".`,
+		Usage: "show the running tunnel's path (direct or relay), remote address, RTT and traffic; or a running agent's sessions",
+		Description: `Asks the running ` + "`nlvpn up`" + ` or ` + "`nlvpn agent`" + ` (same --state-dir) over its local socket,
+which only its user can open. For a client, --json prints one object with "path"
+("direct" or "relay"), "remote", "rtt_ms", "tx_bytes", "rx_bytes" and "since_switch_s";
+for an agent, "sessions" (one per connected client) and "drops" (packets lost inside
+the agent, by where).`,
 		Flags: []cli.Flag{
 			stateDirFlag("nlvpn"),
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object"},
 		},
 		Action: func(c *cli.Context) error {
-			path := filepath.Join(c.String("state-dir"), "status.sock")
-			conn, err := net.DialTimeout("unix", path, 2*time.Second)
+			raw, err := status.Read(filepath.Join(c.String("state-dir"), "status.sock"))
 			if err != nil {
-				return fmt.Errorf("no running tunnel found (%s): is `nlvpn up` running with this --state-dir?", path)
-			}
-			defer conn.Close()
-			conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-			var st client.Status
-			if err := json.NewDecoder(conn).Decode(&st); err != nil {
-				return fmt.Errorf("reading status: %w", err)
+				return err
 			}
 			if c.Bool("json") {
-				return json.NewEncoder(os.Stdout).Encode(st)
+				_, err := fmt.Printf("%s\n", raw)
+				return err
+			}
+			var role struct {
+				Role string `json:"role"`
+			}
+			json.Unmarshal(raw, &role)
+			if role.Role == "agent" {
+				var st agent.Status
+				if err := json.Unmarshal(raw, &st); err != nil {
+					return fmt.Errorf("reading status: %w", err)
+				}
+				fmt.Printf("agent:    %s\nclients:  %d\n", st.Name, len(st.Sessions))
+				for _, s := range st.Sessions {
+					fmt.Printf("  %s  session %s  %s %s  rtt %.2f ms  tx %d  rx %d bytes\n", s.Client, s.Session, s.Path, s.Remote, s.RTTMillis, s.TxBytes, s.RxBytes)
+				}
+				return nil
+			}
+			var st client.Status
+			if err := json.Unmarshal(raw, &st); err != nil {
+				return fmt.Errorf("reading status: %w", err)
 			}
 			fmt.Printf("agent:    %s\npath:     %s\nremote:   %s\nrtt:      %.2f ms\ntx:       %d bytes\nrx:       %d bytes\nswitched: %s ago\n",
 				st.Agent, st.Path, st.Remote, st.RTTMillis, st.TxBytes, st.RxBytes, time.Duration(st.SinceSwitchS*float64(time.Second)).Round(time.Second))

@@ -1,5 +1,5 @@
 //go:build !unix
 
-package client
+package status
 
 func umask(m int) int { return m }

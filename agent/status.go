@@ -1,0 +1,89 @@
+package agent
+
+import (
+	"github.com/nlvpn/nlvpn/status"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+// Status is what `nlvpn status --json --state-dir AGENT-STATE` prints for a
+// running agent. Scripts (and `make bench`) rely on these names.
+type Status struct {
+	Role     string          `json:"role"` // "agent"
+	Name     string          `json:"name"`
+	Sessions []SessionStatus `json:"sessions"`
+	// Drops counts packets lost inside the agent, by where.
+	Drops map[string]uint64 `json:"drops"`
+}
+
+// SessionStatus is one connected client.
+type SessionStatus struct {
+	Client          string  `json:"client"`
+	Session         string  `json:"session"`
+	Path            string  `json:"path"` // "direct" or "relay"
+	Remote          string  `json:"remote,omitempty"`
+	RTTMillis       float64 `json:"rtt_ms"`
+	TxBytes         uint64  `json:"tx_bytes"`
+	RxBytes         uint64  `json:"rx_bytes"`
+	QUICPacketsSent uint64  `json:"quic_packets_sent"`
+	QUICPacketsLost uint64  `json:"quic_packets_lost"`
+}
+
+// Status reports the agent's sessions and drop counters now.
+func (a *Agent) Status() Status {
+	st := Status{Role: "agent", Drops: map[string]uint64{}}
+	if w := a.u.Ctrl.Welcome(); w != nil {
+		st.Name = w.Name
+	}
+	a.mu.Lock()
+	type entry struct {
+		cs *clientState
+		ps *punchState
+	}
+	var es []entry
+	for _, cs := range a.byClient {
+		es = append(es, entry{cs, a.punches[cs.sess.ID]})
+	}
+	a.mu.Unlock()
+	var queueFull, tooLarge, sendFailed uint64
+	for _, e := range es {
+		s := e.cs.sess
+		ss := s.Stats()
+		cs := s.Conn.ConnectionStats()
+		one := SessionStatus{Client: e.cs.offer.PeerName, Session: wire.SessionID(s.ID), Path: "relay",
+			RTTMillis: float64(cs.SmoothedRTT.Microseconds()) / 1000, TxBytes: ss.TxBytes, RxBytes: ss.RxBytes,
+			QUICPacketsSent: cs.PacketsSent, QUICPacketsLost: cs.PacketsLost}
+		if e.ps != nil {
+			if remote, _, ok := e.ps.p.Remote(); ok {
+				one.Path, one.Remote = "direct", remote.String()
+			}
+		}
+		st.Sessions = append(st.Sessions, one)
+		queueFull += ss.DropQueueFull
+		tooLarge += ss.DropTooLarge
+		sendFailed += ss.DropSend
+	}
+	inFull, pathFailed := a.u.Conn.Drops()
+	unknown, malformed := a.u.Mux.Drops()
+	eg := a.eg.Stats()
+	for k, v := range map[string]uint64{
+		"session_queue_full":    queueFull,
+		"session_too_large":     tooLarge,
+		"session_send_failed":   sendFailed,
+		"conn_inbound_full":     inFull,
+		"path_send_failed":      pathFailed,
+		"frame_unknown_session": unknown,
+		"frame_malformed":       malformed,
+		"spoofed_source":        a.dropSpoofed.Load(),
+		"no_session":            a.dropNoSession.Load(),
+		"netstack_queue_full":   a.dropInFull.Load(),
+		"netstack_malformed":    eg.Malformed,
+		"relay_malformed":       a.u.Ctrl.RelayDrops(),
+	} {
+		st.Drops[k] = v
+	}
+	return st
+}
+
+func (a *Agent) serveStatus(path string) (stop func(), err error) {
+	return status.Serve(path, func() any { return a.Status() })
+}
