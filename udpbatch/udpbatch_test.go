@@ -1,0 +1,263 @@
+package udpbatch
+
+import (
+	"context"
+	"encoding/binary"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+)
+
+func listen(t testing.TB, network, addr string) *net.UDPConn {
+	t.Helper()
+	ua, err := net.ResolveUDPAddr(network, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	uc, err := net.ListenUDP(network, ua)
+	if err != nil {
+		t.Skipf("cannot listen on %s %s: %v", network, addr, err)
+	}
+	t.Cleanup(func() { uc.Close() })
+	uc.SetReadBuffer(4 << 20)
+	uc.SetWriteBuffer(4 << 20)
+	return uc
+}
+
+func newConn(t testing.TB, uc *net.UDPConn) *Conn {
+	t.Helper()
+	c, err := New(uc, 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func addrOf(uc *net.UDPConn) netip.AddrPort { return uc.LocalAddr().(*net.UDPAddr).AddrPort() }
+
+// datagram i of a stream: its sequence number, then a pattern; size varies
+// with i when short is set.
+func datagram(i, size int) []byte {
+	b := make([]byte, size)
+	binary.BigEndian.PutUint32(b, uint32(i))
+	for j := 4; j < size; j++ {
+		b[j] = byte(i*7 + j)
+	}
+	return b
+}
+
+// readAll reads until want datagrams arrived or 3 s passed, checking each.
+func readAll(t *testing.T, c *Conn, from netip.AddrPort, want int, sizeOf func(int) int) {
+	t.Helper()
+	ms := make([]Message, 8)
+	for i := range ms {
+		ms[i].Buf = make([]byte, MaxTrain)
+	}
+	got := 0
+	c.UDPConn().SetReadDeadline(time.Now().Add(3 * time.Second))
+	for got < want {
+		n, err := c.ReadBatch(ms)
+		if err != nil {
+			t.Fatalf("after %d of %d datagrams: %v", got, want, err)
+		}
+		for _, m := range ms[:n] {
+			if m.Addr != from {
+				t.Fatalf("datagram from %v, want %v", m.Addr, from)
+			}
+			m.Datagrams(func(b []byte) {
+				if len(b) != sizeOf(got) || int(binary.BigEndian.Uint32(b)) != got {
+					t.Fatalf("datagram %d: %d bytes seq %d, want %d bytes", got, len(b), binary.BigEndian.Uint32(b), sizeOf(got))
+				}
+				for j := 4; j < len(b); j++ {
+					if b[j] != byte(got*7+j) {
+						t.Fatalf("datagram %d corrupted at %d", got, j)
+					}
+				}
+				got++
+			})
+		}
+	}
+}
+
+// A batch of trains (GSO where the kernel has it) and single datagrams
+// arrives whole, each datagram on its own, in order, on both socket
+// families.
+func TestWriteBatchTrainsArriveWhole(t *testing.T) {
+	for _, tc := range []struct{ network, addr string }{{"udp4", "127.0.0.1:0"}, {"udp6", "[::1]:0"}, {"udp", ":0"}} {
+		t.Run(tc.network, func(t *testing.T) {
+			a := newConn(t, listen(t, tc.network, tc.addr))
+			b := newConn(t, listen(t, tc.network, tc.addr))
+			to := addrOf(b.UDPConn())
+			if !to.Addr().IsValid() || to.Addr().IsUnspecified() {
+				lo := netip.MustParseAddr("127.0.0.1")
+				if tc.network == "udp6" {
+					lo = netip.IPv6Loopback()
+				}
+				to = netip.AddrPortFrom(lo, to.Port())
+			}
+			from := addrOf(a.UDPConn())
+			if from.Addr().IsUnspecified() {
+				from = netip.AddrPortFrom(to.Addr(), from.Port())
+			}
+			sizeOf := func(i int) int {
+				switch {
+				case i < 40:
+					return 1400
+				case i == 40:
+					return 300 // ends the train
+				default:
+					return 200 + i
+				}
+			}
+			var train []byte
+			for i := 0; i <= 40; i++ {
+				train = append(train, datagram(i, sizeOf(i))...)
+			}
+			ms := []Message{{Buf: train, Addr: to, Seg: 1400}}
+			for i := 41; i < 60; i++ {
+				ms = append(ms, Message{Buf: datagram(i, sizeOf(i)), Addr: to})
+			}
+			if failed, err := a.WriteBatch(ms); failed != 0 {
+				t.Fatalf("%d datagrams not sent: %v", failed, err)
+			}
+			readAll(t, b, from, 60, sizeOf)
+			st := a.Stats()
+			if st.WriteDatagrams != 60 {
+				t.Fatalf("write stats count %d datagrams, want 60", st.WriteDatagrams)
+			}
+			t.Logf("GSO %v GRO %v: %d datagrams in %d sendmmsg calls; received in %d calls", a.GSO(), b.GRO(), st.WriteDatagrams, st.WriteCalls, b.Stats().ReadCalls)
+		})
+	}
+}
+
+// A datagram the socket cannot address (IPv6 from an IPv4 socket) is
+// counted as failed; the others of the batch still go.
+func TestWriteBatchSkipsUnusableAddress(t *testing.T) {
+	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	to := addrOf(b.UDPConn())
+	ms := []Message{
+		{Buf: datagram(0, 100), Addr: to},
+		{Buf: datagram(99, 100), Addr: netip.MustParseAddrPort("[2001:db8::1]:9")},
+		{Buf: datagram(1, 101), Addr: to},
+	}
+	failed, _ := a.WriteBatch(ms)
+	if failed != 1 {
+		t.Fatalf("failed = %d, want 1", failed)
+	}
+	readAll(t, b, addrOf(a.UDPConn()), 2, func(i int) int { return 100 + i })
+}
+
+// Datagrams written by many goroutines through a Writer all arrive, each
+// whole; a queue that nobody drains drops beyond its bound and counts.
+func TestWriterBurstAndBound(t *testing.T) {
+	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	to := addrOf(b.UDPConn())
+	w := NewWriter(a)
+	// Not running: the queue fills and then drops.
+	pkt := make([]byte, 1000)
+	for i := 0; i < QueueLen; i++ {
+		if !w.Write(to, pkt) {
+			t.Fatalf("datagram %d dropped below the bound", i)
+		}
+	}
+	if w.Write(to, pkt) || w.Drops() != 1 {
+		t.Fatalf("write beyond the bound: drops %d, want 1", w.Drops())
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	w.Flush(3 * time.Second)
+	ms := []Message{{Buf: make([]byte, MaxTrain)}}
+	got := 0
+	b.UDPConn().SetReadDeadline(time.Now().Add(3 * time.Second))
+	for got < QueueLen {
+		n, err := b.ReadBatch(ms)
+		if err != nil {
+			t.Fatalf("after %d: %v", got, err)
+		}
+		for _, m := range ms[:n] {
+			m.Datagrams(func(d []byte) {
+				if len(d) != 1000 {
+					t.Fatalf("datagram of %d bytes", len(d))
+				}
+				got++
+			})
+		}
+	}
+
+	// Four goroutines, two frame sizes, one header each: every datagram
+	// arrives as written.
+	const per = 500
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < per; i++ {
+				body := datagram(g*per+i, 600+g*100)
+				for !w.Write2(to, []byte{byte(g)}, body) {
+					time.Sleep(time.Millisecond) // full: let the writer catch up
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	w.Flush(3 * time.Second)
+	seen := make(map[int]bool)
+	b.UDPConn().SetReadDeadline(time.Now().Add(3 * time.Second))
+	for len(seen) < 4*per {
+		n, err := b.ReadBatch(ms)
+		if err != nil {
+			t.Fatalf("after %d: %v", len(seen), err)
+		}
+		for _, m := range ms[:n] {
+			m.Datagrams(func(d []byte) {
+				g := int(d[0])
+				seq := int(binary.BigEndian.Uint32(d[1:]))
+				if len(d) != 1+600+g*100 || seq/per != g || seen[seq] {
+					t.Fatalf("bad datagram: %d bytes, goroutine %d, seq %d (seen %v)", len(d), g, seq, seen[seq])
+				}
+				seen[seq] = true
+			})
+		}
+	}
+}
+
+// The steady state of a Writer and a reader allocates nothing.
+func TestWriterReadBatchAllocs(t *testing.T) {
+	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	to := addrOf(b.UDPConn())
+	w := NewWriter(a)
+	ms := make([]Message, 8)
+	for i := range ms {
+		ms[i].Buf = make([]byte, MaxTrain)
+	}
+	hdr := make([]byte, 9)
+	pkt := make([]byte, 1400)
+	round := func() {
+		for i := 0; i < 32; i++ {
+			w.Write2(to, hdr, pkt)
+		}
+		w.writeOnce()
+		got := 0
+		for got < 32 {
+			n, err := b.ReadBatch(ms)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, m := range ms[:n] {
+				m.Datagrams(func([]byte) { got++ })
+			}
+		}
+	}
+	round() // warm: trains and slices allocated once
+	if n := testing.AllocsPerRun(50, round); n != 0 {
+		t.Fatalf("%.1f allocations per round of 32 datagrams, want 0", n)
+	}
+}
