@@ -57,8 +57,11 @@ type Agent struct {
 	mu       sync.Mutex
 	offers   map[uint64]*wire.Session    // by session ID, as the gateway vouched
 	byClient map[netip.Addr]*clientState // by client overlay address
-	punches  map[uint64]*punchState      // by session ID
-	live     map[uint64]bool             // sessions with a peer connection
+	punches  map[uint64]*underlay.Direct // by session ID
+	// clients is byClient as the hot path reads it: a copy published on
+	// every change, so toClient takes no lock per packet.
+	clients atomic.Pointer[map[netip.Addr]*clientState]
+	live    map[uint64]bool // sessions with a peer connection
 
 	// in decouples the sessions' datagram readers from the netstack, which
 	// processes each packet on the caller's goroutine: quic-go keeps only
@@ -94,11 +97,6 @@ func (a *Agent) runInject(ctx context.Context) {
 	}
 }
 
-type punchState struct {
-	p      *punch.Punch
-	cancel context.CancelFunc
-}
-
 type clientState struct {
 	offer *wire.Session
 	sess  *session.Session
@@ -113,7 +111,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return errors.New("nothing to advertise: give at least one --advertise CIDR")
 	}
 	a := &Agent{cfg: cfg, log: cfg.Log, offers: make(map[uint64]*wire.Session), byClient: make(map[netip.Addr]*clientState),
-		punches: make(map[uint64]*punchState), live: make(map[uint64]bool), in: make(chan []byte, inQueueLen)}
+		punches: make(map[uint64]*underlay.Direct), live: make(map[uint64]bool), in: make(chan []byte, inQueueLen)}
 
 	u, err := underlay.Open(control.Config{
 		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Advertise: cfg.Advertise,
@@ -293,7 +291,6 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 	a.mu.Unlock()
 	for _, id := range stale {
 		a.stopPunch(id)
-		a.u.Conn.SetPath(id, nil)
 	}
 	a.log.Info("session offered", "client", s.PeerName, "client_overlay", s.PeerAddr, "session", wire.SessionID(s.ID), "mode", modeName(s.Mode))
 	a.startPunch(s, probeKey)
@@ -315,27 +312,15 @@ func modeName(m string) string {
 // ends punch; each confirms the path by its own probes' answers.
 func (a *Agent) startPunch(s *wire.Session, key []byte) {
 	a.stopPunch(s.ID)
-	a.u.Conn.SetPath(s.ID, punch.Fallback(s.Mode))
-	if s.Mode == wire.ModeRelay {
-		return
+	var cands []netip.AddrPort
+	if s.Mode != wire.ModeRelay {
+		cands = punch.Usable(s.Candidates, nil, punch.MaxCandidates)
 	}
-	log := a.log.With("client", s.PeerName, "session", wire.SessionID(s.ID))
-	ctx, cancel := context.WithCancel(a.ctx)
-	p := punch.New(punch.Config{
-		ID: s.ID, Key: key, Peer: punch.Usable(s.Candidates, nil, punch.MaxCandidates),
-		Send: a.u.Mux.Send, Log: log,
-		OnDirect: func(remote netip.AddrPort, took time.Duration) {
-			a.u.Conn.SetPath(s.ID, &punch.Path{Mux: a.u.Mux, Remote: remote})
-			log.Info("The direct channel has just been established", "remote", remote, "took", took.Round(time.Millisecond))
-		},
-		OnLost: func(netip.AddrPort) { a.u.Conn.SetPath(s.ID, punch.Fallback(s.Mode)) },
-	})
+	d := a.u.StartDirect(a.ctx, underlay.DirectConfig{ID: s.ID, Mode: s.Mode, Key: key, Peer: cands,
+		Log: a.log.With("client", s.PeerName, "session", wire.SessionID(s.ID))})
 	a.mu.Lock()
-	a.punches[s.ID] = &punchState{p: p, cancel: cancel}
+	a.punches[s.ID] = d
 	a.mu.Unlock()
-	a.u.Mux.Add(s.ID, p)
-	log.Info("Trying to create a direct (peer-to-peer) channel", "candidates", s.Candidates)
-	go p.Run(ctx)
 	// An offer the client never follows up is forgotten.
 	time.AfterFunc(time.Minute, func() {
 		a.mu.Lock()
@@ -346,20 +331,29 @@ func (a *Agent) startPunch(s *wire.Session, key []byte) {
 		a.mu.Unlock()
 		if !live {
 			a.stopPunch(s.ID)
-			a.u.Conn.SetPath(s.ID, nil)
 		}
 	})
 }
 
+// stopPunch ends a session's punching and puts it back on the relay.
 func (a *Agent) stopPunch(id uint64) {
 	a.mu.Lock()
-	ps := a.punches[id]
+	d := a.punches[id]
 	delete(a.punches, id)
 	a.mu.Unlock()
-	if ps != nil {
-		ps.cancel()
-		a.u.Mux.Remove(id, ps.p)
+	if d != nil {
+		d.Stop()
 	}
+}
+
+// publishClients makes the hot path see byClient as it is now; called
+// with mu held after every change.
+func (a *Agent) publishClients() {
+	m := make(map[netip.Addr]*clientState, len(a.byClient))
+	for k, v := range a.byClient {
+		m[k] = v
+	}
+	a.clients.Store(&m)
 }
 
 func (a *Agent) acceptLoop(ctx context.Context, ln *quic.Listener) {
@@ -410,6 +404,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	a.live[id] = true
 	old := a.byClient[offer.PeerAddr]
 	a.byClient[offer.PeerAddr] = cs
+	a.publishClients()
 	a.mu.Unlock()
 	if old != nil && old.sess != s {
 		// The client started over (restart, new session): the old
@@ -430,6 +425,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	a.mu.Lock()
 	if a.byClient[offer.PeerAddr] == cs {
 		delete(a.byClient, offer.PeerAddr)
+		a.publishClients()
 	}
 	delete(a.live, id)
 	delete(a.offers, id)
@@ -443,7 +439,6 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		}
 	}
 	a.stopPunch(id)
-	a.u.Conn.SetPath(id, nil)
 	st2 := s.Stats()
 	log.Info("client disconnected", "after", time.Since(start).Round(time.Second), "reason", err, "rx_bytes", st2.RxBytes, "tx_bytes", st2.TxBytes,
 		"drops_queue_full", st2.DropQueueFull, "drops_netstack_queue", a.dropInFull.Load(), "quic_lost", qc.ConnectionStats().PacketsLost)
@@ -455,9 +450,10 @@ func (a *Agent) toClient(pkt []byte) {
 	if !ok {
 		return
 	}
-	a.mu.Lock()
-	cs := a.byClient[dst]
-	a.mu.Unlock()
+	var cs *clientState
+	if m := a.clients.Load(); m != nil {
+		cs = (*m)[dst]
+	}
 	if cs == nil {
 		a.dropNoSession.Add(1)
 		return

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"github.com/nlvpn/nlvpn/status"
+	"github.com/nlvpn/nlvpn/underlay"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
@@ -30,14 +31,14 @@ type SessionStatus struct {
 
 // Status reports the agent's sessions and drop counters now.
 func (a *Agent) Status() Status {
-	st := Status{Role: "agent", Drops: map[string]uint64{}}
+	st := Status{Role: "agent"}
 	if w := a.u.Ctrl.Welcome(); w != nil {
 		st.Name = w.Name
 	}
 	a.mu.Lock()
 	type entry struct {
 		cs *clientState
-		ps *punchState
+		d  *underlay.Direct
 	}
 	var es []entry
 	for _, cs := range a.byClient {
@@ -52,8 +53,8 @@ func (a *Agent) Status() Status {
 		one := SessionStatus{Client: e.cs.offer.PeerName, Session: wire.SessionID(s.ID), Path: "relay",
 			RTTMillis: float64(cs.SmoothedRTT.Microseconds()) / 1000, TxBytes: ss.TxBytes, RxBytes: ss.RxBytes,
 			QUICPacketsSent: cs.PacketsSent, QUICPacketsLost: cs.PacketsLost}
-		if e.ps != nil {
-			if remote, _, ok := e.ps.p.Remote(); ok {
+		if e.d != nil {
+			if remote, _, ok := e.d.Remote(); ok {
 				one.Path, one.Remote = "direct", remote.String()
 			}
 		}
@@ -62,22 +63,16 @@ func (a *Agent) Status() Status {
 		tooLarge += ss.DropTooLarge
 		sendFailed += ss.DropSend
 	}
-	inFull, pathFailed := a.u.Conn.Drops()
-	unknown, malformed := a.u.Mux.Drops()
 	eg := a.eg.Stats()
+	st.Drops = a.u.Drops()
 	for k, v := range map[string]uint64{
-		"session_queue_full":    queueFull,
-		"session_too_large":     tooLarge,
-		"session_send_failed":   sendFailed,
-		"conn_inbound_full":     inFull,
-		"path_send_failed":      pathFailed,
-		"frame_unknown_session": unknown,
-		"frame_malformed":       malformed,
-		"spoofed_source":        a.dropSpoofed.Load(),
-		"no_session":            a.dropNoSession.Load(),
-		"netstack_queue_full":   a.dropInFull.Load(),
-		"netstack_malformed":    eg.Malformed,
-		"relay_malformed":       a.u.Ctrl.RelayDrops(),
+		"session_queue_full":  queueFull,
+		"session_too_large":   tooLarge,
+		"session_send_failed": sendFailed,
+		"spoofed_source":      a.dropSpoofed.Load(),
+		"no_session":          a.dropNoSession.Load(),
+		"netstack_queue_full": a.dropInFull.Load(),
+		"netstack_malformed":  eg.Malformed,
 	} {
 		st.Drops[k] = v
 	}

@@ -73,12 +73,10 @@ type Client struct {
 	dropForeign atomic.Uint64
 	ctx         context.Context
 
-	pmu     sync.Mutex
-	punch   *punch.Punch
-	punchID uint64
-	pstop   context.CancelFunc
-	path    pathState
-	direct  chan struct{} // signalled when a direct path is confirmed
+	pmu    sync.Mutex
+	punch  *underlay.Direct // the current session's direct-path attempt
+	path   pathState
+	direct chan struct{} // signalled when a direct path is confirmed
 }
 
 // pathState is what `nlvpn status` reports about the path in use.

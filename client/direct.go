@@ -9,6 +9,7 @@ import (
 
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/punch"
+	"github.com/nlvpn/nlvpn/underlay"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
@@ -24,10 +25,9 @@ func (c *Client) setPath(kind, remote string) {
 	c.pmu.Unlock()
 }
 
-// fallBack puts session id on the path it takes without a direct one, and
-// says so in the status.
-func (c *Client) fallBack(id uint64) {
-	c.u.Conn.SetPath(id, punch.Fallback(c.cfg.Mode))
+// fallBack says in the status which path a session without a direct one
+// is on.
+func (c *Client) fallBack() {
 	if c.cfg.Mode == wire.ModeDirect {
 		c.setPath("none", "")
 	} else {
@@ -39,15 +39,11 @@ func (c *Client) fallBack(id uint64) {
 // In relay mode nothing is probed; in direct mode nothing may use the relay.
 func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offer *punch.Offer) error {
 	c.pmu.Lock()
-	if c.pstop != nil {
+	if c.punch != nil {
 		// Retire the last session's punch under its own ID, so a late pong
 		// for it cannot report a path the new session does not have.
-		c.pstop()
-		c.u.Mux.Remove(c.punchID, c.punch)
-		if c.punchID != off.ID {
-			c.u.Conn.SetPath(c.punchID, nil)
-		}
-		c.pstop, c.punch = nil, nil
+		c.punch.Stop()
+		c.punch = nil
 	}
 	// A confirmation signalled for the retired punch must not count.
 	select {
@@ -55,41 +51,34 @@ func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offe
 	default:
 	}
 	c.pmu.Unlock()
-	c.fallBack(off.ID)
-	if c.cfg.Mode == wire.ModeRelay {
-		return nil
-	}
-	key, err := offer.Key(off.ID, agentKey, off.ProbePub, off.ProbeSig)
-	if err != nil {
-		return fmt.Errorf("agent %q: %w", c.cfg.Agent, err)
-	}
-	// Never probe into the tunnel: candidates inside the agent's subnets
-	// would be routed through the TUN.
-	cands := punch.Usable(off.Candidates, off.Advertise, punch.MaxCandidates)
-	id := off.ID
-	p := punch.New(punch.Config{
-		ID: id, Key: key, Peer: cands, Send: c.u.Mux.Send, Log: c.log,
-		OnDirect: func(remote netip.AddrPort, took time.Duration) {
-			c.u.Conn.SetPath(id, &punch.Path{Mux: c.u.Mux, Remote: remote})
+	c.fallBack()
+	cfg := underlay.DirectConfig{ID: off.ID, Mode: c.cfg.Mode, Log: c.log,
+		OnDirect: func(remote netip.AddrPort, _ time.Duration) {
 			c.setPath("direct", remote.String())
-			c.log.Info("The direct channel has just been established", "remote", remote, "took", took.Round(time.Millisecond))
 			select {
 			case c.direct <- struct{}{}:
 			default:
 			}
 		},
-		OnLost: func(netip.AddrPort) { c.fallBack(id) },
-	})
-	ctx, cancel := context.WithCancel(c.ctx)
-	c.pmu.Lock()
-	c.punch, c.pstop, c.punchID = p, cancel, id
-	c.pmu.Unlock()
-	c.u.Mux.Add(id, p)
-	if c.cfg.Mode != wire.ModeDirect {
-		c.log.Info("the tunnel starts on the relay and is on hold and waiting to create the direct channel")
+		OnLost: func(netip.AddrPort) { c.fallBack() },
 	}
-	c.log.Info("Trying to create a direct (peer-to-peer) channel", "candidates", cands)
-	go p.Run(ctx)
+	if c.cfg.Mode != wire.ModeRelay {
+		key, err := offer.Key(off.ID, agentKey, off.ProbePub, off.ProbeSig)
+		if err != nil {
+			return fmt.Errorf("agent %q: %w", c.cfg.Agent, err)
+		}
+		cfg.Key = key
+		// Never probe into the tunnel: candidates inside the agent's subnets
+		// would be routed through the TUN.
+		cfg.Peer = punch.Usable(off.Candidates, off.Advertise, punch.MaxCandidates)
+		if c.cfg.Mode != wire.ModeDirect {
+			c.log.Info("the tunnel starts on the relay and is on hold and waiting to create the direct channel")
+		}
+	}
+	d := c.u.StartDirect(c.ctx, cfg)
+	c.pmu.Lock()
+	c.punch = d
+	c.pmu.Unlock()
 	return nil
 }
 
@@ -106,12 +95,14 @@ func (c *Client) waitDirect(ctx context.Context, off *wire.Session) error {
 	case <-t.C:
 	}
 	c.pmu.Lock()
-	p := c.punch
+	d := c.punch
 	c.pmu.Unlock()
-	if p != nil {
-		if _, _, ok := p.Remote(); ok {
-			return nil
-		}
+	if _, _, ok := d.Remote(); ok {
+		return nil
+	}
+	var p *punch.Punch
+	if d != nil {
+		p = d.Punch()
 	}
 	var tried []string
 	var heard, sent uint64

@@ -27,6 +27,12 @@ type Status struct {
 	DropsInbound    uint64 `json:"drops_inbound"`
 	DropsTUNWrite   uint64 `json:"drops_tun_write"`
 	DropsForeign    uint64 `json:"drops_foreign"` // from the agent, not from its addresses
+	// Drops counts packets lost inside the client, by where (the fields
+	// above and the node port's own counters).
+	Drops map[string]uint64 `json:"drops"`
+	// RelayUDP says relay frames go as UDP datagrams to the gateway's port
+	// (false: in the gateway connection, the fallback).
+	RelayUDP bool `json:"relay_udp"`
 }
 
 // Status reports the tunnel's state now.
@@ -48,6 +54,11 @@ func (c *Client) Status() Status {
 	if c.tunw != nil {
 		st.DropsTUNWrite = c.tunw.Drops()
 	}
+	st.Drops = c.u.Drops()
+	st.Drops["session_queue_full"] = st.DropsQueue
+	st.Drops["tun_write"] = st.DropsTUNWrite
+	st.Drops["foreign_source"] = st.DropsForeign
+	st.RelayUDP = c.u.RelayOverUDP()
 	return st
 }
 

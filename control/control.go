@@ -20,18 +20,16 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/nlvpn/nlvpn/identity"
-	"github.com/nlvpn/nlvpn/relay"
-	"github.com/nlvpn/nlvpn/session"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
 // QUICConfig is the node↔gateway connection's configuration, used by both
-// ends. Its packet size is fixed (see session.GatewayPacketSize) so relay
-// frames always fit one DATAGRAM.
+// ends. Its packet size is fixed (wire.GatewayPacketSize) so relay frames
+// on the fallback carrier always fit one DATAGRAM.
 func QUICConfig() *quic.Config {
 	return &quic.Config{
 		EnableDatagrams:         true,
-		InitialPacketSize:       session.GatewayPacketSize,
+		InitialPacketSize:       wire.GatewayPacketSize,
 		DisablePathMTUDiscovery: true,
 		HandshakeIdleTimeout:    5 * time.Second,
 		MaxIdleTimeout:          30 * time.Second,
@@ -51,7 +49,8 @@ type Config struct {
 	Transport *quic.Transport
 	Log       *slog.Logger
 
-	// OnRelay receives each relay frame's payload; it owns pkt.
+	// OnRelay receives the payload of each relay frame that came in a
+	// DATAGRAM (the relay's fallback carrier); it owns pkt.
 	OnRelay func(id uint64, pkt []byte)
 	// OnRequest answers a request from the gateway (a session offer to an
 	// agent). It returns the reply body (Accept or Error).
@@ -211,7 +210,7 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 		return false, err
 	}
 	k := &conn{qc: qc, stream: st, ch: wire.NewChannel(st), relayq: make(chan []byte, relayQueueLen)}
-	hello := &wire.Hello{Token: c.cfg.Token, Advertise: c.cfg.Advertise, Version: "1"}
+	hello := &wire.Hello{Token: c.cfg.Token, Advertise: c.cfg.Advertise, Version: wire.ProtocolVersion}
 	if w := c.welcome.Load(); w != nil {
 		hello.Overlay = w.Overlay // keep our address across reconnects
 	}
@@ -339,20 +338,39 @@ func (c *Client) Request(ctx context.Context, m *wire.Message) (*wire.Message, e
 // relayQueueLen bounds relay frames waiting for the gateway connection.
 const relayQueueLen = 512
 
-// ErrRelayFull is returned by Send when the relay queue is full.
+// ErrRelayFull is returned by SendRelayDatagram when the relay queue is full.
 var ErrRelayFull = errors.New("relay queue full")
 
-// Send implements session.Path: the relay path through the gateway. It
-// never blocks (quic-go's SendDatagram blocks without bound once 32 frames
-// wait, and a stalled gateway connection must not stall the peer session).
-func (c *Client) Send(id uint64, pkt []byte) error {
+// GatewayAddr is the address of the gateway the node is connected to now,
+// as the connection's packets go to it; not valid while disconnected.
+func (c *Client) GatewayAddr() netip.AddrPort {
+	c.mu.Lock()
+	k := c.cur
+	c.mu.Unlock()
+	if k == nil {
+		return netip.AddrPort{}
+	}
+	ua, ok := k.qc.RemoteAddr().(*net.UDPAddr)
+	if !ok {
+		return netip.AddrPort{}
+	}
+	ap := ua.AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// SendRelayDatagram sends a relay frame for session id in a DATAGRAM of
+// the gateway connection: the relay's fallback carrier, for where relay
+// frames cannot pass as UDP. It never blocks (quic-go's SendDatagram
+// blocks without bound once 32 frames wait, and a stalled gateway
+// connection must not stall the peer session).
+func (c *Client) SendRelayDatagram(id uint64, pkt []byte) error {
 	c.mu.Lock()
 	k := c.cur
 	c.mu.Unlock()
 	if k == nil {
 		return ErrNotConnected
 	}
-	b := relay.Frame(id, pkt)
+	b := wire.NewFrame(wire.FrameRelay, id, pkt)
 	select {
 	case k.relayq <- b:
 		return nil
@@ -394,5 +412,6 @@ func (c *Client) sendRelay(ctx context.Context, k *conn) {
 	}
 }
 
-// RelayDrops counts malformed or unexpected frames received from the gateway.
-func (c *Client) RelayDrops() uint64 { return c.dropRelay.Load() }
+// RelayDrops counts malformed or unexpected frames received from the
+// gateway, and relay frames dropped on a full queue on their way out.
+func (c *Client) RelayDrops() (in, out uint64) { return c.dropRelay.Load(), c.dropRelayOut.Load() }

@@ -13,7 +13,6 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/nlvpn/nlvpn/identity"
-	"github.com/nlvpn/nlvpn/session"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
@@ -42,13 +41,15 @@ func TestNotConnected(t *testing.T) {
 	if _, err := c.Request(context.Background(), &wire.Message{Type: wire.TypeConnect, Connect: &wire.Connect{Agent: "miranda"}}); !errors.Is(err, ErrNotConnected) {
 		t.Fatalf("Request before Run = %v, want ErrNotConnected", err)
 	}
-	if err := c.Send(1, []byte("x")); !errors.Is(err, ErrNotConnected) {
-		t.Fatalf("Send before Run = %v, want ErrNotConnected", err)
+	if err := c.SendRelayDatagram(1, []byte("x")); !errors.Is(err, ErrNotConnected) {
+		t.Fatalf("SendRelayDatagram before Run = %v, want ErrNotConnected", err)
+	}
+	if a := c.GatewayAddr(); a.IsValid() {
+		t.Fatalf("GatewayAddr before Run = %v, want none", a)
 	}
 	if c.Welcome() != nil {
 		t.Fatal("Welcome before registration")
 	}
-	var _ session.Path = c // the relay path of a peer session
 }
 
 func TestBadGatewayAddressIsFatal(t *testing.T) {
@@ -110,8 +111,8 @@ func TestQUICConfigFitsRelayFrames(t *testing.T) {
 	if !c.EnableDatagrams {
 		t.Fatal("datagrams disabled: the relay cannot work")
 	}
-	if !c.DisablePathMTUDiscovery || c.InitialPacketSize != session.GatewayPacketSize {
-		t.Fatalf("packet size %d (PMTUD off: %v); the relay budget assumes a fixed %d", c.InitialPacketSize, c.DisablePathMTUDiscovery, session.GatewayPacketSize)
+	if !c.DisablePathMTUDiscovery || c.InitialPacketSize != wire.GatewayPacketSize {
+		t.Fatalf("packet size %d (PMTUD off: %v); the relay budget assumes a fixed %d", c.InitialPacketSize, c.DisablePathMTUDiscovery, wire.GatewayPacketSize)
 	}
 	// That a full PeerPacketSize packet really fits a relay DATAGRAM is
 	// shown end to end in package gateway (testRelay).

@@ -22,8 +22,10 @@ import (
 
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/relay"
 	"github.com/nlvpn/nlvpn/token"
+	"github.com/nlvpn/nlvpn/udpbatch"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
@@ -54,6 +56,7 @@ type Gateway struct {
 
 	rejected atomic.Uint64 // registrations refused
 	addr     atomic.Pointer[net.UDPAddr]
+	frameIO  atomic.Pointer[udpbatch.Conn] // the frame socket, once Run has started
 }
 
 // node is one registered connection.
@@ -151,10 +154,13 @@ func (g *Gateway) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listen address %q: %w", g.cfg.Listen, err)
 	}
-	uc, err := net.ListenUDP("udp", ua)
+	// One port, two sockets (as on the nodes): QUIC to quic-go, relay
+	// frames to our batched reader.
+	uc, frames, err := platform.ListenUDPPair(ua.String())
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", g.cfg.Listen, err)
 	}
+	defer uc.Close()
 	g.addr.Store(uc.LocalAddr().(*net.UDPAddr))
 	// A stateless reset key that survives restarts lets a restarted gateway
 	// tell nodes at once that their old connection is gone, so they
@@ -162,6 +168,13 @@ func (g *Gateway) Run(ctx context.Context) error {
 	rk := quic.StatelessResetKey(sha256.Sum256(append([]byte("nlvpn stateless reset\x00"), g.cfg.State.Key.Sign([]byte("stateless-reset"))...)))
 	tr := &quic.Transport{Conn: uc, StatelessResetKey: &rk}
 	defer tr.Close()
+	fctx, stopFrames := context.WithCancel(context.Background())
+	framesDone, err := g.serveFrames(fctx, tr, frames)
+	if err != nil {
+		stopFrames()
+		return err
+	}
+	defer func() { stopFrames(); <-framesDone }()
 	ln, err := tr.Listen(identity.ServerTLS(g.cert, wire.ALPNGateway), control.QUICConfig())
 	if err != nil {
 		return err
@@ -287,16 +300,17 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 			g.mu.Unlock()
 		}()
 	}
-	n.peer = g.hub.NewPeer(n.role+"/"+n.name, qc)
+	var observed netip.AddrPort
+	if ua, ok := qc.RemoteAddr().(*net.UDPAddr); ok {
+		observed = ua.AddrPort()
+		observed = netip.AddrPortFrom(observed.Addr().Unmap(), observed.Port())
+	}
+	n.peer = g.hub.NewPeer(n.role+"/"+n.name, observed, qc)
 	n.peer.OnGone = func(id uint64) {
 		go n.write(&wire.Message{Type: wire.TypeGone, Gone: &wire.Gone{ID: id}})
 	}
 	defer n.peer.Close()
 
-	var observed netip.AddrPort
-	if ua, ok := qc.RemoteAddr().(*net.UDPAddr); ok {
-		observed = ua.AddrPort()
-	}
 	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed}}); err != nil {
 		return
 	}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/relay"
 	"github.com/nlvpn/nlvpn/session"
 	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/wire"
@@ -292,6 +293,9 @@ func TestRegisterAndConnect(t *testing.T) {
 	t.Run("relay", func(t *testing.T) {
 		testRelay(t, tg, client, agent, s.ID)
 	})
+	t.Run("relay as UDP frames", func(t *testing.T) {
+		testRelayUDP(t, tg, client, agent, s.ID)
+	})
 
 	tests := []struct {
 		name string
@@ -319,7 +323,7 @@ func testRelay(t *testing.T, tg *testGateway, client, agent *testNode, id uint64
 	const n = 20
 	send := func(from *testNode, dir byte, i int) []byte {
 		pkt := bytes.Repeat([]byte{dir, byte(i)}, 50+i*30) // up to 1340 bytes
-		if err := from.c.Send(id, pkt); err != nil {
+		if err := from.c.SendRelayDatagram(id, pkt); err != nil {
 			t.Fatalf("Send: %v", err)
 		}
 		return pkt
@@ -348,7 +352,7 @@ func testRelay(t *testing.T, tg *testGateway, client, agent *testNode, id uint64
 	// relay DATAGRAM on the gateway connection, both ways.
 	full := bytes.Repeat([]byte{0x5a}, session.PeerPacketSize)
 	for _, d := range []struct{ from, to *testNode }{{client, agent}, {agent, client}} {
-		if err := d.from.c.Send(id, full); err != nil {
+		if err := d.from.c.SendRelayDatagram(id, full); err != nil {
 			t.Fatalf("Send of a %d-byte peer packet over the relay: %v", len(full), err)
 		}
 		recv(d.to, full)
@@ -376,7 +380,7 @@ func testRelay(t *testing.T, tg *testGateway, client, agent *testNode, id uint64
 		t.Errorf("route bytes = %d/%d, want %d/%d", rs.ab, rs.ba, ab, ba)
 	}
 	// A frame for a session the node is not part of is not delivered.
-	if err := client.c.Send(id^1, []byte("stray")); err != nil {
+	if err := client.c.SendRelayDatagram(id^1, []byte("stray")); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(50 * time.Millisecond)
@@ -721,5 +725,126 @@ func TestLateReplyDoesNotKillClient(t *testing.T) {
 	}
 	if _, err := request(t, client, connectMsg("nosuch")); err == nil || errors.Is(err, control.ErrNotConnected) {
 		t.Fatalf("client unusable after a late reply: %v", err)
+	}
+}
+
+// sendUDP writes a datagram from the node's own port (where its gateway
+// connection comes from) to the gateway's port.
+func (n *testNode) sendUDP(t *testing.T, tg *testGateway, b []byte) {
+	t.Helper()
+	if _, err := n.tr.WriteTo(b, tg.g.Addr()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// readUDP waits for a non-QUIC datagram on the node's port.
+func (n *testNode) readUDP(within time.Duration) ([]byte, netip.AddrPort, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	buf := make([]byte, 2048)
+	k, from, err := n.tr.ReadNonQUICPacket(ctx, buf)
+	if err != nil {
+		return nil, netip.AddrPort{}, err
+	}
+	ap := from.(*net.UDPAddr).AddrPort()
+	return buf[:k], netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
+}
+
+// checkRelay sends relay checks until the gateway echoes one.
+func (n *testNode) checkRelay(t *testing.T, tg *testGateway) {
+	t.Helper()
+	for i := 0; i < 20; i++ {
+		c := wire.FrameHeader(wire.FrameRelayCheck, uint64(1000+i))
+		n.sendUDP(t, tg, c[:])
+		b, _, err := n.readUDP(200 * time.Millisecond)
+		if err == nil {
+			if !bytes.Equal(b, c[:]) {
+				t.Fatalf("relay check answered with %x, want the check %x back", b, c)
+			}
+			return
+		}
+	}
+	t.Fatal("the gateway never answered a relay check from a node")
+}
+
+// testRelayUDP: relay frames sent as UDP from a node's port reach the other
+// end unchanged, from the gateway's port, once that end has checked; a node
+// that has not checked gets them in DATAGRAMs; frames from an address that
+// is not an end of the route, for unknown sessions, and checks from
+// strangers are dropped and counted, with nothing sent back.
+func testRelayUDP(t *testing.T, tg *testGateway, client, agent *testNode, id uint64) {
+	gw := tg.g.Addr().AddrPort()
+	gw = netip.AddrPortFrom(gw.Addr().Unmap(), gw.Port())
+	before := tg.g.RelayStats()
+
+	// The agent has not checked: the client's UDP frame reaches it in a
+	// DATAGRAM of its gateway connection (the fallback carrier).
+	pkt := bytes.Repeat([]byte{0xc1}, 1200)
+	client.sendUDP(t, tg, relay.Frame(id, pkt))
+	select {
+	case r := <-agent.relay:
+		if r.id != id || !bytes.Equal(r.pkt, pkt) {
+			t.Fatalf("DATAGRAM carrier delivered %x/%d bytes", r.id, len(r.pkt))
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("a UDP frame for a node that never checked did not arrive by DATAGRAM")
+	}
+
+	client.checkRelay(t, tg)
+	agent.checkRelay(t, tg)
+	for i := 0; i < 10; i++ {
+		for _, d := range []struct{ from, to *testNode }{{client, agent}, {agent, client}} {
+			pkt := bytes.Repeat([]byte{byte(i), 0x5a}, 100+60*i)
+			f := relay.Frame(id, pkt)
+			d.from.sendUDP(t, tg, f)
+			b, src, err := d.to.readUDP(3 * time.Second)
+			if err != nil {
+				t.Fatalf("UDP frame %d not relayed: %v", i, err)
+			}
+			if !bytes.Equal(b, f) || src != gw {
+				t.Fatalf("relayed frame %d: %d bytes from %v, want the same %d bytes from the gateway %v", i, len(b), src, len(f), gw)
+			}
+		}
+	}
+	full := relay.Frame(id, bytes.Repeat([]byte{0x77}, session.PeerPacketSize))
+	client.sendUDP(t, tg, full)
+	if b, _, err := agent.readUDP(3 * time.Second); err != nil || !bytes.Equal(b, full) {
+		t.Fatalf("a full-size peer packet as a UDP frame: %d bytes, %v", len(b), err)
+	}
+
+	// A stranger (not an end of the route) sends a frame for the session
+	// and a relay check: both dropped, nothing reaches anyone.
+	stranger, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stranger.Close()
+	spoof := relay.Frame(id, []byte("spoofed"))
+	stranger.WriteToUDP(spoof, tg.g.Addr())
+	check := wire.FrameHeader(wire.FrameRelayCheck, 99)
+	stranger.WriteToUDP(check[:], tg.g.Addr())
+	// And a node names a session that does not exist.
+	client.sendUDP(t, tg, relay.Frame(id^0xff, []byte("nobody's")))
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		st := tg.g.RelayStats()
+		if st.DropNotEndpoint > before.DropNotEndpoint && st.ChecksRefused > before.ChecksRefused && st.DropUnknown > before.DropUnknown {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("drops not counted: %+v", st)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if b, _, err := agent.readUDP(100 * time.Millisecond); err == nil {
+		t.Fatalf("agent got %x from a spoofed or unknown frame", b)
+	}
+	stranger.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	if n, _, err := stranger.ReadFromUDP(make([]byte, 100)); err == nil {
+		t.Fatalf("the gateway answered a stranger with %d bytes", n)
+	}
+	st := tg.g.RelayStats()
+	if st.UDPFrames-before.UDPFrames != 21 {
+		t.Errorf("UDP frames forwarded = %d, want 21", st.UDPFrames-before.UDPFrames)
 	}
 }

@@ -1,14 +1,18 @@
 package relay
 
 import (
+	"net/netip"
+	"sync/atomic"
 	"testing"
+
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 // BenchmarkHubForward is the gateway's per-frame relay cost: parse the
 // header, find the route, count, queue for the other node.
 func BenchmarkHubForward(b *testing.B) {
 	h := quietHub()
-	a, c := h.NewPeer("a", discard{}), h.NewPeer("b", discard{})
+	a, c := h.NewPeer("a", netip.AddrPort{}, discard{}), h.NewPeer("b", netip.AddrPort{}, discard{})
 	defer a.Close()
 	defer c.Close()
 	if err := h.Bind(42, a, c); err != nil {
@@ -21,3 +25,35 @@ func BenchmarkHubForward(b *testing.B) {
 		h.Forward(a, frame)
 	}
 }
+
+// BenchmarkHubHandleUDP is the per-frame cost of the relay's UDP path:
+// parse the header, find the route, check the source address, count,
+// queue the frame for the other node's address.
+func BenchmarkHubHandleUDP(b *testing.B) {
+	h := quietHub()
+	w := &countWriter{}
+	h.SetUDP(w)
+	aAddr, cAddr := netip.MustParseAddrPort("198.18.2.2:40000"), netip.MustParseAddrPort("198.18.3.2:40001")
+	a, c := h.NewPeer("a", aAddr, discard{}), h.NewPeer("b", cAddr, discard{})
+	defer a.Close()
+	defer c.Close()
+	if err := h.Bind(42, a, c); err != nil {
+		b.Fatal(err)
+	}
+	check := wire.FrameHeader(wire.FrameRelayCheck, 7)
+	h.HandleUDP(cAddr, check[:]) // c's frames go as UDP
+	frame := Frame(42, make([]byte, 1400))
+	b.SetBytes(int64(len(frame)))
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		h.HandleUDP(aAddr, frame)
+	}
+	if w.n.Load() < int64(b.N) {
+		b.Fatalf("%d of %d frames forwarded", w.n.Load(), b.N)
+	}
+}
+
+// countWriter counts what the hub writes.
+type countWriter struct{ n atomic.Int64 }
+
+func (w *countWriter) Write(netip.AddrPort, []byte) bool { w.n.Add(1); return true }

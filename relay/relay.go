@@ -1,17 +1,30 @@
 // Package relay carries a peer session's packets through the gateway when no
 // direct path exists. A relay frame is a wire frame header (kind, session ID)
-// and an opaque payload, the peer session's own QUIC packet, sent as a QUIC
-// DATAGRAM on the node↔gateway connection. The gateway never sees more than
-// that ciphertext: it matches the session ID to a route between two node
-// connections and forwards the frame unchanged.
+// and an opaque payload, the peer session's own QUIC packet. Nodes send
+// frames as plain UDP datagrams to the gateway's port, from the port their
+// gateway connection uses; the gateway matches the session ID to a route
+// between exactly two node connections, checks that the frame came from
+// one end's address, and sends it, unchanged, to the other end's address:
+// nothing is decrypted, nothing is wrapped again. Where frames cannot pass
+// as UDP, a node sends them in DATAGRAMs of its gateway connection instead,
+// and the hub sends it its frames the same way.
+//
+// The gateway never sees more than that ciphertext, and it sends only to
+// addresses that proved themselves: a node's address is the one its QUIC
+// connection comes from (QUIC validated it in the handshake), frames go to
+// it as UDP only after it sent a relay check from there, and each forwarded
+// frame is one received frame of the same size. A frame from anywhere else
+// is dropped and counted.
 package relay
 
 import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/nlvpn/nlvpn/wire"
 )
@@ -21,24 +34,37 @@ type DatagramSender interface {
 	SendDatagram([]byte) error
 }
 
+// UDPSender writes datagrams from the gateway's port (udpbatch.Writer): it
+// copies b and never blocks, reporting false when it dropped it.
+type UDPSender interface {
+	Write(to netip.AddrPort, b []byte) bool
+}
+
 // Frame builds a relay frame around pkt.
 func Frame(id uint64, pkt []byte) []byte { return wire.NewFrame(wire.FrameRelay, id, pkt) }
 
-// QueueLen is how many frames may wait for one node's connection. Beyond it
-// frames are dropped and counted: a slow receiver must not stall the reader
-// of the connection the frame came from (quic-go's SendDatagram blocks when
-// its own queue is full).
+// QueueLen is how many frames may wait for one node's connection on the
+// DATAGRAM carrier. Beyond it frames are dropped and counted: a slow
+// receiver must not stall the reader of the connection the frame came from
+// (quic-go's SendDatagram blocks when its own queue is full).
 const QueueLen = 1024
+
+// UDPLapse is how long a node's relay frames count as passing over UDP
+// after its last relay check (nodes check every 10 s once confirmed).
+const UDPLapse = 35 * time.Second
 
 // Stats are the hub's counters.
 type Stats struct {
 	Frames          uint64       `json:"frames"` // forwarded
 	Bytes           uint64       `json:"bytes"`
+	UDPFrames       uint64       `json:"udp_frames"`           // of those, sent as UDP datagrams
 	DropUnknown     uint64       `json:"drop_unknown_session"` // no route for the session ID
-	DropNotEndpoint uint64       `json:"drop_not_endpoint"`    // sender is not an end of that route
+	DropNotEndpoint uint64       `json:"drop_not_endpoint"`    // sender is not an end of that route (spoofed)
 	DropQueueFull   uint64       `json:"drop_queue_full"`
 	DropMalformed   uint64       `json:"drop_malformed"`
 	DropSendFailed  uint64       `json:"drop_send_failed"`
+	ChecksAnswered  uint64       `json:"checks_answered"`
+	ChecksRefused   uint64       `json:"checks_refused"` // relay checks from an address that is no node's
 	Routes          int          `json:"routes"`
 	Sessions        []RouteStats `json:"sessions"`
 }
@@ -58,13 +84,16 @@ type RouteStats struct {
 // Hub is the gateway's relay: routes between node connections.
 type Hub struct {
 	log *slog.Logger
+	udp UDPSender // nil until SetUDP: frames go in DATAGRAMs only
 
-	mu     sync.RWMutex
-	routes map[uint64]*route
+	mu     sync.Mutex // serializes changes to routes and byAddr
+	routes sync.Map   // uint64 → *route; read per frame without a lock
+	byAddr sync.Map   // netip.AddrPort → *Peer: the nodes' addresses
+	nroute atomic.Int64
 
-	frames, bytes                                          atomic.Uint64
+	frames, bytes, udpFrames                               atomic.Uint64
 	dropUnknown, dropNotEndpoint, dropQueue, dropMalformed atomic.Uint64
-	dropSend                                               atomic.Uint64
+	dropSend, checksOK, checksRefused                      atomic.Uint64
 }
 
 type route struct {
@@ -79,8 +108,12 @@ func NewHub(log *slog.Logger) *Hub {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Hub{log: log, routes: make(map[uint64]*route)}
+	return &Hub{log: log}
 }
+
+// SetUDP gives the hub the gateway port's writer; from then on frames go
+// as UDP to nodes whose relay checks arrive. Call it before traffic flows.
+func (h *Hub) SetUDP(s UDPSender) { h.udp = s }
 
 // Peer is one node connection as the hub sees it.
 type Peer struct {
@@ -91,21 +124,39 @@ type Peer struct {
 	// by silence.
 	OnGone func(id uint64)
 	hub    *Hub
+	addr   netip.AddrPort // where its gateway connection comes from
 	conn   DatagramSender
 	out    chan []byte
 	done   chan struct{}
 	once   sync.Once
-	closed bool // guarded by hub.mu
+	closed bool         // guarded by hub.mu
+	udpAt  atomic.Int64 // unix nanoseconds of its last relay check
 }
 
 var errPeerClosed = errors.New("relay: peer closed")
 
-// NewPeer registers a node connection and starts its sender. Close it when
-// the connection ends; that also removes its routes.
-func (h *Hub) NewPeer(name string, conn DatagramSender) *Peer {
-	p := &Peer{Name: name, hub: h, conn: conn, out: make(chan []byte, QueueLen), done: make(chan struct{})}
+// NewPeer registers a node connection coming from addr (its QUIC
+// connection's remote address) and starts its DATAGRAM sender. Close it
+// when the connection ends; that also removes its routes.
+func (h *Hub) NewPeer(name string, addr netip.AddrPort, conn DatagramSender) *Peer {
+	addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
+	p := &Peer{Name: name, hub: h, addr: addr, conn: conn, out: make(chan []byte, QueueLen), done: make(chan struct{})}
+	if addr.IsValid() {
+		h.mu.Lock()
+		h.byAddr.Store(addr, p) // a newer connection from the same address replaces an older one
+		h.mu.Unlock()
+	}
 	go p.send()
 	return p
+}
+
+// Addr is the node's address.
+func (p *Peer) Addr() netip.AddrPort { return p.addr }
+
+// overUDP reports whether frames to this node go as UDP datagrams.
+func (p *Peer) overUDP(now int64) bool {
+	at := p.udpAt.Load()
+	return at != 0 && now-at < int64(UDPLapse)
 }
 
 func (p *Peer) send() {
@@ -133,17 +184,21 @@ func (p *Peer) Close() {
 		var survivors []gone
 		h.mu.Lock()
 		p.closed = true
-		for id, r := range h.routes {
+		h.byAddr.CompareAndDelete(p.addr, p)
+		h.routes.Range(func(k, v any) bool {
+			r := v.(*route)
 			switch p {
 			case r.a:
-				survivors = append(survivors, gone{id, r.b})
+				survivors = append(survivors, gone{r.id, r.b})
 			case r.b:
-				survivors = append(survivors, gone{id, r.a})
+				survivors = append(survivors, gone{r.id, r.a})
 			default:
-				continue
+				return true
 			}
-			delete(h.routes, id)
-		}
+			h.routes.Delete(k)
+			h.nroute.Add(-1)
+			return true
+		})
 		h.mu.Unlock()
 		for _, g := range survivors {
 			if g.peer.OnGone != nil {
@@ -167,46 +222,49 @@ func (h *Hub) Bind(id uint64, a, b *Peer) error {
 	if a.closed || b.closed {
 		return errPeerClosed // its connection is gone; a route would dangle
 	}
-	if r, ok := h.routes[id]; ok && !(r.a == a && r.b == b) {
-		return ErrInUse
+	if v, ok := h.routes.Load(id); ok {
+		if r := v.(*route); !(r.a == a && r.b == b) {
+			return ErrInUse
+		}
+	} else {
+		h.nroute.Add(1)
 	}
-	h.routes[id] = &route{id: id, a: a, b: b}
+	h.routes.Store(id, &route{id: id, a: a, b: b})
 	return nil
 }
 
 // Unbind removes a route.
 func (h *Hub) Unbind(id uint64) {
 	h.mu.Lock()
-	delete(h.routes, id)
+	if _, ok := h.routes.LoadAndDelete(id); ok {
+		h.nroute.Add(-1)
+	}
 	h.mu.Unlock()
 }
 
 // Has reports whether a route exists.
 func (h *Hub) Has(id uint64) bool {
-	h.mu.RLock()
-	defer h.mu.RUnlock()
-	_, ok := h.routes[id]
+	_, ok := h.routes.Load(id)
 	return ok
 }
 
-// Forward relays one frame received from a node's connection. It never
-// blocks: a full queue drops the frame and counts it. The frame is passed
-// on as is (same header), so buf must not be reused by the caller.
-func (h *Hub) Forward(from *Peer, buf []byte) {
+// lookup finds the route of a relay frame and the node it goes to, given
+// the node it came from; it counts what it drops.
+func (h *Hub) lookup(buf []byte, from func(r *route) *Peer) (*route, *Peer) {
 	kind, id, _, err := wire.ParseFrame(buf)
 	if err != nil || kind != wire.FrameRelay {
 		h.dropMalformed.Add(1)
-		return
+		return nil, nil
 	}
-	h.mu.RLock()
-	r := h.routes[id]
-	h.mu.RUnlock()
-	if r == nil {
+	v, ok := h.routes.Load(id)
+	if !ok {
 		h.dropUnknown.Add(1)
-		return
+		return nil, nil
 	}
+	r := v.(*route)
+	src := from(r)
 	var to *Peer
-	switch from {
+	switch src {
 	case r.a:
 		to = r.b
 		r.ab.Add(uint64(len(buf)))
@@ -217,33 +275,103 @@ func (h *Hub) Forward(from *Peer, buf []byte) {
 		r.pba.Add(1)
 	default:
 		h.dropNotEndpoint.Add(1)
+		return nil, nil
+	}
+	return r, to
+}
+
+// Forward relays one frame that came in a DATAGRAM of from's connection.
+// It never blocks. The frame is passed on as is (same header), so buf must
+// not be reused by the caller.
+func (h *Hub) Forward(from *Peer, buf []byte) {
+	if _, to := h.lookup(buf, func(*route) *Peer { return from }); to != nil {
+		h.deliver(to, buf, true)
+	}
+}
+
+// HandleUDP takes one datagram that arrived at the gateway's port from
+// addr and is not QUIC: a relay frame to forward, or a relay check to
+// answer. buf is only read during the call.
+func (h *Hub) HandleUDP(from netip.AddrPort, buf []byte) {
+	if len(buf) > 0 && buf[0] == wire.FrameRelayCheck {
+		h.check(from, buf)
 		return
 	}
-	select {
-	case to.out <- buf:
-		h.frames.Add(1)
-		h.bytes.Add(uint64(len(buf)))
-	default:
-		h.dropQueue.Add(1)
+	// The sender must be an end of the route, at the address its gateway
+	// connection comes from: a frame with any other source is spoofed.
+	_, to := h.lookup(buf, func(r *route) *Peer {
+		switch from {
+		case r.a.addr:
+			return r.a
+		case r.b.addr:
+			return r.b
+		}
+		return nil
+	})
+	if to != nil {
+		h.deliver(to, buf, false)
 	}
+}
+
+// check answers a node's relay check with the same frame, to the same
+// address, if that address is a node's; it also tells the hub that frames
+// to that node may go as UDP.
+func (h *Hub) check(from netip.AddrPort, buf []byte) {
+	if _, _, _, err := wire.ParseFrame(buf); err != nil || len(buf) != wire.FrameHeaderLen {
+		h.dropMalformed.Add(1)
+		return
+	}
+	v, ok := h.byAddr.Load(from)
+	if !ok || h.udp == nil {
+		h.checksRefused.Add(1)
+		return
+	}
+	v.(*Peer).udpAt.Store(time.Now().UnixNano())
+	if h.udp.Write(from, buf) {
+		h.checksOK.Add(1)
+	}
+}
+
+// deliver sends a frame to node to, as UDP where its checks arrive, in a
+// DATAGRAM otherwise. owned says buf may be kept (queued).
+func (h *Hub) deliver(to *Peer, buf []byte, owned bool) {
+	if h.udp != nil && to.overUDP(time.Now().UnixNano()) {
+		if !h.udp.Write(to.addr, buf) {
+			h.dropQueue.Add(1)
+			return
+		}
+		h.udpFrames.Add(1)
+	} else {
+		if !owned {
+			buf = append([]byte(nil), buf...)
+		}
+		select {
+		case to.out <- buf:
+		default:
+			h.dropQueue.Add(1)
+			return
+		}
+	}
+	h.frames.Add(1)
+	h.bytes.Add(uint64(len(buf)))
 }
 
 // Stats returns the hub's counters and per-route byte counts.
 func (h *Hub) Stats() Stats {
 	s := Stats{
-		Frames: h.frames.Load(), Bytes: h.bytes.Load(),
+		Frames: h.frames.Load(), Bytes: h.bytes.Load(), UDPFrames: h.udpFrames.Load(),
 		DropUnknown: h.dropUnknown.Load(), DropNotEndpoint: h.dropNotEndpoint.Load(),
 		DropQueueFull: h.dropQueue.Load(), DropMalformed: h.dropMalformed.Load(),
-		DropSendFailed: h.dropSend.Load(),
+		DropSendFailed: h.dropSend.Load(), ChecksAnswered: h.checksOK.Load(), ChecksRefused: h.checksRefused.Load(),
+		Routes: int(h.nroute.Load()),
 	}
-	h.mu.RLock()
-	defer h.mu.RUnlock()
-	s.Routes = len(h.routes)
-	for _, r := range h.routes {
+	h.routes.Range(func(_, v any) bool {
+		r := v.(*route)
 		rs := RouteStats{ID: r.id, A: r.a.Name, B: r.b.Name,
 			BytesAToB: r.ab.Load(), BytesBToA: r.ba.Load(), PacketsAToB: r.pab.Load(), PacketsBToA: r.pba.Load()}
 		rs.RelayedTotal = rs.BytesAToB + rs.BytesBToA
 		s.Sessions = append(s.Sessions, rs)
-	}
+		return true
+	})
 	return s
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"testing"
 	"time"
@@ -79,7 +80,7 @@ func quietHub() *Hub { return NewHub(slog.New(slog.NewTextHandler(io.Discard, ni
 func TestForwardBothWays(t *testing.T) {
 	h := quietHub()
 	ca, cb := newFakeConn(), newFakeConn()
-	a, b := h.NewPeer("client/alice", ca), h.NewPeer("agent/miranda", cb)
+	a, b := h.NewPeer("client/alice", netip.AddrPort{}, ca), h.NewPeer("agent/miranda", netip.AddrPort{}, cb)
 	defer a.Close()
 	defer b.Close()
 	const id = 0x1122334455667788
@@ -144,7 +145,7 @@ func TestForwardBothWays(t *testing.T) {
 func TestForwardDrops(t *testing.T) {
 	h := quietHub()
 	ca, cb, cc := newFakeConn(), newFakeConn(), newFakeConn()
-	a, b, c := h.NewPeer("a", ca), h.NewPeer("b", cb), h.NewPeer("c", cc)
+	a, b, c := h.NewPeer("a", netip.AddrPort{}, ca), h.NewPeer("b", netip.AddrPort{}, cb), h.NewPeer("c", netip.AddrPort{}, cc)
 	defer a.Close()
 	defer b.Close()
 	defer c.Close()
@@ -195,7 +196,7 @@ func TestForwardDrops(t *testing.T) {
 
 func TestBind(t *testing.T) {
 	h := quietHub()
-	a, b, c := h.NewPeer("a", newFakeConn()), h.NewPeer("b", newFakeConn()), h.NewPeer("c", newFakeConn())
+	a, b, c := h.NewPeer("a", netip.AddrPort{}, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, newFakeConn()), h.NewPeer("c", netip.AddrPort{}, newFakeConn())
 	defer a.Close()
 	defer b.Close()
 	defer c.Close()
@@ -239,7 +240,7 @@ func TestBind(t *testing.T) {
 func TestPeerCloseRemovesRoutes(t *testing.T) {
 	h := quietHub()
 	cb := newFakeConn()
-	a, b, c := h.NewPeer("a", newFakeConn()), h.NewPeer("b", cb), h.NewPeer("c", newFakeConn())
+	a, b, c := h.NewPeer("a", netip.AddrPort{}, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, cb), h.NewPeer("c", netip.AddrPort{}, newFakeConn())
 	defer b.Close()
 	defer c.Close()
 	for _, r := range []struct {
@@ -275,7 +276,7 @@ func TestPeerCloseRemovesRoutes(t *testing.T) {
 func TestSlowReceiverDoesNotBlockForward(t *testing.T) {
 	h := quietHub()
 	slow := &blockingConn{release: make(chan struct{}), entered: make(chan struct{})}
-	a, b := h.NewPeer("a", newFakeConn()), h.NewPeer("b", slow)
+	a, b := h.NewPeer("a", netip.AddrPort{}, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, slow)
 	defer a.Close()
 	defer b.Close()
 	defer close(slow.release) // runs before b.Close: unblock the sender
@@ -324,7 +325,7 @@ func TestSendFailureCounted(t *testing.T) {
 	h := quietHub()
 	cb := newFakeConn()
 	cb.err = errors.New("connection closed")
-	a, b := h.NewPeer("a", newFakeConn()), h.NewPeer("b", cb)
+	a, b := h.NewPeer("a", netip.AddrPort{}, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, cb)
 	defer a.Close()
 	defer b.Close()
 	if err := h.Bind(5, a, b); err != nil {
@@ -350,7 +351,7 @@ func TestForwardConcurrentWithClose(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			a, b := h.NewPeer("a", newFakeConn()), h.NewPeer("b", newFakeConn())
+			a, b := h.NewPeer("a", netip.AddrPort{}, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, newFakeConn())
 			id := uint64(100 + i)
 			if err := h.Bind(id, a, b); err != nil {
 				t.Error(err)
@@ -381,7 +382,7 @@ func FuzzForward(f *testing.F) {
 	f.Add([]byte{wire.FrameRelay})
 	f.Add(wire.AppendFrameHeader(nil, wire.FrameDirect, 1))
 	h := quietHub()
-	a, b := h.NewPeer("a", discard{}), h.NewPeer("b", discard{})
+	a, b := h.NewPeer("a", netip.AddrPort{}, discard{}), h.NewPeer("b", netip.AddrPort{}, discard{})
 	if err := h.Bind(1, a, b); err != nil {
 		f.Fatal(err)
 	}

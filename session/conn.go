@@ -24,28 +24,50 @@ func (a Addr) String() string { return "session/" + wire.SessionID(uint64(a)) }
 
 // Path sends a peer session's packets one way: through the relay or directly.
 type Path interface {
-	// Send transmits one QUIC packet of session id. It must not retain pkt.
+	// Send transmits one QUIC packet of session id. It must not retain pkt
+	// and must not block.
 	Send(id uint64, pkt []byte) error
+}
+
+// Releaser is the owner of a received packet's memory: Release is called
+// once the packet has been read, so the buffer can be reused.
+type Releaser interface{ Release() }
+
+// Inbound is one packet handed in by a path: Data belongs to Owner (nil:
+// to nobody, the garbage collector frees it).
+type Inbound struct {
+	ID    uint64
+	Data  []byte
+	Owner Releaser
 }
 
 // inQueueLen bounds packets waiting to be read by the QUIC stack.
 const inQueueLen = 4096
 
-type inbound struct {
-	id  uint64
-	pkt []byte
-}
-
 // Conn is the net.PacketConn under all of a node's peer sessions. Writes go
 // to the session's current Path (the relay unless another is set); packets
-// arriving by any path are handed in with Deliver.
+// arriving by any path are handed in with Deliver or DeliverBatch.
+//
+// The hot path takes no shared lock per packet: WriteTo reads the path
+// table through an atomic pointer (it changes only when a path does), and
+// ReadFrom takes the whole inbound queue at once and then reads from its
+// own copy.
 type Conn struct {
 	relay Path
+	paths atomic.Pointer[map[uint64]Path]
+	pmu   sync.Mutex // serializes SetPath's copy-on-write
 
-	mu    sync.RWMutex
-	paths map[uint64]Path
+	mu      sync.Mutex // guards in, waiting
+	in      []Inbound  // delivered, not yet taken by ReadFrom
+	waiting bool       // ReadFrom sleeps on ready
+	ready   chan struct{}
+	local   []Inbound // taken by ReadFrom; only its goroutine touches it
+	li      int       // next packet of local
+	// addrs caches each session's Addr as a net.Addr for ReadFrom (only
+	// its goroutine touches it): boxing a uint64 into an interface would
+	// be an allocation per packet.
+	addrs map[uint64]net.Addr
 
-	in     chan inbound
 	closed chan struct{}
 	once   sync.Once
 
@@ -59,28 +81,59 @@ type Conn struct {
 
 // NewConn returns a Conn whose default path is relay.
 func NewConn(relay Path) *Conn {
-	return &Conn{relay: relay, paths: make(map[uint64]Path), in: make(chan inbound, inQueueLen), closed: make(chan struct{}), dlCh: make(chan struct{})}
+	c := &Conn{relay: relay, ready: make(chan struct{}, 1), closed: make(chan struct{}), dlCh: make(chan struct{}),
+		in: make([]Inbound, 0, 256), local: make([]Inbound, 0, 256)}
+	c.paths.Store(&map[uint64]Path{})
+	return c
 }
 
 // SetPath makes p the path for session id; nil restores the relay.
 func (c *Conn) SetPath(id uint64, p Path) {
-	c.mu.Lock()
-	if p == nil {
-		delete(c.paths, id)
-	} else {
-		c.paths[id] = p
+	c.pmu.Lock()
+	defer c.pmu.Unlock()
+	old := *c.paths.Load()
+	m := make(map[uint64]Path, len(old)+1)
+	for k, v := range old {
+		m[k] = v
 	}
-	c.mu.Unlock()
+	if p == nil {
+		delete(m, id)
+	} else {
+		m[id] = p
+	}
+	c.paths.Store(&m)
 }
 
-// Deliver hands in a packet of session id that arrived on some path. It
+// Deliver hands in one packet of session id that arrived on some path. It
 // takes ownership of pkt and never blocks: when the QUIC stack is behind,
 // the packet is dropped and counted, as a full socket buffer would.
 func (c *Conn) Deliver(id uint64, pkt []byte) {
-	select {
-	case c.in <- inbound{id, pkt}:
-	default:
-		c.dropInFull.Add(1)
+	c.DeliverBatch([]Inbound{{ID: id, Data: pkt}})
+}
+
+// DeliverBatch hands in packets that arrived on some path; each one's
+// Owner is released once it has been read, or at once if it is dropped
+// because the queue is full. It never blocks.
+func (c *Conn) DeliverBatch(ps []Inbound) {
+	c.mu.Lock()
+	k := min(len(ps), inQueueLen-len(c.in))
+	c.in = append(c.in, ps[:k]...)
+	wake := c.waiting
+	c.waiting = false
+	c.mu.Unlock()
+	if k < len(ps) {
+		c.dropInFull.Add(uint64(len(ps) - k))
+		for _, p := range ps[k:] {
+			if p.Owner != nil {
+				p.Owner.Release()
+			}
+		}
+	}
+	if wake {
+		select {
+		case c.ready <- struct{}{}:
+		default:
+		}
 	}
 }
 
@@ -90,19 +143,56 @@ func (c *Conn) Drops() (inFull, sendFailed uint64) {
 	return c.dropInFull.Load(), c.dropSend.Load()
 }
 
-// ReadFrom implements net.PacketConn.
+// ReadFrom implements net.PacketConn. One goroutine reads (quic-go's
+// transport does): it takes every queued packet at once and hands them out
+// one per call without further locking.
 func (c *Conn) ReadFrom(p []byte) (int, net.Addr, error) {
-	c.dmu.Lock()
-	dl := c.dlCh
-	c.dmu.Unlock()
-	select {
-	case m := <-c.in:
-		return copy(p, m.pkt), Addr(m.id), nil
-	case <-c.closed:
-		return 0, nil, net.ErrClosed
-	case <-dl:
-		return 0, nil, os.ErrDeadlineExceeded
+	for c.li == len(c.local) {
+		c.mu.Lock()
+		if len(c.in) > 0 {
+			// Swap the two halves: what was delivered becomes ours to read,
+			// and our drained slice (references cleared) takes deliveries.
+			clear(c.local)
+			c.local, c.in, c.li = c.in, c.local[:0], 0
+			c.mu.Unlock()
+			break
+		}
+		c.waiting = true
+		c.mu.Unlock()
+		c.dmu.Lock()
+		dl := c.dlCh
+		c.dmu.Unlock()
+		select {
+		case <-c.ready:
+		case <-c.closed:
+			return 0, nil, net.ErrClosed
+		case <-dl:
+			return 0, nil, os.ErrDeadlineExceeded
+		}
 	}
+	m := c.local[c.li]
+	c.local[c.li] = Inbound{}
+	c.li++
+	n := copy(p, m.Data)
+	if m.Owner != nil {
+		m.Owner.Release()
+	}
+	return n, c.addr(m.ID), nil
+}
+
+// maxCachedAddrs bounds ReadFrom's cache of session addresses.
+const maxCachedAddrs = 1024
+
+func (c *Conn) addr(id uint64) net.Addr {
+	if a, ok := c.addrs[id]; ok {
+		return a
+	}
+	if c.addrs == nil || len(c.addrs) >= maxCachedAddrs {
+		c.addrs = make(map[uint64]net.Addr)
+	}
+	a := net.Addr(Addr(id))
+	c.addrs[id] = a
+	return a
 }
 
 // WriteTo implements net.PacketConn; addr must be an Addr.
@@ -116,9 +206,7 @@ func (c *Conn) WriteTo(p []byte, addr net.Addr) (int, error) {
 		return 0, net.ErrClosed
 	default:
 	}
-	c.mu.RLock()
-	path := c.paths[uint64(a)]
-	c.mu.RUnlock()
+	path := (*c.paths.Load())[uint64(a)]
 	if path == nil {
 		path = c.relay
 	}
@@ -130,9 +218,19 @@ func (c *Conn) WriteTo(p []byte, addr net.Addr) (int, error) {
 	return len(p), nil
 }
 
-// Close implements net.PacketConn.
+// Close implements net.PacketConn. Packets still queued are released.
 func (c *Conn) Close() error {
-	c.once.Do(func() { close(c.closed) })
+	c.once.Do(func() {
+		close(c.closed)
+		c.mu.Lock()
+		for _, p := range c.in {
+			if p.Owner != nil {
+				p.Owner.Release()
+			}
+		}
+		c.in = c.in[:0]
+		c.mu.Unlock()
+	})
 	return nil
 }
 

@@ -271,14 +271,36 @@ func (m *Message) check() error {
 	return nil
 }
 
-// Frame kinds: the first byte of a frame. Both stay below 0x40 so that a
+// ProtocolVersion is what a node says in Hello. Version 1 nodes send relay
+// frames either as UDP datagrams to the gateway's port or, where those do
+// not pass, in DATAGRAMs of their gateway connection; a gateway serves both.
+const ProtocolVersion = "1"
+
+// Frame kinds: the first byte of a frame. All stay below 0x40 so that a
 // QUIC stack sharing the socket sees a frame as "not QUIC" (the QUIC fixed
-// bit 0x40 is clear) and hands it to us.
+// bit 0x40 is clear) and hands it to us, and so that the port's steering
+// program sends it to the frame socket.
 const (
-	FrameRelay  byte = 0x01 // in a DATAGRAM of the node↔gateway connection
-	FrameDirect byte = 0x02 // in a UDP packet straight between nodes
-	FrameProbe  byte = 0x03 // hole-punch probe / keepalive
+	// FrameRelay carries a peer session's QUIC packet through the gateway:
+	// as a UDP datagram between a node's port and the gateway's port, or
+	// in a DATAGRAM of the node's gateway connection (the fallback).
+	FrameRelay byte = 0x01
+	// FrameDirect carries it in a UDP datagram straight between nodes.
+	FrameDirect byte = 0x02
+	// FrameProbe is a hole-punch probe or keepalive between nodes.
+	FrameProbe byte = 0x03
+	// FrameRelayCheck goes from a node to the gateway's port and back,
+	// unchanged, with a nonce in the session ID field: it proves that relay
+	// frames pass as UDP both ways. The gateway answers only a node's own
+	// address (the one its gateway connection comes from), with one frame
+	// of the same size: no reflection, no amplification.
+	FrameRelayCheck byte = 0x04
 )
+
+// GatewayPacketSize is the node↔gateway QUIC connection's fixed packet
+// size: a 1500-byte link minus IPv6 and UDP headers (IPv4 leaves 20 spare).
+// See session's MTU budget for what rides inside.
+const GatewayPacketSize = 1452
 
 // FrameHeaderLen is kind (1) + session ID (8).
 const FrameHeaderLen = 9
@@ -291,6 +313,15 @@ func AppendFrameHeader(b []byte, kind byte, id uint64) []byte {
 
 // SessionID formats a session ID the one way logs and metrics show it.
 func SessionID(id uint64) string { return fmt.Sprintf("%016x", id) }
+
+// FrameHeader returns the header of a frame: written into a caller's
+// array, so building a frame on the hot path allocates nothing.
+func FrameHeader(kind byte, id uint64) [FrameHeaderLen]byte {
+	var h [FrameHeaderLen]byte
+	h[0] = kind
+	binary.BigEndian.PutUint64(h[1:], id)
+	return h
+}
 
 // NewFrame builds a frame of the given kind around payload, in a new
 // buffer of exactly its size.
@@ -311,7 +342,7 @@ func ParseFrame(b []byte) (kind byte, id uint64, payload []byte, err error) {
 	}
 	kind = b[0]
 	switch kind {
-	case FrameRelay, FrameDirect, FrameProbe:
+	case FrameRelay, FrameDirect, FrameProbe, FrameRelayCheck:
 	default:
 		return 0, 0, nil, fmt.Errorf("unknown frame kind 0x%02x", kind)
 	}

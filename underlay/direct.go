@@ -1,0 +1,128 @@
+package underlay
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/nlvpn/nlvpn/punch"
+	"github.com/nlvpn/nlvpn/session"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+// sendRaw queues one datagram, head followed by body, to to from the
+// node's port. It never blocks: a full queue drops it (counted).
+func (u *Underlay) sendRaw(head, body []byte, to netip.AddrPort) error {
+	if u.w != nil {
+		if !u.w.Write2(to, head, body) {
+			u.c.sendFull.Add(1)
+			return errQueueFull
+		}
+		return nil
+	}
+	// No frame socket: through quic-go's transport, one write each.
+	u.tmu.Lock()
+	defer u.tmu.Unlock()
+	u.tbuf = append(append(u.tbuf[:0], head...), body...)
+	_, err := u.tr.WriteTo(u.tbuf, net.UDPAddrFromAddrPort(to))
+	return err
+}
+
+// SendFrame writes a complete frame (a probe) to addr from the node's port.
+func (u *Underlay) SendFrame(b []byte, to netip.AddrPort) error { return u.sendRaw(nil, b, to) }
+
+// directPath is a confirmed direct path, as a session.Path.
+type directPath struct {
+	u      *Underlay
+	remote netip.AddrPort
+}
+
+// Send implements session.Path.
+func (d *directPath) Send(id uint64, pkt []byte) error {
+	hdr := wire.FrameHeader(wire.FrameDirect, id)
+	return d.u.sendRaw(hdr[:], pkt, d.remote)
+}
+
+// DirectConfig is one session's direct-path attempt.
+type DirectConfig struct {
+	ID   uint64
+	Mode string // wire.ModeAuto, ModeDirect or ModeRelay
+	Key  []byte // the probe key (punch.Offer.Key)
+	Peer []netip.AddrPort
+	Log  *slog.Logger
+	// OnDirect runs after the session moved onto a confirmed direct path.
+	OnDirect func(remote netip.AddrPort, took time.Duration)
+	// OnLost runs after the session moved back to its fallback (the relay,
+	// or nothing for a direct-only session) because the path went quiet.
+	OnLost func(remote netip.AddrPort)
+}
+
+// Direct is one session's direct-path lifecycle: punching, moving the
+// session onto the path once confirmed and back when it is lost, and
+// punching again. Written once for agent and client.
+type Direct struct {
+	u      *Underlay
+	id     uint64
+	p      *punch.Punch // nil in relay mode
+	cancel context.CancelFunc
+}
+
+// StartDirect puts session cfg.ID on its fallback path and, unless it is
+// relay-only, starts punching towards cfg.Peer until ctx ends or Stop.
+func (u *Underlay) StartDirect(ctx context.Context, cfg DirectConfig) *Direct {
+	u.Conn.SetPath(cfg.ID, punch.Fallback(cfg.Mode))
+	d := &Direct{u: u, id: cfg.ID, cancel: func() {}}
+	if cfg.Mode == wire.ModeRelay {
+		return d
+	}
+	log := cfg.Log
+	if log == nil {
+		log = u.log
+	}
+	d.p = punch.New(punch.Config{
+		ID: cfg.ID, Key: cfg.Key, Peer: cfg.Peer, Send: u.SendFrame, Log: log,
+		OnDirect: func(remote netip.AddrPort, took time.Duration) {
+			u.Conn.SetPath(cfg.ID, &directPath{u: u, remote: remote})
+			log.Info("The direct channel has just been established", "remote", remote, "took", took.Round(time.Millisecond))
+			if cfg.OnDirect != nil {
+				cfg.OnDirect(remote, took)
+			}
+		},
+		OnLost: func(remote netip.AddrPort) {
+			u.Conn.SetPath(cfg.ID, punch.Fallback(cfg.Mode))
+			if cfg.OnLost != nil {
+				cfg.OnLost(remote)
+			}
+		},
+	})
+	ctx, d.cancel = context.WithCancel(ctx)
+	u.addPunch(cfg.ID, d.p)
+	log.Info("Trying to create a direct (peer-to-peer) channel", "candidates", cfg.Peer)
+	go d.p.Run(ctx)
+	return d
+}
+
+// Punch is the session's punching state; nil for a relay-only session.
+func (d *Direct) Punch() *punch.Punch { return d.p }
+
+// Remote returns the confirmed direct address and its RTT.
+func (d *Direct) Remote() (netip.AddrPort, time.Duration, bool) {
+	if d == nil || d.p == nil {
+		return netip.AddrPort{}, 0, false
+	}
+	return d.p.Remote()
+}
+
+// Stop ends punching, forgets the session's probes and direct frames, and
+// puts the session back on the relay (the default path).
+func (d *Direct) Stop() {
+	d.cancel()
+	if d.p != nil {
+		d.u.removePunch(d.id, d.p)
+	}
+	d.u.Conn.SetPath(d.id, nil)
+}
+
+var _ session.Path = (*directPath)(nil)

@@ -1,0 +1,149 @@
+package underlay
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+// The relay carries a session's frames to the gateway's port as plain UDP
+// datagrams from the node's port, where the gateway forwards them to the
+// other end by session ID; nothing is wrapped again. Whether such frames
+// pass both ways is checked (wire.FrameRelayCheck) when the gateway
+// connection comes up and then now and then; until they are known to pass,
+// or when they stop passing, frames ride in DATAGRAMs of the gateway
+// connection instead (slower: encrypted once more, and under that
+// connection's congestion control).
+const (
+	relayCheckEvery   = time.Second      // while not confirmed
+	relayRecheckEvery = 10 * time.Second // once confirmed
+	relayCheckLapse   = 35 * time.Second // no answer for this long: back to DATAGRAMs
+)
+
+type relayState struct {
+	gw      atomic.Pointer[netip.AddrPort] // the gateway's address, or nil
+	udpOK   atomic.Bool                    // relay frames pass as UDP
+	answer  atomic.Int64                   // unix nanoseconds of the last answered check
+	kickCh  chan struct{}                  // check now (a new gateway connection)
+	mu      sync.Mutex
+	pending [4]uint64 // nonces of the checks in flight
+	next    int
+}
+
+// gateway is the address relay frames go to and come from.
+func (r *relayState) gateway() netip.AddrPort {
+	if p := r.gw.Load(); p != nil {
+		return *p
+	}
+	return netip.AddrPort{}
+}
+
+// nonce makes a check's nonce and remembers it.
+func (r *relayState) nonce() uint64 {
+	var b [8]byte
+	rand.Read(b[:])
+	n := binary.BigEndian.Uint64(b[:]) | 1 // never 0: a frame for session 0 is malformed
+	r.mu.Lock()
+	r.pending[r.next] = n
+	r.next = (r.next + 1) % len(r.pending)
+	r.mu.Unlock()
+	return n
+}
+
+// answered takes the gateway's echo of a check.
+func (r *relayState) answered(n uint64) {
+	r.mu.Lock()
+	ok := false
+	for i, p := range r.pending {
+		if p == n && n != 0 {
+			r.pending[i], ok = 0, true
+		}
+	}
+	r.mu.Unlock()
+	if ok {
+		r.answer.Store(time.Now().UnixNano())
+		r.udpOK.Store(true)
+	}
+}
+
+func (r *relayState) kick() {
+	select {
+	case r.kickCh <- struct{}{}:
+	default:
+	}
+}
+
+// checkRelay keeps relayState current until ctx ends: it follows the
+// gateway connection's address and checks that frames pass.
+func (u *Underlay) checkRelay(ctx context.Context) {
+	r := &u.relay
+	t := time.NewTicker(relayCheckEvery)
+	defer t.Stop()
+	var lastSent time.Time
+	for {
+		gw := u.gwAddr()
+		if cur := r.gateway(); gw != cur {
+			// A new gateway connection (or none): what passed to the old
+			// address says nothing about the new one.
+			if gw.IsValid() {
+				r.gw.Store(&gw)
+			} else {
+				r.gw.Store(nil)
+			}
+			if r.udpOK.Swap(false) {
+				u.log.Info("relay frames go in the gateway connection until the new address is checked", "gateway", gw)
+			}
+			lastSent = time.Time{}
+		}
+		now := time.Now()
+		if ok := r.udpOK.Load(); ok && now.Sub(time.Unix(0, r.answer.Load())) > relayCheckLapse {
+			r.udpOK.Store(false)
+			u.log.Warn("relay frames stopped passing as UDP; carrying them in the gateway connection", "gateway", gw)
+		}
+		every := relayCheckEvery
+		if r.udpOK.Load() {
+			every = relayRecheckEvery
+		}
+		if gw.IsValid() && now.Sub(lastSent) >= every {
+			hdr := wire.FrameHeader(wire.FrameRelayCheck, r.nonce())
+			u.sendRaw(hdr[:], nil, gw)
+			lastSent = now
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-r.kickCh:
+			// Give the new connection's address a moment to be known.
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+// relayPath is the session.Path through the gateway.
+type relayPath struct{ u *Underlay }
+
+var errQueueFull = errors.New("frame queue full")
+
+// Send implements session.Path.
+func (p relayPath) Send(id uint64, pkt []byte) error {
+	u := p.u
+	if u.relay.udpOK.Load() {
+		if gw := u.relay.gateway(); gw.IsValid() {
+			hdr := wire.FrameHeader(wire.FrameRelay, id)
+			return u.sendRaw(hdr[:], pkt, gw)
+		}
+	}
+	return u.Ctrl.SendRelayDatagram(id, pkt)
+}
+
+// RelayOverUDP reports whether relay frames go as UDP datagrams (true) or
+// in the gateway connection.
+func (u *Underlay) RelayOverUDP() bool { return u.relay.udpOK.Load() }
