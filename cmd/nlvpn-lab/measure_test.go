@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"maps"
 	"os"
 	"testing"
@@ -239,4 +240,38 @@ func FuzzDropCounters(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		dropCounters(b)
 	})
+}
+
+func TestDropSnapDelta(t *testing.T) {
+	before := dropSnap{
+		status:    map[string]map[string]float64{"client": {"drops_inbound": 4, "quic_packets_lost": 10}},
+		statusErr: map[string]error{"client": nil, "agent": errNA},
+		udp:       map[string]map[string]int64{"client": {"RcvbufErrors": 7, "InErrors": 9}, "agent": {"RcvbufErrors": 0, "InErrors": 0}},
+		udpErr:    map[string]error{"client": nil, "agent": nil},
+	}
+	after := dropSnap{
+		status:    map[string]map[string]float64{"client": {"drops_inbound": 4, "quic_packets_lost": 25}, "agent": {"drops.gvisor": 3}},
+		statusErr: map[string]error{"client": nil, "agent": nil},
+		udp:       map[string]map[string]int64{"client": {"RcvbufErrors": 12, "InErrors": 9}, "agent": {"RcvbufErrors": 1, "InErrors": 2}},
+		udpErr:    map[string]error{"client": nil, "agent": nil},
+	}
+	rep := before.delta(after)
+	if got, want := rep.status["client"].deltas, []namedValue{{"drops_inbound", 0}, {"quic_packets_lost", 15}}; len(got) != 2 || got[0] != want[0] || got[1] != want[1] {
+		t.Errorf("client status delta = %v, want %v", got, want)
+	}
+	// The agent had no reading before the run: no delta, and not a failure.
+	if sd := rep.status["agent"]; sd.deltas != nil || !errors.Is(sd.err, errNA) {
+		t.Errorf("agent status = %+v, want n/a", sd)
+	}
+	for role, want := range map[string][2]float64{"client": {5, 0}, "agent": {1, 2}} {
+		got := rep.udp[role]
+		if !got["RcvbufErrors"].good() || got["RcvbufErrors"].v != want[0] || !got["InErrors"].good() || got["InErrors"].v != want[1] {
+			t.Errorf("%s UDP = %+v, want RcvbufErrors %v InErrors %v", role, got, want[0], want[1])
+		}
+	}
+	// A failed reading shows as an error, not as a zero.
+	after.udpErr["agent"] = errors.New("netns gone")
+	if c := before.delta(after).udp["agent"]["InErrors"]; c.good() {
+		t.Errorf("UDP delta after a failed reading = %+v, want an error", c)
+	}
 }
