@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -103,6 +104,19 @@ type benchResults struct {
 	curl, sock cell   // MB/s
 
 	startup *startupResult
+
+	// The machine's load average (1, 5, 15 min) when the run began and
+	// ended: other work on a shared machine skews every column.
+	loadStart, loadEnd string
+}
+
+// loadAvg returns the first three fields of /proc/loadavg.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) >= 3 {
+		return strings.Join(f[:3], " ")
+	}
+	return "?"
 }
 
 // dropReport holds what was lost during one path's single-stream upload.
@@ -122,6 +136,7 @@ func (r *runner) bench(secs, trials int) error {
 	res := &benchResults{secs: secs, cells: map[string]map[string]cell{}, cpu: map[string]map[string]cell{},
 		rss: map[string]map[string]cell{}, drops: map[string]*dropReport{}}
 	r.res = res
+	res.loadStart = loadAvg()
 	say("Building the namespace topology (prefix %s, client %v NAT, agent %v NAT).", l.Prefix, l.Opts.ClientNAT, l.Opts.AgentNAT)
 	if err := r.build(); err != nil {
 		return err
@@ -288,6 +303,7 @@ func (r *runner) bench(secs, trials int) error {
 	if err := r.ctx.Err(); err != nil {
 		return err
 	}
+	res.loadEnd = loadAvg()
 	res.print()
 	// Each failure once (a path that could not be set up fails every row).
 	seen := map[string]bool{}
