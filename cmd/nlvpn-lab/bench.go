@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -108,6 +107,8 @@ type benchResults struct {
 	// The machine's load average (1, 5, 15 min) when the run began and
 	// ended: other work on a shared machine skews every column.
 	loadStart, loadEnd string
+
+	pingMin map[string]float64 // path -> ms, from the ping avg run
 }
 
 // loadAvg returns the first three fields of /proc/loadavg.
@@ -134,7 +135,7 @@ type statusDelta struct {
 func (r *runner) bench(secs, trials int) error {
 	l := r.lab
 	res := &benchResults{secs: secs, cells: map[string]map[string]cell{}, cpu: map[string]map[string]cell{},
-		rss: map[string]map[string]cell{}, drops: map[string]*dropReport{}}
+		rss: map[string]map[string]cell{}, drops: map[string]*dropReport{}, pingMin: map[string]float64{}}
 	r.res = res
 	res.loadStart = loadAvg()
 	say("Building the namespace topology (prefix %s, client %v NAT, agent %v NAT).", l.Prefix, l.Opts.ClientNAT, l.Opts.AgentNAT)
@@ -272,6 +273,7 @@ func (r *runner) bench(secs, trials int) error {
 		{name: "TCP up, 4 streams (Mbit/s)", measure: iperfRow(4, false, false)},
 		{name: "TCP down, 4 streams (Mbit/s)", measure: iperfRow(4, true, false)},
 		{name: "ping RTT avg (ms)", prec: 3, measure: r.pingAvg},
+		{name: "ping RTT min (ms)", prec: 3, measure: r.pingMin},
 		{name: fmt.Sprintf("%d%% loss: TCP up, 1 stream", lossPct), loss: true, measure: iperfRow(1, false, true)},
 		{name: fmt.Sprintf("%d%% loss: TCP down, 1 stream", lossPct), loss: true, measure: iperfRow(1, true, true)},
 	}
@@ -574,19 +576,29 @@ func (s dropSnap) delta(after dropSnap) *dropReport {
 	return rep
 }
 
-var rttRE = regexp.MustCompile(`= ([0-9.]+)/([0-9.]+)/([0-9.]+)/([0-9.]+) ms`)
-
-// pingAvg returns the average RTT in ms of ping -c 20 -i 0.2.
+// pingAvg returns the average RTT in ms of ping -c 20 -i 0.2 and keeps
+// the minimum for pingMin (the average of an idle ping includes waking
+// sleeping threads and CPUs, which a loaded VM makes slow and erratic).
 func (r *runner) pingAvg(p *benchPath) (float64, error) {
 	out, err := lab.Output(r.ctx, p.ns, "ping", "-c", "20", "-i", "0.2", "-W", "2", "-q", p.addr)
 	if err != nil {
 		return 0, err
 	}
-	m := rttRE.FindStringSubmatch(out)
-	if m == nil {
-		return 0, fmt.Errorf("no RTT in ping output: %q", out)
+	lo, avg, err := parsePing(out)
+	if err != nil {
+		return 0, err
 	}
-	return strconv.ParseFloat(m[2], 64)
+	r.res.pingMin[p.name] = lo
+	return avg, nil
+}
+
+// pingMin returns the minimum RTT of the pingAvg run on p.
+func (r *runner) pingMin(p *benchPath) (float64, error) {
+	v, ok := r.res.pingMin[p.name]
+	if !ok {
+		return 0, errors.New("no ping run")
+	}
+	return v, nil
 }
 
 // benchSOCKS compares a curl download through the TUN client with the

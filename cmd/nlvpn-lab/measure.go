@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -221,4 +222,24 @@ func counterDelta(before, after map[string]float64) []namedValue {
 type namedValue struct {
 	name string
 	v    float64
+}
+
+var rttRE = regexp.MustCompile(`rtt min/avg/max/mdev = ([0-9.]+)/([0-9.]+)/([0-9.]+)/([0-9.]+) ms`)
+
+// parsePing returns the minimum and average RTT, in ms, from the summary
+// line of iputils ping.
+func parsePing(out string) (lo, avg float64, err error) {
+	m := rttRE.FindStringSubmatch(out)
+	if m == nil {
+		return 0, 0, fmt.Errorf("no RTT in ping output: %q", out)
+	}
+	lo, err1 := strconv.ParseFloat(m[1], 64)
+	avg, err2 := strconv.ParseFloat(m[2], 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return 0, 0, fmt.Errorf("ping RTT %q: %v", m[0], err)
+	}
+	if lo > avg {
+		return 0, 0, fmt.Errorf("ping RTT %q: min above avg", m[0])
+	}
+	return lo, avg, nil
 }

@@ -275,3 +275,35 @@ func TestDropSnapDelta(t *testing.T) {
 		t.Errorf("UDP delta after a failed reading = %+v, want an error", c)
 	}
 }
+
+func TestParsePing(t *testing.T) {
+	const ok = `PING 192.168.77.10 (192.168.77.10) 56(84) bytes of data.
+
+--- 192.168.77.10 ping statistics ---
+20 packets transmitted, 20 received, 0% packet loss, time 3805ms
+rtt min/avg/max/mdev = 0.488/4.000/45.367/10.036 ms
+`
+	tests := []struct {
+		name    string
+		in      string
+		lo, avg float64
+		wantErr bool
+	}{
+		{"summary", ok, 0.488, 4.0, false},
+		{"all lost", "20 packets transmitted, 0 received, 100% packet loss, time 3805ms\n", 0, 0, true},
+		{"min above avg", "rtt min/avg/max/mdev = 5.0/4.0/6.0/0.1 ms\n", 0, 0, true},
+		{"malformed number", "rtt min/avg/max/mdev = 1.2.3/4.0/6.0/0.1 ms\n", 0, 0, true},
+		{"empty", "", 0, 0, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			lo, avg, err := parsePing(tt.in)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("err = %v, wantErr %v", err, tt.wantErr)
+			}
+			if lo != tt.lo || avg != tt.avg {
+				t.Errorf("got min %v avg %v, want %v %v", lo, avg, tt.lo, tt.avg)
+			}
+		})
+	}
+}
