@@ -6,7 +6,7 @@ BIN     := bin
 # Every package except the end-to-end suite, which runs separately.
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e$$')
 
-.PHONY: all build deps demo test fmt-check vet unit e2e bench fuzz clean
+.PHONY: all build deps demo test fmt-check vet unit e2e bench wireguard-go fuzz clean
 
 all: build
 
@@ -37,9 +37,21 @@ unit:
 e2e:
 	$(GO) test -count=1 -timeout 15m -v ./e2e/
 
-bench: deps build
-	$(BIN)/nlvpn-lab bench --nlvpn $(BIN)/nlvpn
-	$(GO) test -run '^$$' -bench . -benchmem ./session ./relay
+# The namespace bench (nlvpn next to wireguard-go and the raw path), then
+# the Go benchmarks of every package that has any.
+BENCHTIME ?= 5
+bench: deps build wireguard-go
+	$(BIN)/nlvpn-lab bench --nlvpn $(BIN)/nlvpn --wireguard-go $(BIN)/wireguard-go --time $(BENCHTIME)
+	$(GO) test -run '^$$' -bench . -benchmem $(BENCH_PKGS)
+
+# Packages of this module with a Benchmark function in a test file.
+BENCH_PKGS = $(shell $(GO) list -f '{{$$d := .Dir}}{{range .TestGoFiles}}{{$$d}}/{{.}} {{end}}{{range .XTestGoFiles}}{{$$d}}/{{.}} {{end}}' ./... \
+	| xargs -r grep -l '^func Benchmark' | xargs -r -n1 dirname | sort -u)
+
+# The bench's baseline, from the module's tool directive (go.mod), so the
+# version is the one go.sum pins.
+wireguard-go:
+	$(GO) build -o $(BIN)/wireguard-go golang.zx2c4.com/wireguard
 
 # Short fuzz runs of every Fuzz target (FUZZTIME per target).
 FUZZTIME ?= 10s

@@ -8,6 +8,7 @@ have ip      || need+=(iproute2)
 have nft     || need+=(nftables)
 have curl    || need+=(curl)
 have iperf3  || need+=(iperf3)
+have wg      || need+=(wireguard-tools)  # bench: configures wireguard-go (userspace), the baseline
 have tcpdump || need+=(tcpdump)
 have ping    || need+=(iputils-ping)
 have make    || need+=(make)

@@ -2,14 +2,12 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -21,42 +19,125 @@ import (
 
 const iperfPort = 5201
 
+// lossPct is the random loss, in percent of forwarded packets, that the
+// internet router applies for the loss rows.
+const lossPct = 2
+
 // benchPath is one column of the bench table: a way from the client
-// namespace to a target. Add a path (direct, SOCKS, ...) by appending one.
+// namespace to a target.
 type benchPath struct {
-	name string // column header
+	name string // column header, and its name for --paths
 	desc string // one line saying what it measures
 	ns   string // namespace the measuring client runs in
 	addr string // target address (iperf3 server and ping target)
 	// setup prepares the path (e.g. starts the tunnel); nil if none.
 	setup func() error
-	// curl holds the curl flags that send a request along this path (a
-	// proxy); socksOnly paths have no route for iperf3 or ping.
-	curl      []string
-	socksOnly bool
+	// teardown undoes setup when the next path must not see it; nil if
+	// the next path builds on this one.
+	teardown func() error
+	// roles lists the processes that carry the path (after setup), for
+	// the CPU and memory figures.
+	roles func() []role
+	// nlvpn: the path is nlvpn's, with `nlvpn status` drop counters.
+	nlvpn bool
 }
 
-// errNA marks a metric that does not apply to a path (iperf3 and ping
-// cannot use a SOCKS proxy); it prints as "n/a" and is not a failure.
+// role is a process carrying a path, named by its place (client, agent,
+// gateway).
+type role struct {
+	name string
+	p    *lab.Process
+}
+
+var roleNames = []string{"client", "agent", "gateway"}
+
+// errNA marks a figure that does not apply (e.g. an agent without a
+// status socket); it prints as "n/a" and is not a failure.
 var errNA = errors.New("not applicable")
 
-// curlSize is the payload of the curl download metric.
-const curlSize = 256 << 20
-
-// benchMetric is one row of the bench table.
-type benchMetric struct {
-	name    string
-	prec    int // decimals shown
-	measure func(p benchPath) (float64, error)
-}
+// curlSize is the payload of the curl download (TUN vs SOCKS) figure.
+const curlSize = 128 << 20
 
 type cell struct {
 	v   float64
 	err error
+	ok  bool // measured (false: not measured, printed as "-")
+}
+
+func measured(v float64, err error) cell { return cell{v: v, err: err, ok: true} }
+
+func (c cell) format(prec int) string {
+	switch {
+	case !c.ok:
+		return "-"
+	case errors.Is(c.err, errNA):
+		return "n/a"
+	case c.err != nil:
+		return "error"
+	}
+	return strconv.FormatFloat(c.v, 'f', prec, 64)
+}
+
+func (c cell) good() bool { return c.ok && c.err == nil }
+
+// benchRow is one row of the main table.
+type benchRow struct {
+	name    string
+	prec    int  // decimals shown
+	loss    bool // measured with lossPct random loss on the internet router
+	measure func(p *benchPath) (float64, error)
+}
+
+// benchResults is everything one run measured, printed at its end.
+type benchResults struct {
+	secs  int
+	paths []*benchPath // in display order
+	rows  []benchRow
+	cells map[string]map[string]cell // row name -> path name -> cell
+
+	cpu   map[string]map[string]cell // "path dir" -> role -> CPU s per GB
+	rss   map[string]map[string]cell // path -> role -> peak RSS MiB
+	drops map[string]*dropReport     // path -> counters of its 1-stream upload
+
+	curlVia    string // the TUN path the SOCKS client rides
+	curl, sock cell   // MB/s
+
+	startup *startupResult
+
+	// The machine's load average (1, 5, 15 min) when the run began and
+	// ended: other work on a shared machine skews every column.
+	loadStart, loadEnd string
+
+	pingMin map[string]float64 // path -> ms, from the ping avg run
+}
+
+// loadAvg returns the first three fields of /proc/loadavg.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) >= 3 {
+		return strings.Join(f[:3], " ")
+	}
+	return "?"
+}
+
+// dropReport holds what was lost during one path's single-stream upload.
+type dropReport struct {
+	retrans cell
+	status  map[string]statusDelta // role -> nlvpn status counters
+	udp     map[string]map[string]cell
+}
+
+type statusDelta struct {
+	err    error
+	deltas []namedValue
 }
 
 func (r *runner) bench(secs, trials int) error {
 	l := r.lab
+	res := &benchResults{secs: secs, cells: map[string]map[string]cell{}, cpu: map[string]map[string]cell{},
+		rss: map[string]map[string]cell{}, drops: map[string]*dropReport{}, pingMin: map[string]float64{}}
+	r.res = res
+	res.loadStart = loadAvg()
 	say("Building the namespace topology (prefix %s, client %v NAT, agent %v NAT).", l.Prefix, l.Opts.ClientNAT, l.Opts.AgentNAT)
 	if err := r.build(); err != nil {
 		return err
@@ -72,15 +153,6 @@ func (r *runner) bench(secs, trials int) error {
 		if err := r.poll(10*time.Second, p, r.listening(s.ns, "tcp", iperfPort)); err != nil {
 			return fmt.Errorf("iperf3 server in %s: %w", s.ns, err)
 		}
-	}
-
-	// HTTP data servers for the curl metric, next to the iperf3 servers.
-	for _, s := range []struct{ ns, addr string }{{l.NS.LAN, l.LANHost.String()}, {l.NS.GW, l.Gateway.String()}} {
-		stop, err := serveData(s.ns, net.JoinHostPort(s.addr, strconv.Itoa(dataPort)))
-		if err != nil {
-			return fmt.Errorf("data server in %s: %w", s.ns, err)
-		}
-		defer stop()
 	}
 
 	tunnelUp := func() error {
@@ -100,11 +172,46 @@ func (r *runner) bench(secs, trials int) error {
 	if r.supports("up", "--relay") {
 		relayFlags = []string{"--relay"}
 	}
-	paths := []benchPath{
+	nlvpnRoles := func() []role {
+		return []role{{"client", r.client}, {"agent", r.agent}, {"gateway", r.gateway}}
+	}
+	var wg *wgRouter
+	defer func() {
+		if err := wg.close(); err != nil {
+			fmt.Printf("    (wireguard-go teardown: %v)\n", err)
+		}
+	}()
+	// In the order measured; the table shows raw, wg, direct, relay.
+	paths := []*benchPath{
 		{
 			name: "raw",
 			desc: fmt.Sprintf("no tunnel: client ns -> client NAT -> internet router -> gateway host %s (plain TCP/ICMP on the same namespaces and links)", l.Gateway),
 			ns:   l.NS.Client, addr: l.Gateway.String(),
+		},
+		{
+			name: "wg",
+			desc: fmt.Sprintf("%s (userspace, its own TUN) as a subnet router: client ns -> TUN -> client NAT -> UDP between the public NAT addresses (simultaneous open) -> agent NAT -> agent, forwarding + masquerade -> LAN host %s",
+				wgVersion(r.wgGo), l.LANHost),
+			ns: l.NS.Client, addr: l.LANHost.String(),
+			setup: func() (err error) {
+				say("Starting wireguard-go at the client and the agent (subnet router for %s; UDP %d <-> %d through both NATs).", l.LANSubnet, wgClientPort, wgAgentPort)
+				wg, err = r.startWG()
+				if err == nil {
+					fmt.Printf("    %s and %s up; the LAN host answers through them (checked: route, TUN, endpoints, counters)\n", wg.cliIf, wg.agtIf)
+				}
+				return err
+			},
+			teardown: func() error {
+				err := wg.close()
+				wg = nil
+				return err
+			},
+			roles: func() []role {
+				if wg == nil {
+					return nil
+				}
+				return []role{{"client", wg.client}, {"agent", wg.agent}}
+			},
 		},
 		{
 			name: "relay",
@@ -114,10 +221,12 @@ func (r *runner) bench(secs, trials int) error {
 				say("Starting gateway, agent and client (nlvpn up %s: relayed tunnel).", strings.Join(relayFlags, " "))
 				return r.startStack(false, tunnelUp, relayFlags...)
 			},
+			roles: nlvpnRoles,
+			nlvpn: true,
 		},
 	}
 	if r.supports("up", "--direct") {
-		paths = append(paths, benchPath{
+		paths = append(paths, &benchPath{
 			name: "direct",
 			desc: fmt.Sprintf("nlvpn up --direct: client ns -> TUN -> client NAT -> hole-punched UDP -> agent NAT -> agent -> LAN host %s", l.LANHost),
 			ns:   l.NS.Client, addr: l.LANHost.String(),
@@ -130,173 +239,248 @@ func (r *runner) bench(secs, trials int) error {
 				r.client.Stop()
 				return r.startClient(false, tunnelUp, "--direct")
 			},
+			roles: nlvpnRoles,
+			nlvpn: true,
 		})
 	}
-	if r.supports("up", "--netstack") {
-		// The same tunnel with no TUN: a netstack client behind a SOCKS5
-		// proxy, on the path the previous column used.
-		prev := paths[len(paths)-1]
-		var flags []string
-		switch prev.name {
-		case "direct":
-			flags = []string{"--direct"}
-		case "relay":
-			flags = relayFlags
-		}
-		paths = append(paths, benchPath{
-			name: "socks",
-			desc: fmt.Sprintf("nlvpn up --netstack %s: curl --socks5-hostname %s -> userspace netstack -> the %s path -> agent -> LAN host %s (TCP metrics by curl only)",
-				strings.Join(flags, " "), socksBenchAddr, prev.name, l.LANHost),
-			ns: l.NS.Client, addr: l.LANHost.String(),
-			curl:      []string{"--socks5-hostname", socksBenchAddr},
-			socksOnly: true,
-			setup: func() error {
-				say("Replacing the TUN client with a netstack client (nlvpn up --netstack %s: SOCKS5 proxy on %s).", strings.Join(flags, " "), socksBenchAddr)
-				r.client.Stop()
-				return r.startNetstackClient(flags...)
-			},
-		})
-	}
-	metrics := []benchMetric{
-		{fmt.Sprintf("curl down %d MiB (MB/s)", curlSize>>20), 1, func(p benchPath) (float64, error) { return r.curlDown(p) }},
-		{"TCP up, 1 stream (Mbit/s)", 0, func(p benchPath) (float64, error) { return r.iperf(p, secs, 1, false) }},
-		{"TCP up, 4 streams (Mbit/s)", 0, func(p benchPath) (float64, error) { return r.iperf(p, secs, 4, false) }},
-		{"TCP down, 1 stream (Mbit/s)", 0, func(p benchPath) (float64, error) { return r.iperf(p, secs, 1, true) }},
-		{"ping RTT avg (ms)", 3, r.pingAvg},
-	}
+	socks := r.supports("up", "--netstack")
 
 	if r.only != nil {
-		var keep []benchPath
-		for _, p := range paths {
-			if p.name == "raw" || slices.Contains(r.only, p.name) {
-				keep = append(keep, p)
+		known := []string{"raw", "wg", "relay", "direct", "socks"}
+		for i, n := range r.only {
+			if n == "wireguard-go" {
+				r.only[i], n = "wg", "wg"
+			}
+			if !slices.Contains(known, n) {
+				return fmt.Errorf("--paths: unknown path %q (known: %s)", n, strings.Join(known, ","))
 			}
 		}
-		paths = keep
+		paths = slices.DeleteFunc(paths, func(p *benchPath) bool { return p.name != "raw" && !slices.Contains(r.only, p.name) })
+		socks = socks && slices.Contains(r.only, "socks")
 	}
-	results := make([][]cell, len(metrics))
-	for i := range results {
-		results[i] = make([]cell, len(paths))
-	}
-	for j, p := range paths {
-		if p.setup != nil {
-			if err := p.setup(); err != nil {
-				return fmt.Errorf("setting up path %q: %w", p.name, err)
-			}
-		}
-		for i, m := range metrics {
-			if err := r.ctx.Err(); err != nil {
-				return err
-			}
-			fmt.Printf("    measuring %-28s on %-6s ... ", m.name, p.name)
-			v, err := m.measure(p)
-			results[i][j] = cell{v, err}
-			if errors.Is(err, errNA) {
-				fmt.Println("n/a")
-			} else if err != nil {
-				fmt.Printf("error: %v\n", err)
-			} else {
-				fmt.Printf("%.2f\n", v)
-			}
+	for _, name := range []string{"raw", "wg", "direct", "relay"} {
+		if i := slices.IndexFunc(paths, func(p *benchPath) bool { return p.name == name }); i >= 0 {
+			res.paths = append(res.paths, paths[i])
 		}
 	}
 
-	say("Results (one run, same topology; curl = one HTTP GET of %d MiB, MB = 10^6 bytes; iperf3 -t %d; up = client sends, down = iperf3 -R; ping -c 20 -i 0.2)", curlSize>>20, secs)
-	for _, p := range paths {
-		fmt.Printf("    %-6s = %s\n", p.name, p.desc)
+	iperfRow := func(streams int, reverse, loss bool) func(*benchPath) (float64, error) {
+		return func(p *benchPath) (float64, error) { return r.iperfMeasure(p, secs, streams, reverse, loss) }
 	}
-	fmt.Println()
-	// Metric names left-aligned, numbers right-aligned.
-	fmt.Printf("    %-30s", "metric")
-	for _, p := range paths {
-		fmt.Printf(" %10s", p.name)
+	res.rows = []benchRow{
+		{name: "TCP up, 1 stream (Mbit/s)", measure: iperfRow(1, false, false)},
+		{name: "TCP down, 1 stream (Mbit/s)", measure: iperfRow(1, true, false)},
+		{name: "TCP up, 4 streams (Mbit/s)", measure: iperfRow(4, false, false)},
+		{name: "TCP down, 4 streams (Mbit/s)", measure: iperfRow(4, true, false)},
+		{name: "ping RTT avg (ms)", prec: 3, measure: r.pingAvg},
+		{name: "ping RTT min (ms)", prec: 3, measure: r.pingMin},
+		{name: fmt.Sprintf("%d%% loss: TCP up, 1 stream", lossPct), loss: true, measure: iperfRow(1, false, true)},
+		{name: fmt.Sprintf("%d%% loss: TCP down, 1 stream", lossPct), loss: true, measure: iperfRow(1, true, true)},
 	}
-	for _, p := range paths[1:] {
-		fmt.Printf(" %12s", p.name+"/"+paths[0].name)
+	for _, row := range res.rows {
+		res.cells[row.name] = map[string]cell{}
 	}
-	// The SOCKS column also against the TUN path it rides on.
-	n := len(paths)
-	socksVsTUN := n >= 3 && paths[n-1].socksOnly
-	if socksVsTUN {
-		fmt.Printf(" %12s", paths[n-1].name+"/"+paths[n-2].name)
-	}
-	fmt.Println()
-	for i, m := range metrics {
-		fmt.Printf("    %-30s", m.name)
-		for j := range paths {
-			fmt.Printf(" %10s", fmtCell(results[i][j], m.prec))
-		}
-		base := results[i][0]
-		for j := 1; j < len(paths); j++ {
-			c := results[i][j]
-			if c.err != nil || base.err != nil || base.v == 0 {
-				fmt.Printf(" %12s", "-")
-			} else {
-				fmt.Printf(" %12.3f", c.v/base.v)
-			}
-		}
-		if socksVsTUN {
-			a, b := results[i][n-1], results[i][n-2]
-			if a.err != nil || b.err != nil || b.v == 0 {
-				fmt.Printf(" %12s", "-")
-			} else {
-				fmt.Printf(" %12.3f", a.v/b.v)
-			}
-		}
-		fmt.Println()
-	}
+
 	var errs []error
-	for i := range results {
-		for j := range results[i] {
-			if err := results[i][j].err; err != nil && !errors.Is(err, errNA) {
-				errs = append(errs, fmt.Errorf("%s on %s: %w", metrics[i].name, paths[j].name, results[i][j].err))
-			}
+	for _, p := range paths {
+		if err := r.ctx.Err(); err != nil {
+			return err
+		}
+		if err := r.measurePath(p); err != nil {
+			errs = append(errs, err)
 		}
 	}
-	if trials > 0 && r.supports("status", "--json") {
-		if err := r.startupTrials(trials); err != nil {
+	if socks && r.ctx.Err() == nil {
+		if err := r.benchSOCKS(tunnelUp, relayFlags); err != nil {
 			errs = append(errs, err)
+		}
+	}
+	if trials > 0 && r.agent != nil && r.ctx.Err() == nil && r.supports("status", "--json") {
+		var err error
+		res.startup, err = r.startupTrials(trials)
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := r.ctx.Err(); err != nil {
+		return err
+	}
+	res.loadEnd = loadAvg()
+	res.print()
+	// Each failure once (a path that could not be set up fails every row).
+	seen := map[string]bool{}
+	for _, err := range errs {
+		seen[err.Error()] = true
+	}
+	for _, row := range res.rows {
+		for _, p := range res.paths {
+			if c := res.cells[row.name][p.name]; c.ok && c.err != nil && !errors.Is(c.err, errNA) && !seen[c.err.Error()] {
+				seen[c.err.Error()] = true
+				errs = append(errs, fmt.Errorf("%s on %s: %w", row.name, p.name, c.err))
+			}
 		}
 	}
 	return errors.Join(errs...)
 }
 
-func fmtCell(c cell, prec int) string {
-	if errors.Is(c.err, errNA) {
-		return "n/a"
+// measurePath sets p up, measures every row on it (the loss rows with the
+// loss applied) and tears it down. A path that cannot be set up gets its
+// error in every cell; the run goes on with the next path.
+func (r *runner) measurePath(p *benchPath) error {
+	res := r.res
+	if p.setup != nil {
+		if err := p.setup(); err != nil {
+			err = fmt.Errorf("setting up path %q: %w", p.name, err)
+			fmt.Printf("    %v\n", err)
+			for _, row := range res.rows {
+				res.cells[row.name][p.name] = measured(0, err)
+			}
+			return err
+		}
 	}
-	if c.err != nil {
-		return "error"
+	measure := func(row benchRow) {
+		if r.ctx.Err() != nil {
+			return
+		}
+		fmt.Printf("    measuring %-30s on %-6s ... ", row.name, p.name)
+		c := measured(row.measure(p))
+		res.cells[row.name][p.name] = c
+		switch {
+		case errors.Is(c.err, errNA):
+			fmt.Println("n/a")
+		case c.err != nil:
+			fmt.Printf("error: %v\n", c.err)
+		default:
+			fmt.Printf("%.2f\n", c.v)
+		}
 	}
-	return strconv.FormatFloat(c.v, 'f', prec, 64)
+	for _, row := range res.rows {
+		if !row.loss {
+			measure(row)
+		}
+	}
+	if r.ctx.Err() == nil {
+		err := r.withLoss(func() {
+			for _, row := range res.rows {
+				if row.loss {
+					measure(row)
+				}
+			}
+		})
+		if err != nil {
+			for _, row := range res.rows {
+				if row.loss {
+					res.cells[row.name][p.name] = measured(0, err)
+				}
+			}
+		}
+	}
+	if p.roles != nil {
+		rss := map[string]cell{}
+		for _, ro := range p.roles() {
+			if ro.p != nil {
+				b, err := procPeakRSS(ro.p.PID())
+				rss[ro.name] = measured(float64(b)/(1<<20), err)
+			}
+		}
+		res.rss[p.name] = rss
+	}
+	if p.teardown != nil {
+		if err := p.teardown(); err != nil {
+			return fmt.Errorf("tearing down path %q: %w", p.name, err)
+		}
+	}
+	return nil
 }
 
-// iperfResult is the part of `iperf3 -J` output we use.
-type iperfResult struct {
-	Error string `json:"error"`
-	End   struct {
-		SumSent struct {
-			BitsPerSecond float64 `json:"bits_per_second"`
-		} `json:"sum_sent"`
-		SumReceived struct {
-			BitsPerSecond float64 `json:"bits_per_second"`
-		} `json:"sum_received"`
-	} `json:"end"`
+// withLoss runs f while the internet router drops lossPct % of the packets
+// it forwards, at random, in both directions (a table of its own, deleted
+// afterwards by name).
+func (r *runner) withLoss(f func()) error {
+	ns := r.lab.NS.Inet
+	rules := fmt.Sprintf(`table ip nvloss {
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		numgen random mod 100 < %d drop
+	}
+}
+`, lossPct)
+	if err := nftLoad(r.ctx, ns, rules); err != nil {
+		return err
+	}
+	f()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return nftLoad(ctx, ns, "delete table ip nvloss\n")
 }
 
-// iperf runs iperf3 from p.ns to p.addr and returns the received rate in Mbit/s.
-// "up" is client → target; reverse (-R) is target → client.
-func (r *runner) iperf(p benchPath, secs, streams int, reverse bool) (float64, error) {
-	if p.socksOnly {
-		return 0, errNA
+// iperfMeasure runs iperf3 along p and returns Mbit/s. For the single
+// stream runs without loss it also charges each role's CPU time to the
+// bytes moved, and for the upload it records the drop counters.
+func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss bool) (float64, error) {
+	detail := streams == 1 && !loss
+	dir := "up"
+	if reverse {
+		dir = "down"
 	}
+	var roles []role
+	if detail && p.roles != nil {
+		roles = p.roles()
+	}
+	// Drop counters for the tunnels (raw has no roles and no tunnel).
+	drops := detail && !reverse && p.roles != nil
+	var before dropSnap
+	if drops {
+		before = r.dropSnapshot(p)
+	}
+	cpu0 := make([]time.Duration, len(roles))
+	cpuErr := make([]error, len(roles))
+	for i, ro := range roles {
+		cpu0[i], cpuErr[i] = procCPU(ro.p.PID())
+	}
+	run, err := r.iperf(p, secs, streams, reverse, loss)
+	if detail && len(roles) > 0 {
+		m := map[string]cell{}
+		for i, ro := range roles {
+			cpu1, err1 := procCPU(ro.p.PID())
+			switch {
+			case err != nil:
+				m[ro.name] = measured(0, err)
+			case cpuErr[i] != nil || err1 != nil:
+				m[ro.name] = measured(0, errors.Join(cpuErr[i], err1))
+			case run.Bytes == 0:
+				m[ro.name] = measured(0, errors.New("no bytes moved"))
+			default:
+				m[ro.name] = measured((cpu1-cpu0[i]).Seconds()/(float64(run.Bytes)/1e9), nil)
+			}
+		}
+		r.res.cpu[p.name+" "+dir] = m
+	}
+	if drops {
+		after := r.dropSnapshot(p)
+		rep := before.delta(after)
+		rep.retrans = measured(float64(run.Retransmits), err)
+		if err == nil && run.Retransmits < 0 {
+			rep.retrans = measured(0, errNA)
+		}
+		r.res.drops[p.name] = rep
+	}
+	if err != nil {
+		return 0, err
+	}
+	return run.Mbps, nil
+}
+
+// iperf runs iperf3 from p.ns to p.addr. "up" is client → target; reverse
+// (-R) is target → client.
+func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (iperfRun, error) {
 	args := []string{"iperf3", "-c", p.addr, "-p", strconv.Itoa(iperfPort), "-t", strconv.Itoa(secs),
 		"-P", strconv.Itoa(streams), "-J", "--connect-timeout", "5000"}
 	if reverse {
 		args = append(args, "-R")
 	}
 	var profiled sync.WaitGroup
-	if r.profileDir != "" && p.name == "direct" && streams == 1 && !reverse {
+	if r.profileDir != "" && p.name == "direct" && streams == 1 && !reverse && !loss {
 		for _, who := range []struct{ name, ns string }{{"client", r.lab.NS.Client}, {"agent", r.lab.NS.Agent}} {
 			profiled.Add(1)
 			go func() {
@@ -311,41 +495,152 @@ func (r *runner) iperf(p benchPath, secs, streams int, reverse bool) (float64, e
 	}
 	out, _, err := lab.Run(r.ctx, p.ns, args...)
 	profiled.Wait()
-	var res iperfResult
-	if jerr := json.Unmarshal(out, &res); jerr != nil {
-		if err != nil {
-			return 0, err
+	run, perr := parseIperf(out)
+	if perr != nil {
+		// iperf3 -J reports its own errors in the JSON; prefer that.
+		if err != nil && !strings.Contains(perr.Error(), "iperf3: ") {
+			return iperfRun{}, err
 		}
-		return 0, fmt.Errorf("parsing iperf3 -J: %v", jerr)
+		return iperfRun{}, perr
 	}
-	if res.Error != "" {
-		return 0, fmt.Errorf("iperf3: %s", res.Error)
-	}
-	if err != nil {
-		return 0, err
-	}
-	return res.End.SumReceived.BitsPerSecond / 1e6, nil
+	return run, err
 }
 
-var rttRE = regexp.MustCompile(`= ([0-9.]+)/([0-9.]+)/([0-9.]+)/([0-9.]+) ms`)
+// dropSnap is one reading of the drop counters: nlvpn status per role, and
+// the kernel's UDP counters per namespace.
+type dropSnap struct {
+	status    map[string]map[string]float64
+	statusErr map[string]error
+	udp       map[string]map[string]int64
+	udpErr    map[string]error
+}
 
-// pingAvg returns the average RTT in ms of ping -c 20 -i 0.2.
-func (r *runner) pingAvg(p benchPath) (float64, error) {
-	if p.socksOnly {
-		return 0, errNA
+// udpCountersShown are the kernel's UDP counters of packets the socket
+// layer dropped (receive buffer full; any receive error).
+var udpCountersShown = []string{"RcvbufErrors", "InErrors"}
+
+func (r *runner) dropSnapshot(p *benchPath) dropSnap {
+	l := r.lab
+	s := dropSnap{status: map[string]map[string]float64{}, statusErr: map[string]error{},
+		udp: map[string]map[string]int64{}, udpErr: map[string]error{}}
+	if p.nlvpn {
+		for _, who := range []struct{ role, ns, dir string }{
+			{"client", l.NS.Client, filepath.Join(r.dir, "client")},
+			{"agent", l.NS.Agent, filepath.Join(r.dir, "agent")},
+		} {
+			ctx, cancel := context.WithTimeout(r.ctx, 5*time.Second)
+			out, _, err := lab.Run(ctx, who.ns, r.nlvpn, "status", "--json", "--state-dir", who.dir)
+			cancel()
+			if err != nil {
+				// No status socket (yet) for this role.
+				s.statusErr[who.role] = fmt.Errorf("%w: %v", errNA, err)
+				continue
+			}
+			s.status[who.role], s.statusErr[who.role] = dropCounters(out)
+		}
 	}
+	for _, who := range []struct{ role, ns string }{{"client", l.NS.Client}, {"agent", l.NS.Agent}, {"gateway", l.NS.GW}} {
+		s.udp[who.role], s.udpErr[who.role] = udpCounters(r.ctx, who.ns)
+	}
+	return s
+}
+
+// delta turns two readings into a report of what changed between them.
+func (s dropSnap) delta(after dropSnap) *dropReport {
+	rep := &dropReport{status: map[string]statusDelta{}, udp: map[string]map[string]cell{}}
+	for role, a := range after.status {
+		b, ok := s.status[role]
+		if !ok {
+			rep.status[role] = statusDelta{err: fmt.Errorf("%w: no reading before the run", errNA)}
+			continue
+		}
+		rep.status[role] = statusDelta{deltas: counterDelta(b, a)}
+	}
+	for role, err := range after.statusErr {
+		if err != nil {
+			rep.status[role] = statusDelta{err: err}
+		}
+	}
+	for role, a := range after.udp {
+		m := map[string]cell{}
+		b := s.udp[role]
+		for _, name := range udpCountersShown {
+			err := errors.Join(s.udpErr[role], after.udpErr[role])
+			if err == nil && b == nil {
+				err = errors.New("no reading before the run")
+			}
+			m[name] = measured(float64(a[name]-b[name]), err)
+		}
+		rep.udp[role] = m
+	}
+	return rep
+}
+
+// pingAvg returns the average RTT in ms of ping -c 20 -i 0.2 and keeps
+// the minimum for pingMin (the average of an idle ping includes waking
+// sleeping threads and CPUs, which a loaded VM makes slow and erratic).
+func (r *runner) pingAvg(p *benchPath) (float64, error) {
 	out, err := lab.Output(r.ctx, p.ns, "ping", "-c", "20", "-i", "0.2", "-W", "2", "-q", p.addr)
 	if err != nil {
 		return 0, err
 	}
-	m := rttRE.FindStringSubmatch(out)
-	if m == nil {
-		return 0, fmt.Errorf("no RTT in ping output: %q", out)
+	lo, avg, err := parsePing(out)
+	if err != nil {
+		return 0, err
 	}
-	return strconv.ParseFloat(m[2], 64)
+	r.res.pingMin[p.name] = lo
+	return avg, nil
 }
 
-// dataPort is the HTTP data server's port on the LAN host and the gateway host.
+// pingMin returns the minimum RTT of the pingAvg run on p.
+func (r *runner) pingMin(p *benchPath) (float64, error) {
+	v, ok := r.res.pingMin[p.name]
+	if !ok {
+		return 0, errors.New("no ping run")
+	}
+	return v, nil
+}
+
+// benchSOCKS compares a curl download through the TUN client with the
+// same download through a netstack client's SOCKS5 proxy on the same nlvpn
+// path (direct if measured, else relay).
+func (r *runner) benchSOCKS(tunnelUp func() error, relayFlags []string) error {
+	l, res := r.lab, r.res
+	var flags []string
+	res.curlVia = "relay"
+	if r.supports("up", "--direct") && (r.only == nil || slices.Contains(r.only, "direct")) {
+		flags, res.curlVia = []string{"--direct"}, "direct"
+	} else {
+		flags = relayFlags
+	}
+	stop, err := serveData(l.NS.LAN, net.JoinHostPort(l.LANHost.String(), strconv.Itoa(dataPort)))
+	if err != nil {
+		return fmt.Errorf("data server in %s: %w", l.NS.LAN, err)
+	}
+	defer stop()
+	if r.client == nil || !r.client.Running() {
+		say("Starting gateway, agent and client (nlvpn up %s) for the SOCKS comparison.", strings.Join(flags, " "))
+		if err := r.startStack(false, tunnelUp, flags...); err != nil {
+			res.curl = measured(0, err)
+			return err
+		}
+	}
+	fmt.Printf("    measuring curl down %d MiB through the TUN client (%s) ... ", curlSize>>20, res.curlVia)
+	res.curl = measured(r.curlDown(l.NS.Client, l.LANHost.String(), nil))
+	fmt.Println(res.curl.format(1))
+	say("Replacing the TUN client with a netstack client (nlvpn up --netstack %s: SOCKS5 proxy on %s).", strings.Join(flags, " "), socksBenchAddr)
+	r.client.Stop()
+	if err := r.startNetstackClient(flags...); err != nil {
+		res.sock = measured(0, err)
+		return err
+	}
+	fmt.Printf("    measuring curl down %d MiB through the SOCKS5 proxy ... ", curlSize>>20)
+	res.sock = measured(r.curlDown(l.NS.Client, l.LANHost.String(), []string{"--socks5-hostname", socksBenchAddr}))
+	fmt.Println(res.sock.format(1))
+	return errors.Join(res.curl.err, res.sock.err)
+}
+
+// dataPort is the HTTP data server's port on the LAN host.
 const dataPort = 8000
 
 // socksBenchAddr is the netstack client's SOCKS5 proxy in the client namespace.
@@ -387,17 +682,18 @@ func serveData(ns, addr string) (stop func(), err error) {
 	return func() { srv.Close() }, nil
 }
 
-// curlDown downloads curlSize bytes along p with curl and returns MB/s
-// (10^6 bytes per second, as curl's speed_download).
-func (r *runner) curlDown(p benchPath) (float64, error) {
+// curlDown downloads curlSize bytes from addr's data server with curl
+// (extra flags: e.g. a proxy) and returns MB/s (10^6 bytes per second, as
+// curl's speed_download).
+func (r *runner) curlDown(ns, addr string, extra []string) (float64, error) {
 	args := []string{"env", "-u", "NO_PROXY", "-u", "no_proxy", "-u", "ALL_PROXY", "-u", "all_proxy", "-u", "http_proxy",
 		"curl", "-sS", "-f", "-o", "/dev/null", "--max-time", "120", "-w", "%{size_download} %{speed_download}"}
-	if len(p.curl) == 0 {
+	if len(extra) == 0 {
 		args = append(args, "--noproxy", "*")
 	}
-	args = append(args, p.curl...)
-	args = append(args, fmt.Sprintf("http://%s/data?size=%d", net.JoinHostPort(p.addr, strconv.Itoa(dataPort)), curlSize))
-	out, _, err := lab.Run(r.ctx, p.ns, args...)
+	args = append(args, extra...)
+	args = append(args, fmt.Sprintf("http://%s/data?size=%d", net.JoinHostPort(addr, strconv.Itoa(dataPort)), curlSize))
+	out, _, err := lab.Run(r.ctx, ns, args...)
 	if err != nil {
 		return 0, err
 	}

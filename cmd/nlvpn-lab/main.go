@@ -2,7 +2,7 @@
 // the namespace topology of package lab and runs nlvpn on it.
 //
 //	nlvpn-lab demo  --nlvpn bin/nlvpn   # show curl reaching a LAN host through the tunnel
-//	nlvpn-lab bench --nlvpn bin/nlvpn   # iperf3 and ping: tunnel vs raw path
+//	nlvpn-lab bench --nlvpn bin/nlvpn   # iperf3 and ping: nlvpn vs wireguard-go vs the raw path
 //
 // Everything it builds is torn down on exit, also on Ctrl-C.
 package main
@@ -27,10 +27,13 @@ func usage() {
 
 Usage:
   nlvpn-lab demo  [--nlvpn PATH] [--client-nat cone|symmetric|none] [--agent-nat ...]
-  nlvpn-lab bench [--nlvpn PATH] [--time SECONDS] [--trials N]
+  nlvpn-lab bench [--nlvpn PATH] [--wireguard-go PATH] [--time SECONDS] [--trials N]
+                  [--paths raw,wg,relay,direct,socks] [--profile DIR]
 
 Needs root (or CAP_NET_ADMIN+CAP_SYS_ADMIN), iproute2 and nftables; bench
-also needs iperf3 and ping, demo needs curl.
+also needs iperf3, ping, curl and, for its wireguard-go baseline, wg
+(wireguard-tools) and a wireguard-go binary (make bench builds one);
+demo needs curl.
 `)
 }
 
@@ -48,7 +51,8 @@ func main() {
 	trials := fs.Int("trials", 10, "bench: startup trials (time to first packet and to the direct path); 0 skips them")
 	verbose := fs.Bool("v", false, "print every command that builds the lab")
 	profile := fs.String("profile", "", "bench: write CPU profiles of client and agent, taken during the direct single-stream upload, into this directory")
-	only := fs.String("paths", "", "bench: comma-separated paths to measure (default: all)")
+	only := fs.String("paths", "", "bench: comma-separated paths to measure: raw (always), wg, relay, direct, socks (default: all)")
+	wgGo := fs.String("wireguard-go", "bin/wireguard-go", "bench: the wireguard-go binary for the baseline column (build: go build -o bin/wireguard-go golang.zx2c4.com/wireguard)")
 	switch cmd {
 	case "demo", "bench":
 	case "-h", "--help", "help":
@@ -114,7 +118,11 @@ func main() {
 		os.Exit(130)
 	}()
 
-	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile}
+	wgPath, err := filepath.Abs(*wgGo)
+	if err != nil {
+		fatal(err)
+	}
+	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile, wgGo: wgPath}
 	if *only != "" {
 		r.only = strings.Split(*only, ",")
 	}
@@ -159,7 +167,7 @@ func preflight(cmd string) error {
 	}
 	tools := []string{"curl"}
 	if cmd == "bench" {
-		tools = []string{"iperf3", "ping"}
+		tools = []string{"iperf3", "ping", "curl"}
 	}
 	for _, t := range tools {
 		if _, err := execLookPath(t); err != nil {

@@ -35,6 +35,9 @@ type runner struct {
 
 	profileDir string   // bench: where CPU profiles go ("" = none)
 	only       []string // bench: the paths to measure (nil = all)
+	wgGo       string   // bench: the wireguard-go binary (baseline)
+
+	res *benchResults // bench: what this run measured
 }
 
 // pprofAddr is where every nlvpn process serves pprof when the bench takes

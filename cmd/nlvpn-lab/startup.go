@@ -18,11 +18,11 @@ const probePort = 7070
 // from the moment `nlvpn up` is started: the first TCP handshake through
 // the tunnel to the LAN host, and the client reporting path "direct" in
 // `nlvpn status --json`. It needs a running stack (gateway, agent).
-func (r *runner) startupTrials(n int) error {
+func (r *runner) startupTrials(n int) (*startupResult, error) {
 	l := r.lab
 	ln, err := lab.Listen(l.NS.LAN, "tcp4", fmt.Sprintf("%s:%d", l.LANHost, probePort))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer ln.Close()
 	go func() {
@@ -36,10 +36,10 @@ func (r *runner) startupTrials(n int) error {
 	}()
 	target := fmt.Sprintf("%s:%d", l.LANHost, probePort)
 	say("Startup: %d trials of `nlvpn up` (default mode), timing the first TCP handshake to %s and the switch to the direct path.", n, target)
-	var first, direct []time.Duration
+	res := &startupResult{n: n}
 	for i := 1; i <= n; i++ {
 		if err := r.ctx.Err(); err != nil {
-			return err
+			return nil, err
 		}
 		if r.client != nil {
 			r.client.Stop()
@@ -49,7 +49,7 @@ func (r *runner) startupTrials(n int) error {
 		r.client, err = r.start(l.NS.Client, fmt.Sprintf("client-%d", r.clientN), "up", "--token", r.clientTok, "--gateway", r.gwAddr(),
 			"--agent", agentName, "--state-dir", filepath.Join(r.dir, "client"), "--tun", tunName)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		// Two pollers, so the slower status call does not blur the first-packet time.
 		deadline := start.Add(30 * time.Second)
@@ -100,20 +100,16 @@ func (r *runner) startupTrials(n int) error {
 		<-done
 		fmt.Printf("    trial %2d: first packet %s, direct %s\n", i, fmtDur(tFirst), fmtDur(tDirect))
 		if tFirst > 0 {
-			first = append(first, tFirst)
+			res.first = append(res.first, tFirst)
 		}
 		if tDirect > 0 {
-			direct = append(direct, tDirect)
+			res.direct = append(res.direct, tDirect)
 		}
 	}
-	fmt.Println()
-	fmt.Printf("    %-34s %10s %10s %8s\n", "from `nlvpn up` to", "median", "max", "trials")
-	fmt.Printf("    %-34s %10s %10s %5d/%d\n", "first TCP handshake through tunnel", fmtDur(median(first)), fmtDur(maxDur(first)), len(first), n)
-	fmt.Printf("    %-34s %10s %10s %5d/%d\n", "path reported \"direct\"", fmtDur(median(direct)), fmtDur(maxDur(direct)), len(direct), n)
-	if len(first) < n {
-		return fmt.Errorf("%d of %d trials never passed traffic", n-len(first), n)
+	if len(res.first) < n {
+		return res, fmt.Errorf("%d of %d trials never passed traffic", n-len(res.first), n)
 	}
-	return nil
+	return res, nil
 }
 
 // clientPath returns the running client's "path" from `nlvpn status --json`.

@@ -1,0 +1,309 @@
+package main
+
+import (
+	"errors"
+	"maps"
+	"os"
+	"testing"
+	"time"
+)
+
+// A trimmed `iperf3 -c ... -R -J` report (iperf 3.12): the rate and bytes
+// are the receiver's, the retransmits the sender's.
+const iperfReverse = `{"start":{"test_start":{"protocol":"TCP","num_streams":2,"reverse":1}},
+ "intervals":[],
+ "end":{"streams":[],
+  "sum_sent":{"start":0,"end":1.000371,"seconds":1.000371,"bytes":1749811200,"bits_per_second":13993298086.409943,"retransmits":17,"sender":false},
+  "sum_received":{"start":0,"end":1.000311,"seconds":1.000311,"bytes":1742209024,"bits_per_second":13933338923.594763,"sender":false},
+  "cpu_utilization_percent":{}}}`
+
+func TestParseIperf(t *testing.T) {
+	tests := []struct {
+		name    string
+		in      string
+		want    iperfRun
+		wantErr bool
+	}{
+		{"reverse run", iperfReverse, iperfRun{Mbps: 13933.338923594763, Bytes: 1742209024, Retransmits: 17}, false},
+		{"no retransmits field", `{"end":{"sum_sent":{},"sum_received":{"bytes":1000,"bits_per_second":8000}}}`,
+			iperfRun{Mbps: 0.008, Bytes: 1000, Retransmits: -1}, false},
+		{"iperf3 error", `{"start":{},"end":{},"error":"unable to connect to server: Connection refused"}`, iperfRun{}, true},
+		{"no end", `{"start":{}}`, iperfRun{}, true},
+		{"no sum_received", `{"end":{"sum_sent":{"bytes":5}}}`, iperfRun{}, true},
+		{"negative bytes", `{"end":{"sum_received":{"bytes":-1,"bits_per_second":1}}}`, iperfRun{}, true},
+		{"not JSON", `iperf3: error - unable to connect`, iperfRun{}, true},
+		{"empty", ``, iperfRun{}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseIperf([]byte(tt.in))
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("err = %v, wantErr %v", err, tt.wantErr)
+			}
+			if got != tt.want {
+				t.Errorf("got %+v, want %+v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestParseProcStatCPU(t *testing.T) {
+	// Fields 14 and 15 (utime, stime) are 250 and 120 ticks here.
+	const tail = " S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 120 0 0 20 0 12 0 99999 1234567 890 18446744073709551615"
+	tests := []struct {
+		name    string
+		in      string
+		want    time.Duration
+		wantErr bool
+	}{
+		{"plain", "4242 (nlvpn)" + tail, 3700 * time.Millisecond, false},
+		{"name with spaces and parens", "4242 (a) b (c))" + tail, 3700 * time.Millisecond, false},
+		{"zero", "1 (x) R 0 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0", 0, false},
+		{"no parenthesis", "4242 nlvpn" + tail, 0, true},
+		{"truncated", "4242 (nlvpn) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250", 0, true},
+		{"utime not a number", "4242 (nlvpn) S 1 4242 4242 0 -1 4194560 1000 0 0 0 x 120", 0, true},
+		{"negative stime", "4242 (nlvpn) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 -120", 0, true},
+		{"absurd", "4242 (nlvpn) S 1 4242 4242 0 -1 4194560 1000 0 0 0 18446744073709551615 0", 0, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseProcStatCPU([]byte(tt.in))
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("err = %v, wantErr %v", err, tt.wantErr)
+			}
+			if got != tt.want {
+				t.Errorf("got %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestProcCPUSelf(t *testing.T) {
+	// Spin until our own counter moves (bounded in time): the reader sees
+	// a real /proc/PID/stat change, not a constant.
+	before, err := procCPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for x := 0; time.Now().Before(deadline); x++ {
+		if x%1_000_000 != 0 {
+			continue
+		}
+		after, err := procCPU(os.Getpid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if after-before >= 50*time.Millisecond {
+			return
+		}
+	}
+	t.Error("our CPU time did not grow by 50 ms in 10 s of spinning")
+}
+
+func TestParseProcStatusKB(t *testing.T) {
+	const status = "Name:\tnlvpn\nVmPeak:\t 1300000 kB\nVmHWM:\t   31744 kB\nVmRSS:\t   30000 kB\nThreads:\t12\n"
+	tests := []struct {
+		name, in, key string
+		want          int64
+		wantErr       bool
+	}{
+		{"VmHWM", status, "VmHWM", 31744, false},
+		{"VmRSS", status, "VmRSS", 30000, false},
+		{"prefix is not a match", status, "Vm", 0, true},
+		{"missing", "Name:\tx\n", "VmHWM", 0, true},
+		{"no unit", "VmHWM:\t31744\n", "VmHWM", 0, true},
+		{"not a number", "VmHWM:\tlots kB\n", "VmHWM", 0, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseProcStatusKB([]byte(tt.in), tt.key)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("err = %v, wantErr %v", err, tt.wantErr)
+			}
+			if got != tt.want {
+				t.Errorf("got %d, want %d", got, tt.want)
+			}
+		})
+	}
+}
+
+// From a 6.x kernel, trimmed to the lines that matter.
+const snmp = `Ip: Forwarding DefaultTTL InReceives
+Ip: 1 64 123
+Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+Udp: 904417 3 12 901234 11 0 0 0 0
+UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+UdpLite: 0 0 0 0 0 0 0 0 0
+`
+
+func TestParseSNMP(t *testing.T) {
+	tests := []struct {
+		name, in, proto string
+		want            map[string]int64
+		wantErr         bool
+	}{
+		{"Udp, not UdpLite", snmp, "Udp", map[string]int64{"InDatagrams": 904417, "NoPorts": 3, "InErrors": 12, "OutDatagrams": 901234,
+			"RcvbufErrors": 11, "SndbufErrors": 0, "InCsumErrors": 0, "IgnoredMulti": 0, "MemErrors": 0}, false},
+		{"UdpLite", snmp, "UdpLite", map[string]int64{"InDatagrams": 0, "NoPorts": 0, "InErrors": 0, "OutDatagrams": 0,
+			"RcvbufErrors": 0, "SndbufErrors": 0, "InCsumErrors": 0, "IgnoredMulti": 0, "MemErrors": 0}, false},
+		{"negative (Tcp MaxConn)", "Tcp: RtoAlgorithm MaxConn\nTcp: 1 -1\n", "Tcp", map[string]int64{"RtoAlgorithm": 1, "MaxConn": -1}, false},
+		{"missing protocol", snmp, "Tcp", nil, true},
+		{"names only", "Udp: InDatagrams NoPorts\n", "Udp", nil, true},
+		{"count mismatch", "Udp: InDatagrams NoPorts\nUdp: 1\n", "Udp", nil, true},
+		{"not a number", "Udp: InDatagrams\nUdp: many\n", "Udp", nil, true},
+		{"empty lines", "Udp:\nUdp:\n", "Udp", nil, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseSNMP([]byte(tt.in), tt.proto)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("err = %v, wantErr %v", err, tt.wantErr)
+			}
+			if !maps.Equal(got, tt.want) {
+				t.Errorf("got %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestDropCounters(t *testing.T) {
+	tests := []struct {
+		name    string
+		in      string
+		want    map[string]float64
+		wantErr bool
+	}{
+		{"client status",
+			`{"agent":"miranda","path":"direct","rtt_ms":0.4,"tx_bytes":99,"drops_queue_full":3,"quic_packets_sent":10,"quic_packets_lost":2,"drops_tun_write":0}`,
+			map[string]float64{"drops_queue_full": 3, "quic_packets_lost": 2, "drops_tun_write": 0}, false},
+		{"drops map and nesting",
+			`{"drops":{"gvisor_nic":5,"socket":0},"session":{"Lost":1,"sent":9},"note":"dropped","dropped_list":[1,2]}`,
+			map[string]float64{"drops.gvisor_nic": 5, "drops.socket": 0, "session.Lost": 1}, false},
+		{"nothing matches", `{"path":"relay","tx_bytes":1}`, map[string]float64{}, false},
+		{"not an object", `[{"drops":1}]`, nil, true},
+		{"not JSON", `no running tunnel found`, nil, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := dropCounters([]byte(tt.in))
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("err = %v, wantErr %v", err, tt.wantErr)
+			}
+			if !maps.Equal(got, tt.want) {
+				t.Errorf("got %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestCounterDelta(t *testing.T) {
+	got := counterDelta(map[string]float64{"b": 5, "gone": 7}, map[string]float64{"b": 8, "a": 2})
+	want := []namedValue{{"a", 2}, {"b", 3}}
+	if len(got) != len(want) || got[0] != want[0] || got[1] != want[1] {
+		t.Errorf("got %v, want %v", got, want)
+	}
+}
+
+func FuzzParseIperf(f *testing.F) {
+	f.Add([]byte(iperfReverse))
+	f.Add([]byte(`{"end":{"sum_received":{"bytes":1,"bits_per_second":8}}}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := parseIperf(b)
+		if err == nil && (r.Bytes < 0 || r.Mbps < 0) {
+			t.Fatalf("accepted a negative result: %+v", r)
+		}
+	})
+}
+
+func FuzzParseProcStatCPU(f *testing.F) {
+	f.Add([]byte("4242 (a b) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 120 0 0 20 0 12 0"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if d, err := parseProcStatCPU(b); err == nil && d < 0 {
+			t.Fatalf("negative CPU time %v", d)
+		}
+	})
+}
+
+func FuzzParseSNMP(f *testing.F) {
+	f.Add([]byte(snmp), "Udp")
+	f.Fuzz(func(t *testing.T, b []byte, proto string) {
+		m, err := parseSNMP(b, proto)
+		if err == nil && len(m) == 0 {
+			t.Fatal("no error and no counters")
+		}
+	})
+}
+
+func FuzzDropCounters(f *testing.F) {
+	f.Add([]byte(`{"drops":{"x":1},"quic_packets_lost":2}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		dropCounters(b)
+	})
+}
+
+func TestDropSnapDelta(t *testing.T) {
+	before := dropSnap{
+		status:    map[string]map[string]float64{"client": {"drops_inbound": 4, "quic_packets_lost": 10}},
+		statusErr: map[string]error{"client": nil, "agent": errNA},
+		udp:       map[string]map[string]int64{"client": {"RcvbufErrors": 7, "InErrors": 9}, "agent": {"RcvbufErrors": 0, "InErrors": 0}},
+		udpErr:    map[string]error{"client": nil, "agent": nil},
+	}
+	after := dropSnap{
+		status:    map[string]map[string]float64{"client": {"drops_inbound": 4, "quic_packets_lost": 25}, "agent": {"drops.gvisor": 3}},
+		statusErr: map[string]error{"client": nil, "agent": nil},
+		udp:       map[string]map[string]int64{"client": {"RcvbufErrors": 12, "InErrors": 9}, "agent": {"RcvbufErrors": 1, "InErrors": 2}},
+		udpErr:    map[string]error{"client": nil, "agent": nil},
+	}
+	rep := before.delta(after)
+	if got, want := rep.status["client"].deltas, []namedValue{{"drops_inbound", 0}, {"quic_packets_lost", 15}}; len(got) != 2 || got[0] != want[0] || got[1] != want[1] {
+		t.Errorf("client status delta = %v, want %v", got, want)
+	}
+	// The agent had no reading before the run: no delta, and not a failure.
+	if sd := rep.status["agent"]; sd.deltas != nil || !errors.Is(sd.err, errNA) {
+		t.Errorf("agent status = %+v, want n/a", sd)
+	}
+	for role, want := range map[string][2]float64{"client": {5, 0}, "agent": {1, 2}} {
+		got := rep.udp[role]
+		if !got["RcvbufErrors"].good() || got["RcvbufErrors"].v != want[0] || !got["InErrors"].good() || got["InErrors"].v != want[1] {
+			t.Errorf("%s UDP = %+v, want RcvbufErrors %v InErrors %v", role, got, want[0], want[1])
+		}
+	}
+	// A failed reading shows as an error, not as a zero.
+	after.udpErr["agent"] = errors.New("netns gone")
+	if c := before.delta(after).udp["agent"]["InErrors"]; c.good() {
+		t.Errorf("UDP delta after a failed reading = %+v, want an error", c)
+	}
+}
+
+func TestParsePing(t *testing.T) {
+	const ok = `PING 192.168.77.10 (192.168.77.10) 56(84) bytes of data.
+
+--- 192.168.77.10 ping statistics ---
+20 packets transmitted, 20 received, 0% packet loss, time 3805ms
+rtt min/avg/max/mdev = 0.488/4.000/45.367/10.036 ms
+`
+	tests := []struct {
+		name    string
+		in      string
+		lo, avg float64
+		wantErr bool
+	}{
+		{"summary", ok, 0.488, 4.0, false},
+		{"all lost", "20 packets transmitted, 0 received, 100% packet loss, time 3805ms\n", 0, 0, true},
+		{"min above avg", "rtt min/avg/max/mdev = 5.0/4.0/6.0/0.1 ms\n", 0, 0, true},
+		{"malformed number", "rtt min/avg/max/mdev = 1.2.3/4.0/6.0/0.1 ms\n", 0, 0, true},
+		{"empty", "", 0, 0, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			lo, avg, err := parsePing(tt.in)
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("err = %v, wantErr %v", err, tt.wantErr)
+			}
+			if lo != tt.lo || avg != tt.avg {
+				t.Errorf("got min %v avg %v, want %v %v", lo, avg, tt.lo, tt.avg)
+			}
+		})
+	}
+}
