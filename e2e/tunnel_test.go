@@ -271,6 +271,20 @@ func echoOnce(ctx context.Context, ns, target string, data []byte) error {
 // relayCiphertextOnly captures UDP in the gateway namespace during a
 // transfer each way and checks no plaintext appears in the capture.
 func relayCiphertextOnly(t *testing.T, e *env) {
+	// The relay under test forwards frames as UDP datagrams through the
+	// gateway's port: the capture must see that relay, not the fallback.
+	e.waitFor(t, 10*time.Second, "relay frames as UDP", func() error {
+		if !e.relayUDP(t) {
+			return fmt.Errorf("relay frames still ride the gateway connection")
+		}
+		return nil
+	})
+	udpBefore := e.relayStats(t).UDPFrames
+	defer func() {
+		if n := e.relayStats(t).UDPFrames - udpBefore; n < 2*(2<<20)/1500 {
+			t.Errorf("the relay forwarded only %d UDP frames during the capture's transfers", n)
+		}
+	}()
 	const marker = "NLVPN-PLAINTEXT-MARKER-7f3c9a1e5b2d4c6e"
 	const size = 2 << 20
 	const downSeed, upSeed = 31, 32
