@@ -436,10 +436,15 @@ func (c *Client) send(pkt []byte) {
 
 // readTUN carries the machine's packets into the current session.
 func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
+	// With offloads the device reads a whole TSO segment into a buffer of
+	// its own and splits it into MTU-sized packets in ours, so only the
+	// first buffer (which takes a packet when there is nothing to split)
+	// needs room for the largest packet.
 	n := dev.BatchSize()
 	bufs := make([][]byte, n)
-	for i := range bufs {
-		bufs[i] = make([]byte, tun.Offset+65536)
+	bufs[0] = make([]byte, tun.Offset+65535)
+	for i := 1; i < n; i++ {
+		bufs[i] = make([]byte, tun.Offset+2048)
 	}
 	sizes := make([]int, n)
 	for ctx.Err() == nil {

@@ -6,9 +6,15 @@ import (
 	"sync/atomic"
 )
 
-// coalesceCap is the capacity of each write buffer: room for the kernel-side
-// GRO to merge about a dozen TCP segments into the first one of a batch.
-const coalesceCap = Offset + 16<<10
+// Write buffers come in two sizes. A packet that carries data may become
+// the first of a run of TCP segments that the device coalesces (GRO), so
+// its buffer has room for about a dozen more; a small one (a pure ACK, a
+// DNS answer) is never merged into, and a big buffer for it would only
+// hold memory while it waits.
+const (
+	coalesceCap = Offset + 16<<10
+	smallCap    = Offset + 576
+)
 
 // BatchWriter collects packets from the tunnel and writes them to the
 // device in batches. One write per batch instead of per packet, and TCP
@@ -17,21 +23,36 @@ const coalesceCap = Offset + 16<<10
 type BatchWriter struct {
 	dev   *Device
 	ch    chan []byte
-	pool  sync.Pool
+	big   sync.Pool
+	small sync.Pool
 	drops atomic.Uint64
 }
 
 // NewBatchWriter returns a writer with room for queue packets in flight.
 func (d *Device) NewBatchWriter(queue int) *BatchWriter {
 	w := &BatchWriter{dev: d, ch: make(chan []byte, queue)}
-	w.pool.New = func() any { return make([]byte, 0, coalesceCap) }
+	w.big.New = func() any { return make([]byte, 0, coalesceCap) }
+	w.small.New = func() any { return make([]byte, 0, smallCap) }
 	return w
+}
+
+func (w *BatchWriter) put(b []byte) {
+	if cap(b) >= coalesceCap {
+		w.big.Put(b[:0])
+	} else if cap(b) == smallCap {
+		w.small.Put(b[:0])
+	}
 }
 
 // Write queues a copy of pkt. It never blocks: a full queue drops the
 // packet, counted, as a full NIC ring would.
 func (w *BatchWriter) Write(pkt []byte) {
-	b := w.pool.Get().([]byte)
+	var b []byte
+	if Offset+len(pkt) <= smallCap && len(pkt) < 512 {
+		b = w.small.Get().([]byte)
+	} else {
+		b = w.big.Get().([]byte)
+	}
 	if cap(b) < Offset+len(pkt) {
 		b = make([]byte, 0, Offset+len(pkt))
 	}
@@ -41,7 +62,7 @@ func (w *BatchWriter) Write(pkt []byte) {
 	case w.ch <- b:
 	default:
 		w.drops.Add(1)
-		w.pool.Put(b[:0])
+		w.put(b)
 	}
 }
 
@@ -73,7 +94,7 @@ func (w *BatchWriter) Run(ctx context.Context) error {
 		}
 		_, err := w.dev.Write(bufs)
 		for _, b := range bufs {
-			w.pool.Put(b[:0])
+			w.put(b)
 		}
 		if err != nil && ctx.Err() == nil {
 			// A packet the kernel refused (e.g. malformed) must not stop the

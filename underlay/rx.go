@@ -16,12 +16,13 @@ import (
 // Receive sizes: a read takes up to rxBatch messages (each a datagram or,
 // with GRO, a train of them); rxBuffers bounds the receive buffers in use,
 // those the reader holds and those whose packets wait in the sessions'
-// queue. With GRO a buffer is 64 KiB, so that is at most 6 MiB; when all
-// are in use the reader waits and the kernel's socket buffer absorbs the
-// burst, as it would for any slow reader.
+// queue. With GRO a buffer is 64 KiB, so that is at most 4 MiB, made as
+// traffic needs them; when all are in use the reader waits and the
+// kernel's socket buffer absorbs the burst, as it would for any slow
+// reader.
 const (
 	rxBatch   = 8
-	rxBuffers = 96
+	rxBuffers = 64
 )
 
 // rxBuf is one receive buffer. The reader holds one reference while it
@@ -43,29 +44,37 @@ func (r *rxBuf) Release() {
 	}
 }
 
-// rxPool is a bounded pool of receive buffers of one size.
+// rxPool is a bounded pool of receive buffers of one size, made on demand.
 type rxPool struct {
 	size int
 	free chan *rxBuf // buffers made and not in use; its capacity is the bound
+	made atomic.Int32
 }
 
 func newRxPool(size, n int) *rxPool {
-	p := &rxPool{size: size, free: make(chan *rxBuf, n)}
-	for i := 0; i < n; i++ {
-		p.free <- &rxBuf{b: make([]byte, size), pool: p}
-	}
-	return p
+	return &rxPool{size: size, free: make(chan *rxBuf, n)}
 }
 
-// get waits for a free buffer, holding one reference.
+// get takes a free buffer, makes one while fewer than the bound exist, or
+// waits for one; it returns it holding one reference.
 func (p *rxPool) get(ctx context.Context) *rxBuf {
+	var r *rxBuf
 	select {
-	case r := <-p.free:
-		r.refs.Store(1)
-		return r
-	case <-ctx.Done():
-		return nil
+	case r = <-p.free:
+	default:
+		if p.made.Load() < int32(cap(p.free)) {
+			p.made.Add(1) // only the reader makes buffers
+			r = &rxBuf{b: make([]byte, p.size), pool: p}
+			break
+		}
+		select {
+		case r = <-p.free:
+		case <-ctx.Done():
+			return nil
+		}
 	}
+	r.refs.Store(1)
+	return r
 }
 
 func (p *rxPool) put(r *rxBuf) { p.free <- r }
