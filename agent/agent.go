@@ -86,14 +86,32 @@ func (a *Agent) inject(pkt []byte) {
 	}
 }
 
+// injectBatch bounds the packets runInject hands the netstack at once.
+const injectBatch = 64
+
+// runInject feeds the netstack whatever has queued, as one batch, so that
+// its GRO can merge a flow's consecutive TCP segments.
 func (a *Agent) runInject(ctx context.Context) {
+	batch := make([][]byte, 0, injectBatch)
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case b := <-a.in:
-			a.eg.Inject(b)
+			batch = append(batch, b)
 		}
+	more:
+		for len(batch) < injectBatch {
+			select {
+			case b := <-a.in:
+				batch = append(batch, b)
+			default:
+				break more
+			}
+		}
+		a.eg.Inject(batch...)
+		clear(batch)
+		batch = batch[:0]
 	}
 }
 
@@ -444,19 +462,30 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		"drops_queue_full", st2.DropQueueFull, "drops_netstack_queue", a.dropInFull.Load(), "quic_lost", qc.ConnectionStats().PacketsLost)
 }
 
-// toClient sends a packet from the egress stack to the client it is for.
-func (a *Agent) toClient(pkt []byte) {
-	_, dst, ok := packet.Addrs(pkt)
-	if !ok {
-		return
-	}
+// toClient sends packets from the egress stack to the clients they are for.
+// A batch is mostly one client's, so the lookup (in the published copy of
+// the client table: no lock) is made once per run of packets to the same
+// address.
+func (a *Agent) toClient(pkts [][]byte) {
+	var last netip.Addr
 	var cs *clientState
-	if m := a.clients.Load(); m != nil {
-		cs = (*m)[dst]
+	clients := a.clients.Load()
+	for _, pkt := range pkts {
+		_, dst, ok := packet.Addrs(pkt)
+		if !ok {
+			continue
+		}
+		if dst != last {
+			cs = nil
+			if clients != nil {
+				cs = (*clients)[dst]
+			}
+			last = dst
+		}
+		if cs == nil {
+			a.dropNoSession.Add(1)
+			continue
+		}
+		cs.sess.Send(pkt)
 	}
-	if cs == nil {
-		a.dropNoSession.Add(1)
-		return
-	}
-	cs.sess.Send(pkt)
 }

@@ -31,11 +31,15 @@ func (c *Client) startNetstack(ctx context.Context, w *wire.Welcome, info *wire.
 	nc := c.cfg.Netstack
 	px, err := netstack.NewProxy(netstack.ProxyConfig{
 		Addr: w.Overlay, MTU: session.TunMTU, DNS: netip.AddrPortFrom(info.Overlay, DNSPort), Logger: c.log,
-	}, c.send)
+	}, func(pkts [][]byte) {
+		for _, p := range pkts {
+			c.send(p)
+		}
+	})
 	if err != nil {
 		return nil, fmt.Errorf("start netstack: %w", err)
 	}
-	c.deliver = px.Inject
+	c.deliver = func(pkt []byte) { px.Inject(pkt) }
 	var lns []net.Listener
 	closeAll := func() {
 		for _, ln := range lns {

@@ -10,7 +10,7 @@ package netstack
 //	client IP packet ─ Inject ─ [ICMP echo? → host ping socket] ─ gVisor stack
 //	                                                              ├ TCP forwarder → net.Dial("tcp") + splice
 //	                                                              └ UDP forwarder → net.Dial("udp") + copy
-//	gVisor outbound packets / synthesized echo replies ─ out(pkt)
+//	gVisor outbound packets / synthesized echo replies ─ out(pkts)
 //
 // The TCP forwarder dials the real target before it completes the tunneled
 // handshake, so a refused port is a RST to the client, not a connection that
@@ -97,6 +97,7 @@ type EgressStats struct {
 	EchoTimeouts uint64 // forwarded echoes that got no reply in time
 	DialFailures uint64 // real TCP/UDP dials that failed
 	OutPackets   uint64 // packets passed to out
+	OutDropped   uint64 // packets of the stack's that never reached out: output queue full, or unwritable
 }
 
 // egressCounters are the Egress-only counters; Injected, Malformed and
@@ -173,15 +174,16 @@ func (e *Egress) CloseClient(addr netip.Addr) int {
 
 // NewEgress starts a stack.
 //
-// out is called with each IP packet the stack emits toward clients (its
-// destination is the client's overlay address): TCP and UDP from the stack,
-// and synthesized ICMP echo replies. Calls to out are serialized — never two
-// at once — and are made from the Egress's own goroutines (the output pump and
-// the ICMP echo workers), never from inside Inject, so out may block briefly
-// (backpressure) but must not call Close. out must not retain pkt after it
-// returns: the buffer is reused or released; copy it if it must outlive the
-// call. A packet passed to out is never longer than the MTU.
-func NewEgress(cfg EgressConfig, out func(pkt []byte)) (*Egress, error) {
+// out is called with batches of the IP packets the stack emits toward
+// clients (each one's destination is a client's overlay address): TCP and
+// UDP from the stack, and synthesized ICMP echo replies. A batch may mix
+// clients. Calls to out are serialized — never two at once — and are made
+// from the Egress's own goroutines (the output pump and the ICMP echo
+// workers), never from inside Inject, so out may block briefly
+// (backpressure) but must not call Close. out must not retain pkts or any
+// packet in it after it returns: the buffers are reused; copy what must
+// outlive the call. A packet passed to out is never longer than the MTU.
+func NewEgress(cfg EgressConfig, out func(pkts [][]byte)) (*Egress, error) {
 	if out == nil {
 		return nil, errors.New("netstack: NewEgress: out is nil")
 	}
@@ -247,11 +249,15 @@ func (e *Egress) setupNIC(s *stack.Stack) (string, tcpip.Error) {
 	return "", nil
 }
 
-// Inject hands the stack one raw IP packet (v4 or v6) received from a client.
-// It never blocks for long, never panics on garbage (malformed input is
-// dropped and counted), and does not retain pkt. It is safe for concurrent
-// use and may be called after Close (the packet is dropped).
-func (e *Egress) Inject(pkt []byte) { e.inject(pkt) }
+// Inject hands the stack raw IP packets (v4 or v6) received from clients,
+// best as a batch: consecutive in-order segments of one TCP flow in the
+// batch are merged before the stack sees them (GRO), so the stack handles
+// and acknowledges them as one. Every packet is delivered before Inject
+// returns. It never blocks for long, never panics on garbage (malformed
+// input, including a bad TCP or UDP checksum, is dropped and counted), and
+// does not retain pkts or any packet in it. It is safe for concurrent use
+// and may be called after Close (the packets are dropped).
+func (e *Egress) Inject(pkts ...[]byte) { e.inject(pkts) }
 
 // interceptEcho takes ICMP echo requests away from the stack (they are
 // answered by the host's ping sockets) and drops echoes it must not see.
@@ -287,6 +293,7 @@ func (e *Egress) Stats() EgressStats {
 		EchoTimeouts: e.c.echoTimeouts.Load(),
 		DialFailures: e.c.dialFailures.Load(),
 		OutPackets:   e.outPackets.Load(),
+		OutDropped:   e.outDropped(),
 	}
 }
 

@@ -97,17 +97,19 @@ func egNewTestNet(t *testing.T, cfg EgressConfig) *egTestNet {
 	})
 
 	var oversize atomic.Int64
-	eg, err := NewEgress(cfg, func(pkt []byte) {
-		if len(pkt) > cfg.MTU {
-			oversize.Add(1)
+	eg, err := NewEgress(cfg, func(pkts [][]byte) {
+		for _, pkt := range pkts {
+			if len(pkt) > cfg.MTU {
+				oversize.Add(1)
+			}
+			proto := ipv4.ProtocolNumber
+			if pkt[0]>>4 == 6 {
+				proto = ipv6.ProtocolNumber
+			}
+			pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(pkt)})
+			link.InjectInbound(proto, pb)
+			pb.DecRef()
 		}
-		proto := ipv4.ProtocolNumber
-		if pkt[0]>>4 == 6 {
-			proto = ipv6.ProtocolNumber
-		}
-		pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(pkt)})
-		link.InjectInbound(proto, pb)
-		pb.DecRef()
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -115,16 +117,29 @@ func egNewTestNet(t *testing.T, cfg EgressConfig) *egTestNet {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
+		// Hand the egress what the client stack wrote in batches, as the
+		// agent does: whatever is queued, up to a bound.
 		defer close(done)
+		var views []*buffer.View
+		var batch [][]byte
 		for {
-			pkt := link.ReadContext(ctx)
-			if pkt == nil {
-				return
+			for pkt := link.ReadContext(ctx); pkt != nil; pkt = link.Read() {
+				v := pkt.ToView()
+				pkt.DecRef()
+				views = append(views, v)
+				batch = append(batch, v.AsSlice())
+				if len(batch) == 64 {
+					break
+				}
 			}
-			v := pkt.ToView()
-			eg.Inject(v.AsSlice())
-			v.Release()
-			pkt.DecRef()
+			if len(batch) == 0 {
+				return // ctx ended
+			}
+			eg.Inject(batch...)
+			for _, v := range views {
+				v.Release()
+			}
+			views, batch = views[:0], batch[:0]
 		}
 	}()
 	t.Cleanup(func() {
@@ -525,10 +540,12 @@ func egNewCaptureEgress(t *testing.T, cfg EgressConfig) (*Egress, *egCapture) {
 	if cfg.Logger == nil {
 		cfg.Logger = egTestLogger(t)
 	}
-	eg, err := NewEgress(cfg, func(pkt []byte) {
-		select {
-		case cp.ch <- bytes.Clone(pkt):
-		default:
+	eg, err := NewEgress(cfg, func(pkts [][]byte) {
+		for _, pkt := range pkts {
+			select {
+			case cp.ch <- bytes.Clone(pkt):
+			default:
+			}
 		}
 	})
 	if err != nil {
@@ -732,7 +749,7 @@ func FuzzInject(f *testing.F) {
 			return nil, errors.New("fuzz: no dialing")
 		},
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-	}, func([]byte) {})
+	}, func([][]byte) {})
 	if err != nil {
 		f.Fatal(err)
 	}

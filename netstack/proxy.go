@@ -4,7 +4,7 @@ package netstack
 // address, used when the client cannot make a TUN device.
 //
 //	app ─ SOCKS5 / HTTP proxy (loopback) ─ Proxy.DialContext ─ gVisor stack (overlay addr)
-//	                                                              │ out(pkt)      ▲ Inject(pkt)
+//	                                                              │ out(pkts)     ▲ Inject(pkts)
 //	                                                              ▼               │
 //	                                                         peer session ─ agent (Egress)
 //
@@ -79,6 +79,7 @@ type ProxyStats struct {
 	Injected       uint64 // packets handed to Inject
 	Malformed      uint64 // injected packets dropped as not well-formed IP
 	OutPackets     uint64 // packets passed to out
+	OutDropped     uint64 // packets of the stack's that never reached out: output queue full, or unwritable
 	Accepted       uint64 // proxy connections accepted (SOCKS5 and HTTP)
 	Rejected       uint64 // connections closed at accept: MaxConns reached
 	ActiveConns    int64  // proxy connections being served now
@@ -119,12 +120,13 @@ type Proxy struct {
 	c proxyCounters
 }
 
-// NewProxy starts the client's stack. out receives each IP packet the stack
-// emits toward the agent. Calls to out are serialized and made from the
-// Proxy's own goroutine, never from inside Inject; out must not retain pkt
-// after it returns and must not call Close. A packet passed to out is never
-// longer than the MTU.
-func NewProxy(cfg ProxyConfig, out func(pkt []byte)) (*Proxy, error) {
+// NewProxy starts the client's stack. out receives batches of the IP
+// packets the stack emits toward the agent. Calls to out are serialized and
+// made from the Proxy's own goroutine, never from inside Inject; out must
+// not retain pkts or any packet in it after it returns (the buffers are
+// reused) and must not call Close. A packet passed to out is never longer
+// than the MTU.
+func NewProxy(cfg ProxyConfig, out func(pkts [][]byte)) (*Proxy, error) {
 	if out == nil {
 		return nil, errors.New("netstack: NewProxy: out is nil")
 	}
@@ -191,10 +193,11 @@ func proxyFullAddr(ap netip.AddrPort) (tcpip.FullAddress, tcpip.NetworkProtocolN
 	return tcpip.FullAddress{NIC: stackNIC, Addr: tcpip.AddrFromSlice(a.AsSlice()), Port: ap.Port()}, proxyNetProto(a)
 }
 
-// Inject hands the stack one raw IP packet received from the agent. It
-// copies pkt, never panics on garbage (malformed packets are dropped and
+// Inject hands the stack raw IP packets received from the agent, best as a
+// batch (see Egress.Inject: TCP segments are merged by GRO). It copies what
+// it keeps, never panics on garbage (malformed packets are dropped and
 // counted) and may be called concurrently and after Close.
-func (p *Proxy) Inject(pkt []byte) { p.inject(pkt) }
+func (p *Proxy) Inject(pkts ...[]byte) { p.inject(pkts) }
 
 // Stats returns a snapshot of the counters.
 func (p *Proxy) Stats() ProxyStats {
@@ -202,6 +205,7 @@ func (p *Proxy) Stats() ProxyStats {
 		Injected:       p.injected.Load(),
 		Malformed:      p.malformed.Load(),
 		OutPackets:     p.outPackets.Load(),
+		OutDropped:     p.outDropped(),
 		Accepted:       p.c.accepted.Load(),
 		Rejected:       p.c.rejected.Load(),
 		ActiveConns:    p.c.active.Load(),

@@ -120,9 +120,9 @@ func pxNewEnvLog(t *testing.T, auth *Credentials, log *slog.Logger) *pxEnv {
 	var p *Proxy
 	var pReady = make(chan struct{})
 	eg, err := NewEgress(EgressConfig{MTU: egTestMTU, Logger: log, Allow: func(netip.AddrPort, string) bool { return true }},
-		func(pkt []byte) {
+		func(pkts [][]byte) {
 			<-pReady
-			p.Inject(pkt)
+			p.Inject(pkts...)
 		})
 	if err != nil {
 		t.Fatal(err)
@@ -132,11 +132,13 @@ func pxNewEnvLog(t *testing.T, auth *Credentials, log *slog.Logger) *pxEnv {
 		MTU:    egTestMTU,
 		DNS:    netip.MustParseAddrPort(dpc.LocalAddr().String()),
 		Logger: log,
-	}, func(pkt []byte) {
-		if len(pkt) > egTestMTU {
-			t.Errorf("proxy emitted a %d-byte packet", len(pkt))
+	}, func(pkts [][]byte) {
+		for _, pkt := range pkts {
+			if len(pkt) > egTestMTU {
+				t.Errorf("proxy emitted a %d-byte packet", len(pkt))
+			}
 		}
-		eg.Inject(pkt)
+		eg.Inject(pkts...)
 	})
 	if err != nil {
 		eg.Close()
