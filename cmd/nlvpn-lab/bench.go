@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -493,7 +494,18 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 			}()
 		}
 	}
-	out, _, err := lab.Run(r.ctx, p.ns, args...)
+	var out []byte
+	var err error
+	for attempt := 0; ; attempt++ {
+		out, _, err = lab.Run(r.ctx, p.ns, args...)
+		// The server still winding down the last test (its control
+		// connection outlived a run under loss) says it is busy: wait and
+		// ask again, a few times.
+		if attempt >= 3 || !bytes.Contains(out, []byte("the server is busy")) || r.ctx.Err() != nil {
+			break
+		}
+		time.Sleep(2 * time.Second)
+	}
 	profiled.Wait()
 	run, perr := parseIperf(out)
 	if perr != nil {
