@@ -76,7 +76,16 @@ func startRelayRig(tb testing.TB) *relayRig {
 		}
 	}
 	r.b.SetReadDeadline(time.Time{})
-	r.cancel = func() { cancel(); <-done; tr.Close(); uc.Close(); r.a.Close(); r.b.Close(); pa.Close(); pb.Close() }
+	r.cancel = func() {
+		cancel()
+		<-done
+		tr.Close()
+		uc.Close()
+		r.a.Close()
+		r.b.Close()
+		pa.Close()
+		pb.Close()
+	}
 	tb.Cleanup(r.cancel)
 	return r
 }
