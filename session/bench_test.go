@@ -45,8 +45,8 @@ func benchPair(b *testing.B) (client, agent *Session) {
 func BenchmarkSessionRoundTrip(b *testing.B) {
 	client, agent := benchPair(b)
 	back := make(chan struct{}, 1)
-	go agent.Run(func(pkt []byte) { agent.Send(pkt) })
-	go client.Run(func([]byte) { back <- struct{}{} })
+	go agent.Run(func(pkt []byte) { agent.Send(pkt); ReleasePacket(pkt) })
+	go client.Run(func(pkt []byte) { ReleasePacket(pkt); back <- struct{}{} })
 	pkt := make([]byte, TunMTU)
 	b.SetBytes(int64(2 * len(pkt)))
 	b.ReportAllocs()
@@ -78,7 +78,8 @@ func BenchmarkSessionOneWay(b *testing.B) {
 			client, agent := benchPair(b)
 			var got atomic.Int64
 			wake := make(chan struct{}, 1)
-			go agent.Run(func([]byte) {
+			go agent.Run(func(pkt []byte) {
+				ReleasePacket(pkt)
 				got.Add(1)
 				select {
 				case wake <- struct{}{}:

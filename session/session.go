@@ -93,6 +93,8 @@ const SendQueueLen = 1024
 type Stats struct {
 	TxPackets, TxBytes, RxPackets, RxBytes uint64
 	DropQueueFull, DropTooLarge, DropSend  uint64
+	// DropRxTooLarge counts received datagrams over TunMTU.
+	DropRxTooLarge uint64
 }
 
 // Session is one established peer connection with its packet pump.
@@ -106,6 +108,7 @@ type Session struct {
 
 	txp, txb, rxp, rxb             atomic.Uint64
 	dropQueue, dropLarge, dropSend atomic.Uint64
+	dropRxLarge                    atomic.Uint64
 }
 
 // New wraps an established connection. Call Run to start the pump.
@@ -147,8 +150,14 @@ func (s *Session) Alive() bool {
 }
 
 // Run pumps packets until the connection ends: queued packets out as
-// datagrams, received datagrams to recv, which owns each one (quic-go
-// hands every datagram over in a buffer of its own).
+// datagrams, and every received datagram to recv.
+//
+// recv runs on the QUIC connection's own goroutine (quic-go's 128-deep
+// datagram queue and its copy are bypassed), so it must not block: hand the
+// packet on or drop it. It owns pkt, a pooled buffer: when done with it,
+// it gives it back with ReleasePacket (or lets it be collected). recv must
+// be safe for concurrent use: datagrams that arrived before Run are handed
+// to it from Run's goroutine while new ones already arrive.
 func (s *Session) Run(recv func(pkt []byte)) error {
 	defer close(s.done)
 	ctx := s.Conn.Context()
@@ -170,15 +179,23 @@ func (s *Session) Run(recv func(pkt []byte)) error {
 			}
 		}
 	}()
-	for {
-		b, err := s.Conn.ReceiveDatagram(ctx)
-		if err != nil {
-			return context.Cause(ctx)
+	deliver := func(b []byte) {
+		if len(b) > TunMTU {
+			// No peer of ours sends these (Send refuses them).
+			s.dropRxLarge.Add(1)
+			return
 		}
+		pkt := getPacket(len(b))
+		copy(pkt, b)
 		s.rxp.Add(1)
 		s.rxb.Add(uint64(len(b)))
-		recv(b)
+		recv(pkt)
 	}
+	for _, b := range s.Conn.SetDatagramHandler(deliver) {
+		deliver(b)
+	}
+	<-ctx.Done()
+	return context.Cause(ctx)
 }
 
 // Stats returns the session's counters.
@@ -186,5 +203,6 @@ func (s *Session) Stats() Stats {
 	return Stats{
 		TxPackets: s.txp.Load(), TxBytes: s.txb.Load(), RxPackets: s.rxp.Load(), RxBytes: s.rxb.Load(),
 		DropQueueFull: s.dropQueue.Load(), DropTooLarge: s.dropLarge.Load(), DropSend: s.dropSend.Load(),
+		DropRxTooLarge: s.dropRxLarge.Load(),
 	}
 }

@@ -158,9 +158,8 @@ func testPacket(seq uint32, dir byte) []byte {
 	return b
 }
 
-// pump sends packets [from, to) on s, keeping at most a window in flight so
-// the receiver's datagram queue (128 in quic-go) never overflows, and waits
-// until rx has them all.
+// pump sends packets [from, to) on s, keeping at most a window in flight,
+// and waits until rx has them all.
 func pump(t *testing.T, s *Session, rx *collector, from, to uint32, dir byte) {
 	t.Helper()
 	const window = 32
@@ -484,4 +483,97 @@ func TestSessionSurvivesPathSwitch(t *testing.T) {
 	// And datagrams still flow afterwards.
 	pump(t, cs, toAgent, seq, seq+50, 'c')
 	toAgent.verify(t, seq+50, 'c')
+}
+
+// TestSessionRecvOwnsPacket: recv may keep the packets Run hands it; later
+// packets never overwrite them (no buffer is reused until it is released).
+func TestSessionRecvOwnsPacket(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0005
+	cq, aq := p.connect(t, id)
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	var mu sync.Mutex
+	kept := map[uint32][]byte{}
+	rx := newCollector()
+	go as.Run(func(pkt []byte) {
+		mu.Lock()
+		kept[binary.BigEndian.Uint32(pkt)] = pkt // no copy
+		mu.Unlock()
+		rx.recv(pkt)
+	})
+	go cs.Run(func([]byte) {})
+	const n = 500
+	pump(t, cs, rx, 0, n, 'c')
+	mu.Lock()
+	defer mu.Unlock()
+	for seq := uint32(0); seq < n; seq++ {
+		if want := testPacket(seq, 'c'); string(kept[seq]) != string(want) {
+			t.Fatalf("kept packet %d was overwritten", seq)
+		}
+	}
+}
+
+// TestSessionDatagramsBeforeRun: datagrams that arrive before Run starts
+// (quic-go queues those) are delivered by Run, none lost.
+func TestSessionDatagramsBeforeRun(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0006
+	cq, aq := p.connect(t, id)
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	go cs.Run(func([]byte) {})
+	const n = 50 // within quic-go's queue for this case (128)
+	before := aq.ConnectionStats().PacketsReceived
+	for seq := uint32(0); seq < n; seq++ {
+		cs.Send(testPacket(seq*10, 'c')) // full size: one QUIC packet each
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for aq.ConnectionStats().PacketsReceived-before < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent's QUIC stack received %d packets of %d", aq.ConnectionStats().PacketsReceived-before, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	rx := newCollector()
+	go as.Run(rx.recv)
+	for rx.count() < n && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if rx.count() != n {
+		t.Fatalf("Run delivered %d of the %d datagrams that arrived before it", rx.count(), n)
+	}
+	for seq := uint32(0); seq < n; seq++ {
+		if string(rx.pkts[seq*10]) != string(testPacket(seq*10, 'c')) {
+			t.Fatalf("packet %d missing or corrupted", seq*10)
+		}
+	}
+}
+
+// TestSessionOversizeDatagramDropped: a datagram over the tunnel MTU (our
+// peer never sends one; Send refuses them) is dropped and counted, not
+// handed on.
+func TestSessionOversizeDatagramDropped(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0007
+	cq, aq := p.connect(t, id)
+	as := New(id, aq, quietLog())
+	rx := newCollector()
+	go as.Run(rx.recv)
+	if err := cq.SendDatagram(make([]byte, TunMTU+1)); err != nil {
+		t.Fatalf("raw SendDatagram: %v", err)
+	}
+	ok := testPacket(1, 'c')
+	if err := cq.SendDatagram(ok); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for as.Stats().DropRxTooLarge+uint64(rx.count()) < 2 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if st := as.Stats(); st.DropRxTooLarge != 1 || st.RxPackets != 1 || rx.count() != 1 {
+		t.Fatalf("stats %+v, delivered %d; want 1 dropped as too large and 1 delivered", st, rx.count())
+	}
+	rx.verify(t, 0, 'c')
+	if string(rx.pkts[1]) != string(ok) {
+		t.Fatal("the valid packet was not delivered intact")
+	}
 }

@@ -3169,6 +3169,19 @@ func (c *Conn) ReceiveDatagram(ctx context.Context) ([]byte, error) {
 	return c.datagramQueue.Receive(ctx)
 }
 
+// SetDatagramHandler makes fn receive every DATAGRAM that arrives from now on,
+// in place of the queue that ReceiveDatagram reads, which holds at most 128
+// datagrams and copies each one into a new allocation. fn is called on the
+// connection's goroutine, in the order the datagrams arrived: it must return
+// quickly and must not block, and b is valid only during the call (it points
+// into the received packet, whose buffer is reused), so fn copies what it keeps.
+// The datagrams queued before the call are returned, oldest first, for the
+// caller to handle; the first calls of fn may overlap with that.
+// A nil fn returns to queueing.
+func (c *Conn) SetDatagramHandler(fn func(b []byte)) (queued [][]byte) {
+	return c.datagramQueue.SetHandler(fn)
+}
+
 // LocalAddr returns the local address of the QUIC connection.
 func (c *Conn) LocalAddr() net.Addr { return c.conn.LocalAddr() }
 

@@ -3,6 +3,7 @@ package quic
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 
 	"github.com/quic-go/quic-go/internal/utils"
 	"github.com/quic-go/quic-go/internal/utils/ringbuffer"
@@ -24,6 +25,9 @@ type datagramQueue struct {
 	rcvMx    sync.Mutex
 	rcvQueue [][]byte
 	rcvd     chan struct{} // used to notify Receive that a new datagram was received
+
+	// handler, once set, receives every datagram instead of rcvQueue.
+	handler atomic.Pointer[func([]byte)]
 
 	closeErr error
 	closed   chan struct{}
@@ -104,11 +108,22 @@ func (h *datagramQueue) Pop() {
 
 // HandleDatagramFrame handles a received DATAGRAM frame.
 func (h *datagramQueue) HandleDatagramFrame(f *wire.DatagramFrame) {
-	data := make([]byte, len(f.Data))
-	copy(data, f.Data)
+	if hf := h.handler.Load(); hf != nil {
+		(*hf)(f.Data)
+		return
+	}
 	var queued bool
 	h.rcvMx.Lock()
+	// SetHandler may have run since the check above; it takes the queue
+	// under rcvMx, so a datagram queued now would never be read.
+	if hf := h.handler.Load(); hf != nil {
+		h.rcvMx.Unlock()
+		(*hf)(f.Data)
+		return
+	}
 	if len(h.rcvQueue) < maxDatagramRcvQueueLen {
+		data := make([]byte, len(f.Data))
+		copy(data, f.Data)
 		h.rcvQueue = append(h.rcvQueue, data)
 		queued = true
 		select {
@@ -130,6 +145,20 @@ func (h *datagramQueue) HandleDatagramFrame(f *wire.DatagramFrame) {
 			})
 		}
 	}
+}
+
+// SetHandler makes fn receive every datagram from now on, instead of the
+// queue, and returns what was queued before. A nil fn goes back to queueing.
+func (h *datagramQueue) SetHandler(fn func([]byte)) (queued [][]byte) {
+	h.rcvMx.Lock()
+	defer h.rcvMx.Unlock()
+	if fn == nil {
+		h.handler.Store(nil)
+		return nil
+	}
+	h.handler.Store(&fn)
+	queued, h.rcvQueue = h.rcvQueue, nil
+	return queued
 }
 
 // Receive gets a received DATAGRAM frame.

@@ -19,9 +19,9 @@ type DatagramFrame struct {
 	Data           []byte
 }
 
-func parseDatagramFrame(b []byte, typ FrameType, _ protocol.Version) (*DatagramFrame, int, error) {
+// parseDatagramFrame parses into f. f.Data points into b.
+func parseDatagramFrame(f *DatagramFrame, b []byte, typ FrameType, _ protocol.Version) (int, error) {
 	startLen := len(b)
-	f := &DatagramFrame{}
 	f.DataLenPresent = uint64(typ)&0x1 > 0
 
 	var length uint64
@@ -30,18 +30,17 @@ func parseDatagramFrame(b []byte, typ FrameType, _ protocol.Version) (*DatagramF
 		var l int
 		length, l, err = quicvarint.Parse(b)
 		if err != nil {
-			return nil, 0, replaceUnexpectedEOF(err)
+			return 0, replaceUnexpectedEOF(err)
 		}
 		b = b[l:]
 		if length > uint64(len(b)) {
-			return nil, 0, io.EOF
+			return 0, io.EOF
 		}
 	} else {
 		length = uint64(len(b))
 	}
-	f.Data = make([]byte, length)
-	copy(f.Data, b)
-	return f, startLen - len(b) + int(length), nil
+	f.Data = b[:length]
+	return startLen - len(b) + int(length), nil
 }
 
 func (f *DatagramFrame) Append(b []byte, _ protocol.Version) ([]byte, error) {
