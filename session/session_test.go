@@ -138,6 +138,12 @@ func (c *collector) recv(pkt []byte) {
 	c.pkts[seq] = append([]byte(nil), pkt...)
 }
 
+func (c *collector) has(seq uint32) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.pkts[seq] != nil
+}
+
 func (c *collector) count() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -483,6 +489,56 @@ func TestSessionSurvivesPathSwitch(t *testing.T) {
 	// And datagrams still flow afterwards.
 	pump(t, cs, toAgent, seq, seq+50, 'c')
 	toAgent.verify(t, seq+50, 'c')
+}
+
+// TestSessionSendQueueFull: when the connection cannot send (the path is
+// dead, so the congestion window stays full), Send neither blocks nor
+// queues without bound: beyond SendQueueLen waiting packets it drops and
+// counts. Once the path is back, packets flow again.
+func TestSessionSendQueueFull(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0004
+	cq, aq := p.connect(t, id)
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	rx := newCollector()
+	go as.Run(rx.recv)
+	go cs.Run(func([]byte) {})
+
+	p.clientRelay.drop.Store(true)
+	const attempts = 4 * SendQueueLen
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		pkt := make([]byte, TunMTU)
+		for i := 0; i < attempts; i++ {
+			cs.Send(pkt)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Send blocked on a connection that cannot send")
+	}
+	st := cs.Stats()
+	if st.TxPackets+st.DropQueueFull != attempts {
+		t.Fatalf("queued %d + dropped %d != %d attempts", st.TxPackets, st.DropQueueFull, attempts)
+	}
+	// The queue holds SendQueueLen; the few that left it went into the
+	// initial congestion window (and probes).
+	if st.DropQueueFull < attempts-2*SendQueueLen {
+		t.Fatalf("only %d of %d packets dropped on a full queue (%+v)", st.DropQueueFull, attempts, st)
+	}
+
+	// The path comes back: the backlog drains and new packets arrive.
+	p.clientRelay.drop.Store(false)
+	deadline := time.Now().Add(10 * time.Second)
+	for seq := uint32(1 << 20); !rx.has(seq - 1); seq++ {
+		if time.Now().After(deadline) {
+			t.Fatal("no packet arrived after the path came back")
+		}
+		cs.Send(testPacket(seq, 'c'))
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // TestSessionRecvOwnsPacket: recv may keep the packets Run hands it; later

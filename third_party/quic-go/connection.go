@@ -567,7 +567,7 @@ func (c *Conn) preSetup(r *pathReceiver) {
 
 	c.receivedPacketHandler = *ackhandler.NewReceivedPacketHandler(c.logger)
 
-	c.datagramQueue = newDatagramQueue(c.scheduleSending, c.logger, c.qlogger)
+	c.datagramQueue = newDatagramQueue(c.scheduleSending, c.config.DatagramSendQueueLen, c.logger, c.qlogger)
 	c.connState.Version = c.version
 }
 
@@ -2862,6 +2862,7 @@ func (c *Conn) registerPackedShortHeaderPacket(p shortHeaderPacket, ecn protocol
 		p.IsPathMTUProbePacket,
 		false,
 	)
+	releaseDatagramFrames(p.Frames)
 	c.connIDManager.SentPacket()
 }
 
@@ -2914,6 +2915,7 @@ func (c *Conn) sendPackedCoalescedPacket(packet *coalescedPacket, ecn protocol.E
 			p.IsPathMTUProbePacket,
 			false,
 		)
+		releaseDatagramFrames(p.Frames)
 	}
 	c.connIDManager.SentPacket()
 	if c.mtuDiscoverer != nil {
@@ -3142,23 +3144,38 @@ func (c *Conn) recordStreamPriorityUpdated(id protocol.StreamID, urgency int8, i
 // In addition, a datagram may be dropped before being sent out if the available packet size suddenly decreases.
 // If the payload is too large to be sent at the current time, a [DatagramTooLargeError] is returned.
 func (c *Conn) SendDatagram(p []byte) error {
+	return c.sendDatagram(p, true)
+}
+
+// TrySendDatagram is SendDatagram that never blocks: when
+// Config.DatagramSendQueueLen datagrams already wait to be sent, it returns
+// ErrDatagramQueueFull and p is not sent. Like SendDatagram it copies p, into
+// a buffer that is reused once the datagram has been packed, so p may be
+// reused at once and nothing is allocated per datagram.
+func (c *Conn) TrySendDatagram(p []byte) error {
+	return c.sendDatagram(p, false)
+}
+
+func (c *Conn) sendDatagram(p []byte, block bool) error {
 	if !c.supportsDatagrams() {
 		return errors.New("datagram support disabled")
 	}
 
-	f := &wire.DatagramFrame{DataLenPresent: true}
 	// The payload size estimate is conservative.
 	// Under many circumstances we could send a few more bytes.
 	maxDataLen := min(
-		f.MaxDataLen(c.peerParams.MaxDatagramFrameSize, c.version),
+		(&wire.DatagramFrame{DataLenPresent: true}).MaxDataLen(c.peerParams.MaxDatagramFrameSize, c.version),
 		protocol.ByteCount(c.maxPayloadSizeEstimate.Load()),
 	)
 	if protocol.ByteCount(len(p)) > maxDataLen {
 		return &DatagramTooLargeError{MaxDatagramPayloadSize: int64(maxDataLen)}
 	}
-	f.Data = make([]byte, len(p))
-	copy(f.Data, p)
-	return c.datagramQueue.Add(f)
+	f := getDatagramFrame(p)
+	if err := c.datagramQueue.Add(f, block); err != nil {
+		putDatagramFrame(f)
+		return err
+	}
+	return nil
 }
 
 // ReceiveDatagram gets a message received in a QUIC datagram, as specified in RFC 9221.

@@ -2,9 +2,12 @@ package quic
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 
+	"github.com/quic-go/quic-go/internal/ackhandler"
+	"github.com/quic-go/quic-go/internal/protocol"
 	"github.com/quic-go/quic-go/internal/utils"
 	"github.com/quic-go/quic-go/internal/utils/ringbuffer"
 	"github.com/quic-go/quic-go/internal/wire"
@@ -13,14 +16,50 @@ import (
 )
 
 const (
-	maxDatagramSendQueueLen = 32
-	maxDatagramRcvQueueLen  = 128
+	defaultDatagramSendQueueLen = 32
+	maxDatagramRcvQueueLen      = 128
 )
 
+// ErrDatagramQueueFull is returned by TrySendDatagram when the send queue is full.
+var ErrDatagramQueueFull = errors.New("DATAGRAM send queue full")
+
+// datagramFramePool holds DATAGRAM frames for sending. A frame goes back once
+// the packet carrying it has been packed and registered; nothing reads a
+// DATAGRAM frame's data after that, as it is never retransmitted.
+var datagramFramePool = sync.Pool{New: func() any {
+	return &wire.DatagramFrame{Data: make([]byte, 0, protocol.MaxPacketBufferSize)}
+}}
+
+func getDatagramFrame(p []byte) *wire.DatagramFrame {
+	f := datagramFramePool.Get().(*wire.DatagramFrame)
+	f.DataLenPresent = true
+	f.Data = append(f.Data[:0], p...)
+	return f
+}
+
+func putDatagramFrame(f *wire.DatagramFrame) {
+	if cap(f.Data) > protocol.MaxPacketBufferSize {
+		return // grown for an unusually large payload: let it go
+	}
+	f.Data = f.Data[:0]
+	datagramFramePool.Put(f)
+}
+
+// releaseDatagramFrames returns the DATAGRAM frames of a packet that has been
+// sent and registered to the pool.
+func releaseDatagramFrames(frames []ackhandler.Frame) {
+	for _, f := range frames {
+		if df, ok := f.Frame.(*wire.DatagramFrame); ok {
+			putDatagramFrame(df)
+		}
+	}
+}
+
 type datagramQueue struct {
-	sendMx    sync.Mutex
-	sendQueue ringbuffer.RingBuffer[*wire.DatagramFrame]
-	sent      chan struct{} // used to notify Add that a datagram was dequeued
+	sendMx       sync.Mutex
+	sendQueue    ringbuffer.RingBuffer[*wire.DatagramFrame]
+	sendQueueLen int
+	sent         chan struct{} // used to notify Add that a datagram was dequeued
 
 	rcvMx    sync.Mutex
 	rcvQueue [][]byte
@@ -38,21 +77,26 @@ type datagramQueue struct {
 	qlogger qlogwriter.Recorder
 }
 
-func newDatagramQueue(hasData func(), logger utils.Logger, qlogger qlogwriter.Recorder) *datagramQueue {
+func newDatagramQueue(hasData func(), sendQueueLen int, logger utils.Logger, qlogger qlogwriter.Recorder) *datagramQueue {
+	if sendQueueLen <= 0 {
+		sendQueueLen = defaultDatagramSendQueueLen
+	}
 	return &datagramQueue{
-		hasData: hasData,
-		rcvd:    make(chan struct{}, 1),
-		sent:    make(chan struct{}, 1),
-		closed:  make(chan struct{}),
-		logger:  logger,
-		qlogger: qlogger,
+		hasData:      hasData,
+		sendQueueLen: sendQueueLen,
+		rcvd:         make(chan struct{}, 1),
+		sent:         make(chan struct{}, 1),
+		closed:       make(chan struct{}),
+		logger:       logger,
+		qlogger:      qlogger,
 	}
 }
 
 // Add queues a new DATAGRAM frame for sending.
-// Up to 32 DATAGRAM frames will be queued.
-// Once that limit is reached, Add blocks until the queue size has reduced.
-func (h *datagramQueue) Add(f *wire.DatagramFrame) error {
+// Up to sendQueueLen DATAGRAM frames will be queued.
+// Once that limit is reached, Add blocks until the queue size has reduced,
+// or, if block is false, returns ErrDatagramQueueFull.
+func (h *datagramQueue) Add(f *wire.DatagramFrame, block bool) error {
 	h.sendMx.Lock()
 
 	for {
@@ -64,11 +108,15 @@ func (h *datagramQueue) Add(f *wire.DatagramFrame) error {
 		default:
 		}
 
-		if h.sendQueue.Len() < maxDatagramSendQueueLen {
+		if h.sendQueue.Len() < h.sendQueueLen {
 			h.sendQueue.PushBack(f)
 			h.sendMx.Unlock()
 			h.hasData()
 			return nil
+		}
+		if !block {
+			h.sendMx.Unlock()
+			return ErrDatagramQueueFull
 		}
 		select {
 		case <-h.sent: // drain any stale notification, so we don't wake up immediately below

@@ -190,6 +190,10 @@ type Config struct {
 	Allow0RTT bool
 	// Enable QUIC datagram support (RFC 9221).
 	EnableDatagrams bool
+	// DatagramSendQueueLen is how many DATAGRAM frames may wait to be sent.
+	// While that many wait, SendDatagram blocks and TrySendDatagram returns
+	// ErrDatagramQueueFull. 0 means 32.
+	DatagramSendQueueLen int
 	// Enable QUIC Stream Resets with Partial Delivery.
 	// See https://datatracker.ietf.org/doc/html/draft-ietf-quic-reliable-stream-reset-09.
 	EnableStreamResetPartialDelivery bool
