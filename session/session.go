@@ -38,8 +38,15 @@ func QUICConfig() *quic.Config {
 		MaxIncomingStreams:    1,
 		MaxIncomingUniStreams: -1,
 		DatagramSendQueueLen:  SendQueueLen,
+		MaxUnprocessedPackets: RecvQueueLen,
 	}
 }
+
+// RecvQueueLen bounds received packets waiting for the QUIC connection's
+// goroutine (quic-go's default is 256). quic-go's read loop moves packets
+// from the Conn to this queue as fast as they come, so this, not the Conn's
+// own queue, is what absorbs a burst while the connection is busy.
+const RecvQueueLen = 4096
 
 // ClientTLS is the dialing side's TLS: it presents key and accepts only an
 // agent that proves it holds agentKey.

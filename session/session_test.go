@@ -491,6 +491,46 @@ func TestSessionSurvivesPathSwitch(t *testing.T) {
 	toAgent.verify(t, seq+50, 'c')
 }
 
+// TestSessionBurstArrives: a burst far beyond quic-go's old 128-deep
+// DATAGRAM receive queue arrives whole when the receiver keeps up: the
+// sender keeps up to a full send queue in flight, and nothing may be lost
+// on the way or dropped by either session.
+func TestSessionBurstArrives(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0003
+	cq, aq := p.connect(t, id)
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	rx := newCollector()
+	go as.Run(func(pkt []byte) { rx.recv(pkt); ReleasePacket(pkt) })
+	go cs.Run(func([]byte) {})
+
+	const n = 4096
+	deadline := time.Now().Add(10 * time.Second)
+	for seq := uint32(0); seq < n; seq++ {
+		for int(seq)-rx.count() >= SendQueueLen {
+			if time.Now().After(deadline) {
+				t.Fatalf("stuck at packet %d: receiver has %d", seq, rx.count())
+			}
+			time.Sleep(50 * time.Microsecond)
+		}
+		if err := cs.Send(testPacket(seq, 'c')); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for rx.count() < n && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	cst, ast := cs.Stats(), as.Stats()
+	if rx.count() != n {
+		t.Fatalf("receiver got %d of %d packets; sender %+v, receiver %+v, QUIC packets lost %d",
+			rx.count(), n, cst, ast, cq.ConnectionStats().PacketsLost)
+	}
+	rx.verify(t, n, 'c')
+	if cst.TxPackets != n || cst.DropQueueFull+cst.DropSend != 0 || ast.RxPackets != n {
+		t.Fatalf("sender %+v, receiver %+v", cst, ast)
+	}
+}
+
 // TestSessionSendQueueFull: when the connection cannot send (the path is
 // dead, so the congestion window stays full), Send neither blocks nor
 // queues without bound: beyond SendQueueLen waiting packets it drops and

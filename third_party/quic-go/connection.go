@@ -555,7 +555,7 @@ func (c *Conn) preSetup(r *pathReceiver) {
 		c.perspective,
 	)
 	c.framer = newFramer(c.connFlowController)
-	c.receivedPackets.Init(r)
+	c.receivedPackets.Init(r, c.config.MaxUnprocessedPackets)
 	c.notifyReceivedPacket = make(chan struct{}, 1)
 	c.closeChan = make(chan struct{}, 1)
 	c.sendingScheduled = make(chan struct{}, 1)
@@ -2018,7 +2018,7 @@ func (c *Conn) handleFrame(
 // i.e. on the Transport that source is registered with.
 func (c *Conn) queuePacket(p receivedPacket, source *pathReceiver) {
 	// Discard packets once the amount of queued packets is larger than
-	// the channel size, protocol.MaxConnUnprocessedPackets
+	// Config.MaxUnprocessedPackets (default protocol.MaxConnUnprocessedPackets)
 	if !c.receivedPackets.Push(p, source) {
 		if c.qlogger != nil {
 			var datagramPayloadChecksum qlog.DatagramPayloadChecksum

@@ -194,6 +194,9 @@ type Config struct {
 	// While that many wait, SendDatagram blocks and TrySendDatagram returns
 	// ErrDatagramQueueFull. 0 means 32.
 	DatagramSendQueueLen int
+	// MaxUnprocessedPackets is how many received packets may wait for the
+	// connection's goroutine; more are dropped. 0 means 256.
+	MaxUnprocessedPackets int
 	// Enable QUIC Stream Resets with Partial Delivery.
 	// See https://datatracker.ietf.org/doc/html/draft-ietf-quic-reliable-stream-reset-09.
 	EnableStreamResetPartialDelivery bool

@@ -20,6 +20,7 @@ type sidePacket struct {
 // The side queue is only used by clients that probe or migrate to new paths.
 type receivedPacketQueue struct {
 	mx     sync.Mutex
+	limit  int // per queue
 	active *pathReceiver
 	main   ringbuffer.RingBuffer[receivedPacket]
 	side   ringbuffer.RingBuffer[sidePacket] // only allocated once a packet is received on a different Transport
@@ -27,9 +28,14 @@ type receivedPacketQueue struct {
 
 // Init initializes the queue.
 // The active pathReceiver is the one of the Transport that the connection was created on.
-func (q *receivedPacketQueue) Init(active *pathReceiver) {
+// Each of the two queues holds up to limit packets (0: MaxConnUnprocessedPackets).
+func (q *receivedPacketQueue) Init(active *pathReceiver, limit int) {
 	q.main.Init(8)
 	q.active = active
+	q.limit = limit
+	if q.limit <= 0 {
+		q.limit = protocol.MaxConnUnprocessedPackets
+	}
 }
 
 // Push queues a packet received by the pathReceiver source.
@@ -39,14 +45,14 @@ func (q *receivedPacketQueue) Push(p receivedPacket, source *pathReceiver) bool 
 	defer q.mx.Unlock()
 
 	if source == q.active {
-		if q.main.Len() >= protocol.MaxConnUnprocessedPackets {
+		if q.main.Len() >= q.limit {
 			return false
 		}
 		q.main.PushBack(p)
 		return true
 	}
 
-	if q.side.Len() >= protocol.MaxConnUnprocessedPackets {
+	if q.side.Len() >= q.limit {
 		return false
 	}
 	q.side.PushBack(sidePacket{receivedPacket: p, source: source})
