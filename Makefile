@@ -6,7 +6,7 @@ BIN     := bin
 # Every package except the end-to-end suite, which runs separately.
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e$$')
 
-.PHONY: all build deps demo test fmt-check vet unit e2e bench wireguard-go fuzz clean
+.PHONY: all build deps demo test fmt-check vet quic-go-check unit e2e bench wireguard-go fuzz clean
 
 all: build
 
@@ -22,7 +22,7 @@ deps:
 demo: deps build
 	$(BIN)/nlvpn-lab demo --nlvpn $(BIN)/nlvpn
 
-test: deps fmt-check vet unit e2e
+test: deps fmt-check vet quic-go-check unit e2e
 
 fmt-check:
 	@out="$$(gofmt -l .)"; \
@@ -30,6 +30,10 @@ fmt-check:
 
 vet:
 	$(GO) vet ./...
+
+# third_party/quic-go must be exactly the released module plus our patches.
+quic-go-check:
+	scripts/quic-go.sh --check
 
 unit:
 	$(GO) test -race -count=1 $(UNIT_PKGS)

@@ -25,3 +25,5 @@ require (
 )
 
 tool golang.zx2c4.com/wireguard
+
+replace github.com/quic-go/quic-go => ./third_party/quic-go

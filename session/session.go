@@ -37,8 +37,16 @@ func QUICConfig() *quic.Config {
 		// buffer streams nobody reads).
 		MaxIncomingStreams:    1,
 		MaxIncomingUniStreams: -1,
+		DatagramSendQueueLen:  SendQueueLen,
+		MaxUnprocessedPackets: RecvQueueLen,
 	}
 }
+
+// RecvQueueLen bounds received packets waiting for the QUIC connection's
+// goroutine (quic-go's default is 256). quic-go's read loop moves packets
+// from the Conn to this queue as fast as they come, so this, not the Conn's
+// own queue, is what absorbs a burst while the connection is busy.
+const RecvQueueLen = 4096
 
 // ClientTLS is the dialing side's TLS: it presents key and accepts only an
 // agent that proves it holds agentKey.
@@ -83,16 +91,17 @@ func PeerKeyOf(c *quic.Conn) (identity.PublicKey, error) {
 	return identity.KeyOf(c.ConnectionState().TLS)
 }
 
-// SendQueueLen bounds packets waiting for the QUIC connection. quic-go's
-// SendDatagram blocks when its own queue is full; the pump must never stall
-// on it, so packets beyond this are dropped and counted, as a full NIC
-// queue would.
+// SendQueueLen bounds packets waiting to be packed into QUIC packets (the
+// connection's DATAGRAM queue). The pump must never stall on it, so packets
+// beyond this are dropped and counted, as a full NIC queue would.
 const SendQueueLen = 1024
 
 // Stats counts a session's traffic.
 type Stats struct {
 	TxPackets, TxBytes, RxPackets, RxBytes uint64
 	DropQueueFull, DropTooLarge, DropSend  uint64
+	// DropRxTooLarge counts received datagrams over TunMTU.
+	DropRxTooLarge uint64
 }
 
 // Session is one established peer connection with its packet pump.
@@ -101,36 +110,42 @@ type Session struct {
 	Conn *quic.Conn
 	log  *slog.Logger
 
-	sendq chan []byte
-	done  chan struct{}
+	done chan struct{}
 
 	txp, txb, rxp, rxb             atomic.Uint64
 	dropQueue, dropLarge, dropSend atomic.Uint64
+	dropRxLarge                    atomic.Uint64
 }
 
 // New wraps an established connection. Call Run to start the pump.
 func New(id uint64, c *quic.Conn, log *slog.Logger) *Session {
-	return &Session{ID: id, Conn: c, log: log, sendq: make(chan []byte, SendQueueLen), done: make(chan struct{})}
+	return &Session{ID: id, Conn: c, log: log, done: make(chan struct{})}
 }
 
 // ErrTooLarge is returned by Send for a packet over TunMTU.
 var ErrTooLarge = errors.New("packet larger than the tunnel MTU")
 
-// Send queues one IP packet for the peer. It copies pkt and never blocks.
+// Send queues one IP packet for the peer. It copies pkt (into a buffer the
+// connection reuses: nothing is allocated) and never blocks: with
+// SendQueueLen packets already waiting, pkt is dropped and counted. It may
+// be called before Run and from several goroutines.
 func (s *Session) Send(pkt []byte) error {
 	if len(pkt) > TunMTU {
 		s.dropLarge.Add(1)
 		return ErrTooLarge
 	}
-	b := make([]byte, len(pkt))
-	copy(b, pkt)
-	select {
-	case s.sendq <- b:
-		return nil
-	default:
+	switch err := s.Conn.TrySendDatagram(pkt); {
+	case err == nil:
+		s.txp.Add(1)
+		s.txb.Add(uint64(len(pkt)))
+	case errors.Is(err, quic.ErrDatagramQueueFull):
 		s.dropQueue.Add(1)
-		return nil
+	default:
+		// The connection is closing (or the peer refused datagrams,
+		// which the handshake rules out).
+		s.dropSend.Add(1)
 	}
+	return nil
 }
 
 // Done is closed when the session has ended.
@@ -146,39 +161,34 @@ func (s *Session) Alive() bool {
 	}
 }
 
-// Run pumps packets until the connection ends: queued packets out as
-// datagrams, received datagrams to recv, which owns each one (quic-go
-// hands every datagram over in a buffer of its own).
+// Run delivers every received datagram to recv until the connection ends.
+//
+// recv runs on the QUIC connection's own goroutine (quic-go's 128-deep
+// datagram queue and its copy are bypassed), so it must not block: hand the
+// packet on or drop it. It owns pkt, a pooled buffer: when done with it,
+// it gives it back with ReleasePacket (or lets it be collected). recv must
+// be safe for concurrent use: datagrams that arrived before Run are handed
+// to it from Run's goroutine while new ones already arrive.
 func (s *Session) Run(recv func(pkt []byte)) error {
 	defer close(s.done)
 	ctx := s.Conn.Context()
-	go func() {
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case b := <-s.sendq:
-				if err := s.Conn.SendDatagram(b); err != nil {
-					s.dropSend.Add(1)
-					if ctx.Err() != nil {
-						return
-					}
-					continue
-				}
-				s.txp.Add(1)
-				s.txb.Add(uint64(len(b)))
-			}
+	deliver := func(b []byte) {
+		if len(b) > TunMTU {
+			// No peer of ours sends these (Send refuses them).
+			s.dropRxLarge.Add(1)
+			return
 		}
-	}()
-	for {
-		b, err := s.Conn.ReceiveDatagram(ctx)
-		if err != nil {
-			return context.Cause(ctx)
-		}
+		pkt := getPacket(len(b))
+		copy(pkt, b)
 		s.rxp.Add(1)
 		s.rxb.Add(uint64(len(b)))
-		recv(b)
+		recv(pkt)
 	}
+	for _, b := range s.Conn.SetDatagramHandler(deliver) {
+		deliver(b)
+	}
+	<-ctx.Done()
+	return context.Cause(ctx)
 }
 
 // Stats returns the session's counters.
@@ -186,5 +196,6 @@ func (s *Session) Stats() Stats {
 	return Stats{
 		TxPackets: s.txp.Load(), TxBytes: s.txb.Load(), RxPackets: s.rxp.Load(), RxBytes: s.rxb.Load(),
 		DropQueueFull: s.dropQueue.Load(), DropTooLarge: s.dropLarge.Load(), DropSend: s.dropSend.Load(),
+		DropRxTooLarge: s.dropRxLarge.Load(),
 	}
 }

@@ -23,11 +23,16 @@ type pipePath struct {
 	to      *Conn
 	packets atomic.Uint64
 	drop    atomic.Bool // a dead path: packets vanish
+	ring    *bufRing    // benchmarks: reuse buffers instead of allocating
 }
 
 func (p *pipePath) Send(id uint64, pkt []byte) error {
 	p.packets.Add(1)
 	if p.drop.Load() {
+		return nil
+	}
+	if p.ring != nil {
+		p.to.Deliver(id, p.ring.copyOf(pkt))
 		return nil
 	}
 	p.to.Deliver(id, append([]byte(nil), pkt...))
@@ -133,6 +138,12 @@ func (c *collector) recv(pkt []byte) {
 	c.pkts[seq] = append([]byte(nil), pkt...)
 }
 
+func (c *collector) has(seq uint32) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.pkts[seq] != nil
+}
+
 func (c *collector) count() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -153,9 +164,8 @@ func testPacket(seq uint32, dir byte) []byte {
 	return b
 }
 
-// pump sends packets [from, to) on s, keeping at most a window in flight so
-// the receiver's datagram queue (128 in quic-go) never overflows, and waits
-// until rx has them all.
+// pump sends packets [from, to) on s, keeping at most a window in flight,
+// and waits until rx has them all.
 func pump(t *testing.T, s *Session, rx *collector, from, to uint32, dir byte) {
 	t.Helper()
 	const window = 32
@@ -479,4 +489,187 @@ func TestSessionSurvivesPathSwitch(t *testing.T) {
 	// And datagrams still flow afterwards.
 	pump(t, cs, toAgent, seq, seq+50, 'c')
 	toAgent.verify(t, seq+50, 'c')
+}
+
+// TestSessionBurstArrives: a burst far beyond quic-go's old 128-deep
+// DATAGRAM receive queue arrives whole when the receiver keeps up: the
+// sender keeps up to a full send queue in flight, and nothing may be lost
+// on the way or dropped by either session.
+func TestSessionBurstArrives(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0003
+	cq, aq := p.connect(t, id)
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	rx := newCollector()
+	go as.Run(func(pkt []byte) { rx.recv(pkt); ReleasePacket(pkt) })
+	go cs.Run(func([]byte) {})
+
+	const n = 4096
+	deadline := time.Now().Add(10 * time.Second)
+	for seq := uint32(0); seq < n; seq++ {
+		for int(seq)-rx.count() >= SendQueueLen {
+			if time.Now().After(deadline) {
+				t.Fatalf("stuck at packet %d: receiver has %d", seq, rx.count())
+			}
+			time.Sleep(50 * time.Microsecond)
+		}
+		if err := cs.Send(testPacket(seq, 'c')); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for rx.count() < n && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	cst, ast := cs.Stats(), as.Stats()
+	if rx.count() != n {
+		t.Fatalf("receiver got %d of %d packets; sender %+v, receiver %+v, QUIC packets lost %d",
+			rx.count(), n, cst, ast, cq.ConnectionStats().PacketsLost)
+	}
+	rx.verify(t, n, 'c')
+	if cst.TxPackets != n || cst.DropQueueFull+cst.DropSend != 0 || ast.RxPackets != n {
+		t.Fatalf("sender %+v, receiver %+v", cst, ast)
+	}
+}
+
+// TestSessionSendQueueFull: when the connection cannot send (the path is
+// dead, so the congestion window stays full), Send neither blocks nor
+// queues without bound: beyond SendQueueLen waiting packets it drops and
+// counts. Once the path is back, packets flow again.
+func TestSessionSendQueueFull(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0004
+	cq, aq := p.connect(t, id)
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	rx := newCollector()
+	go as.Run(rx.recv)
+	go cs.Run(func([]byte) {})
+
+	p.clientRelay.drop.Store(true)
+	const attempts = 4 * SendQueueLen
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		pkt := make([]byte, TunMTU)
+		for i := 0; i < attempts; i++ {
+			cs.Send(pkt)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Send blocked on a connection that cannot send")
+	}
+	st := cs.Stats()
+	if st.TxPackets+st.DropQueueFull != attempts {
+		t.Fatalf("queued %d + dropped %d != %d attempts", st.TxPackets, st.DropQueueFull, attempts)
+	}
+	// The queue holds SendQueueLen; the few that left it went into the
+	// initial congestion window (and probes).
+	if st.DropQueueFull < attempts-2*SendQueueLen {
+		t.Fatalf("only %d of %d packets dropped on a full queue (%+v)", st.DropQueueFull, attempts, st)
+	}
+
+	// The path comes back: the backlog drains and new packets arrive.
+	p.clientRelay.drop.Store(false)
+	deadline := time.Now().Add(10 * time.Second)
+	for seq := uint32(1 << 20); !rx.has(seq - 1); seq++ {
+		if time.Now().After(deadline) {
+			t.Fatal("no packet arrived after the path came back")
+		}
+		cs.Send(testPacket(seq, 'c'))
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestSessionRecvOwnsPacket: recv may keep the packets Run hands it; later
+// packets never overwrite them (no buffer is reused until it is released).
+func TestSessionRecvOwnsPacket(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0005
+	cq, aq := p.connect(t, id)
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	var mu sync.Mutex
+	kept := map[uint32][]byte{}
+	rx := newCollector()
+	go as.Run(func(pkt []byte) {
+		mu.Lock()
+		kept[binary.BigEndian.Uint32(pkt)] = pkt // no copy
+		mu.Unlock()
+		rx.recv(pkt)
+	})
+	go cs.Run(func([]byte) {})
+	const n = 500
+	pump(t, cs, rx, 0, n, 'c')
+	mu.Lock()
+	defer mu.Unlock()
+	for seq := uint32(0); seq < n; seq++ {
+		if want := testPacket(seq, 'c'); string(kept[seq]) != string(want) {
+			t.Fatalf("kept packet %d was overwritten", seq)
+		}
+	}
+}
+
+// TestSessionDatagramsBeforeRun: datagrams that arrive before Run starts
+// (quic-go queues those) are delivered by Run, none lost.
+func TestSessionDatagramsBeforeRun(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0006
+	cq, aq := p.connect(t, id)
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	go cs.Run(func([]byte) {})
+	const n = 50 // within quic-go's queue for this case (128)
+	before := aq.ConnectionStats().PacketsReceived
+	for seq := uint32(0); seq < n; seq++ {
+		cs.Send(testPacket(seq*10, 'c')) // full size: one QUIC packet each
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for aq.ConnectionStats().PacketsReceived-before < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent's QUIC stack received %d packets of %d", aq.ConnectionStats().PacketsReceived-before, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	rx := newCollector()
+	go as.Run(rx.recv)
+	for rx.count() < n && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if rx.count() != n {
+		t.Fatalf("Run delivered %d of the %d datagrams that arrived before it", rx.count(), n)
+	}
+	for seq := uint32(0); seq < n; seq++ {
+		if string(rx.pkts[seq*10]) != string(testPacket(seq*10, 'c')) {
+			t.Fatalf("packet %d missing or corrupted", seq*10)
+		}
+	}
+}
+
+// TestSessionOversizeDatagramDropped: a datagram over the tunnel MTU (our
+// peer never sends one; Send refuses them) is dropped and counted, not
+// handed on.
+func TestSessionOversizeDatagramDropped(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0007
+	cq, aq := p.connect(t, id)
+	as := New(id, aq, quietLog())
+	rx := newCollector()
+	go as.Run(rx.recv)
+	if err := cq.SendDatagram(make([]byte, TunMTU+1)); err != nil {
+		t.Fatalf("raw SendDatagram: %v", err)
+	}
+	ok := testPacket(1, 'c')
+	if err := cq.SendDatagram(ok); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for as.Stats().DropRxTooLarge+uint64(rx.count()) < 2 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if st := as.Stats(); st.DropRxTooLarge != 1 || st.RxPackets != 1 || rx.count() != 1 {
+		t.Fatalf("stats %+v, delivered %d; want 1 dropped as too large and 1 delivered", st, rx.count())
+	}
+	rx.verify(t, 0, 'c')
+	if string(rx.pkts[1]) != string(ok) {
+		t.Fatal("the valid packet was not delivered intact")
+	}
 }

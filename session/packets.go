@@ -1,0 +1,22 @@
+package session
+
+import "sync"
+
+// A received packet lives in a pooled buffer of TunMTU bytes, so that
+// delivering one allocates nothing once the pool is warm.
+var packetPool = sync.Pool{New: func() any { return new([TunMTU]byte) }}
+
+// getPacket returns a pooled buffer of n ≤ TunMTU bytes.
+func getPacket(n int) []byte {
+	return packetPool.Get().(*[TunMTU]byte)[:n]
+}
+
+// ReleasePacket gives a packet that Run handed to its recv back for reuse.
+// Call it once, when nothing refers to pkt any more; a slice that did not
+// come from Run is ignored.
+func ReleasePacket(pkt []byte) {
+	if cap(pkt) != TunMTU {
+		return
+	}
+	packetPool.Put((*[TunMTU]byte)(pkt[:TunMTU]))
+}

@@ -1,0 +1,240 @@
+package quic
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+
+	"github.com/quic-go/quic-go/internal/ackhandler"
+	"github.com/quic-go/quic-go/internal/protocol"
+	"github.com/quic-go/quic-go/internal/utils"
+	"github.com/quic-go/quic-go/internal/utils/ringbuffer"
+	"github.com/quic-go/quic-go/internal/wire"
+	"github.com/quic-go/quic-go/qlog"
+	"github.com/quic-go/quic-go/qlogwriter"
+)
+
+const (
+	defaultDatagramSendQueueLen = 32
+	maxDatagramRcvQueueLen      = 128
+)
+
+// ErrDatagramQueueFull is returned by TrySendDatagram when the send queue is full.
+var ErrDatagramQueueFull = errors.New("DATAGRAM send queue full")
+
+// datagramFramePool holds DATAGRAM frames for sending. A frame goes back once
+// the packet carrying it has been packed and registered; nothing reads a
+// DATAGRAM frame's data after that, as it is never retransmitted.
+var datagramFramePool = sync.Pool{New: func() any {
+	return &wire.DatagramFrame{Data: make([]byte, 0, protocol.MaxPacketBufferSize)}
+}}
+
+func getDatagramFrame(p []byte) *wire.DatagramFrame {
+	f := datagramFramePool.Get().(*wire.DatagramFrame)
+	f.DataLenPresent = true
+	f.Data = append(f.Data[:0], p...)
+	return f
+}
+
+func putDatagramFrame(f *wire.DatagramFrame) {
+	if cap(f.Data) > protocol.MaxPacketBufferSize {
+		return // grown for an unusually large payload: let it go
+	}
+	f.Data = f.Data[:0]
+	datagramFramePool.Put(f)
+}
+
+// releaseDatagramFrames returns the DATAGRAM frames of a packet that has been
+// sent and registered to the pool.
+func releaseDatagramFrames(frames []ackhandler.Frame) {
+	for _, f := range frames {
+		if df, ok := f.Frame.(*wire.DatagramFrame); ok {
+			putDatagramFrame(df)
+		}
+	}
+}
+
+type datagramQueue struct {
+	sendMx       sync.Mutex
+	sendQueue    ringbuffer.RingBuffer[*wire.DatagramFrame]
+	sendQueueLen int
+	sent         chan struct{} // used to notify Add that a datagram was dequeued
+
+	rcvMx    sync.Mutex
+	rcvQueue [][]byte
+	rcvd     chan struct{} // used to notify Receive that a new datagram was received
+
+	// handler, once set, receives every datagram instead of rcvQueue.
+	handler atomic.Pointer[func([]byte)]
+
+	closeErr error
+	closed   chan struct{}
+
+	hasData func()
+
+	logger  utils.Logger
+	qlogger qlogwriter.Recorder
+}
+
+func newDatagramQueue(hasData func(), sendQueueLen int, logger utils.Logger, qlogger qlogwriter.Recorder) *datagramQueue {
+	if sendQueueLen <= 0 {
+		sendQueueLen = defaultDatagramSendQueueLen
+	}
+	return &datagramQueue{
+		hasData:      hasData,
+		sendQueueLen: sendQueueLen,
+		rcvd:         make(chan struct{}, 1),
+		sent:         make(chan struct{}, 1),
+		closed:       make(chan struct{}),
+		logger:       logger,
+		qlogger:      qlogger,
+	}
+}
+
+// Add queues a new DATAGRAM frame for sending.
+// Up to sendQueueLen DATAGRAM frames will be queued.
+// Once that limit is reached, Add blocks until the queue size has reduced,
+// or, if block is false, returns ErrDatagramQueueFull.
+func (h *datagramQueue) Add(f *wire.DatagramFrame, block bool) error {
+	h.sendMx.Lock()
+
+	for {
+		// don't queue frames after the connection is closed
+		select {
+		case <-h.closed:
+			h.sendMx.Unlock()
+			return h.closeErr
+		default:
+		}
+
+		if h.sendQueue.Len() < h.sendQueueLen {
+			h.sendQueue.PushBack(f)
+			h.sendMx.Unlock()
+			h.hasData()
+			return nil
+		}
+		if !block {
+			h.sendMx.Unlock()
+			return ErrDatagramQueueFull
+		}
+		select {
+		case <-h.sent: // drain any stale notification, so we don't wake up immediately below
+		default:
+		}
+		h.sendMx.Unlock()
+		// The queue is full. Wait until a frame is dequeued.
+		select {
+		case <-h.closed:
+			return h.closeErr
+		case <-h.sent:
+		}
+		h.sendMx.Lock()
+	}
+}
+
+// Peek gets the next DATAGRAM frame for sending.
+// If actually sent out, Pop needs to be called before the next call to Peek.
+func (h *datagramQueue) Peek() *wire.DatagramFrame {
+	h.sendMx.Lock()
+	defer h.sendMx.Unlock()
+	if h.sendQueue.Empty() {
+		return nil
+	}
+	return h.sendQueue.PeekFront()
+}
+
+func (h *datagramQueue) Pop() {
+	h.sendMx.Lock()
+	defer h.sendMx.Unlock()
+	_ = h.sendQueue.PopFront()
+	select {
+	case h.sent <- struct{}{}:
+	default:
+	}
+}
+
+// HandleDatagramFrame handles a received DATAGRAM frame.
+func (h *datagramQueue) HandleDatagramFrame(f *wire.DatagramFrame) {
+	if hf := h.handler.Load(); hf != nil {
+		(*hf)(f.Data)
+		return
+	}
+	var queued bool
+	h.rcvMx.Lock()
+	// SetHandler may have run since the check above; it takes the queue
+	// under rcvMx, so a datagram queued now would never be read.
+	if hf := h.handler.Load(); hf != nil {
+		h.rcvMx.Unlock()
+		(*hf)(f.Data)
+		return
+	}
+	if len(h.rcvQueue) < maxDatagramRcvQueueLen {
+		data := make([]byte, len(f.Data))
+		copy(data, f.Data)
+		h.rcvQueue = append(h.rcvQueue, data)
+		queued = true
+		select {
+		case h.rcvd <- struct{}{}:
+		default:
+		}
+	}
+	h.rcvMx.Unlock()
+
+	if !queued {
+		if h.logger.Debug() {
+			h.logger.Debugf("Discarding received DATAGRAM frame (%d bytes payload)", len(f.Data))
+		}
+		if h.qlogger != nil {
+			h.qlogger.RecordEvent(qlog.DatagramDropped{
+				Direction: qlog.DirectionReceiving,
+				Raw:       qlog.RawInfo{Length: len(f.Data), PayloadLength: qlog.OmitLength},
+				Trigger:   "buffer_full",
+			})
+		}
+	}
+}
+
+// SetHandler makes fn receive every datagram from now on, instead of the
+// queue, and returns what was queued before. A nil fn goes back to queueing.
+func (h *datagramQueue) SetHandler(fn func([]byte)) (queued [][]byte) {
+	h.rcvMx.Lock()
+	defer h.rcvMx.Unlock()
+	if fn == nil {
+		h.handler.Store(nil)
+		return nil
+	}
+	h.handler.Store(&fn)
+	queued, h.rcvQueue = h.rcvQueue, nil
+	return queued
+}
+
+// Receive gets a received DATAGRAM frame.
+func (h *datagramQueue) Receive(ctx context.Context) ([]byte, error) {
+	if err := context.Cause(ctx); err != nil {
+		return nil, err
+	}
+	for {
+		h.rcvMx.Lock()
+		if len(h.rcvQueue) > 0 {
+			data := h.rcvQueue[0]
+			h.rcvQueue = h.rcvQueue[1:]
+			h.rcvMx.Unlock()
+			return data, nil
+		}
+		h.rcvMx.Unlock()
+		select {
+		case <-h.rcvd:
+			continue
+		case <-h.closed:
+			return nil, h.closeErr
+		case <-ctx.Done():
+			return nil, context.Cause(ctx)
+		}
+	}
+}
+
+func (h *datagramQueue) CloseWithError(e error) {
+	h.closeErr = e
+	close(h.closed)
+}
