@@ -39,6 +39,10 @@ func QUICConfig() *quic.Config {
 		MaxIncomingUniStreams: -1,
 		DatagramSendQueueLen:  SendQueueLen,
 		MaxUnprocessedPackets: RecvQueueLen,
+		// The session carries IP packets whose own transports (TCP above
+		// all) control congestion end to end; a second controller here
+		// only halves the rate on every random loss (quic-go patch 0004).
+		DisableCongestionControl: true,
 	}
 }
 

@@ -128,6 +128,7 @@ func populateConfig(config *Config) *Config {
 		MaxUnprocessedPackets:            config.MaxUnprocessedPackets,
 		InitialPacketSize:                config.InitialPacketSize,
 		DisablePathMTUDiscovery:          config.DisablePathMTUDiscovery,
+		DisableCongestionControl:         config.DisableCongestionControl,
 		EnableStreamResetPartialDelivery: config.EnableStreamResetPartialDelivery,
 		Allow0RTT:                        config.Allow0RTT,
 		Tracer:                           config.Tracer,

@@ -181,6 +181,15 @@ type Config struct {
 	// a "message too long" error at that size fails the handshake instead.
 	// Values below 1200 are invalid.
 	InitialPacketSize uint16
+	// DisableCongestionControl turns the congestion controller off: the
+	// connection sends as fast as its application gives it data, limited
+	// only by flow control and the anti-amplification limit, with no
+	// congestion window and no pacing; loss is still detected and lost
+	// frames retransmitted. For a connection whose payload is already
+	// congestion-controlled end to end, such as IP packets of a tunnel in
+	// DATAGRAM frames, where a second controller only halves the rate on
+	// every random loss. Not for anything else.
+	DisableCongestionControl bool
 	// DisablePathMTUDiscovery disables Path MTU Discovery (RFC 8899).
 	// This allows the sending of QUIC packets that fully utilize the available MTU of the path.
 	// Path MTU discovery is only available on systems that allow setting of the Don't Fragment (DF) bit.

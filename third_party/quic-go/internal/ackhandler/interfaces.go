@@ -36,4 +36,8 @@ type SentPacketHandler interface {
 	OnLossDetectionTimeout(now monotime.Time) error
 
 	MigratedPath(now monotime.Time, initialMaxPacketSize protocol.ByteCount)
+
+	// DisableCongestionControl removes the congestion window and pacing,
+	// now and after a path migration.
+	DisableCongestionControl()
 }

@@ -74,6 +74,9 @@ func (p *handshakePacketNumbers) Highest() protocol.PacketNumber {
 }
 
 type sentPacketHandler struct {
+	// noCongestionControl: see DisableCongestionControl.
+	noCongestionControl bool
+
 	// Packet numbers and their history are shared across encryption levels.
 	// ACK processing and loss detection still use the state for each space.
 	pns  *packetNumberGenerator
@@ -1265,6 +1268,14 @@ func (h *sentPacketHandler) MigratedPath(now monotime.Time, initialMaxDatagramSi
 		true, // use Reno
 		h.qlogger,
 	)
+	if h.noCongestionControl {
+		h.congestion = congestion.NewUnlimitedSender()
+	}
 	h.qlogRecoveryParametersSet(true)
 	h.setLossDetectionTimer(now)
+}
+
+func (h *sentPacketHandler) DisableCongestionControl() {
+	h.noCongestionControl = true
+	h.congestion = congestion.NewUnlimitedSender()
 }
