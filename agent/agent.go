@@ -19,6 +19,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/nlvpn/nlvpn/batchq"
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/netstack"
@@ -63,11 +64,10 @@ type Agent struct {
 	clients atomic.Pointer[map[netip.Addr]*clientState]
 	live    map[uint64]bool // sessions with a peer connection
 
-	// in decouples the sessions' datagram readers from the netstack, which
-	// processes each packet on the caller's goroutine: quic-go keeps only
-	// 128 received datagrams per connection and drops the rest, so a slow
-	// reader loses bursts.
-	in chan []byte
+	// in decouples the sessions' datagram handlers, which run on their
+	// QUIC connections' goroutines and must not block, from the netstack,
+	// which processes each batch on the caller's goroutine.
+	in *batchq.Q[[]byte]
 
 	dropSpoofed, dropNoSession, dropInFull atomic.Uint64
 	lastDenyLog                            atomic.Int64
@@ -76,42 +76,30 @@ type Agent struct {
 // inQueueLen bounds client packets waiting for the netstack.
 const inQueueLen = 4096
 
-// inject queues a client packet for the netstack; it takes pkt, which
-// Session.Run hands over as the packet's own buffer.
+// inject queues a client packet for the netstack; it takes pkt, a buffer
+// that Session.Run hands over and that goes back to the session's pool once
+// the netstack has taken a copy. It runs on the QUIC connection's
+// goroutine, so it never blocks: a full queue drops and counts.
 func (a *Agent) inject(pkt []byte) {
-	select {
-	case a.in <- pkt:
-	default:
+	if !a.in.Put(pkt) {
 		a.dropInFull.Add(1)
+		session.ReleasePacket(pkt)
 	}
 }
 
-// injectBatch bounds the packets runInject hands the netstack at once.
-const injectBatch = 64
-
-// runInject feeds the netstack whatever has queued, as one batch, so that
-// its GRO can merge a flow's consecutive TCP segments.
+// runInject feeds the netstack everything queued since the last round, as
+// one batch, so that its GRO can merge a flow's consecutive TCP segments.
 func (a *Agent) runInject(ctx context.Context) {
-	batch := make([][]byte, 0, injectBatch)
+	var batch [][]byte
 	for {
-		select {
-		case <-ctx.Done():
+		var err error
+		if batch, err = a.in.Take(ctx, batch); err != nil {
 			return
-		case b := <-a.in:
-			batch = append(batch, b)
 		}
-	more:
-		for len(batch) < injectBatch {
-			select {
-			case b := <-a.in:
-				batch = append(batch, b)
-			default:
-				break more
-			}
+		a.eg.Inject(batch...) // copies: the buffers are free again
+		for _, b := range batch {
+			session.ReleasePacket(b)
 		}
-		a.eg.Inject(batch...)
-		clear(batch)
-		batch = batch[:0]
 	}
 }
 
@@ -129,7 +117,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return errors.New("nothing to advertise: give at least one --advertise CIDR")
 	}
 	a := &Agent{cfg: cfg, log: cfg.Log, offers: make(map[uint64]*wire.Session), byClient: make(map[netip.Addr]*clientState),
-		punches: make(map[uint64]*underlay.Direct), live: make(map[uint64]bool), in: make(chan []byte, inQueueLen)}
+		punches: make(map[uint64]*underlay.Direct), live: make(map[uint64]bool), in: batchq.New[[]byte](inQueueLen)}
 
 	u, err := underlay.Open(control.Config{
 		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Advertise: cfg.Advertise,
@@ -385,7 +373,7 @@ func (a *Agent) acceptLoop(ctx context.Context, ln *quic.Listener) {
 }
 
 func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
-	id := uint64(qc.RemoteAddr().(session.Addr))
+	id, _ := session.IDOf(qc.RemoteAddr())
 	a.mu.Lock()
 	offer := a.offers[id]
 	a.mu.Unlock()
@@ -436,6 +424,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		if !ok || src != offer.PeerAddr {
 			// A client may only speak from its own overlay address.
 			a.dropSpoofed.Add(1)
+			session.ReleasePacket(pkt)
 			return
 		}
 		a.inject(pkt)

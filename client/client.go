@@ -386,9 +386,10 @@ func (c *Client) receive(pkt []byte) {
 	src, dst, ok := packet.Addrs(pkt)
 	if !ok || dst != c.overlay || !c.fromAgent(src) {
 		c.dropForeign.Add(1)
-		return
+	} else {
+		c.deliver(pkt) // copies (into the TUN's write queue, or the netstack)
 	}
-	c.deliver(pkt)
+	session.ReleasePacket(pkt)
 }
 
 func (c *Client) fromAgent(src netip.Addr) bool {

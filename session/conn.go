@@ -22,6 +22,30 @@ func (Addr) Network() string { return "nlvpn-session" }
 
 func (a Addr) String() string { return "session/" + wire.SessionID(uint64(a)) }
 
+// IDOf returns the session ID of an address that a Conn handed out or
+// was given.
+func IDOf(a net.Addr) (uint64, bool) {
+	switch a := a.(type) {
+	case Addr:
+		return uint64(a), true
+	case *namedAddr:
+		return a.id, true
+	}
+	return 0, false
+}
+
+// namedAddr is the address ReadFrom hands out: a session ID with its name
+// made once. quic-go compares a server connection's address with each
+// packet's by their String, and formatting them anew would be two
+// allocations per packet.
+type namedAddr struct {
+	id   uint64
+	name string
+}
+
+func (*namedAddr) Network() string  { return "nlvpn-session" }
+func (a *namedAddr) String() string { return a.name }
+
 // Path sends a peer session's packets one way: through the relay or directly.
 type Path interface {
 	// Send transmits one QUIC packet of session id. It must not retain pkt
@@ -63,10 +87,9 @@ type Conn struct {
 	ready   chan struct{}
 	local   []Inbound // taken by ReadFrom; only its goroutine touches it
 	li      int       // next packet of local
-	// addrs caches each session's Addr as a net.Addr for ReadFrom (only
-	// its goroutine touches it): boxing a uint64 into an interface would
-	// be an allocation per packet.
-	addrs map[uint64]net.Addr
+	// addrs caches each session's address for ReadFrom (only its
+	// goroutine touches it): a new one would be allocations per packet.
+	addrs map[uint64]*namedAddr
 
 	closed chan struct{}
 	once   sync.Once
@@ -183,21 +206,21 @@ func (c *Conn) ReadFrom(p []byte) (int, net.Addr, error) {
 // maxCachedAddrs bounds ReadFrom's cache of session addresses.
 const maxCachedAddrs = 1024
 
-func (c *Conn) addr(id uint64) net.Addr {
+func (c *Conn) addr(id uint64) *namedAddr {
 	if a, ok := c.addrs[id]; ok {
 		return a
 	}
 	if c.addrs == nil || len(c.addrs) >= maxCachedAddrs {
-		c.addrs = make(map[uint64]net.Addr)
+		c.addrs = make(map[uint64]*namedAddr)
 	}
-	a := net.Addr(Addr(id))
+	a := &namedAddr{id: id, name: Addr(id).String()}
 	c.addrs[id] = a
 	return a
 }
 
 // WriteTo implements net.PacketConn; addr must be an Addr.
 func (c *Conn) WriteTo(p []byte, addr net.Addr) (int, error) {
-	a, ok := addr.(Addr)
+	id, ok := IDOf(addr)
 	if !ok {
 		return 0, fmt.Errorf("session: cannot write to %T %v", addr, addr)
 	}
@@ -206,11 +229,11 @@ func (c *Conn) WriteTo(p []byte, addr net.Addr) (int, error) {
 		return 0, net.ErrClosed
 	default:
 	}
-	path := (*c.paths.Load())[uint64(a)]
+	path := (*c.paths.Load())[id]
 	if path == nil {
 		path = c.relay
 	}
-	if err := path.Send(uint64(a), p); err != nil {
+	if err := path.Send(id, p); err != nil {
 		// Like a UDP socket: a lost packet is QUIC's to recover, not an
 		// error that should tear the connection down.
 		c.dropSend.Add(1)

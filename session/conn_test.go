@@ -109,7 +109,7 @@ func TestConnDeliverReadFrom(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if string(buf[:n]) != want.pkt || addr != Addr(want.id) {
+		if got, _ := IDOf(addr); string(buf[:n]) != want.pkt || got != want.id || addr.String() != Addr(want.id).String() {
 			t.Fatalf("ReadFrom = %q from %v, want %q from %v", buf[:n], addr, want.pkt, Addr(want.id))
 		}
 		if addr.Network() != "nlvpn-session" {
@@ -141,7 +141,7 @@ func TestConnFullInboundQueueDrops(t *testing.T) {
 	buf := make([]byte, 10)
 	for i := 0; i < inQueueLen; i++ {
 		n, addr, err := c.ReadFrom(buf)
-		if err != nil || n != 1 || buf[0] != byte(i) || addr != Addr(i+1) {
+		if got, _ := IDOf(addr); err != nil || n != 1 || buf[0] != byte(i) || got != uint64(i+1) {
 			t.Fatalf("packet %d: %d %x %v %v", i, n, buf[:n], addr, err)
 		}
 	}

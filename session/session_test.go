@@ -220,7 +220,7 @@ func TestSessionEndToEnd(t *testing.T) {
 	if got, err := PeerKeyOf(cq); err != nil || !got.Equal(p.agentKey.Public()) {
 		t.Fatalf("PeerKeyOf(client side) = %s, %v; want %s", got, err, p.agentKey.Public())
 	}
-	if aq.RemoteAddr() != Addr(id) || cq.RemoteAddr() != Addr(id) {
+	if a, _ := IDOf(aq.RemoteAddr()); a != id || cq.RemoteAddr() != Addr(id) || aq.RemoteAddr().String() != Addr(id).String() {
 		t.Fatalf("remote addrs = %v / %v, want %v", aq.RemoteAddr(), cq.RemoteAddr(), Addr(id))
 	}
 

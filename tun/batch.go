@@ -4,6 +4,8 @@ import (
 	"context"
 	"sync"
 	"sync/atomic"
+
+	"github.com/nlvpn/nlvpn/batchq"
 )
 
 // Write buffers come in two sizes. A packet that carries data may become
@@ -22,25 +24,49 @@ const (
 // receive path.
 type BatchWriter struct {
 	dev   *Device
-	ch    chan []byte
-	big   sync.Pool
-	small sync.Pool
+	q     *batchq.Q[[]byte]
+	big   freeList
+	small freeList
 	drops atomic.Uint64
+}
+
+// freeList keeps write buffers of one size class for reuse. (A sync.Pool
+// of slices would allocate on every Put.)
+type freeList struct {
+	mu   sync.Mutex
+	bufs [][]byte
+	size int
+}
+
+func (f *freeList) get() []byte {
+	f.mu.Lock()
+	if n := len(f.bufs); n > 0 {
+		b := f.bufs[n-1]
+		f.bufs = f.bufs[:n-1]
+		f.mu.Unlock()
+		return b
+	}
+	f.mu.Unlock()
+	return make([]byte, 0, f.size)
+}
+
+func (f *freeList) put(b []byte) {
+	f.mu.Lock()
+	f.bufs = append(f.bufs, b[:0])
+	f.mu.Unlock()
 }
 
 // NewBatchWriter returns a writer with room for queue packets in flight.
 func (d *Device) NewBatchWriter(queue int) *BatchWriter {
-	w := &BatchWriter{dev: d, ch: make(chan []byte, queue)}
-	w.big.New = func() any { return make([]byte, 0, coalesceCap) }
-	w.small.New = func() any { return make([]byte, 0, smallCap) }
-	return w
+	return &BatchWriter{dev: d, q: batchq.New[[]byte](queue), big: freeList{size: coalesceCap}, small: freeList{size: smallCap}}
 }
 
 func (w *BatchWriter) put(b []byte) {
-	if cap(b) >= coalesceCap {
-		w.big.Put(b[:0])
-	} else if cap(b) == smallCap {
-		w.small.Put(b[:0])
+	switch cap(b) {
+	case coalesceCap:
+		w.big.put(b)
+	case smallCap:
+		w.small.put(b)
 	}
 }
 
@@ -48,19 +74,17 @@ func (w *BatchWriter) put(b []byte) {
 // packet, counted, as a full NIC ring would.
 func (w *BatchWriter) Write(pkt []byte) {
 	var b []byte
-	if Offset+len(pkt) <= smallCap && len(pkt) < 512 {
-		b = w.small.Get().([]byte)
-	} else {
-		b = w.big.Get().([]byte)
-	}
-	if cap(b) < Offset+len(pkt) {
+	switch {
+	case Offset+len(pkt) <= smallCap && len(pkt) < 512:
+		b = w.small.get()
+	case Offset+len(pkt) <= coalesceCap:
+		b = w.big.get()
+	default:
 		b = make([]byte, 0, Offset+len(pkt))
 	}
 	b = b[:Offset+len(pkt)]
 	copy(b[Offset:], pkt)
-	select {
-	case w.ch <- b:
-	default:
+	if !w.q.Put(b) {
 		w.drops.Add(1)
 		w.put(b)
 	}
@@ -71,35 +95,25 @@ func (w *BatchWriter) Drops() uint64 { return w.drops.Load() }
 
 // Run writes queued packets until ctx ends.
 func (w *BatchWriter) Run(ctx context.Context) error {
-	max := w.dev.BatchSize() * 2
-	if max < 64 {
-		max = 64
-	}
-	bufs := make([][]byte, 0, max)
+	max := max(w.dev.BatchSize()*2, 64)
+	var batch [][]byte
 	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case b := <-w.ch:
-			bufs = append(bufs[:0], b)
+		var err error
+		if batch, err = w.q.Take(ctx, batch); err != nil {
+			return err
 		}
-	drain:
-		for len(bufs) < max {
-			select {
-			case b := <-w.ch:
-				bufs = append(bufs, b)
-			default:
-				break drain
+		for bufs := batch; len(bufs) > 0; {
+			n := min(len(bufs), max)
+			_, err := w.dev.Write(bufs[:n])
+			for _, b := range bufs[:n] {
+				w.put(b)
 			}
-		}
-		_, err := w.dev.Write(bufs)
-		for _, b := range bufs {
-			w.put(b)
-		}
-		if err != nil && ctx.Err() == nil {
-			// A packet the kernel refused (e.g. malformed) must not stop the
-			// others; errors are per batch here, so count and go on.
-			w.drops.Add(1)
+			if err != nil && ctx.Err() == nil {
+				// A packet the kernel refused (e.g. malformed) must not stop
+				// the others; errors are per batch here, so count and go on.
+				w.drops.Add(1)
+			}
+			bufs = bufs[n:]
 		}
 	}
 }

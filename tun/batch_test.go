@@ -43,8 +43,11 @@ func TestBatchWriterDropsWhenFull(t *testing.T) {
 			t.Errorf("queue %d, %d writes: Drops = %d, want %d", tc.queue, tc.writes, got, tc.wantDrops)
 		}
 		// The first packets are the ones kept, in order.
-		for i := range min(tc.queue, tc.writes) {
-			b := <-w.ch
+		queued, _ := w.q.Take(context.Background(), nil)
+		if len(queued) != min(tc.queue, tc.writes) {
+			t.Fatalf("queue %d, %d writes: %d queued", tc.queue, tc.writes, len(queued))
+		}
+		for i, b := range queued {
 			if len(b) != Offset+1 || b[Offset] != byte(i) {
 				t.Fatalf("queued packet %d = %x", i, b)
 			}
@@ -61,11 +64,12 @@ func TestBatchWriterCopies(t *testing.T) {
 	}
 	big := bytes.Repeat([]byte{0xbb}, coalesceCap) // larger than a pooled buffer
 	w.Write(big)
-	b := <-w.ch
+	queued, _ := w.q.Take(context.Background(), nil)
+	b := queued[0]
 	if len(b) != Offset+1400 || !bytes.Equal(b[Offset:], bytes.Repeat([]byte{0xaa}, 1400)) {
 		t.Fatal("queued packet changed with the caller's buffer, or has the wrong length")
 	}
-	b = <-w.ch
+	b = queued[1]
 	if len(b) != Offset+len(big) || !bytes.Equal(b[Offset:], big) {
 		t.Fatalf("oversize packet queued as %d bytes, want %d", len(b)-Offset, len(big))
 	}

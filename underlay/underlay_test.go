@@ -124,7 +124,7 @@ func TestDirectPathCarriesSessionPackets(t *testing.T) {
 					got <- err
 					return
 				}
-				if from != session.Addr(id) || k != sizeOf(i) || binary.BigEndian.Uint32(buf) != uint32(i) || buf[k-1] != byte(i) {
+				if sid, _ := session.IDOf(from); sid != id || k != sizeOf(i) || binary.BigEndian.Uint32(buf) != uint32(i) || buf[k-1] != byte(i) {
 					got <- errorf("packet %d: %d bytes from %v, seq %d", i, k, from, binary.BigEndian.Uint32(buf))
 					return
 				}
@@ -261,7 +261,7 @@ func TestRelayFramesOverUDP(t *testing.T) {
 	gw.WriteToUDPAddrPort(append(back[:], "from the other end"...), u.addr)
 	u.Conn.SetReadDeadline(time.Now().Add(3 * time.Second))
 	k, from, err := u.Conn.ReadFrom(buf)
-	if err != nil || string(buf[:k]) != "from the other end" || from != session.Addr(id) {
+	if got, _ := session.IDOf(from); err != nil || string(buf[:k]) != "from the other end" || got != id {
 		t.Fatalf("relay frame from the gateway: %q from %v (%v)", buf[:k], from, err)
 	}
 }
