@@ -14,6 +14,10 @@ type Status struct {
 	Sessions []SessionStatus `json:"sessions"`
 	// Drops counts packets lost inside the agent, by where.
 	Drops map[string]uint64 `json:"drops"`
+	// TCPRetransmits and TCPTimeouts count the netstack's loss recovery for
+	// the flows it terminates (all clients).
+	TCPRetransmits uint64 `json:"tcp_retransmits"`
+	TCPTimeouts    uint64 `json:"tcp_timeouts"`
 }
 
 // SessionStatus is one connected client.
@@ -45,7 +49,7 @@ func (a *Agent) Status() Status {
 		es = append(es, entry{cs, a.punches[cs.sess.ID]})
 	}
 	a.mu.Unlock()
-	var queueFull, tooLarge, sendFailed uint64
+	var queueFull, tooLarge, sendFailed, rxTooLarge, quicDropped uint64
 	for _, e := range es {
 		s := e.cs.sess
 		ss := s.Stats()
@@ -62,20 +66,29 @@ func (a *Agent) Status() Status {
 		queueFull += ss.DropQueueFull
 		tooLarge += ss.DropTooLarge
 		sendFailed += ss.DropSend
+		rxTooLarge += ss.DropRxTooLarge
+		quicDropped += cs.PacketsDropped
 	}
 	eg := a.eg.Stats()
 	st.Drops = a.u.Drops()
 	for k, v := range map[string]uint64{
-		"session_queue_full":  queueFull,
-		"session_too_large":   tooLarge,
-		"session_send_failed": sendFailed,
-		"spoofed_source":      a.dropSpoofed.Load(),
-		"no_session":          a.dropNoSession.Load(),
-		"netstack_queue_full": a.dropInFull.Load(),
-		"netstack_malformed":  eg.Malformed,
+		"session_queue_full":   queueFull,
+		"session_too_large":    tooLarge,
+		"session_send_failed":  sendFailed,
+		"session_rx_too_large": rxTooLarge,
+		"quic_queue_full":      quicDropped,
+		"netstack_out_dropped": eg.OutDropped,
+		"spoofed_source":       a.dropSpoofed.Load(),
+		"no_session":           a.dropNoSession.Load(),
+		"netstack_queue_full":  a.dropInFull.Load(),
+		"netstack_malformed":   eg.Malformed,
 	} {
 		st.Drops[k] = v
 	}
+	for k, v := range a.eg.StackDrops() {
+		st.Drops[k] = v
+	}
+	st.TCPRetransmits, st.TCPTimeouts = a.eg.StackRecovery()
 	return st
 }
 

@@ -63,6 +63,8 @@ type Client struct {
 	// deliver takes each packet from the agent: into the TUN, or into the
 	// netstack.
 	deliver func(pkt []byte)
+	// stackDrops reads the netstack's drop counters (netstack mode only).
+	stackDrops func() map[string]uint64
 	// overlay is our address; agentPrefixes what the agent may send from.
 	overlay       netip.Addr
 	mine          atomic.Pointer[netip.Addr] // overlay, for the reconnect check

@@ -40,6 +40,7 @@ func (c *Client) startNetstack(ctx context.Context, w *wire.Welcome, info *wire.
 		return nil, fmt.Errorf("start netstack: %w", err)
 	}
 	c.deliver = func(pkt []byte) { px.Inject(pkt) }
+	c.stackDrops = px.StackDrops
 	var lns []net.Listener
 	closeAll := func() {
 		for _, ln := range lns {

@@ -332,3 +332,25 @@ func (c *stackCore) removeCloser(cl io.Closer) {
 	c.mu.Unlock()
 	_ = cl.Close()
 }
+
+// StackDrops are gVisor's own counters of packets it dropped, by name:
+// where a tunneled flow loses packets inside the stack.
+func (c *stackCore) StackDrops() map[string]uint64 {
+	s := c.stack.Stats()
+	return map[string]uint64{
+		"gvisor_dropped":              s.DroppedPackets.Value(),
+		"gvisor_tcp_invalid_segments": s.TCP.InvalidSegmentsReceived.Value(),
+		"gvisor_tcp_checksum_errors":  s.TCP.ChecksumErrors.Value(),
+		"gvisor_tcp_send_errors":      s.TCP.SegmentSendErrors.Value(),
+		"gvisor_tcp_forward_inflight": s.TCP.ForwardMaxInFlightDrop.Value(),
+		"gvisor_tcp_listen_overflow":  s.TCP.ListenOverflowSynDrop.Value() + s.TCP.ListenOverflowAckDrop.Value(),
+		"gvisor_udp_receive_overflow": s.UDP.ReceiveBufferErrors.Value(),
+	}
+}
+
+// StackRecovery counts gVisor's TCP loss recovery: how often it had to
+// retransmit, and how often only a retransmission timeout helped.
+func (c *stackCore) StackRecovery() (retransmits, timeouts uint64) {
+	s := c.stack.Stats()
+	return s.TCP.Retransmits.Value(), s.TCP.Timeouts.Value()
+}

@@ -839,6 +839,10 @@ type ConnectionStats struct {
 	// (does not monotonically increase, because packets that are declared lost
 	// can subsequently be received).
 	PacketsLost uint64
+	// PacketsDropped is the number of received packets discarded because
+	// the queue of packets waiting for the connection's goroutine was full
+	// (Config.MaxUnprocessedPackets).
+	PacketsDropped uint64
 }
 
 // ConnectionStats returns statistics about the connection.
@@ -858,6 +862,7 @@ func (c *Conn) ConnectionStats() ConnectionStats {
 		PacketsReceived: c.connStats.PacketsReceived.Load(),
 		BytesLost:       c.connStats.BytesLost.Load(),
 		PacketsLost:     c.connStats.PacketsLost.Load(),
+		PacketsDropped:  c.connStats.PacketsDropped.Load(),
 	}
 }
 
@@ -2026,6 +2031,7 @@ func (c *Conn) queuePacket(p receivedPacket, source *pathReceiver) {
 	// Discard packets once the amount of queued packets is larger than
 	// Config.MaxUnprocessedPackets (default protocol.MaxConnUnprocessedPackets)
 	if !c.receivedPackets.Push(p, source) {
+		c.connStats.PacketsDropped.Add(1)
 		if c.qlogger != nil {
 			var datagramPayloadChecksum qlog.DatagramPayloadChecksum
 			if wire.IsLongHeaderPacket(p.data[0]) {

@@ -13,4 +13,6 @@ type ConnectionStats struct {
 	PacketsReceived atomic.Uint64
 	BytesLost       atomic.Uint64
 	PacketsLost     atomic.Uint64
+
+	PacketsDropped atomic.Uint64 // received, discarded: the connection's queue was full
 }
