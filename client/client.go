@@ -467,7 +467,7 @@ func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
 				continue
 			}
 			if s != nil {
-				s.Send(pkt)
+				s.SendWait(pkt)
 			}
 		}
 	}

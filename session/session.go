@@ -152,6 +152,28 @@ func (s *Session) Send(pkt []byte) error {
 	return nil
 }
 
+// SendWait is Send for the one source of a session's packets that may be
+// held back: it waits while the queue is full instead of dropping. The
+// client's TUN reader uses it, so that a burst of segments read from the
+// kernel (a TSO segment is ~45 packets) pushes back on the sending TCP,
+// as a full NIC queue does, instead of being dropped here and
+// retransmitted. The wait ends when there is room or the connection ends;
+// the session's congestion controller is off (QUICConfig), so the queue
+// drains as fast as the path takes packets.
+func (s *Session) SendWait(pkt []byte) error {
+	if len(pkt) > TunMTU {
+		s.dropLarge.Add(1)
+		return ErrTooLarge
+	}
+	if err := s.Conn.SendDatagram(pkt); err != nil {
+		s.dropSend.Add(1)
+		return nil
+	}
+	s.txp.Add(1)
+	s.txb.Add(uint64(len(pkt)))
+	return nil
+}
+
 // Done is closed when the session has ended.
 func (s *Session) Done() <-chan struct{} { return s.done }
 
