@@ -30,13 +30,17 @@ type BatchWriter struct {
 	drops atomic.Uint64
 }
 
-// freeList keeps write buffers of one size class for reuse. (A sync.Pool
-// of slices would allocate on every Put.)
+// freeList keeps write buffers of one size class for reuse, at most
+// freeListMax of them: a burst that needed more leaves the rest to the
+// garbage collector instead of holding them for good. (A sync.Pool of
+// slices would allocate on every Put.)
 type freeList struct {
 	mu   sync.Mutex
 	bufs [][]byte
 	size int
 }
+
+const freeListMax = 128
 
 func (f *freeList) get() []byte {
 	f.mu.Lock()
@@ -52,7 +56,9 @@ func (f *freeList) get() []byte {
 
 func (f *freeList) put(b []byte) {
 	f.mu.Lock()
-	f.bufs = append(f.bufs, b[:0])
+	if len(f.bufs) < freeListMax {
+		f.bufs = append(f.bufs, b[:0])
+	}
 	f.mu.Unlock()
 }
 

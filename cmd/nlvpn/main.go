@@ -421,6 +421,7 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 			&cli.DurationFlag{Name: "connect-timeout", Value: 20 * time.Second, Usage: "give up if the gateway cannot be reached at start within this"},
 		), modeFlagList()...), proxyFlagList()...),
 		Action: func(c *cli.Context) error {
+			limitClientMemory()
 			if !token.ValidName(c.String("agent")) {
 				return fmt.Errorf("--agent %q is not a valid agent name", c.String("agent"))
 			}

@@ -147,6 +147,7 @@ Logs go to stderr at warn level unless --log-level says otherwise.`,
 			return nil
 		},
 		Action: func(c *cli.Context) error {
+			limitClientMemory()
 			if c.NArg() != 1 {
 				return errors.New("usage: nlvpn connect -n NAME HOST:PORT")
 			}
@@ -246,6 +247,7 @@ Example: nlvpn forward -n miranda -L 8080:intranet.lan:80`,
 			&cli.StringSliceFlag{Name: "U", Usage: "UDP forward `[BIND:]PORT:HOST:HOSTPORT` (repeatable)"},
 		),
 		Action: func(c *cli.Context) error {
+			limitClientMemory()
 			var specs []forwardSpec
 			for _, s := range c.StringSlice("L") {
 				f, err := parseForward("tcp", s)
