@@ -10,6 +10,7 @@ package batchq
 import (
 	"context"
 	"sync"
+	"time"
 )
 
 // Q is a batch queue of at most max items. The zero value is not usable;
@@ -20,11 +21,33 @@ type Q[T any] struct {
 	max     int
 	waiting bool
 	ready   chan struct{}
+	room    chan struct{} // capacity 1: "Take emptied the queue"
 }
 
 // New returns a queue that holds at most max items.
 func New[T any](max int) *Q[T] {
-	return &Q[T]{items: make([]T, 0, min(max, 256)), max: max, ready: make(chan struct{}, 1)}
+	return &Q[T]{items: make([]T, 0, min(max, 256)), max: max, ready: make(chan struct{}, 1), room: make(chan struct{}, 1)}
+}
+
+// PutWait queues v like Put, but when the queue is full it waits, at most
+// d, for the consumer to take it: for a producer that should be held back
+// by a slow consumer, as by a blocking write, rather than lose v at once.
+func (q *Q[T]) PutWait(v T, d time.Duration) bool {
+	if q.Put(v) {
+		return true
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-q.room:
+			if q.Put(v) {
+				return true
+			}
+		case <-t.C:
+			return q.Put(v)
+		}
+	}
 }
 
 // Put queues v. It never blocks: when the queue is full it returns false
@@ -85,6 +108,10 @@ func (q *Q[T]) Take(ctx context.Context, buf []T) ([]T, error) {
 			}
 			q.items = buf
 			q.mu.Unlock()
+			select {
+			case q.room <- struct{}{}:
+			default:
+			}
 			return out, nil
 		}
 		q.waiting = true

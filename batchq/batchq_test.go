@@ -88,3 +88,31 @@ func TestTakeCancelAndAllocs(t *testing.T) {
 		t.Fatalf("%.1f allocations per round", n)
 	}
 }
+
+// PutWait on a full queue waits for the consumer and then queues; with
+// no consumer it gives up after its wait.
+func TestPutWait(t *testing.T) {
+	q := New[int](2)
+	q.Put(1)
+	q.Put(2)
+	start := time.Now()
+	if q.PutWait(3, 30*time.Millisecond) {
+		t.Fatal("PutWait into a full queue nobody takes succeeded")
+	}
+	if d := time.Since(start); d < 30*time.Millisecond {
+		t.Fatalf("PutWait gave up after %v, before its wait", d)
+	}
+	done := make(chan bool)
+	go func() { done <- q.PutWait(3, 5*time.Second) }()
+	time.Sleep(10 * time.Millisecond)
+	got, _ := q.Take(context.Background(), nil)
+	if len(got) != 2 {
+		t.Fatalf("took %d", len(got))
+	}
+	if !<-done {
+		t.Fatal("PutWait did not queue once the consumer took the queue")
+	}
+	if got, _ := q.Take(context.Background(), nil); len(got) != 1 || got[0] != 3 {
+		t.Fatalf("after the wait the queue holds %v", got)
+	}
+}

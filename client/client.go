@@ -419,7 +419,7 @@ func (c *Client) startTUN(ctx context.Context, dev *tun.Device, w *wire.Welcome,
 		c.log.Warn("route already exists on this machine; not routing it into the tunnel", "prefix", p)
 	}
 	c.tunw = dev.NewBatchWriter(1024)
-	c.deliver = c.tunw.Write
+	c.deliver = c.tunw.WriteWait
 	go c.tunw.Run(ctx)
 	go c.readTUN(ctx, dev)
 	c.log.Info("tunnel up", "mode", "tun", "tun", dev.Name(), "overlay", w.Overlay, "agent_overlay", info.Overlay, "routes", routes, "path", c.pathKind())

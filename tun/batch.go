@@ -1,21 +1,26 @@
 package tun
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/nlvpn/nlvpn/batchq"
 )
 
-// Write buffers come in two sizes. A packet that carries data may become
-// the first of a run of TCP segments that the device coalesces (GRO), so
-// its buffer has room for about a dozen more; a small one (a pure ACK, a
-// DNS answer) is never merged into, and a big buffer for it would only
-// hold memory while it waits.
+// Write buffers. Every packet is queued in a packet-sized buffer
+// (packetCap). The device coalesces consecutive TCP segments of a flow
+// into the first one of a batch (GRO), which needs room to grow: when a
+// batch is written, the first packet of each run of one flow's segments is
+// moved into a head buffer (headCap) first. So only heads, at most
+// maxHeads per write, are big; a queue full of packets holds ~2 KiB each.
 const (
-	coalesceCap = Offset + 16<<10
-	smallCap    = Offset + 576
+	packetCap = Offset + 2048
+	headCap   = Offset + 65535
+	maxHeads  = 64
 )
 
 // BatchWriter collects packets from the tunnel and writes them to the
@@ -25,22 +30,22 @@ const (
 type BatchWriter struct {
 	dev   *Device
 	q     *batchq.Q[[]byte]
-	big   freeList
 	small freeList
+	heads [][]byte // head buffers, used by Run only
 	drops atomic.Uint64
 }
 
-// freeList keeps write buffers of one size class for reuse, at most
-// freeListMax of them: a burst that needed more leaves the rest to the
-// garbage collector instead of holding them for good. (A sync.Pool of
-// slices would allocate on every Put.)
+// freeList keeps packet buffers for reuse, at most freeListMax of them: a
+// burst that needed more leaves the rest to the garbage collector instead
+// of holding them for good. (A sync.Pool of slices would allocate on
+// every Put.)
 type freeList struct {
 	mu   sync.Mutex
 	bufs [][]byte
 	size int
 }
 
-const freeListMax = 128
+const freeListMax = 1024
 
 func (f *freeList) get() []byte {
 	f.mu.Lock()
@@ -64,35 +69,50 @@ func (f *freeList) put(b []byte) {
 
 // NewBatchWriter returns a writer with room for queue packets in flight.
 func (d *Device) NewBatchWriter(queue int) *BatchWriter {
-	return &BatchWriter{dev: d, q: batchq.New[[]byte](queue), big: freeList{size: coalesceCap}, small: freeList{size: smallCap}}
+	return &BatchWriter{dev: d, q: batchq.New[[]byte](queue), small: freeList{size: packetCap}}
 }
 
-func (w *BatchWriter) put(b []byte) {
-	switch cap(b) {
-	case coalesceCap:
-		w.big.put(b)
-	case smallCap:
-		w.small.put(b)
-	}
-}
+// WriteWait is how the tunnel's packets arrive: when the queue is full it
+// waits, at most MaxWait, for the device to take it, holding back the
+// session that delivers them (and through its queues the sender at the
+// other end, whose TCP window then closes) instead of dropping at once.
+func (w *BatchWriter) WriteWait(pkt []byte) { w.write(pkt, MaxWait) }
+
+// MaxWait bounds WriteWait's wait for room.
+const MaxWait = 50 * time.Millisecond
 
 // Write queues a copy of pkt. It never blocks: a full queue drops the
 // packet, counted, as a full NIC ring would.
-func (w *BatchWriter) Write(pkt []byte) {
+func (w *BatchWriter) Write(pkt []byte) { w.write(pkt, 0) }
+
+func (w *BatchWriter) write(pkt []byte, wait time.Duration) {
 	var b []byte
-	switch {
-	case Offset+len(pkt) <= smallCap && len(pkt) < 512:
+	if Offset+len(pkt) <= packetCap {
 		b = w.small.get()
-	case Offset+len(pkt) <= coalesceCap:
-		b = w.big.get()
-	default:
-		b = make([]byte, 0, Offset+len(pkt))
+	} else {
+		b = make([]byte, 0, Offset+len(pkt)) // beyond any MTU we set; rare
 	}
 	b = b[:Offset+len(pkt)]
 	copy(b[Offset:], pkt)
-	if !w.q.Put(b) {
+	ok := false
+	if wait > 0 {
+		ok = w.q.PutWait(b, wait)
+	} else {
+		ok = w.q.Put(b)
+	}
+	if !ok {
 		w.drops.Add(1)
-		w.put(b)
+		w.recycle(b)
+	}
+}
+
+// recycle takes a buffer back after its packet was written (or dropped).
+func (w *BatchWriter) recycle(b []byte) {
+	switch cap(b) {
+	case packetCap:
+		w.small.put(b)
+	case headCap:
+		w.heads = append(w.heads, b[:0])
 	}
 }
 
@@ -110,9 +130,10 @@ func (w *BatchWriter) Run(ctx context.Context) error {
 		}
 		for bufs := batch; len(bufs) > 0; {
 			n := min(len(bufs), max)
+			w.promoteHeads(bufs[:n])
 			_, err := w.dev.Write(bufs[:n])
 			for _, b := range bufs[:n] {
-				w.put(b)
+				w.recycle(b)
 			}
 			if err != nil && ctx.Err() == nil {
 				// A packet the kernel refused (e.g. malformed) must not stop
@@ -122,4 +143,91 @@ func (w *BatchWriter) Run(ctx context.Context) error {
 			bufs = bufs[n:]
 		}
 	}
+}
+
+// promoteHeads moves the first segment of each run of TCP segments that
+// the device can coalesce (one flow, consecutive sequence numbers, no PSH
+// before the last) into a head buffer with room for the whole run. A run
+// of one needs none; at most maxHeads are made per batch. The packet
+// buffer a head leaves goes back to the free list.
+func (w *BatchWriter) promoteHeads(bufs [][]byte) {
+	used := 0
+	head := -1 // index of the current run's first segment, -1: none
+	promoted := false
+	var key [36]byte
+	var keyLen int
+	var next uint32
+	var psh bool
+	for i, b := range bufs {
+		seg, ok := parseTCP(b[Offset:])
+		if !ok {
+			head = -1
+			continue
+		}
+		if head >= 0 && !psh && seg.seq == next && keyLen == len(seg.key) && bytes.Equal(key[:keyLen], seg.key) {
+			// Continues the run: its head must be able to grow.
+			if !promoted && used < maxHeads && cap(bufs[head]) == packetCap {
+				bufs[head] = w.toHead(bufs[head])
+				used++
+				promoted = true
+			}
+			next += seg.payload
+			psh = seg.psh
+			continue
+		}
+		head, promoted = i, false
+		keyLen = copy(key[:], seg.key)
+		next = seg.seq + seg.payload
+		psh = seg.psh
+	}
+}
+
+// toHead copies a queued packet into a head buffer and frees its own.
+func (w *BatchWriter) toHead(b []byte) []byte {
+	var h []byte
+	if n := len(w.heads); n > 0 {
+		h, w.heads = w.heads[n-1], w.heads[:n-1]
+	} else {
+		h = make([]byte, 0, headCap)
+	}
+	h = append(h[:0], b...)
+	w.small.put(b)
+	return h
+}
+
+// tcpSeg is what promoteHeads reads of a TCP segment.
+type tcpSeg struct {
+	key     []byte // addresses and ports, in place in the packet
+	seq     uint32
+	payload uint32
+	psh     bool
+}
+
+// parseTCP reads a TCP segment that the device could coalesce: IPv4
+// without options or IPv6, flags ACK or ACK+PSH, some payload.
+func parseTCP(pkt []byte) (tcpSeg, bool) {
+	var iph int
+	switch {
+	case len(pkt) >= 40 && pkt[0] == 0x45 && pkt[9] == 6:
+		iph = 20
+		if int(binary.BigEndian.Uint16(pkt[2:4])) != len(pkt) {
+			return tcpSeg{}, false
+		}
+	case len(pkt) >= 60 && pkt[0]>>4 == 6 && pkt[6] == 6:
+		iph = 40
+	default:
+		return tcpSeg{}, false
+	}
+	tcph := int(pkt[iph+12]>>4) * 4
+	flags := pkt[iph+13]
+	if tcph < 20 || len(pkt) <= iph+tcph || (flags != 0x10 && flags != 0x18) {
+		return tcpSeg{}, false
+	}
+	var key []byte
+	if iph == 20 {
+		key = pkt[12:24] // addresses, then ports
+	} else {
+		key = pkt[8:44]
+	}
+	return tcpSeg{key: key, seq: binary.BigEndian.Uint32(pkt[iph+4:]), payload: uint32(len(pkt) - iph - tcph), psh: flags&0x08 != 0}, true
 }

@@ -62,7 +62,7 @@ func TestBatchWriterCopies(t *testing.T) {
 	for i := range pkt {
 		pkt[i] = 0 // the caller reuses its buffer at once
 	}
-	big := bytes.Repeat([]byte{0xbb}, coalesceCap) // larger than a pooled buffer
+	big := bytes.Repeat([]byte{0xbb}, packetCap) // larger than a pooled buffer
 	w.Write(big)
 	queued, _ := w.q.Take(context.Background(), nil)
 	b := queued[0]
@@ -225,4 +225,80 @@ func udp4(src, dst netip.AddrPort, payload []byte) []byte {
 	binary.BigEndian.PutUint16(b[24:], uint16(8+len(payload)))
 	copy(b[28:], payload)
 	return b
+}
+
+// segment builds a minimal IPv4 TCP segment of flow sport, sequence
+// number seq, carrying n payload bytes, PSH set if psh.
+func segment(sport byte, seq uint32, n int, psh bool) []byte {
+	p := make([]byte, 40+n)
+	p[0] = 0x45
+	binary.BigEndian.PutUint16(p[2:4], uint16(len(p)))
+	p[9] = 6
+	copy(p[12:20], []byte{100, 64, 0, 2, 100, 64, 0, 3})
+	p[21] = sport // source port
+	p[23] = 80
+	binary.BigEndian.PutUint32(p[24:28], seq)
+	p[32] = 0x50
+	p[33] = 0x10
+	if psh {
+		p[33] |= 0x08
+	}
+	for i := 40; i < len(p); i++ {
+		p[i] = sport
+	}
+	return p
+}
+
+// The first segment of each run the device can coalesce (one flow,
+// consecutive sequence numbers, PSH only at the end) moves into a head
+// buffer with room for the run; single segments, other packets and the
+// rest of a run stay in packet-sized buffers; every packet keeps its
+// bytes; at most maxHeads heads per batch.
+func TestPromoteHeads(t *testing.T) {
+	w := (&Device{}).NewBatchWriter(256)
+	pkts := [][]byte{
+		segment(1, 1000, 1300, false), segment(1, 2300, 1300, false), segment(1, 3600, 500, true), // run A
+		segment(1, 4100, 1300, false), segment(1, 5400, 1300, false), // after PSH: run B, same flow
+		segment(2, 70, 100, false),                                // a lone segment of another flow
+		{0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17},                      // not TCP
+		segment(1, 9999, 1300, false),                             // a gap: alone
+		segment(3, 1, 1300, false), segment(3, 1301, 1300, false), // run C
+	}
+	for _, p := range pkts {
+		w.Write(p)
+	}
+	bufs, _ := w.q.Take(context.Background(), nil)
+	w.promoteHeads(bufs)
+	wantHead := []bool{true, false, false, true, false, false, false, false, true, false}
+	for i, b := range bufs {
+		if !bytes.Equal(b[Offset:], pkts[i]) {
+			t.Fatalf("packet %d changed by promotion", i)
+		}
+		if got := cap(b) == headCap; got != wantHead[i] {
+			t.Errorf("packet %d: head buffer %v, want %v", i, got, wantHead[i])
+		}
+	}
+	for _, b := range bufs {
+		w.recycle(b)
+	}
+	if len(w.heads) != 3 {
+		t.Fatalf("%d head buffers back after the write, want 3", len(w.heads))
+	}
+
+	// Many flows, two segments each: at most maxHeads heads.
+	for i := 0; i < 2*maxHeads; i++ {
+		w.Write(segment(byte(10+i), 1, 500, false))
+		w.Write(segment(byte(10+i), 501, 500, false))
+	}
+	bufs, _ = w.q.Take(context.Background(), bufs)
+	w.promoteHeads(bufs)
+	heads := 0
+	for _, b := range bufs {
+		if cap(b) == headCap {
+			heads++
+		}
+	}
+	if heads != maxHeads {
+		t.Fatalf("%d heads for %d runs, want the cap %d", heads, 2*maxHeads, maxHeads)
+	}
 }
