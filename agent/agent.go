@@ -475,6 +475,6 @@ func (a *Agent) toClient(pkts [][]byte) {
 			a.dropNoSession.Add(1)
 			continue
 		}
-		cs.sess.Send(pkt)
+		cs.sess.SendWait(pkt)
 	}
 }

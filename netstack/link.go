@@ -20,12 +20,17 @@ package netstack
 //     PacketBuffer or view.
 //   - The outbound queue holds references, not copies, and is handed to
 //     the pump as a whole slice under one lock, bounded in packets and
-//     bytes; what does not fit is dropped and counted.
+//     bytes. When it is full, WritePackets waits (at most linkWaitMax) for
+//     the pump to take it: the stack's TCP sender is held back, and with it
+//     the real socket it reads from, so a fast LAN sender meets a closing
+//     TCP window instead of drops inside the tunnel. What still does not
+//     fit after the wait is dropped and counted.
 
 import (
 	"context"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -39,6 +44,10 @@ const (
 	// linkQueueBytes bounds the bytes waiting for the pump, on top of
 	// stackLinkQueueDepth packets: a GSO packet holds up to 64 KiB.
 	linkQueueBytes = 16 << 20
+	// linkWaitMax bounds how long WritePackets waits for room: the pump
+	// only waits on the tunnel's own queues, which drain at CPU speed, so
+	// a longer wait means something is stuck, and dropping is better.
+	linkWaitMax = 50 * time.Millisecond
 )
 
 var (
@@ -59,6 +68,7 @@ type linkEndpoint struct {
 	qBytes int
 	closed bool
 	wake   chan struct{} // capacity 1: "q is not empty"
+	room   chan struct{} // capacity 1: "take emptied q"
 
 	dropped atomic.Uint64 // outbound packets the queue had no room for
 }
@@ -68,6 +78,7 @@ func newLinkEndpoint(mtu int) *linkEndpoint {
 		mtu:  uint32(mtu),
 		q:    make([]*stack.PacketBuffer, 0, 256),
 		wake: make(chan struct{}, 1),
+		room: make(chan struct{}, 1),
 	}
 }
 
@@ -82,33 +93,55 @@ func (l *linkEndpoint) currentDispatcher() stack.NetworkDispatcher {
 // WritePackets queues the stack's outbound packets for the pump. It keeps a
 // reference to each, never a copy.
 func (l *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	all := pkts.AsSlice()
 	n := 0
-	l.qmu.Lock()
-	if l.closed {
+	var deadline *time.Timer
+	defer func() {
+		if deadline != nil {
+			deadline.Stop()
+		}
+	}()
+	for {
+		l.qmu.Lock()
+		if l.closed {
+			l.qmu.Unlock()
+			return n, &tcpip.ErrClosedForSend{}
+		}
+		for _, pkt := range all[n:] {
+			size := pkt.Size()
+			if len(l.q) >= stackLinkQueueDepth || l.qBytes+size > linkQueueBytes {
+				break
+			}
+			l.q = append(l.q, pkt.IncRef())
+			l.qBytes += size
+			n++
+		}
 		l.qmu.Unlock()
-		return 0, &tcpip.ErrClosedForSend{}
-	}
-	for _, pkt := range pkts.AsSlice() {
-		size := pkt.Size()
-		if len(l.q) >= stackLinkQueueDepth || l.qBytes+size > linkQueueBytes {
-			break
+		if n > 0 {
+			select {
+			case l.wake <- struct{}{}:
+			default:
+			}
 		}
-		l.q = append(l.q, pkt.IncRef())
-		l.qBytes += size
-		n++
-	}
-	l.qmu.Unlock()
-	if n > 0 {
+		if n == len(all) {
+			return n, nil
+		}
+		// Full: wait for the pump to take the queue, up to linkWaitMax in
+		// all. (The room signal wakes one waiter; one that misses it tries
+		// again at the next take or gives up at the deadline.)
+		if deadline == nil {
+			deadline = time.NewTimer(linkWaitMax)
+		}
 		select {
-		case l.wake <- struct{}{}:
-		default:
+		case <-l.room:
+			continue
+		case <-deadline.C:
 		}
+		break
 	}
-	if dropped := pkts.Len() - n; dropped > 0 {
-		l.dropped.Add(uint64(dropped))
-		if n == 0 {
-			return 0, &tcpip.ErrNoBufferSpace{}
-		}
+	l.dropped.Add(uint64(len(all) - n))
+	if n == 0 {
+		return 0, &tcpip.ErrNoBufferSpace{}
 	}
 	return n, nil
 }
@@ -124,6 +157,10 @@ func (l *linkEndpoint) take(ctx context.Context, spare []*stack.PacketBuffer) []
 			l.q = spare[:0]
 			l.qBytes = 0
 			l.qmu.Unlock()
+			select {
+			case l.room <- struct{}{}:
+			default:
+			}
 			return got
 		}
 		l.qmu.Unlock()

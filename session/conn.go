@@ -48,8 +48,9 @@ func (a *namedAddr) String() string { return a.name }
 
 // Path sends a peer session's packets one way: through the relay or directly.
 type Path interface {
-	// Send transmits one QUIC packet of session id. It must not retain pkt
-	// and must not block.
+	// Send transmits one QUIC packet of session id. It must not retain pkt.
+	// It may wait briefly for room, as a blocking socket write does, but
+	// never for the network.
 	Send(id uint64, pkt []byte) error
 }
 
@@ -260,10 +261,11 @@ func (c *Conn) Close() error {
 // LocalAddr implements net.PacketConn.
 func (c *Conn) LocalAddr() net.Addr { return Addr(0) }
 
-// SetDeadline implements net.PacketConn (reads only; writes never block).
+// SetDeadline implements net.PacketConn (reads only).
 func (c *Conn) SetDeadline(t time.Time) error { return c.SetReadDeadline(t) }
 
-// SetWriteDeadline implements net.PacketConn; writes never block.
+// SetWriteDeadline implements net.PacketConn; writes wait at most briefly
+// for room (Path), never for a deadline.
 func (c *Conn) SetWriteDeadline(time.Time) error { return nil }
 
 // SetReadDeadline implements net.PacketConn.

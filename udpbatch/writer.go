@@ -25,6 +25,7 @@ type Writer struct {
 	asleep  bool     // Run waits for wake
 	busy    bool     // Run is writing a batch
 	wake    chan struct{}
+	room    chan struct{} // capacity 1: "Run took the queue"
 
 	maxQueued, maxTrains int
 
@@ -55,7 +56,7 @@ const (
 
 // NewWriter returns a Writer for c; Run sends what it queues.
 func NewWriter(c *Conn) *Writer {
-	return &Writer{c: c, wake: make(chan struct{}, 1), maxQueued: QueueLen, maxTrains: maxTrains,
+	return &Writer{c: c, wake: make(chan struct{}, 1), room: make(chan struct{}, 1), maxQueued: QueueLen, maxTrains: maxTrains,
 		msgs: make([]Message, 0, maxTrains)}
 }
 
@@ -66,12 +67,43 @@ func (w *Writer) Write(to netip.AddrPort, b []byte) bool { return w.Write2(to, n
 // Write2 queues one datagram made of head followed by body (a frame header
 // and the packet it carries), copying both.
 func (w *Writer) Write2(to netip.AddrPort, head, body []byte) bool {
+	return w.write(to, head, body, 0)
+}
+
+// MaxWait bounds how long Write2Wait waits for room.
+const MaxWait = 50 * time.Millisecond
+
+// Write2Wait is Write2 for a producer that may be held back: when the queue
+// is full it waits, at most MaxWait, for the writer to take it, as a
+// blocking socket write would, instead of dropping at once. A peer
+// session's QUIC stack writes its packets this way, so that a burst it
+// makes faster than the socket takes them slows it down rather than
+// turning into loss.
+func (w *Writer) Write2Wait(to netip.AddrPort, head, body []byte) bool {
+	return w.write(to, head, body, MaxWait)
+}
+
+func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration) bool {
 	size := len(head) + len(body)
 	if size == 0 || size > MaxTrain {
 		w.drops.Add(1)
 		return false
 	}
 	w.mu.Lock()
+	if w.full() && wait > 0 {
+		deadline := time.NewTimer(wait)
+		for w.full() {
+			w.mu.Unlock()
+			select {
+			case <-w.room:
+			case <-deadline.C:
+				w.drops.Add(1)
+				return false
+			}
+			w.mu.Lock()
+		}
+		deadline.Stop()
+	}
 	if w.queued >= w.maxQueued {
 		w.mu.Unlock()
 		w.drops.Add(1)
@@ -108,6 +140,13 @@ func (w *Writer) Write2(to netip.AddrPort, head, body []byte) bool {
 		}
 	}
 	return true
+}
+
+// full reports whether a datagram could find no room: the queue holds its
+// most datagrams, or every train is taken (each may hold fewer when sizes
+// and addresses alternate). Called with mu held.
+func (w *Writer) full() bool {
+	return w.queued >= w.maxQueued || (w.trains >= w.maxTrains && len(w.free) == 0)
 }
 
 // newTrain takes a free train or makes one, within maxTrains. Called with mu held.
@@ -181,6 +220,10 @@ func (w *Writer) writeOnce() {
 	w.queued = 0
 	w.busy = true
 	w.mu.Unlock()
+	select {
+	case w.room <- struct{}{}:
+	default:
+	}
 
 	msgs := w.msgs[:0]
 	for _, t := range batch {

@@ -13,10 +13,18 @@ import (
 )
 
 // sendRaw queues one datagram, head followed by body, to to from the
-// node's port. It never blocks: a full queue drops it (counted).
-func (u *Underlay) sendRaw(head, body []byte, to netip.AddrPort) error {
+// node's port. A full queue drops it (counted); with wait, only after
+// waiting (bounded) for room, which is how a peer session's packets go, so
+// that the session is held back as by a blocking socket.
+func (u *Underlay) sendRaw(head, body []byte, to netip.AddrPort, wait bool) error {
 	if u.w != nil {
-		if !u.w.Write2(to, head, body) {
+		ok := false
+		if wait {
+			ok = u.w.Write2Wait(to, head, body)
+		} else {
+			ok = u.w.Write2(to, head, body)
+		}
+		if !ok {
 			u.c.sendFull.Add(1)
 			return errQueueFull
 		}
@@ -31,7 +39,7 @@ func (u *Underlay) sendRaw(head, body []byte, to netip.AddrPort) error {
 }
 
 // SendFrame writes a complete frame (a probe) to addr from the node's port.
-func (u *Underlay) SendFrame(b []byte, to netip.AddrPort) error { return u.sendRaw(nil, b, to) }
+func (u *Underlay) SendFrame(b []byte, to netip.AddrPort) error { return u.sendRaw(nil, b, to, false) }
 
 // directPath is a confirmed direct path, as a session.Path.
 type directPath struct {
@@ -42,7 +50,7 @@ type directPath struct {
 // Send implements session.Path.
 func (d *directPath) Send(id uint64, pkt []byte) error {
 	hdr := wire.FrameHeader(wire.FrameDirect, id)
-	return d.u.sendRaw(hdr[:], pkt, d.remote)
+	return d.u.sendRaw(hdr[:], pkt, d.remote, true)
 }
 
 // DirectConfig is one session's direct-path attempt.

@@ -113,7 +113,7 @@ func (u *Underlay) checkRelay(ctx context.Context) {
 		}
 		if gw.IsValid() && now.Sub(lastSent) >= every {
 			hdr := wire.FrameHeader(wire.FrameRelayCheck, r.nonce())
-			u.sendRaw(hdr[:], nil, gw)
+			u.sendRaw(hdr[:], nil, gw, false)
 			lastSent = now
 		}
 		select {
@@ -138,7 +138,7 @@ func (p relayPath) Send(id uint64, pkt []byte) error {
 	if u.relay.udpOK.Load() {
 		if gw := u.relay.gateway(); gw.IsValid() {
 			hdr := wire.FrameHeader(wire.FrameRelay, id)
-			return u.sendRaw(hdr[:], pkt, gw)
+			return u.sendRaw(hdr[:], pkt, gw, true)
 		}
 	}
 	return u.Ctrl.SendRelayDatagram(id, pkt)
