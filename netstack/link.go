@@ -45,8 +45,10 @@ const (
 	// stackLinkQueueDepth packets: a GSO packet holds up to 64 KiB.
 	linkQueueBytes = 16 << 20
 	// linkWaitMax bounds how long WritePackets waits for room: the pump
-	// only waits on the tunnel's own queues, which drain at CPU speed, so
-	// a longer wait means something is stuck, and dropping is better.
+	// waits on the tunnel's own queues, which drain at CPU speed while the
+	// paths take packets and hold a stalled session back for at most
+	// session.SendWaitMax, once per stall; a longer wait means something
+	// is stuck, and dropping is better.
 	linkWaitMax = 50 * time.Millisecond
 )
 

@@ -119,6 +119,7 @@ type Session struct {
 	txp, txb, rxp, rxb             atomic.Uint64
 	dropQueue, dropLarge, dropSend atomic.Uint64
 	dropRxLarge                    atomic.Uint64
+	stalled                        atomic.Bool // SendWait's last wait ran out; no more waits until the queue takes a packet
 }
 
 // New wraps an established connection. Call Run to start the pump.
@@ -152,27 +153,43 @@ func (s *Session) Send(pkt []byte) error {
 	return nil
 }
 
-// SendWait is Send for the one source of a session's packets that may be
-// held back: it waits while the queue is full instead of dropping. The
-// client's TUN reader uses it, so that a burst of segments read from the
-// kernel (a TSO segment is ~45 packets) pushes back on the sending TCP,
-// as a full NIC queue does, instead of being dropped here and
-// retransmitted. The wait ends when there is room or the connection ends;
-// the session's congestion controller is off (QUICConfig), so the queue
-// drains as fast as the path takes packets.
+// SendWait is Send for a source of the session's packets that may be held
+// back: when the queue is full it waits, at most SendWaitMax, instead of
+// dropping. The client's TUN reader uses it, so that a burst of segments
+// read from the kernel (a TSO segment is ~45 packets) pushes back on the
+// sending TCP, as a full NIC queue does, instead of being dropped here and
+// retransmitted; the agent's netstack output does the same for the
+// netstack's TCP. While the path takes packets the queue drains at CPU
+// speed (the congestion controller is off). When it stops (a peer gone
+// silent, a direct path lost before the fallback) the queue can stay full
+// for seconds: then one wait runs out, and until the queue takes a packet
+// again SendWait drops at once, so a shared producer (the agent's output
+// pump serves every client) is held up once per stall, not per packet.
 func (s *Session) SendWait(pkt []byte) error {
 	if len(pkt) > TunMTU {
 		s.dropLarge.Add(1)
 		return ErrTooLarge
 	}
-	if err := s.Conn.SendDatagram(pkt); err != nil {
-		s.dropSend.Add(1)
-		return nil
+	wait := SendWaitMax
+	if s.stalled.Load() {
+		wait = 0
 	}
-	s.txp.Add(1)
-	s.txb.Add(uint64(len(pkt)))
+	switch err := s.Conn.SendDatagramWait(pkt, wait); {
+	case err == nil:
+		s.stalled.Store(false)
+		s.txp.Add(1)
+		s.txb.Add(uint64(len(pkt)))
+	case errors.Is(err, quic.ErrDatagramQueueFull):
+		s.stalled.Store(true)
+		s.dropQueue.Add(1)
+	default:
+		s.dropSend.Add(1)
+	}
 	return nil
 }
+
+// SendWaitMax bounds how long SendWait waits for room.
+const SendWaitMax = 20 * time.Millisecond
 
 // Done is closed when the session has ended.
 func (s *Session) Done() <-chan struct{} { return s.done }
@@ -190,8 +207,10 @@ func (s *Session) Alive() bool {
 // Run delivers every received datagram to recv until the connection ends.
 //
 // recv runs on the QUIC connection's own goroutine (quic-go's 128-deep
-// datagram queue and its copy are bypassed), so it must not block: hand the
-// packet on or drop it. It owns pkt, a pooled buffer: when done with it,
+// datagram queue and its copy are bypassed), so it must not block for
+// long: hand the packet on, waiting (briefly, bounded) at most for room in
+// the next queue, or drop it; while it waits, the connection receives and
+// sends nothing. It owns pkt, a pooled buffer: when done with it,
 // it gives it back with ReleasePacket (or lets it be collected). recv must
 // be safe for concurrent use: datagrams that arrived before Run are handed
 // to it from Run's goroutine while new ones already arrive.

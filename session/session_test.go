@@ -531,10 +531,13 @@ func TestSessionBurstArrives(t *testing.T) {
 	}
 }
 
-// TestSessionSendQueueFull: when the connection cannot send (the path is
-// dead, so the congestion window stays full), Send neither blocks nor
-// queues without bound: beyond SendQueueLen waiting packets it drops and
-// counts. Once the path is back, packets flow again.
+// TestSessionSendQueueFull: when the connection cannot get packets
+// through (the path is dead), Send neither blocks nor queues without
+// bound. With the congestion controller off, quic-go keeps sending into
+// the dead path until it has protocol.MaxOutstandingSentPackets
+// unacknowledged; after that the queue fills, and beyond SendQueueLen
+// waiting packets Send drops and counts. Once the path is back, packets
+// flow again.
 func TestSessionSendQueueFull(t *testing.T) {
 	p := newPeerPair(t)
 	const id = 0x5e55_0004
@@ -545,7 +548,7 @@ func TestSessionSendQueueFull(t *testing.T) {
 	go cs.Run(func([]byte) {})
 
 	p.clientRelay.drop.Store(true)
-	const attempts = 4 * SendQueueLen
+	const attempts = 40000
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -556,22 +559,22 @@ func TestSessionSendQueueFull(t *testing.T) {
 	}()
 	select {
 	case <-done:
-	case <-time.After(10 * time.Second):
+	case <-time.After(20 * time.Second):
 		t.Fatal("Send blocked on a connection that cannot send")
 	}
 	st := cs.Stats()
 	if st.TxPackets+st.DropQueueFull != attempts {
 		t.Fatalf("queued %d + dropped %d != %d attempts", st.TxPackets, st.DropQueueFull, attempts)
 	}
-	// The queue holds SendQueueLen; the few that left it went into the
-	// initial congestion window (and probes).
-	if st.DropQueueFull < attempts-2*SendQueueLen {
-		t.Fatalf("only %d of %d packets dropped on a full queue (%+v)", st.DropQueueFull, attempts, st)
+	// Queued: what quic-go sent into the void (at most its outstanding
+	// limit, 20000), what waits in the queue, and the probes in between.
+	if st.DropQueueFull == 0 || st.TxPackets > 20000+2*SendQueueLen {
+		t.Fatalf("%d of %d packets queued on a dead path (%+v)", st.TxPackets, attempts, st)
 	}
 
 	// The path comes back: the backlog drains and new packets arrive.
 	p.clientRelay.drop.Store(false)
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(15 * time.Second)
 	for seq := uint32(1 << 20); !rx.has(seq - 1); seq++ {
 		if time.Now().After(deadline) {
 			t.Fatal("no packet arrived after the path came back")
@@ -671,5 +674,80 @@ func TestSessionOversizeDatagramDropped(t *testing.T) {
 	rx.verify(t, 0, 'c')
 	if string(rx.pkts[1]) != string(ok) {
 		t.Fatal("the valid packet was not delivered intact")
+	}
+}
+
+// TestSessionSendWaitHoldsBack: a producer that sends faster than the
+// connection drains is held back by SendWait instead of losing packets:
+// every one of four queues' worth arrives and nothing is dropped.
+func TestSessionSendWaitHoldsBack(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0007
+	cq, aq := p.connect(t, id)
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	rx := newCollector()
+	go as.Run(func(pkt []byte) { rx.recv(pkt); ReleasePacket(pkt) })
+	go cs.Run(func([]byte) {})
+	const n = 4 * SendQueueLen
+	for seq := uint32(0); seq < n; seq++ {
+		cs.SendWait(testPacket(seq, 'c'))
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for rx.count() < n && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if st := cs.Stats(); st.DropQueueFull != 0 || st.DropSend != 0 || rx.count() != n {
+		t.Fatalf("received %d of %d; sender %+v", rx.count(), n, st)
+	}
+	rx.verify(t, n, 'c')
+}
+
+// TestSessionSendWaitBounded: on a path that stopped taking packets, the
+// queue stops draining once quic-go has as much unacknowledged as it
+// allows; SendWait then waits at most SendWaitMax, once, and drops (and
+// counts) at once afterwards: a producer shared with other sessions is
+// never held for long. When the path comes back, packets flow again.
+func TestSessionSendWaitBounded(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_0008
+	cq, aq := p.connect(t, id)
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	rx := newCollector()
+	go as.Run(func(pkt []byte) { rx.recv(pkt); ReleasePacket(pkt) })
+	go cs.Run(func([]byte) {})
+
+	p.clientRelay.drop.Store(true)
+	pkt := make([]byte, TunMTU)
+	var longest time.Duration
+	var long int
+	start := time.Now()
+	for i := 0; i < 40000 && time.Since(start) < 20*time.Second; i++ {
+		t0 := time.Now()
+		cs.SendWait(pkt)
+		d := time.Since(t0)
+		longest = max(longest, d)
+		if d >= SendWaitMax/2 {
+			long++
+		}
+	}
+	st := cs.Stats()
+	if st.DropQueueFull == 0 {
+		t.Fatalf("a dead path never filled the queue: %+v", st)
+	}
+	if longest > SendWaitMax+200*time.Millisecond {
+		t.Fatalf("one SendWait took %v on a dead path, the bound is %v", longest, SendWaitMax)
+	}
+	if long > 20 {
+		t.Fatalf("%d SendWait calls waited (%d dropped): a stalled queue must not make every call wait", long, st.DropQueueFull)
+	}
+
+	p.clientRelay.drop.Store(false)
+	deadline := time.Now().Add(15 * time.Second)
+	for seq := uint32(1 << 20); !rx.has(seq - 1); seq++ {
+		if time.Now().After(deadline) {
+			t.Fatal("no packet arrived after the path came back")
+		}
+		cs.SendWait(testPacket(seq, 'c'))
+		time.Sleep(time.Millisecond)
 	}
 }

@@ -20,7 +20,7 @@ import (
 const (
 	packetCap = Offset + 2048
 	headCap   = Offset + 65535
-	maxHeads  = 64
+	maxHeads  = 32
 )
 
 // BatchWriter collects packets from the tunnel and writes them to the
@@ -33,6 +33,7 @@ type BatchWriter struct {
 	small freeList
 	heads [][]byte // head buffers, used by Run only
 	drops atomic.Uint64
+	done  atomic.Bool // Run returned: nothing waits for room any more
 }
 
 // freeList keeps packet buffers for reuse, at most freeListMax of them: a
@@ -95,7 +96,7 @@ func (w *BatchWriter) write(pkt []byte, wait time.Duration) {
 	b = b[:Offset+len(pkt)]
 	copy(b[Offset:], pkt)
 	ok := false
-	if wait > 0 {
+	if wait > 0 && !w.done.Load() {
 		ok = w.q.PutWait(b, wait)
 	} else {
 		ok = w.q.Put(b)
@@ -121,6 +122,7 @@ func (w *BatchWriter) Drops() uint64 { return w.drops.Load() }
 
 // Run writes queued packets until ctx ends.
 func (w *BatchWriter) Run(ctx context.Context) error {
+	defer w.done.Store(true)
 	max := max(w.dev.BatchSize()*2, 64)
 	var batch [][]byte
 	for {

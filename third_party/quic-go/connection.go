@@ -3156,7 +3156,7 @@ func (c *Conn) recordStreamPriorityUpdated(id protocol.StreamID, urgency int8, i
 // In addition, a datagram may be dropped before being sent out if the available packet size suddenly decreases.
 // If the payload is too large to be sent at the current time, a [DatagramTooLargeError] is returned.
 func (c *Conn) SendDatagram(p []byte) error {
-	return c.sendDatagram(p, true)
+	return c.sendDatagram(p, -1)
 }
 
 // TrySendDatagram is SendDatagram that never blocks: when
@@ -3165,10 +3165,23 @@ func (c *Conn) SendDatagram(p []byte) error {
 // a buffer that is reused once the datagram has been packed, so p may be
 // reused at once and nothing is allocated per datagram.
 func (c *Conn) TrySendDatagram(p []byte) error {
-	return c.sendDatagram(p, false)
+	return c.sendDatagram(p, 0)
 }
 
-func (c *Conn) sendDatagram(p []byte, block bool) error {
+// SendDatagramWait is SendDatagram that waits at most d for room in a full
+// queue (Config.DatagramSendQueueLen), then returns ErrDatagramQueueFull
+// and p is not sent. For a producer that should be held back by a slow
+// connection, as by a blocking socket, but never for longer than d: with a
+// path that stopped taking packets the queue may not drain for seconds.
+func (c *Conn) SendDatagramWait(p []byte, d time.Duration) error {
+	if d <= 0 {
+		return c.sendDatagram(p, 0)
+	}
+	return c.sendDatagram(p, d)
+}
+
+// sendDatagram queues p, waiting for room as Add does.
+func (c *Conn) sendDatagram(p []byte, wait time.Duration) error {
 	if !c.supportsDatagrams() {
 		return errors.New("datagram support disabled")
 	}
@@ -3183,7 +3196,7 @@ func (c *Conn) sendDatagram(p []byte, block bool) error {
 		return &DatagramTooLargeError{MaxDatagramPayloadSize: int64(maxDataLen)}
 	}
 	f := getDatagramFrame(p)
-	if err := c.datagramQueue.Add(f, block); err != nil {
+	if err := c.datagramQueue.Add(f, wait); err != nil {
 		putDatagramFrame(f)
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/quic-go/quic-go/internal/ackhandler"
 	"github.com/quic-go/quic-go/internal/protocol"
@@ -60,6 +61,10 @@ type datagramQueue struct {
 	sendQueue    ringbuffer.RingBuffer[*wire.DatagramFrame]
 	sendQueueLen int
 	sent         chan struct{} // used to notify Add that a datagram was dequeued
+	// waitTimer is reused by Adds that wait a bounded time (one at a time;
+	// a second waiter makes its own), so waiting allocates nothing.
+	waitTimer     *time.Timer
+	waitTimerBusy bool
 
 	rcvMx    sync.Mutex
 	rcvQueue [][]byte
@@ -94,11 +99,19 @@ func newDatagramQueue(hasData func(), sendQueueLen int, logger utils.Logger, qlo
 
 // Add queues a new DATAGRAM frame for sending.
 // Up to sendQueueLen DATAGRAM frames will be queued.
-// Once that limit is reached, Add blocks until the queue size has reduced,
-// or, if block is false, returns ErrDatagramQueueFull.
-func (h *datagramQueue) Add(f *wire.DatagramFrame, block bool) error {
+// Once that limit is reached, Add waits until the queue size has reduced:
+// for as long as it takes if wait is negative, not at all if it is 0, at
+// most wait otherwise; it then returns ErrDatagramQueueFull.
+func (h *datagramQueue) Add(f *wire.DatagramFrame, wait time.Duration) error {
 	h.sendMx.Lock()
 
+	var deadline <-chan time.Time
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			h.releaseTimer(timer)
+		}
+	}()
 	for {
 		// don't queue frames after the connection is closed
 		select {
@@ -114,9 +127,13 @@ func (h *datagramQueue) Add(f *wire.DatagramFrame, block bool) error {
 			h.hasData()
 			return nil
 		}
-		if !block {
+		if wait == 0 {
 			h.sendMx.Unlock()
 			return ErrDatagramQueueFull
+		}
+		if wait > 0 && timer == nil {
+			timer = h.getTimer(wait)
+			deadline = timer.C
 		}
 		select {
 		case <-h.sent: // drain any stale notification, so we don't wake up immediately below
@@ -128,8 +145,35 @@ func (h *datagramQueue) Add(f *wire.DatagramFrame, block bool) error {
 		case <-h.closed:
 			return h.closeErr
 		case <-h.sent:
+		case <-deadline:
+			return ErrDatagramQueueFull
 		}
 		h.sendMx.Lock()
+	}
+}
+
+// getTimer returns a timer set to d: the queue's own, reused, unless
+// another Add is waiting with it. Called with sendMx held.
+func (h *datagramQueue) getTimer(d time.Duration) *time.Timer {
+	if h.waitTimer != nil && !h.waitTimerBusy {
+		h.waitTimerBusy = true
+		h.waitTimer.Reset(d)
+		return h.waitTimer
+	}
+	if h.waitTimer == nil {
+		h.waitTimer = time.NewTimer(d)
+		h.waitTimerBusy = true
+		return h.waitTimer
+	}
+	return time.NewTimer(d)
+}
+
+func (h *datagramQueue) releaseTimer(t *time.Timer) {
+	t.Stop()
+	if t == h.waitTimer {
+		h.sendMx.Lock()
+		h.waitTimerBusy = false
+		h.sendMx.Unlock()
 	}
 }
 
