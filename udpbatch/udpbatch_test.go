@@ -261,3 +261,79 @@ func TestWriterReadBatchAllocs(t *testing.T) {
 		t.Fatalf("%.1f allocations per round of 32 datagrams, want 0", n)
 	}
 }
+
+// Write2Wait holds a producer back instead of dropping while the writer
+// drains, whatever the mix of sizes, with GSO and without: every datagram
+// of a burst many queues long arrives. With nobody draining it gives up
+// after MaxWait and counts the drop.
+func TestWriterWaitForRoom(t *testing.T) {
+	for _, gso := range []bool{true, false} {
+		t.Run(map[bool]string{true: "gso", false: "no gso"}[gso], func(t *testing.T) {
+			a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+			b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+			if !gso {
+				a.gso.Store(false)
+			}
+			to := addrOf(b.UDPConn())
+			w := NewWriter(a)
+
+			// Nobody drains: the wait runs out.
+			for w.Write2(to, nil, make([]byte, 100)) {
+			}
+			drops := w.Drops()
+			start := time.Now()
+			if w.Write2Wait(to, nil, make([]byte, 100)) {
+				t.Fatal("Write2Wait into a full queue nobody drains succeeded")
+			}
+			if d := time.Since(start); d < MaxWait || w.Drops() != drops+1 {
+				t.Fatalf("gave up after %v (bound %v), drops %d -> %d", d, MaxWait, drops, w.Drops())
+			}
+
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			go w.Run(ctx)
+			// Drain what was queued.
+			ms := []Message{{Buf: make([]byte, MaxTrain)}}
+			w.Flush(3 * time.Second)
+			b.UDPConn().SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+			for {
+				if _, err := b.ReadBatch(ms); err != nil {
+					break
+				}
+			}
+
+			const n = 5 * QueueLen
+			drops = w.Drops()
+			got := make(chan int)
+			go func() {
+				seen := 0
+				b.UDPConn().SetReadDeadline(time.Now().Add(10 * time.Second))
+				for seen < n {
+					k, err := b.ReadBatch(ms)
+					if err != nil {
+						break
+					}
+					for _, m := range ms[:k] {
+						m.Datagrams(func([]byte) { seen++ })
+					}
+				}
+				got <- seen
+			}()
+			for i := 0; i < n; i++ {
+				size := 1400
+				if i%3 == 0 {
+					size = 80 // an ACK between data: a train per size change
+				}
+				if !w.Write2Wait(to, nil, make([]byte, size)) {
+					t.Fatalf("datagram %d dropped while the writer drains (drops %d)", i, w.Drops()-drops)
+				}
+				if i%512 == 511 {
+					time.Sleep(time.Millisecond) // the loopback receive buffer is finite
+				}
+			}
+			if seen := <-got; seen != n {
+				t.Fatalf("%d of %d datagrams arrived", seen, n)
+			}
+		})
+	}
+}

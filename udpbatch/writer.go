@@ -12,7 +12,8 @@ import (
 // from one, in batches: consecutive datagrams to one address and of one
 // size join a train that goes out as one GSO write, and the trains of a
 // batch go out in one sendmmsg. Write copies the datagram and never
-// blocks: a full queue drops it and counts, as a full NIC queue would.
+// blocks: a full queue drops it and counts, as a full NIC queue would;
+// Write2Wait waits (bounded) for room first.
 type Writer struct {
 	c *Conn
 
@@ -20,14 +21,19 @@ type Writer struct {
 	pending []*train // filled by Write, taken whole by Run
 	spare   []*train // the other half of the double buffer
 	free    []*train // trains to reuse
-	trains  int      // trains allocated
+	bytes   int      // capacity of every train made (pending, being written, free)
 	queued  int      // datagrams in pending
 	asleep  bool     // Run waits for wake
 	busy    bool     // Run is writing a batch
 	wake    chan struct{}
-	room    chan struct{} // capacity 1: "Run took the queue"
-
-	maxQueued, maxTrains int
+	// room is closed (and replaced) each time Run has written a batch and
+	// taken its trains back: every waiter wakes and looks again.
+	room    chan struct{}
+	waiters int // writers waiting on room
+	// timer is reused by waiting writers, one at a time (another makes its
+	// own), so that waiting allocates nothing.
+	timer     *time.Timer
+	timerBusy bool
 
 	drops atomic.Uint64
 	msgs  []Message
@@ -43,21 +49,22 @@ type train struct {
 	closed bool
 }
 
-// Sizes of the write queue. A train holds up to trainBytes (about twenty
-// full-size datagrams, enough for GSO to pay off); the queue holds at most
-// QueueLen datagrams in at most maxTrains trains, which bounds its memory
-// to maxTrains × trainBytes (4 MiB) however the traffic is mixed.
+// Sizes of the write queue. With GSO a train holds up to trainBytes (about
+// twenty full-size datagrams, enough for GSO to pay off); without, a train
+// is one datagram and its buffer datagramBytes. The queue holds at most
+// QueueLen datagrams, in trains of at most queueBytes in all (4 MiB)
+// however the traffic is mixed.
 const (
-	trainBytes = 32 << 10
-	maxTrains  = 128
+	trainBytes    = 32 << 10
+	datagramBytes = 2 << 10
+	queueBytes    = 4 << 20
 	// QueueLen is how many datagrams may wait for the socket.
 	QueueLen = 2048
 )
 
 // NewWriter returns a Writer for c; Run sends what it queues.
 func NewWriter(c *Conn) *Writer {
-	return &Writer{c: c, wake: make(chan struct{}, 1), room: make(chan struct{}, 1), maxQueued: QueueLen, maxTrains: maxTrains,
-		msgs: make([]Message, 0, maxTrains)}
+	return &Writer{c: c, wake: make(chan struct{}, 1), room: make(chan struct{}), msgs: make([]Message, 0, QueueLen)}
 }
 
 // Write queues one datagram b to to. It reports false if the queue was
@@ -89,82 +96,133 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration)
 		w.drops.Add(1)
 		return false
 	}
+	gso := w.c.GSO()
 	w.mu.Lock()
-	if w.full() && wait > 0 {
-		deadline := time.NewTimer(wait)
-		for w.full() {
+	var timer *time.Timer
+	for {
+		if t := w.place(to, size, gso); t != nil {
+			t.buf = append(t.buf, head...)
+			t.buf = append(t.buf, body...)
+			t.n++
+			w.queued++
+			wake := w.asleep
+			w.asleep = false
 			w.mu.Unlock()
-			select {
-			case <-w.room:
-			case <-deadline.C:
-				w.drops.Add(1)
-				return false
+			if timer != nil {
+				w.releaseTimer(timer)
 			}
-			w.mu.Lock()
+			if wake {
+				select {
+				case w.wake <- struct{}{}:
+				default:
+				}
+			}
+			return true
 		}
-		deadline.Stop()
-	}
-	if w.queued >= w.maxQueued {
+		// Full.
+		if wait <= 0 {
+			break
+		}
+		if timer == nil {
+			timer = w.getTimer(wait)
+		}
+		room := w.room
+		w.waiters++
 		w.mu.Unlock()
-		w.drops.Add(1)
-		return false
+		select {
+		case <-room:
+			w.mu.Lock()
+			w.waiters--
+			continue
+		case <-timer.C:
+			w.mu.Lock()
+			w.waiters--
+		}
+		break
 	}
-	var t *train
-	if n := len(w.pending); n > 0 && w.c.GSO() {
+	w.mu.Unlock()
+	if timer != nil {
+		w.releaseTimer(timer)
+	}
+	w.drops.Add(1)
+	return false
+}
+
+// place finds room for a datagram of size bytes to to: the last pending
+// train if it continues it, else a new one. nil: the queue is full.
+// Called with mu held.
+func (w *Writer) place(to netip.AddrPort, size int, gso bool) *train {
+	if w.queued >= QueueLen {
+		return nil
+	}
+	if n := len(w.pending); n > 0 && gso {
 		last := w.pending[n-1]
 		if last.to == to && !last.closed && size <= last.seg && last.n < MaxSegments && len(last.buf)+size <= cap(last.buf) {
-			t = last
-			t.closed = size < last.seg
+			last.closed = size < last.seg
+			return last
 		}
 	}
-	if t == nil {
-		if t = w.newTrain(size); t == nil {
-			w.mu.Unlock()
-			w.drops.Add(1)
-			return false
-		}
+	t := w.newTrain(size, gso)
+	if t != nil {
 		t.to, t.seg = to, size
 		w.pending = append(w.pending, t)
 	}
-	t.buf = append(t.buf, head...)
-	t.buf = append(t.buf, body...)
-	t.n++
-	w.queued++
-	wake := w.asleep
-	w.asleep = false
-	w.mu.Unlock()
-	if wake {
-		select {
-		case w.wake <- struct{}{}:
-		default:
-		}
+	return t
+}
+
+// newTrain takes a free train big enough or makes one within the queue's
+// byte budget. Called with mu held.
+func (w *Writer) newTrain(size int, gso bool) *train {
+	want := datagramBytes
+	if gso {
+		want = trainBytes
 	}
-	return true
-}
-
-// full reports whether a datagram could find no room: the queue holds its
-// most datagrams, or every train is taken (each may hold fewer when sizes
-// and addresses alternate). Called with mu held.
-func (w *Writer) full() bool {
-	return w.queued >= w.maxQueued || (w.trains >= w.maxTrains && len(w.free) == 0)
-}
-
-// newTrain takes a free train or makes one, within maxTrains. Called with mu held.
-func (w *Writer) newTrain(size int) *train {
-	if n := len(w.free); n > 0 {
-		t := w.free[n-1]
-		w.free = w.free[:n-1]
-		if cap(t.buf) >= size {
+	want = max(want, size)
+	for i := len(w.free) - 1; i >= 0; i-- {
+		if t := w.free[i]; cap(t.buf) >= size {
+			w.free[i] = w.free[len(w.free)-1]
+			w.free = w.free[:len(w.free)-1]
 			return t
 		}
-		// Too small for this (only a datagram over trainBytes): replace it.
-		w.trains--
 	}
-	if w.trains >= w.maxTrains {
-		return nil
+	if w.bytes+want > queueBytes {
+		// Make room from free trains too small for this one.
+		for len(w.free) > 0 && w.bytes+want > queueBytes {
+			t := w.free[len(w.free)-1]
+			w.free = w.free[:len(w.free)-1]
+			w.bytes -= cap(t.buf)
+		}
+		if w.bytes+want > queueBytes {
+			return nil
+		}
 	}
-	w.trains++
-	return &train{buf: make([]byte, 0, max(trainBytes, size))}
+	w.bytes += want
+	return &train{buf: make([]byte, 0, want)}
+}
+
+// getTimer returns a timer set to d, the writer's own unless another
+// writer waits with it. Called with mu held.
+func (w *Writer) getTimer(d time.Duration) *time.Timer {
+	if w.timer == nil {
+		w.timer = time.NewTimer(d)
+		w.timerBusy = true
+		return w.timer
+	}
+	if !w.timerBusy {
+		w.timerBusy = true
+		w.timer.Reset(d)
+		return w.timer
+	}
+	return time.NewTimer(d)
+}
+
+func (w *Writer) releaseTimer(t *time.Timer) {
+	t.Stop()
+	if t == w.timer {
+		w.mu.Lock()
+		w.timerBusy = false
+		w.mu.Unlock()
+	}
 }
 
 // Drops counts datagrams dropped because the queue was full.
@@ -220,10 +278,6 @@ func (w *Writer) writeOnce() {
 	w.queued = 0
 	w.busy = true
 	w.mu.Unlock()
-	select {
-	case w.room <- struct{}{}:
-	default:
-	}
 
 	msgs := w.msgs[:0]
 	for _, t := range batch {
@@ -234,9 +288,7 @@ func (w *Writer) writeOnce() {
 		msgs = append(msgs, Message{Buf: t.buf, Addr: t.to, Seg: seg})
 	}
 	w.c.WriteBatch(msgs)
-	for i := range msgs {
-		msgs[i] = Message{} // no reference to the trains' buffers left behind
-	}
+	clear(msgs) // no reference to the trains' buffers left behind
 	w.msgs = msgs[:0]
 
 	w.mu.Lock()
@@ -246,5 +298,10 @@ func (w *Writer) writeOnce() {
 	}
 	clear(batch)
 	w.spare = batch[:0]
+	// The trains are back: wake every writer waiting for room.
+	if w.waiters > 0 {
+		close(w.room)
+		w.room = make(chan struct{})
+	}
 	w.mu.Unlock()
 }
