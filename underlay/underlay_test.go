@@ -101,7 +101,10 @@ func punchBoth(t testing.TB, a, b *testPort, id uint64) {
 
 // A session's packets cross a confirmed direct path whole, in order, and
 // from the session's address: a burst of mixed sizes (GSO trains, GRO on
-// receive where the kernel has them).
+// receive where the kernel has them). Through quic-go's 32-deep non-QUIC
+// queue (the fallback where the kernel refuses the steering program) a
+// burst can lose packets when the reader is late, as the README says of
+// that mode; what arrives must still be whole and in order.
 func TestDirectPathCarriesSessionPackets(t *testing.T) {
 	forBothModes(t, func(t *testing.T, steered bool) {
 		a, b := openTest(t, steered), openTest(t, steered)
@@ -114,22 +117,36 @@ func TestDirectPathCarriesSessionPackets(t *testing.T) {
 			}
 			return session.PeerPacketSize
 		}
-		got := make(chan error, 1)
+		type result struct {
+			got int
+			err error
+		}
+		done := make(chan result, 1)
 		go func() {
 			buf := make([]byte, 2048)
-			for i := 0; i < n; i++ {
-				b.Conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+			got, next := 0, 0
+			for next < n {
+				b.Conn.SetReadDeadline(time.Now().Add(time.Second))
 				k, from, err := b.Conn.ReadFrom(buf)
 				if err != nil {
-					got <- err
+					if !steered && got > 0 {
+						break // the tail was lost in the fallback's queue
+					}
+					done <- result{got, err}
 					return
 				}
-				if sid, _ := session.IDOf(from); sid != id || k != sizeOf(i) || binary.BigEndian.Uint32(buf) != uint32(i) || buf[k-1] != byte(i) {
-					got <- errorf("packet %d: %d bytes from %v, seq %d", i, k, from, binary.BigEndian.Uint32(buf))
+				seq := int(binary.BigEndian.Uint32(buf))
+				if sid, _ := session.IDOf(from); sid != id || seq < next || seq >= n || k != sizeOf(seq) || buf[k-1] != byte(seq) {
+					done <- result{got, errorf("after %d: %d bytes from %v, seq %d", next, k, from, seq)}
 					return
 				}
+				if steered && seq != next {
+					done <- result{got, errorf("packet %d missing (got %d)", next, seq)}
+					return
+				}
+				got, next = got+1, seq+1
 			}
-			got <- nil
+			done <- result{got, nil}
 		}()
 		for i := 0; i < n; i++ {
 			p := make([]byte, sizeOf(i))
@@ -142,8 +159,12 @@ func TestDirectPathCarriesSessionPackets(t *testing.T) {
 				time.Sleep(time.Millisecond)
 			}
 		}
-		if err := <-got; err != nil {
-			t.Fatal(err)
+		r := <-done
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		if !steered && r.got < n/2 {
+			t.Fatalf("only %d of %d packets through the fallback", r.got, n)
 		}
 		if d := a.Drops(); d["frame_queue_full"] != 0 || d["path_send_failed"] != 0 {
 			t.Fatalf("sender drops: %v", d)
@@ -151,6 +172,8 @@ func TestDirectPathCarriesSessionPackets(t *testing.T) {
 		if steered {
 			st := a.IOStats()
 			t.Logf("%d datagrams in %d sendmmsg calls; receiver: %d in %d recvmmsg calls", st.WriteDatagrams, st.WriteCalls, b.IOStats().ReadDatagrams, b.IOStats().ReadCalls)
+		} else {
+			t.Logf("%d of %d packets through the fallback", r.got, n)
 		}
 	})
 }
