@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -156,7 +157,7 @@ func TestRelayDropsSpoofedFrames(t *testing.T) {
 		for i := 0; i < 5; i++ {
 			uc.WriteToUDP(frame(wire.FrameRelay, id, "spoofed ciphertext"), gw)
 			uc.WriteToUDP(frame(wire.FrameRelay, id^0x5a5a, "no such session"), gw)
-			uc.WriteToUDP(frame(wire.FrameRelayCheck, 0x77, ""), gw)
+			uc.WriteToUDP(frame(wire.FrameRelayCheck, 0x77, "a token it does not have"[:16]), gw)
 		}
 		uc.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
 		if n, from, err := uc.ReadFromUDP(make([]byte, 2048)); err == nil {
@@ -178,5 +179,46 @@ func TestRelayDropsSpoofedFrames(t *testing.T) {
 	})
 	if err := e.download(t, 8<<20, 23); err != nil {
 		t.Fatalf("the tunnel after the spoofed frames: %v", err)
+	}
+}
+
+// The client's NAT rebinds (new public port for every flow) during a
+// relayed transfer: the gateway follows the client's new address (QUIC
+// migrates its connection; the relay moves the node with it), relay frames
+// flow again from and to the new address, and the transfer completes.
+func TestRelaySurvivesNATRebinding(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, coneCone, true, relayOnly...)
+	e.waitFor(t, 10*time.Second, "relay frames as UDP", func() error {
+		if !e.relayUDP(t) {
+			return fmt.Errorf("relay frames still ride the gateway connection")
+		}
+		return nil
+	})
+	done := make(chan error, 1)
+	go func() { done <- e.download(t, 24<<20, 31, "--limit-rate", "3M") }()
+	time.Sleep(2 * time.Second)
+	if err := e.lab.RebindClientNAT(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rebound := time.Now()
+	e.waitFor(t, 10*time.Second, "the gateway to follow the client's new address", func() error {
+		if !strings.Contains(e.gateway.Log(), "node's address changed") {
+			return fmt.Errorf("no address change logged yet")
+		}
+		return nil
+	})
+	t.Logf("gateway followed the client's new address %v after the rebinding", time.Since(rebound).Round(100*time.Millisecond))
+	before := e.relayStats(t)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("transfer across the NAT rebinding: %v", err)
+		}
+	case <-time.After(120 * time.Second):
+		t.Fatal("transfer did not finish")
+	}
+	if after := e.relayStats(t); after.UDPFrames-before.UDPFrames < 1000 {
+		t.Fatalf("after the rebinding the relay forwarded only %d UDP frames", after.UDPFrames-before.UDPFrames)
 	}
 }

@@ -17,6 +17,7 @@ import (
 type nopDatagrams struct{}
 
 func (nopDatagrams) SendDatagram([]byte) error { return nil }
+func (nopDatagrams) RemoteAddr() net.Addr      { return nil }
 
 // relayRig is the gateway's frame socket serving a route between two
 // loopback "nodes".
@@ -57,16 +58,19 @@ func startRelayRig(tb testing.TB) *relayRig {
 		}
 		(*c).SetReadBuffer(4 << 20)
 	}
-	pa := g.hub.NewPeer("client/a", r.a.LocalAddr().(*net.UDPAddr).AddrPort(), nopDatagrams{})
-	pb := g.hub.NewPeer("agent/b", r.b.LocalAddr().(*net.UDPAddr).AddrPort(), nopDatagrams{})
+	var tok [relay.CheckTokenLen]byte
+	tok[0] = 7
+	pa := g.hub.NewPeer("client/a", r.a.LocalAddr().(*net.UDPAddr).AddrPort(), tok, nopDatagrams{})
+	pb := g.hub.NewPeer("agent/b", r.b.LocalAddr().(*net.UDPAddr).AddrPort(), tok, nopDatagrams{})
 	if err := g.hub.Bind(42, pa, pb); err != nil {
 		tb.Fatal(err)
 	}
 	// b checks, so frames to it go as UDP.
-	check := wire.FrameHeader(wire.FrameRelayCheck, 1)
+	h := wire.FrameHeader(wire.FrameRelayCheck, 1)
+	check := append(h[:], tok[:]...)
 	buf := make([]byte, 64)
 	for i := 0; ; i++ {
-		r.b.WriteToUDPAddrPort(check[:], r.gw)
+		r.b.WriteToUDPAddrPort(check, r.gw)
 		r.b.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
 		if _, err := r.b.Read(buf); err == nil {
 			break

@@ -185,6 +185,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 		<-ctx.Done()
 		ln.Close()
 	}()
+	go g.followAddresses(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -305,13 +306,15 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		observed = ua.AddrPort()
 		observed = netip.AddrPortFrom(observed.Addr().Unmap(), observed.Port())
 	}
-	n.peer = g.hub.NewPeer(n.role+"/"+n.name, observed, qc)
+	var relayToken [relay.CheckTokenLen]byte
+	rand.Read(relayToken[:])
+	n.peer = g.hub.NewPeer(n.role+"/"+n.name, observed, relayToken, qc)
 	n.peer.OnGone = func(id uint64) {
 		go n.write(&wire.Message{Type: wire.TypeGone, Gone: &wire.Gone{ID: id}})
 	}
 	defer n.peer.Close()
 
-	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed}}); err != nil {
+	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed, RelayToken: relayToken[:]}}); err != nil {
 		return
 	}
 	log.Info("node registered", "overlay", n.overlay, "advertise", n.adv)
@@ -500,4 +503,28 @@ func (g *Gateway) releaseOverlay(n *node) {
 		delete(g.live, n.overlay)
 	}
 	g.mu.Unlock()
+}
+
+// addrCheckEvery is how often the gateway looks whether a node's gateway
+// connection comes from a new address (its NAT rebound, it changed
+// networks; QUIC follows that by itself).
+const addrCheckEvery = time.Second
+
+// followAddresses keeps the relay's idea of each node's address current
+// (relay.Hub.Refresh) until ctx ends: after a NAT rebinding, relay frames
+// from the old address stop counting as the node's, and frames from the
+// new one do, within addrCheckEvery.
+func (g *Gateway) followAddresses(ctx context.Context) {
+	t := time.NewTicker(addrCheckEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			for _, m := range g.hub.Refresh() {
+				g.log.Info("node's address changed", "node", m.Name, "from", m.From, "to", m.To)
+			}
+		}
+	}
 }

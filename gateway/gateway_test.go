@@ -753,12 +753,17 @@ func (n *testNode) readUDP(within time.Duration) ([]byte, netip.AddrPort, error)
 // checkRelay sends relay checks until the gateway echoes one.
 func (n *testNode) checkRelay(t *testing.T, tg *testGateway) {
 	t.Helper()
+	tok := n.c.Welcome().RelayToken
+	if len(tok) != relay.CheckTokenLen {
+		t.Fatalf("welcome carries a relay token of %d bytes", len(tok))
+	}
 	for i := 0; i < 20; i++ {
-		c := wire.FrameHeader(wire.FrameRelayCheck, uint64(1000+i))
-		n.sendUDP(t, tg, c[:])
+		h := wire.FrameHeader(wire.FrameRelayCheck, uint64(1000+i))
+		c := append(h[:], tok...)
+		n.sendUDP(t, tg, c)
 		b, _, err := n.readUDP(200 * time.Millisecond)
 		if err == nil {
-			if !bytes.Equal(b, c[:]) {
+			if !bytes.Equal(b, c) {
 				t.Fatalf("relay check answered with %x, want the check %x back", b, c)
 			}
 			return
@@ -822,13 +827,17 @@ func testRelayUDP(t *testing.T, tg *testGateway, client, agent *testNode, id uin
 	spoof := relay.Frame(id, []byte("spoofed"))
 	stranger.WriteToUDP(spoof, tg.g.Addr())
 	check := wire.FrameHeader(wire.FrameRelayCheck, 99)
-	stranger.WriteToUDP(check[:], tg.g.Addr())
+	stranger.WriteToUDP(append(check[:], make([]byte, relay.CheckTokenLen)...), tg.g.Addr())
+	// A check from a node's own address without its token (a forged
+	// source) is refused too, and not answered.
+	forged := append(check[:], bytes.Repeat([]byte{0xee}, relay.CheckTokenLen)...)
+	client.sendUDP(t, tg, forged)
 	// And a node names a session that does not exist.
 	client.sendUDP(t, tg, relay.Frame(id^0xff, []byte("nobody's")))
 	deadline := time.Now().Add(3 * time.Second)
 	for {
 		st := tg.g.RelayStats()
-		if st.DropNotEndpoint > before.DropNotEndpoint && st.ChecksRefused > before.ChecksRefused && st.DropUnknown > before.DropUnknown {
+		if st.DropNotEndpoint > before.DropNotEndpoint && st.ChecksRefused >= before.ChecksRefused+2 && st.DropUnknown > before.DropUnknown {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -838,6 +847,9 @@ func testRelayUDP(t *testing.T, tg *testGateway, client, agent *testNode, id uin
 	}
 	if b, _, err := agent.readUDP(100 * time.Millisecond); err == nil {
 		t.Fatalf("agent got %x from a spoofed or unknown frame", b)
+	}
+	if b, _, err := client.readUDP(100 * time.Millisecond); err == nil {
+		t.Fatalf("the gateway answered a check without the node's token: %x", b)
 	}
 	stranger.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
 	if n, _, err := stranger.ReadFromUDP(make([]byte, 100)); err == nil {

@@ -34,6 +34,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/vishvananda/netlink"
 )
 
 // NAT is the kind of NAT in front of a node.
@@ -579,4 +581,22 @@ func Check() error {
 		return fmt.Errorf("nftables does not work in a namespace: %s", bytes.TrimSpace(out))
 	}
 	return nil
+}
+
+// RebindClientNAT makes the client's NAT router forget its mappings and
+// take new ports for every flow from now on, as a NAT does when it
+// reboots or times a mapping out: the masquerade moves to ports
+// 61000-61100 and the router's conntrack table is flushed. The client's
+// packets then reach the internet from a new public port.
+func (l *Lab) RebindClientNAT(ctx context.Context) error {
+	ns := l.NS.ClientNAT
+	if ns == "" || l.Opts.SameLAN {
+		return errors.New("lab: the client has no NAT of its own to rebind")
+	}
+	if err := l.nft(ctx, ns, "flush chain ip nvlab postrouting\n"+
+		"add rule ip nvlab postrouting oifname \"wan0\" meta l4proto { tcp, udp } masquerade to :61000-61100\n"+
+		"add rule ip nvlab postrouting oifname \"wan0\" masquerade\n"); err != nil {
+		return err
+	}
+	return Do(ns, func() error { return netlink.ConntrackTableFlush(netlink.ConntrackTable) })
 }

@@ -12,7 +12,7 @@ import (
 // header, find the route, count, queue for the other node.
 func BenchmarkHubForward(b *testing.B) {
 	h := quietHub()
-	a, c := h.NewPeer("a", netip.AddrPort{}, discard{}), h.NewPeer("b", netip.AddrPort{}, discard{})
+	a, c := h.NewPeer("a", netip.AddrPort{}, noToken, discard{}), h.NewPeer("b", netip.AddrPort{}, noToken, discard{})
 	defer a.Close()
 	defer c.Close()
 	if err := h.Bind(42, a, c); err != nil {
@@ -34,14 +34,14 @@ func BenchmarkHubHandleUDP(b *testing.B) {
 	w := &countWriter{}
 	h.SetUDP(w)
 	aAddr, cAddr := netip.MustParseAddrPort("198.18.2.2:40000"), netip.MustParseAddrPort("198.18.3.2:40001")
-	a, c := h.NewPeer("a", aAddr, discard{}), h.NewPeer("b", cAddr, discard{})
+	a, c := h.NewPeer("a", aAddr, noToken, discard{}), h.NewPeer("b", cAddr, noToken, discard{})
 	defer a.Close()
 	defer c.Close()
 	if err := h.Bind(42, a, c); err != nil {
 		b.Fatal(err)
 	}
 	check := wire.FrameHeader(wire.FrameRelayCheck, 7)
-	h.HandleUDP(cAddr, check[:]) // c's frames go as UDP
+	h.HandleUDP(cAddr, append(check[:], noToken[:]...)) // c's frames go as UDP
 	frame := Frame(42, make([]byte, 1400))
 	b.SetBytes(int64(len(frame)))
 	b.ReportAllocs()

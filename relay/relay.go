@@ -18,9 +18,11 @@
 package relay
 
 import (
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -29,9 +31,11 @@ import (
 	"github.com/nlvpn/nlvpn/wire"
 )
 
-// DatagramSender is the part of a QUIC connection the relay needs.
+// DatagramSender is the part of a QUIC connection the relay needs: it
+// sends frames in DATAGRAMs, and its RemoteAddr is the node's address now.
 type DatagramSender interface {
 	SendDatagram([]byte) error
+	RemoteAddr() net.Addr
 }
 
 // UDPSender writes datagrams from the gateway's port (udpbatch.Writer): it
@@ -50,8 +54,8 @@ func Frame(id uint64, pkt []byte) []byte { return wire.NewFrame(wire.FrameRelay,
 const QueueLen = 1024
 
 // UDPLapse is how long a node's relay frames count as passing over UDP
-// after its last relay check (nodes check every 10 s once confirmed).
-const UDPLapse = 35 * time.Second
+// after its last relay check (nodes check every 5 s once confirmed).
+const UDPLapse = 15 * time.Second
 
 // Stats are the hub's counters.
 type Stats struct {
@@ -86,9 +90,10 @@ type Hub struct {
 	log *slog.Logger
 	udp UDPSender // nil until SetUDP: frames go in DATAGRAMs only
 
-	mu     sync.Mutex // serializes changes to routes and byAddr
+	mu     sync.Mutex // serializes changes to routes, byAddr and peers
 	routes sync.Map   // uint64 → *route; read per frame without a lock
 	byAddr sync.Map   // netip.AddrPort → *Peer: the nodes' addresses
+	peers  map[*Peer]struct{}
 	nroute atomic.Int64
 
 	frames, bytes, udpFrames                               atomic.Uint64
@@ -108,7 +113,7 @@ func NewHub(log *slog.Logger) *Hub {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Hub{log: log}
+	return &Hub{log: log, peers: make(map[*Peer]struct{})}
 }
 
 // SetUDP gives the hub the gateway port's writer; from then on frames go
@@ -124,7 +129,11 @@ type Peer struct {
 	// by silence.
 	OnGone func(id uint64)
 	hub    *Hub
-	addr   netip.AddrPort // where its gateway connection comes from
+	// addr is where the node's gateway connection comes from now (its NAT
+	// may rebind; the gateway moves it with SetAddr); nil: none (another
+	// node took the address).
+	addr   atomic.Pointer[netip.AddrPort]
+	token  [CheckTokenLen]byte // what the node's relay checks must carry
 	conn   DatagramSender
 	out    chan []byte
 	done   chan struct{}
@@ -135,23 +144,104 @@ type Peer struct {
 
 var errPeerClosed = errors.New("relay: peer closed")
 
+// CheckTokenLen is the length of the secret a node's relay checks carry
+// (after the frame header): the gateway gives it to the node over the
+// authenticated gateway connection, so a check with a forged source
+// address cannot make the gateway send frames as UDP to that address.
+const CheckTokenLen = 16
+
 // NewPeer registers a node connection coming from addr (its QUIC
-// connection's remote address) and starts its DATAGRAM sender. Close it
-// when the connection ends; that also removes its routes.
-func (h *Hub) NewPeer(name string, addr netip.AddrPort, conn DatagramSender) *Peer {
-	addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
-	p := &Peer{Name: name, hub: h, addr: addr, conn: conn, out: make(chan []byte, QueueLen), done: make(chan struct{})}
-	if addr.IsValid() {
-		h.mu.Lock()
-		h.byAddr.Store(addr, p) // a newer connection from the same address replaces an older one
-		h.mu.Unlock()
-	}
+// connection's remote address), whose relay checks carry token, and
+// starts its DATAGRAM sender. Close it when the connection ends; that also
+// removes its routes.
+func (h *Hub) NewPeer(name string, addr netip.AddrPort, token [CheckTokenLen]byte, conn DatagramSender) *Peer {
+	p := &Peer{Name: name, hub: h, token: token, conn: conn, out: make(chan []byte, QueueLen), done: make(chan struct{})}
+	h.mu.Lock()
+	h.peers[p] = struct{}{}
+	h.mu.Unlock()
+	p.SetAddr(addr)
 	go p.send()
 	return p
 }
 
-// Addr is the node's address.
-func (p *Peer) Addr() netip.AddrPort { return p.addr }
+// Move is a node's address change that Refresh made.
+type Move struct {
+	Name     string
+	From, To netip.AddrPort
+}
+
+// Refresh moves every node whose connection now comes from another address
+// (SetAddr) and returns the moves. The gateway calls it every second.
+func (h *Hub) Refresh() []Move {
+	h.mu.Lock()
+	ps := make([]*Peer, 0, len(h.peers))
+	for p := range h.peers {
+		ps = append(ps, p)
+	}
+	h.mu.Unlock()
+	var moves []Move
+	for _, p := range ps {
+		ua, ok := p.conn.RemoteAddr().(*net.UDPAddr)
+		if !ok {
+			continue
+		}
+		now := ua.AddrPort()
+		now = netip.AddrPortFrom(now.Addr().Unmap(), now.Port())
+		if was := p.addr.Load(); was == nil || *was != now {
+			if was == nil && h.takenByOther(now, p) {
+				continue // another node holds that address now
+			}
+			from := p.Addr()
+			p.SetAddr(now)
+			moves = append(moves, Move{p.Name, from, now})
+		}
+	}
+	return moves
+}
+
+// takenByOther reports whether addr is registered to a node other than p.
+func (h *Hub) takenByOther(addr netip.AddrPort, p *Peer) bool {
+	v, ok := h.byAddr.Load(addr)
+	return ok && v.(*Peer) != p
+}
+
+// Addr is the node's address now (not valid if another node took it).
+func (p *Peer) Addr() netip.AddrPort {
+	if a := p.addr.Load(); a != nil {
+		return *a
+	}
+	return netip.AddrPort{}
+}
+
+// SetAddr moves the node to the address its gateway connection comes from
+// now (a NAT rebinding, a new network). Frames from and to the old address
+// stop at once, and frames go to the new one as UDP only after a relay
+// check from there. If another node was registered at that address (its
+// NAT gave the address on), that node loses it: a frame must never be
+// taken for a session its sender is not part of.
+func (p *Peer) SetAddr(addr netip.AddrPort) {
+	addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
+	h := p.hub
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if old := p.Addr(); old == addr && p.addr.Load() != nil {
+		return
+	} else if old.IsValid() {
+		h.byAddr.CompareAndDelete(old, p)
+	}
+	p.udpAt.Store(0)
+	if !addr.IsValid() || p.closed {
+		p.addr.Store(nil)
+		return
+	}
+	if v, ok := h.byAddr.Load(addr); ok && v.(*Peer) != p {
+		prev := v.(*Peer)
+		prev.addr.Store(nil)
+		prev.udpAt.Store(0)
+	}
+	h.byAddr.Store(addr, p)
+	p.addr.Store(&addr)
+}
 
 // overUDP reports whether frames to this node go as UDP datagrams.
 func (p *Peer) overUDP(now int64) bool {
@@ -184,7 +274,10 @@ func (p *Peer) Close() {
 		var survivors []gone
 		h.mu.Lock()
 		p.closed = true
-		h.byAddr.CompareAndDelete(p.addr, p)
+		delete(h.peers, p)
+		if a := p.addr.Load(); a != nil {
+			h.byAddr.CompareAndDelete(*a, p)
+		}
 		h.routes.Range(func(k, v any) bool {
 			r := v.(*route)
 			switch p {
@@ -300,10 +393,10 @@ func (h *Hub) HandleUDP(from netip.AddrPort, buf []byte) {
 	// The sender must be an end of the route, at the address its gateway
 	// connection comes from: a frame with any other source is spoofed.
 	_, to := h.lookup(buf, func(r *route) *Peer {
-		switch from {
-		case r.a.addr:
+		if a := r.a.addr.Load(); a != nil && *a == from {
 			return r.a
-		case r.b.addr:
+		}
+		if b := r.b.addr.Load(); b != nil && *b == from {
 			return r.b
 		}
 		return nil
@@ -314,10 +407,14 @@ func (h *Hub) HandleUDP(from netip.AddrPort, buf []byte) {
 }
 
 // check answers a node's relay check with the same frame, to the same
-// address, if that address is a node's; it also tells the hub that frames
-// to that node may go as UDP.
+// address, if that address is a node's and the check carries that node's
+// token; it also tells the hub that frames to that node may go as UDP.
 func (h *Hub) check(from netip.AddrPort, buf []byte) {
-	if _, _, _, err := wire.ParseFrame(buf); err != nil || len(buf) != wire.FrameHeaderLen {
+	if len(buf) != wire.FrameHeaderLen+CheckTokenLen {
+		h.dropMalformed.Add(1)
+		return
+	}
+	if _, _, _, err := wire.ParseFrame(buf); err != nil {
 		h.dropMalformed.Add(1)
 		return
 	}
@@ -326,17 +423,24 @@ func (h *Hub) check(from netip.AddrPort, buf []byte) {
 		h.checksRefused.Add(1)
 		return
 	}
-	v.(*Peer).udpAt.Store(time.Now().UnixNano())
-	if h.udp.Write(from, buf) {
-		h.checksOK.Add(1)
+	p := v.(*Peer)
+	if subtle.ConstantTimeCompare(buf[wire.FrameHeaderLen:], p.token[:]) != 1 {
+		h.checksRefused.Add(1)
+		return
 	}
+	if !h.udp.Write(from, buf) {
+		h.dropQueue.Add(1)
+		return
+	}
+	p.udpAt.Store(time.Now().UnixNano())
+	h.checksOK.Add(1)
 }
 
 // deliver sends a frame to node to, as UDP where its checks arrive, in a
 // DATAGRAM otherwise. owned says buf may be kept (queued).
 func (h *Hub) deliver(to *Peer, buf []byte, owned bool) {
-	if h.udp != nil && to.overUDP(time.Now().UnixNano()) {
-		if !h.udp.Write(to.addr, buf) {
+	if a := to.addr.Load(); a != nil && h.udp != nil && to.overUDP(time.Now().UnixNano()) {
+		if !h.udp.Write(*a, buf) {
 			h.dropQueue.Add(1)
 			return
 		}

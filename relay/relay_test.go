@@ -5,8 +5,10 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -74,13 +76,19 @@ func (b *blockingConn) SendDatagram([]byte) error {
 type discard struct{}
 
 func (discard) SendDatagram([]byte) error { return nil }
+func (discard) RemoteAddr() net.Addr      { return nil }
+
+func (*fakeConn) RemoteAddr() net.Addr     { return nil }
+func (*blockingConn) RemoteAddr() net.Addr { return nil }
+
+var noToken [CheckTokenLen]byte
 
 func quietHub() *Hub { return NewHub(slog.New(slog.NewTextHandler(io.Discard, nil))) }
 
 func TestForwardBothWays(t *testing.T) {
 	h := quietHub()
 	ca, cb := newFakeConn(), newFakeConn()
-	a, b := h.NewPeer("client/alice", netip.AddrPort{}, ca), h.NewPeer("agent/miranda", netip.AddrPort{}, cb)
+	a, b := h.NewPeer("client/alice", netip.AddrPort{}, noToken, ca), h.NewPeer("agent/miranda", netip.AddrPort{}, noToken, cb)
 	defer a.Close()
 	defer b.Close()
 	const id = 0x1122334455667788
@@ -145,7 +153,7 @@ func TestForwardBothWays(t *testing.T) {
 func TestForwardDrops(t *testing.T) {
 	h := quietHub()
 	ca, cb, cc := newFakeConn(), newFakeConn(), newFakeConn()
-	a, b, c := h.NewPeer("a", netip.AddrPort{}, ca), h.NewPeer("b", netip.AddrPort{}, cb), h.NewPeer("c", netip.AddrPort{}, cc)
+	a, b, c := h.NewPeer("a", netip.AddrPort{}, noToken, ca), h.NewPeer("b", netip.AddrPort{}, noToken, cb), h.NewPeer("c", netip.AddrPort{}, noToken, cc)
 	defer a.Close()
 	defer b.Close()
 	defer c.Close()
@@ -196,7 +204,7 @@ func TestForwardDrops(t *testing.T) {
 
 func TestBind(t *testing.T) {
 	h := quietHub()
-	a, b, c := h.NewPeer("a", netip.AddrPort{}, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, newFakeConn()), h.NewPeer("c", netip.AddrPort{}, newFakeConn())
+	a, b, c := h.NewPeer("a", netip.AddrPort{}, noToken, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, noToken, newFakeConn()), h.NewPeer("c", netip.AddrPort{}, noToken, newFakeConn())
 	defer a.Close()
 	defer b.Close()
 	defer c.Close()
@@ -240,7 +248,7 @@ func TestBind(t *testing.T) {
 func TestPeerCloseRemovesRoutes(t *testing.T) {
 	h := quietHub()
 	cb := newFakeConn()
-	a, b, c := h.NewPeer("a", netip.AddrPort{}, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, cb), h.NewPeer("c", netip.AddrPort{}, newFakeConn())
+	a, b, c := h.NewPeer("a", netip.AddrPort{}, noToken, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, noToken, cb), h.NewPeer("c", netip.AddrPort{}, noToken, newFakeConn())
 	defer b.Close()
 	defer c.Close()
 	for _, r := range []struct {
@@ -276,7 +284,7 @@ func TestPeerCloseRemovesRoutes(t *testing.T) {
 func TestSlowReceiverDoesNotBlockForward(t *testing.T) {
 	h := quietHub()
 	slow := &blockingConn{release: make(chan struct{}), entered: make(chan struct{})}
-	a, b := h.NewPeer("a", netip.AddrPort{}, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, slow)
+	a, b := h.NewPeer("a", netip.AddrPort{}, noToken, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, noToken, slow)
 	defer a.Close()
 	defer b.Close()
 	defer close(slow.release) // runs before b.Close: unblock the sender
@@ -325,7 +333,7 @@ func TestSendFailureCounted(t *testing.T) {
 	h := quietHub()
 	cb := newFakeConn()
 	cb.err = errors.New("connection closed")
-	a, b := h.NewPeer("a", netip.AddrPort{}, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, cb)
+	a, b := h.NewPeer("a", netip.AddrPort{}, noToken, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, noToken, cb)
 	defer a.Close()
 	defer b.Close()
 	if err := h.Bind(5, a, b); err != nil {
@@ -351,7 +359,7 @@ func TestForwardConcurrentWithClose(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			a, b := h.NewPeer("a", netip.AddrPort{}, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, newFakeConn())
+			a, b := h.NewPeer("a", netip.AddrPort{}, noToken, newFakeConn()), h.NewPeer("b", netip.AddrPort{}, noToken, newFakeConn())
 			id := uint64(100 + i)
 			if err := h.Bind(id, a, b); err != nil {
 				t.Error(err)
@@ -382,7 +390,7 @@ func FuzzForward(f *testing.F) {
 	f.Add([]byte{wire.FrameRelay})
 	f.Add(wire.AppendFrameHeader(nil, wire.FrameDirect, 1))
 	h := quietHub()
-	a, b := h.NewPeer("a", netip.AddrPort{}, discard{}), h.NewPeer("b", netip.AddrPort{}, discard{})
+	a, b := h.NewPeer("a", netip.AddrPort{}, noToken, discard{}), h.NewPeer("b", netip.AddrPort{}, noToken, discard{})
 	if err := h.Bind(1, a, b); err != nil {
 		f.Fatal(err)
 	}
@@ -401,4 +409,120 @@ func FuzzForward(f *testing.F) {
 			t.Fatalf("frame %x: forwarded=%v, but valid relay frame for the route=%v", buf, forwarded, valid)
 		}
 	})
+}
+
+// movingConn is a node connection whose address can change (a NAT
+// rebinding), recording what it was sent in DATAGRAMs.
+type movingConn struct {
+	*fakeConn
+	addr atomic.Pointer[net.UDPAddr]
+}
+
+func newMovingConn(ap netip.AddrPort) *movingConn {
+	c := &movingConn{fakeConn: newFakeConn()}
+	c.addr.Store(net.UDPAddrFromAddrPort(ap))
+	return c
+}
+
+func (c *movingConn) RemoteAddr() net.Addr { return c.addr.Load() }
+
+// udpRecorder is the gateway port's writer, recording where frames went.
+type udpRecorder struct {
+	mu   sync.Mutex
+	sent map[netip.AddrPort]int
+}
+
+func (u *udpRecorder) Write(to netip.AddrPort, b []byte) bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.sent == nil {
+		u.sent = map[netip.AddrPort]int{}
+	}
+	u.sent[to]++
+	return true
+}
+
+func (u *udpRecorder) count(to netip.AddrPort) int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.sent[to]
+}
+
+// A node's NAT rebinds: after Refresh its relay frames count from the new
+// address only, frames to it go to the new address only once it has
+// checked from there with its token, and a check with a wrong token is
+// refused. A node that gets an address another node had takes it over:
+// the other's frames from there no longer count as its own.
+func TestNodeAddressMoves(t *testing.T) {
+	h := quietHub()
+	udp := &udpRecorder{}
+	h.SetUDP(udp)
+	a0, a1 := netip.MustParseAddrPort("198.18.2.2:40000"), netip.MustParseAddrPort("198.18.2.2:40999")
+	bAddr := netip.MustParseAddrPort("198.18.3.2:41000")
+	ca, cb := newMovingConn(a0), newMovingConn(bAddr)
+	var ta, tb [CheckTokenLen]byte
+	ta[0], tb[0] = 1, 2
+	a, b := h.NewPeer("client/a", a0, ta, ca), h.NewPeer("agent/b", bAddr, tb, cb)
+	defer a.Close()
+	defer b.Close()
+	const id = 77
+	if err := h.Bind(id, a, b); err != nil {
+		t.Fatal(err)
+	}
+	check := func(from netip.AddrPort, tok [CheckTokenLen]byte) {
+		hd := wire.FrameHeader(wire.FrameRelayCheck, 5)
+		h.HandleUDP(from, append(hd[:], tok[:]...))
+	}
+	check(a0, ta)
+	check(bAddr, tb)
+	frame := Frame(id, []byte("ciphertext"))
+
+	h.HandleUDP(a0, frame)
+	if udp.count(bAddr) != 2 { // the check's answer and the frame
+		t.Fatalf("frame from a's address not relayed as UDP: %v", udp.sent)
+	}
+	// a's NAT rebinds to a1.
+	ca.addr.Store(net.UDPAddrFromAddrPort(a1))
+	if moves := h.Refresh(); len(moves) != 1 || moves[0].From != a0 || moves[0].To != a1 {
+		t.Fatalf("Refresh moves = %+v", moves)
+	}
+	st0 := h.Stats()
+	h.HandleUDP(a0, frame)
+	if st := h.Stats(); st.DropNotEndpoint != st0.DropNotEndpoint+1 {
+		t.Fatal("a frame from the old address still counts as the node's")
+	}
+	h.HandleUDP(a1, frame)
+	if udp.count(bAddr) != 3 {
+		t.Fatalf("frame from the new address not relayed: %v", udp.sent)
+	}
+	// Frames to a: by DATAGRAM until it checks from the new address.
+	h.HandleUDP(bAddr, frame)
+	ca.wait(t, 1)
+	if udp.count(a0) != 1 || udp.count(a1) != 0 {
+		t.Fatalf("frames to a moved node went as UDP before it checked: %v", udp.sent)
+	}
+	check(a1, tb) // the wrong token (b's)
+	h.HandleUDP(bAddr, frame)
+	ca.wait(t, 2)
+	if udp.count(a1) != 0 {
+		t.Fatal("a check with another node's token was taken")
+	}
+	check(a1, ta)
+	h.HandleUDP(bAddr, frame)
+	if udp.count(a1) != 2 { // the answer and the frame
+		t.Fatalf("after its check, frames to a did not go to the new address: %v", udp.sent)
+	}
+
+	// Another node registers at a1 (the NAT gave the address on).
+	cc := newMovingConn(a1)
+	c := h.NewPeer("client/c", a1, ta, cc)
+	defer c.Close()
+	st0 = h.Stats()
+	h.HandleUDP(a1, frame)
+	if st := h.Stats(); st.DropNotEndpoint != st0.DropNotEndpoint+1 {
+		t.Fatal("a frame from an address another node took over still counted as a's")
+	}
+	if moves := h.Refresh(); len(moves) != 0 {
+		t.Fatalf("Refresh gave a back an address c holds: %+v", moves)
+	}
 }

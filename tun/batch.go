@@ -46,7 +46,7 @@ type freeList struct {
 	size int
 }
 
-const freeListMax = 1024
+const freeListMax = 2048
 
 func (f *freeList) get() []byte {
 	f.mu.Lock()

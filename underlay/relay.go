@@ -23,8 +23,8 @@ import (
 // connection's congestion control).
 const (
 	relayCheckEvery   = time.Second      // while not confirmed
-	relayRecheckEvery = 10 * time.Second // once confirmed
-	relayCheckLapse   = 35 * time.Second // no answer for this long: back to DATAGRAMs
+	relayRecheckEvery = 5 * time.Second  // once confirmed
+	relayCheckLapse   = 12 * time.Second // no answer for this long: back to DATAGRAMs
 )
 
 type relayState struct {
@@ -113,7 +113,11 @@ func (u *Underlay) checkRelay(ctx context.Context) {
 		}
 		if gw.IsValid() && now.Sub(lastSent) >= every {
 			hdr := wire.FrameHeader(wire.FrameRelayCheck, r.nonce())
-			u.sendRaw(hdr[:], nil, gw, false)
+			var token []byte
+			if w := u.Ctrl.Welcome(); w != nil {
+				token = w.RelayToken
+			}
+			u.sendRaw(hdr[:], token, gw, false)
 			lastSent = now
 		}
 		select {

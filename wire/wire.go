@@ -89,6 +89,10 @@ type Welcome struct {
 	Role     string         `json:"role"`
 	Overlay  netip.Addr     `json:"overlay"`  // this node's overlay address
 	Observed netip.AddrPort `json:"observed"` // this node's public address as the gateway sees it
+	// RelayToken is what this node's relay checks (FrameRelayCheck) carry
+	// after the frame header, so that the gateway answers and trusts only
+	// checks from the node itself, not ones with its address forged.
+	RelayToken []byte `json:"relay_token,omitempty"`
 }
 
 // Error reports a failure.
@@ -290,10 +294,12 @@ const (
 	// FrameProbe is a hole-punch probe or keepalive between nodes.
 	FrameProbe byte = 0x03
 	// FrameRelayCheck goes from a node to the gateway's port and back,
-	// unchanged, with a nonce in the session ID field: it proves that relay
+	// unchanged, with a nonce in the session ID field and the node's relay
+	// token (Welcome.RelayToken) after the header: it proves that relay
 	// frames pass as UDP both ways. The gateway answers only a node's own
-	// address (the one its gateway connection comes from), with one frame
-	// of the same size: no reflection, no amplification.
+	// address (the one its gateway connection comes from) and only a check
+	// with that node's token, with one frame of the same size: no
+	// reflection, no amplification.
 	FrameRelayCheck byte = 0x04
 )
 
