@@ -350,11 +350,18 @@ func ParseFrame(b []byte) (kind byte, id uint64, payload []byte, err error) {
 	switch kind {
 	case FrameRelay, FrameDirect, FrameProbe, FrameRelayCheck:
 	default:
-		return 0, 0, nil, fmt.Errorf("unknown frame kind 0x%02x", kind)
+		return 0, 0, nil, ErrFrameKind
 	}
 	id = binary.BigEndian.Uint64(b[1:9])
 	if id == 0 {
-		return 0, 0, nil, errors.New("frame for session 0")
+		return 0, 0, nil, ErrFrameSession0
 	}
 	return kind, id, b[FrameHeaderLen:], nil
 }
+
+// Errors of ParseFrame, made once: garbage from anyone is parsed per
+// datagram, and must cost no allocation.
+var (
+	ErrFrameKind     = errors.New("unknown frame kind")
+	ErrFrameSession0 = errors.New("frame for session 0")
+)
