@@ -19,8 +19,8 @@ import (
 
 	"github.com/quic-go/quic-go"
 
-	"github.com/nlvpn/nlvpn/batchq"
 	"github.com/nlvpn/nlvpn/control"
+	"github.com/nlvpn/nlvpn/cowmap"
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/netstack"
 	"github.com/nlvpn/nlvpn/packet"
@@ -59,48 +59,14 @@ type Agent struct {
 	offers   map[uint64]*wire.Session    // by session ID, as the gateway vouched
 	byClient map[netip.Addr]*clientState // by client overlay address
 	punches  map[uint64]*underlay.Direct // by session ID
-	// clients is byClient as the hot path reads it: a copy published on
-	// every change, so toClient takes no lock per packet.
-	clients atomic.Pointer[map[netip.Addr]*clientState]
+	// clients is byClient as the hot path reads it (no lock per packet).
+	clients cowmap.Map[netip.Addr, *clientState]
 	live    map[uint64]bool // sessions with a peer connection
 
-	// in decouples the sessions' datagram handlers, which run on their
-	// QUIC connections' goroutines and must not block, from the netstack,
-	// which processes each batch on the caller's goroutine.
-	in *batchq.Q[[]byte]
+	ended session.Ended // drops of sessions that have ended
 
-	dropSpoofed, dropNoSession, dropInFull atomic.Uint64
-	lastDenyLog                            atomic.Int64
-}
-
-// inQueueLen bounds client packets waiting for the netstack.
-const inQueueLen = 4096
-
-// inject queues a client packet for the netstack; it takes pkt, a buffer
-// that Session.Run hands over and that goes back to the session's pool once
-// the netstack has taken a copy. It runs on the QUIC connection's
-// goroutine, so it never blocks: a full queue drops and counts.
-func (a *Agent) inject(pkt []byte) {
-	if !a.in.Put(pkt) {
-		a.dropInFull.Add(1)
-		session.ReleasePacket(pkt)
-	}
-}
-
-// runInject feeds the netstack everything queued since the last round, as
-// one batch, so that its GRO can merge a flow's consecutive TCP segments.
-func (a *Agent) runInject(ctx context.Context) {
-	var batch [][]byte
-	for {
-		var err error
-		if batch, err = a.in.Take(ctx, batch); err != nil {
-			return
-		}
-		a.eg.Inject(batch...) // copies: the buffers are free again
-		for _, b := range batch {
-			session.ReleasePacket(b)
-		}
-	}
+	dropSpoofed, dropNoSession atomic.Uint64
+	lastDenyLog                atomic.Int64
 }
 
 type clientState struct {
@@ -117,7 +83,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return errors.New("nothing to advertise: give at least one --advertise CIDR")
 	}
 	a := &Agent{cfg: cfg, log: cfg.Log, offers: make(map[uint64]*wire.Session), byClient: make(map[netip.Addr]*clientState),
-		punches: make(map[uint64]*underlay.Direct), live: make(map[uint64]bool), in: batchq.New[[]byte](inQueueLen)}
+		punches: make(map[uint64]*underlay.Direct), live: make(map[uint64]bool)}
 
 	u, err := underlay.Open(control.Config{
 		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Advertise: cfg.Advertise,
@@ -130,7 +96,8 @@ func Run(ctx context.Context, cfg Config) error {
 	a.u = u
 
 	a.dns = netstack.NewDNSServer(net.DefaultResolver, cfg.Log)
-	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: session.TunMTU, Allow: a.allow, Dial: a.dial, Logger: cfg.Log}, a.toClient)
+	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: session.TunMTU, Allow: a.allow, Dial: a.dial, Logger: cfg.Log,
+		Release: session.ReleasePacket}, a.toClient)
 	if err != nil {
 		return fmt.Errorf("start egress netstack: %w", err)
 	}
@@ -149,7 +116,6 @@ func Run(ctx context.Context, cfg Config) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	a.ctx = ctx
-	go a.runInject(ctx)
 	// The sessions' goodbyes at shutdown travel on the paths Start runs, so
 	// clients learn at once that the agent left; Stop ends them after.
 	runErr := u.Start()
@@ -296,7 +262,7 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 	a.offers[s.ID] = s
 	a.mu.Unlock()
 	for _, id := range stale {
-		a.stopPunch(id)
+		a.stopPunch(id, true)
 	}
 	a.log.Info("session offered", "client", s.PeerName, "client_overlay", s.PeerAddr, "session", wire.SessionID(s.ID), "mode", modeName(s.Mode))
 	a.startPunch(s, probeKey)
@@ -317,7 +283,7 @@ func modeName(m string) string {
 // startPunch (re)starts direct-path punching for a session offer. Both
 // ends punch; each confirms the path by its own probes' answers.
 func (a *Agent) startPunch(s *wire.Session, key []byte) {
-	a.stopPunch(s.ID)
+	a.stopPunch(s.ID, false)
 	var cands []netip.AddrPort
 	if s.Mode != wire.ModeRelay {
 		cands = punch.Usable(s.Candidates, nil, punch.MaxCandidates)
@@ -336,30 +302,26 @@ func (a *Agent) startPunch(s *wire.Session, key []byte) {
 		}
 		a.mu.Unlock()
 		if !live {
-			a.stopPunch(s.ID)
+			a.stopPunch(s.ID, true)
 		}
 	})
 }
 
-// stopPunch ends a session's punching and puts it back on the relay.
-func (a *Agent) stopPunch(id uint64) {
+// stopPunch ends a session's punching. A session that goes on (punching
+// starts again) stays on its fallback path; one that ended leaves the
+// path table.
+func (a *Agent) stopPunch(id uint64, ended bool) {
 	a.mu.Lock()
 	d := a.punches[id]
 	delete(a.punches, id)
 	a.mu.Unlock()
-	if d != nil {
+	switch {
+	case d == nil:
+	case ended:
+		d.Close()
+	default:
 		d.Stop()
 	}
-}
-
-// publishClients makes the hot path see byClient as it is now; called
-// with mu held after every change.
-func (a *Agent) publishClients() {
-	m := make(map[netip.Addr]*clientState, len(a.byClient))
-	for k, v := range a.byClient {
-		m[k] = v
-	}
-	a.clients.Store(&m)
 }
 
 func (a *Agent) acceptLoop(ctx context.Context, ln *quic.Listener) {
@@ -410,7 +372,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	a.live[id] = true
 	old := a.byClient[offer.PeerAddr]
 	a.byClient[offer.PeerAddr] = cs
-	a.publishClients()
+	a.clients.Store(offer.PeerAddr, cs)
 	a.mu.Unlock()
 	if old != nil && old.sess != s {
 		// The client started over (restart, new session): the old
@@ -427,12 +389,12 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 			session.ReleasePacket(pkt)
 			return
 		}
-		a.inject(pkt)
+		a.eg.Submit(pkt) // the netstack gives it back to the session's pool
 	})
 	a.mu.Lock()
 	if a.byClient[offer.PeerAddr] == cs {
 		delete(a.byClient, offer.PeerAddr)
-		a.publishClients()
+		a.clients.Delete(offer.PeerAddr)
 	}
 	delete(a.live, id)
 	delete(a.offers, id)
@@ -445,10 +407,11 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 			log.Info("closed the client's open flows", "flows", n)
 		}
 	}
-	a.stopPunch(id)
+	a.stopPunch(id, true)
+	a.ended.Add(s)
 	st2 := s.Stats()
 	log.Info("client disconnected", "after", time.Since(start).Round(time.Second), "reason", err, "rx_bytes", st2.RxBytes, "tx_bytes", st2.TxBytes,
-		"drops_queue_full", st2.DropQueueFull, "drops_netstack_queue", a.dropInFull.Load(), "quic_lost", qc.ConnectionStats().PacketsLost)
+		"drops_queue_full", st2.DropQueueFull, "drops_netstack_queue", a.eg.Stats().SubmitDropped, "quic_lost", qc.ConnectionStats().PacketsLost)
 }
 
 // toClient sends packets from the egress stack to the clients they are for.
@@ -458,17 +421,15 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 func (a *Agent) toClient(pkts [][]byte) {
 	var last netip.Addr
 	var cs *clientState
-	clients := a.clients.Load()
+	clients := a.clients.Snapshot()
 	for _, pkt := range pkts {
 		_, dst, ok := packet.Addrs(pkt)
 		if !ok {
+			a.dropNoSession.Add(1) // nothing the netstack makes, but counted if it ever did
 			continue
 		}
 		if dst != last {
-			cs = nil
-			if clients != nil {
-				cs = (*clients)[dst]
-			}
+			cs = clients[dst]
 			last = dst
 		}
 		if cs == nil {

@@ -49,7 +49,7 @@ func (a *Agent) Status() Status {
 		es = append(es, entry{cs, a.punches[cs.sess.ID]})
 	}
 	a.mu.Unlock()
-	var queueFull, tooLarge, sendFailed, rxTooLarge, quicDropped uint64
+	drops := a.ended.Total()
 	for _, e := range es {
 		s := e.cs.sess
 		ss := s.Stats()
@@ -63,25 +63,13 @@ func (a *Agent) Status() Status {
 			}
 		}
 		st.Sessions = append(st.Sessions, one)
-		queueFull += ss.DropQueueFull
-		tooLarge += ss.DropTooLarge
-		sendFailed += ss.DropSend
-		rxTooLarge += ss.DropRxTooLarge
-		quicDropped += cs.PacketsDropped
+		drops.Add(s.Drops())
 	}
-	eg := a.eg.Stats()
 	st.Drops = a.u.Drops()
+	drops.Into(st.Drops)
 	for k, v := range map[string]uint64{
-		"session_queue_full":   queueFull,
-		"session_too_large":    tooLarge,
-		"session_send_failed":  sendFailed,
-		"session_rx_too_large": rxTooLarge,
-		"quic_queue_full":      quicDropped,
-		"netstack_out_dropped": eg.OutDropped,
-		"spoofed_source":       a.dropSpoofed.Load(),
-		"no_session":           a.dropNoSession.Load(),
-		"netstack_queue_full":  a.dropInFull.Load(),
-		"netstack_malformed":   eg.Malformed,
+		"spoofed_source": a.dropSpoofed.Load(),
+		"no_session":     a.dropNoSession.Load(),
 	} {
 		st.Drops[k] = v
 	}

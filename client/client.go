@@ -60,8 +60,8 @@ type Client struct {
 	cur  atomic.Pointer[session.Session]
 	info *wire.PeerInfo
 	tunw *tun.BatchWriter
-	// deliver takes each packet from the agent: into the TUN, or into the
-	// netstack.
+	// deliver takes each packet from the agent, and ownership of it: into
+	// the TUN, or into the netstack.
 	deliver func(pkt []byte)
 	// stackDrops reads the netstack's drop counters (netstack mode only).
 	stackDrops func() map[string]uint64
@@ -73,6 +73,7 @@ type Client struct {
 	// subnet containing the gateway can be routed.
 	marked      bool
 	dropForeign atomic.Uint64
+	ended       session.Ended // drops of sessions replaced since start
 	ctx         context.Context
 
 	pmu    sync.Mutex
@@ -286,6 +287,7 @@ func (c *Client) reattach(ctx context.Context) {
 			if old := c.cur.Swap(s); old != s {
 				if old != nil {
 					old.Conn.CloseWithError(0, "replaced")
+					c.ended.Add(old)
 				}
 				go c.pump(s)
 				c.log.Info("session re-established", "session", wire.SessionID(s.ID))
@@ -388,10 +390,10 @@ func (c *Client) receive(pkt []byte) {
 	src, dst, ok := packet.Addrs(pkt)
 	if !ok || dst != c.overlay || !c.fromAgent(src) {
 		c.dropForeign.Add(1)
-	} else {
-		c.deliver(pkt) // copies (into the TUN's write queue, or the netstack)
+		session.ReleasePacket(pkt)
+		return
 	}
-	session.ReleasePacket(pkt)
+	c.deliver(pkt) // takes pkt: it goes back to the session's pool when done
 }
 
 func (c *Client) fromAgent(src netip.Addr) bool {
@@ -419,7 +421,10 @@ func (c *Client) startTUN(ctx context.Context, dev *tun.Device, w *wire.Welcome,
 		c.log.Warn("route already exists on this machine; not routing it into the tunnel", "prefix", p)
 	}
 	c.tunw = dev.NewBatchWriter(1024)
-	c.deliver = c.tunw.WriteWait
+	c.deliver = func(pkt []byte) {
+		c.tunw.WriteWait(pkt) // copies
+		session.ReleasePacket(pkt)
+	}
 	go c.tunw.Run(ctx)
 	go c.readTUN(ctx, dev)
 	c.log.Info("tunnel up", "mode", "tun", "tun", dev.Name(), "overlay", w.Overlay, "agent_overlay", info.Overlay, "routes", routes, "path", c.pathKind())

@@ -41,8 +41,13 @@ func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offe
 	c.pmu.Lock()
 	if c.punch != nil {
 		// Retire the last session's punch under its own ID, so a late pong
-		// for it cannot report a path the new session does not have.
-		c.punch.Stop()
+		// for it cannot report a path the new session does not have; a
+		// session that is not resumed leaves the path table.
+		if c.punch.ID() == off.ID {
+			c.punch.Stop()
+		} else {
+			c.punch.Close()
+		}
 		c.punch = nil
 	}
 	// A confirmation signalled for the retired punch must not count.

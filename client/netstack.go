@@ -31,6 +31,7 @@ func (c *Client) startNetstack(ctx context.Context, w *wire.Welcome, info *wire.
 	nc := c.cfg.Netstack
 	px, err := netstack.NewProxy(netstack.ProxyConfig{
 		Addr: w.Overlay, MTU: session.TunMTU, DNS: netip.AddrPortFrom(info.Overlay, DNSPort), Logger: c.log,
+		Release: session.ReleasePacket,
 	}, func(pkts [][]byte) {
 		for _, p := range pkts {
 			c.send(p)
@@ -39,7 +40,9 @@ func (c *Client) startNetstack(ctx context.Context, w *wire.Welcome, info *wire.
 	if err != nil {
 		return nil, fmt.Errorf("start netstack: %w", err)
 	}
-	c.deliver = func(pkt []byte) { px.Inject(pkt) }
+	// Batched on the netstack's own goroutine (its GRO merges a flow's
+	// segments), not on the QUIC connection's.
+	c.deliver = func(pkt []byte) { px.Submit(pkt) }
 	c.stackDrops = px.StackDrops
 	var lns []net.Listener
 	closeAll := func() {

@@ -55,15 +55,13 @@ func (c *Client) Status() Status {
 		st.DropsTUNWrite = c.tunw.Drops()
 	}
 	st.Drops = c.u.Drops()
-	st.Drops["session_queue_full"] = st.DropsQueue
+	drops := c.ended.Total()
+	if s := c.cur.Load(); s != nil {
+		drops.Add(s.Drops())
+	}
+	drops.Into(st.Drops)
 	st.Drops["tun_write"] = st.DropsTUNWrite
 	st.Drops["foreign_source"] = st.DropsForeign
-	if s := c.cur.Load(); s != nil {
-		ss := s.Stats()
-		st.Drops["session_rx_too_large"] = ss.DropRxTooLarge
-		st.Drops["session_send_failed"] = ss.DropSend
-		st.Drops["quic_queue_full"] = s.Conn.ConnectionStats().PacketsDropped
-	}
 	if c.stackDrops != nil {
 		for k, v := range c.stackDrops() {
 			st.Drops[k] = v

@@ -23,23 +23,29 @@ const frameBatch = 16
 // returned channel closes when everything has stopped.
 func (g *Gateway) serveFrames(ctx context.Context, tr *quic.Transport, frames *net.UDPConn) (<-chan struct{}, error) {
 	done := make(chan struct{})
+	// Frames that reach quic-go's socket: all of them without the frame
+	// socket; with it, now and then (the kernel may pick a socket of the
+	// pair before the steering program runs), and quic-go's short queue
+	// must not keep them.
+	viaQUIC := make(chan struct{})
+	go func() {
+		defer close(viaQUIC)
+		buf := make([]byte, 2048)
+		for {
+			n, addr, err := tr.ReadNonQUICPacket(ctx, buf)
+			if err != nil {
+				return
+			}
+			if ua, ok := addr.(*net.UDPAddr); ok {
+				ap := ua.AddrPort()
+				g.hub.HandleUDP(netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), buf[:n])
+			}
+		}
+	}()
 	if frames == nil {
 		g.log.Warn("the kernel refused the UDP steering program: relay frames go through the QUIC socket's short queue (slower)")
 		g.hub.SetUDP(&transportWriter{tr: tr})
-		go func() {
-			defer close(done)
-			buf := make([]byte, 2048)
-			for {
-				n, addr, err := tr.ReadNonQUICPacket(ctx, buf)
-				if err != nil {
-					return
-				}
-				if ua, ok := addr.(*net.UDPAddr); ok {
-					ap := ua.AddrPort()
-					g.hub.HandleUDP(netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), buf[:n])
-				}
-			}
-		}()
+		go func() { <-viaQUIC; close(done) }()
 		return done, nil
 	}
 	bio, err := udpbatch.New(frames, frameBatch)
@@ -59,7 +65,7 @@ func (g *Gateway) serveFrames(ctx context.Context, tr *quic.Transport, frames *n
 	}()
 	go func() {
 		defer close(done)
-		defer func() { <-wdone }()
+		defer func() { <-wdone; <-viaQUIC }()
 		size := 2048
 		if bio.GRO() {
 			size = udpbatch.MaxTrain

@@ -82,22 +82,26 @@ type EgressConfig struct {
 	// MaxEchoes bounds concurrently outstanding ICMP echoes; beyond it echo
 	// requests are dropped and counted in EchoDropped. Zero means DefaultEgressMaxEchoes.
 	MaxEchoes int
+	// Release gives a packet passed to Submit back to its owner once the
+	// stack has its copy; nil: nothing to do.
+	Release func(pkt []byte)
 }
 
 // EgressStats are cumulative counters of an Egress.
 type EgressStats struct {
-	Injected     uint64 // packets handed to Inject
-	Malformed    uint64 // packets Inject dropped as not a well-formed IPv4/IPv6 packet
-	Denied       uint64 // TCP SYNs, UDP datagrams and ICMP echoes refused by Allow
-	TCPFlows     uint64 // TCP flows established (real dial succeeded and handshake done)
-	UDPFlows     uint64 // UDP flows created
-	ICMPEchoes   uint64 // ICMP echo requests forwarded to the real target
-	EchoReplies  uint64 // ICMP echo replies synthesized back to clients
-	EchoDropped  uint64 // echo requests dropped: limit reached, no ICMP socket, send failed or reply too big
-	EchoTimeouts uint64 // forwarded echoes that got no reply in time
-	DialFailures uint64 // real TCP/UDP dials that failed
-	OutPackets   uint64 // packets passed to out
-	OutDropped   uint64 // packets of the stack's that never reached out: output queue full, or unwritable
+	Injected      uint64 // packets handed to Inject
+	Malformed     uint64 // packets Inject dropped as not a well-formed IPv4/IPv6 packet
+	Denied        uint64 // TCP SYNs, UDP datagrams and ICMP echoes refused by Allow
+	TCPFlows      uint64 // TCP flows established (real dial succeeded and handshake done)
+	UDPFlows      uint64 // UDP flows created
+	ICMPEchoes    uint64 // ICMP echo requests forwarded to the real target
+	EchoReplies   uint64 // ICMP echo replies synthesized back to clients
+	EchoDropped   uint64 // echo requests dropped: limit reached, no ICMP socket, send failed or reply too big
+	EchoTimeouts  uint64 // forwarded echoes that got no reply in time
+	DialFailures  uint64 // real TCP/UDP dials that failed
+	OutPackets    uint64 // packets passed to out
+	OutDropped    uint64 // packets of the stack's that never reached out: output queue full, or unwritable
+	SubmitDropped uint64 // packets Submit could not queue: the stack was behind
 }
 
 // egressCounters are the Egress-only counters; Injected, Malformed and
@@ -222,6 +226,7 @@ func NewEgress(cfg EgressConfig, out func(pkts [][]byte)) (*Egress, error) {
 		out:       out,
 		icmp:      true,
 		setup:     e.setupNIC,
+		release:   cfg.Release,
 	})
 	if err != nil {
 		return nil, err
@@ -282,18 +287,19 @@ func (e *Egress) interceptEcho(p []byte) bool {
 // Stats returns a snapshot of the counters.
 func (e *Egress) Stats() EgressStats {
 	return EgressStats{
-		Injected:     e.injected.Load(),
-		Malformed:    e.malformed.Load(),
-		Denied:       e.c.denied.Load(),
-		TCPFlows:     e.c.tcpFlows.Load(),
-		UDPFlows:     e.c.udpFlows.Load(),
-		ICMPEchoes:   e.c.icmpEchoes.Load(),
-		EchoReplies:  e.c.echoReplies.Load(),
-		EchoDropped:  e.c.echoDropped.Load(),
-		EchoTimeouts: e.c.echoTimeouts.Load(),
-		DialFailures: e.c.dialFailures.Load(),
-		OutPackets:   e.outPackets.Load(),
-		OutDropped:   e.outDropped(),
+		Injected:      e.injected.Load(),
+		Malformed:     e.malformed.Load(),
+		Denied:        e.c.denied.Load(),
+		TCPFlows:      e.c.tcpFlows.Load(),
+		UDPFlows:      e.c.udpFlows.Load(),
+		ICMPEchoes:    e.c.icmpEchoes.Load(),
+		EchoReplies:   e.c.echoReplies.Load(),
+		EchoDropped:   e.c.echoDropped.Load(),
+		EchoTimeouts:  e.c.echoTimeouts.Load(),
+		DialFailures:  e.c.dialFailures.Load(),
+		OutPackets:    e.outPackets.Load(),
+		OutDropped:    e.outDropped(),
+		SubmitDropped: e.subDropped.Load(),
 	}
 }
 

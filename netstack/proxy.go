@@ -68,6 +68,9 @@ type ProxyConfig struct {
 	MaxConns int
 	// Logger receives logs; nil means slog.Default().
 	Logger *slog.Logger
+	// Release gives a packet passed to Submit back to its owner once the
+	// stack has its copy; nil: nothing to do.
+	Release func(pkt []byte)
 }
 
 // Credentials are the proxy's username and password (SOCKS5 method 0x02,
@@ -80,6 +83,7 @@ type ProxyStats struct {
 	Malformed      uint64 // injected packets dropped as not well-formed IP
 	OutPackets     uint64 // packets passed to out
 	OutDropped     uint64 // packets of the stack's that never reached out: output queue full, or unwritable
+	SubmitDropped  uint64 // packets Submit could not queue: the stack was behind
 	Accepted       uint64 // proxy connections accepted (SOCKS5 and HTTP)
 	Rejected       uint64 // connections closed at accept: MaxConns reached
 	ActiveConns    int64  // proxy connections being served now
@@ -155,6 +159,7 @@ func NewProxy(cfg ProxyConfig, out func(pkts [][]byte)) (*Proxy, error) {
 		mtu:       mtu,
 		out:       out,
 		setup:     p.setupNIC,
+		release:   cfg.Release,
 	})
 	if err != nil {
 		return nil, err
@@ -206,6 +211,7 @@ func (p *Proxy) Stats() ProxyStats {
 		Malformed:      p.malformed.Load(),
 		OutPackets:     p.outPackets.Load(),
 		OutDropped:     p.outDropped(),
+		SubmitDropped:  p.subDropped.Load(),
 		Accepted:       p.c.accepted.Load(),
 		Rejected:       p.c.rejected.Load(),
 		ActiveConns:    p.c.active.Load(),

@@ -26,6 +26,8 @@ import (
 	gicmp "gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+
+	"github.com/nlvpn/nlvpn/batchq"
 )
 
 // Stack tuning. The TCP numbers follow what people who run gVisor at scale
@@ -65,7 +67,13 @@ type stackConfig struct {
 	// setup configures the NIC for its owner once it exists (addresses,
 	// promiscuity, transport handlers); on failure it names the step.
 	setup func(s *stack.Stack) (what string, err tcpip.Error)
+	// release gives a packet passed to Submit back to its owner once the
+	// stack has its copy (nil: nothing to do).
+	release func(pkt []byte)
 }
+
+// submitQueueLen bounds packets Submit queues for the stack.
+const submitQueueLen = 4096
 
 // stackCore is embedded by Egress and Proxy; see the top of this file.
 type stackCore struct {
@@ -101,7 +109,11 @@ type stackCore struct {
 
 	// Counters both Stats report.
 	injected, malformed, outPackets atomic.Uint64
-	unwritable                      atomic.Uint64 // a copy of ow.dropped
+	subDropped                      atomic.Uint64 // Submit: queue full
+
+	subq       *batchq.Q[[]byte] // packets Submit queued
+	release    func(pkt []byte)
+	unwritable atomic.Uint64 // a copy of ow.dropped
 }
 
 // outDropped counts the stack's outbound packets that never reached out:
@@ -125,6 +137,8 @@ func stackMTU(who string, mtu, def int) (int, error) {
 // init creates the tuned stack and its NIC. It does not start the pump: the
 // owner finishes its own setup first and then calls start.
 func (c *stackCore) init(cfg stackConfig) error {
+	c.subq = batchq.New[[]byte](submitQueueLen)
+	c.release = cfg.release
 	c.mtu = cfg.mtu
 	c.out = cfg.out
 	c.closers = make(map[io.Closer]struct{})
@@ -193,8 +207,45 @@ func stackPtr[T any](v T) *T { return &v }
 
 // start runs the output pump; from here on out may be called.
 func (c *stackCore) start() {
-	c.wg.Add(1)
+	c.wg.Add(2)
 	go c.pump()
+	go c.runSubmitted()
+}
+
+// Submit queues a raw IP packet from the tunnel for the stack and never
+// blocks: it is called on a QUIC connection's goroutine. The stack takes
+// everything queued since its last round as one batch (so that GRO can
+// merge a flow's consecutive TCP segments) on a goroutine of its own. It
+// takes ownership of pkt and gives it back through the release function
+// it was configured with, once injected or dropped; a full queue drops it
+// and counts (SubmitDropped).
+func (c *stackCore) Submit(pkt []byte) bool {
+	if !c.subq.Put(pkt) {
+		c.subDropped.Add(1)
+		if c.release != nil {
+			c.release(pkt)
+		}
+		return false
+	}
+	return true
+}
+
+// runSubmitted injects what Submit queued until shutdown.
+func (c *stackCore) runSubmitted() {
+	defer c.wg.Done()
+	var batch [][]byte
+	for {
+		var err error
+		if batch, err = c.subq.Take(c.ctx, batch); err != nil {
+			return
+		}
+		c.inject(batch) // copies: the buffers are free again
+		if c.release != nil {
+			for _, b := range batch {
+				c.release(b)
+			}
+		}
+	}
 }
 
 // inject feeds a batch of raw IP packets to the stack: each counted,
@@ -344,11 +395,14 @@ func (c *stackCore) removeCloser(cl io.Closer) {
 	_ = cl.Close()
 }
 
-// StackDrops are gVisor's own counters of packets it dropped, by name:
-// where a tunneled flow loses packets inside the stack.
+// StackDrops are the stack's counters of packets it dropped, ours and
+// gVisor's own, by name: where a tunneled flow loses packets inside it.
 func (c *stackCore) StackDrops() map[string]uint64 {
 	s := c.stack.Stats()
 	return map[string]uint64{
+		"netstack_queue_full":         c.subDropped.Load(),
+		"netstack_out_dropped":        c.outDropped(),
+		"netstack_malformed":          c.malformed.Load(),
 		"gvisor_dropped":              s.DroppedPackets.Value(),
 		"gvisor_tcp_invalid_segments": s.TCP.InvalidSegmentsReceived.Value(),
 		"gvisor_tcp_checksum_errors":  s.TCP.ChecksumErrors.Value(),

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nlvpn/nlvpn/cowmap"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
@@ -79,8 +80,7 @@ const inQueueLen = 4096
 // own copy.
 type Conn struct {
 	relay Path
-	paths atomic.Pointer[map[uint64]Path]
-	pmu   sync.Mutex // serializes SetPath's copy-on-write
+	paths cowmap.Map[uint64, Path]
 
 	mu      sync.Mutex // guards in, waiting
 	in      []Inbound  // delivered, not yet taken by ReadFrom
@@ -107,25 +107,16 @@ type Conn struct {
 func NewConn(relay Path) *Conn {
 	c := &Conn{relay: relay, ready: make(chan struct{}, 1), closed: make(chan struct{}), dlCh: make(chan struct{}),
 		in: make([]Inbound, 0, 256), local: make([]Inbound, 0, 256)}
-	c.paths.Store(&map[uint64]Path{})
 	return c
 }
 
 // SetPath makes p the path for session id; nil restores the relay.
 func (c *Conn) SetPath(id uint64, p Path) {
-	c.pmu.Lock()
-	defer c.pmu.Unlock()
-	old := *c.paths.Load()
-	m := make(map[uint64]Path, len(old)+1)
-	for k, v := range old {
-		m[k] = v
-	}
 	if p == nil {
-		delete(m, id)
+		c.paths.Delete(id)
 	} else {
-		m[id] = p
+		c.paths.Store(id, p)
 	}
-	c.paths.Store(&m)
 }
 
 // Deliver hands in one packet of session id that arrived on some path. It
@@ -230,7 +221,7 @@ func (c *Conn) WriteTo(p []byte, addr net.Addr) (int, error) {
 		return 0, net.ErrClosed
 	default:
 	}
-	path := (*c.paths.Load())[id]
+	path := c.paths.Load(id)
 	if path == nil {
 		path = c.relay
 	}

@@ -46,7 +46,7 @@ type freeList struct {
 	size int
 }
 
-const freeListMax = 2048
+const freeListMax = 1024
 
 func (f *freeList) get() []byte {
 	f.mu.Lock()
@@ -64,6 +64,18 @@ func (f *freeList) put(b []byte) {
 	f.mu.Lock()
 	if len(f.bufs) < freeListMax {
 		f.bufs = append(f.bufs, b[:0])
+	}
+	f.mu.Unlock()
+}
+
+// putAll returns the packet buffers among bufs under one lock (Run gives a
+// whole written batch back at once).
+func (f *freeList) putAll(bufs [][]byte) {
+	f.mu.Lock()
+	for _, b := range bufs {
+		if cap(b) == f.size && len(f.bufs) < freeListMax {
+			f.bufs = append(f.bufs, b[:0])
+		}
 	}
 	f.mu.Unlock()
 }
@@ -134,8 +146,11 @@ func (w *BatchWriter) Run(ctx context.Context) error {
 			n := min(len(bufs), max)
 			w.promoteHeads(bufs[:n])
 			_, err := w.dev.Write(bufs[:n])
+			w.small.putAll(bufs[:n])
 			for _, b := range bufs[:n] {
-				w.recycle(b)
+				if cap(b) == headCap {
+					w.heads = append(w.heads, b[:0])
+				}
 			}
 			if err != nil && ctx.Err() == nil {
 				// A packet the kernel refused (e.g. malformed) must not stop

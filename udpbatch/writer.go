@@ -52,12 +52,12 @@ type train struct {
 // Sizes of the write queue. With GSO a train holds up to trainBytes (about
 // twenty full-size datagrams, enough for GSO to pay off); without, a train
 // is one datagram and its buffer datagramBytes. The queue holds at most
-// QueueLen datagrams, in trains of at most queueBytes in all (4 MiB)
+// QueueLen datagrams, in trains of at most queueBytes in all (2 MiB)
 // however the traffic is mixed.
 const (
 	trainBytes    = 32 << 10
 	datagramBytes = 2 << 10
-	queueBytes    = 4 << 20
+	queueBytes    = 2 << 20
 	// QueueLen is how many datagrams may wait for the socket.
 	QueueLen = 2048
 )

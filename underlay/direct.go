@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/nlvpn/nlvpn/punch"
@@ -73,15 +74,21 @@ type DirectConfig struct {
 type Direct struct {
 	u      *Underlay
 	id     uint64
+	mode   string
 	p      *punch.Punch // nil in relay mode
 	cancel context.CancelFunc
+
+	// mu orders path changes: a confirmation (or loss) the reader was
+	// already delivering when Stop ran must not set a path after it.
+	mu      sync.Mutex
+	stopped bool
 }
 
 // StartDirect puts session cfg.ID on its fallback path and, unless it is
 // relay-only, starts punching towards cfg.Peer until ctx ends or Stop.
 func (u *Underlay) StartDirect(ctx context.Context, cfg DirectConfig) *Direct {
-	u.Conn.SetPath(cfg.ID, punch.Fallback(cfg.Mode))
-	d := &Direct{u: u, id: cfg.ID, cancel: func() {}}
+	u.Conn.SetPath(cfg.ID, fallback(cfg.Mode))
+	d := &Direct{u: u, id: cfg.ID, mode: cfg.Mode, cancel: func() {}}
 	if cfg.Mode == wire.ModeRelay {
 		return d
 	}
@@ -92,14 +99,18 @@ func (u *Underlay) StartDirect(ctx context.Context, cfg DirectConfig) *Direct {
 	d.p = punch.New(punch.Config{
 		ID: cfg.ID, Key: cfg.Key, Peer: cfg.Peer, Send: u.SendFrame, Log: log,
 		OnDirect: func(remote netip.AddrPort, took time.Duration) {
-			u.Conn.SetPath(cfg.ID, &directPath{u: u, remote: remote})
+			if !d.setPath(&directPath{u: u, remote: remote}) {
+				return
+			}
 			log.Info("The direct channel has just been established", "remote", remote, "took", took.Round(time.Millisecond))
 			if cfg.OnDirect != nil {
 				cfg.OnDirect(remote, took)
 			}
 		},
 		OnLost: func(remote netip.AddrPort) {
-			u.Conn.SetPath(cfg.ID, punch.Fallback(cfg.Mode))
+			if !d.setPath(fallback(cfg.Mode)) {
+				return
+			}
 			if cfg.OnLost != nil {
 				cfg.OnLost(remote)
 			}
@@ -112,6 +123,9 @@ func (u *Underlay) StartDirect(ctx context.Context, cfg DirectConfig) *Direct {
 	return d
 }
 
+// ID is the session's ID.
+func (d *Direct) ID() uint64 { return d.id }
+
 // Punch is the session's punching state; nil for a relay-only session.
 func (d *Direct) Punch() *punch.Punch { return d.p }
 
@@ -123,14 +137,57 @@ func (d *Direct) Remote() (netip.AddrPort, time.Duration, bool) {
 	return d.p.Remote()
 }
 
-// Stop ends punching, forgets the session's probes and direct frames, and
-// puts the session back on the relay (the default path).
+// setPath moves the session onto p unless Stop ran; it reports whether
+// it did.
+func (d *Direct) setPath(p session.Path) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.stopped {
+		return false
+	}
+	d.u.Conn.SetPath(d.id, p)
+	return true
+}
+
+// Stop ends punching and forgets the session's probes and direct frames;
+// the session stays on its fallback path (the relay, or nothing for a
+// direct-only session) until punching starts again.
 func (d *Direct) Stop() {
+	d.stop(fallback(d.mode))
+}
+
+// Close is Stop for a session that has ended: its entry in the path table
+// goes too.
+func (d *Direct) Close() {
+	d.stop(nil)
+}
+
+func (d *Direct) stop(p session.Path) {
 	d.cancel()
+	d.mu.Lock()
+	d.stopped = true
+	d.u.Conn.SetPath(d.id, p)
+	d.mu.Unlock()
 	if d.p != nil {
 		d.u.removePunch(d.id, d.p)
 	}
-	d.u.Conn.SetPath(d.id, nil)
 }
 
 var _ session.Path = (*directPath)(nil)
+
+// fallback is the path a session takes while it has no direct path: the
+// relay (nil: session.Conn's default), or, for a direct-only session, none.
+func fallback(mode string) session.Path {
+	if mode == wire.ModeDirect {
+		return blackhole{}
+	}
+	return nil
+}
+
+// blackhole is the path of a direct-only session before it has a direct
+// path: nothing may go through the relay, so packets wait for QUIC to
+// retransmit them once the direct path exists.
+type blackhole struct{}
+
+// Send implements session.Path.
+func (blackhole) Send(uint64, []byte) error { return nil }

@@ -16,13 +16,13 @@ import (
 // Receive sizes: a read takes up to rxBatch messages (each a datagram or,
 // with GRO, a train of them); rxBuffers bounds the receive buffers in use,
 // those the reader holds and those whose packets wait in the sessions'
-// queue. With GRO a buffer is 64 KiB, so that is at most 4 MiB, made as
+// queue. With GRO a buffer is 64 KiB, so that is at most 2 MiB, made as
 // traffic needs them; when all are in use the reader waits and the
 // kernel's socket buffer absorbs the burst, as it would for any slow
 // reader.
 const (
 	rxBatch   = 8
-	rxBuffers = 64
+	rxBuffers = 32
 )
 
 // rxBuf is one receive buffer. The reader holds one reference while it
@@ -168,7 +168,11 @@ func (u *Underlay) readFramesThroughQUIC(ctx context.Context) {
 func (u *Underlay) handleFrame(b []byte, from netip.AddrPort, out *[]session.Inbound) bool {
 	kind, id, payload, err := wire.ParseFrame(b)
 	if err != nil {
-		u.c.malformed.Add(1)
+		if len(b) > 0 && b[0]&0x40 != 0 {
+			u.c.misrouted.Add(1) // QUIC's, lost to it: QUIC retransmits
+		} else {
+			u.c.malformed.Add(1)
+		}
 		return false
 	}
 	switch kind {
@@ -188,7 +192,7 @@ func (u *Underlay) handleFrame(b []byte, from netip.AddrPort, out *[]session.Inb
 		u.relay.answered(id)
 		return false
 	}
-	p := (*u.punches.Load())[id]
+	p := u.punches.Load(id)
 	if p == nil {
 		u.c.unknown.Add(1)
 		return false
@@ -209,31 +213,6 @@ func (u *Underlay) handleFrame(b []byte, from netip.AddrPort, out *[]session.Inb
 
 // addPunch registers a session's punch so its probes and direct frames
 // are accepted; removePunch undoes it (only for that same punch).
-func (u *Underlay) addPunch(id uint64, p *punch.Punch) {
-	u.setPunch(id, p, nil)
-}
+func (u *Underlay) addPunch(id uint64, p *punch.Punch) { u.punches.Store(id, p) }
 
-func (u *Underlay) removePunch(id uint64, p *punch.Punch) {
-	u.setPunch(id, nil, p)
-}
-
-// setPunch copies the table with id set to p (nil: removed, if it still
-// holds old); readers see one table or the other, never a lock.
-func (u *Underlay) setPunch(id uint64, p, old *punch.Punch) {
-	u.pmu.Lock()
-	defer u.pmu.Unlock()
-	cur := *u.punches.Load()
-	if p == nil && cur[id] != old {
-		return
-	}
-	m := make(map[uint64]*punch.Punch, len(cur)+1)
-	for k, v := range cur {
-		m[k] = v
-	}
-	if p == nil {
-		delete(m, id)
-	} else {
-		m[id] = p
-	}
-	u.punches.Store(&m)
-}
+func (u *Underlay) removePunch(id uint64, p *punch.Punch) { u.punches.CompareAndDelete(id, p) }

@@ -14,6 +14,7 @@ func (u *Underlay) Drops() map[string]uint64 {
 		"frame_unknown_session":  u.c.unknown.Load(),
 		"frame_malformed":        u.c.malformed.Load(),
 		"frame_not_from_gateway": u.c.foreign.Load(),
+		"frame_quic_misrouted":   u.c.misrouted.Load(),
 		"frame_queue_full":       u.c.sendFull.Load(),
 		"conn_inbound_full":      inFull,
 		"path_send_failed":       sendFailed,

@@ -25,6 +25,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/nlvpn/nlvpn/control"
+	"github.com/nlvpn/nlvpn/cowmap"
 	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/punch"
 	"github.com/nlvpn/nlvpn/session"
@@ -51,8 +52,7 @@ type Underlay struct {
 	tmu  sync.Mutex
 	tbuf []byte
 
-	punches atomic.Pointer[map[uint64]*punch.Punch] // sessions punching, by ID
-	pmu     sync.Mutex                              // serializes changes to punches
+	punches cowmap.Map[uint64, *punch.Punch] // sessions punching, by ID
 
 	relay  relayState
 	gwAddr func() netip.AddrPort // the gateway's address now (Ctrl.GatewayAddr; tests replace it)
@@ -69,6 +69,7 @@ type counters struct {
 	unknown   atomic.Uint64 // frames for a session nobody punches for
 	malformed atomic.Uint64 // not a frame, or a kind that has no business here
 	foreign   atomic.Uint64 // relay frames not from the gateway's address
+	misrouted atomic.Uint64 // QUIC packets that reached the frame socket (GRO merged them into a train of frames)
 	sendFull  atomic.Uint64 // frames dropped on a full write queue
 }
 
@@ -89,7 +90,6 @@ func open(cfg control.Config, udp, frames *net.UDPConn) (u *Underlay, err error)
 		log = slog.Default()
 	}
 	u = &Underlay{log: log, udp: udp, frames: frames, Port: uint16(udp.LocalAddr().(*net.UDPAddr).Port)}
-	u.punches.Store(&map[uint64]*punch.Punch{})
 	if frames != nil {
 		if u.bio, err = udpbatch.New(frames, rxBatch); err != nil {
 			frames.Close()
@@ -156,6 +156,14 @@ func (u *Underlay) Start() <-chan error {
 func (u *Underlay) startFrames(ctx context.Context) {
 	u.rxWG.Add(1)
 	go func() { defer u.rxWG.Done(); u.readFrames(ctx) }()
+	if u.bio != nil {
+		// Frames also reach quic-go's socket now and then: the kernel
+		// may pick a socket of the pair before the steering program runs
+		// (UDP GRO's lookup does), and quic-go queues what is not QUIC.
+		// Take them from there too rather than let them rot in its queue.
+		u.rxWG.Add(1)
+		go func() { defer u.rxWG.Done(); u.readFramesThroughQUIC(ctx) }()
+	}
 	if u.w != nil {
 		wdone := make(chan struct{})
 		go func() { u.w.Run(ctx); close(wdone) }()

@@ -12,7 +12,7 @@ import (
 // the collector runs sooner and returns memory to the system. It is soft:
 // an allocation never fails because of it, the collector just works harder.
 // GOMEMLIMIT in the environment overrides it.
-const clientMemoryLimit = 36 << 20
+const clientMemoryLimit = 32 << 20
 
 func limitClientMemory() {
 	if os.Getenv("GOMEMLIMIT") != "" {
