@@ -43,7 +43,10 @@ type Config struct {
 	// StatusSocket, if set, is a unix socket path where `nlvpn status`
 	// reads the agent's sessions and drop counters.
 	StatusSocket string
-	Log          *slog.Logger
+	// OnUp, if set, runs once, after the first registration with the
+	// gateway (the CLI saves the token that worked).
+	OnUp func()
+	Log  *slog.Logger
 }
 
 // Agent is a running agent.
@@ -64,6 +67,10 @@ type Agent struct {
 	live    map[uint64]bool // sessions with a peer connection
 
 	ended session.Ended // drops of sessions that have ended
+
+	registered sync.Once // cfg.OnUp
+	host       hostAddrs // this host's own addresses, which clients never reach
+	denied     deniedCounters
 
 	dropSpoofed, dropNoSession atomic.Uint64
 	lastDenyLog                atomic.Int64
@@ -88,6 +95,11 @@ func Run(ctx context.Context, cfg Config) error {
 	u, err := underlay.Open(control.Config{
 		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Advertise: cfg.Advertise,
 		Log: cfg.Log, OnRequest: a.onRequest,
+		OnUp: func(context.Context, *wire.Welcome) {
+			if cfg.OnUp != nil {
+				a.registered.Do(cfg.OnUp)
+			}
+		},
 	})
 	if err != nil {
 		return err
@@ -95,6 +107,7 @@ func Run(ctx context.Context, cfg Config) error {
 	defer u.Close()
 	a.u = u
 
+	a.host.refresh(cfg.Log)
 	a.dns = netstack.NewDNSServer(net.DefaultResolver, cfg.Log)
 	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: session.TunMTU, Allow: a.allow, Dial: a.dial, Logger: cfg.Log,
 		Release: session.ReleasePacket}, a.toClient)
@@ -116,6 +129,7 @@ func Run(ctx context.Context, cfg Config) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	a.ctx = ctx
+	go a.host.run(ctx, cfg.Log)
 	// The sessions' goodbyes at shutdown travel on the paths Start runs, so
 	// clients learn at once that the agent left; Stop ends them after.
 	runErr := u.Start()
@@ -165,27 +179,85 @@ func (a *Agent) overlay() netip.Addr {
 
 // allow is the agent's policy: the advertised subnets; its DNS service on
 // the overlay address; its own loopback (also as the overlay address) only
-// with AllowLoopback. Everything else is refused and logged.
+// with AllowLoopback. Never, whatever is advertised: this host's own
+// addresses (clients are given the LAN, not the agent's host and the
+// services it listens with), link-local addresses and the cloud metadata
+// services that live there (169.254.169.254 hands out a cloud machine's
+// credentials). Everything else is refused, counted by reason and logged.
 func (a *Agent) allow(dst netip.AddrPort, proto string) bool {
-	ip := dst.Addr().Unmap()
-	ov := a.overlay()
-	switch {
-	case ip == ov && proto == "udp" && dst.Port() == 53:
+	r := verdict(dst, proto, a.overlay(), a.cfg.Advertise, a.cfg.AllowLoopback, a.host.has)
+	switch r {
+	case allowed:
 		return true
-	case ip.IsLoopback() || ip == ov:
-		if a.cfg.AllowLoopback {
-			return true
-		}
+	case deniedLoopback:
+		a.denied.loopback.Add(1)
 		a.logDenied("refused a client's connection to this host's loopback (start the agent with --allow-loopback to allow it)", dst, proto)
-		return false
+	case deniedLinkLocal:
+		a.denied.linkLocal.Add(1)
+		a.logDenied("refused a client's connection to a link-local or cloud metadata address (never reachable through an agent)", dst, proto)
+	case deniedHostAddr:
+		a.denied.hostAddr.Add(1)
+		a.logDenied("refused a client's connection to one of this host's own addresses (clients reach the advertised LAN, not the agent's host)", dst, proto)
+	default:
+		a.denied.notAdvertised.Add(1)
+		a.logDenied("refused by policy: not in an advertised subnet", dst, proto)
 	}
-	for _, p := range a.cfg.Advertise {
+	return false
+}
+
+// A policy decision.
+type decision int
+
+const (
+	allowed decision = iota
+	deniedNotAdvertised
+	deniedLoopback
+	deniedLinkLocal
+	deniedHostAddr
+)
+
+// verdict is the policy as a pure function: what allow decides for dst,
+// given the agent's overlay address, the advertised prefixes, whether
+// loopback is allowed and this host's own addresses.
+func verdict(dst netip.AddrPort, proto string, overlay netip.Addr, advertise []netip.Prefix, allowLoopback bool, isHost func(netip.Addr) bool) decision {
+	ip := dst.Addr().Unmap()
+	switch {
+	case ip == overlay && proto == "udp" && dst.Port() == 53:
+		return allowed
+	case ip.IsLoopback() || ip == overlay:
+		if allowLoopback {
+			return allowed
+		}
+		return deniedLoopback
+	case ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() || ip == metadataV6:
+		return deniedLinkLocal
+	case isHost(ip):
+		return deniedHostAddr
+	}
+	for _, p := range advertise {
 		if p.Contains(ip) {
-			return true
+			return allowed
 		}
 	}
-	a.logDenied("refused by policy: not in an advertised subnet", dst, proto)
-	return false
+	return deniedNotAdvertised
+}
+
+// metadataV6 is the IPv6 address of a cloud instance metadata service
+// (AWS); its IPv4 twin, 169.254.169.254, is link-local.
+var metadataV6 = netip.MustParseAddr("fd00:ec2::254")
+
+// deniedCounters count the policy's refusals by reason.
+type deniedCounters struct {
+	notAdvertised, loopback, hostAddr, linkLocal atomic.Uint64
+}
+
+func (d *deniedCounters) snapshot() map[string]uint64 {
+	return map[string]uint64{
+		"not_advertised": d.notAdvertised.Load(),
+		"loopback":       d.loopback.Load(),
+		"host_address":   d.hostAddr.Load(),
+		"link_local":     d.linkLocal.Load(),
+	}
 }
 
 // logDenied logs a refusal at most once a second: a client sending

@@ -14,6 +14,10 @@ type Status struct {
 	Sessions []SessionStatus `json:"sessions"`
 	// Drops counts packets lost inside the agent, by where.
 	Drops map[string]uint64 `json:"drops"`
+	// Denied counts new flows (TCP SYNs, UDP datagrams, ICMP echoes) the
+	// policy refused, by reason: not_advertised, loopback, host_address,
+	// link_local.
+	Denied map[string]uint64 `json:"denied"`
 	// TCPRetransmits and TCPTimeouts count the netstack's loss recovery for
 	// the flows it terminates (all clients).
 	TCPRetransmits uint64 `json:"tcp_retransmits"`
@@ -77,6 +81,7 @@ func (a *Agent) Status() Status {
 		st.Drops[k] = v
 	}
 	st.TCPRetransmits, st.TCPTimeouts = a.eg.StackRecovery()
+	st.Denied = a.denied.snapshot()
 	return st
 }
 

@@ -50,6 +50,9 @@ type Config struct {
 	StatusSocket string
 	// Netstack, if set, selects the unprivileged mode (no TUN device).
 	Netstack *NetstackConfig
+	// Routes is what the user accepted beyond the agent's ordinary
+	// subnets (TUN mode).
+	Routes RoutePolicy
 }
 
 // Client is a running client.
@@ -190,16 +193,35 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	c.info = info
 	c.cur.Store(s)
+	// Overlay addresses come from the gateway and the agent: outside the
+	// overlay range they could shadow any real address on this machine.
+	for _, a := range []struct {
+		who  string
+		addr netip.Addr
+	}{{"the gateway gave this client", w.Overlay}, {"the agent claims", info.Overlay}} {
+		if !wire.OverlayPrefix.Contains(a.addr) {
+			s.Conn.CloseWithError(0, "bye")
+			return fmt.Errorf("%s the overlay address %s, outside the overlay range %s: refusing it", a.who, a.addr, wire.OverlayPrefix)
+		}
+	}
 	c.overlay = w.Overlay
 	c.mine.Store(&w.Overlay)
-	// The agent's own loopback (reached through the netstack with
-	// --allow-loopback) answers from 127.0.0.1; the kernel drops such
-	// sources arriving on a TUN anyway.
+	// What the agent may send from: its overlay address, its loopback
+	// (reached through its netstack with --allow-loopback, answering from
+	// 127.0.0.1; the kernel drops such sources arriving on a TUN anyway)
+	// and the subnets routed to it. In TUN mode those are the accepted
+	// ones only: a refused default route must not let anything in.
+	subnets := info.Advertise
+	var routes []netip.Prefix
+	if dev != nil {
+		routes = c.routes(info)
+		subnets = routes
+	}
 	c.agentPrefixes = append([]netip.Prefix{netip.PrefixFrom(info.Overlay, info.Overlay.BitLen()),
-		netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}, info.Advertise...)
+		netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}, subnets...)
 
 	if dev != nil {
-		stop, err := c.startTUN(ctx, dev, w, info)
+		stop, err := c.startTUN(ctx, dev, w, info, routes)
 		if err != nil {
 			s.Conn.CloseWithError(0, "bye")
 			return err
@@ -245,9 +267,11 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 }
 
-// routes is what goes into the TUN: the agent's overlay address and its
-// subnets; without the socket mark, minus any that would swallow the
-// gateway's own address (that would route the tunnel into itself).
+// routes is what goes into the TUN: the agent's overlay address and the
+// advertised subnets this machine accepts (RoutePolicy; refusals are
+// logged with what to type to accept them); without the socket mark, minus
+// any that would swallow the gateway's own address (that would route the
+// tunnel into itself).
 func (c *Client) routes(info *wire.PeerInfo) []netip.Prefix {
 	rs := []netip.Prefix{netip.PrefixFrom(info.Overlay, info.Overlay.BitLen())}
 	var gws []netip.Addr
@@ -260,14 +284,22 @@ func (c *Client) routes(info *wire.PeerInfo) []netip.Prefix {
 			}
 		}
 	}
+	own, err := ownNetworks()
+	if err != nil {
+		c.log.Warn("cannot read this machine's own networks; routing only what does not need that check", "err", err)
+	}
+	accepted, refused := acceptRoutes(info.Advertise, c.cfg.Routes, gws, own)
+	for _, r := range refused {
+		c.log.Warn("not routing a subnet the agent advertises", "prefix", r.Prefix, "why", r.Why, "to_accept", r.Accept)
+	}
 	if c.marked {
 		gws = nil
 	}
 next:
-	for _, p := range info.Advertise {
+	for _, p := range accepted {
 		for _, gw := range gws {
 			if p.Contains(gw) {
-				c.log.Warn("not routing an advertised subnet that contains the gateway", "prefix", p, "gateway", gw)
+				c.log.Warn("not routing an advertised subnet that contains the gateway (this machine cannot mark its own packets past it)", "prefix", p, "gateway", gw)
 				continue next
 			}
 		}
@@ -407,8 +439,7 @@ func (c *Client) fromAgent(src netip.Addr) bool {
 
 // startTUN routes the agent's overlay address and subnets into the TUN
 // device and starts carrying its packets.
-func (c *Client) startTUN(ctx context.Context, dev *tun.Device, w *wire.Welcome, info *wire.PeerInfo) (stop func(), err error) {
-	routes := c.routes(info)
+func (c *Client) startTUN(ctx context.Context, dev *tun.Device, w *wire.Welcome, info *wire.PeerInfo, routes []netip.Prefix) (stop func(), err error) {
 	undo, skipped, err := platform.Configure(platform.Config{
 		Interface: dev.Name(),
 		Addr:      netip.PrefixFrom(w.Overlay, w.Overlay.BitLen()),

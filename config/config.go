@@ -15,8 +15,9 @@ import (
 	"github.com/nlvpn/nlvpn/identity"
 )
 
-// Keys the file may set.
-var Keys = map[string]bool{"token": true, "gateway": true}
+// Keys the file may set. agent_token is the agent's own, so that an agent
+// and a client sharing a state directory do not overwrite each other's.
+var Keys = map[string]bool{"token": true, "agent_token": true, "gateway": true}
 
 // MaxSize bounds the file; a config is a few lines.
 const MaxSize = 64 << 10

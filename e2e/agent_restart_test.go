@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -21,8 +23,12 @@ func TestAgentRestart(t *testing.T) {
 			e := newEnv(t, coneCone, true, mode.flags...)
 			e.agent.Stop()
 			t.Logf("agent stopped: %s", e.agent.ExitStatus())
-			e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token", e.agentTok, "--gateway", e.gwAddr(),
-				"--advertise", e.lab.LANSubnet.String(), "--state-dir", filepath.Join(e.dir, "agent"))
+			// The agent kept the token that worked in its state (0600):
+			// it comes back with no token given anywhere.
+			state := filepath.Join(e.dir, "agent")
+			checkSavedToken(t, filepath.Join(state, "config"), "agent_token", e.agentTok)
+			e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--gateway", e.gwAddr(),
+				"--advertise", e.lab.LANSubnet.String(), "--state-dir", state)
 			start := time.Now()
 			const resume = 30 * time.Second
 			if err := e.poll(resume, e.httpHealth); err != nil {
@@ -33,5 +39,25 @@ func TestAgentRestart(t *testing.T) {
 				t.Fatal("the client exited when the agent went away")
 			}
 		})
+	}
+}
+
+// checkSavedToken asserts that the config file at path is 0600 and keeps
+// tok under key.
+func checkSavedToken(t *testing.T, path, key, tok string) {
+	t.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatalf("the token was not saved: %v", err)
+	}
+	if st.Mode().Perm() != 0o600 {
+		t.Errorf("%s has mode %#o, want 0600", path, st.Mode().Perm())
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), key+" = "+tok) {
+		t.Fatalf("%s does not keep the token under %q:\n%s", path, key, b)
 	}
 }

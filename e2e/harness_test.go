@@ -84,7 +84,7 @@ func newEnv(t *testing.T, opts lab.Options, startClient bool, upFlags ...string)
 	e.startGateway(t)
 	e.agentTok = e.token(t, "--agent", agentName)
 	e.clientTok = e.token(t, "--client", "alice")
-	e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token", e.agentTok, "--gateway", e.gwAddr(),
+	e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token-file", e.tokenFile(e.agentTok), "--gateway", e.gwAddr(),
 		"--advertise", e.lab.LANSubnet.String(), "--state-dir", filepath.Join(e.dir, "agent"))
 	// The client refuses an agent that is not connected yet: wait (bounded)
 	// for the agent to register. startClient retries anyway if the log line
@@ -173,11 +173,24 @@ func (e *env) token(t *testing.T, args ...string) string {
 	return tok
 }
 
-// clientArgs is the `nlvpn up` command line for the main client.
+// clientArgs is the `nlvpn up` command line for the main client. The token
+// goes in a 0600 file, as the README tells users to keep it.
 func (e *env) clientArgs(tok, agent, tun, stateDir string) []string {
-	args := []string{"up", "--token", tok, "--gateway", e.gwAddr(), "--agent", agent,
+	args := []string{"up", "--token-file", e.tokenFile(tok), "--gateway", e.gwAddr(), "--agent", agent,
 		"--state-dir", stateDir, "--tun", tun}
 	return append(args, e.upFlags...)
+}
+
+// tokenFile writes tok to a new 0600 file in the test's directory.
+func (e *env) tokenFile(tok string) string {
+	e.mu.Lock()
+	e.seq++
+	path := filepath.Join(e.dir, fmt.Sprintf("token-%02d", e.seq))
+	e.mu.Unlock()
+	if err := os.WriteFile(path, []byte(tok+"\n"), 0o600); err != nil {
+		e.t.Fatal(err)
+	}
+	return path
 }
 
 // startClient starts `nlvpn up` in the client namespace and waits until

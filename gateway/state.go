@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 // State is what a gateway keeps in its state directory: its key (which
@@ -87,7 +88,7 @@ type overlayPool struct {
 	m    map[string]netip.Addr
 }
 
-var overlayPrefix = netip.MustParsePrefix("100.64.0.0/10")
+var overlayPrefix = wire.OverlayPrefix
 
 func openOverlayPool(dir string) (*overlayPool, error) {
 	p := &overlayPool{path: filepath.Join(dir, "overlay.json"), m: make(map[string]netip.Addr)}

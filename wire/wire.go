@@ -20,6 +20,10 @@ const (
 	ALPNPeer    = "nlvpn-peer/1"
 )
 
+// OverlayPrefix is the range of overlay addresses (RFC 6598 shared address
+// space). The gateway hands them out; nodes refuse any outside it.
+var OverlayPrefix = netip.MustParsePrefix("100.64.0.0/10")
+
 // MaxMessageSize bounds one control message. A peer announcing more is
 // hostile or broken; the stream is closed.
 const MaxMessageSize = 64 << 10

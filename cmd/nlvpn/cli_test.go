@@ -44,8 +44,15 @@ type result struct {
 }
 
 // nlvpn runs the binary with a clean environment (no NLVPN_* from the
-// caller, HOME and XDG_STATE_HOME in a temp dir) and a 10 s limit.
+// caller, HOME and XDG_STATE_HOME in a temp dir), nothing on standard input
+// and a 10 s limit.
 func nlvpn(t *testing.T, env []string, args ...string) result {
+	t.Helper()
+	return nlvpnIn(t, env, "", args...)
+}
+
+// nlvpnIn is nlvpn with stdin on standard input.
+func nlvpnIn(t *testing.T, env []string, stdin string, args ...string) result {
 	t.Helper()
 	home := t.TempDir()
 	cmd := exec.Command(nlvpnBin, args...)
@@ -53,7 +60,7 @@ func nlvpn(t *testing.T, env []string, args ...string) result {
 	cmd.Env = append(cmd.Env, env...)
 	var so, se bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &so, &se
-	cmd.Stdin = strings.NewReader("")
+	cmd.Stdin = strings.NewReader(stdin)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -69,20 +76,30 @@ func nlvpn(t *testing.T, env []string, args ...string) result {
 	return result{so.String(), se.String(), cmd.ProcessState.ExitCode()}
 }
 
+// wantFail asserts a failed run whose error is one line starting "nlvpn: "
+// and containing substrs. Log records before it (warnings) are not part of
+// the error.
 func (r result) wantFail(t *testing.T, substrs ...string) {
 	t.Helper()
 	if r.code == 0 {
 		t.Fatalf("exit 0, want failure; stdout %q stderr %q", r.stdout, r.stderr)
 	}
-	if !strings.HasPrefix(r.stderr, "nlvpn: ") {
+	var errLines []string
+	for _, l := range strings.Split(strings.TrimRight(r.stderr, "\n"), "\n") {
+		if !strings.HasPrefix(l, "time=") {
+			errLines = append(errLines, l)
+		}
+	}
+	msg := strings.Join(errLines, "\n")
+	if !strings.HasPrefix(msg, "nlvpn: ") {
 		t.Errorf("stderr %q: want one line starting \"nlvpn: \"", r.stderr)
 	}
-	if n := strings.Count(strings.TrimRight(r.stderr, "\n"), "\n"); n != 0 {
-		t.Errorf("error is %d lines, want one: %q", n+1, r.stderr)
+	if len(errLines) != 1 {
+		t.Errorf("error is %d lines, want one: %q", len(errLines), r.stderr)
 	}
 	for _, s := range substrs {
-		if !strings.Contains(r.stderr, s) {
-			t.Errorf("stderr %q lacks %q", r.stderr, s)
+		if !strings.Contains(msg, s) {
+			t.Errorf("error %q lacks %q", msg, s)
 		}
 	}
 }
@@ -210,7 +227,7 @@ func TestCLINodeErrors(t *testing.T) {
 		args []string
 		want []string
 	}{
-		{"up without token", nil, []string{"up", "--agent", "x"}, []string{"no token", "--token", "NLVPN_TOKEN"}},
+		{"up without token", nil, []string{"up", "--agent", "x"}, []string{"no token", "--token-file", "NLVPN_TOKEN"}},
 		{"agent without token", nil, []string{"agent", "--advertise", "10.0.0.0/8"}, []string{"no token"}},
 		{"agent with a client token", nil, []string{"agent", "--token", clientTok, "--advertise", "10.0.0.0/8"}, []string{`token for client "alice"`, "`nlvpn agent`", "agent token"}},
 		{"up with an agent token", nil, []string{"up", "--token", agentTok, "--agent", "miranda"}, []string{`token for agent "miranda"`, "`nlvpn up`", "client token"}},
@@ -223,6 +240,9 @@ func TestCLINodeErrors(t *testing.T) {
 		{"open proxy refused", nil, []string{"up", "--token", clientTok, "--agent", "miranda", "--netstack", "--socks5", "0.0.0.0:1080"}, []string{"not loopback"}},
 		{"agent without advertise", nil, []string{"agent", "--token", agentTok}, []string{"--advertise"}},
 		{"agent bad advertise", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/33"}, []string{"--advertise"}},
+		{"agent advertises a default route", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/8,0.0.0.0/0"}, []string{"0.0.0.0/0", "--exit-node"}},
+		{"agent advertises ::/0", nil, []string{"agent", "--token", agentTok, "--advertise", "::/0"}, []string{"::/0", "--exit-node"}},
+		{"agent advertises loopback", nil, []string{"agent", "--token", agentTok, "--advertise", "127.0.0.0/8"}, []string{"loopback", "--allow-loopback"}},
 		{"bad gateway override", nil, []string{"up", "--token", clientTok, "--agent", "miranda", "--gateway", "nohostport"}, []string{"HOST:PORT"}},
 		{"forward nothing", nil, []string{"forward", "--token", clientTok, "-n", "miranda"}, []string{"nothing to forward"}},
 		{"forward bad spec", nil, []string{"forward", "--token", clientTok, "-n", "miranda", "-L", "8080:h"}, []string{"[BIND:]PORT:HOST:HOSTPORT"}},

@@ -51,10 +51,11 @@ func main() {
 A first setup on three machines:
 
    gateway$ nlvpn gateway --listen :4433 --public-addr gw.example.com:4433 --state-dir /var/lib/nlvpn-gw
-   gateway$ nlvpn token --state-dir /var/lib/nlvpn-gw --agent miranda     # → agent token
-   gateway$ nlvpn token --state-dir /var/lib/nlvpn-gw --client alice     # → client token
-   office $ nlvpn agent --token <agent token> --advertise 192.168.1.0/24
-   laptop $ sudo nlvpn up --token <client token> --agent miranda`,
+   gateway$ nlvpn token --state-dir /var/lib/nlvpn-gw --agent miranda -o miranda.token
+   gateway$ nlvpn token --state-dir /var/lib/nlvpn-gw --client alice -o alice.token
+   (copy each file to its machine, e.g. with scp; it is a secret)
+   office $ nlvpn agent --token-file miranda.token --advertise 192.168.1.0/24
+   laptop $ sudo nlvpn up --token-file alice.token --agent miranda`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: []string{"NLVPN_LOG_LEVEL"}},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
@@ -197,11 +198,12 @@ certificate instead. The gateway relays only end-to-end encrypted packets.`,
 func tokenCmd() *cli.Command {
 	return &cli.Command{
 		Name:      "token",
-		Usage:     "issue a token for an agent or a client (prints it alone on stdout)",
-		UsageText: "nlvpn token --state-dir DIR (--agent NAME | --client NAME) [--gateway HOST:PORT] [--ttl 720h] [--allow-agent NAME ...]",
+		Usage:     "issue a token for an agent or a client (into a 0600 file with --out, else alone on stdout)",
+		UsageText: "nlvpn token --state-dir DIR (--agent NAME | --client NAME) [--out FILE] [--gateway HOST:PORT] [--ttl 720h] [--allow-agent NAME ...]",
 		Description: `Signs a token with the gateway's key (from --state-dir, run on the gateway machine).
 The token carries the role, the name, the expiry, the gateway address and its
-certificate pin: it is all a new node needs. Keep tokens secret.`,
+certificate pin: it is all a new node needs. Keep tokens secret: hand them over as
+files (--out writes one readable only by you; nodes read it with --token-file).`,
 		Flags: []cli.Flag{
 			stateDirFlag("nlvpn-gw"),
 			&cli.StringFlag{Name: "agent", Usage: "issue an agent token for `NAME`"},
@@ -209,6 +211,7 @@ certificate pin: it is all a new node needs. Keep tokens secret.`,
 			&cli.StringFlag{Name: "gateway", Usage: "gateway HOST:PORT to put in the token (default: the gateway's --public-addr)"},
 			&cli.DurationFlag{Name: "ttl", Value: 720 * time.Hour, Usage: "how long the token is valid"},
 			&cli.StringSliceFlag{Name: "allow-agent", Usage: "client tokens: agents it may use (repeatable; default every agent)"},
+			&cli.StringFlag{Name: "out", Aliases: []string{"o"}, Usage: "write the token to `FILE` (created 0600; an existing file is not overwritten)"},
 		},
 		Action: func(c *cli.Context) error {
 			agentName, clientName := c.String("agent"), c.String("client")
@@ -260,6 +263,9 @@ certificate pin: it is all a new node needs. Keep tokens secret.`,
 			if err != nil {
 				return err
 			}
+			if out := c.String("out"); out != "" {
+				return writeTokenFile(out, t)
+			}
 			fmt.Println(t)
 			return nil
 		},
@@ -269,7 +275,10 @@ certificate pin: it is all a new node needs. Keep tokens secret.`,
 // nodeFlags are shared by agent and up.
 func nodeFlags() []cli.Flag {
 	return []cli.Flag{
-		&cli.StringFlag{Name: "token", Usage: "token from \"nlvpn token\" (or NLVPN_TOKEN, or token = in the config file)", EnvVars: []string{"NLVPN_TOKEN"}},
+		// No EnvVars on --token: NLVPN_TOKEN is read by readToken, so that
+		// a token in argv can be told apart (and warned about).
+		&cli.StringFlag{Name: "token", Usage: "token from \"nlvpn token\"; - reads it from standard input. Prefer --token-file or NLVPN_TOKEN: on the command line every local user can read it (default: NLVPN_TOKEN, else token = in the config file)"},
+		&cli.StringFlag{Name: "token-file", Usage: "read the token from `FILE` (keep it 0600)"},
 		&cli.StringFlag{Name: "gateway", Usage: "gateway HOST:PORT, overriding the token's (or NLVPN_GATEWAY, or gateway = in the config file)", EnvVars: []string{"NLVPN_GATEWAY"}},
 		stateDirFlag("nlvpn"),
 		&cli.StringFlag{Name: "config", Usage: "config file (default: STATE-DIR/config)", EnvVars: []string{"NLVPN_CONFIG"}},
@@ -285,7 +294,16 @@ type nodeSetup struct {
 	claims     *token.Claims
 	gateway    string
 	key        *identity.Key
-	fromFile   bool
+	tokenFrom  tokenSource
+	tokenKey   string // where the config file keeps this role's token
+}
+
+// configTokenKey is the config file key of a role's token.
+func configTokenKey(role string) string {
+	if role == token.RoleAgent {
+		return "agent_token"
+	}
+	return "token"
 }
 
 func setupNode(c *cli.Context, role string) (*nodeSetup, error) {
@@ -298,16 +316,18 @@ func setupNode(c *cli.Context, role string) (*nodeSetup, error) {
 	if err != nil {
 		return nil, err
 	}
-	ns.token = c.String("token")
-	if !c.IsSet("token") || ns.token == "" {
-		ns.token, ns.fromFile = file["token"], true
+	// connect relays a connection over its standard input.
+	ns.tokenKey = configTokenKey(role)
+	ns.token, ns.tokenFrom, err = readToken(c, os.Stdin, c.Command.Name == "connect", file, ns.tokenKey, "token")
+	if err != nil {
+		return nil, err
 	}
 	if ns.token == "" {
-		return nil, errors.New("no token: pass --token, set NLVPN_TOKEN, or put token = ... in " + ns.configPath)
+		return nil, errors.New("no token: pass --token-file FILE or --token - (standard input), set NLVPN_TOKEN, or put token = ... in " + ns.configPath)
 	}
 	ns.claims, err = token.Parse(ns.token)
 	if err != nil {
-		return nil, fmt.Errorf("the token given is not usable: %w", err)
+		return nil, fmt.Errorf("the token from %s is not usable: %w", ns.tokenFrom, err)
 	}
 	if ns.claims.Role != role {
 		return nil, fmt.Errorf("this is a token for %s %q; `nlvpn %s` needs %s token", ns.claims.Role, ns.claims.Name, map[string]string{token.RoleAgent: "agent", token.RoleClient: "up"}[role], map[string]string{token.RoleAgent: "an agent", token.RoleClient: "a client"}[role])
@@ -342,8 +362,8 @@ func (ns *nodeSetup) remember(gatewayFlag bool) {
 	if err != nil {
 		return
 	}
-	changed := file["token"] != ns.token
-	file["token"] = ns.token
+	changed := file[ns.tokenKey] != ns.token
+	file[ns.tokenKey] = ns.token
 	if gatewayFlag && file["gateway"] != ns.gateway {
 		file["gateway"], changed = ns.gateway, true
 	}
@@ -369,20 +389,12 @@ It reconnects to the gateway by itself.`,
 		Flags: append(nodeFlags(),
 			&cli.StringSliceFlag{Name: "advertise", Usage: "`CIDR` clients may reach (repeatable), e.g. 192.168.1.0/24"},
 			&cli.BoolFlag{Name: "allow-loopback", Usage: "let clients reach this host's own loopback services (as 127.0.0.1 or as the agent's overlay address); refused and logged otherwise"},
+			&cli.BoolFlag{Name: "exit-node", Usage: "allow --advertise 0.0.0.0/0 or ::/0: clients that accept it may send all their traffic out through this host"},
 		),
 		Action: func(c *cli.Context) error {
-			var adv []netip.Prefix
-			for _, s := range c.StringSlice("advertise") {
-				for _, s := range strings.Split(s, ",") {
-					p, err := netip.ParsePrefix(strings.TrimSpace(s))
-					if err != nil {
-						return fmt.Errorf("--advertise %q: %w", s, err)
-					}
-					adv = append(adv, p.Masked())
-				}
-			}
-			if len(adv) == 0 {
-				return errors.New("--advertise CIDR is required (the subnets clients may reach)")
+			adv, err := parseAdvertise(c.StringSlice("advertise"), c.Bool("exit-node"), c.Bool("allow-loopback"))
+			if err != nil {
+				return err
 			}
 			ns, err := setupNode(c, token.RoleAgent)
 			if err != nil {
@@ -394,6 +406,7 @@ It reconnects to the gateway by itself.`,
 				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv,
 				AllowLoopback: c.Bool("allow-loopback"),
 				StatusSocket:  filepath.Join(ns.stateDir, "status.sock"),
+				OnUp:          func() { ns.remember(c.IsSet("gateway")) },
 				Log:           slog.Default().With("agent", ns.claims.Name),
 			})
 		},
@@ -419,9 +432,22 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 			&cli.StringFlag{Name: "tun", Value: "nlvpn0", Usage: "TUN device name"},
 			&cli.BoolFlag{Name: "netstack", Usage: "no TUN device: run a userspace netstack behind local SOCKS5 and HTTP proxies (chosen by itself without CAP_NET_ADMIN)"},
 			&cli.DurationFlag{Name: "connect-timeout", Value: 20 * time.Second, Usage: "give up if the gateway cannot be reached at start within this"},
+			&cli.StringSliceFlag{Name: "accept-routes", Usage: "also route advertised subnets inside `PREFIX` that are refused by default (broader than /8, containing the gateway, overlapping this machine's own networks); repeatable"},
+			&cli.BoolFlag{Name: "exit-node", Usage: "accept a default route from the agent: all of this machine's traffic goes through it"},
 		), modeFlagList()...), proxyFlagList()...),
 		Action: func(c *cli.Context) error {
 			limitClientMemory()
+			var routes client.RoutePolicy
+			for _, v := range c.StringSlice("accept-routes") {
+				for _, s := range strings.Split(v, ",") {
+					p, err := netip.ParsePrefix(strings.TrimSpace(s))
+					if err != nil {
+						return fmt.Errorf("--accept-routes %q: %w", s, err)
+					}
+					routes.Accept = append(routes.Accept, p.Masked())
+				}
+			}
+			routes.ExitNode = c.Bool("exit-node")
 			if !token.ValidName(c.String("agent")) {
 				return fmt.Errorf("--agent %q is not a valid agent name", c.String("agent"))
 			}
@@ -459,6 +485,7 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 				Gateway:      ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"),
 				KnownAgents: filepath.Join(ns.stateDir, "known_agents"), TunName: c.String("tun"),
 				ConnectTimeout: c.Duration("connect-timeout"),
+				Routes:         routes,
 				Log:            slog.Default(),
 				OnUp:           func() { ns.remember(c.IsSet("gateway")) },
 			})
@@ -488,8 +515,8 @@ func statusCmd() *cli.Command {
 		Description: `Asks the running ` + "`nlvpn up`" + ` or ` + "`nlvpn agent`" + ` (same --state-dir) over its local socket,
 which only its user can open. For a client, --json prints one object with "path"
 ("direct" or "relay"), "remote", "rtt_ms", "tx_bytes", "rx_bytes" and "since_switch_s";
-for an agent, "sessions" (one per connected client) and "drops" (packets lost inside
-the agent, by where).`,
+for an agent, "sessions" (one per connected client), "drops" (packets lost inside
+the agent, by where) and "denied" (new flows its policy refused, by reason).`,
 		Flags: []cli.Flag{
 			stateDirFlag("nlvpn"),
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object"},
