@@ -735,8 +735,9 @@ func (r *runner) startNetstackClient(flags ...string) error {
 	deadline := time.Now().Add(40 * time.Second)
 	for {
 		r.clientN++
-		args := append([]string{"up", "--netstack", "--socks5", socksBenchAddr, "--http-proxy", "", "--token", r.clientTok, "--gateway", r.gwAddr(),
-			"--agent", agentName, "--state-dir", filepath.Join(r.dir, "client-socks")}, flags...)
+		args := append([]string{"up", "--netstack", "--socks5", socksBenchAddr, "--http-proxy", ""}, r.clientTokArgs...)
+		args = append(append(args, "--gateway", r.gwAddr(),
+			"--agent", agentName, "--state-dir", filepath.Join(r.dir, "client-socks")), flags...)
 		var err error
 		r.client, err = r.start(l.NS.Client, fmt.Sprintf("client-%d-netstack", r.clientN), args...)
 		if err != nil {

@@ -31,6 +31,7 @@ type runner struct {
 
 	gateway, agent, client *lab.Process
 	clientTok              string
+	clientTokArgs          []string // --token-file FILE (or --token TOKEN for old binaries)
 	clientN                int
 
 	profileDir string   // bench: where CPU profiles go ("" = none)
@@ -165,8 +166,8 @@ func (r *runner) startStack(verbose bool, check func() error, upFlags ...string)
 		}
 		return strings.TrimSpace(string(out)), nil
 	}
-	explain("Issuing two tokens from the gateway's state: one for the agent %q, one for the client \"alice\":\n    nlvpn token --state-dir %s --agent %s\n    nlvpn token --state-dir %s --client alice",
-		agentName, gwState, agentName, gwState)
+	explain("Issuing two tokens from the gateway's state: one for the agent %q, one for the client \"alice\":\n    nlvpn token --state-dir %s --agent %s -o %s.token\n    nlvpn token --state-dir %s --client alice -o alice.token",
+		agentName, gwState, agentName, agentName, gwState)
 	agentTok, err := token("--agent", agentName)
 	if err != nil {
 		return err
@@ -180,10 +181,14 @@ func (r *runner) startStack(verbose bool, check func() error, upFlags ...string)
 		fmt.Println("    (a token is all a new machine needs: it names the role, carries the gateway's address and certificate pin, and is signed)")
 	}
 
-	explain("Starting the agent %q in namespace %s, behind a %v NAT. It dials OUT to the gateway (no open port)\n    and offers the LAN %s, which only it can reach:\n    nlvpn agent --token <agent token> --gateway %s --advertise %s",
-		agentName, l.NS.Agent, l.Opts.AgentNAT, l.LANSubnet, r.gwAddr(), l.LANSubnet)
-	r.agent, err = r.start(l.NS.Agent, "agent", "agent", "--token", agentTok, "--gateway", r.gwAddr(),
-		"--advertise", l.LANSubnet.String(), "--state-dir", filepath.Join(r.dir, "agent"))
+	explain("Starting the agent %q in namespace %s, behind a %v NAT. It dials OUT to the gateway (no open port)\n    and offers the LAN %s, which only it can reach:\n    nlvpn agent --token-file %s.token --gateway %s --advertise %s",
+		agentName, l.NS.Agent, l.Opts.AgentNAT, l.LANSubnet, agentName, r.gwAddr(), l.LANSubnet)
+	agentArgs, err := r.tokenArgs(agentTok, agentName+".token")
+	if err != nil {
+		return err
+	}
+	r.agent, err = r.start(l.NS.Agent, "agent", append(append([]string{"agent"}, agentArgs...), "--gateway", r.gwAddr(),
+		"--advertise", l.LANSubnet.String(), "--state-dir", filepath.Join(r.dir, "agent"))...)
 	if err != nil {
 		return err
 	}
@@ -197,9 +202,12 @@ func (r *runner) startStack(verbose bool, check func() error, upFlags ...string)
 	}
 	wcancel()
 
-	explain("Starting the client in namespace %s, behind a %v NAT. It dials out to the gateway too,\n    creates the TUN device %s and routes %s into it:\n    nlvpn up --token <client token> --gateway %s --agent %s",
+	explain("Starting the client in namespace %s, behind a %v NAT. It dials out to the gateway too,\n    creates the TUN device %s and routes %s into it:\n    nlvpn up --token-file alice.token --gateway %s --agent %s",
 		l.NS.Client, l.Opts.ClientNAT, tunName, l.LANSubnet, r.gwAddr(), agentName)
 	r.clientTok = clientTok
+	if r.clientTokArgs, err = r.tokenArgs(clientTok, "alice.token"); err != nil {
+		return err
+	}
 	return r.startClient(verbose, check, upFlags...)
 }
 
@@ -211,8 +219,8 @@ func (r *runner) startClient(verbose bool, check func() error, upFlags ...string
 	deadline := time.Now().Add(40 * time.Second)
 	for attempt := 1; ; attempt++ {
 		r.clientN++
-		args := append([]string{"up", "--token", r.clientTok, "--gateway", r.gwAddr(),
-			"--agent", agentName, "--state-dir", filepath.Join(r.dir, "client"), "--tun", tunName}, upFlags...)
+		args := append(append(append([]string{"up"}, r.clientTokArgs...), "--gateway", r.gwAddr(),
+			"--agent", agentName, "--state-dir", filepath.Join(r.dir, "client"), "--tun", tunName), upFlags...)
 		var err error
 		r.client, err = r.start(l.NS.Client, fmt.Sprintf("client-%d", r.clientN), args...)
 		if err != nil {
@@ -237,6 +245,20 @@ func (r *runner) startClient(verbose bool, check func() error, upFlags ...string
 }
 
 // supports reports whether `nlvpn <cmd> --help` mentions flag.
+// tokenArgs writes tok into a 0600 file named name in the run's directory
+// and returns the flags that give it to nlvpn: --token-file, as the README
+// says, or --token for a binary from before --token-file.
+func (r *runner) tokenArgs(tok, name string) ([]string, error) {
+	if !r.supports("up", "--token-file") {
+		return []string{"--token", tok}, nil
+	}
+	path := filepath.Join(r.dir, name)
+	if err := os.WriteFile(path, []byte(tok+"\n"), 0o600); err != nil {
+		return nil, err
+	}
+	return []string{"--token-file", path}, nil
+}
+
 func (r *runner) supports(cmd, flag string) bool {
 	out, _ := exec.Command(r.nlvpn, cmd, "--help").CombinedOutput()
 	return strings.Contains(string(out), flag)

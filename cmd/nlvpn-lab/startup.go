@@ -46,8 +46,8 @@ func (r *runner) startupTrials(n int) (*startupResult, error) {
 		}
 		r.clientN++
 		start := time.Now()
-		r.client, err = r.start(l.NS.Client, fmt.Sprintf("client-%d", r.clientN), "up", "--token", r.clientTok, "--gateway", r.gwAddr(),
-			"--agent", agentName, "--state-dir", filepath.Join(r.dir, "client"), "--tun", tunName)
+		r.client, err = r.start(l.NS.Client, fmt.Sprintf("client-%d", r.clientN), append(append([]string{"up"}, r.clientTokArgs...), "--gateway", r.gwAddr(),
+			"--agent", agentName, "--state-dir", filepath.Join(r.dir, "client"), "--tun", tunName)...)
 		if err != nil {
 			return nil, err
 		}
