@@ -24,6 +24,7 @@ import (
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/netstack"
 	"github.com/nlvpn/nlvpn/packet"
+	"github.com/nlvpn/nlvpn/policy"
 	"github.com/nlvpn/nlvpn/punch"
 	"github.com/nlvpn/nlvpn/session"
 	"github.com/nlvpn/nlvpn/underlay"
@@ -43,6 +44,10 @@ type Config struct {
 	// StatusSocket, if set, is a unix socket path where `nlvpn status`
 	// reads the agent's sessions and drop counters.
 	StatusSocket string
+	// Policy, if set, is the per-client policy in force (--policy); the
+	// caller may replace it at any time (SIGHUP). Nil: every client may
+	// reach everything advertised.
+	Policy *policy.Current
 	// OnUp, if set, runs once, after the first registration with the
 	// gateway (the CLI saves the token that worked).
 	OnUp func()
@@ -171,45 +176,122 @@ func (a *Agent) closeSessions() {
 
 // overlay is the agent's overlay address, once registered.
 func (a *Agent) overlay() netip.Addr {
+	if a.u == nil { // not started (tests of the policy)
+		return netip.Addr{}
+	}
 	if w := a.u.Ctrl.Welcome(); w != nil {
 		return w.Overlay
 	}
 	return netip.Addr{}
 }
 
-// allow is the agent's policy: the advertised subnets; its DNS service on
-// the overlay address; its own loopback (also as the overlay address) only
-// with AllowLoopback. Never, whatever is advertised: this host's own
-// addresses (clients are given the LAN, not the agent's host and the
-// services it listens with), link-local addresses and the cloud metadata
-// services that live there (169.254.169.254 hands out a cloud machine's
-// credentials). Everything else is refused, counted by reason and logged.
-func (a *Agent) allow(dst netip.AddrPort, proto string) bool {
+// allow is the agent's policy for a new flow from the client at src: the
+// advertised subnets; its DNS service on the overlay address; its own
+// loopback (also as the overlay address) only with AllowLoopback. Never,
+// whatever is advertised: this host's own addresses (clients are given the
+// LAN, not the agent's host and the services it listens with), link-local
+// addresses and the cloud metadata services that live there
+// (169.254.169.254 hands out a cloud machine's credentials), unless a
+// policy rule names them explicitly. With a policy (--policy), what the
+// rules above allow must also be allowed by the client's first matching
+// rule. Refusals are counted by reason and logged with the client's name.
+func (a *Agent) allow(src netip.Addr, dst netip.AddrPort, proto string) bool {
 	r := verdict(dst, proto, a.overlay(), a.cfg.Advertise, a.cfg.AllowLoopback, a.host.has)
+	if r == allowedService {
+		return true
+	}
+	var pol *policy.Policy
+	if a.cfg.Policy != nil {
+		pol = a.cfg.Policy.Load()
+	}
+	who := a.subject(src)
+	if pol != nil && (r == allowed || r == deniedHostAddr || r == deniedLinkLocal) {
+		ok, rule := pol.Decide(who, dst, proto)
+		switch {
+		case r == allowed && ok:
+			return true
+		case r == allowed:
+			a.denied.policy.Add(1)
+			a.logDenied("refused by the policy", who.Name, dst, proto, "rule", rule.String())
+			return false
+		case ok && namesExactly(rule.Dest, dst.Addr().Unmap(), r) && a.advertised(dst.Addr().Unmap()):
+			return true
+		}
+	}
 	switch r {
 	case allowed:
 		return true
 	case deniedLoopback:
 		a.denied.loopback.Add(1)
-		a.logDenied("refused a client's connection to this host's loopback (start the agent with --allow-loopback to allow it)", dst, proto)
+		a.logDenied("refused a connection to this host's loopback (start the agent with --allow-loopback to allow it)", who.Name, dst, proto)
 	case deniedLinkLocal:
 		a.denied.linkLocal.Add(1)
-		a.logDenied("refused a client's connection to a link-local or cloud metadata address (never reachable through an agent)", dst, proto)
+		a.logDenied("refused a connection to a link-local or cloud metadata address (only a policy rule naming it allows it)", who.Name, dst, proto)
 	case deniedHostAddr:
 		a.denied.hostAddr.Add(1)
-		a.logDenied("refused a client's connection to one of this host's own addresses (clients reach the advertised LAN, not the agent's host)", dst, proto)
+		a.logDenied("refused a connection to one of this host's own addresses (clients reach the advertised LAN, not the agent's host; only a policy rule naming the address allows it)", who.Name, dst, proto)
 	default:
 		a.denied.notAdvertised.Add(1)
-		a.logDenied("refused by policy: not in an advertised subnet", dst, proto)
+		a.logDenied("refused: not in an advertised subnet", who.Name, dst, proto)
 	}
 	return false
 }
+
+// subject is who the client at overlay address src is, as its session
+// offer named it. An address with no session is nobody: only "*" rules
+// match it.
+func (a *Agent) subject(src netip.Addr) policy.Subject {
+	if cs := a.clients.Load(src); cs != nil {
+		return policy.Subject{Name: cs.offer.PeerName, Groups: cs.offer.PeerGroups}
+	}
+	return policy.Subject{}
+}
+
+func (a *Agent) advertised(ip netip.Addr) bool {
+	for _, p := range a.cfg.Advertise {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// namesExactly reports whether a rule's destination names an address that
+// is denied by default (r says why) on purpose rather than by being wide:
+// for one of this host's addresses the rule must name that one address; for
+// link-local, a prefix inside the link-local range (or the IPv6 metadata
+// address itself). "*" and wide prefixes never open them.
+func namesExactly(dest netip.Prefix, ip netip.Addr, r decision) bool {
+	if !dest.IsValid() || !dest.Contains(ip) {
+		return false
+	}
+	switch r {
+	case deniedHostAddr:
+		return dest.Bits() == ip.BitLen()
+	case deniedLinkLocal:
+		if ip == metadataV6 {
+			return dest.Bits() == 128
+		}
+		ll := linkLocal4
+		if ip.Is6() {
+			ll = linkLocal6
+		}
+		return dest.Bits() >= ll.Bits() && ll.Contains(dest.Addr())
+	}
+	return false
+}
+
+var (
+	linkLocal4 = netip.MustParsePrefix("169.254.0.0/16")
+	linkLocal6 = netip.MustParsePrefix("fe80::/10")
+)
 
 // A policy decision.
 type decision int
 
 const (
-	allowed decision = iota
+	allowed        decision = iota
+	allowedService          // the agent's own service for clients (DNS on its overlay address)
 	deniedNotAdvertised
 	deniedLoopback
 	deniedLinkLocal
@@ -223,7 +305,7 @@ func verdict(dst netip.AddrPort, proto string, overlay netip.Addr, advertise []n
 	ip := dst.Addr().Unmap()
 	switch {
 	case ip == overlay && proto == "udp" && dst.Port() == 53:
-		return allowed
+		return allowedService
 	case ip.IsLoopback() || ip == overlay:
 		if allowLoopback {
 			return allowed
@@ -248,7 +330,7 @@ var metadataV6 = netip.MustParseAddr("fd00:ec2::254")
 
 // deniedCounters count the policy's refusals by reason.
 type deniedCounters struct {
-	notAdvertised, loopback, hostAddr, linkLocal atomic.Uint64
+	notAdvertised, loopback, hostAddr, linkLocal, policy atomic.Uint64
 }
 
 func (d *deniedCounters) snapshot() map[string]uint64 {
@@ -257,19 +339,20 @@ func (d *deniedCounters) snapshot() map[string]uint64 {
 		"loopback":       d.loopback.Load(),
 		"host_address":   d.hostAddr.Load(),
 		"link_local":     d.linkLocal.Load(),
+		"policy":         d.policy.Load(),
 	}
 }
 
 // logDenied logs a refusal at most once a second: a client sending
 // refused packets in a loop must not fill the disk or slow the shared
-// inject goroutine. The egress counts every refusal.
-func (a *Agent) logDenied(msg string, dst netip.AddrPort, proto string) {
+// inject goroutine. The counters count every refusal.
+func (a *Agent) logDenied(msg, client string, dst netip.AddrPort, proto string, extra ...any) {
 	now := time.Now().UnixNano()
 	last := a.lastDenyLog.Load()
 	if now-last < int64(time.Second) || !a.lastDenyLog.CompareAndSwap(last, now) {
 		return
 	}
-	a.log.Info(msg, "dst", dst, "proto", proto)
+	a.log.Info(msg, append([]any{"client", client, "dst", dst, "proto", proto}, extra...)...)
 }
 
 // dial opens the real flow for the egress: DNS on the overlay address is

@@ -399,7 +399,7 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 	// The gateway passes the nodes' candidates and signed probe keys along
 	// unchanged; it cannot make a probe key of its own.
 	r, err := a.request(rctx, &wire.Message{Type: wire.TypeSession, Session: &wire.Session{
-		ID: id, PeerName: c.name, PeerKey: c.key.String(), PeerAddr: c.overlay,
+		ID: id, PeerName: c.name, PeerGroups: c.claims.Groups, PeerKey: c.key.String(), PeerAddr: c.overlay,
 		Mode: req.Mode, Punch: req.Punch,
 	}})
 	if err != nil {

@@ -260,7 +260,7 @@ func TestRegisterAndConnect(t *testing.T) {
 	}
 
 	// "nosuch" is allowed by the token, so asking for it tests the directory.
-	client := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"miranda", "nosuch"}})})
+	client := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"miranda", "nosuch"}, Groups: []string{"ops"}})})
 	cw := client.ready(t)
 	if cw.Role != token.RoleClient || !overlayNet.Contains(cw.Overlay) || cw.Overlay == aw.Overlay {
 		t.Fatalf("client welcome = %+v (agent overlay %v)", cw, aw.Overlay)
@@ -283,7 +283,8 @@ func TestRegisterAndConnect(t *testing.T) {
 	// The agent was offered the same session with the client's identity.
 	select {
 	case off := <-agent.offers:
-		if off.ID != s.ID || off.PeerName != "alice" || off.PeerKey != client.key.Public().String() || off.PeerAddr != cw.Overlay {
+		if off.ID != s.ID || off.PeerName != "alice" || off.PeerKey != client.key.Public().String() || off.PeerAddr != cw.Overlay ||
+			len(off.PeerGroups) != 1 || off.PeerGroups[0] != "ops" {
 			t.Fatalf("agent offer = %+v; want session %x from alice %s at %v", off, s.ID, client.key.Public(), cw.Overlay)
 		}
 	default:

@@ -60,12 +60,13 @@ type EgressConfig struct {
 	// MTU of the virtual NIC (e.g. 1360); packets larger than this are never
 	// passed to out. Zero means DefaultEgressMTU.
 	MTU int
-	// Allow is the agent's policy: whether a client may reach dst over proto
-	// ("tcp", "udp", "icmp"; for icmp the port is 0). nil allows everything.
+	// Allow is the agent's policy: whether the client at src (its overlay
+	// address) may reach dst over proto ("tcp", "udp", "icmp"; for icmp the
+	// port is 0). nil allows everything.
 	// Denied TCP gets a RST, denied UDP/ICMP is dropped; all are counted in
 	// Denied. Allow is called on the Inject goroutine for UDP and ICMP, so it
 	// must be fast and must not block.
-	Allow func(dst netip.AddrPort, proto string) bool
+	Allow func(src netip.Addr, dst netip.AddrPort, proto string) bool
 	// Dial opens the real flow ("tcp" or "udp"); nil means a net.Dialer. The
 	// context passed to it expires after DefaultEgressDialTimeout and is cancelled
 	// by Close.
@@ -311,11 +312,11 @@ func (e *Egress) Close() error {
 	return nil
 }
 
-func (e *Egress) allow(dst netip.AddrPort, proto string) bool {
+func (e *Egress) allow(src netip.Addr, dst netip.AddrPort, proto string) bool {
 	if e.cfg.Allow == nil {
 		return true
 	}
-	return e.cfg.Allow(dst, proto)
+	return e.cfg.Allow(src.Unmap(), dst, proto)
 }
 
 // egAddrPortFrom converts a gVisor address and port.

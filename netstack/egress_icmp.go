@@ -30,7 +30,7 @@ import (
 // socket by an id the Egress allocates (plus seq, source and payload).
 
 func (e *Egress) handleEcho(r egEchoRequest) {
-	if !e.allow(netip.AddrPortFrom(r.dst, 0), "icmp") {
+	if !e.allow(r.src, netip.AddrPortFrom(r.dst, 0), "icmp") {
 		e.c.denied.Add(1)
 		e.log.Debug("icmp echo denied", "proto", "icmp", "src", r.src, "dst", r.dst)
 		return

@@ -28,7 +28,7 @@ func (e *Egress) handleTCP(r *tcp.ForwarderRequest) {
 	dst := egAddrPortFrom(id.LocalAddress, id.LocalPort)
 	src := egAddrPortFrom(id.RemoteAddress, id.RemotePort)
 	log := e.log.With("proto", "tcp", "src", src, "dst", dst)
-	if !e.allow(dst, "tcp") {
+	if !e.allow(src.Addr(), dst, "tcp") {
 		e.c.denied.Add(1)
 		log.Debug("tcp flow denied by policy")
 		r.Complete(true)

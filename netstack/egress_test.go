@@ -346,7 +346,7 @@ func TestEgressTCPRefusedAndDenied(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			n := egNewTestNet(t, EgressConfig{Allow: func(dst netip.AddrPort, proto string) bool {
+			n := egNewTestNet(t, EgressConfig{Allow: func(_ netip.Addr, dst netip.AddrPort, proto string) bool {
 				return !(proto == "tcp" && dst == deniedDst)
 			}})
 			dst := tc.dst(t)
@@ -487,7 +487,7 @@ func TestEgressUDPIdleTimeout(t *testing.T) {
 }
 
 func TestEgressUDPDenied(t *testing.T) {
-	n := egNewTestNet(t, EgressConfig{Allow: func(dst netip.AddrPort, proto string) bool { return proto != "udp" }})
+	n := egNewTestNet(t, EgressConfig{Allow: func(_ netip.Addr, dst netip.AddrPort, proto string) bool { return proto != "udp" }})
 	dst, peers := egUDPEchoServer(t, egLoV4)
 	c := n.dialUDP(t, dst)
 	c.Write([]byte("x"))
@@ -638,7 +638,7 @@ func egCheckEchoReply(t *testing.T, p []byte, src, dst netip.Addr, id, seq uint1
 func TestEgressICMPEchoDeniedAndLimits(t *testing.T) {
 	egSkipWithoutICMP(t, false, egDefaultEchoModes)
 	t.Run("denied", func(t *testing.T) {
-		eg, cp := egNewCaptureEgress(t, EgressConfig{Allow: func(netip.AddrPort, string) bool { return false }})
+		eg, cp := egNewCaptureEgress(t, EgressConfig{Allow: func(netip.Addr, netip.AddrPort, string) bool { return false }})
 		eg.Inject(egEchoRequestPacket(egClientV4, egLoV4, 1, 1, []byte("x")))
 		select {
 		case p := <-cp.ch:
@@ -651,7 +651,7 @@ func TestEgressICMPEchoDeniedAndLimits(t *testing.T) {
 	})
 	t.Run("allow-sees-icmp", func(t *testing.T) {
 		var got atomic.Value
-		eg, cp := egNewCaptureEgress(t, EgressConfig{Allow: func(dst netip.AddrPort, proto string) bool {
+		eg, cp := egNewCaptureEgress(t, EgressConfig{Allow: func(_ netip.Addr, dst netip.AddrPort, proto string) bool {
 			got.Store(fmt.Sprint(dst, " ", proto))
 			return true
 		}})
@@ -711,7 +711,7 @@ func TestEgressMalformed(t *testing.T) {
 		{"v6-bad-icmp-checksum", mod6(func(p []byte) []byte { p[42] ^= 0xff; return p })},
 		{"too-big", append(bytes.Clone(good), make([]byte, 70000)...)},
 	}
-	eg, cp := egNewCaptureEgress(t, EgressConfig{Allow: func(netip.AddrPort, string) bool { return false }})
+	eg, cp := egNewCaptureEgress(t, EgressConfig{Allow: func(netip.Addr, netip.AddrPort, string) bool { return false }})
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			eg.Inject(tc.pkt)
@@ -743,7 +743,7 @@ func FuzzInject(f *testing.F) {
 	f.Add([]byte{0x60, 0, 0, 0, 0, 8, 17, 64})
 	var dialed atomic.Int64
 	eg, err := NewEgress(EgressConfig{
-		Allow: func(netip.AddrPort, string) bool { return false },
+		Allow: func(netip.Addr, netip.AddrPort, string) bool { return false },
 		Dial: func(context.Context, string, string) (net.Conn, error) {
 			dialed.Add(1)
 			return nil, errors.New("fuzz: no dialing")

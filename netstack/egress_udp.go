@@ -23,7 +23,7 @@ func (e *Egress) handleUDP(r *udp.ForwarderRequest) bool {
 	id := r.ID()
 	dst := egAddrPortFrom(id.LocalAddress, id.LocalPort)
 	src := egAddrPortFrom(id.RemoteAddress, id.RemotePort)
-	if !e.allow(dst, "udp") {
+	if !e.allow(src.Addr(), dst, "udp") {
 		e.c.denied.Add(1)
 		e.log.Debug("udp datagram denied by policy", "proto", "udp", "src", src, "dst", dst)
 		return true // handled: dropped silently

@@ -119,7 +119,7 @@ func pxNewEnvLog(t *testing.T, auth *Credentials, log *slog.Logger) *pxEnv {
 
 	var p *Proxy
 	var pReady = make(chan struct{})
-	eg, err := NewEgress(EgressConfig{MTU: egTestMTU, Logger: log, Allow: func(netip.AddrPort, string) bool { return true }},
+	eg, err := NewEgress(EgressConfig{MTU: egTestMTU, Logger: log, Allow: func(netip.Addr, netip.AddrPort, string) bool { return true }},
 		func(pkts [][]byte) {
 			<-pReady
 			p.Inject(pkts...)

@@ -42,6 +42,7 @@ type Claims struct {
 	Role    string   `json:"role"`
 	Name    string   `json:"name"`
 	Agents  []string `json:"agents,omitempty"` // client only; "*" allows every agent
+	Groups  []string `json:"groups,omitempty"` // client only; for agents' policies
 	Issued  int64    `json:"iat"`
 	Expires int64    `json:"exp"`
 	Gateway string   `json:"gw,omitempty"`  // host:port

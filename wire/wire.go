@@ -148,12 +148,15 @@ type Punch struct {
 // Session describes the other end of a session. The gateway vouches for the
 // peer's key; the session's own TLS handshake proves the peer holds it.
 type Session struct {
-	ID        uint64         `json:"id"`
-	PeerName  string         `json:"peer_name"`
-	PeerKey   string         `json:"peer_key"`
-	PeerAddr  netip.Addr     `json:"peer_overlay"`
-	Advertise []netip.Prefix `json:"advertise,omitempty"` // the agent's, as registered
-	Mode      string         `json:"mode,omitempty"`
+	ID       uint64 `json:"id"`
+	PeerName string `json:"peer_name"`
+	// PeerGroups (to an agent) are the client's groups, from its token,
+	// for the agent's policy.
+	PeerGroups []string       `json:"peer_groups,omitempty"`
+	PeerKey    string         `json:"peer_key"`
+	PeerAddr   netip.Addr     `json:"peer_overlay"`
+	Advertise  []netip.Prefix `json:"advertise,omitempty"` // the agent's, as registered
+	Mode       string         `json:"mode,omitempty"`
 	// Resumed (to a client) says the agent still holds the session's
 	// end-to-end connection, so the client may keep using it.
 	Resumed bool `json:"resumed,omitempty"`

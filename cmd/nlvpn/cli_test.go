@@ -140,10 +140,12 @@ func TestCLITokenIssues(t *testing.T) {
 		name   string
 		agents []string
 		gw     string
+		groups []string
 	}{
-		{[]string{"--client", "alice", "--gateway", "127.0.0.1:4433"}, token.RoleClient, "alice", []string{"*"}, "127.0.0.1:4433"},
-		{[]string{"--agent", "miranda", "--gateway", "[::1]:4433"}, token.RoleAgent, "miranda", nil, "[::1]:4433"},
-		{[]string{"--client", "bob", "--gateway", "127.0.0.1:1", "--allow-agent", "miranda", "--allow-agent", "caliban"}, token.RoleClient, "bob", []string{"miranda", "caliban"}, "127.0.0.1:1"},
+		{[]string{"--client", "alice", "--gateway", "127.0.0.1:4433"}, token.RoleClient, "alice", []string{"*"}, "127.0.0.1:4433", nil},
+		{[]string{"--agent", "miranda", "--gateway", "[::1]:4433"}, token.RoleAgent, "miranda", nil, "[::1]:4433", nil},
+		{[]string{"--client", "bob", "--gateway", "127.0.0.1:1", "--allow-agent", "miranda", "--allow-agent", "caliban"}, token.RoleClient, "bob", []string{"miranda", "caliban"}, "127.0.0.1:1", nil},
+		{[]string{"--client", "olga", "--gateway", "127.0.0.1:1", "--group", "ops", "--group", "dev"}, token.RoleClient, "olga", []string{"*"}, "127.0.0.1:1", []string{"ops", "dev"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := time.Now()
@@ -157,6 +159,9 @@ func TestCLITokenIssues(t *testing.T) {
 			}
 			if strings.Join(cl.Agents, ",") != strings.Join(tc.agents, ",") {
 				t.Fatalf("agents %v, want %v", cl.Agents, tc.agents)
+			}
+			if strings.Join(cl.Groups, ",") != strings.Join(tc.groups, ",") {
+				t.Fatalf("groups %v, want %v", cl.Groups, tc.groups)
 			}
 			exp := time.Unix(cl.Expires, 0)
 			if d := exp.Sub(before); d < 719*time.Hour || d > 721*time.Hour {
@@ -202,6 +207,8 @@ func TestCLITokenErrors(t *testing.T) {
 		{"bad gateway address", []string{"token", "--state-dir", dir, "--client", "alice", "--gateway", "127.0.0.1"}, []string{"HOST:PORT"}},
 		{"bad name", []string{"token", "--state-dir", dir, "--client", "Alice Smith", "--gateway", "127.0.0.1:4433"}, []string{"Alice Smith"}},
 		{"allow-agent on agent token", []string{"token", "--state-dir", dir, "--agent", "miranda", "--allow-agent", "x", "--gateway", "127.0.0.1:4433"}, []string{"--allow-agent"}},
+		{"group on agent token", []string{"token", "--state-dir", dir, "--agent", "miranda", "--group", "ops", "--gateway", "127.0.0.1:4433"}, []string{"--group is for client tokens"}},
+		{"bad group", []string{"token", "--state-dir", dir, "--client", "alice", "--group", "Ops Team", "--gateway", "127.0.0.1:4433"}, []string{"--group", "Ops Team"}},
 		{"non-positive ttl", []string{"token", "--state-dir", dir, "--client", "alice", "--ttl", "0s", "--gateway", "127.0.0.1:4433"}, []string{"--ttl"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -219,6 +226,10 @@ func TestCLITokenErrors(t *testing.T) {
 
 func TestCLINodeErrors(t *testing.T) {
 	dir, _ := gatewayState(t)
+	badPolicy := filepath.Join(t.TempDir(), "policy")
+	if err := os.WriteFile(badPolicy, []byte("allow * *\npermit * *\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	clientTok := issue(t, dir, "--client", "alice", "--gateway", "127.0.0.1:4433", "--allow-agent", "miranda")
 	agentTok := issue(t, dir, "--agent", "miranda", "--gateway", "127.0.0.1:4433")
 	for _, tc := range []struct {
@@ -242,6 +253,8 @@ func TestCLINodeErrors(t *testing.T) {
 		{"agent bad advertise", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/33"}, []string{"--advertise"}},
 		{"agent advertises a default route", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/8,0.0.0.0/0"}, []string{"0.0.0.0/0", "--exit-node"}},
 		{"agent advertises ::/0", nil, []string{"agent", "--token", agentTok, "--advertise", "::/0"}, []string{"::/0", "--exit-node"}},
+		{"agent policy missing", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/8", "--policy", "/nonexistent/policy"}, []string{"--policy", "no such file"}},
+		{"agent policy malformed", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/8", "--policy", badPolicy}, []string{"--policy", "line 2", "allow or deny"}},
 		{"agent advertises loopback", nil, []string{"agent", "--token", agentTok, "--advertise", "127.0.0.0/8"}, []string{"loopback", "--allow-loopback"}},
 		{"bad gateway override", nil, []string{"up", "--token", clientTok, "--agent", "miranda", "--gateway", "nohostport"}, []string{"HOST:PORT"}},
 		{"forward nothing", nil, []string{"forward", "--token", clientTok, "-n", "miranda"}, []string{"nothing to forward"}},

@@ -26,6 +26,7 @@ import (
 	"github.com/nlvpn/nlvpn/gateway"
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/platform"
+	"github.com/nlvpn/nlvpn/policy"
 	"github.com/nlvpn/nlvpn/status"
 	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/wire"
@@ -110,6 +111,12 @@ func setupLogging(c *cli.Context) error {
 // ProxyCommand when the session ends), so every role cleans up.
 func signalContext(c *cli.Context) (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+}
+
+// signalContextKeepHUP is signalContext for a process that reloads its
+// configuration on SIGHUP instead of ending.
+func signalContextKeepHUP(c *cli.Context) (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 }
 
 func defaultStateDir(name string) string {
@@ -211,6 +218,7 @@ files (--out writes one readable only by you; nodes read it with --token-file).`
 			&cli.StringFlag{Name: "gateway", Usage: "gateway HOST:PORT to put in the token (default: the gateway's --public-addr)"},
 			&cli.DurationFlag{Name: "ttl", Value: 720 * time.Hour, Usage: "how long the token is valid"},
 			&cli.StringSliceFlag{Name: "allow-agent", Usage: "client tokens: agents it may use (repeatable; default every agent)"},
+			&cli.StringSliceFlag{Name: "group", Usage: "client tokens: a group the client is in, for agents' --policy rules (repeatable)"},
 			&cli.StringFlag{Name: "out", Aliases: []string{"o"}, Usage: "write the token to `FILE` (created 0600; an existing file is not overwritten)"},
 		},
 		Action: func(c *cli.Context) error {
@@ -249,9 +257,18 @@ files (--out writes one readable only by you; nodes read it with --token-file).`
 				if len(c.StringSlice("allow-agent")) > 0 {
 					return errors.New("--allow-agent is for client tokens")
 				}
+				if len(c.StringSlice("group")) > 0 {
+					return errors.New("--group is for client tokens")
+				}
 			} else {
 				cl.Role, cl.Name = token.RoleClient, clientName
 				cl.Agents = c.StringSlice("allow-agent")
+				for _, g := range c.StringSlice("group") {
+					if !token.ValidName(g) {
+						return fmt.Errorf("--group %q: use lower-case letters, digits, '.', '_' and '-' (at most 63)", g)
+					}
+					cl.Groups = append(cl.Groups, g)
+				}
 				if len(cl.Agents) == 0 {
 					cl.Agents = []string{"*"}
 				}
@@ -384,12 +401,16 @@ func agentCmd() *cli.Command {
 		Description: `Registers with the gateway under the name in its token and serves the advertised
 subnets to the clients the gateway introduces. Each client's TCP, UDP and ping become
 real connections from this host's own sockets (a userspace netstack): no root and no
-route back from the LAN are needed. Traffic to anything not advertised is refused.
+route back from the LAN are needed. Traffic to anything not advertised is refused, and
+so are this host's own addresses and link-local ones (cloud metadata) unless a --policy
+rule names them. --policy FILE decides per client (rules: allow|deny WHO DEST [PORTS]
+[PROTO], first match wins, default deny; see the README); SIGHUP reloads it.
 It reconnects to the gateway by itself.`,
 		Flags: append(nodeFlags(),
 			&cli.StringSliceFlag{Name: "advertise", Usage: "`CIDR` clients may reach (repeatable), e.g. 192.168.1.0/24"},
 			&cli.BoolFlag{Name: "allow-loopback", Usage: "let clients reach this host's own loopback services (as 127.0.0.1 or as the agent's overlay address); refused and logged otherwise"},
 			&cli.BoolFlag{Name: "exit-node", Usage: "allow --advertise 0.0.0.0/0 or ::/0: clients that accept it may send all their traffic out through this host"},
+			&cli.StringFlag{Name: "policy", Usage: "per-client access rules from `FILE` (first match wins, default deny; reloaded on SIGHUP); without it every client reaches everything advertised"},
 		),
 		Action: func(c *cli.Context) error {
 			adv, err := parseAdvertise(c.StringSlice("advertise"), c.Bool("exit-node"), c.Bool("allow-loopback"))
@@ -400,9 +421,27 @@ It reconnects to the gateway by itself.`,
 			if err != nil {
 				return err
 			}
-			ctx, cancel := signalContext(c)
+			var pol *policy.Current
+			if path := c.String("policy"); path != "" {
+				p, err := policy.Load(path)
+				if err != nil {
+					return fmt.Errorf("--policy: %w", err)
+				}
+				pol = &policy.Current{}
+				pol.Store(p)
+				stop := reloadOnHUP(path, pol)
+				defer stop()
+				slog.Info("policy in force", "file", path, "rules", len(p.Rules))
+			}
+			// SIGHUP reloads the policy; without one it ends the agent.
+			sigctx := signalContext
+			if pol != nil {
+				sigctx = signalContextKeepHUP
+			}
+			ctx, cancel := sigctx(c)
 			defer cancel()
 			return agent.Run(ctx, agent.Config{
+				Policy:  pol,
 				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv,
 				AllowLoopback: c.Bool("allow-loopback"),
 				StatusSocket:  filepath.Join(ns.stateDir, "status.sock"),
