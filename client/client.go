@@ -53,6 +53,9 @@ type Config struct {
 	// Routes is what the user accepted beyond the agent's ordinary
 	// subnets (TUN mode).
 	Routes RoutePolicy
+	// AcceptInbound lets connections from the agent's side in through the
+	// TUN. Off: only replies to connections this machine opened come in.
+	AcceptInbound bool
 }
 
 // Client is a running client.
@@ -75,6 +78,7 @@ type Client struct {
 	// marked: the node's sockets bypass the tunnel's routes, so even a
 	// subnet containing the gateway can be routed.
 	marked      bool
+	inbound     *platform.InboundFilter // TUN mode without AcceptInbound
 	dropForeign atomic.Uint64
 	ended       session.Ended // drops of sessions replaced since start
 	ctx         context.Context
@@ -450,6 +454,23 @@ func (c *Client) startTUN(ctx context.Context, dev *tun.Device, w *wire.Welcome,
 	}
 	for _, p := range skipped {
 		c.log.Warn("route already exists on this machine; not routing it into the tunnel", "prefix", p)
+	}
+	// Shields up: what the agent's side sends must be a reply. The filter
+	// goes in before the first packet can, and a machine that cannot
+	// install it does not come up (unless the user accepts inbound).
+	if c.cfg.AcceptInbound {
+		c.log.Warn("connections from the agent's side may come in through the tunnel (--accept-inbound)")
+	} else {
+		f, err := platform.NewInboundFilter(dev.Name())
+		if err != nil {
+			undo()
+			return nil, fmt.Errorf("%w (needs nftables in the kernel; --accept-inbound runs without the filter)", err)
+		}
+		c.inbound = f
+		prevUndo := undo
+		undo = func() error {
+			return errors.Join(f.Remove(), prevUndo())
+		}
 	}
 	c.tunw = dev.NewBatchWriter(1024)
 	c.deliver = func(pkt []byte) {

@@ -33,6 +33,9 @@ type Status struct {
 	// RelayUDP says relay frames go as UDP datagrams to the gateway's port
 	// (false: in the gateway connection, the fallback).
 	RelayUDP bool `json:"relay_udp"`
+	// InboundRefused counts packets from the tunnel that were not part of
+	// a connection this machine opened (TUN mode, without --accept-inbound).
+	InboundRefused uint64 `json:"inbound_refused"`
 }
 
 // Status reports the tunnel's state now.
@@ -53,6 +56,9 @@ func (c *Client) Status() Status {
 	st.DropsForeign = c.dropForeign.Load()
 	if c.tunw != nil {
 		st.DropsTUNWrite = c.tunw.Drops()
+	}
+	if c.inbound != nil {
+		st.InboundRefused, _ = c.inbound.Refused()
 	}
 	st.Drops = c.u.Drops()
 	drops := c.ended.Total()

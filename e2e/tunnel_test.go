@@ -153,6 +153,11 @@ func TestRelayedTunnel(t *testing.T) {
 	})
 
 	t.Run("ClientExitLeavesNothing", func(t *testing.T) {
+		// While up, the TUN's inbound filter is in place (its own table).
+		inboundTable := "nlvpn-inbound-" + tunName
+		if out, err := lab.Output(context.Background(), e.lab.NS.Client, "nft", "list", "table", "inet", inboundTable); err != nil || !strings.Contains(out, "established,related") {
+			t.Errorf("no inbound filter for %s while the client runs: %v\n%s", tunName, err, out)
+		}
 		if err := e.client.Signal(syscall.SIGTERM); err != nil {
 			t.Fatal(err)
 		}
@@ -172,6 +177,9 @@ func TestRelayedTunnel(t *testing.T) {
 			if strings.Contains(line, "192.168.77.") || strings.Contains(line, tunName) || strings.HasPrefix(line, "100.") {
 				t.Errorf("route left behind after the client exited: %s", line)
 			}
+		}
+		if out, err := lab.Output(ctx, e.lab.NS.Client, "nft", "list", "table", "inet", inboundTable); err == nil {
+			t.Errorf("the inbound filter's table is left behind after the client exited:\n%s", out)
 		}
 		rules, _ := lab.Output(ctx, e.lab.NS.Client, "ip", "rule", "show")
 		if strings.Contains(rules, "5228") || strings.Contains(rules, "0x4e4c") {

@@ -473,6 +473,7 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 			&cli.DurationFlag{Name: "connect-timeout", Value: 20 * time.Second, Usage: "give up if the gateway cannot be reached at start within this"},
 			&cli.StringSliceFlag{Name: "accept-routes", Usage: "also route advertised subnets inside `PREFIX` that are refused by default (broader than /8, containing the gateway, overlapping this machine's own networks); repeatable"},
 			&cli.BoolFlag{Name: "exit-node", Usage: "accept a default route from the agent: all of this machine's traffic goes through it"},
+			&cli.BoolFlag{Name: "accept-inbound", Usage: "TUN mode: let connections from the agent's side reach this machine (default: only replies to connections it opens come in)"},
 		), modeFlagList()...), proxyFlagList()...),
 		Action: func(c *cli.Context) error {
 			limitClientMemory()
@@ -525,6 +526,7 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 				KnownAgents: filepath.Join(ns.stateDir, "known_agents"), TunName: c.String("tun"),
 				ConnectTimeout: c.Duration("connect-timeout"),
 				Routes:         routes,
+				AcceptInbound:  c.Bool("accept-inbound"),
 				Log:            slog.Default(),
 				OnUp:           func() { ns.remember(c.IsSet("gateway")) },
 			})
