@@ -135,7 +135,15 @@ func (w *BatchWriter) Drops() uint64 { return w.drops.Load() }
 // Run writes queued packets until ctx ends.
 func (w *BatchWriter) Run(ctx context.Context) error {
 	defer w.done.Store(true)
-	max := max(w.dev.BatchSize()*2, 64)
+	// Never more than BatchSize packets per Write on a device with
+	// offloads: its GRO tables hold items for that many flows per call,
+	// and wireguard-go's tun panics on a batch with more distinct TCP
+	// flows than that. Without offloads (BatchSize 1) there are no tables
+	// and the device writes packet by packet whatever the batch.
+	max := w.dev.BatchSize()
+	if max <= 1 {
+		max = 64
+	}
 	var batch [][]byte
 	for {
 		var err error

@@ -176,6 +176,22 @@ func deviceChild(t *testing.T) {
 	if w.Drops() != 0 {
 		t.Fatalf("drops %d", w.Drops())
 	}
+	// One batch of TCP segments from more flows than the device's GRO
+	// table holds items for (wireguard-go's tun has room for BatchSize
+	// flows per Write and panicked past that): the writer must cut it into
+	// writes the device can take (seen with 200 concurrent connections).
+	wide := d.NewBatchWriter(1024)
+	for i := range 3 * d.BatchSize() {
+		seg := segment(0, 1000, 100, false)
+		binary.BigEndian.PutUint16(seg[20:22], uint16(10000+i))
+		wide.Write(seg)
+	}
+	wctx, wcancel := context.WithCancel(context.Background())
+	wideDone := make(chan error, 1)
+	go func() { wideDone <- wide.Run(wctx) }()
+	time.Sleep(200 * time.Millisecond) // the batch is written (or refused) by now
+	wcancel()
+	<-wideDone
 	cancel()
 	select {
 	case err := <-runDone:
