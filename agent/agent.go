@@ -535,6 +535,16 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		old.sess.Conn.CloseWithError(0, "superseded")
 	}
 	log.Info("client connected")
+	// The client's token expiring ends its session here, not only its
+	// gateway connection: a direct path does not pass the gateway.
+	if offer.PeerExpires != 0 {
+		exp := time.Unix(offer.PeerExpires, 0)
+		t := time.AfterFunc(time.Until(exp), func() {
+			log.Info("the client's token expired; ending its session", "expired", exp.UTC().Format(time.RFC3339))
+			s.Conn.CloseWithError(0, "token expired")
+		})
+		defer t.Stop()
+	}
 	start := time.Now()
 	err = s.Run(func(pkt []byte) {
 		src, _, ok := packet.Addrs(pkt)

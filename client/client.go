@@ -263,10 +263,14 @@ func Run(ctx context.Context, cfg Config) error {
 		case <-up:
 			// The gateway connection came back (a gateway restart, a
 			// network change): re-attach the session to a relay route.
-			c.reattach(ctx)
+			if err := c.reattach(ctx, runErr); err != nil {
+				return err
+			}
 		case <-cur.Done():
 			c.log.Warn("session with agent ended; reconnecting")
-			c.reattach(ctx)
+			if err := c.reattach(ctx, runErr); err != nil {
+				return err
+			}
 		}
 	}
 }
@@ -315,7 +319,10 @@ next:
 // reattach resumes the current session through a new relay route, or, if
 // it is dead, sets up a new one. It retries with backoff until it succeeds
 // or ctx ends.
-func (c *Client) reattach(ctx context.Context) {
+//
+// It returns the gateway connection's error if that gives up for good
+// meanwhile (the token expired or was refused): no retry can help then.
+func (c *Client) reattach(ctx context.Context, runErr <-chan error) error {
 	backoff := 500 * time.Millisecond
 	for ctx.Err() == nil {
 		s, _, err := c.establish(ctx, c.cur.Load())
@@ -330,16 +337,19 @@ func (c *Client) reattach(ctx context.Context) {
 			} else {
 				c.log.Info("session resumed over the relay", "session", wire.SessionID(s.ID))
 			}
-			return
+			return nil
 		}
 		c.log.Warn("cannot re-establish the session yet", "err", err, "retry_in", backoff)
 		select {
 		case <-ctx.Done():
-			return
+			return nil
+		case err := <-runErr:
+			return err
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 10*time.Second)
 	}
+	return nil
 }
 
 // establish asks the gateway for a session with the agent, resuming cur if

@@ -320,6 +320,16 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	log.Info("node registered", "overlay", n.overlay, "advertise", n.adv)
 	defer log.Info("node disconnected")
 
+	// Expiry bites on a live connection too: when the token runs out the
+	// node is told why and disconnected; its reconnect is then refused as
+	// expired, and its relay routes go with the connection.
+	expire := time.AfterFunc(time.Until(time.Unix(claims.Expires, 0)), func() {
+		log.Info("token expired; disconnecting the node")
+		n.write(&wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeExpired, Message: fmt.Sprintf("the token for %q expired at %s", n.name, time.Unix(claims.Expires, 0).UTC().Format(time.RFC3339))}})
+		qc.CloseWithError(0, "token expired")
+	})
+	defer expire.Stop()
+
 	go func() {
 		for {
 			b, err := qc.ReceiveDatagram(qc.Context())
@@ -399,7 +409,7 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 	// The gateway passes the nodes' candidates and signed probe keys along
 	// unchanged; it cannot make a probe key of its own.
 	r, err := a.request(rctx, &wire.Message{Type: wire.TypeSession, Session: &wire.Session{
-		ID: id, PeerName: c.name, PeerGroups: c.claims.Groups, PeerKey: c.key.String(), PeerAddr: c.overlay,
+		ID: id, PeerName: c.name, PeerGroups: c.claims.Groups, PeerExpires: c.claims.Expires, PeerKey: c.key.String(), PeerAddr: c.overlay,
 		Mode: req.Mode, Punch: req.Punch,
 	}})
 	if err != nil {

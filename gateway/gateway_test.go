@@ -861,3 +861,38 @@ func testRelayUDP(t *testing.T, tg *testGateway, client, agent *testNode, id uin
 		t.Errorf("UDP frames forwarded = %d, want 21", st.UDPFrames-before.UDPFrames)
 	}
 }
+
+// TestTokenExpiresOnLiveConnection: a node whose token runs out while it
+// is connected is told and disconnected, its reconnect is refused as
+// expired (its control client stops with that fatal error), and an agent
+// offered a session learns when the client's token expires.
+func TestTokenExpiresOnLiveConnection(t *testing.T) {
+	tg := startGateway(t, t.TempDir())
+	agent := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), advertise: lan})
+	agent.ready(t)
+	// Token expiry has one-second resolution: 2-3 s from now.
+	exp := time.Now().Add(3 * time.Second).Truncate(time.Second)
+	client := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"*"}, Expires: exp.Unix()})})
+	client.ready(t)
+	if _, err := request(t, client, connectMsg("miranda")); err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	select {
+	case off := <-agent.offers:
+		if off.PeerExpires != exp.Unix() {
+			t.Errorf("offer says the client's token expires at %d, want %d", off.PeerExpires, exp.Unix())
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the agent was never offered the session")
+	}
+	fe := client.refused(t)
+	if fe.Code != wire.CodeExpired || !strings.Contains(fe.Message, "expired") {
+		t.Fatalf("after expiry: FatalError %q %q, want code %q", fe.Code, fe.Message, wire.CodeExpired)
+	}
+	if late := time.Since(exp); late > 3*time.Second {
+		t.Errorf("cut %v after the token expired", late)
+	}
+	if time.Now().Before(exp) {
+		t.Error("cut before the token expired")
+	}
+}

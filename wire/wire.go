@@ -152,11 +152,14 @@ type Session struct {
 	PeerName string `json:"peer_name"`
 	// PeerGroups (to an agent) are the client's groups, from its token,
 	// for the agent's policy.
-	PeerGroups []string       `json:"peer_groups,omitempty"`
-	PeerKey    string         `json:"peer_key"`
-	PeerAddr   netip.Addr     `json:"peer_overlay"`
-	Advertise  []netip.Prefix `json:"advertise,omitempty"` // the agent's, as registered
-	Mode       string         `json:"mode,omitempty"`
+	PeerGroups []string `json:"peer_groups,omitempty"`
+	// PeerExpires (to an agent) is when the client's token expires (Unix
+	// seconds): the agent ends the session then, on the direct path too.
+	PeerExpires int64          `json:"peer_expires,omitempty"`
+	PeerKey     string         `json:"peer_key"`
+	PeerAddr    netip.Addr     `json:"peer_overlay"`
+	Advertise   []netip.Prefix `json:"advertise,omitempty"` // the agent's, as registered
+	Mode        string         `json:"mode,omitempty"`
 	// Resumed (to a client) says the agent still holds the session's
 	// end-to-end connection, so the client may keep using it.
 	Resumed bool `json:"resumed,omitempty"`
