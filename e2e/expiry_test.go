@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -46,5 +47,26 @@ func TestExpiryCutsLiveDirectSession(t *testing.T) {
 	}
 	if err := ping(); err == nil {
 		t.Error("the LAN still answers after the token expired")
+	}
+}
+
+// TestTokenEnrollsOneMachine: a client token used by one machine is
+// refused on a second (its own state, so its own key) with a message
+// that says why and what to do, while the first keeps working.
+func TestTokenEnrollsOneMachine(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, coneCone, false)
+	e.clientTok = e.token(t, "--client", "bob")
+	e.startClientMode(t)
+	second := e.start(t, e.lab.NS.Client, "second-machine", "up", "--token-file", e.tokenFile(e.clientTok), "--gateway", e.gwAddr(),
+		"--agent", agentName, "--state-dir", filepath.Join(e.dir, "second"), "--netstack", "--socks5", "127.0.0.1:1090", "--http-proxy", "")
+	if !second.Wait(20 * time.Second) {
+		t.Fatal("a second machine with a used one-machine token still runs after 20 s")
+	}
+	if second.ExitCode() == 0 || !strings.Contains(second.Log(), "already used by another machine") {
+		t.Fatalf("second machine: %s\n%s", second.ExitStatus(), second.Log())
+	}
+	if err := e.httpHealth(); err != nil {
+		t.Fatalf("the first machine lost its tunnel: %v", err)
 	}
 }

@@ -83,7 +83,10 @@ func newEnv(t *testing.T, opts lab.Options, startClient bool, upFlags ...string)
 		"--public-addr", e.gwAddr(), "--state-dir", e.gwState, "--metrics", metricsAddr}
 	e.startGateway(t)
 	e.agentTok = e.token(t, "--agent", agentName)
-	e.clientTok = e.token(t, "--client", "alice")
+	// Tests start several clients with state (and keys) of their own on
+	// this one token: it may enroll that many machines. One-machine tokens
+	// are TestTokenEnrollsOneMachine's subject.
+	e.clientTok = e.token(t, "--client", "alice", "--uses", "20")
 	e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token-file", e.tokenFile(e.agentTok), "--gateway", e.gwAddr(),
 		"--advertise", e.lab.LANSubnet.String(), "--state-dir", filepath.Join(e.dir, "agent"))
 	// The client refuses an agent that is not connected yet: wait (bounded)

@@ -43,12 +43,13 @@ type Config struct {
 
 // Gateway is the server.
 type Gateway struct {
-	cfg     Config
-	log     *slog.Logger
-	hub     *relay.Hub
-	overlay *overlayPool
-	pin     string
-	cert    tls.Certificate
+	cfg      Config
+	log      *slog.Logger
+	hub      *relay.Hub
+	overlay  *overlayPool
+	enrolled *enrollments // which node keys used each token
+	pin      string
+	cert     tls.Certificate
 
 	mu     sync.Mutex
 	agents map[string]*node
@@ -125,6 +126,9 @@ func New(cfg Config) (*Gateway, error) {
 	g := &Gateway{cfg: cfg, log: cfg.Log, hub: relay.NewHub(cfg.Log), agents: make(map[string]*node), live: make(map[netip.Addr]*node)}
 	var err error
 	if g.overlay, err = openOverlayPool(cfg.State.Dir); err != nil {
+		return nil, err
+	}
+	if g.enrolled, err = openEnrollments(cfg.State.Dir); err != nil {
 		return nil, err
 	}
 	if cfg.Cert != nil {
@@ -256,6 +260,18 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		}
 		log.Info("token refused", "err", err)
 		g.refuse(qc, st, code, err.Error())
+		return
+	}
+	// A token enrolls the machines it was issued for and no other: a copy
+	// on another machine cannot take the name or address it carries.
+	if err := g.enrolled.use(claims.ID, claims.Expires, claims.Uses, key); err != nil {
+		if errors.Is(err, errTokenUsed) {
+			log.Warn("token already used by another machine", "token", claims.ID, "key", key.String())
+			g.refuse(qc, st, wire.CodeTokenUsed, fmt.Sprintf("this token for %s %q was already used by another machine; a token enrolls one machine (ask for a new one, or for one issued with --uses N)", claims.Role, claims.Name))
+			return
+		}
+		log.Error("token use not recorded", "err", err)
+		g.refuse(qc, st, wire.CodeUnavailable, "the gateway cannot record this token's use now")
 		return
 	}
 	n := &node{name: claims.Name, role: claims.Role, key: key, claims: claims, qc: qc, ch: wire.NewChannel(st),

@@ -482,7 +482,9 @@ func TestAgentNameInUse(t *testing.T) {
 	first := startNode(t, tg, nodeOpts{token: tok, advertise: lan})
 	w1 := first.ready(t)
 
-	impostor := startNode(t, tg, nodeOpts{token: tok})
+	// Another machine with a token of its own for the same name (a copy
+	// of the first token is refused before: TestTokenEnrollsItsMachines).
+	impostor := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"})})
 	fe := impostor.refused(t)
 	if fe.Code != wire.CodeNameInUse || !strings.Contains(fe.Message, "miranda") {
 		t.Fatalf("FatalError = %q %q, want name_in_use naming the agent", fe.Code, fe.Message)
@@ -577,8 +579,9 @@ func TestClientRunReturnsOnCancel(t *testing.T) {
 		t.Fatal("BUG: control.Client.Run does not return after its context ends while registered " +
 			"(readControl blocks in wire.ReadMessage and never watches ctx; the connection is never closed)")
 	}
-	// A new agent of that name, with another key, is welcome now.
-	b := startNode(t, tg, nodeOpts{token: tok, advertise: lan})
+	// A new agent of that name, with another key and a token of its own,
+	// is welcome now.
+	b := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), advertise: lan})
 	b.ready(t)
 }
 
@@ -895,4 +898,47 @@ func TestTokenExpiresOnLiveConnection(t *testing.T) {
 	if time.Now().Before(exp) {
 		t.Error("cut before the token expired")
 	}
+}
+
+// TestTokenEnrollsItsMachines: a token enrolls as many machines (node
+// keys) as it was issued for, one by default, and no other, also across a
+// gateway restart: a copied agent token cannot take the agent's name while
+// the agent is offline, and the agent itself comes back under its name.
+func TestTokenEnrollsItsMachines(t *testing.T) {
+	dir := t.TempDir()
+	tg := startGateway(t, dir)
+	agentKey, _ := identity.Generate()
+	agentTok := tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"})
+	a := startNode(t, tg, nodeOpts{token: agentTok, key: agentKey, advertise: lan})
+	aw := a.ready(t)
+	a.stop(t)
+
+	// The agent is offline; a copy of its token on another machine.
+	thief := startNode(t, tg, nodeOpts{token: agentTok, advertise: lan})
+	fe := thief.refused(t)
+	if fe.Code != wire.CodeTokenUsed || !strings.Contains(fe.Message, "already used by another machine") || !strings.Contains(fe.Message, "--uses") {
+		t.Fatalf("copied token: FatalError %q %q, want %q saying what to do", fe.Code, fe.Message, wire.CodeTokenUsed)
+	}
+	// The real agent comes back under its name and address.
+	back := startNode(t, tg, nodeOpts{token: agentTok, key: agentKey, advertise: lan})
+	if w := back.ready(t); w.Name != "miranda" || w.Overlay != aw.Overlay {
+		t.Fatalf("the agent came back as %+v, want miranda at %v", w, aw.Overlay)
+	}
+	back.stop(t)
+
+	// A token for two machines enrolls two, not three.
+	twoTok := tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"*"}, Uses: 2})
+	startNode(t, tg, nodeOpts{token: twoTok}).ready(t)
+	startNode(t, tg, nodeOpts{token: twoTok}).ready(t)
+	if fe := startNode(t, tg, nodeOpts{token: twoTok}).refused(t); fe.Code != wire.CodeTokenUsed {
+		t.Fatalf("third machine on a two-machine token: %q %q", fe.Code, fe.Message)
+	}
+
+	// The gateway remembers across a restart.
+	tg.stop(t)
+	tg2 := startGateway(t, dir)
+	if fe := startNode(t, tg2, nodeOpts{token: agentTok, advertise: lan}).refused(t); fe.Code != wire.CodeTokenUsed {
+		t.Fatalf("after a gateway restart a copied token got %q %q", fe.Code, fe.Message)
+	}
+	startNode(t, tg2, nodeOpts{token: agentTok, key: agentKey, advertise: lan}).ready(t)
 }

@@ -38,15 +38,18 @@ const (
 
 // Claims is what a token says.
 type Claims struct {
-	ID      string   `json:"jti"`
-	Role    string   `json:"role"`
-	Name    string   `json:"name"`
-	Agents  []string `json:"agents,omitempty"` // client only; "*" allows every agent
-	Groups  []string `json:"groups,omitempty"` // client only; for agents' policies
-	Issued  int64    `json:"iat"`
-	Expires int64    `json:"exp"`
-	Gateway string   `json:"gw,omitempty"`  // host:port
-	Pin     string   `json:"pin,omitempty"` // identity.Fingerprint of the gateway certificate
+	ID     string   `json:"jti"`
+	Role   string   `json:"role"`
+	Name   string   `json:"name"`
+	Agents []string `json:"agents,omitempty"` // client only; "*" allows every agent
+	Groups []string `json:"groups,omitempty"` // client only; for agents' policies
+	// Uses is how many machines (node keys) the token may enroll; 0 means
+	// one. The gateway remembers the keys that used it.
+	Uses    int    `json:"uses,omitempty"`
+	Issued  int64  `json:"iat"`
+	Expires int64  `json:"exp"`
+	Gateway string `json:"gw,omitempty"`  // host:port
+	Pin     string `json:"pin,omitempty"` // identity.Fingerprint of the gateway certificate
 }
 
 // Errors a caller can tell apart.

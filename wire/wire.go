@@ -48,6 +48,7 @@ const (
 const (
 	CodeBadToken     = "bad_token"
 	CodeExpired      = "expired_token"
+	CodeTokenUsed    = "token_used"
 	CodeForbidden    = "forbidden"
 	CodeUnknownAgent = "unknown_agent"
 	CodeNameInUse    = "name_in_use"
@@ -110,7 +111,7 @@ func (e *Error) Error() string { return e.Message }
 // Fatal reports whether retrying cannot help.
 func (e *Error) Fatal() bool {
 	switch e.Code {
-	case CodeBadToken, CodeExpired, CodeForbidden, CodeUnknownAgent, CodeNameInUse, CodeBadRequest:
+	case CodeBadToken, CodeExpired, CodeTokenUsed, CodeForbidden, CodeUnknownAgent, CodeNameInUse, CodeBadRequest:
 		return true
 	}
 	return false

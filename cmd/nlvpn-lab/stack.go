@@ -172,7 +172,13 @@ func (r *runner) startStack(verbose bool, check func() error, upFlags ...string)
 	if err != nil {
 		return err
 	}
-	clientTok, err := token("--client", "alice")
+	// The bench starts TUN and netstack clients with state (and keys) of
+	// their own on this one token.
+	clientArgs := []string{"--client", "alice"}
+	if r.supports("token", "--uses") {
+		clientArgs = append(clientArgs, "--uses", "4")
+	}
+	clientTok, err := token(clientArgs...)
 	if err != nil {
 		return err
 	}

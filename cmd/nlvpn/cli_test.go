@@ -207,6 +207,8 @@ func TestCLITokenErrors(t *testing.T) {
 		{"bad gateway address", []string{"token", "--state-dir", dir, "--client", "alice", "--gateway", "127.0.0.1"}, []string{"HOST:PORT"}},
 		{"bad name", []string{"token", "--state-dir", dir, "--client", "Alice Smith", "--gateway", "127.0.0.1:4433"}, []string{"Alice Smith"}},
 		{"allow-agent on agent token", []string{"token", "--state-dir", dir, "--agent", "miranda", "--allow-agent", "x", "--gateway", "127.0.0.1:4433"}, []string{"--allow-agent"}},
+		{"zero uses", []string{"token", "--state-dir", dir, "--client", "alice", "--uses", "0", "--gateway", "127.0.0.1:4433"}, []string{"--uses"}},
+		{"too many uses", []string{"token", "--state-dir", dir, "--client", "alice", "--uses", "5000", "--gateway", "127.0.0.1:4433"}, []string{"--uses", "1000"}},
 		{"group on agent token", []string{"token", "--state-dir", dir, "--agent", "miranda", "--group", "ops", "--gateway", "127.0.0.1:4433"}, []string{"--group is for client tokens"}},
 		{"bad group", []string{"token", "--state-dir", dir, "--client", "alice", "--group", "Ops Team", "--gateway", "127.0.0.1:4433"}, []string{"--group", "Ops Team"}},
 		{"non-positive ttl", []string{"token", "--state-dir", dir, "--client", "alice", "--ttl", "0s", "--gateway", "127.0.0.1:4433"}, []string{"--ttl"}},

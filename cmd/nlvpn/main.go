@@ -219,6 +219,7 @@ files (--out writes one readable only by you; nodes read it with --token-file).`
 			&cli.DurationFlag{Name: "ttl", Value: 720 * time.Hour, Usage: "how long the token is valid"},
 			&cli.StringSliceFlag{Name: "allow-agent", Usage: "client tokens: agents it may use (repeatable; default every agent)"},
 			&cli.StringSliceFlag{Name: "group", Usage: "client tokens: a group the client is in, for agents' --policy rules (repeatable)"},
+			&cli.IntFlag{Name: "uses", Value: 1, Usage: "how many machines may use the token (each enrolls its own key; the gateway refuses the token on any other)"},
 			&cli.StringFlag{Name: "out", Aliases: []string{"o"}, Usage: "write the token to `FILE` (created 0600; an existing file is not overwritten)"},
 		},
 		Action: func(c *cli.Context) error {
@@ -228,6 +229,9 @@ files (--out writes one readable only by you; nodes read it with --token-file).`
 			}
 			if c.Duration("ttl") <= 0 {
 				return errors.New("--ttl must be positive")
+			}
+			if u := c.Int("uses"); u < 1 || u > maxTokenUses {
+				return fmt.Errorf("--uses must be between 1 and %d", maxTokenUses)
 			}
 			dir := c.String("state-dir")
 			if _, err := os.Stat(filepath.Join(dir, "gateway.key")); err != nil {
@@ -252,6 +256,9 @@ files (--out writes one readable only by you; nodes read it with --token-file).`
 				return fmt.Errorf("--gateway %q: want HOST:PORT", gw)
 			}
 			cl := token.Claims{Expires: time.Now().Add(c.Duration("ttl")).Unix(), Gateway: gw, Pin: info.Pin}
+			if u := c.Int("uses"); u > 1 {
+				cl.Uses = u
+			}
 			if agentName != "" {
 				cl.Role, cl.Name = token.RoleAgent, agentName
 				if len(c.StringSlice("allow-agent")) > 0 {
@@ -288,6 +295,10 @@ files (--out writes one readable only by you; nodes read it with --token-file).`
 		},
 	}
 }
+
+// maxTokenUses bounds --uses: a token for a fleet should be a fleet's
+// worth, not unlimited (the gateway remembers every key that used it).
+const maxTokenUses = 1000
 
 // nodeFlags are shared by agent and up.
 func nodeFlags() []cli.Flag {
