@@ -99,7 +99,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 	u, err := underlay.Open(control.Config{
 		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Advertise: cfg.Advertise,
-		Log: cfg.Log, OnRequest: a.onRequest,
+		Log: cfg.Log, OnRequest: a.onRequest, OnRevoked: a.endRevoked,
 		OnUp: func(context.Context, *wire.Welcome) {
 			if cfg.OnUp != nil {
 				a.registered.Do(cfg.OnUp)
@@ -155,6 +155,27 @@ func Run(ctx context.Context, cfg Config) error {
 		return nil
 	case err := <-runErr:
 		return err
+	}
+}
+
+// endRevoked ends the sessions the gateway says belong to a client whose
+// token was revoked, and forgets their offers so they cannot resume: on
+// the direct path only the agent can cut them.
+func (a *Agent) endRevoked(ids []uint64) {
+	a.mu.Lock()
+	var ss []*session.Session
+	for _, id := range ids {
+		delete(a.offers, id)
+		for _, cs := range a.byClient {
+			if cs.sess.ID == id {
+				ss = append(ss, cs.sess)
+			}
+		}
+	}
+	a.mu.Unlock()
+	for _, s := range ss {
+		a.log.Info("the client's token was revoked; ending its session", "session", wire.SessionID(s.ID))
+		s.Conn.CloseWithError(0, "token revoked")
 	}
 }
 

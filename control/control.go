@@ -61,6 +61,9 @@ type Config struct {
 	// OnGone is told when the other end of one of this node's sessions
 	// left the gateway.
 	OnGone func(id uint64)
+	// OnRevoked is told to end sessions whose client's token was revoked
+	// (agents).
+	OnRevoked func(ids []uint64)
 }
 
 // FatalError is a refusal by the gateway that retrying cannot fix.
@@ -301,6 +304,10 @@ func (c *Client) readControl(ctx context.Context, k *conn) error {
 		case m.Type == wire.TypeGone:
 			if c.cfg.OnGone != nil {
 				c.cfg.OnGone(m.Gone.ID)
+			}
+		case m.Type == wire.TypeRevoked && m.Revoked != nil:
+			if c.cfg.OnRevoked != nil {
+				c.cfg.OnRevoked(m.Revoked.IDs)
 			}
 		case m.ID != 0 && c.cfg.OnRequest != nil:
 			go func() {

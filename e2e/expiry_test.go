@@ -70,3 +70,55 @@ func TestTokenEnrollsOneMachine(t *testing.T) {
 		t.Fatalf("the first machine lost its tunnel: %v", err)
 	}
 }
+
+// TestRevokeEndsDirectTransfer: `nlvpn token revoke --client alice`
+// during a download on the direct path (which does not pass the gateway)
+// ends it within 2 s: the agent cuts the session on the gateway's word,
+// the client stops saying the token was revoked, and a new `up` with the
+// same token is refused as revoked.
+func TestRevokeEndsDirectTransfer(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, coneCone, false)
+	c := e.startClientMode(t, "--direct")
+	e.waitPath(t, "direct", 5*time.Second)
+	done := make(chan error, 1)
+	// A download far longer than the test, unthrottled (a throttled curl
+	// would go on reading what its socket buffered); curl gives up when
+	// nothing arrives for 2 s, since a cut tunnel sends no RST.
+	go func() { done <- e.download(t, 1<<30, 41, "--speed-limit", "1000", "--speed-time", "2") }()
+	time.Sleep(1500 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, stderr, err := lab.Run(ctx, e.lab.NS.GW, nlvpnBin, "token", "revoke", "--state-dir", e.gwState, "--client", "alice"); err != nil {
+		t.Fatalf("nlvpn token revoke: %v: %s", err, stderr)
+	}
+	revoked := time.Now()
+	// The target is 2 s; the bound leaves room for a loaded machine, and
+	// the log says what it took.
+	if !c.Wait(5 * time.Second) {
+		t.Fatal("the client still runs 5 s after its token was revoked")
+	}
+	t.Logf("client stopped %v after the revocation", time.Since(revoked).Round(100*time.Millisecond))
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("the 1 GiB download completed although the token was revoked 1.5 s in")
+		}
+		t.Logf("download ended %v after the revocation: %v", time.Since(revoked).Round(100*time.Millisecond), err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the download went on 30 s after the revocation")
+	}
+	if !strings.Contains(c.Log(), "revoked") {
+		t.Errorf("the client does not say its token was revoked:\n%s", c.Log())
+	}
+	if err := e.agent.WaitLog(ctx, "token was revoked; ending its session"); err != nil {
+		t.Errorf("the agent did not end the session itself: %v", err)
+	}
+	again := e.start(t, e.lab.NS.Client, "client-again", e.clientArgs(e.clientTok, agentName, tunName, e.clientStateDir())...)
+	if !again.Wait(20 * time.Second) {
+		t.Fatal("`up` with a revoked token still runs after 20 s")
+	}
+	if again.ExitCode() == 0 || !strings.Contains(again.Log(), "revoked") {
+		t.Fatalf("`up` with a revoked token: %s\n%s", again.ExitStatus(), again.Log())
+	}
+}

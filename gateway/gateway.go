@@ -48,6 +48,7 @@ type Gateway struct {
 	hub      *relay.Hub
 	overlay  *overlayPool
 	enrolled *enrollments // which node keys used each token
+	revoked  atomic.Pointer[[]Revocation]
 	pin      string
 	cert     tls.Certificate
 
@@ -131,6 +132,11 @@ func New(cfg Config) (*Gateway, error) {
 	if g.enrolled, err = openEnrollments(cfg.State.Dir); err != nil {
 		return nil, err
 	}
+	rs, err := LoadRevocations(cfg.State.Dir)
+	if err != nil {
+		return nil, err
+	}
+	g.revoked.Store(&rs)
 	if cfg.Cert != nil {
 		g.cert = *cfg.Cert
 	} else if g.cert, err = cfg.State.SelfSignedCert(); err != nil {
@@ -190,6 +196,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 		ln.Close()
 	}()
 	go g.followAddresses(ctx)
+	go g.watchRevocations(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -260,6 +267,11 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		}
 		log.Info("token refused", "err", err)
 		g.refuse(qc, st, code, err.Error())
+		return
+	}
+	if r, ok := g.revokedBy(claims); ok {
+		log.Info("token refused: revoked", "token", claims.ID)
+		g.refuse(qc, st, wire.CodeRevoked, revokedMessage(claims, r))
 		return
 	}
 	// A token enrolls the machines it was issued for and no other: a copy

@@ -39,6 +39,10 @@ const (
 	// TypeGone tells a node that the other end of one of its sessions left
 	// the gateway (its relay route is gone), so it can re-attach at once.
 	TypeGone = "gone"
+	// TypeRevoked tells an agent to end sessions whose client's token was
+	// revoked (a notice, no reply): the direct path does not pass the
+	// gateway.
+	TypeRevoked = "revoked"
 	// TypePeerInfo travels inside the peer session, agent → client: the
 	// agent's own word on what it serves, so the gateway cannot add routes.
 	TypePeerInfo = "peer_info"
@@ -48,6 +52,7 @@ const (
 const (
 	CodeBadToken     = "bad_token"
 	CodeExpired      = "expired_token"
+	CodeRevoked      = "revoked_token"
 	CodeTokenUsed    = "token_used"
 	CodeForbidden    = "forbidden"
 	CodeUnknownAgent = "unknown_agent"
@@ -68,6 +73,7 @@ type Message struct {
 	Session *Session  `json:"session,omitempty"`
 	Accept  *Accept   `json:"accept,omitempty"`
 	Gone    *Gone     `json:"gone,omitempty"`
+	Revoked *Revoked  `json:"revoked,omitempty"`
 	Peer    *PeerInfo `json:"peer,omitempty"`
 }
 
@@ -111,7 +117,7 @@ func (e *Error) Error() string { return e.Message }
 // Fatal reports whether retrying cannot help.
 func (e *Error) Fatal() bool {
 	switch e.Code {
-	case CodeBadToken, CodeExpired, CodeTokenUsed, CodeForbidden, CodeUnknownAgent, CodeNameInUse, CodeBadRequest:
+	case CodeBadToken, CodeExpired, CodeTokenUsed, CodeRevoked, CodeForbidden, CodeUnknownAgent, CodeNameInUse, CodeBadRequest:
 		return true
 	}
 	return false
@@ -173,6 +179,11 @@ type Accept struct {
 	ID      uint64 `json:"id"`
 	Resumed bool   `json:"resumed,omitempty"`
 	Punch
+}
+
+// Revoked names sessions to end: their client's token was revoked.
+type Revoked struct {
+	IDs []uint64 `json:"ids"`
 }
 
 // Gone names a session whose other end left.
@@ -253,6 +264,8 @@ func (m *Message) check() error {
 		present = m.Peer != nil
 	case TypeGone:
 		present = m.Gone != nil
+	case TypeRevoked:
+		present = m.Revoked != nil
 	default:
 		return fmt.Errorf("unknown type %q", m.Type)
 	}
@@ -260,7 +273,7 @@ func (m *Message) check() error {
 		return fmt.Errorf("%s message without its body", m.Type)
 	}
 	n := 0
-	for _, p := range []bool{m.Hello != nil, m.Welcome != nil, m.Error != nil, m.Connect != nil, m.Session != nil, m.Accept != nil, m.Peer != nil, m.Gone != nil} {
+	for _, p := range []bool{m.Hello != nil, m.Welcome != nil, m.Error != nil, m.Connect != nil, m.Session != nil, m.Accept != nil, m.Peer != nil, m.Gone != nil, m.Revoked != nil} {
 		if p {
 			n++
 		}

@@ -19,6 +19,7 @@ func TestMessageRoundTrip(t *testing.T) {
 		{Type: TypeConnect, ID: 1, Connect: &Connect{Agent: "miranda", Resume: 42}},
 		{Type: TypeSession, ID: 1, Session: &Session{ID: 42, PeerName: "alice", PeerKey: "ed25519:AA", PeerAddr: netip.MustParseAddr("100.64.0.3")}},
 		{Type: TypeAccept, Accept: &Accept{ID: 42}},
+		{Type: TypeRevoked, Revoked: &Revoked{IDs: []uint64{7, 9}}},
 	}
 	var buf bytes.Buffer
 	for _, m := range msgs {
@@ -57,6 +58,7 @@ func TestReadMessageRejects(t *testing.T) {
 		{"not json", frameOf("hello"), "bad control message"},
 		{"unknown type", frameOf(`{"type":"reboot"}`), "unknown type"},
 		{"missing body", frameOf(`{"type":"hello"}`), "without its body"},
+		{"revoked without ids", frameOf(`{"type":"revoked"}`), "without its body"},
 		{"two bodies", frameOf(`{"type":"hello","hello":{"token":"x"},"accept":{"id":1}}`), "2 bodies"},
 		{"unknown field", frameOf(`{"type":"accept","accept":{"id":1},"x":1}`), "unknown field"},
 		{"trailing", frameOf(`{"type":"accept","accept":{"id":1}}{}`), "trailing"},

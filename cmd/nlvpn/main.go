@@ -204,9 +204,10 @@ certificate instead. The gateway relays only end-to-end encrypted packets.`,
 
 func tokenCmd() *cli.Command {
 	return &cli.Command{
-		Name:      "token",
-		Usage:     "issue a token for an agent or a client (into a 0600 file with --out, else alone on stdout)",
-		UsageText: "nlvpn token --state-dir DIR (--agent NAME | --client NAME) [--out FILE] [--gateway HOST:PORT] [--ttl 720h] [--allow-agent NAME ...]",
+		Subcommands: []*cli.Command{revokeCmd()},
+		Name:        "token",
+		Usage:       "issue a token for an agent or a client (into a 0600 file with --out, else alone on stdout)",
+		UsageText:   "nlvpn token --state-dir DIR (--agent NAME | --client NAME) [--out FILE] [--gateway HOST:PORT] [--ttl 720h] [--allow-agent NAME ...]",
 		Description: `Signs a token with the gateway's key (from --state-dir, run on the gateway machine).
 The token carries the role, the name, the expiry, the gateway address and its
 certificate pin: it is all a new node needs. Keep tokens secret: hand them over as
@@ -288,9 +289,17 @@ files (--out writes one readable only by you; nodes read it with --token-file).`
 				return err
 			}
 			if out := c.String("out"); out != "" {
-				return writeTokenFile(out, t)
+				if err := writeTokenFile(out, t); err != nil {
+					return err
+				}
+			} else {
+				fmt.Println(t)
 			}
-			fmt.Println(t)
+			// Its ID, for `nlvpn token revoke --id`, on stderr: stdout is
+			// the token alone.
+			issued, _ := token.Parse(t)
+			fmt.Fprintf(os.Stderr, "nlvpn: token %s for %s %q, valid until %s (revoke: nlvpn token revoke --state-dir %s --id %s)\n",
+				issued.ID, cl.Role, cl.Name, time.Unix(cl.Expires, 0).UTC().Format(time.RFC3339), dir, issued.ID)
 			return nil
 		},
 	}
@@ -299,6 +308,62 @@ files (--out writes one readable only by you; nodes read it with --token-file).`
 // maxTokenUses bounds --uses: a token for a fleet should be a fleet's
 // worth, not unlimited (the gateway remembers every key that used it).
 const maxTokenUses = 1000
+
+// revokeCmd is `nlvpn token revoke`.
+func revokeCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "revoke",
+		Usage:     "revoke a token, or every token of a client or agent issued until now",
+		UsageText: "nlvpn token revoke --state-dir DIR (--client NAME | --agent NAME | --id ID)",
+		Description: `Writes the revocation into the gateway's state (revoked.json). A running gateway
+reads it within a second: it disconnects the nodes that use a revoked token, tells
+agents to end those clients' sessions (on the direct path too), and refuses the
+token from then on, saying it was revoked. Revoking a name covers its tokens issued
+until now; a token issued for it afterwards works.`,
+		Flags: []cli.Flag{
+			stateDirFlag("nlvpn-gw"),
+			&cli.StringFlag{Name: "client", Usage: "revoke every token of client `NAME` issued until now"},
+			&cli.StringFlag{Name: "agent", Usage: "revoke every token of agent `NAME` issued until now"},
+			&cli.StringFlag{Name: "id", Usage: "revoke the token with this `ID` (printed when it was issued)"},
+		},
+		Action: func(c *cli.Context) error {
+			r := gateway.Revocation{At: time.Now().Unix()}
+			n := 0
+			for _, f := range []struct{ flag, role string }{{"client", token.RoleClient}, {"agent", token.RoleAgent}} {
+				if v := c.String(f.flag); v != "" {
+					if !token.ValidName(v) {
+						return fmt.Errorf("--%s %q is not a valid name", f.flag, v)
+					}
+					r.Role, r.Name = f.role, v
+					n++
+				}
+			}
+			if id := c.String("id"); id != "" {
+				if len(id) > 64 || strings.ContainsAny(id, " \t\n\"") {
+					return fmt.Errorf("--id %q is not a token ID", id)
+				}
+				r.ID = id
+				n++
+			}
+			if n != 1 {
+				return errors.New("give exactly one of --client NAME, --agent NAME or --id ID")
+			}
+			dir := c.String("state-dir")
+			if _, err := os.Stat(filepath.Join(dir, "gateway.key")); err != nil {
+				return fmt.Errorf("no gateway key in %s: point --state-dir at the gateway's state", dir)
+			}
+			if err := gateway.AddRevocation(dir, r); err != nil {
+				return err
+			}
+			what := "token " + r.ID
+			if r.ID == "" {
+				what = fmt.Sprintf("every token of %s %q issued until %s", r.Role, r.Name, time.Unix(r.At, 0).UTC().Format(time.RFC3339))
+			}
+			fmt.Fprintf(os.Stderr, "nlvpn: revoked %s; a running gateway acts on it within a second\n", what)
+			return nil
+		},
+	}
+}
 
 // nodeFlags are shared by agent and up.
 func nodeFlags() []cli.Flag {
