@@ -104,6 +104,9 @@ type transportWriter struct {
 	mu sync.Mutex
 }
 
+// WriteWait is Write: each write is a system call already.
+func (t *transportWriter) WriteWait(to netip.AddrPort, b []byte) bool { return t.Write(to, b) }
+
 func (t *transportWriter) Write(to netip.AddrPort, b []byte) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()

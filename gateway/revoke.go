@@ -51,12 +51,27 @@ func LoadRevocations(dir string) ([]Revocation, error) {
 	if err != nil {
 		return nil, err
 	}
-	var rs []Revocation
-	if err := json.Unmarshal(b, &rs); err != nil {
+	rs, err := ParseRevocations(b)
+	if err != nil {
 		return nil, fmt.Errorf("%s: %w", revokedPath(dir), err)
 	}
+	return rs, nil
+}
+
+// ParseRevocations reads the revocations file's text: a JSON list, at most
+// maxRevocations long, each entry naming a token ID or a role and name.
+func ParseRevocations(b []byte) ([]Revocation, error) {
+	var rs []Revocation
+	if err := json.Unmarshal(b, &rs); err != nil {
+		return nil, err
+	}
 	if len(rs) > maxRevocations {
-		return nil, fmt.Errorf("%s: more than %d revocations", revokedPath(dir), maxRevocations)
+		return nil, fmt.Errorf("more than %d revocations", maxRevocations)
+	}
+	for i, r := range rs {
+		if r.ID == "" && (r.Name == "" || (r.Role != token.RoleClient && r.Role != token.RoleAgent)) {
+			return nil, fmt.Errorf("revocation %d names neither a token ID nor a client or agent", i+1)
+		}
 	}
 	return rs, nil
 }

@@ -39,9 +39,11 @@ type DatagramSender interface {
 }
 
 // UDPSender writes datagrams from the gateway's port (udpbatch.Writer): it
-// copies b and never blocks, reporting false when it dropped it.
+// copies b and reports false when it dropped it. Write never blocks;
+// WriteWait waits, boundedly, for room in a full queue first.
 type UDPSender interface {
 	Write(to netip.AddrPort, b []byte) bool
+	WriteWait(to netip.AddrPort, b []byte) bool
 }
 
 // Frame builds a relay frame around pkt.
@@ -440,7 +442,11 @@ func (h *Hub) check(from netip.AddrPort, buf []byte) {
 // DATAGRAM otherwise. owned says buf may be kept (queued).
 func (h *Hub) deliver(to *Peer, buf []byte, owned bool) {
 	if a := to.addr.Load(); a != nil && h.udp != nil && to.overUDP(time.Now().UnixNano()) {
-		if !h.udp.Write(*a, buf) {
+		// A full write queue holds the reader back (boundedly) rather
+		// than dropping: frames then wait in the socket's receive buffer,
+		// as they would at a router whose output is busy. Dropping here
+		// cost a relayed TCP stream ~270 retransmits in 5 s (make bench).
+		if !h.udp.WriteWait(*a, buf) {
 			h.dropQueue.Add(1)
 			return
 		}

@@ -442,6 +442,8 @@ func (u *udpRecorder) Write(to netip.AddrPort, b []byte) bool {
 	return true
 }
 
+func (u *udpRecorder) WriteWait(to netip.AddrPort, b []byte) bool { return u.Write(to, b) }
+
 func (u *udpRecorder) count(to netip.AddrPort) int {
 	u.mu.Lock()
 	defer u.mu.Unlock()

@@ -90,6 +90,9 @@ func (w *Writer) Write2Wait(to netip.AddrPort, head, body []byte) bool {
 	return w.write(to, head, body, MaxWait)
 }
 
+// WriteWait is Write2Wait of one datagram.
+func (w *Writer) WriteWait(to netip.AddrPort, b []byte) bool { return w.write(to, nil, b, MaxWait) }
+
 func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration) bool {
 	size := len(head) + len(body)
 	if size == 0 || size > MaxTrain {

@@ -551,6 +551,18 @@ func (r *runner) dropSnapshot(p *benchPath) dropSnap {
 			s.status[who.role], s.statusErr[who.role] = dropCounters(out)
 		}
 	}
+	if p.nlvpn {
+		// The gateway's relay counters (drops by reason, its UDP write
+		// queue's among them), from its metrics endpoint.
+		ctx, cancel := context.WithTimeout(r.ctx, 5*time.Second)
+		out, _, err := lab.Run(ctx, l.NS.GW, "curl", "-sS", "-f", "--noproxy", "*", "--max-time", "3", "http://"+gwMetricsAddr+"/relay")
+		cancel()
+		if err != nil {
+			s.statusErr["gateway"] = fmt.Errorf("%w: %v", errNA, err)
+		} else {
+			s.status["gateway"], s.statusErr["gateway"] = dropCounters(out)
+		}
+	}
 	for _, who := range []struct{ role, ns string }{{"client", l.NS.Client}, {"agent", l.NS.Agent}, {"gateway", l.NS.GW}} {
 		s.udp[who.role], s.udpErr[who.role] = udpCounters(r.ctx, who.ns)
 	}

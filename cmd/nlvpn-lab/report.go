@@ -168,7 +168,8 @@ func (res *benchResults) printDrops() {
 	}
 	say("Drop counters across the single-stream upload (after - before): TCP retransmits, every number in\n" +
 		"    `nlvpn status --json` whose name has \"drop\" or \"lost\" (client; agent: its own state dir, n/a\n" +
-		"    while the agent has no status socket), and the kernel's UDP RcvbufErrors and InErrors per namespace.")
+		"    while the agent has no status socket), the gateway's relay counters (its /relay), and the kernel's\n" +
+		"    UDP RcvbufErrors and InErrors per namespace.")
 	table := [][]string{append([]string{"counter"}, cols...)}
 	line := []string{"TCP retransmits (iperf3 sender)"}
 	for _, c := range cols {
@@ -176,7 +177,7 @@ func (res *benchResults) printDrops() {
 	}
 	table = append(table, line)
 	anyNLVPN := slices.ContainsFunc(res.paths, func(p *benchPath) bool { return p.nlvpn && res.drops[p.name] != nil })
-	for _, role := range []string{"client", "agent"} {
+	for _, role := range []string{"client", "agent", "gateway"} {
 		if !anyNLVPN {
 			break
 		}

@@ -41,6 +41,9 @@ type runner struct {
 	res *benchResults // bench: what this run measured
 }
 
+// gwMetricsAddr is where the lab's gateway serves /metrics and /relay.
+const gwMetricsAddr = "127.0.0.1:9433"
+
 // pprofAddr is where every nlvpn process serves pprof when the bench takes
 // profiles (loopback of its own namespace).
 const pprofAddr = "127.0.0.1:6060"
@@ -146,8 +149,13 @@ func (r *runner) startStack(verbose bool, check func() error, upFlags ...string)
 	explain("Starting the gateway, the only public piece, in namespace %s (%s):\n    nlvpn gateway --listen :%d --public-addr %s --state-dir %s",
 		l.NS.GW, l.Gateway, gwPort, r.gwAddr(), gwState)
 	var err error
-	r.gateway, err = r.start(l.NS.GW, "gateway", "gateway", "--listen", fmt.Sprintf(":%d", gwPort),
-		"--public-addr", r.gwAddr(), "--state-dir", gwState)
+	gwArgs := []string{"gateway", "--listen", fmt.Sprintf(":%d", gwPort), "--public-addr", r.gwAddr(), "--state-dir", gwState}
+	if r.supports("gateway", "--metrics") {
+		// The relay's counters, for the bench's drop table (loopback of
+		// the gateway's own namespace).
+		gwArgs = append(gwArgs, "--metrics", gwMetricsAddr)
+	}
+	r.gateway, err = r.start(l.NS.GW, "gateway", gwArgs...)
 	if err != nil {
 		return err
 	}
