@@ -56,5 +56,5 @@ func BenchmarkHubHandleUDP(b *testing.B) {
 // countWriter counts what the hub writes.
 type countWriter struct{ n atomic.Int64 }
 
-func (w *countWriter) Write(netip.AddrPort, []byte) bool { w.n.Add(1); return true }
+func (w *countWriter) Write(netip.AddrPort, []byte) bool          { w.n.Add(1); return true }
 func (w *countWriter) WriteWait(to netip.AddrPort, b []byte) bool { return w.Write(to, b) }
