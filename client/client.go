@@ -481,6 +481,7 @@ func (c *Client) startTUN(ctx context.Context, dev *tun.Device, w *wire.Welcome,
 		undo = func() error {
 			return errors.Join(f.Remove(), prevUndo())
 		}
+		go c.reportInbound(ctx, f)
 	}
 	c.tunw = dev.NewBatchWriter(1024)
 	c.deliver = func(pkt []byte) {
@@ -495,6 +496,33 @@ func (c *Client) startTUN(ctx context.Context, dev *tun.Device, w *wire.Welcome,
 			c.log.Warn("cleanup", "err", err)
 		}
 	}, nil
+}
+
+// inboundReportEvery is how often the client looks at the inbound
+// filter's counter to tell the user about refused connections.
+const inboundReportEvery = 10 * time.Second
+
+// reportInbound logs, at most every inboundReportEvery, how many packets
+// the inbound filter refused since the last report, and what to type to
+// let them in: the kernel drops them, so nobody else would say so.
+func (c *Client) reportInbound(ctx context.Context, f *platform.InboundFilter) {
+	t := time.NewTicker(inboundReportEvery)
+	defer t.Stop()
+	var last uint64
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n, err := f.Refused()
+		if err != nil || n == last {
+			continue
+		}
+		c.log.Warn("refused connections from the agent's side (only replies to this machine's own connections come in)",
+			"packets", n-last, "total", n, "to_accept", "--accept-inbound")
+		last = n
+	}
 }
 
 // send carries one packet from this machine into the current session.
