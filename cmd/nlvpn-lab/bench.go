@@ -481,8 +481,12 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 		args = append(args, "-R")
 	}
 	var profiled sync.WaitGroup
-	if r.profileDir != "" && p.name == "direct" && streams == 1 && !reverse && !loss {
-		for _, who := range []struct{ name, ns string }{{"client", r.lab.NS.Client}, {"agent", r.lab.NS.Agent}} {
+	if r.profileDir != "" && p.name == r.profilePath && streams == 1 && reverse == r.profileDown && !loss {
+		who := []struct{ name, ns string }{{"client", r.lab.NS.Client}, {"agent", r.lab.NS.Agent}}
+		if p.name == "relay" {
+			who = append(who, struct{ name, ns string }{"gateway", r.lab.NS.GW})
+		}
+		for _, who := range who {
 			profiled.Add(1)
 			go func() {
 				defer profiled.Done()

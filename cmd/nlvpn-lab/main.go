@@ -50,7 +50,8 @@ func main() {
 	secs := fs.Int("time", 5, "bench: seconds per iperf3 run")
 	trials := fs.Int("trials", 10, "bench: startup trials (time to first packet and to the direct path); 0 skips them")
 	verbose := fs.Bool("v", false, "print every command that builds the lab")
-	profile := fs.String("profile", "", "bench: write CPU profiles of client and agent, taken during the direct single-stream upload, into this directory")
+	profile := fs.String("profile", "", "bench: write CPU profiles of client, agent and gateway, taken during one single-stream run (--profile-run), into this directory")
+	profileRun := fs.String("profile-run", "direct-up", "bench: the single-stream run --profile watches: PATH-up or PATH-down, PATH direct or relay")
 	only := fs.String("paths", "", "bench: comma-separated paths to measure: raw (always), wg, relay, direct, socks (default: all)")
 	wgGo := fs.String("wireguard-go", "bin/wireguard-go", "bench: the wireguard-go binary for the baseline column (build: go build -o bin/wireguard-go golang.zx2c4.com/wireguard)")
 	switch cmd {
@@ -122,7 +123,11 @@ func main() {
 	if err != nil {
 		fatal(err)
 	}
-	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile, wgGo: wgPath}
+	pPath, pDir, ok := strings.Cut(*profileRun, "-")
+	if !ok || (pPath != "direct" && pPath != "relay") || (pDir != "up" && pDir != "down") {
+		fatal(fmt.Errorf("--profile-run %q: want direct-up, direct-down, relay-up or relay-down", *profileRun))
+	}
+	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile, profilePath: pPath, profileDown: pDir == "down", wgGo: wgPath}
 	if *only != "" {
 		r.only = strings.Split(*only, ",")
 	}

@@ -34,9 +34,12 @@ type runner struct {
 	clientTokArgs          []string // --token-file FILE (or --token TOKEN for old binaries)
 	clientN                int
 
-	profileDir string   // bench: where CPU profiles go ("" = none)
-	only       []string // bench: the paths to measure (nil = all)
-	wgGo       string   // bench: the wireguard-go binary (baseline)
+	profileDir string // bench: where CPU profiles go ("" = none)
+	// profilePath and profileDown pick the single-stream run profiled.
+	profilePath string
+	profileDown bool
+	only        []string // bench: the paths to measure (nil = all)
+	wgGo        string   // bench: the wireguard-go binary (baseline)
 
 	res *benchResults // bench: what this run measured
 }
