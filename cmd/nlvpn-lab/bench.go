@@ -428,8 +428,9 @@ func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss boo
 	if detail && p.roles != nil {
 		roles = p.roles()
 	}
-	// Drop counters for the tunnels (raw has no roles and no tunnel).
-	drops := detail && !reverse && p.roles != nil
+	// Drop counters for the tunnels (raw has no roles and no tunnel), each
+	// way.
+	drops := detail && p.roles != nil
 	var before dropSnap
 	if drops {
 		before = r.dropSnapshot(p)
@@ -464,7 +465,7 @@ func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss boo
 		if err == nil && run.Retransmits < 0 {
 			rep.retrans = measured(0, errNA)
 		}
-		r.res.drops[p.name] = rep
+		r.res.drops[p.name+" "+dir] = rep
 	}
 	if err != nil {
 		return 0, err

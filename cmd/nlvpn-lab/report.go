@@ -159,14 +159,17 @@ func (res *benchResults) printCPU() {
 func (res *benchResults) printDrops() {
 	var cols []string
 	for _, p := range res.paths {
-		if _, ok := res.drops[p.name]; ok && p.name != "raw" {
-			cols = append(cols, p.name)
+		for _, dir := range []string{"up", "down"} {
+			if _, ok := res.drops[p.name+" "+dir]; ok && p.name != "raw" {
+				cols = append(cols, p.name+" "+dir)
+			}
 		}
 	}
 	if len(cols) == 0 {
 		return
 	}
-	say("Drop counters across the single-stream upload (after - before): TCP retransmits, every number in\n" +
+	say("Drop counters across the single-stream runs, up and down (after - before): the TCP sender's\n" +
+		"    retransmits (on downloads the LAN host is the sender), every number in\n" +
 		"    `nlvpn status --json` whose name has \"drop\" or \"lost\" (client; agent: its own state dir, n/a\n" +
 		"    while the agent has no status socket), the gateway's relay counters (its /relay), and the kernel's\n" +
 		"    UDP RcvbufErrors and InErrors per namespace.")
@@ -176,7 +179,9 @@ func (res *benchResults) printDrops() {
 		line = append(line, res.drops[c].retrans.format(0))
 	}
 	table = append(table, line)
-	anyNLVPN := slices.ContainsFunc(res.paths, func(p *benchPath) bool { return p.nlvpn && res.drops[p.name] != nil })
+	anyNLVPN := slices.ContainsFunc(res.paths, func(p *benchPath) bool {
+		return p.nlvpn && (res.drops[p.name+" up"] != nil || res.drops[p.name+" down"] != nil)
+	})
 	for _, role := range []string{"client", "agent", "gateway"} {
 		if !anyNLVPN {
 			break
