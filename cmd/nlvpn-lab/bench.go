@@ -536,6 +536,22 @@ type dropSnap struct {
 // layer dropped (receive buffer full; any receive error).
 var udpCountersShown = []string{"RcvbufErrors", "InErrors"}
 
+// tcpCountersShown are the kernel's TCP counters shown for the namespaces
+// whose sockets carry the tunneled TCP outside nlvpn (the agent's own
+// sockets to the LAN host, and the LAN host's): receive-queue drops and
+// pruning at the agent, loss probes, spurious timeouts and duplicate-SACKs
+// (resends that were not needed) at either end.
+var tcpCountersShown = []string{"TCPRcvQDrop", "PruneCalled", "TCPBacklogDrop", "TCPLossProbes", "TCPSpuriousRTOs", "TCPDSACKRecv", "TCPDSACKOldSent"}
+
+// tcpNames are tcpCountersShown under the names udpCounters gives them.
+func tcpNames() []string {
+	var ns []string
+	for _, n := range tcpCountersShown {
+		ns = append(ns, "TcpExt "+n)
+	}
+	return ns
+}
+
 func (r *runner) dropSnapshot(p *benchPath) dropSnap {
 	l := r.lab
 	s := dropSnap{status: map[string]map[string]float64{}, statusErr: map[string]error{},
@@ -568,7 +584,7 @@ func (r *runner) dropSnapshot(p *benchPath) dropSnap {
 			s.status["gateway"], s.statusErr["gateway"] = dropCounters(out)
 		}
 	}
-	for _, who := range []struct{ role, ns string }{{"client", l.NS.Client}, {"agent", l.NS.Agent}, {"gateway", l.NS.GW}} {
+	for _, who := range []struct{ role, ns string }{{"client", l.NS.Client}, {"agent", l.NS.Agent}, {"gateway", l.NS.GW}, {"lan", l.NS.LAN}} {
 		s.udp[who.role], s.udpErr[who.role] = udpCounters(r.ctx, who.ns)
 	}
 	return s
@@ -593,7 +609,7 @@ func (s dropSnap) delta(after dropSnap) *dropReport {
 	for role, a := range after.udp {
 		m := map[string]cell{}
 		b := s.udp[role]
-		for _, name := range udpCountersShown {
+		for _, name := range append(udpCountersShown, tcpNames()...) {
 			err := errors.Join(s.udpErr[role], after.udpErr[role])
 			if err == nil && b == nil {
 				err = errors.New("no reading before the run")

@@ -165,7 +165,21 @@ func udpCounters(ctx context.Context, ns string) (map[string]int64, error) {
 	if err != nil {
 		return nil, err
 	}
-	return parseSNMP(out, "Udp")
+	m, err := parseSNMP(out, "Udp")
+	if err != nil {
+		return nil, err
+	}
+	// TCP's own drops and repairs (/proc/net/netstat, "TcpExt"), under
+	// "TcpExt " names: where a tunneled download's TCP peers lose or
+	// resend packets outside nlvpn's own queues.
+	if out, _, err := lab.Run(ctx, ns, "cat", "/proc/net/netstat"); err == nil {
+		if ext, err := parseSNMP(out, "TcpExt"); err == nil {
+			for k, v := range ext {
+				m["TcpExt "+k] = v
+			}
+		}
+	}
+	return m, nil
 }
 
 // dropCounters picks, from one JSON object, every number whose name

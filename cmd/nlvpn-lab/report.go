@@ -172,7 +172,8 @@ func (res *benchResults) printDrops() {
 		"    retransmits (on downloads the LAN host is the sender), every number in\n" +
 		"    `nlvpn status --json` whose name has \"drop\" or \"lost\" (client; agent: its own state dir, n/a\n" +
 		"    while the agent has no status socket), the gateway's relay counters (its /relay), and the kernel's\n" +
-		"    UDP RcvbufErrors and InErrors per namespace.")
+		"    UDP RcvbufErrors and InErrors per namespace, and the kernel's TCP drops and resends (TcpExt) where the\n" +
+		"    tunneled TCP leaves nlvpn: the agent's sockets and the LAN host.")
 	table := [][]string{append([]string{"counter"}, cols...)}
 	line := []string{"TCP retransmits (iperf3 sender)"}
 	for _, c := range cols {
@@ -236,6 +237,15 @@ func (res *benchResults) printDrops() {
 			line := []string{fmt.Sprintf("UDP %s, %s ns", name, role)}
 			for _, c := range cols {
 				line = append(line, res.drops[c].udp[role][name].format(0))
+			}
+			table = append(table, line)
+		}
+	}
+	for _, role := range []string{"agent", "lan"} {
+		for _, name := range tcpCountersShown {
+			line := []string{fmt.Sprintf("TCP %s, %s ns", name, role)}
+			for _, c := range cols {
+				line = append(line, res.drops[c].udp[role]["TcpExt "+name].format(0))
 			}
 			table = append(table, line)
 		}
