@@ -337,3 +337,65 @@ func TestWriterWaitForRoom(t *testing.T) {
 		})
 	}
 }
+
+// TestWriterControlReserve: a queue that a bulk transfer filled still
+// takes control datagrams (probes, relay checks), up to ControlReserve,
+// and they go out with the rest.
+func TestWriterControlReserve(t *testing.T) {
+	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	to := addrOf(b.UDPConn())
+	w := NewWriter(a)
+	// Fill with full-size datagrams until the queue (by count or by
+	// bytes) refuses one.
+	pkt := make([]byte, 1400)
+	queued := 0
+	for queued <= QueueLen && w.Write(to, pkt) {
+		queued++
+	}
+	if queued == 0 || queued > QueueLen {
+		t.Fatalf("%d data datagrams queued before the first refusal", queued)
+	}
+	// Control datagrams still get in, up to the reserve (small ones share
+	// trains, so the count bounds them: QueueLen + ControlReserve in all).
+	probe := []byte("probe")
+	accepted := 0
+	for accepted < QueueLen+ControlReserve+1 && w.Write2Control(to, []byte{byte(accepted)}, probe) {
+		accepted++
+	}
+	if accepted < ControlReserve {
+		t.Fatalf("only %d control datagrams went into the full queue, want at least %d", accepted, ControlReserve)
+	}
+	if queued+accepted > QueueLen+ControlReserve {
+		t.Fatalf("%d datagrams queued in all, beyond QueueLen+ControlReserve", queued+accepted)
+	}
+	if w.Drops() != 2 {
+		t.Fatalf("drops %d, want 2 (one data, one control beyond the reserve)", w.Drops())
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	w.Flush(3 * time.Second)
+	ms := []Message{{Buf: make([]byte, MaxTrain)}}
+	data, control := 0, 0
+	b.UDPConn().SetReadDeadline(time.Now().Add(3 * time.Second))
+	for data+control < queued+accepted {
+		n, err := b.ReadBatch(ms)
+		if err != nil {
+			t.Fatalf("after %d data and %d control datagrams: %v", data, control, err)
+		}
+		for _, m := range ms[:n] {
+			m.Datagrams(func(d []byte) {
+				if len(d) == len(probe)+1 {
+					control++
+				} else {
+					data++
+				}
+			})
+		}
+	}
+	if data != queued || control != accepted {
+		t.Fatalf("received %d data and %d control datagrams, want %d and %d", data, control, queued, accepted)
+	}
+}

@@ -60,6 +60,11 @@ const (
 	queueBytes    = 2 << 20
 	// QueueLen is how many datagrams may wait for the socket.
 	QueueLen = 2048
+	// ControlReserve is how many control datagrams (probes, relay checks)
+	// may be queued beyond a full queue: a bulk transfer keeps the queue
+	// full by design (its producers wait for room), and the keepalives
+	// that hold its path open must not be dropped for it.
+	ControlReserve = 64
 )
 
 // NewWriter returns a Writer for c; Run sends what it queues.
@@ -93,7 +98,18 @@ func (w *Writer) Write2Wait(to netip.AddrPort, head, body []byte) bool {
 // WriteWait is Write2Wait of one datagram.
 func (w *Writer) WriteWait(to netip.AddrPort, b []byte) bool { return w.write(to, nil, b, MaxWait) }
 
+// Write2Control queues a small control datagram (a probe, a relay check):
+// it never waits, and it may use ControlReserve places beyond a full
+// queue, so that it goes out in the middle of a bulk transfer.
+func (w *Writer) Write2Control(to netip.AddrPort, head, body []byte) bool {
+	return w.writeOpt(to, head, body, 0, true)
+}
+
 func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration) bool {
+	return w.writeOpt(to, head, body, wait, false)
+}
+
+func (w *Writer) writeOpt(to netip.AddrPort, head, body []byte, wait time.Duration, control bool) bool {
 	size := len(head) + len(body)
 	if size == 0 || size > MaxTrain {
 		w.drops.Add(1)
@@ -103,7 +119,7 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration)
 	w.mu.Lock()
 	var timer *time.Timer
 	for {
-		if t := w.place(to, size, gso); t != nil {
+		if t := w.place(to, size, gso, control); t != nil {
 			t.buf = append(t.buf, head...)
 			t.buf = append(t.buf, body...)
 			t.n++
@@ -154,8 +170,12 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration)
 // place finds room for a datagram of size bytes to to: the last pending
 // train if it continues it, else a new one. nil: the queue is full.
 // Called with mu held.
-func (w *Writer) place(to netip.AddrPort, size int, gso bool) *train {
-	if w.queued >= QueueLen {
+func (w *Writer) place(to netip.AddrPort, size int, gso, control bool) *train {
+	limit := QueueLen
+	if control {
+		limit += ControlReserve
+	}
+	if w.queued >= limit {
 		return nil
 	}
 	if n := len(w.pending); n > 0 && gso {
@@ -165,7 +185,7 @@ func (w *Writer) place(to netip.AddrPort, size int, gso bool) *train {
 			return last
 		}
 	}
-	t := w.newTrain(size, gso)
+	t := w.newTrain(size, gso, control)
 	if t != nil {
 		t.to, t.seg = to, size
 		w.pending = append(w.pending, t)
@@ -175,7 +195,7 @@ func (w *Writer) place(to netip.AddrPort, size int, gso bool) *train {
 
 // newTrain takes a free train big enough or makes one within the queue's
 // byte budget. Called with mu held.
-func (w *Writer) newTrain(size int, gso bool) *train {
+func (w *Writer) newTrain(size int, gso, control bool) *train {
 	want := datagramBytes
 	if gso {
 		want = trainBytes
@@ -188,14 +208,21 @@ func (w *Writer) newTrain(size int, gso bool) *train {
 			return t
 		}
 	}
-	if w.bytes+want > queueBytes {
+	budget := queueBytes
+	if control {
+		// A control datagram takes a one-datagram train, from the
+		// reserve if the queue is full.
+		want = max(datagramBytes, size)
+		budget += ControlReserve * datagramBytes
+	}
+	if w.bytes+want > budget {
 		// Make room from free trains too small for this one.
-		for len(w.free) > 0 && w.bytes+want > queueBytes {
+		for len(w.free) > 0 && w.bytes+want > budget {
 			t := w.free[len(w.free)-1]
 			w.free = w.free[:len(w.free)-1]
 			w.bytes -= cap(t.buf)
 		}
-		if w.bytes+want > queueBytes {
+		if w.bytes+want > budget {
 			return nil
 		}
 	}

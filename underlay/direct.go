@@ -14,16 +14,20 @@ import (
 )
 
 // sendRaw queues one datagram, head followed by body, to to from the
-// node's port. A full queue drops it (counted); with wait, only after
-// waiting (bounded) for room, which is how a peer session's packets go, so
-// that the session is held back as by a blocking socket.
+// node's port. With wait it waits (bounded) for room in a full queue, which
+// is how a peer session's packets go, so that the session is held back as
+// by a blocking socket; without, it is a control datagram that may use the
+// queue's small reserve. Beyond that it is dropped and counted.
 func (u *Underlay) sendRaw(head, body []byte, to netip.AddrPort, wait bool) error {
 	if u.w != nil {
 		ok := false
 		if wait {
 			ok = u.w.Write2Wait(to, head, body)
 		} else {
-			ok = u.w.Write2(to, head, body)
+			// Probes and relay checks: never wait (pongs are sent from
+			// the receive loop), but do not lose them to a queue that a
+			// bulk transfer keeps full.
+			ok = u.w.Write2Control(to, head, body)
 		}
 		if !ok {
 			u.c.sendFull.Add(1)
