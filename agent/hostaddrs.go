@@ -3,10 +3,11 @@ package agent
 import (
 	"context"
 	"log/slog"
-	"net"
 	"net/netip"
 	"sync/atomic"
 	"time"
+
+	"github.com/nlvpn/nlvpn/platform"
 )
 
 // hostAddrsEvery is how often the agent re-reads its host's addresses: a
@@ -28,16 +29,14 @@ func (h *hostAddrs) has(ip netip.Addr) bool {
 // refresh reads the host's interface addresses now. On error the last set
 // stays.
 func (h *hostAddrs) refresh(log *slog.Logger) {
-	addrs, err := net.InterfaceAddrs()
+	ps, err := platform.InterfacePrefixes()
 	if err != nil {
 		log.Warn("could not read this host's addresses; keeping the last known", "err", err)
 		return
 	}
-	m := make(map[netip.Addr]bool, len(addrs))
-	for _, a := range addrs {
-		if p, err := netip.ParsePrefix(a.String()); err == nil {
-			m[p.Addr().Unmap()] = true
-		}
+	m := make(map[netip.Addr]bool, len(ps))
+	for _, p := range ps {
+		m[p.Addr()] = true
 	}
 	h.set.Store(&m)
 }

@@ -2,9 +2,9 @@ package client
 
 import (
 	"fmt"
-	"net"
 	"net/netip"
 
+	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
@@ -86,21 +86,17 @@ func judgeRoute(p netip.Prefix, pol RoutePolicy, gateways []netip.Addr, ownNets 
 // loopback and link-local (every interface has fe80::/64; routing it is
 // refused elsewhere anyway).
 func ownNetworks() ([]netip.Prefix, error) {
-	addrs, err := net.InterfaceAddrs()
+	ps, err := platform.InterfacePrefixes()
 	if err != nil {
 		return nil, err
 	}
 	var nets []netip.Prefix
-	for _, a := range addrs {
-		p, err := netip.ParsePrefix(a.String())
-		if err != nil {
-			continue
-		}
-		ip := p.Addr().Unmap()
+	for _, p := range ps {
+		ip := p.Addr()
 		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || wire.OverlayPrefix.Contains(ip) {
 			continue
 		}
-		nets = append(nets, netip.PrefixFrom(ip, p.Bits()).Masked())
+		nets = append(nets, p.Masked())
 	}
 	return nets, nil
 }

@@ -3,7 +3,10 @@
 // into it. Each OS has its own file behind Configure.
 package platform
 
-import "net/netip"
+import (
+	"net"
+	"net/netip"
+)
 
 // Config is what one tunnel needs from the OS.
 type Config struct {
@@ -28,3 +31,27 @@ const (
 
 // Undo reverses a Configure. It is safe to call more than once.
 type Undo func() error
+
+// InterfacePrefixes returns this machine's interface addresses, each with
+// its prefix length as configured (192.168.1.5/24, not masked), IPv4 never
+// in IPv6 form. The agent keeps clients off these addresses; the client
+// keeps routes off these networks.
+func InterfacePrefixes() ([]netip.Prefix, error) {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil, err
+	}
+	ps := make([]netip.Prefix, 0, len(addrs))
+	for _, a := range addrs {
+		p, err := netip.ParsePrefix(a.String())
+		if err != nil {
+			continue
+		}
+		bits := p.Bits()
+		if p.Addr().Is4In6() {
+			bits -= 96
+		}
+		ps = append(ps, netip.PrefixFrom(p.Addr().Unmap(), bits))
+	}
+	return ps, nil
+}
