@@ -255,6 +255,7 @@ func TestCLINodeErrors(t *testing.T) {
 		{"agent bad advertise", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/33"}, []string{"--advertise"}},
 		{"agent advertises a default route", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/8,0.0.0.0/0"}, []string{"0.0.0.0/0", "--exit-node"}},
 		{"agent advertises ::/0", nil, []string{"agent", "--token", agentTok, "--advertise", "::/0"}, []string{"::/0", "--exit-node"}},
+		{"bad accept-routes", nil, []string{"up", "--token", clientTok, "--agent", "miranda", "--accept-routes", "10.0.0.0/8,10.0.0.0/33"}, []string{"--accept-routes", "10.0.0.0/33"}},
 		{"agent policy missing", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/8", "--policy", "/nonexistent/policy"}, []string{"--policy", "no such file"}},
 		{"agent policy malformed", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/8", "--policy", badPolicy}, []string{"--policy", "line 2", "allow or deny"}},
 		{"agent advertises loopback", nil, []string{"agent", "--token", agentTok, "--advertise", "127.0.0.0/8"}, []string{"loopback", "--allow-loopback"}},

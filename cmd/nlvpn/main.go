@@ -10,7 +10,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -553,17 +552,11 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 		), modeFlagList()...), proxyFlagList()...),
 		Action: func(c *cli.Context) error {
 			limitClientMemory()
-			var routes client.RoutePolicy
-			for _, v := range c.StringSlice("accept-routes") {
-				for _, s := range strings.Split(v, ",") {
-					p, err := netip.ParsePrefix(strings.TrimSpace(s))
-					if err != nil {
-						return fmt.Errorf("--accept-routes %q: %w", s, err)
-					}
-					routes.Accept = append(routes.Accept, p.Masked())
-				}
+			accept, err := parsePrefixes("--accept-routes", c.StringSlice("accept-routes"))
+			if err != nil {
+				return err
 			}
-			routes.ExitNode = c.Bool("exit-node")
+			routes := client.RoutePolicy{Accept: accept, ExitNode: c.Bool("exit-node")}
 			if !token.ValidName(c.String("agent")) {
 				return fmt.Errorf("--agent %q is not a valid agent name", c.String("agent"))
 			}
