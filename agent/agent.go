@@ -218,12 +218,12 @@ func (a *Agent) overlay() netip.Addr {
 // rule. Refusals are counted by reason and logged with the client's name.
 func (a *Agent) allow(src netip.Addr, dst netip.AddrPort, proto string) bool {
 	r := verdict(dst, proto, a.overlay(), a.cfg.Advertise, a.cfg.AllowLoopback, a.host.has)
-	if r == allowedService {
-		return true
-	}
 	var pol *policy.Policy
 	if a.cfg.Policy != nil {
 		pol = a.cfg.Policy.Load()
+	}
+	if r == allowedService || (r == allowed && pol == nil) {
+		return true // the common case: no client lookup
 	}
 	who := a.subject(src)
 	if pol != nil && (r == allowed || r == deniedHostAddr || r == deniedLinkLocal) {
@@ -235,7 +235,7 @@ func (a *Agent) allow(src netip.Addr, dst netip.AddrPort, proto string) bool {
 			a.denied.policy.Add(1)
 			a.logDenied("refused by the policy", who.Name, dst, proto, "rule", rule.String())
 			return false
-		case ok && namesExactly(rule.Dest, dst.Addr().Unmap(), r) && a.advertised(dst.Addr().Unmap()):
+		case ok && namesExactly(rule.Dest, dst.Addr().Unmap(), r) && inPrefixes(a.cfg.Advertise, dst.Addr().Unmap()):
 			return true
 		}
 	}
@@ -268,8 +268,9 @@ func (a *Agent) subject(src netip.Addr) policy.Subject {
 	return policy.Subject{}
 }
 
-func (a *Agent) advertised(ip netip.Addr) bool {
-	for _, p := range a.cfg.Advertise {
+// inPrefixes reports whether one of ps contains ip.
+func inPrefixes(ps []netip.Prefix, ip netip.Addr) bool {
+	for _, p := range ps {
 		if p.Contains(ip) {
 			return true
 		}
@@ -337,10 +338,8 @@ func verdict(dst netip.AddrPort, proto string, overlay netip.Addr, advertise []n
 	case isHost(ip):
 		return deniedHostAddr
 	}
-	for _, p := range advertise {
-		if p.Contains(ip) {
-			return allowed
-		}
+	if inPrefixes(advertise, ip) {
+		return allowed
 	}
 	return deniedNotAdvertised
 }
