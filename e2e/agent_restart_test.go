@@ -25,7 +25,7 @@ func TestAgentRestart(t *testing.T) {
 			t.Logf("agent stopped: %s", e.agent.ExitStatus())
 			// The agent kept the token that worked in its state (0600):
 			// it comes back with no token given anywhere.
-			state := filepath.Join(e.dir, "agent")
+			state := e.agentStateDir()
 			checkSavedToken(t, filepath.Join(state, "config"), "agent_token", e.agentTok)
 			e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--gateway", e.gwAddr(),
 				"--advertise", e.lab.LANSubnet.String(), "--state-dir", state)

@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"github.com/nlvpn/nlvpn/lab"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -18,15 +17,7 @@ import (
 func TestRoutesNeverCaptureTheTunnel(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, coneCone, false)
-	e.agent.Stop()
-	e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token", e.agentTok, "--gateway", e.gwAddr(),
-		"--advertise", e.lab.LANSubnet.String(), "--advertise", "198.18.0.0/15", "--advertise", "10.0.0.0/8",
-		"--state-dir", filepath.Join(e.dir, "agent"))
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if err := e.agent.WaitLog(ctx, "registered"); err != nil {
-		t.Fatalf("agent: %v", err)
-	}
+	e.restartAgent(t, "--advertise", e.lab.LANSubnet.String(), "--advertise", "198.18.0.0/15", "--advertise", "10.0.0.0/8")
 	e.startClientMode(t, "--accept-routes", "198.18.0.0/15", "--accept-routes", "10.0.0.0/8")
 	out, err := lab.Output(context.Background(), e.lab.NS.Client, "ip", "route", "show", "table", "all", "198.18.0.0/15")
 	if err != nil || !strings.Contains(out, tunName) {
@@ -61,16 +52,8 @@ func TestRoutesNeverCaptureTheTunnel(t *testing.T) {
 func TestClientRefusesRoutes(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, coneCone, false)
-	e.agent.Stop()
-	e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token-file", e.tokenFile(e.agentTok), "--gateway", e.gwAddr(),
-		"--advertise", e.lab.LANSubnet.String(), "--advertise", "0.0.0.0/0", "--exit-node",
-		"--advertise", "198.18.0.0/15", "--advertise", "10.0.0.0/8",
-		"--state-dir", filepath.Join(e.dir, "agent"))
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if err := e.agent.WaitLog(ctx, "registered"); err != nil {
-		t.Fatalf("agent: %v", err)
-	}
+	e.restartAgent(t, "--advertise", e.lab.LANSubnet.String(), "--advertise", "0.0.0.0/0", "--exit-node",
+		"--advertise", "198.18.0.0/15", "--advertise", "10.0.0.0/8")
 	c := e.startClientMode(t)
 	out, err := lab.Output(context.Background(), e.lab.NS.Client, "ip", "route", "show", "table", "5228")
 	if err != nil {

@@ -88,7 +88,7 @@ func newEnv(t *testing.T, opts lab.Options, startClient bool, upFlags ...string)
 	// are TestTokenEnrollsOneMachine's subject.
 	e.clientTok = e.token(t, "--client", "alice", "--uses", "20")
 	e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token-file", e.tokenFile(e.agentTok), "--gateway", e.gwAddr(),
-		"--advertise", e.lab.LANSubnet.String(), "--state-dir", filepath.Join(e.dir, "agent"))
+		"--advertise", e.lab.LANSubnet.String(), "--state-dir", e.agentStateDir())
 	// The client refuses an agent that is not connected yet: wait (bounded)
 	// for the agent to register. startClient retries anyway if the log line
 	// changes.
@@ -174,6 +174,25 @@ func (e *env) token(t *testing.T, args ...string) string {
 		t.Fatalf("nlvpn token %v: want the token alone on stdout, got %q", args, stdout)
 	}
 	return tok
+}
+
+// agentStateDir is the agent's state directory.
+func (e *env) agentStateDir() string { return filepath.Join(e.dir, "agent") }
+
+// restartAgent stops the agent and starts it again with args (its
+// --advertise and other flags; token file, gateway and state come from
+// the env), and waits until it has registered.
+func (e *env) restartAgent(t *testing.T, args ...string) {
+	t.Helper()
+	e.agent.Stop() // safe if it has stopped already
+	full := append([]string{"agent", "--token-file", e.tokenFile(e.agentTok), "--gateway", e.gwAddr(),
+		"--state-dir", e.agentStateDir()}, args...)
+	e.agent = e.start(t, e.lab.NS.Agent, "agent", full...)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := e.agent.WaitLog(ctx, "registered"); err != nil {
+		t.Fatalf("agent: %v", err)
+	}
 }
 
 // clientArgs is the `nlvpn up` command line for the main client. The token

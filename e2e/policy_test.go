@@ -25,7 +25,6 @@ import (
 func TestAgentNeverServesItsHost(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, coneCone, false)
-	agentState := filepath.Join(e.dir, "agent")
 	e.agent.Stop()
 	if _, err := lab.Output(context.Background(), e.lab.NS.Agent, "ip", "addr", "add", "169.254.169.254/32", "dev", "lo"); err != nil {
 		t.Fatal(err)
@@ -49,13 +48,7 @@ func TestAgentNeverServesItsHost(t *testing.T) {
 			}
 		}()
 	}
-	e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token-file", e.tokenFile(e.agentTok), "--gateway", e.gwAddr(),
-		"--advertise", e.lab.LANSubnet.String(), "--advertise", "169.254.0.0/16", "--state-dir", agentState)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if err := e.agent.WaitLog(ctx, "registered"); err != nil {
-		t.Fatalf("agent: %v", err)
-	}
+	e.restartAgent(t, "--advertise", e.lab.LANSubnet.String(), "--advertise", "169.254.0.0/16")
 	e.startClientMode(t)
 
 	for _, url := range []string{
@@ -70,7 +63,7 @@ func TestAgentNeverServesItsHost(t *testing.T) {
 	if n := leaked.Load(); n != 0 {
 		t.Fatalf("%d connections reached the agent host's own listeners", n)
 	}
-	denied := agentDenied(t, e, agentState)
+	denied := agentDenied(t, e)
 	if denied["host_address"] == 0 || denied["link_local"] == 0 {
 		t.Errorf("agent's denied counters %v: want host_address and link_local counted", denied)
 	}
@@ -87,7 +80,6 @@ func TestAgentNeverServesItsHost(t *testing.T) {
 func TestAgentPolicy(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, coneCone, false)
-	agentState := filepath.Join(e.dir, "agent")
 	polFile := filepath.Join(e.dir, "policy")
 	writePolicy := func(text string) {
 		if err := os.WriteFile(polFile, []byte(text), 0o644); err != nil {
@@ -95,14 +87,7 @@ func TestAgentPolicy(t *testing.T) {
 		}
 	}
 	writePolicy(fmt.Sprintf("allow client:alice %s %d tcp\n", e.lab.LANHost, httpPort))
-	e.agent.Stop()
-	e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token-file", e.tokenFile(e.agentTok), "--gateway", e.gwAddr(),
-		"--advertise", e.lab.LANSubnet.String(), "--policy", polFile, "--state-dir", agentState)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if err := e.agent.WaitLog(ctx, "registered"); err != nil {
-		t.Fatalf("agent: %v", err)
-	}
+	e.restartAgent(t, "--advertise", e.lab.LANSubnet.String(), "--policy", polFile)
 	e.startClientMode(t) // waits for the web port: allowed
 
 	ping := func() error {
@@ -125,7 +110,7 @@ func TestAgentPolicy(t *testing.T) {
 	if err := echo(); err == nil {
 		t.Error("TCP to the echo port passed a policy that allows only the web port")
 	}
-	if st := agentDenied(t, e, agentState); st["policy"] < 2 {
+	if st := agentDenied(t, e); st["policy"] < 2 {
 		t.Errorf("denied counters %v: want the ping and the TCP counted under policy", st)
 	}
 	if !strings.Contains(e.agent.Log(), "refused by the policy") || !strings.Contains(e.agent.Log(), "client=alice") {
@@ -168,14 +153,14 @@ func TestAgentPolicy(t *testing.T) {
 }
 
 // agentDenied reads the agent's "denied" counters.
-func agentDenied(t *testing.T, e *env, state string) map[string]uint64 {
+func agentDenied(t *testing.T, e *env) map[string]uint64 {
 	t.Helper()
 	var st struct {
 		Denied map[string]uint64 `json:"denied"`
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	stdout, _, err := lab.Run(ctx, e.lab.NS.Agent, nlvpnBin, "status", "--json", "--state-dir", state)
+	stdout, _, err := lab.Run(ctx, e.lab.NS.Agent, nlvpnBin, "status", "--json", "--state-dir", e.agentStateDir())
 	if err != nil {
 		t.Fatalf("agent status: %v", err)
 	}

@@ -39,6 +39,18 @@ func (e *env) relayStats(t *testing.T) relayStats {
 	return rs
 }
 
+// waitRelayUDP waits until the client's relay frames go as UDP datagrams
+// to the gateway's port (not inside its gateway connection).
+func (e *env) waitRelayUDP(t *testing.T) {
+	t.Helper()
+	e.waitFor(t, 10*time.Second, "relay frames as UDP", func() error {
+		if !e.relayUDP(t) {
+			return fmt.Errorf("relay frames still ride the gateway connection")
+		}
+		return nil
+	})
+}
+
 // relayUDP reports whether the client says its relay frames go as UDP
 // datagrams to the gateway's port (not in its gateway connection).
 func (e *env) relayUDP(t *testing.T) bool {
@@ -71,12 +83,7 @@ func TestTransferSurvivesPathSwitches(t *testing.T) {
 	}
 	e.startClientMode(t)
 	e.waitPath(t, "relay", 5*time.Second)
-	e.waitFor(t, 10*time.Second, "relay frames as UDP", func() error {
-		if !e.relayUDP(t) {
-			return fmt.Errorf("relay frames still ride the gateway connection")
-		}
-		return nil
-	})
+	e.waitRelayUDP(t)
 	before := e.relayStats(t)
 	done := make(chan error, 1)
 	go func() { done <- e.download(t, 48<<20, 21, "--limit-rate", "3M") }()
@@ -118,12 +125,7 @@ func TestTransferSurvivesPathSwitches(t *testing.T) {
 func TestRelayDropsSpoofedFrames(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, coneCone, true, relayOnly...)
-	e.waitFor(t, 10*time.Second, "relay frames as UDP", func() error {
-		if !e.relayUDP(t) {
-			return fmt.Errorf("relay frames still ride the gateway connection")
-		}
-		return nil
-	})
+	e.waitRelayUDP(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	out, _, err := lab.Run(ctx, e.lab.NS.Client, nlvpnBin, "status", "--json", "--state-dir", e.clientStateDir())
@@ -189,12 +191,7 @@ func TestRelayDropsSpoofedFrames(t *testing.T) {
 func TestRelaySurvivesNATRebinding(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, coneCone, true, relayOnly...)
-	e.waitFor(t, 10*time.Second, "relay frames as UDP", func() error {
-		if !e.relayUDP(t) {
-			return fmt.Errorf("relay frames still ride the gateway connection")
-		}
-		return nil
-	})
+	e.waitRelayUDP(t)
 	// 48 MiB at 3 MB/s: ~16 s, time enough for the gateway to follow
 	// (on its next sight of the client's QUIC connection) and for UDP
 	// frames to flow again (the client's next relay check, within 5 s),

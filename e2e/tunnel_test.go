@@ -281,12 +281,7 @@ func echoOnce(ctx context.Context, ns, target string, data []byte) error {
 func relayCiphertextOnly(t *testing.T, e *env) {
 	// The relay under test forwards frames as UDP datagrams through the
 	// gateway's port: the capture must see that relay, not the fallback.
-	e.waitFor(t, 10*time.Second, "relay frames as UDP", func() error {
-		if !e.relayUDP(t) {
-			return fmt.Errorf("relay frames still ride the gateway connection")
-		}
-		return nil
-	})
+	e.waitRelayUDP(t)
 	udpBefore := e.relayStats(t).UDPFrames
 	defer func() {
 		if n := e.relayStats(t).UDPFrames - udpBefore; n < 2*(2<<20)/1500 {
