@@ -1,10 +1,8 @@
 package gateway
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -38,15 +36,8 @@ var errTokenUsed = errors.New("token used up")
 
 func openEnrollments(dir string) (*enrollments, error) {
 	e := &enrollments{path: filepath.Join(dir, "enrollments.json"), m: make(map[string]*enrollment)}
-	b, err := os.ReadFile(e.path)
-	if errors.Is(err, os.ErrNotExist) {
-		return e, nil
-	}
-	if err != nil {
+	if err := readJSON(e.path, &e.m); err != nil {
 		return nil, err
-	}
-	if err := json.Unmarshal(b, &e.m); err != nil {
-		return nil, fmt.Errorf("%s: %w", e.path, err)
 	}
 	return e, nil
 }
@@ -99,10 +90,4 @@ func (e *enrollments) prune(now time.Time) {
 	}
 }
 
-func (e *enrollments) save() error {
-	b, err := json.Marshal(e.m)
-	if err != nil {
-		return err
-	}
-	return identity.WriteFileAtomic(e.path, b, 0o600)
-}
+func (e *enrollments) save() error { return writeJSON(e.path, e.m) }

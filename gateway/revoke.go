@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/wire"
 )
@@ -85,11 +84,7 @@ func AddRevocation(dir string, r Revocation) error {
 	if len(rs) >= maxRevocations {
 		return fmt.Errorf("%d revocations already; issue a new gateway key instead", maxRevocations)
 	}
-	b, err := json.MarshalIndent(append(rs, r), "", "  ")
-	if err != nil {
-		return err
-	}
-	return identity.WriteFileAtomic(revokedPath(dir), append(b, '\n'), 0o600)
+	return writeJSON(revokedPath(dir), append(rs, r))
 }
 
 // revokedBy returns the revocation that ends claims, if any.

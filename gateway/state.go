@@ -52,11 +52,32 @@ func (s *State) SelfSignedCert() (tls.Certificate, error) {
 
 // WriteInfo records the gateway's pin and public address.
 func (s *State) WriteInfo(i Info) error {
-	b, err := json.MarshalIndent(i, "", "  ")
+	return writeJSON(filepath.Join(s.Dir, "gateway.json"), i)
+}
+
+// writeJSON writes v to path as indented JSON, atomically, readable only by
+// the gateway's user: every file of the gateway's state.
+func writeJSON(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		return err
 	}
-	return identity.WriteFileAtomic(filepath.Join(s.Dir, "gateway.json"), append(b, '\n'), 0o600)
+	return identity.WriteFileAtomic(path, append(b, '\n'), 0o600)
+}
+
+// readJSON reads path into v; without the file v stays as it is.
+func readJSON(path string, v any) error {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	return nil
 }
 
 // ReadInfo reads what WriteInfo wrote. Without it (the gateway never ran),
@@ -92,15 +113,8 @@ var overlayPrefix = wire.OverlayPrefix
 
 func openOverlayPool(dir string) (*overlayPool, error) {
 	p := &overlayPool{path: filepath.Join(dir, "overlay.json"), m: make(map[string]netip.Addr)}
-	b, err := os.ReadFile(p.path)
-	if errors.Is(err, os.ErrNotExist) {
-		return p, nil
-	}
-	if err != nil {
+	if err := readJSON(p.path, &p.m); err != nil {
 		return nil, err
-	}
-	if err := json.Unmarshal(b, &p.m); err != nil {
-		return nil, fmt.Errorf("%s: %w", p.path, err)
 	}
 	return p, nil
 }
@@ -134,11 +148,7 @@ func (p *overlayPool) Get(key string) (netip.Addr, error) {
 		}
 	}
 	p.m[key] = a
-	b, err := json.MarshalIndent(p.m, "", "  ")
-	if err != nil {
-		return netip.Addr{}, err
-	}
-	if err := identity.WriteFileAtomic(p.path, b, 0o600); err != nil {
+	if err := writeJSON(p.path, p.m); err != nil {
 		delete(p.m, key)
 		return netip.Addr{}, err
 	}
