@@ -131,17 +131,14 @@ func (g *Gateway) watchRevocations(ctx context.Context) {
 // them (on the direct path they do not pass the gateway).
 func (g *Gateway) enforceRevocations() {
 	g.mu.Lock()
-	var hit []*node
-	seen := map[*node]bool{}
+	hit := map[*node]Revocation{} // a node may hold several addresses
 	for _, n := range g.live {
-		if _, ok := g.revokedBy(n.claims); ok && !seen[n] && n.qc.Context().Err() == nil {
-			seen[n] = true
-			hit = append(hit, n)
+		if r, ok := g.revokedBy(n.claims); ok && n.qc.Context().Err() == nil {
+			hit[n] = r
 		}
 	}
 	g.mu.Unlock()
-	for _, n := range hit {
-		r, _ := g.revokedBy(n.claims)
+	for n, r := range hit {
 		g.log.Info("token revoked; disconnecting the node", "role", n.role, "name", n.name)
 		if n.role == token.RoleClient {
 			n.rmu.Lock()

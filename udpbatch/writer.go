@@ -79,7 +79,7 @@ func (w *Writer) Write(to netip.AddrPort, b []byte) bool { return w.Write2(to, n
 // Write2 queues one datagram made of head followed by body (a frame header
 // and the packet it carries), copying both.
 func (w *Writer) Write2(to netip.AddrPort, head, body []byte) bool {
-	return w.write(to, head, body, 0)
+	return w.write(to, head, body, 0, false)
 }
 
 // MaxWait bounds how long Write2Wait waits for room.
@@ -92,24 +92,24 @@ const MaxWait = 50 * time.Millisecond
 // makes faster than the socket takes them slows it down rather than
 // turning into loss.
 func (w *Writer) Write2Wait(to netip.AddrPort, head, body []byte) bool {
-	return w.write(to, head, body, MaxWait)
+	return w.write(to, head, body, MaxWait, false)
 }
 
 // WriteWait is Write2Wait of one datagram.
-func (w *Writer) WriteWait(to netip.AddrPort, b []byte) bool { return w.write(to, nil, b, MaxWait) }
+func (w *Writer) WriteWait(to netip.AddrPort, b []byte) bool {
+	return w.write(to, nil, b, MaxWait, false)
+}
 
 // Write2Control queues a small control datagram (a probe, a relay check):
 // it never waits, and it may use ControlReserve places beyond a full
 // queue, so that it goes out in the middle of a bulk transfer.
 func (w *Writer) Write2Control(to netip.AddrPort, head, body []byte) bool {
-	return w.writeOpt(to, head, body, 0, true)
+	return w.write(to, head, body, 0, true)
 }
 
-func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration) bool {
-	return w.writeOpt(to, head, body, wait, false)
-}
-
-func (w *Writer) writeOpt(to netip.AddrPort, head, body []byte, wait time.Duration, control bool) bool {
+// write queues head+body to to, waiting at most wait for room; a control
+// datagram may use the reserve.
+func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration, control bool) bool {
 	size := len(head) + len(body)
 	if size == 0 || size > MaxTrain {
 		w.drops.Add(1)
