@@ -421,16 +421,10 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 	if !c.connectAllowed(time.Now()) {
 		return errorReply(wire.CodeUnavailable, "too many connect requests; slow down")
 	}
-	id := req.Resume
-	if id == 0 || g.hub.Bind(id, c.peer, a.peer) != nil {
-		for {
-			var b [8]byte
-			rand.Read(b[:])
-			id = binary.BigEndian.Uint64(b[:])
-			if id != 0 && g.hub.Bind(id, c.peer, a.peer) == nil {
-				break
-			}
-		}
+	id, err := g.bindSession(req.Resume, c.peer, a.peer)
+	if err != nil {
+		log.Info("no relay route", "err", err)
+		return errorReply(wire.CodeUnavailable, "cannot set up a relay route: %v", err)
 	}
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -472,6 +466,37 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 		ID: id, PeerName: a.name, PeerKey: a.key.String(), PeerAddr: a.overlay, Advertise: a.adv,
 		Mode: req.Mode, Punch: r.Accept.Punch, Resumed: r.Accept.Resumed && id == req.Resume,
 	}}
+}
+
+// bindAttempts bounds the fresh session IDs bindSession draws. A random
+// 64-bit ID collides with a live one about never; the bound is there so
+// that no other error can turn the loop into a spin.
+const bindAttempts = 8
+
+// bindSession routes a session between client and agent: under the ID
+// the client wants to resume if that is still theirs, else under a fresh
+// random one. It fails when either end's connection is gone (the client
+// pressed Ctrl-C mid-connect), which retrying cannot mend.
+func (g *Gateway) bindSession(resume uint64, c, a *relay.Peer) (uint64, error) {
+	if resume != 0 {
+		err := g.hub.Bind(resume, c, a)
+		if err == nil || !errors.Is(err, relay.ErrInUse) {
+			return resume, err
+		}
+	}
+	for range bindAttempts {
+		var b [8]byte
+		rand.Read(b[:])
+		id := binary.BigEndian.Uint64(b[:])
+		if id == 0 {
+			continue
+		}
+		err := g.hub.Bind(id, c, a)
+		if err == nil || !errors.Is(err, relay.ErrInUse) {
+			return id, err
+		}
+	}
+	return 0, errors.New("no free session ID")
 }
 
 // maxClientAddrs bounds the overlay addresses one client name may hold:

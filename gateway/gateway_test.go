@@ -9,8 +9,10 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -998,4 +1000,92 @@ func TestRevocation(t *testing.T) {
 	// An agent of another name is untouched.
 	agent2 := startNode(t, tg2, nodeOpts{token: tg2.token(t, token.Claims{Role: token.RoleAgent, Name: "caliban"}), advertise: lan})
 	agent2.ready(t)
+}
+
+// TestConnectAfterClientLeft: a connect whose client is gone by the time
+// the gateway binds its relay route (Ctrl-C at the wrong moment) ends with
+// an error. It used to retry the bind for ever, at 100 % CPU.
+func TestConnectAfterClientLeft(t *testing.T) {
+	tg := startGateway(t, t.TempDir())
+	agent := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), advertise: lan})
+	agent.ready(t)
+	// The gateway's record of a client whose connection has just closed.
+	c := &node{name: "alice", role: token.RoleClient, claims: &token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"miranda"}},
+		routes: make(map[string]uint64), peer: tg.g.hub.NewPeer("client/alice", netip.AddrPort{}, [relay.CheckTokenLen]byte{}, nil)}
+	c.peer.Close() // what the client's leaving does first
+
+	for _, resume := range []uint64{0, 12345} {
+		done := make(chan *wire.Message, 1)
+		go func() { done <- tg.g.connect(context.Background(), c, &wire.Connect{Agent: "miranda", Resume: resume}) }()
+		select {
+		case r := <-done:
+			if r.Type != wire.TypeError || r.Error.Code != wire.CodeUnavailable {
+				t.Fatalf("resume %d: connect for a gone client = %+v, want an %s error", resume, r, wire.CodeUnavailable)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("resume %d: connect for a gone client never returned (spinning on the relay bind)", resume)
+		}
+	}
+	if n := tg.g.RelayStats().Routes; n != 0 {
+		t.Errorf("%d relay routes left for a gone client", n)
+	}
+}
+
+// TestClientsLeavingMidConnect: a hundred clients that disconnect while
+// their connect is under way leave the gateway as it was: no relay
+// routes, no goroutines, no CPU.
+func TestClientsLeavingMidConnect(t *testing.T) {
+	tg := startGateway(t, t.TempDir())
+	agent := startNode(t, tg, nodeOpts{
+		token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), advertise: lan,
+		onRequest: func(ctx context.Context, m *wire.Message) *wire.Message {
+			time.Sleep(20 * time.Millisecond) // the window in which clients leave
+			return &wire.Message{Type: wire.TypeAccept, Accept: &wire.Accept{}}
+		},
+	})
+	agent.ready(t)
+	tok := tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"miranda"}, Uses: 1000})
+	settle := func() int {
+		time.Sleep(200 * time.Millisecond)
+		return runtime.NumGoroutine()
+	}
+	base := settle()
+
+	const clients = 100
+	for i := range clients {
+		client := startNode(t, tg, nodeOpts{token: tok})
+		client.ready(t)
+		ctx, cancel := context.WithCancel(context.Background())
+		go client.c.Request(ctx, connectMsg("miranda"))
+		// Leave at a different moment of the connect each time.
+		time.Sleep(time.Duration(i%25) * time.Millisecond)
+		cancel()
+		client.stop(t)
+	}
+
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		routes, g := tg.g.RelayStats().Routes, settle()
+		if routes == 0 && g <= base+10 {
+			t.Logf("after %d clients left mid-connect: %d goroutines (%d before), 0 routes", clients, g, base)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %d clients left mid-connect: %d relay routes, %d goroutines (%d before)", clients, routes, g, base)
+		}
+	}
+	// Idle: a spinning connect would burn a whole core.
+	before := cpuTime(t)
+	time.Sleep(time.Second)
+	if used := cpuTime(t) - before; used > 300*time.Millisecond {
+		t.Errorf("the gateway used %v of CPU in an idle second after the clients left", used)
+	}
+}
+
+func cpuTime(t *testing.T) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		t.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

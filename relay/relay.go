@@ -144,7 +144,8 @@ type Peer struct {
 	udpAt  atomic.Int64 // unix nanoseconds of its last relay check
 }
 
-var errPeerClosed = errors.New("relay: peer closed")
+// ErrPeerClosed is returned by Bind when one end's connection is gone.
+var ErrPeerClosed = errors.New("relay: peer closed")
 
 // CheckTokenLen is the length of the secret a node's relay checks carry
 // (after the frame header): the gateway gives it to the node over the
@@ -315,7 +316,7 @@ func (h *Hub) Bind(id uint64, a, b *Peer) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if a.closed || b.closed {
-		return errPeerClosed // its connection is gone; a route would dangle
+		return ErrPeerClosed // its connection is gone; a route would dangle
 	}
 	if v, ok := h.routes.Load(id); ok {
 		if r := v.(*route); !(r.a == a && r.b == b) {
