@@ -27,14 +27,17 @@ import (
 	"github.com/nlvpn/nlvpn/policy"
 	"github.com/nlvpn/nlvpn/punch"
 	"github.com/nlvpn/nlvpn/session"
+	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/underlay"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
 // Config configures an agent.
 type Config struct {
-	Gateway   string
-	Pin       string
+	Gateway string
+	Pin     string
+	// Token is the agent's credential (token.Token.Enroll with Key): its
+	// name and the authority whose clients it admits come from it.
 	Token     string
 	Key       *identity.Key
 	Advertise []netip.Prefix
@@ -58,13 +61,17 @@ type Config struct {
 type Agent struct {
 	cfg Config
 	log *slog.Logger
-	u   *underlay.Underlay // the node's port: gateway connection, session conn, frame mux
-	eg  *netstack.Egress
-	dns *netstack.DNSServer
-	ctx context.Context // the agent's lifetime
+	// authority signs the credentials of the clients this agent admits:
+	// the one that signed its own. name is the agent's, from it.
+	authority identity.PublicKey
+	name      string
+	u         *underlay.Underlay // the node's port: gateway connection, session conn, frame mux
+	eg        *netstack.Egress
+	dns       *netstack.DNSServer
+	ctx       context.Context // the agent's lifetime
 
 	mu       sync.Mutex
-	offers   map[uint64]*wire.Session    // by session ID, as the gateway vouched
+	offers   map[uint64]*offer           // by session ID, credential verified
 	byClient map[netip.Addr]*clientState // by client overlay address
 	punches  map[uint64]*underlay.Direct // by session ID
 	// clients is byClient as the hot path reads it (no lock per packet).
@@ -81,8 +88,14 @@ type Agent struct {
 	lastDenyLog                atomic.Int64
 }
 
+// offer is a session offer whose client credential the agent verified.
+type offer struct {
+	*wire.Session
+	client *token.Claims // from the client's credential, not the gateway's word
+}
+
 type clientState struct {
-	offer *wire.Session
+	offer *offer
 	sess  *session.Session
 }
 
@@ -94,7 +107,14 @@ func Run(ctx context.Context, cfg Config) error {
 	if len(cfg.Advertise) == 0 {
 		return errors.New("nothing to advertise: give at least one --advertise CIDR")
 	}
-	a := &Agent{cfg: cfg, log: cfg.Log, offers: make(map[uint64]*wire.Session), byClient: make(map[netip.Addr]*clientState),
+	own, err := token.ParseCredential(cfg.Token)
+	if err != nil {
+		return fmt.Errorf("the agent's credential: %w", err)
+	}
+	if own.Claims.Role != token.RoleAgent || !own.Node.Equal(cfg.Key.Public()) {
+		return fmt.Errorf("the credential is not for this agent's key (a %s credential for %q)", own.Claims.Role, own.Claims.Name)
+	}
+	a := &Agent{cfg: cfg, log: cfg.Log, authority: own.Claims.Authority, name: own.Claims.Name, offers: make(map[uint64]*offer), byClient: make(map[netip.Addr]*clientState),
 		punches: make(map[uint64]*underlay.Direct), live: make(map[uint64]bool)}
 
 	u, err := underlay.Open(control.Config{
@@ -263,7 +283,7 @@ func (a *Agent) allow(src netip.Addr, dst netip.AddrPort, proto string) bool {
 // match it.
 func (a *Agent) subject(src netip.Addr) policy.Subject {
 	if cs := a.clients.Load(src); cs != nil {
-		return policy.Subject{Name: cs.offer.PeerName, Groups: cs.offer.PeerGroups}
+		return policy.Subject{Name: cs.offer.client.Name, Groups: cs.offer.client.Groups}
 	}
 	return policy.Subject{}
 }
@@ -351,6 +371,9 @@ var metadataV6 = netip.MustParseAddr("fd00:ec2::254")
 // deniedCounters count the policy's refusals by reason.
 type deniedCounters struct {
 	notAdvertised, loopback, hostAddr, linkLocal, policy atomic.Uint64
+	// credential counts session offers refused (a client credential that
+	// does not hold, an overlay address of another client), not packets.
+	credential atomic.Uint64
 }
 
 func (d *deniedCounters) snapshot() map[string]uint64 {
@@ -360,6 +383,7 @@ func (d *deniedCounters) snapshot() map[string]uint64 {
 		"host_address":   d.hostAddr.Load(),
 		"link_local":     d.linkLocal.Load(),
 		"policy":         d.policy.Load(),
+		"offer_refused":  d.credential.Load(),
 	}
 }
 
@@ -401,6 +425,20 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 	if err != nil || !s.PeerAddr.IsValid() || s.ID == 0 {
 		return badRequest("malformed session offer")
 	}
+	// The gateway introduces clients but does not vouch for them: the
+	// client's credential must be signed by this agent's authority, bound
+	// to the key the client will prove in the end-to-end handshake, and
+	// allow this agent. A gateway offering a key of its own has none.
+	client, err := token.Verify(s.PeerCredential, a.authority, peerKey, time.Now())
+	if err == nil && (client.Role != token.RoleClient || !client.MayUse(a.name)) {
+		err = fmt.Errorf("the credential of %s %q does not allow agent %q", client.Role, client.Name, a.name)
+	}
+	if err != nil {
+		a.denied.credential.Add(1)
+		a.log.Warn("session offer refused: the client's credential does not hold", "offered_as", s.PeerName, "key", s.PeerKey, "err", err)
+		return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeForbidden, Message: "client credential refused: " + err.Error()}}
+	}
+	s.PeerName = client.Name
 	acc := &wire.Accept{ID: s.ID}
 	var probeKey []byte
 	if s.Mode != wire.ModeRelay {
@@ -424,6 +462,14 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 		a.mu.Unlock()
 		return badRequest("session ID in use")
 	}
+	if cs := a.byClient[s.PeerAddr]; cs != nil && cs.offer.PeerKey != s.PeerKey && cs.sess.Alive() {
+		// Another client's live session has this overlay address: giving
+		// it to a new key would hand over that client's traffic.
+		a.mu.Unlock()
+		a.denied.credential.Add(1)
+		a.log.Warn("session offer refused: its overlay address belongs to another client's live session", "client", s.PeerName, "client_overlay", s.PeerAddr, "holder", cs.offer.client.Name)
+		return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeUnavailable, Message: "overlay address in use by another client"}}
+	}
 	acc.Resumed = a.live[s.ID]
 	// One pending (not yet connected) offer per client key: a client
 	// cannot pile up offers, each with probes aimed where it says.
@@ -434,7 +480,7 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 			stale = append(stale, id)
 		}
 	}
-	a.offers[s.ID] = s
+	a.offers[s.ID] = &offer{Session: s, client: client}
 	a.mu.Unlock()
 	for _, id := range stale {
 		a.stopPunch(id, true)
@@ -557,8 +603,8 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	log.Info("client connected")
 	// The client's token expiring ends its session here, not only its
 	// gateway connection: a direct path does not pass the gateway.
-	if offer.PeerExpires != 0 {
-		exp := time.Unix(offer.PeerExpires, 0)
+	{
+		exp := time.Unix(offer.client.Expires, 0)
 		t := time.AfterFunc(time.Until(exp), func() {
 			log.Info("the client's token expired; ending its session", "expired", exp.UTC().Format(time.RFC3339))
 			s.Conn.CloseWithError(0, "token expired")

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/nlvpn/nlvpn/policy"
+	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
@@ -68,8 +69,8 @@ allow *            192.168.77.0/24 * icmp
 	m := map[netip.Addr]bool{netip.MustParseAddr("192.168.77.2"): true}
 	a.host.set.Store(&m)
 	alice, olga, stranger := netip.MustParseAddr("100.64.0.5"), netip.MustParseAddr("100.64.0.6"), netip.MustParseAddr("100.64.0.7")
-	a.clients.Store(alice, &clientState{offer: &wire.Session{PeerName: "alice"}})
-	a.clients.Store(olga, &clientState{offer: &wire.Session{PeerName: "olga", PeerGroups: []string{"staff", "ops"}}})
+	a.clients.Store(alice, &clientState{offer: &offer{Session: &wire.Session{PeerName: "alice"}, client: &token.Claims{Name: "alice"}}})
+	a.clients.Store(olga, &clientState{offer: &offer{Session: &wire.Session{PeerName: "olga"}, client: &token.Claims{Name: "olga", Groups: []string{"staff", "ops"}}}})
 	for _, tc := range []struct {
 		src   netip.Addr
 		dst   string

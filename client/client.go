@@ -21,6 +21,7 @@ import (
 	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/punch"
 	"github.com/nlvpn/nlvpn/session"
+	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/tun"
 	"github.com/nlvpn/nlvpn/underlay"
 	"github.com/nlvpn/nlvpn/wire"
@@ -60,12 +61,15 @@ type Config struct {
 
 // Client is a running client.
 type Client struct {
-	cfg  Config
-	log  *slog.Logger
-	u    *underlay.Underlay // the node's port: gateway connection, session conn, frame mux
-	cur  atomic.Pointer[session.Session]
-	info *wire.PeerInfo
-	tunw *tun.BatchWriter
+	cfg Config
+	log *slog.Logger
+	// authority signed this client's credential; the agent's must be
+	// signed by it too.
+	authority identity.PublicKey
+	u         *underlay.Underlay // the node's port: gateway connection, session conn, frame mux
+	cur       atomic.Pointer[session.Session]
+	info      *wire.PeerInfo
+	tunw      *tun.BatchWriter
 	// deliver takes each packet from the agent, and ownership of it: into
 	// the TUN, or into the netstack.
 	deliver func(pkt []byte)
@@ -105,7 +109,14 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.ConnectTimeout == 0 {
 		cfg.ConnectTimeout = 20 * time.Second
 	}
-	c := &Client{cfg: cfg, log: cfg.Log.With("agent", cfg.Agent)}
+	own, err := token.ParseCredential(cfg.Token)
+	if err != nil {
+		return fmt.Errorf("the client's credential: %w", err)
+	}
+	if own.Claims.Role != token.RoleClient || !own.Node.Equal(cfg.Key.Public()) {
+		return fmt.Errorf("the credential is not for this client's key (a %s credential for %q)", own.Claims.Role, own.Claims.Name)
+	}
+	c := &Client{cfg: cfg, log: cfg.Log.With("agent", cfg.Agent), authority: own.Claims.Authority}
 
 	// The TUN device first: without the right to create it there is no
 	// point in going further, and the user should hear so at once.
@@ -384,6 +395,16 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 	key, err := identity.ParsePublicKey(off.PeerKey)
 	if err != nil {
 		return nil, nil, fmt.Errorf("gateway sent a bad agent key: %w", err)
+	}
+	// The gateway names the agent's key, but the authority vouches for
+	// it: a gateway putting its own key in the middle has no credential
+	// for it, not even on this client's first connection.
+	ac, err := token.Verify(off.PeerCredential, c.authority, key, time.Now())
+	if err == nil && (ac.Role != token.RoleAgent || ac.Name != c.cfg.Agent) {
+		err = fmt.Errorf("it is a credential for %s %q", ac.Role, ac.Name)
+	}
+	if err != nil {
+		return nil, nil, &control.FatalError{Code: wire.CodeForbidden, Message: fmt.Sprintf("the gateway's key for agent %q has no valid credential from the authority (%v): refusing to connect; the gateway may be compromised", c.cfg.Agent, err)}
 	}
 	if err := checkKnownAgent(c.cfg.KnownAgents, c.cfg.Pin, c.cfg.Agent, key); err != nil {
 		return nil, nil, err

@@ -1,11 +1,16 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nlvpn/nlvpn/config"
+	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/token"
 )
 
 // TestAgentRestart stops the agent while a client is up and starts it
@@ -42,22 +47,36 @@ func TestAgentRestart(t *testing.T) {
 	}
 }
 
-// checkSavedToken asserts that the config file at path is 0600 and keeps
-// tok under key.
+// checkSavedToken asserts that the config file at path is 0600 and keeps,
+// under key, the credential the token tok became on this machine (bound to
+// the node key in the same directory), and not the token itself: its
+// enrollment secret is not kept once used.
 func checkSavedToken(t *testing.T, path, key, tok string) {
 	t.Helper()
 	st, err := os.Stat(path)
 	if err != nil {
-		t.Fatalf("the token was not saved: %v", err)
+		t.Fatalf("the credential was not saved: %v", err)
 	}
 	if st.Mode().Perm() != 0o600 {
 		t.Errorf("%s has mode %#o, want 0600", path, st.Mode().Perm())
 	}
-	b, err := os.ReadFile(path)
+	file, err := config.Load(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(b), key+" = "+tok) {
-		t.Fatalf("%s does not keep the token under %q:\n%s", path, key, b)
+	if strings.Contains(fmt.Sprint(file), strings.TrimSpace(tok)) {
+		t.Errorf("%s keeps the token with its enrollment secret", path)
+	}
+	cr, err := token.ParseCredential(file[key])
+	if err != nil {
+		t.Fatalf("%s keeps no credential under %q: %v", path, key, err)
+	}
+	want, _ := token.Parse(tok)
+	nodeKey, err := identity.LoadOrCreate(filepath.Join(filepath.Dir(path), "node.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cr.Claims.ID != want.ID || !cr.Node.Equal(nodeKey.Public()) {
+		t.Fatalf("saved credential is for token %s and key %s; want token %s, key %s", cr.Claims.ID, cr.Node, want.ID, nodeKey.Public())
 	}
 }

@@ -36,6 +36,10 @@ type Config struct {
 	Listen string
 	// PublicAddr is how nodes reach the gateway (host:port), put in tokens.
 	PublicAddr string
+	// Authority is the public key that nodes' credentials must be signed
+	// by. The gateway needs only this half: the authority's private key
+	// may live on an admin machine.
+	Authority identity.PublicKey
 	// Cert, if set, replaces the self-signed certificate.
 	Cert *tls.Certificate
 	Log  *slog.Logger
@@ -69,6 +73,7 @@ type node struct {
 	overlay netip.Addr
 	adv     []netip.Prefix
 	claims  *token.Claims
+	cred    string // the node's credential, for its peers to verify
 	qc      *quic.Conn
 	peer    *relay.Peer
 
@@ -123,6 +128,9 @@ func (n *node) request(ctx context.Context, m *wire.Message) (*wire.Message, err
 func New(cfg Config) (*Gateway, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
+	}
+	if len(cfg.Authority) == 0 {
+		return nil, errors.New("no authority key: the gateway admits nodes by credentials that an authority signed")
 	}
 	g := &Gateway{cfg: cfg, log: cfg.Log, hub: relay.NewHub(cfg.Log), agents: make(map[string]*node), live: make(map[netip.Addr]*node)}
 	var err error
@@ -259,7 +267,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		g.refuse(qc, st, wire.CodeBadRequest, "first message must be hello, got "+m.Type)
 		return
 	}
-	claims, err := token.Verify(m.Hello.Token, g.cfg.State.Key.Public(), time.Now())
+	claims, err := token.Verify(m.Hello.Token, g.cfg.Authority, key, time.Now())
 	if err != nil {
 		code := wire.CodeBadToken
 		if errors.Is(err, token.ErrExpired) {
@@ -286,10 +294,24 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		g.refuse(qc, st, wire.CodeUnavailable, "the gateway cannot record this token's use now")
 		return
 	}
-	n := &node{name: claims.Name, role: claims.Role, key: key, claims: claims, qc: qc, ch: wire.NewChannel(st),
+	n := &node{name: claims.Name, role: claims.Role, key: key, claims: claims, cred: m.Hello.Token, qc: qc, ch: wire.NewChannel(st),
 		inflight: make(chan struct{}, maxInflightConnects), routes: make(map[string]uint64)}
 	defer n.ch.Close() // fails requests still waiting on this node
 	log = log.With("role", n.role, "name", n.name)
+	// The relay peer exists before the node is findable (g.agents, g.live):
+	// a connect may use it from then on.
+	var observed netip.AddrPort
+	if ua, ok := qc.RemoteAddr().(*net.UDPAddr); ok {
+		observed = ua.AddrPort()
+		observed = netip.AddrPortFrom(observed.Addr().Unmap(), observed.Port())
+	}
+	var relayToken [relay.CheckTokenLen]byte
+	rand.Read(relayToken[:])
+	n.peer = g.hub.NewPeer(n.role+"/"+n.name, observed, relayToken, qc)
+	n.peer.OnGone = func(id uint64) {
+		go n.write(&wire.Message{Type: wire.TypeGone, Gone: &wire.Gone{ID: id}})
+	}
+	defer n.peer.Close()
 	if n.role == token.RoleAgent {
 		for _, p := range m.Hello.Advertise {
 			if !p.IsValid() || p.Bits() < 0 {
@@ -329,18 +351,6 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 			g.mu.Unlock()
 		}()
 	}
-	var observed netip.AddrPort
-	if ua, ok := qc.RemoteAddr().(*net.UDPAddr); ok {
-		observed = ua.AddrPort()
-		observed = netip.AddrPortFrom(observed.Addr().Unmap(), observed.Port())
-	}
-	var relayToken [relay.CheckTokenLen]byte
-	rand.Read(relayToken[:])
-	n.peer = g.hub.NewPeer(n.role+"/"+n.name, observed, relayToken, qc)
-	n.peer.OnGone = func(id uint64) {
-		go n.write(&wire.Message{Type: wire.TypeGone, Gone: &wire.Gone{ID: id}})
-	}
-	defer n.peer.Close()
 
 	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed, RelayToken: relayToken[:]}}); err != nil {
 		return
@@ -430,10 +440,14 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 	defer cancel()
 	// The gateway passes the nodes' candidates and signed probe keys along
 	// unchanged; it cannot make a probe key of its own.
-	r, err := a.request(rctx, &wire.Message{Type: wire.TypeSession, Session: &wire.Session{
-		ID: id, PeerName: c.name, PeerGroups: c.claims.Groups, PeerExpires: c.claims.Expires, PeerKey: c.key.String(), PeerAddr: c.overlay,
+	offer := &wire.Session{
+		ID: id, PeerName: c.name, PeerCredential: c.cred, PeerKey: c.key.String(), PeerAddr: c.overlay,
 		Mode: req.Mode, Punch: req.Punch,
-	}})
+	}
+	if misbehave != nil {
+		misbehave(g, token.RoleAgent, offer)
+	}
+	r, err := a.request(rctx, &wire.Message{Type: wire.TypeSession, Session: offer})
 	if err != nil {
 		g.hub.Unbind(id)
 		log.Info("agent did not accept the session", "err", err)
@@ -462,11 +476,21 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 		g.hub.Unbind(id)
 		return errorReply(wire.CodeUnavailable, "agent %q answered %s instead of accepting", a.name, r.Type)
 	}
-	return &wire.Message{Type: wire.TypeSession, Session: &wire.Session{
-		ID: id, PeerName: a.name, PeerKey: a.key.String(), PeerAddr: a.overlay, Advertise: a.adv,
+	reply := &wire.Session{
+		ID: id, PeerName: a.name, PeerCredential: a.cred, PeerKey: a.key.String(), PeerAddr: a.overlay, Advertise: a.adv,
 		Mode: req.Mode, Punch: r.Accept.Punch, Resumed: r.Accept.Resumed && id == req.Resume,
-	}}
+	}
+	if misbehave != nil {
+		misbehave(g, token.RoleClient, reply)
+	}
+	return &wire.Message{Type: wire.TypeSession, Session: reply}
 }
+
+// misbehave is nil in every real build. A test build (-tags
+// nlvpn_misbehave, misbehave.go) sets it to play a compromised gateway
+// that alters the session introductions it sends to a role, so that the
+// e2e tests can show agents and clients refuse what it makes up.
+var misbehave func(g *Gateway, to string, s *wire.Session)
 
 // bindAttempts bounds the fresh session IDs bindSession draws. A random
 // 64-bit ID collides with a live one about never; the bound is there so

@@ -32,11 +32,12 @@ var overlayNet = netip.MustParsePrefix("100.64.0.0/10")
 
 // testGateway is a gateway running on loopback.
 type testGateway struct {
-	g      *Gateway
-	state  *State
-	cancel context.CancelFunc
-	done   chan error
-	once   sync.Once
+	g         *Gateway
+	state     *State
+	authority *identity.Key
+	cancel    context.CancelFunc
+	done      chan error
+	once      sync.Once
 }
 
 func startGateway(t *testing.T, dir string) *testGateway {
@@ -45,12 +46,16 @@ func startGateway(t *testing.T, dir string) *testGateway {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g, err := New(Config{State: st, Listen: "127.0.0.1:0", Log: quietLog()})
+	auth, err := LoadAuthority(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := New(Config{State: st, Authority: auth.Public(), Listen: "127.0.0.1:0", Log: quietLog()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	tg := &testGateway{g: g, state: st, cancel: cancel, done: make(chan error, 1)}
+	tg := &testGateway{g: g, state: st, authority: auth, cancel: cancel, done: make(chan error, 1)}
 	go func() { tg.done <- g.Run(ctx) }()
 	deadline := time.Now().Add(3 * time.Second)
 	for g.Addr() == nil {
@@ -94,7 +99,7 @@ func (tg *testGateway) token(t *testing.T, c token.Claims) string {
 	}
 	c.Gateway = tg.g.Addr().String()
 	c.Pin = tg.g.Pin()
-	tok, err := token.Issue(tg.state.Key, c)
+	tok, err := token.Issue(tg.authority, c)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,6 +156,10 @@ func startNode(t *testing.T, tg *testGateway, o nodeOpts) *testNode {
 	if err != nil {
 		t.Fatal(err)
 	}
+	cred := o.token
+	if tok, err := token.ParseToken(o.token); err == nil {
+		cred = tok.Enroll(key.Public()) // what the CLI does with a token
+	}
 	n := &testNode{key: key, relay: make(chan relayed, 1024), offers: make(chan *wire.Session, 16), revoked: make(chan []uint64, 16), runErr: make(chan error, 1), tr: &quic.Transport{Conn: uc}}
 	pin := o.pin
 	if pin == "" {
@@ -161,7 +170,7 @@ func startNode(t *testing.T, tg *testGateway, o nodeOpts) *testNode {
 		onRequest = n.acceptOffers
 	}
 	n.c = control.New(control.Config{
-		Gateway: tg.g.Addr().String(), Pin: pin, Token: o.token, Key: key, Advertise: o.advertise,
+		Gateway: tg.g.Addr().String(), Pin: pin, Token: cred, Key: key, Advertise: o.advertise,
 		Transport: n.tr, Log: quietLog(),
 		OnRelay: func(id uint64, pkt []byte) {
 			select {
@@ -289,9 +298,18 @@ func TestRegisterAndConnect(t *testing.T) {
 	// The agent was offered the same session with the client's identity.
 	select {
 	case off := <-agent.offers:
-		if off.ID != s.ID || off.PeerName != "alice" || off.PeerKey != client.key.Public().String() || off.PeerAddr != cw.Overlay ||
-			len(off.PeerGroups) != 1 || off.PeerGroups[0] != "ops" {
+		if off.ID != s.ID || off.PeerName != "alice" || off.PeerKey != client.key.Public().String() || off.PeerAddr != cw.Overlay {
 			t.Fatalf("agent offer = %+v; want session %x from alice %s at %v", off, s.ID, client.key.Public(), cw.Overlay)
+		}
+		// The agent gets the client's credential to check for itself,
+		// groups and all; the client gets the agent's.
+		cc, err := token.Verify(off.PeerCredential, tg.authority.Public(), client.key.Public(), time.Now())
+		if err != nil || cc.Name != "alice" || len(cc.Groups) != 1 || cc.Groups[0] != "ops" {
+			t.Fatalf("client credential in the offer: %+v, %v", cc, err)
+		}
+		ac, err := token.Verify(s.PeerCredential, tg.authority.Public(), agent.key.Public(), time.Now())
+		if err != nil || ac.Name != "miranda" || ac.Role != token.RoleAgent {
+			t.Fatalf("agent credential in the session: %+v, %v", ac, err)
 		}
 	default:
 		t.Fatal("the agent was never offered the session")
@@ -448,6 +466,13 @@ func TestRegistrationRefused(t *testing.T) {
 	}
 	otherCert, _ := identity.SelfSigned(otherKey.Signer(), "nlvpn-gateway")
 	valid := tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"*"}})
+	// A credential is not a secret: the gateway sees it, so does anyone who
+	// reads a node's config. Presented with another key, it is refused.
+	owner, _ := identity.Generate()
+	tok, _ := token.ParseToken(tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"*"}}))
+	owned := tok.Enroll(owner.Public())
+	altered := []byte(owned)
+	altered[len("nlc2.")+5] ^= 1
 
 	tests := []struct {
 		name string
@@ -456,8 +481,10 @@ func TestRegistrationRefused(t *testing.T) {
 		msg  string
 	}{
 		{"expired token", nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Expires: time.Now().Add(-time.Minute).Unix()})}, wire.CodeExpired, "expired"},
-		{"token of another gateway", nodeOpts{token: forged}, wire.CodeBadToken, "signature is not valid"},
-		{"altered token", nodeOpts{token: valid[:len(valid)-3] + "AAA"}, wire.CodeBadToken, "signature is not valid"},
+		{"token of another authority", nodeOpts{token: forged}, wire.CodeBadToken, "not signed by this authority"},
+		{"credential of another machine", nodeOpts{token: owned}, wire.CodeBadToken, "not bound to this node's key"},
+		{"altered credential", nodeOpts{token: string(altered), key: owner}, wire.CodeBadToken, "malformed"},
+		{"token sent as it is", nodeOpts{token: "x" + valid}, wire.CodeBadToken, "malformed"},
 		{"garbage", nodeOpts{token: "hello, gateway"}, wire.CodeBadToken, "malformed"},
 		{"empty", nodeOpts{token: ""}, wire.CodeBadToken, "malformed"},
 		{"wrong pin", nodeOpts{token: valid, pin: identity.Fingerprint(otherCert.Leaf)}, wire.CodeBadRequest, "pin mismatch"},
@@ -888,8 +915,8 @@ func TestTokenExpiresOnLiveConnection(t *testing.T) {
 	}
 	select {
 	case off := <-agent.offers:
-		if off.PeerExpires != exp.Unix() {
-			t.Errorf("offer says the client's token expires at %d, want %d", off.PeerExpires, exp.Unix())
+		if cr, err := token.ParseCredential(off.PeerCredential); err != nil || cr.Claims.Expires != exp.Unix() {
+			t.Errorf("the offer's client credential: %+v, %v; want one that expires at %d", cr, err, exp.Unix())
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the agent was never offered the session")

@@ -82,7 +82,7 @@ func AddRevocation(dir string, r Revocation) error {
 		return err
 	}
 	if len(rs) >= maxRevocations {
-		return fmt.Errorf("%d revocations already; issue a new gateway key instead", maxRevocations)
+		return fmt.Errorf("%d revocations already; issue a new authority key instead", maxRevocations)
 	}
 	return writeJSON(revokedPath(dir), append(rs, r))
 }

@@ -14,8 +14,32 @@ import (
 	"github.com/nlvpn/nlvpn/wire"
 )
 
-// State is what a gateway keeps in its state directory: its key (which
-// signs tokens and, by default, its TLS certificate), its public identity
+// AuthorityFile is the authority key's file name: in the gateway's state
+// directory for a quick start, or in a directory on an admin machine.
+const AuthorityFile = "authority.key"
+
+// LoadAuthority loads the authority key in dir, or makes one (0600) when
+// there is none yet.
+func LoadAuthority(dir string) (*identity.Key, error) {
+	return identity.LoadOrCreate(filepath.Join(dir, AuthorityFile))
+}
+
+// ReadInfoFile reads the gateway.json in dir that a gateway wrote at its
+// start; ok is false when there is none (the gateway never ran there, or
+// dir is an admin machine's authority directory).
+func ReadInfoFile(dir string) (i Info, ok bool, err error) {
+	path := filepath.Join(dir, "gateway.json")
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return Info{}, false, nil
+	}
+	if err := readJSON(path, &i); err != nil {
+		return Info{}, false, err
+	}
+	return i, true, nil
+}
+
+// State is what a gateway keeps in its state directory: its key (for its
+// TLS certificate, by default), its public identity
 // (pin and address, for `nlvpn token`), and the overlay addresses it gave
 // out, so a node keeps its address across restarts.
 type State struct {
@@ -83,22 +107,15 @@ func readJSON(path string, v any) error {
 // ReadInfo reads what WriteInfo wrote. Without it (the gateway never ran),
 // the pin of the default self-signed certificate is returned.
 func (s *State) ReadInfo() (Info, error) {
-	b, err := os.ReadFile(filepath.Join(s.Dir, "gateway.json"))
-	if errors.Is(err, os.ErrNotExist) {
-		cert, err := s.SelfSignedCert()
-		if err != nil {
-			return Info{}, err
-		}
-		return Info{Pin: identity.Fingerprint(cert.Leaf)}, nil
+	i, ok, err := ReadInfoFile(s.Dir)
+	if err != nil || ok {
+		return i, err
 	}
+	cert, err := s.SelfSignedCert()
 	if err != nil {
 		return Info{}, err
 	}
-	var i Info
-	if err := json.Unmarshal(b, &i); err != nil {
-		return Info{}, fmt.Errorf("%s: %w", filepath.Join(s.Dir, "gateway.json"), err)
-	}
-	return i, nil
+	return Info{Pin: identity.Fingerprint(cert.Leaf)}, nil
 }
 
 // overlayPool hands out overlay addresses from 100.64.0.0/10 and remembers

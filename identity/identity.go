@@ -278,3 +278,15 @@ func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
 	}
 	return os.Rename(tmp, path)
 }
+
+// Seed returns the key's 32-byte private seed, from which FromSeed makes
+// the same key again. It is as secret as the key.
+func (k *Key) Seed() []byte { return k.priv.Seed() }
+
+// FromSeed makes the key whose Seed is seed.
+func FromSeed(seed []byte) (*Key, error) {
+	if len(seed) != ed25519.SeedSize {
+		return nil, fmt.Errorf("key seed is %d bytes, want %d", len(seed), ed25519.SeedSize)
+	}
+	return &Key{priv: ed25519.NewKeyFromSeed(seed)}, nil
+}

@@ -86,7 +86,7 @@ type PeerInfo struct {
 
 // Hello authenticates a node. Its key is the one in its TLS certificate.
 type Hello struct {
-	Token     string         `json:"token"`
+	Token     string         `json:"token"`               // the node's credential (token.Verify), bound to its key
 	Advertise []netip.Prefix `json:"advertise,omitempty"` // agents: subnets offered
 	Version   string         `json:"version,omitempty"`
 	// Overlay is the address the node had before a reconnect; the gateway
@@ -157,16 +157,15 @@ type Punch struct {
 type Session struct {
 	ID       uint64 `json:"id"`
 	PeerName string `json:"peer_name"`
-	// PeerGroups (to an agent) are the client's groups, from its token,
-	// for the agent's policy.
-	PeerGroups []string `json:"peer_groups,omitempty"`
-	// PeerExpires (to an agent) is when the client's token expires (Unix
-	// seconds): the agent ends the session then, on the direct path too.
-	PeerExpires int64          `json:"peer_expires,omitempty"`
-	PeerKey     string         `json:"peer_key"`
-	PeerAddr    netip.Addr     `json:"peer_overlay"`
-	Advertise   []netip.Prefix `json:"advertise,omitempty"` // the agent's, as registered
-	Mode        string         `json:"mode,omitempty"`
+	// PeerCredential is the peer's credential (token.Verify): the agent
+	// and the client check it against their authority and the peer's key
+	// themselves, and take the peer's name, groups and expiry from it,
+	// not from the gateway's word.
+	PeerCredential string         `json:"peer_credential"`
+	PeerKey        string         `json:"peer_key"`
+	PeerAddr       netip.Addr     `json:"peer_overlay"`
+	Advertise      []netip.Prefix `json:"advertise,omitempty"` // the agent's, as registered
+	Mode           string         `json:"mode,omitempty"`
 	// Resumed (to a client) says the agent still holds the session's
 	// end-to-end connection, so the client may keep using it.
 	Resumed bool `json:"resumed,omitempty"`

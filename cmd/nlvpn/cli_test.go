@@ -14,6 +14,7 @@ import (
 
 	"github.com/nlvpn/nlvpn/client"
 	"github.com/nlvpn/nlvpn/gateway"
+	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/token"
 )
 
@@ -116,7 +117,44 @@ func gatewayState(t *testing.T) (dir, pin string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if _, err := gateway.LoadAuthority(dir); err != nil {
+		t.Fatal(err)
+	}
 	return dir, info.Pin
+}
+
+// TestCLIOfflineAuthority: the authority kept on an admin machine issues
+// tokens that carry its key and the gateway's pin given by hand; the
+// gateway's own state is not needed for it.
+func TestCLIOfflineAuthority(t *testing.T) {
+	admin := filepath.Join(t.TempDir(), "admin")
+	r := nlvpn(t, nil, "authority", "--state-dir", admin)
+	if r.code != 0 {
+		t.Fatalf("nlvpn authority: exit %d: %s", r.code, r.stderr)
+	}
+	pub, err := identity.ParsePublicKey(strings.TrimSpace(r.stdout))
+	if err != nil {
+		t.Fatalf("nlvpn authority printed %q: %v", r.stdout, err)
+	}
+	if fi, err := os.Stat(filepath.Join(admin, gateway.AuthorityFile)); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("authority key file: %v, %v; want mode 0600", fi, err)
+	}
+	// Again: the same key, not a new one.
+	if r2 := nlvpn(t, nil, "authority", "--state-dir", admin); r2.stdout != r.stdout {
+		t.Fatalf("a second `nlvpn authority` printed %q, then %q", r.stdout, r2.stdout)
+	}
+	nlvpn(t, nil, "token", "--state-dir", admin, "--client", "alice", "--gateway", "198.18.0.1:4433").wantFail(t, "--pin")
+	cl, err := token.Parse(issue(t, admin, "--client", "alice", "--gateway", "198.18.0.1:4433", "--pin", "sha256:abcd"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cl.Authority.Equal(pub) || cl.Pin != "sha256:abcd" || cl.Gateway != "198.18.0.1:4433" {
+		t.Fatalf("claims %+v; want authority %s, the pin and gateway given", cl, pub)
+	}
+	if _, err := os.Stat(filepath.Join(admin, "gateway.key")); err == nil {
+		t.Fatal("issuing on the admin machine made a gateway key there")
+	}
+	nlvpn(t, nil, "gateway", "--authority", "ed25519:nonsense").wantFail(t, "--authority")
 }
 
 func issue(t *testing.T, dir string, args ...string) string {
@@ -200,7 +238,7 @@ func TestCLITokenErrors(t *testing.T) {
 		args []string
 		want []string
 	}{
-		{"no gateway key", []string{"token", "--state-dir", empty, "--client", "alice", "--gateway", "127.0.0.1:4433"}, []string{"no gateway key in " + empty, "nlvpn gateway"}},
+		{"no authority key", []string{"token", "--state-dir", empty, "--client", "alice", "--gateway", "127.0.0.1:4433"}, []string{"no authority key in " + empty, "nlvpn gateway", "nlvpn authority"}},
 		{"both roles", []string{"token", "--state-dir", dir, "--client", "alice", "--agent", "miranda", "--gateway", "127.0.0.1:4433"}, []string{"exactly one of --agent"}},
 		{"no role", []string{"token", "--state-dir", dir, "--gateway", "127.0.0.1:4433"}, []string{"exactly one of --agent"}},
 		{"no gateway address", []string{"token", "--state-dir", dir, "--client", "alice"}, []string{"--gateway"}},

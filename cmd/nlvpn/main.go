@@ -62,7 +62,7 @@ A first setup on three machines:
 		},
 		Before: setupLogging,
 		Commands: []*cli.Command{
-			gatewayCmd(), tokenCmd(), agentCmd(), upCmd(), connectCmd(), forwardCmd(), statusCmd(),
+			gatewayCmd(), authorityCmd(), tokenCmd(), agentCmd(), upCmd(), connectCmd(), forwardCmd(), statusCmd(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints the error once
 	}
@@ -151,6 +151,7 @@ certificate instead. The gateway relays only end-to-end encrypted packets.`,
 			&cli.StringFlag{Name: "cert", Usage: "TLS certificate file (PEM) instead of the self-signed one"},
 			&cli.StringFlag{Name: "key", Usage: "private key file (PEM) for --cert"},
 			&cli.StringFlag{Name: "metrics", Usage: "serve counters over HTTP on `ADDR` (e.g. 127.0.0.1:9433): /metrics (Prometheus) and /relay (JSON, relayed bytes per session)"},
+			&cli.StringFlag{Name: "authority", Usage: "admit nodes whose credentials the authority with public key `KEY` signed (from `nlvpn authority` on an admin machine); without it the gateway keeps an authority key in its state directory", EnvVars: []string{"NLVPN_AUTHORITY"}},
 		},
 		Action: func(c *cli.Context) error {
 			if c.Args().Present() {
@@ -169,6 +170,21 @@ certificate instead. The gateway relays only end-to-end encrypted packets.`,
 				return err
 			}
 			cfg := gateway.Config{State: st, Listen: c.String("listen"), PublicAddr: c.String("public-addr"), Log: slog.Default()}
+			if a := c.String("authority"); a != "" {
+				if cfg.Authority, err = identity.ParsePublicKey(a); err != nil {
+					return fmt.Errorf("--authority: %w", err)
+				}
+				if _, err := os.Stat(filepath.Join(st.Dir, gateway.AuthorityFile)); err == nil {
+					slog.Warn("an authority key lies in the gateway's state directory but --authority names the one to trust; delete the file if the authority is kept elsewhere", "file", filepath.Join(st.Dir, gateway.AuthorityFile))
+				}
+			} else {
+				// Quick start: the authority beside the gateway.
+				ak, err := gateway.LoadAuthority(st.Dir)
+				if err != nil {
+					return err
+				}
+				cfg.Authority = ak.Public()
+			}
 			if c.String("cert") != "" {
 				cert, err := loadCert(c.String("cert"), c.String("key"))
 				if err != nil {
@@ -183,7 +199,7 @@ certificate instead. The gateway relays only end-to-end encrypted packets.`,
 			if err := st.WriteInfo(gateway.Info{Pin: g.Pin(), PublicAddr: cfg.PublicAddr}); err != nil {
 				return err
 			}
-			fmt.Fprintf(os.Stderr, "gateway certificate fingerprint: %s\n", g.Pin())
+			fmt.Fprintf(os.Stderr, "gateway certificate fingerprint: %s\nauthority: %s\n", g.Pin(), cfg.Authority)
 			ctx, cancel := signalContext(c)
 			defer cancel()
 			if addr := c.String("metrics"); addr != "" {
@@ -201,21 +217,52 @@ certificate instead. The gateway relays only end-to-end encrypted packets.`,
 	}
 }
 
+func authorityCmd() *cli.Command {
+	return &cli.Command{
+		Name:      "authority",
+		Usage:     "make (or show) an authority key, to keep credentials apart from the gateway",
+		UsageText: "nlvpn authority --state-dir DIR",
+		Description: `Creates the authority key in DIR (0600) if there is none and prints its public key.
+Run it on an admin machine, start the gateway with --authority KEY, and issue tokens
+there with "nlvpn token --state-dir DIR --gateway HOST:PORT --pin PIN". The gateway
+then holds only the public key: broken into, it cannot admit anyone to an agent or
+pass itself off as one. Without this, "nlvpn gateway" keeps an authority key in its
+own state directory (the quick start).`,
+		Flags: []cli.Flag{stateDirFlag("nlvpn-authority")},
+		Action: func(c *cli.Context) error {
+			if c.Args().Present() {
+				return fmt.Errorf("unexpected argument %q", c.Args().First())
+			}
+			k, err := gateway.LoadAuthority(c.String("state-dir"))
+			if err != nil {
+				return err
+			}
+			fmt.Println(k.Public())
+			return nil
+		},
+	}
+}
+
 func tokenCmd() *cli.Command {
 	return &cli.Command{
 		Subcommands: []*cli.Command{revokeCmd()},
 		Name:        "token",
 		Usage:       "issue a token for an agent or a client (into a 0600 file with --out, else alone on stdout)",
-		UsageText:   "nlvpn token --state-dir DIR (--agent NAME | --client NAME) [--out FILE] [--gateway HOST:PORT] [--ttl 720h] [--allow-agent NAME ...]",
-		Description: `Signs a token with the gateway's key (from --state-dir, run on the gateway machine).
+		UsageText:   "nlvpn token --state-dir DIR (--agent NAME | --client NAME) [--out FILE] [--gateway HOST:PORT] [--pin PIN] [--ttl 720h] [--allow-agent NAME ...]",
+		Description: `Signs a token with the authority key in --state-dir: the gateway's state directory
+for a quick start, or the directory of "nlvpn authority" on an admin machine (then
+pass --gateway and --pin, which the gateway prints at its start).
 The token carries the role, the name, the expiry, the gateway address and its
-certificate pin: it is all a new node needs. Keep tokens secret: hand them over as
-files (--out writes one readable only by you; nodes read it with --token-file).`,
+certificate pin, and a one-time enrollment key: the machine that first uses it binds
+it to its own key, and the gateway and its peers check that binding. Keep tokens
+secret: hand them over as files (--out writes one readable only by you; nodes read
+it with --token-file).`,
 		Flags: []cli.Flag{
 			stateDirFlag("nlvpn-gw"),
 			&cli.StringFlag{Name: "agent", Usage: "issue an agent token for `NAME`"},
 			&cli.StringFlag{Name: "client", Usage: "issue a client token for `NAME`"},
 			&cli.StringFlag{Name: "gateway", Usage: "gateway HOST:PORT to put in the token (default: the gateway's --public-addr)"},
+			&cli.StringFlag{Name: "pin", Usage: "the gateway's certificate fingerprint to put in the token (default: from the gateway's state in --state-dir)"},
 			&cli.DurationFlag{Name: "ttl", Value: 720 * time.Hour, Usage: "how long the token is valid"},
 			&cli.StringSliceFlag{Name: "allow-agent", Usage: "client tokens: agents it may use (repeatable; default every agent)"},
 			&cli.StringSliceFlag{Name: "group", Usage: "client tokens: a group the client is in, for agents' --policy rules (repeatable)"},
@@ -234,16 +281,32 @@ files (--out writes one readable only by you; nodes read it with --token-file).`
 				return fmt.Errorf("--uses must be between 1 and %d", maxTokenUses)
 			}
 			dir := c.String("state-dir")
-			if _, err := os.Stat(filepath.Join(dir, "gateway.key")); err != nil {
-				return fmt.Errorf("no gateway key in %s: run `nlvpn gateway --state-dir %s` there first, or point --state-dir at the gateway's state", dir, dir)
+			if _, err := os.Stat(filepath.Join(dir, gateway.AuthorityFile)); err != nil {
+				return fmt.Errorf("no authority key in %s: run `nlvpn gateway --state-dir %s` there first (quick start), point --state-dir at the gateway's state, or at the directory of `nlvpn authority`", dir, dir)
 			}
-			st, err := gateway.OpenState(dir)
+			auth, err := gateway.LoadAuthority(dir)
 			if err != nil {
 				return err
 			}
-			info, err := st.ReadInfo()
+			info, ok, err := gateway.ReadInfoFile(dir)
 			if err != nil {
 				return err
+			}
+			if _, err := os.Stat(filepath.Join(dir, "gateway.key")); !ok && err == nil {
+				// A gateway's state from before its first start.
+				st, err := gateway.OpenState(dir)
+				if err != nil {
+					return err
+				}
+				if info, err = st.ReadInfo(); err != nil {
+					return err
+				}
+			}
+			if p := c.String("pin"); p != "" {
+				info.Pin = p
+			}
+			if info.Pin == "" {
+				return fmt.Errorf("no gateway pin in %s: pass --pin (the gateway prints its certificate fingerprint at start)", dir)
 			}
 			gw := c.String("gateway")
 			if gw == "" {
@@ -283,7 +346,7 @@ files (--out writes one readable only by you; nodes read it with --token-file).`
 			if !token.ValidName(cl.Name) {
 				return fmt.Errorf("name %q: use lower-case letters, digits, '.', '_' and '-' (at most 63)", cl.Name)
 			}
-			t, err := token.Issue(st.Key, cl)
+			t, err := token.Issue(auth, cl)
 			if err != nil {
 				return err
 			}
@@ -348,8 +411,10 @@ until now; a token issued for it afterwards works.`,
 				return errors.New("give exactly one of --client NAME, --agent NAME or --id ID")
 			}
 			dir := c.String("state-dir")
-			if _, err := os.Stat(filepath.Join(dir, "gateway.key")); err != nil {
-				return fmt.Errorf("no gateway key in %s: point --state-dir at the gateway's state", dir)
+			_, errGW := os.Stat(filepath.Join(dir, "gateway.key"))
+			_, errAuth := os.Stat(filepath.Join(dir, gateway.AuthorityFile))
+			if errGW != nil && errAuth != nil {
+				return fmt.Errorf("no gateway or authority key in %s: point --state-dir at the gateway's state (or at the authority's directory, then copy its revoked.json into the gateway's state)", dir)
 			}
 			if err := gateway.AddRevocation(dir, r); err != nil {
 				return err
@@ -417,9 +482,28 @@ func setupNode(c *cli.Context, role string) (*nodeSetup, error) {
 	if ns.token == "" {
 		return nil, errors.New("no token: pass --token-file FILE or --token - (standard input), set NLVPN_TOKEN, or put token = ... in " + ns.configPath)
 	}
-	ns.claims, err = token.Parse(ns.token)
+	ns.key, err = identity.LoadOrCreate(filepath.Join(ns.stateDir, "node.key"))
 	if err != nil {
-		return nil, fmt.Errorf("the token from %s is not usable: %w", ns.tokenFrom, err)
+		return nil, err
+	}
+	// A token enrolls this machine: its claims are bound to the node key
+	// here, and the resulting credential (no secret in it but the key's
+	// file) is what the node presents and remembers.
+	if token.IsCredential(ns.token) {
+		cr, err := token.ParseCredential(ns.token)
+		if err != nil {
+			return nil, fmt.Errorf("the credential from %s is not usable: %w", ns.tokenFrom, err)
+		}
+		if !cr.Node.Equal(ns.key.Public()) {
+			return nil, fmt.Errorf("the credential from %s is bound to another machine's key (not %s's); use a token from `nlvpn token` here", ns.tokenFrom, filepath.Join(ns.stateDir, "node.key"))
+		}
+		ns.claims = cr.Claims
+	} else {
+		t, err := token.ParseToken(ns.token)
+		if err != nil {
+			return nil, fmt.Errorf("the token from %s is not usable: %w", ns.tokenFrom, err)
+		}
+		ns.claims, ns.token = t.Claims, t.Enroll(ns.key.Public())
 	}
 	if ns.claims.Role != role {
 		return nil, fmt.Errorf("this is a token for %s %q; `nlvpn %s` needs %s token", ns.claims.Role, ns.claims.Name, map[string]string{token.RoleAgent: "agent", token.RoleClient: "up"}[role], map[string]string{token.RoleAgent: "an agent", token.RoleClient: "a client"}[role])
@@ -439,10 +523,6 @@ func setupNode(c *cli.Context, role string) (*nodeSetup, error) {
 	}
 	if _, _, err := net.SplitHostPort(ns.gateway); err != nil {
 		return nil, fmt.Errorf("gateway address %q: want HOST:PORT", ns.gateway)
-	}
-	ns.key, err = identity.LoadOrCreate(filepath.Join(ns.stateDir, "node.key"))
-	if err != nil {
-		return nil, err
 	}
 	return ns, nil
 }

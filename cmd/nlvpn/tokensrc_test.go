@@ -95,7 +95,7 @@ func TestCLITokenOut(t *testing.T) {
 		t.Errorf("token file mode %#o, want 0600", st.Mode().Perm())
 	}
 	first, _ := os.ReadFile(out)
-	if !strings.HasPrefix(string(first), "nlv1.") {
+	if !strings.HasPrefix(string(first), "nlv2.") {
 		t.Fatalf("token file holds %q", first)
 	}
 	// The file is what --token-file reads: a client token for `agent` is
