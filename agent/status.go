@@ -16,7 +16,8 @@ type Status struct {
 	Drops map[string]uint64 `json:"drops"`
 	// Denied counts new flows (TCP SYNs, UDP datagrams, ICMP echoes) the
 	// policy refused, by reason: not_advertised, loopback, host_address,
-	// link_local.
+	// link_local, policy; and offer_refused, session offers refused (a
+	// client credential that does not hold, another client's address).
 	Denied map[string]uint64 `json:"denied"`
 	// TCPRetransmits and TCPTimeouts count the netstack's loss recovery for
 	// the flows it terminates (all clients).

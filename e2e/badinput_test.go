@@ -57,7 +57,7 @@ func TestBadInput(t *testing.T) {
 		refusedUp(t, "this-is-not-a-token", agentName, "token")
 	})
 	t.Run("ExpiredToken", func(t *testing.T) {
-		exp := e.token(t, "--client", "eve", "--ttl", "1s")
+		exp := e.token(t, "--client", "eve", "--allow-agent", agentName, "--ttl", "1s")
 		time.Sleep(2 * time.Second)
 		refusedUp(t, exp, agentName, "token")
 	})

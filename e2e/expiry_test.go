@@ -17,7 +17,7 @@ import (
 func TestExpiryCutsLiveDirectSession(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, coneCone, false)
-	e.clientTok = e.token(t, "--client", "alice", "--ttl", "8s")
+	e.clientTok = e.token(t, "--client", "alice", "--allow-agent", agentName, "--ttl", "8s")
 	issued := time.Now()
 	c := e.startClientMode(t, "--direct")
 	if st := e.waitPath(t, "direct", 5*time.Second); st.Path != "direct" {
@@ -56,7 +56,7 @@ func TestExpiryCutsLiveDirectSession(t *testing.T) {
 func TestTokenEnrollsOneMachine(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, coneCone, false)
-	e.clientTok = e.token(t, "--client", "bob")
+	e.clientTok = e.token(t, "--client", "bob", "--allow-agent", agentName)
 	e.startClientMode(t)
 	second := e.start(t, e.lab.NS.Client, "second-machine", "up", "--token-file", e.tokenFile(e.clientTok), "--gateway", e.gwAddr(),
 		"--agent", agentName, "--state-dir", filepath.Join(e.dir, "second"), "--netstack", "--socks5", "127.0.0.1:1090", "--http-proxy", "")
@@ -120,5 +120,28 @@ func TestRevokeEndsDirectTransfer(t *testing.T) {
 	}
 	if again.ExitCode() == 0 || !strings.Contains(again.Log(), "revoked") {
 		t.Fatalf("`up` with a revoked token: %s\n%s", again.ExitStatus(), again.Log())
+	}
+}
+
+// TestCopiedAgentTokenCannotTakeName: while the agent is offline, a second
+// machine with a copy of its token tries to register under its name. The
+// gateway refuses it (the token is bound to the first machine's key), the
+// real agent comes back under its name, and clients reach its LAN.
+func TestCopiedAgentTokenCannotTakeName(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, coneCone, false)
+	e.agent.Stop()
+	impostor := e.start(t, e.lab.NS.Agent, "impostor", "agent", "--token-file", e.tokenFile(e.agentTok), "--gateway", e.gwAddr(),
+		"--advertise", e.lab.LANSubnet.String(), "--state-dir", filepath.Join(e.dir, "impostor"))
+	if !impostor.Wait(20 * time.Second) {
+		t.Fatal("an agent with a copied token still runs after 20 s")
+	}
+	if impostor.ExitCode() == 0 || !strings.Contains(impostor.Log(), "already used by another machine") {
+		t.Fatalf("impostor: %s\n%s", impostor.ExitStatus(), impostor.Log())
+	}
+	e.restartAgent(t, "--advertise", e.lab.LANSubnet.String())
+	e.startClientMode(t)
+	if err := e.download(t, 1<<20, 31); err != nil {
+		t.Fatalf("the LAN is not reachable through the real agent: %v", err)
 	}
 }

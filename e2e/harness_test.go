@@ -86,7 +86,7 @@ func newEnv(t *testing.T, opts lab.Options, startClient bool, upFlags ...string)
 	// Tests start several clients with state (and keys) of their own on
 	// this one token: it may enroll that many machines. One-machine tokens
 	// are TestTokenEnrollsOneMachine's subject.
-	e.clientTok = e.token(t, "--client", "alice", "--uses", "20")
+	e.clientTok = e.token(t, "--client", "alice", "--allow-agent", agentName, "--uses", "20")
 	e.agent = e.start(t, e.lab.NS.Agent, "agent", "agent", "--token-file", e.tokenFile(e.agentTok), "--gateway", e.gwAddr(),
 		"--advertise", e.lab.LANSubnet.String(), "--state-dir", e.agentStateDir())
 	// The client refuses an agent that is not connected yet: wait (bounded)

@@ -177,15 +177,15 @@ func (r *runner) startStack(verbose bool, check func() error, upFlags ...string)
 		}
 		return strings.TrimSpace(string(out)), nil
 	}
-	explain("Issuing two tokens from the gateway's state: one for the agent %q, one for the client \"alice\":\n    nlvpn token --state-dir %s --agent %s -o %s.token\n    nlvpn token --state-dir %s --client alice -o alice.token",
-		agentName, gwState, agentName, agentName, gwState)
+	explain("Issuing two tokens from the gateway's state: one for the agent %q, one for the client \"alice\":\n    nlvpn token --state-dir %s --agent %s -o %s.token\n    nlvpn token --state-dir %s --client alice --allow-agent %s -o alice.token",
+		agentName, gwState, agentName, agentName, gwState, agentName)
 	agentTok, err := token("--agent", agentName)
 	if err != nil {
 		return err
 	}
 	// The bench starts TUN and netstack clients with state (and keys) of
 	// their own on this one token.
-	clientArgs := []string{"--client", "alice"}
+	clientArgs := []string{"--client", "alice", "--allow-agent", agentName}
 	if r.supports("token", "--uses") {
 		clientArgs = append(clientArgs, "--uses", "4")
 	}

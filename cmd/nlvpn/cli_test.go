@@ -143,8 +143,8 @@ func TestCLIOfflineAuthority(t *testing.T) {
 	if r2 := nlvpn(t, nil, "authority", "--state-dir", admin); r2.stdout != r.stdout {
 		t.Fatalf("a second `nlvpn authority` printed %q, then %q", r.stdout, r2.stdout)
 	}
-	nlvpn(t, nil, "token", "--state-dir", admin, "--client", "alice", "--gateway", "198.18.0.1:4433").wantFail(t, "--pin")
-	cl, err := token.Parse(issue(t, admin, "--client", "alice", "--gateway", "198.18.0.1:4433", "--pin", "sha256:abcd"))
+	nlvpn(t, nil, "token", "--state-dir", admin, "--client", "alice", "--allow-agent", "miranda", "--gateway", "198.18.0.1:4433").wantFail(t, "--pin")
+	cl, err := token.Parse(issue(t, admin, "--client", "alice", "--allow-agent", "miranda", "--gateway", "198.18.0.1:4433", "--pin", "sha256:abcd"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -180,10 +180,10 @@ func TestCLITokenIssues(t *testing.T) {
 		gw     string
 		groups []string
 	}{
-		{[]string{"--client", "alice", "--gateway", "127.0.0.1:4433"}, token.RoleClient, "alice", []string{"*"}, "127.0.0.1:4433", nil},
+		{[]string{"--client", "alice", "--allow-agent", "*", "--gateway", "127.0.0.1:4433"}, token.RoleClient, "alice", []string{"*"}, "127.0.0.1:4433", nil},
 		{[]string{"--agent", "miranda", "--gateway", "[::1]:4433"}, token.RoleAgent, "miranda", nil, "[::1]:4433", nil},
 		{[]string{"--client", "bob", "--gateway", "127.0.0.1:1", "--allow-agent", "miranda", "--allow-agent", "caliban"}, token.RoleClient, "bob", []string{"miranda", "caliban"}, "127.0.0.1:1", nil},
-		{[]string{"--client", "olga", "--gateway", "127.0.0.1:1", "--group", "ops", "--group", "dev"}, token.RoleClient, "olga", []string{"*"}, "127.0.0.1:1", []string{"ops", "dev"}},
+		{[]string{"--client", "olga", "--allow-agent", "*", "--gateway", "127.0.0.1:1", "--group", "ops", "--group", "dev"}, token.RoleClient, "olga", []string{"*"}, "127.0.0.1:1", []string{"ops", "dev"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := time.Now()
@@ -218,7 +218,7 @@ func TestCLITokenTTLAndPublicAddr(t *testing.T) {
 	if err := st.WriteInfo(gateway.Info{Pin: pin, PublicAddr: "127.0.0.1:7000"}); err != nil {
 		t.Fatal(err)
 	}
-	cl, err := token.Parse(issue(t, dir, "--client", "alice", "--ttl", "1h"))
+	cl, err := token.Parse(issue(t, dir, "--client", "alice", "--allow-agent", "miranda", "--ttl", "1h"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -249,6 +249,7 @@ func TestCLITokenErrors(t *testing.T) {
 		{"too many uses", []string{"token", "--state-dir", dir, "--client", "alice", "--uses", "5000", "--gateway", "127.0.0.1:4433"}, []string{"--uses", "1000"}},
 		{"group on agent token", []string{"token", "--state-dir", dir, "--agent", "miranda", "--group", "ops", "--gateway", "127.0.0.1:4433"}, []string{"--group is for client tokens"}},
 		{"bad group", []string{"token", "--state-dir", dir, "--client", "alice", "--group", "Ops Team", "--gateway", "127.0.0.1:4433"}, []string{"--group", "Ops Team"}},
+		{"no allowed agent", []string{"token", "--state-dir", dir, "--client", "alice", "--gateway", "127.0.0.1:4433"}, []string{"--allow-agent NAME", "'*'"}},
 		{"non-positive ttl", []string{"token", "--state-dir", dir, "--client", "alice", "--ttl", "0s", "--gateway", "127.0.0.1:4433"}, []string{"--ttl"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

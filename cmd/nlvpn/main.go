@@ -248,7 +248,7 @@ func tokenCmd() *cli.Command {
 		Subcommands: []*cli.Command{revokeCmd()},
 		Name:        "token",
 		Usage:       "issue a token for an agent or a client (into a 0600 file with --out, else alone on stdout)",
-		UsageText:   "nlvpn token --state-dir DIR (--agent NAME | --client NAME) [--out FILE] [--gateway HOST:PORT] [--pin PIN] [--ttl 720h] [--allow-agent NAME ...]",
+		UsageText:   "nlvpn token --state-dir DIR (--agent NAME | --client NAME --allow-agent AGENT ...) [--out FILE] [--gateway HOST:PORT] [--pin PIN] [--ttl 720h] [--allow-agent NAME ...]",
 		Description: `Signs a token with the authority key in --state-dir: the gateway's state directory
 for a quick start, or the directory of "nlvpn authority" on an admin machine (then
 pass --gateway and --pin, which the gateway prints at its start).
@@ -264,7 +264,7 @@ it with --token-file).`,
 			&cli.StringFlag{Name: "gateway", Usage: "gateway HOST:PORT to put in the token (default: the gateway's --public-addr)"},
 			&cli.StringFlag{Name: "pin", Usage: "the gateway's certificate fingerprint to put in the token (default: from the gateway's state in --state-dir)"},
 			&cli.DurationFlag{Name: "ttl", Value: 720 * time.Hour, Usage: "how long the token is valid"},
-			&cli.StringSliceFlag{Name: "allow-agent", Usage: "client tokens: agents it may use (repeatable; default every agent)"},
+			&cli.StringSliceFlag{Name: "allow-agent", Usage: "client tokens (required): an agent it may use (repeatable; '*' for every agent)"},
 			&cli.StringSliceFlag{Name: "group", Usage: "client tokens: a group the client is in, for agents' --policy rules (repeatable)"},
 			&cli.IntFlag{Name: "uses", Value: 1, Usage: "how many machines may use the token (each enrolls its own key; the gateway refuses the token on any other)"},
 			&cli.StringFlag{Name: "out", Aliases: []string{"o"}, Usage: "write the token to `FILE` (created 0600; an existing file is not overwritten)"},
@@ -339,12 +339,14 @@ it with --token-file).`,
 					}
 					cl.Groups = append(cl.Groups, g)
 				}
-				if len(cl.Agents) == 0 {
-					cl.Agents = []string{"*"}
-				}
 			}
 			if !token.ValidName(cl.Name) {
 				return fmt.Errorf("name %q: use lower-case letters, digits, '.', '_' and '-' (at most 63)", cl.Name)
+			}
+			if cl.Role == token.RoleClient && len(cl.Agents) == 0 {
+				// No silent "every agent": a client credential names what it
+				// may use, and every agent checks that itself.
+				return errors.New("say which agents the client may use: --allow-agent NAME (repeatable), or --allow-agent '*' for every agent")
 			}
 			t, err := token.Issue(auth, cl)
 			if err != nil {
@@ -554,7 +556,8 @@ func agentCmd() *cli.Command {
 		Name:  "agent",
 		Usage: "run the headless agent that gives clients access to this network",
 		Description: `Registers with the gateway under the name in its token and serves the advertised
-subnets to the clients the gateway introduces. Each client's TCP, UDP and ping become
+subnets to the clients the gateway introduces, after checking each client's credential
+against the authority that signed its own token. Each client's TCP, UDP and ping become
 real connections from this host's own sockets (a userspace netstack): no root and no
 route back from the LAN are needed. Traffic to anything not advertised is refused, and
 so are this host's own addresses and link-local ones (cloud metadata) unless a --policy
@@ -706,7 +709,7 @@ func statusCmd() *cli.Command {
 which only its user can open. For a client, --json prints one object with "path"
 ("direct" or "relay"), "remote", "rtt_ms", "tx_bytes", "rx_bytes" and "since_switch_s";
 for an agent, "sessions" (one per connected client), "drops" (packets lost inside
-the agent, by where) and "denied" (new flows its policy refused, by reason).`,
+the agent, by where) and "denied" (new flows its policy refused, by reason, and session offers refused).`,
 		Flags: []cli.Flag{
 			stateDirFlag("nlvpn"),
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object"},

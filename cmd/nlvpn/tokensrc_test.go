@@ -80,7 +80,7 @@ func TestCLITokenSources(t *testing.T) {
 func TestCLITokenOut(t *testing.T) {
 	dir, _ := gatewayState(t)
 	out := filepath.Join(t.TempDir(), "alice.token")
-	r := nlvpn(t, nil, "token", "--state-dir", dir, "--client", "alice", "--gateway", "127.0.0.1:4433", "-o", out)
+	r := nlvpn(t, nil, "token", "--state-dir", dir, "--client", "alice", "--allow-agent", "miranda", "--gateway", "127.0.0.1:4433", "-o", out)
 	if r.code != 0 {
 		t.Fatalf("token -o: exit %d: %s", r.code, r.stderr)
 	}
@@ -103,7 +103,7 @@ func TestCLITokenOut(t *testing.T) {
 	nlvpn(t, nil, "agent", "--state-dir", filepath.Join(t.TempDir(), "s"), "--token-file", out, "--advertise", "10.0.0.0/8").
 		wantFail(t, `token for client "alice"`)
 
-	nlvpn(t, nil, "token", "--state-dir", dir, "--client", "bob", "--gateway", "127.0.0.1:4433", "-o", out).
+	nlvpn(t, nil, "token", "--state-dir", dir, "--client", "bob", "--allow-agent", "miranda", "--gateway", "127.0.0.1:4433", "-o", out).
 		wantFail(t, "--out", "exists")
 	if again, _ := os.ReadFile(out); string(again) != string(first) {
 		t.Fatal("a refused --out changed the existing file")
