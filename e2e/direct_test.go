@@ -181,16 +181,7 @@ func TestRelayOnlyConeCone(t *testing.T) {
 	e := newEnv(t, coneCone, false)
 	// Capture UDP between the two NATs' public addresses: probes would show.
 	capture := filepath.Join(e.dir, "direct.pcap")
-	td, err := e.lab.Start(e.lab.NS.Inet, lab.ProcConfig{Name: "tcpdump", Args: []string{"tcpdump", "-i", "any", "-U", "-n", "-w", capture,
-		fmt.Sprintf("udp and host %s and host %s", e.lab.ClientPublic, e.lab.AgentPublic)}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	wctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	if err := td.WaitLog(wctx, "listening on"); err != nil {
-		t.Fatalf("tcpdump: %v\n%s", err, td.Log())
-	}
+	td := e.capture(t, e.lab.NS.Inet, capture, fmt.Sprintf("udp and host %s and host %s", e.lab.ClientPublic, e.lab.AgentPublic))
 	e.startClientMode(t, "--relay")
 	if err := e.download(t, 8<<20, 13); err != nil {
 		t.Fatal(err)

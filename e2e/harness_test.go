@@ -159,6 +159,23 @@ func (e *env) startGateway(t *testing.T) {
 	})
 }
 
+// capture starts tcpdump in ns, writing whole packets that match filter
+// (tcpdump -s 0 syntax, then the filter words) to pcap, and waits until it
+// listens. Stopping it makes it print how many packets it captured.
+func (e *env) capture(t *testing.T, ns, pcap string, filter ...string) *lab.Process {
+	t.Helper()
+	td, err := e.lab.Start(ns, lab.ProcConfig{Name: "tcpdump", Args: append([]string{"tcpdump", "-i", "any", "-U", "-n", "-s", "0", "-w", pcap}, filter...)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	if err := td.WaitLog(ctx, "listening on"); err != nil {
+		t.Fatalf("tcpdump: %v\n%s", err, td.Log())
+	}
+	return td
+}
+
 // token runs `nlvpn token` against the gateway's state dir.
 func (e *env) token(t *testing.T, args ...string) string {
 	t.Helper()

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -80,17 +79,7 @@ func (e *env) compromiseGateway(t *testing.T, mode string) {
 // (tcpdump prints the count when stopped).
 func (e *env) captureLAN(t *testing.T) *lab.Process {
 	t.Helper()
-	td, err := e.lab.Start(e.lab.NS.LAN, lab.ProcConfig{Name: "tcpdump-lan", Args: []string{"tcpdump", "-i", "any", "-U", "-n", "-w", filepath.Join(e.dir, "lan.pcap"),
-		"src host " + e.lab.AgentLANAddr.String()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	if err := td.WaitLog(ctx, "listening on"); err != nil {
-		t.Fatalf("tcpdump: %v\n%s", err, td.Log())
-	}
-	return td
+	return e.capture(t, e.lab.NS.LAN, filepath.Join(e.dir, "lan.pcap"), "src host "+e.lab.AgentLANAddr.String())
 }
 
 // refusedClient starts `nlvpn up` (never connected before: no pinned

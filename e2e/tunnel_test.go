@@ -292,16 +292,7 @@ func relayCiphertextOnly(t *testing.T, e *env) {
 	const size = 2 << 20
 	const downSeed, upSeed = 31, 32
 	pcap := filepath.Join(e.dir, "gw.pcap")
-	td, err := e.lab.Start(e.lab.NS.GW, lab.ProcConfig{Name: "tcpdump",
-		Args: []string{"tcpdump", "-i", "any", "-U", "-n", "-s", "0", "-w", pcap, "udp"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	if err := td.WaitLog(ctx, "listening on"); err != nil {
-		t.Fatalf("tcpdump: %v\n%s", err, td.Log())
-	}
+	td := e.capture(t, e.lab.NS.GW, pcap, "udp")
 
 	// Download: plaintext flows LAN host → agent → relay → client.
 	out := filepath.Join(e.dir, "marked.bin")
