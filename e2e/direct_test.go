@@ -23,6 +23,10 @@ type status struct {
 	RTT     float64 `json:"rtt_ms"`
 	TxBytes uint64  `json:"tx_bytes"`
 	RxBytes uint64  `json:"rx_bytes"`
+	// Session is the session ID in hex; RelayUDP says the relay parts go
+	// as UDP frames to the gateway's port.
+	Session  string `json:"session"`
+	RelayUDP bool   `json:"relay_udp"`
 }
 
 func (e *env) clientStateDir() string { return filepath.Join(e.dir, "client") }

@@ -55,17 +55,8 @@ func (e *env) waitRelayUDP(t *testing.T) {
 // datagrams to the gateway's port (not in its gateway connection).
 func (e *env) relayUDP(t *testing.T) bool {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	out, _, err := lab.Run(ctx, e.lab.NS.Client, nlvpnBin, "status", "--json", "--state-dir", e.clientStateDir())
+	st, err := e.status(t)
 	if err != nil {
-		t.Fatal(err)
-	}
-	var st struct {
-		RelayUDP bool   `json:"relay_udp"`
-		Session  string `json:"session"`
-	}
-	if err := json.Unmarshal(out, &st); err != nil {
 		t.Fatal(err)
 	}
 	return st.RelayUDP
@@ -126,16 +117,10 @@ func TestRelayDropsSpoofedFrames(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, coneCone, true, relayOnly...)
 	e.waitRelayUDP(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	out, _, err := lab.Run(ctx, e.lab.NS.Client, nlvpnBin, "status", "--json", "--state-dir", e.clientStateDir())
+	st, err := e.status(t)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var st struct {
-		Session string `json:"session"`
-	}
-	json.Unmarshal(out, &st)
 	idb, err := hex.DecodeString(st.Session)
 	if err != nil || len(idb) != 8 {
 		t.Fatalf("session %q in status", st.Session)
