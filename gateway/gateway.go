@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -43,6 +44,16 @@ type Config struct {
 	// Cert, if set, replaces the self-signed certificate.
 	Cert *tls.Certificate
 	Log  *slog.Logger
+
+	// Limits on unauthenticated connections, from a connection's first
+	// packet until its node is admitted (see admission). Zero means the
+	// default. MaxUnauthPerSource counts per source address (IPv6: per
+	// /64), MaxUnauth in total; beyond either a new connection is refused.
+	// Once RetryAbove connections are unauthenticated, every new one must
+	// first prove its source address with a QUIC Retry (negative: always).
+	MaxUnauthPerSource int // default DefaultMaxUnauthPerSource
+	MaxUnauth          int // default DefaultMaxUnauth
+	RetryAbove         int // default DefaultRetryAbove
 }
 
 // Gateway is the server.
@@ -61,6 +72,8 @@ type Gateway struct {
 	live   map[netip.Addr]*node // overlay addresses of connected nodes
 
 	rejected atomic.Uint64 // registrations refused
+	adm      *admission
+	refusals [numReasons]atomic.Uint64 // connections turned away before admission, by reason
 	addr     atomic.Pointer[net.UDPAddr]
 	frameIO  atomic.Pointer[udpbatch.Conn] // the frame socket, once Run has started
 }
@@ -133,6 +146,7 @@ func New(cfg Config) (*Gateway, error) {
 		return nil, errors.New("no authority key: the gateway admits nodes by credentials that an authority signed")
 	}
 	g := &Gateway{cfg: cfg, log: cfg.Log, hub: relay.NewHub(cfg.Log), agents: make(map[string]*node), live: make(map[netip.Addr]*node)}
+	g.adm = newAdmission(cfg, g.refusedConn)
 	var err error
 	if g.overlay, err = openOverlayPool(cfg.State.Dir); err != nil {
 		return nil, err
@@ -184,7 +198,11 @@ func (g *Gateway) Run(ctx context.Context) error {
 	// tell nodes at once that their old connection is gone, so they
 	// reconnect in a second instead of waiting for the idle timeout.
 	rk := quic.StatelessResetKey(sha256.Sum256(append([]byte("nlvpn stateless reset\x00"), g.cfg.State.Key.Sign([]byte("stateless-reset"))...)))
-	tr := &quic.Transport{Conn: uc, StatelessResetKey: &rk}
+	tr := &quic.Transport{Conn: uc, StatelessResetKey: &rk,
+		// Strangers are bounded from their first packet (admission).
+		VerifySourceAddress: g.adm.needRetry,
+		ConnContext:         g.adm.admit,
+	}
 	defer tr.Close()
 	fctx, stopFrames := context.WithCancel(context.Background())
 	framesDone, err := g.serveFrames(fctx, tr, frames)
@@ -193,7 +211,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 		return err
 	}
 	defer func() { stopFrames(); <-framesDone }()
-	ln, err := tr.Listen(identity.ServerTLS(g.cert, wire.ALPNGateway), control.QUICConfig())
+	ln, err := tr.Listen(identity.ServerTLS(g.cert, wire.ALPNGateway), gatewayQUICConfig())
 	if err != nil {
 		return err
 	}
@@ -223,6 +241,32 @@ func (g *Gateway) Run(ctx context.Context) error {
 	}
 }
 
+// gatewayQUICConfig is control.QUICConfig as the gateway listens with it. A
+// node opens one bidirectional stream, its control stream, and nothing
+// else (the gateway's requests ride on that stream too), so that is all
+// it may open: a stranger cannot park unread streams on the gateway. The
+// node's side stays as it is; the gateway opens no stream to it.
+func gatewayQUICConfig() *quic.Config {
+	c := control.QUICConfig()
+	c.MaxIncomingStreams = 1
+	return c
+}
+
+// helloTimeout is how long a connection may take, from accept (its
+// handshake done), to open its control stream and send a complete hello.
+// An honest node sends both at once, so one round trip and a few lost
+// packets fit easily; a stranger holds its unauthenticated slot no longer.
+const helloTimeout = 3 * time.Second
+
+// refuseLinger is how long a refused node is given to read why, and hang
+// up itself, before the gateway closes the connection.
+const refuseLinger = 2 * time.Second
+
+// refusedConn counts a connection turned away before its node was admitted.
+func (g *Gateway) refusedConn(r reason, from net.Addr) {
+	g.refusals[r].Add(1)
+}
+
 // refuse tells a node why it is refused, then closes the connection after
 // giving the message a moment to arrive.
 func (g *Gateway) refuse(qc *quic.Conn, st *quic.Stream, code, msg string) {
@@ -231,9 +275,15 @@ func (g *Gateway) refuse(qc *quic.Conn, st *quic.Stream, code, msg string) {
 	st.Close()
 	select {
 	case <-qc.Context().Done():
-	case <-time.After(2 * time.Second):
+	case <-time.After(refuseLinger):
 	}
 	qc.CloseWithError(1, code)
+}
+
+// isTimeout reports whether err is a deadline running out.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }
 
 func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
@@ -243,21 +293,39 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	// On shutdown, close every node connection so each serve returns.
 	stop := context.AfterFunc(ctx, func() { qc.CloseWithError(0, "gateway shutting down") })
 	defer stop()
+	// Until its node is admitted the connection holds an unauthenticated
+	// slot (admission); closing it gives the slot back too.
+	slot := ticketOf(qc)
+	defer slot.release()
+	if !slot.handshakeDone() {
+		g.refusedConn(reasonPerSourceLimit, qc.RemoteAddr())
+		qc.CloseWithError(1, "too many unauthenticated connections from this source")
+		return
+	}
+	hello := time.Now().Add(helloTimeout)
 	key, err := identity.KeyOf(qc.ConnectionState().TLS)
 	if err != nil {
 		log.Info("node rejected", "err", err)
 		return
 	}
-	actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	actx, cancel := context.WithDeadline(ctx, hello)
 	st, err := qc.AcceptStream(actx)
 	cancel()
 	if err != nil {
+		if isTimeout(err) {
+			g.refusedConn(reasonHelloTimeout, qc.RemoteAddr())
+		}
 		log.Debug("node opened no control stream", "err", err)
 		return
 	}
-	st.SetReadDeadline(time.Now().Add(10 * time.Second))
+	st.SetReadDeadline(hello)
 	m, err := wire.ReadMessage(st)
 	if err != nil {
+		if isTimeout(err) {
+			g.refusedConn(reasonHelloTimeout, qc.RemoteAddr())
+			log.Debug("no hello in time", "err", err)
+			return
+		}
 		log.Info("bad registration", "err", err)
 		g.refuse(qc, st, wire.CodeBadRequest, "bad registration: "+err.Error())
 		return
@@ -294,6 +362,10 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		g.refuse(qc, st, wire.CodeUnavailable, "the gateway cannot record this token's use now")
 		return
 	}
+	// Authenticated: a valid credential, not revoked, for this machine. (A
+	// revoked or copied token verifies but stays counted as a stranger
+	// until its refusal closes the connection.)
+	slot.release()
 	n := &node{name: claims.Name, role: claims.Role, key: key, claims: claims, cred: m.Hello.Token, qc: qc, ch: wire.NewChannel(st),
 		inflight: make(chan struct{}, maxInflightConnects), routes: make(map[string]uint64)}
 	defer n.ch.Close() // fails requests still waiting on this node

@@ -31,6 +31,14 @@ func (g *Gateway) Handler() http.Handler {
 		}
 		fmt.Fprintf(w, "# TYPE nlvpn_relay_routes gauge\nnlvpn_relay_routes %d\n", s.Routes)
 		fmt.Fprintf(w, "# TYPE nlvpn_gateway_registrations_refused_total counter\nnlvpn_gateway_registrations_refused_total %d\n", g.rejected.Load())
+		// Strangers: connections turned away before their node was
+		// admitted, Retries demanded, and slots held now (admission).
+		fmt.Fprintf(w, "# TYPE nlvpn_gateway_refused_total counter\n")
+		for r := range numReasons {
+			fmt.Fprintf(w, "nlvpn_gateway_refused_total{reason=%q} %d\n", r.String(), g.refusals[r].Load())
+		}
+		fmt.Fprintf(w, "# TYPE nlvpn_gateway_retries_total counter\nnlvpn_gateway_retries_total %d\n", g.adm.retries.Load())
+		fmt.Fprintf(w, "# TYPE nlvpn_gateway_unauthenticated gauge\nnlvpn_gateway_unauthenticated %d\n", g.adm.unauthenticated())
 		sort.Slice(s.Sessions, func(i, j int) bool { return s.Sessions[i].ID < s.Sessions[j].ID })
 		fmt.Fprintf(w, "# TYPE nlvpn_relay_session_bytes_total counter\n")
 		for _, r := range s.Sessions {
