@@ -29,6 +29,10 @@ const (
 	probeLen  = 1 + 8 + macLen
 )
 
+// ProbeFrameLen is the UDP payload of one probe (ping, pong or keepalive):
+// 34 bytes. Budgets of probes are budgets of these.
+const ProbeFrameLen = wire.FrameHeaderLen + probeLen
+
 // Timing. Probes go out fast while punching (NAT mappings are made by the
 // first packets each way); once direct, a keepalive a second holds the
 // mapping and notices loss within LossAfter.
@@ -54,6 +58,17 @@ type Config struct {
 	OnDirect func(remote netip.AddrPort, took time.Duration)
 	// OnLost is called when the confirmed path stops answering.
 	OnLost func(remote netip.AddrPort)
+	// Gate, if set, is asked before each discovery probe (a ping while
+	// punching, to an address that has not answered yet); false: the
+	// probe is not sent, and counted (Limited). Keepalives to the
+	// confirmed path and pongs, which answer the peer's own pings one for
+	// one, are not discovery.
+	Gate func(to netip.AddrPort) bool
+	// Accept, if set, screens the address an authenticated ping came from:
+	// one it refuses is neither answered nor learned as a candidate. The
+	// peer holds the MAC key, so a peer that can forge its source address
+	// could otherwise aim our pongs and probes anywhere.
+	Accept func(from netip.AddrPort) bool
 	Log    *slog.Logger
 }
 
@@ -64,8 +79,8 @@ type Punch struct {
 
 	mu        sync.Mutex
 	cands     []netip.AddrPort
-	sent      map[uint64]time.Time // our outstanding ping nonces
-	remote    netip.AddrPort       // confirmed path, if any
+	sent      map[uint64]sentPing // our outstanding ping nonces
+	remote    netip.AddrPort      // confirmed path, if any
 	lastHeard time.Time
 	rtt       time.Duration
 	start     time.Time
@@ -73,6 +88,7 @@ type Punch struct {
 
 	dropBadMAC, dropMalformed uint64
 	pingsHeard, pingsSent     uint64
+	limited, refusedFrom      uint64
 }
 
 // Stats counts probes: valid pings heard from the peer and pings sent.
@@ -84,6 +100,14 @@ func (p *Punch) Stats() (heard, sent uint64) {
 	return p.pingsHeard, p.pingsSent
 }
 
+// Limited returns the discovery probes Gate refused and the pings not
+// answered because Accept refused where they came from.
+func (p *Punch) Limited() (gated, refusedFrom uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.limited, p.refusedFrom
+}
+
 // Candidates returns the addresses being probed.
 func (p *Punch) Candidates() []netip.AddrPort {
 	p.mu.Lock()
@@ -91,12 +115,18 @@ func (p *Punch) Candidates() []netip.AddrPort {
 	return append([]netip.AddrPort(nil), p.cands...)
 }
 
+// sentPing is one of our pings awaiting its pong.
+type sentPing struct {
+	at time.Time
+	to netip.AddrPort
+}
+
 // New prepares punching; Run does it.
 func New(cfg Config) *Punch {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	p := &Punch{cfg: cfg, log: cfg.Log, sent: make(map[uint64]time.Time), wake: make(chan struct{}, 1)}
+	p := &Punch{cfg: cfg, log: cfg.Log, sent: make(map[uint64]sentPing), wake: make(chan struct{}, 1)}
 	p.cands = append(p.cands, cfg.Peer...)
 	return p
 }
@@ -140,18 +170,28 @@ func (p *Punch) ping(to netip.AddrPort) {
 	// Forget the oldest nonces; a late pong past that is just ignored.
 	if len(p.sent) > 256 {
 		cut := time.Now().Add(-10 * time.Second)
-		for n, t := range p.sent {
-			if t.Before(cut) {
+		for n, s := range p.sent {
+			if s.at.Before(cut) {
 				delete(p.sent, n)
 			}
 		}
 	}
-	p.sent[nonce] = time.Now()
+	p.sent[nonce] = sentPing{at: time.Now(), to: to}
 	p.pingsSent++
 	p.mu.Unlock()
 	if err := p.cfg.Send(p.probe(probePing, nonce), to); err != nil {
 		p.log.Debug("probe not sent", "to", to, "err", err)
 	}
+}
+
+// known reports whether a is a candidate already. p.mu is held.
+func (p *Punch) known(a netip.AddrPort) bool {
+	for _, c := range p.cands {
+		if c == a {
+			return true
+		}
+	}
+	return false
 }
 
 // ErrBadProbe is returned by Handle for a probe that fails its checks.
@@ -179,13 +219,18 @@ func (p *Punch) Handle(hdr, payload []byte, from netip.AddrPort) error {
 	if typ == probePing {
 		p.mu.Lock()
 		p.pingsHeard++
+		known := p.known(from)
+		p.mu.Unlock()
+		if !known && p.cfg.Accept != nil && !p.cfg.Accept(from) {
+			p.mu.Lock()
+			p.refusedFrom++
+			p.mu.Unlock()
+			return nil
+		}
+		p.mu.Lock()
 		// The peer reached us from an address we did not know (its NAT
 		// mapped it anew): probe it too.
-		known := false
-		for _, c := range p.cands {
-			known = known || c == from
-		}
-		if !known && len(p.cands) < MaxCandidates {
+		if !p.known(from) && len(p.cands) < MaxCandidates {
 			p.cands = append(p.cands, from)
 		}
 		if p.remote == from {
@@ -195,14 +240,24 @@ func (p *Punch) Handle(hdr, payload []byte, from netip.AddrPort) error {
 		return p.cfg.Send(p.probe(probePong, nonce), from)
 	}
 	p.mu.Lock()
-	sentAt, ok := p.sent[nonce]
+	sp, ok := p.sent[nonce]
 	if !ok {
 		p.mu.Unlock()
 		return nil // late or replayed
 	}
+	if sp.to != from {
+		// A pong counts only from where its ping went (as ICE's checks
+		// do). The peer holds the MAC key and sees its own nonces: were a
+		// pong from anywhere enough, a peer that can forge its source
+		// address could confirm a stranger's address as the path and aim
+		// our keepalives and the session's traffic at it. A peer whose NAT
+		// answers from another mapping is learned from its own pings.
+		p.mu.Unlock()
+		return nil
+	}
 	delete(p.sent, nonce)
 	now := time.Now()
-	rtt := now.Sub(sentAt)
+	rtt := now.Sub(sp.at)
 	var confirmed bool
 	switch {
 	case !p.remote.IsValid():
@@ -266,6 +321,12 @@ func (p *Punch) attempt(ctx context.Context) bool {
 		cands := append([]netip.AddrPort(nil), p.cands...)
 		p.mu.Unlock()
 		for _, c := range cands {
+			if p.cfg.Gate != nil && !p.cfg.Gate(c) {
+				p.mu.Lock()
+				p.limited++
+				p.mu.Unlock()
+				continue
+			}
 			p.ping(c)
 		}
 		select {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -471,16 +472,10 @@ func TestPongFromUnexpectedAddressWhileConfirmed(t *testing.T) {
 	a.cfg.OnDirect = func(netip.AddrPort, time.Duration) { directs.Add(1) }
 	a.ping(addrB)
 	a.ping(addrC)
-	var nonces []uint64
-	a.mu.Lock()
-	for k := range a.sent {
-		nonces = append(nonces, k)
-	}
-	a.mu.Unlock()
-	if err := handleFrame(a, probeFrame(a, probePong, nonces[0]), addrB); err != nil {
+	if err := handleFrame(a, probeFrame(a, probePong, nonceTo(a, addrB)), addrB); err != nil {
 		t.Fatal(err)
 	}
-	if err := handleFrame(a, probeFrame(a, probePong, nonces[1]), addrC); err != nil {
+	if err := handleFrame(a, probeFrame(a, probePong, nonceTo(a, addrC)), addrC); err != nil {
 		t.Fatal(err)
 	}
 	if r, _, _ := a.Remote(); r != addrB {
@@ -515,4 +510,116 @@ func FuzzHandle(f *testing.F) {
 			t.Fatal("random input confirmed a path")
 		}
 	})
+}
+
+// nonceTo is the nonce of p's outstanding ping to addr.
+func nonceTo(p *Punch, addr netip.AddrPort) uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for n, s := range p.sent {
+		if s.to == addr {
+			return n
+		}
+	}
+	panic("no ping outstanding to " + addr.String())
+}
+
+// A pong confirms only the address its ping went to: a peer holding the
+// key (it sees its own nonces) must not be able to confirm a stranger's
+// address as the path by forging the pong's source.
+func TestPongOnlyFromWherePingWent(t *testing.T) {
+	a := New(Config{ID: 9, Key: testKey(7), Peer: []netip.AddrPort{addrB}, Send: func([]byte, netip.AddrPort) error { return nil }, Log: quiet})
+	a.ping(addrB)
+	n := nonceTo(a, addrB)
+	if err := handleFrame(a, probeFrame(a, probePong, n), addrC); err != nil {
+		t.Fatal(err)
+	}
+	if r, _, ok := a.Remote(); ok {
+		t.Fatalf("a pong from %v for a ping to %v confirmed %v", addrC, addrB, r)
+	}
+	// The nonce is still good where it went.
+	if err := handleFrame(a, probeFrame(a, probePong, n), addrB); err != nil {
+		t.Fatal(err)
+	}
+	if r, _, ok := a.Remote(); !ok || r != addrB {
+		t.Fatalf("the genuine pong: Remote = %v, %v", r, ok)
+	}
+}
+
+// Gate is asked before every discovery probe; what it refuses is not sent
+// and is counted. Keepalives on a confirmed path do not ask it.
+func TestGateLimitsDiscoveryOnly(t *testing.T) {
+	fastTiming(t)
+	n := newFakeNet()
+	var asked atomic.Int32
+	allowB := atomic.Bool{}
+	gate := func(to netip.AddrPort) bool {
+		asked.Add(1)
+		return to == addrB && allowB.Load()
+	}
+	e := newEvents()
+	a := New(e.cfg(Config{ID: 9, Key: testKey(7), Peer: []netip.AddrPort{addrB, addrC}, Send: n.sender(addrA), Gate: gate}))
+	b := New(newEvents().cfg(Config{ID: 9, Key: testKey(7), Peer: []netip.AddrPort{addrA}, Send: n.sender(addrB)}))
+	n.attach(addrA, a)
+	n.attach(addrB, b)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); a.Run(ctx) }()
+	go func() { defer wg.Done(); b.Run(ctx) }()
+	t.Cleanup(func() { cancel(); wg.Wait(); n.wg.Wait() })
+
+	time.Sleep(10 * ProbeInterval)
+	if got := n.sentTo(addrC); got != 0 {
+		t.Fatalf("%d probes to %v, which the gate refuses", got, addrC)
+	}
+	if _, _, ok := a.Remote(); ok {
+		t.Fatal("a confirmed a path with every probe refused")
+	}
+	if g, _ := a.Limited(); g == 0 {
+		t.Fatal("refused probes not counted")
+	}
+	allowB.Store(true)
+	waitFor(t, e.direct, 3*time.Second, "direct path at a once the gate lets b through")
+	// Holding the path: keepalives flow, the gate is not asked.
+	time.Sleep(2 * KeepaliveInterval)
+	before, sentB := asked.Load(), n.sentTo(addrB)
+	time.Sleep(5 * KeepaliveInterval)
+	if asked.Load() != before {
+		t.Fatalf("the gate was asked %d times for keepalives", asked.Load()-before)
+	}
+	if n.sentTo(addrB) == sentB {
+		t.Fatal("no keepalives on the confirmed path")
+	}
+	if got := n.sentTo(addrC); got != 0 {
+		t.Fatalf("%d probes to %v, which the gate refuses", got, addrC)
+	}
+}
+
+// Accept screens where the peer's pings come from: a refused source is
+// neither answered nor learned.
+func TestAcceptScreensPingSources(t *testing.T) {
+	var sends []netip.AddrPort
+	var mu sync.Mutex
+	send := func(_ []byte, to netip.AddrPort) error { mu.Lock(); sends = append(sends, to); mu.Unlock(); return nil }
+	a := New(Config{ID: 9, Key: testKey(7), Peer: []netip.AddrPort{addrB}, Send: send, Log: quiet,
+		Accept: func(from netip.AddrPort) bool { return from != addrC }})
+	peer := New(Config{ID: 9, Key: testKey(7), Log: quiet})
+	for i, from := range []netip.AddrPort{addrB, addrC, ap("127.0.0.1:1004")} {
+		if err := handleFrame(a, probeFrame(peer, probePing, uint64(i)), from); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mu.Lock()
+	got := append([]netip.AddrPort(nil), sends...)
+	mu.Unlock()
+	if want := []netip.AddrPort{addrB, ap("127.0.0.1:1004")}; !slices.Equal(got, want) {
+		t.Fatalf("pongs went to %v, want %v", got, want)
+	}
+	if c := a.Candidates(); !slices.Equal(c, []netip.AddrPort{addrB, ap("127.0.0.1:1004")}) {
+		t.Fatalf("candidates %v; %v must not be learned", c, addrC)
+	}
+	if _, r := a.Limited(); r != 1 {
+		t.Fatalf("refused sources counted %d, want 1", r)
+	}
 }

@@ -70,6 +70,10 @@ type DirectConfig struct {
 	// OnLost runs after the session moved back to its fallback (the relay,
 	// or nothing for a direct-only session) because the path went quiet.
 	OnLost func(remote netip.AddrPort)
+	// Gate and Accept are punch.Config's: the node's rules for where and
+	// how often its discovery probes may go. Nil: no limit.
+	Gate   func(to netip.AddrPort) bool
+	Accept func(from netip.AddrPort) bool
 }
 
 // Direct is one session's direct-path lifecycle: punching, moving the
@@ -101,7 +105,7 @@ func (u *Underlay) StartDirect(ctx context.Context, cfg DirectConfig) *Direct {
 		log = u.log
 	}
 	d.p = punch.New(punch.Config{
-		ID: cfg.ID, Key: cfg.Key, Peer: cfg.Peer, Send: u.SendFrame, Log: log,
+		ID: cfg.ID, Key: cfg.Key, Peer: cfg.Peer, Send: u.SendFrame, Log: log, Gate: cfg.Gate, Accept: cfg.Accept,
 		OnDirect: func(remote netip.AddrPort, took time.Duration) {
 			if !d.setPath(&directPath{u: u, remote: remote}) {
 				return
