@@ -166,6 +166,12 @@ type Session struct {
 	PeerAddr       netip.Addr     `json:"peer_overlay"`
 	Advertise      []netip.Prefix `json:"advertise,omitempty"` // the agent's, as registered
 	Mode           string         `json:"mode,omitempty"`
+	// PeerObserved is the public address the gateway sees the peer's
+	// connection come from. The peer's own candidates name its observed
+	// address too, but a peer may name anyone's: this is the one public
+	// address an agent probes. Absent from a gateway that does not send
+	// it (the agent then takes the client's first candidate).
+	PeerObserved netip.AddrPort `json:"peer_observed,omitzero"`
 	// Resumed (to a client) says the agent still holds the session's
 	// end-to-end connection, so the client may keep using it.
 	Resumed bool `json:"resumed,omitempty"`

@@ -18,6 +18,7 @@ func TestMessageRoundTrip(t *testing.T) {
 		{Type: TypeError, ID: 7, Error: &Error{Code: CodeUnknownAgent, Message: `no agent named "x"`}},
 		{Type: TypeConnect, ID: 1, Connect: &Connect{Agent: "miranda", Resume: 42}},
 		{Type: TypeSession, ID: 1, Session: &Session{ID: 42, PeerName: "alice", PeerKey: "ed25519:AA", PeerAddr: netip.MustParseAddr("100.64.0.3")}},
+		{Type: TypeSession, ID: 2, Session: &Session{ID: 43, PeerName: "bob", PeerKey: "ed25519:AB", PeerAddr: netip.MustParseAddr("100.64.0.4"), PeerObserved: netip.MustParseAddrPort("198.18.3.9:41000")}},
 		{Type: TypeAccept, Accept: &Accept{ID: 42}},
 		{Type: TypeRevoked, Revoked: &Revoked{IDs: []uint64{7, 9}}},
 	}
@@ -126,4 +127,25 @@ func FuzzParseFrame(f *testing.F) {
 			t.Fatalf("bad parse of %x", b)
 		}
 	})
+}
+
+// A session offer without the observed address encodes as before (a
+// receiver of the same version that does not know the field, reading with
+// DisallowUnknownFields, still accepts it), and one from a gateway that
+// does not send it decodes to the zero address.
+func TestSessionPeerObservedOptional(t *testing.T) {
+	var buf bytes.Buffer
+	if err := WriteMessage(&buf, &Message{Type: TypeSession, Session: &Session{ID: 1, PeerAddr: netip.MustParseAddr("100.64.0.3")}}); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(buf.String(), "peer_observed") {
+		t.Fatalf("an unset observed address is on the wire: %s", buf.Bytes()[4:])
+	}
+	m, err := ReadMessage(bytes.NewReader(frameOf(`{"type":"session","session":{"id":1,"peer_name":"a","peer_credential":"","peer_key":"k","peer_overlay":"100.64.0.3"}}`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Session.PeerObserved.IsValid() {
+		t.Fatalf("observed %v from an offer without one", m.Session.PeerObserved)
+	}
 }
