@@ -236,24 +236,44 @@ func (t *ticket) release() {
 	a.n--
 }
 
-// reason is why the gateway turned a connection away before admitting its
-// node. Each has a counter (nlvpn_gateway_refused_total) and its own log
-// rate limit. The limits are checked per Initial packet, before there is
-// a connection to speak of, so they count refused packets: a ClientHello
-// may span two. So does the Retry counter.
+// reason is why the gateway turned a connection away before registering
+// its node. Each has a counter (nlvpn_gateway_refused_total) and its own
+// log rate limit (logLimiter). The admission limits are checked per
+// Initial packet, before there is a connection to speak of, so they count
+// refused packets: a ClientHello may span two. So does the Retry counter.
 type reason int
 
 const (
 	reasonPerSourceLimit reason = iota
 	reasonTotalLimit
 	reasonHelloTimeout
+	reasonBadCertificate
+	reasonBadRegistration
+	reasonBadToken
+	reasonExpired
+	reasonRevoked
+	reasonTokenUsed
+	reasonEnrollFailed
+	reasonBadAdvertise
+	reasonNoOverlay
+	reasonNameInUse
 	numReasons
 )
 
 var reasonNames = [numReasons]string{
-	reasonPerSourceLimit: "per_source_limit",
-	reasonTotalLimit:     "total_limit",
-	reasonHelloTimeout:   "hello_timeout",
+	reasonPerSourceLimit:  "per_source_limit",
+	reasonTotalLimit:      "total_limit",
+	reasonHelloTimeout:    "hello_timeout",
+	reasonBadCertificate:  "bad_certificate",
+	reasonBadRegistration: "bad_registration",
+	reasonBadToken:        "bad_token",
+	reasonExpired:         "expired_token",
+	reasonRevoked:         "revoked_token",
+	reasonTokenUsed:       "token_used",
+	reasonEnrollFailed:    "enroll_failed",
+	reasonBadAdvertise:    "bad_advertise",
+	reasonNoOverlay:       "no_overlay",
+	reasonNameInUse:       "name_in_use",
 }
 
 func (r reason) String() string { return reasonNames[r] }

@@ -73,7 +73,8 @@ type Gateway struct {
 
 	rejected atomic.Uint64 // registrations refused
 	adm      *admission
-	refusals [numReasons]atomic.Uint64 // connections turned away before admission, by reason
+	refusals [numReasons]atomic.Uint64 // connections turned away before registration, by reason
+	logLimit *logLimiter               // of the refusals' log lines
 	addr     atomic.Pointer[net.UDPAddr]
 	frameIO  atomic.Pointer[udpbatch.Conn] // the frame socket, once Run has started
 }
@@ -146,7 +147,14 @@ func New(cfg Config) (*Gateway, error) {
 		return nil, errors.New("no authority key: the gateway admits nodes by credentials that an authority signed")
 	}
 	g := &Gateway{cfg: cfg, log: cfg.Log, hub: relay.NewHub(cfg.Log), agents: make(map[string]*node), live: make(map[netip.Addr]*node)}
-	g.adm = newAdmission(cfg, g.refusedConn)
+	g.logLimit = newLogLimiter(refusalLogEvery)
+	g.adm = newAdmission(cfg, func(r reason, from net.Addr) {
+		msg := "too many unauthenticated connections from one source; refusing more"
+		if r == reasonTotalLimit {
+			msg = "too many unauthenticated connections; refusing more"
+		}
+		g.refused(g.log, slog.LevelInfo, r, msg, "remote", from.String())
+	})
 	var err error
 	if g.overlay, err = openOverlayPool(cfg.State.Dir); err != nil {
 		return nil, err
@@ -262,11 +270,6 @@ const helloTimeout = 3 * time.Second
 // up itself, before the gateway closes the connection.
 const refuseLinger = 2 * time.Second
 
-// refusedConn counts a connection turned away before its node was admitted.
-func (g *Gateway) refusedConn(r reason, from net.Addr) {
-	g.refusals[r].Add(1)
-}
-
 // refuse tells a node why it is refused, then closes the connection after
 // giving the message a moment to arrive.
 func (g *Gateway) refuse(qc *quic.Conn, st *quic.Stream, code, msg string) {
@@ -298,14 +301,14 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	slot := ticketOf(qc)
 	defer slot.release()
 	if !slot.handshakeDone() {
-		g.refusedConn(reasonPerSourceLimit, qc.RemoteAddr())
+		g.refused(log, slog.LevelInfo, reasonPerSourceLimit, "too many unauthenticated connections from one source; refusing more")
 		qc.CloseWithError(1, "too many unauthenticated connections from this source")
 		return
 	}
 	hello := time.Now().Add(helloTimeout)
 	key, err := identity.KeyOf(qc.ConnectionState().TLS)
 	if err != nil {
-		log.Info("node rejected", "err", err)
+		g.refused(log, slog.LevelInfo, reasonBadCertificate, "node rejected", "err", err)
 		return
 	}
 	actx, cancel := context.WithDeadline(ctx, hello)
@@ -313,7 +316,8 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	cancel()
 	if err != nil {
 		if isTimeout(err) {
-			g.refusedConn(reasonHelloTimeout, qc.RemoteAddr())
+			g.refused(log, slog.LevelInfo, reasonHelloTimeout, "node opened no control stream in time")
+			return
 		}
 		log.Debug("node opened no control stream", "err", err)
 		return
@@ -322,31 +326,31 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	m, err := wire.ReadMessage(st)
 	if err != nil {
 		if isTimeout(err) {
-			g.refusedConn(reasonHelloTimeout, qc.RemoteAddr())
-			log.Debug("no hello in time", "err", err)
+			g.refused(log, slog.LevelInfo, reasonHelloTimeout, "no hello in time", "err", err)
 			return
 		}
-		log.Info("bad registration", "err", err)
+		g.refused(log, slog.LevelInfo, reasonBadRegistration, "bad registration", "err", err)
 		g.refuse(qc, st, wire.CodeBadRequest, "bad registration: "+err.Error())
 		return
 	}
 	st.SetReadDeadline(time.Time{})
 	if m.Type != wire.TypeHello {
+		g.refused(log, slog.LevelInfo, reasonBadRegistration, "bad registration", "type", m.Type)
 		g.refuse(qc, st, wire.CodeBadRequest, "first message must be hello, got "+m.Type)
 		return
 	}
 	claims, err := token.Verify(m.Hello.Token, g.cfg.Authority, key, time.Now())
 	if err != nil {
-		code := wire.CodeBadToken
+		code, r := wire.CodeBadToken, reasonBadToken
 		if errors.Is(err, token.ErrExpired) {
-			code = wire.CodeExpired
+			code, r = wire.CodeExpired, reasonExpired
 		}
-		log.Info("token refused", "err", err)
+		g.refused(log, slog.LevelInfo, r, "token refused", "err", err)
 		g.refuse(qc, st, code, err.Error())
 		return
 	}
 	if r, ok := g.revokedBy(claims); ok {
-		log.Info("token refused: revoked", "token", claims.ID)
+		g.refused(log, slog.LevelInfo, reasonRevoked, "token refused: revoked", "token", claims.ID)
 		g.refuse(qc, st, wire.CodeRevoked, revokedMessage(claims, r))
 		return
 	}
@@ -354,11 +358,11 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	// on another machine cannot take the name or address it carries.
 	if err := g.enrolled.use(claims.ID, claims.Expires, claims.Uses, key); err != nil {
 		if errors.Is(err, errTokenUsed) {
-			log.Warn("token already used by another machine", "token", claims.ID, "key", key.String())
+			g.refused(log, slog.LevelWarn, reasonTokenUsed, "token already used by another machine", "token", claims.ID, "key", key.String())
 			g.refuse(qc, st, wire.CodeTokenUsed, fmt.Sprintf("this token for %s %q was already used by another machine; a token enrolls one machine (ask for a new one, or for one issued with --uses N)", claims.Role, claims.Name))
 			return
 		}
-		log.Error("token use not recorded", "err", err)
+		g.refused(log, slog.LevelError, reasonEnrollFailed, "token use not recorded", "err", err)
 		g.refuse(qc, st, wire.CodeUnavailable, "the gateway cannot record this token's use now")
 		return
 	}
@@ -387,6 +391,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	if n.role == token.RoleAgent {
 		for _, p := range m.Hello.Advertise {
 			if !p.IsValid() || p.Bits() < 0 {
+				g.refused(log, slog.LevelInfo, reasonBadAdvertise, "invalid advertised prefix")
 				g.refuse(qc, st, wire.CodeBadRequest, "invalid advertised prefix")
 				return
 			}
@@ -394,7 +399,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		}
 	}
 	if n.overlay, err = g.assignOverlay(n, m.Hello.Overlay); err != nil {
-		log.Error("overlay allocation failed", "err", err)
+		g.refused(log, slog.LevelError, reasonNoOverlay, "overlay allocation failed", "err", err)
 		g.refuse(qc, st, wire.CodeUnavailable, "gateway cannot allocate an overlay address")
 		return
 	}
@@ -404,7 +409,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		old := g.agents[n.name]
 		if old != nil && !old.key.Equal(key) && old.qc.Context().Err() == nil {
 			g.mu.Unlock()
-			log.Warn("agent name already in use by another key")
+			g.refused(log, slog.LevelWarn, reasonNameInUse, "agent name already in use by another key")
 			g.refuse(qc, st, wire.CodeNameInUse, fmt.Sprintf("agent %q is already connected with a different key", n.name))
 			return
 		}

@@ -31,8 +31,9 @@ func (g *Gateway) Handler() http.Handler {
 		}
 		fmt.Fprintf(w, "# TYPE nlvpn_relay_routes gauge\nnlvpn_relay_routes %d\n", s.Routes)
 		fmt.Fprintf(w, "# TYPE nlvpn_gateway_registrations_refused_total counter\nnlvpn_gateway_registrations_refused_total %d\n", g.rejected.Load())
-		// Strangers: connections turned away before their node was
-		// admitted, Retries demanded, and slots held now (admission).
+		// Strangers: connections turned away before their node
+		// registered, by reason, Retries demanded, and unauthenticated
+		// connections now (admission).
 		fmt.Fprintf(w, "# TYPE nlvpn_gateway_refused_total counter\n")
 		for r := range numReasons {
 			fmt.Fprintf(w, "nlvpn_gateway_refused_total{reason=%q} %d\n", r.String(), g.refusals[r].Load())
