@@ -83,6 +83,7 @@ type Agent struct {
 	registered sync.Once // cfg.OnUp
 	host       hostAddrs // this host's own addresses, which clients never reach
 	denied     deniedCounters
+	probes     probeGuard // where hole-punch probes may go, and how many (probes.go)
 
 	dropSpoofed, dropNoSession atomic.Uint64
 	lastDenyLog                atomic.Int64
@@ -119,7 +120,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 	u, err := underlay.Open(control.Config{
 		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Advertise: cfg.Advertise,
-		Log: cfg.Log, OnRequest: a.onRequest, OnRevoked: a.endRevoked,
+		Log: cfg.Log, OnRequest: a.onRequest, OnRevoked: a.endRevoked, OnGone: a.onGone,
 		OnUp: func(context.Context, *wire.Welcome) {
 			if cfg.OnUp != nil {
 				a.registered.Do(cfg.OnUp)
@@ -505,17 +506,22 @@ func modeName(m string) string {
 // ends punch; each confirms the path by its own probes' answers.
 func (a *Agent) startPunch(s *wire.Session, key []byte) {
 	a.stopPunch(s.ID, false)
-	var cands []netip.AddrPort
+	log := a.log.With("session", wire.SessionID(s.ID))
+	cfg := underlay.DirectConfig{ID: s.ID, Mode: s.Mode, Key: key, Log: log.With("client", s.PeerName)}
 	if s.Mode != wire.ModeRelay {
-		cands = punch.Usable(s.Candidates, nil, punch.MaxCandidates)
+		// Only candidates that can be this client's, at a bounded rate
+		// per offer, client name and address (probes.go).
+		op := a.probes.begin(s, s.PeerName, a.host.has, func() bool { return a.isLive(s.ID) }, log)
+		cfg.Peer = op.cands
+		cfg.Gate = func(to netip.AddrPort) bool { return a.probes.allow(op, to) }
+		cfg.Accept = func(from netip.AddrPort) bool { return a.probes.accept(op, from) }
 	}
-	d := a.u.StartDirect(a.ctx, underlay.DirectConfig{ID: s.ID, Mode: s.Mode, Key: key, Peer: cands,
-		Log: a.log.With("client", s.PeerName, "session", wire.SessionID(s.ID))})
+	d := a.u.StartDirect(a.ctx, cfg)
 	a.mu.Lock()
 	a.punches[s.ID] = d
 	a.mu.Unlock()
 	// An offer the client never follows up is forgotten.
-	time.AfterFunc(time.Minute, func() {
+	time.AfterFunc(offerTTL, func() {
 		a.mu.Lock()
 		live := a.live[s.ID]
 		if !live {
@@ -536,6 +542,9 @@ func (a *Agent) stopPunch(id uint64, ended bool) {
 	d := a.punches[id]
 	delete(a.punches, id)
 	a.mu.Unlock()
+	if ended {
+		a.probes.end(id)
+	}
 	switch {
 	case d == nil:
 	case ended:
