@@ -18,17 +18,18 @@ import (
 	"github.com/nlvpn/nlvpn/wire"
 )
 
-// startGatewayWith is startGateway with the config adjusted by set.
-func startGatewayWith(t *testing.T, set func(*Config)) *testGateway {
-	t.Helper()
-	dir := t.TempDir()
+// startGatewayWith is startGateway with the config adjusted by set; it
+// takes a testing.TB so that fuzz targets can share one gateway.
+func startGatewayWith(tb testing.TB, set func(*Config)) *testGateway {
+	tb.Helper()
+	dir := tb.TempDir()
 	st, err := OpenState(dir)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	auth, err := LoadAuthority(dir)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	cfg := Config{State: st, Authority: auth.Public(), Listen: "127.0.0.1:0", Log: quietLog()}
 	if set != nil {
@@ -36,7 +37,7 @@ func startGatewayWith(t *testing.T, set func(*Config)) *testGateway {
 	}
 	g, err := New(cfg)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	tg := &testGateway{g: g, state: st, authority: auth, cancel: cancel, done: make(chan error, 1)}
@@ -44,11 +45,22 @@ func startGatewayWith(t *testing.T, set func(*Config)) *testGateway {
 	deadline := time.Now().Add(3 * time.Second)
 	for g.Addr() == nil {
 		if time.Now().After(deadline) {
-			t.Fatal("gateway did not start listening")
+			tb.Fatal("gateway did not start listening")
 		}
 		time.Sleep(time.Millisecond)
 	}
-	t.Cleanup(func() { tg.stop(t) })
+	if !g.Addr().IP.IsLoopback() {
+		tb.Fatalf("gateway listens on %v", g.Addr())
+	}
+	tb.Cleanup(func() {
+		tg.once.Do(func() {
+			cancel()
+			select {
+			case <-tg.done:
+			case <-time.After(500 * time.Millisecond):
+			}
+		})
+	})
 	return tg
 }
 
