@@ -46,6 +46,7 @@ const (
 	dnsMaxAnswers      = 8
 	dnsServerLookupMax = 5 * time.Second
 	dnsServerInflight  = 256
+	dnsServerPerClient = 32
 )
 
 // ---------------------------------------------------------------- client
@@ -328,6 +329,10 @@ type DNSStats struct {
 	NotImpl   uint64 // NOTIMP answers (types other than A/AAAA, other opcodes)
 	Malformed uint64 // datagrams dropped as not a well-formed query
 	Dropped   uint64 // queries dropped because too many were in flight
+	// ClientLimited counts queries dropped because their client had
+	// dnsServerPerClient in flight already: one client's flood of lookups
+	// of slow names cannot take every slot.
+	ClientLimited uint64
 }
 
 // DNSServer answers A/AAAA queries with a host resolver. The zero value is
@@ -337,6 +342,10 @@ type DNSServer struct {
 	log      *slog.Logger
 	inflight chan struct{}
 
+	clientMu  sync.Mutex
+	perClient map[netip.Addr]int // queries in flight, by client; no entry at 0
+
+	clientLimited                                                      atomic.Uint64
 	queries, answered, nxdomain, servfail, notimpl, malformed, dropped atomic.Uint64
 }
 
@@ -363,6 +372,7 @@ func (s *DNSServer) Stats() DNSStats {
 	return DNSStats{
 		Queries: s.queries.Load(), Answered: s.answered.Load(), NXDomain: s.nxdomain.Load(),
 		ServFail: s.servfail.Load(), NotImpl: s.notimpl.Load(), Malformed: s.malformed.Load(), Dropped: s.dropped.Load(),
+		ClientLimited: s.clientLimited.Load(),
 	}
 }
 
@@ -550,7 +560,8 @@ func DNSDialer(dns netip.AddrPort, srv *DNSServer, next func(ctx context.Context
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		if network == "udp" || network == "udp4" || network == "udp6" {
 			if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Unmap() == dns.Addr().Unmap() && ap.Port() == dns.Port() {
-				return srv.Conn(), nil
+				client, _ := ClientOf(ctx)
+				return srv.conn(client), nil
 			}
 		}
 		return next(ctx, network, addr)
@@ -559,13 +570,47 @@ func DNSDialer(dns netip.AddrPort, srv *DNSServer, next func(ctx context.Context
 
 // Conn returns an in-memory datagram connection: each Write is one query,
 // each Read returns one answer. It is what DNSDialer hands the egress.
-func (s *DNSServer) Conn() net.Conn {
+func (s *DNSServer) Conn() net.Conn { return s.conn(netip.Addr{}) }
+
+// conn is Conn for the queries of one client (by overlay address; the zero
+// address: not bounded per client).
+func (s *DNSServer) conn(client netip.Addr) net.Conn {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &dnsConn{s: s, answers: make(chan []byte, 64), ctx: ctx, cancel: cancel, wake: make(chan struct{})}
+	return &dnsConn{s: s, client: client, answers: make(chan []byte, 64), ctx: ctx, cancel: cancel, wake: make(chan struct{})}
+}
+
+// takeClient takes one of client's in-flight slots.
+func (s *DNSServer) takeClient(client netip.Addr) bool {
+	if !client.IsValid() {
+		return true
+	}
+	s.clientMu.Lock()
+	defer s.clientMu.Unlock()
+	if s.perClient[client] >= dnsServerPerClient {
+		s.clientLimited.Add(1)
+		return false
+	}
+	if s.perClient == nil {
+		s.perClient = make(map[netip.Addr]int)
+	}
+	s.perClient[client]++
+	return true
+}
+
+func (s *DNSServer) giveClient(client netip.Addr) {
+	if !client.IsValid() {
+		return
+	}
+	s.clientMu.Lock()
+	defer s.clientMu.Unlock()
+	if s.perClient[client]--; s.perClient[client] <= 0 {
+		delete(s.perClient, client)
+	}
 }
 
 type dnsConn struct {
 	s       *DNSServer
+	client  netip.Addr
 	answers chan []byte
 	ctx     context.Context
 	cancel  context.CancelFunc
@@ -618,15 +663,19 @@ func (c *dnsConn) Write(b []byte) (int, error) {
 	if c.ctx.Err() != nil {
 		return 0, net.ErrClosed
 	}
+	if !c.s.takeClient(c.client) {
+		return len(b), nil // dropped, like a full socket buffer
+	}
 	select {
 	case c.s.inflight <- struct{}{}:
 	default:
+		c.s.giveClient(c.client)
 		c.s.dropped.Add(1)
 		return len(b), nil
 	}
 	q := append([]byte(nil), b...)
 	go func() {
-		defer func() { <-c.s.inflight }()
+		defer func() { <-c.s.inflight; c.s.giveClient(c.client) }()
 		if resp := c.s.Answer(c.ctx, q); resp != nil {
 			select {
 			case c.answers <- resp:
@@ -638,6 +687,9 @@ func (c *dnsConn) Write(b []byte) (int, error) {
 }
 
 func (c *dnsConn) Close() error { c.cancel(); return nil }
+
+// MaxDatagram tells the egress how big a read buffer an answer needs.
+func (c *dnsConn) MaxDatagram() int { return dnsMaxMsg }
 
 func (c *dnsConn) LocalAddr() net.Addr  { return dnsConnAddr }
 func (c *dnsConn) RemoteAddr() net.Addr { return dnsConnAddr }

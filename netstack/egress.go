@@ -19,11 +19,9 @@ package netstack
 import (
 	"context"
 	"errors"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -86,6 +84,9 @@ type EgressConfig struct {
 	// Release gives a packet passed to Submit back to its owner once the
 	// stack has its copy; nil: nothing to do.
 	Release func(pkt []byte)
+	// Limits bounds what each client, and all together, can make the
+	// Egress hold; zero fields mean DefaultEgressLimits.
+	Limits EgressLimits
 }
 
 // EgressStats are cumulative counters of an Egress.
@@ -103,6 +104,10 @@ type EgressStats struct {
 	OutPackets    uint64 // packets passed to out
 	OutDropped    uint64 // packets of the stack's that never reached out: output queue full, or unwritable
 	SubmitDropped uint64 // packets Submit could not queue: the stack was behind
+	UDPShortIdle  uint64 // UDP flows closed early as a finished request/response (one datagram each way)
+	// Limited counts new flows, dials and echoes refused because a
+	// client's or the total bound (EgressLimits) was hit, by resource.
+	Limited map[string]uint64
 }
 
 // egressCounters are the Egress-only counters; Injected, Malformed and
@@ -110,7 +115,7 @@ type EgressStats struct {
 type egressCounters struct {
 	denied, tcpFlows, udpFlows                         atomic.Uint64
 	icmpEchoes, echoReplies, echoDropped, echoTimeouts atomic.Uint64
-	dialFailures                                       atomic.Uint64
+	dialFailures, udpShortIdle                         atomic.Uint64
 }
 
 // Egress is a gVisor stack that terminates clients' flows and re-originates
@@ -121,56 +126,27 @@ type Egress struct {
 	cfg       EgressConfig
 	dial      func(ctx context.Context, network, addr string) (net.Conn, error)
 	udpIdle   time.Duration
+	udpShort  time.Duration // egUDPShortIdle, or udpIdle when that is shorter
 	echoWait  time.Duration
 	echoSlots chan struct{}
 	echoModes []string // ICMP socket kinds to try; tests restrict it
 
 	echoID atomic.Uint32 // ICMP id allocator for raw sockets
 
-	// flows holds each client's open real connections, so that when a
+	// ledger holds what each client holds (flows, dials, echoes) against
+	// its bounds, and each client's open real connections, so that when a
 	// client's session ends its flows end too, instead of lingering on the
 	// LAN (an ssh session left open on the target, say).
-	flowMu sync.Mutex
-	flows  map[netip.Addr]map[io.Closer]struct{}
+	ledger egLedger
 
 	c egressCounters
-}
-
-// addFlow records a real connection made for client.
-func (e *Egress) addFlow(client netip.Addr, c io.Closer) {
-	e.flowMu.Lock()
-	defer e.flowMu.Unlock()
-	if e.flows == nil {
-		e.flows = make(map[netip.Addr]map[io.Closer]struct{})
-	}
-	m := e.flows[client]
-	if m == nil {
-		m = make(map[io.Closer]struct{})
-		e.flows[client] = m
-	}
-	m[c] = struct{}{}
-}
-
-// removeFlow forgets a connection that ended.
-func (e *Egress) removeFlow(client netip.Addr, c io.Closer) {
-	e.flowMu.Lock()
-	defer e.flowMu.Unlock()
-	if m := e.flows[client]; m != nil {
-		delete(m, c)
-		if len(m) == 0 {
-			delete(e.flows, client)
-		}
-	}
 }
 
 // CloseClient ends every flow of the client with overlay address addr
 // (its real connections close, which ends the tunneled side too) and
 // returns how many there were. The agent calls it when a session ends.
 func (e *Egress) CloseClient(addr netip.Addr) int {
-	e.flowMu.Lock()
-	m := e.flows[addr]
-	delete(e.flows, addr)
-	e.flowMu.Unlock()
+	m := e.ledger.takeConns(addr)
 	for c := range m {
 		_ = c.Close()
 	}
@@ -202,6 +178,7 @@ func NewEgress(cfg EgressConfig, out func(pkts [][]byte)) (*Egress, error) {
 		udpIdle:   cfg.UDPIdleTimeout,
 		echoWait:  cfg.EchoTimeout,
 		echoModes: egDefaultEchoModes,
+		ledger:    egLedger{lim: cfg.Limits.withDefaults()},
 	}
 	if e.dial == nil {
 		d := &net.Dialer{Timeout: DefaultEgressDialTimeout}
@@ -210,6 +187,7 @@ func NewEgress(cfg EgressConfig, out func(pkts [][]byte)) (*Egress, error) {
 	if e.udpIdle <= 0 {
 		e.udpIdle = DefaultEgressUDPIdleTimeout
 	}
+	e.udpShort = min(egUDPShortIdle, e.udpIdle)
 	if e.echoWait <= 0 {
 		e.echoWait = DefaultEgressEchoTimeout
 	}
@@ -301,6 +279,8 @@ func (e *Egress) Stats() EgressStats {
 		OutPackets:    e.outPackets.Load(),
 		OutDropped:    e.outDropped(),
 		SubmitDropped: e.subDropped.Load(),
+		UDPShortIdle:  e.c.udpShortIdle.Load(),
+		Limited:       e.Limited(),
 	}
 }
 

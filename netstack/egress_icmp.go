@@ -40,14 +40,21 @@ func (e *Egress) handleEcho(r egEchoRequest) {
 		e.c.echoDropped.Add(1)
 		return
 	}
+	client := r.src.Unmap()
+	if !e.ledger.acquire(client, egEcho) {
+		e.c.echoDropped.Add(1)
+		return
+	}
 	select {
 	case e.echoSlots <- struct{}{}:
 	default:
+		e.ledger.release(client, egEcho)
 		e.c.echoDropped.Add(1)
 		return
 	}
 	if !e.track() {
 		<-e.echoSlots
+		e.ledger.release(client, egEcho)
 		return
 	}
 	r.data = bytes.Clone(r.data)
@@ -56,7 +63,7 @@ func (e *Egress) handleEcho(r egEchoRequest) {
 	}
 	go func() {
 		defer e.wg.Done()
-		defer func() { <-e.echoSlots }()
+		defer func() { <-e.echoSlots; e.ledger.release(client, egEcho) }()
 		e.forwardEcho(r)
 	}()
 }

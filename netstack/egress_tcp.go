@@ -34,10 +34,26 @@ func (e *Egress) handleTCP(r *tcp.ForwarderRequest) {
 		r.Complete(true)
 		return
 	}
-
-	ctx, cancel := context.WithTimeout(e.ctx, DefaultEgressDialTimeout)
+	// A client at its flow bound gets a RST, like a refused port: its
+	// program sees an error at once. A client at its dial bound gets
+	// nothing: the SYN is dropped and its retransmission may find a free
+	// slot, as with a full listen backlog. Either way gVisor's shared
+	// in-flight SYN slot is given back at once, so one client dialing a
+	// blackholed address cannot hold the slots the others need.
+	client := src.Addr().Unmap()
+	if !e.ledger.acquire(client, egTCP) {
+		r.Complete(true)
+		return
+	}
+	defer e.ledger.release(client, egTCP)
+	if !e.ledger.acquire(client, egDial) {
+		r.Complete(false)
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithValue(e.ctx, egClientKey{}, client), DefaultEgressDialTimeout)
 	remote, err := e.dial(ctx, "tcp", dst.String())
 	cancel()
+	e.ledger.release(client, egDial)
 	if err != nil {
 		e.c.dialFailures.Add(1)
 		log.Debug("tcp dial failed", "error", err)
@@ -49,8 +65,8 @@ func (e *Egress) handleTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	defer e.removeCloser(remote)
-	e.addFlow(src.Addr(), remote)
-	defer e.removeFlow(src.Addr(), remote)
+	e.ledger.addConn(client, remote)
+	defer e.ledger.removeConn(client, remote)
 
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)
@@ -61,15 +77,15 @@ func (e *Egress) handleTCP(r *tcp.ForwarderRequest) {
 	}
 	r.Complete(false)
 	ep.SocketOptions().SetKeepAlive(true)
-	client := gonet.NewTCPConn(&wq, ep)
-	if !e.addCloser(client) {
+	tunneled := gonet.NewTCPConn(&wq, ep)
+	if !e.addCloser(tunneled) {
 		return
 	}
-	defer e.removeCloser(client)
+	defer e.removeCloser(tunneled)
 
 	e.c.tcpFlows.Add(1)
 	log.Debug("tcp flow open")
-	up, down := egSplice(client, remote)
+	up, down := egSplice(tunneled, remote)
 	log.Debug("tcp flow closed", "bytes_up", up, "bytes_down", down)
 }
 

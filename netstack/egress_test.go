@@ -37,6 +37,7 @@ import (
 var (
 	egClientV4 = netip.MustParseAddr("100.64.0.2")
 	egClientV6 = netip.MustParseAddr("fd7a:115c:a1e0::2")
+	egClientB  = netip.MustParseAddr("100.64.0.3") // a second client, for the per-client bounds
 	egLoV4     = netip.MustParseAddr("127.0.0.1")
 	egLoV6     = netip.MustParseAddr("::1")
 )
@@ -62,7 +63,7 @@ type egTestNet struct {
 	client *stack.Stack
 }
 
-func egNewTestNet(t *testing.T, cfg EgressConfig) *egTestNet {
+func egNewTestNet(t testing.TB, cfg EgressConfig) *egTestNet {
 	t.Helper()
 	if cfg.MTU == 0 {
 		cfg.MTU = egTestMTU
@@ -81,7 +82,7 @@ func egNewTestNet(t *testing.T, cfg EgressConfig) *egTestNet {
 	if err := cs.CreateNIC(1, link); err != nil {
 		t.Fatal(err)
 	}
-	for _, a := range []netip.Addr{egClientV4, egClientV6} {
+	for _, a := range []netip.Addr{egClientV4, egClientV6, egClientB} {
 		proto := ipv4.ProtocolNumber
 		if a.Is6() {
 			proto = ipv6.ProtocolNumber
@@ -380,7 +381,7 @@ func egIsRefused(err error) bool {
 	return false
 }
 
-func egUDPEchoServer(t *testing.T, lo netip.Addr) (netip.AddrPort, func() []netip.AddrPort) {
+func egUDPEchoServer(t testing.TB, lo netip.Addr) (netip.AddrPort, func() []netip.AddrPort) {
 	t.Helper()
 	pc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(lo, 0)))
 	if err != nil {
