@@ -520,6 +520,8 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 	offer := &wire.Session{
 		ID: id, PeerName: c.name, PeerCredential: c.cred, PeerKey: c.key.String(), PeerAddr: c.overlay,
 		Mode: req.Mode, Punch: req.Punch,
+		// The one public address the agent will probe for this client.
+		PeerObserved: c.peer.Addr(),
 	}
 	if misbehave != nil {
 		misbehave(g, token.RoleAgent, offer)
@@ -556,6 +558,7 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 	reply := &wire.Session{
 		ID: id, PeerName: a.name, PeerCredential: a.cred, PeerKey: a.key.String(), PeerAddr: a.overlay, Advertise: a.adv,
 		Mode: req.Mode, Punch: r.Accept.Punch, Resumed: r.Accept.Resumed && id == req.Resume,
+		PeerObserved: a.peer.Addr(),
 	}
 	if misbehave != nil {
 		misbehave(g, token.RoleClient, reply)

@@ -301,6 +301,11 @@ func TestRegisterAndConnect(t *testing.T) {
 		if off.ID != s.ID || off.PeerName != "alice" || off.PeerKey != client.key.Public().String() || off.PeerAddr != cw.Overlay {
 			t.Fatalf("agent offer = %+v; want session %x from alice %s at %v", off, s.ID, client.key.Public(), cw.Overlay)
 		}
+		// The agent learns where the gateway sees the client, the one
+		// public address it will probe (the client learns the agent's).
+		if off.PeerObserved != cw.Observed || s.PeerObserved != aw.Observed {
+			t.Fatalf("observed addresses in offer %v and session %v, want %v and %v", off.PeerObserved, s.PeerObserved, cw.Observed, aw.Observed)
+		}
 		// The agent gets the client's credential to check for itself,
 		// groups and all; the client gets the agent's.
 		cc, err := token.Verify(off.PeerCredential, tg.authority.Public(), client.key.Public(), time.Now())
