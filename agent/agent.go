@@ -44,6 +44,9 @@ type Config struct {
 	// AllowLoopback lets clients reach this host's own loopback services,
 	// as 127.0.0.1 / ::1 or as the agent's overlay address. Off by default.
 	AllowLoopback bool
+	// Limits bounds the flows each client, and all together, may hold;
+	// zero fields mean netstack.DefaultEgressLimits.
+	Limits netstack.EgressLimits
 	// StatusSocket, if set, is a unix socket path where `nlvpn status`
 	// reads the agent's sessions and drop counters.
 	StatusSocket string
@@ -136,7 +139,7 @@ func Run(ctx context.Context, cfg Config) error {
 	a.host.refresh(cfg.Log)
 	a.dns = netstack.NewDNSServer(net.DefaultResolver, cfg.Log)
 	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: session.TunMTU, Allow: a.allow, Dial: a.dial, Logger: cfg.Log,
-		Release: session.ReleasePacket}, a.toClient)
+		Release: session.ReleasePacket, Limits: cfg.Limits}, a.toClient)
 	if err != nil {
 		return fmt.Errorf("start egress netstack: %w", err)
 	}
@@ -375,6 +378,8 @@ type deniedCounters struct {
 	// credential counts session offers refused (a client credential that
 	// does not hold, an overlay address of another client), not packets.
 	credential atomic.Uint64
+	// offersFull counts offers refused because maxPendingOffers were pending.
+	offersFull atomic.Uint64
 }
 
 func (d *deniedCounters) snapshot() map[string]uint64 {
@@ -385,6 +390,7 @@ func (d *deniedCounters) snapshot() map[string]uint64 {
 		"link_local":     d.linkLocal.Load(),
 		"policy":         d.policy.Load(),
 		"offer_refused":  d.credential.Load(),
+		"offers_full":    d.offersFull.Load(),
 	}
 }
 
@@ -481,6 +487,16 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 			stale = append(stale, id)
 		}
 	}
+	if _, known := a.offers[s.ID]; !known && a.pendingOffers() >= maxPendingOffers {
+		// Each pending offer holds a punch and its probes for a minute;
+		// one per client key bounds them per client, this in total.
+		a.mu.Unlock()
+		a.denied.offersFull.Add(1)
+		for _, id := range stale {
+			a.stopPunch(id, true)
+		}
+		return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeUnavailable, Message: "too many session offers pending at this agent; try again shortly"}}
+	}
 	a.offers[s.ID] = &offer{Session: s, client: client}
 	a.mu.Unlock()
 	for _, id := range stale {
@@ -489,6 +505,20 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 	a.log.Info("session offered", "client", s.PeerName, "client_overlay", s.PeerAddr, "session", wire.SessionID(s.ID), "mode", modeName(s.Mode))
 	a.startPunch(s, probeKey)
 	return &wire.Message{Type: wire.TypeAccept, Accept: acc}
+}
+
+// maxPendingOffers bounds session offers not yet followed by a connection.
+const maxPendingOffers = 256
+
+// pendingOffers counts offers without a live session; a.mu is held.
+func (a *Agent) pendingOffers() int {
+	n := 0
+	for id := range a.offers {
+		if !a.live[id] {
+			n++
+		}
+	}
+	return n
 }
 
 func badRequest(msg string) *wire.Message {

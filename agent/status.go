@@ -1,6 +1,9 @@
 package agent
 
 import (
+	"net/netip"
+
+	"github.com/nlvpn/nlvpn/netstack"
 	"github.com/nlvpn/nlvpn/status"
 	"github.com/nlvpn/nlvpn/underlay"
 	"github.com/nlvpn/nlvpn/wire"
@@ -17,8 +20,18 @@ type Status struct {
 	// Denied counts new flows (TCP SYNs, UDP datagrams, ICMP echoes) the
 	// policy refused, by reason: not_advertised, loopback, host_address,
 	// link_local, policy; and offer_refused, session offers refused (a
-	// client credential that does not hold, another client's address).
+	// client credential that does not hold, another client's address),
+	// offers_full, offers refused because too many were pending.
 	Denied map[string]uint64 `json:"denied"`
+	// Limited counts new flows, dials, echoes and DNS queries refused
+	// because a client's or the agent's bound was hit (all clients, since
+	// start): tcp_flows, udp_flows, dials, icmp_echoes, dns_queries.
+	Limited map[string]uint64 `json:"limited"`
+	// Probes counts hole-punch probes: sent, refused_<reason> (candidates
+	// the agent will not probe: loopback, link_local, foreign_private, ...),
+	// limited_<budget> (probes not sent because a rate bound was hit) and
+	// stopped_gone.
+	Probes map[string]uint64 `json:"probes"`
 	// TCPRetransmits and TCPTimeouts count the netstack's loss recovery for
 	// the flows it terminates (all clients).
 	TCPRetransmits uint64 `json:"tcp_retransmits"`
@@ -36,6 +49,11 @@ type SessionStatus struct {
 	RxBytes         uint64  `json:"rx_bytes"`
 	QUICPacketsSent uint64  `json:"quic_packets_sent"`
 	QUICPacketsLost uint64  `json:"quic_packets_lost"`
+	// Flows is what this client holds at the agent now: tcp_flows,
+	// udp_flows, dials, icmp_echoes. Limited is how often its own bounds
+	// were hit while it held something, by the same names.
+	Flows   map[string]int    `json:"flows"`
+	Limited map[string]uint64 `json:"limited,omitempty"`
 }
 
 // Status reports the agent's sessions and drop counters now.
@@ -55,6 +73,10 @@ func (a *Agent) Status() Status {
 	}
 	a.mu.Unlock()
 	drops := a.ended.Total()
+	held := make(map[netip.Addr]netstack.EgressClient)
+	for _, c := range a.eg.Clients() {
+		held[c.Addr] = c
+	}
 	for _, e := range es {
 		s := e.cs.sess
 		ss := s.Stats()
@@ -62,6 +84,9 @@ func (a *Agent) Status() Status {
 		one := SessionStatus{Client: e.cs.offer.PeerName, Session: wire.SessionID(s.ID), Path: "relay",
 			RTTMillis: float64(cs.SmoothedRTT.Microseconds()) / 1000, TxBytes: ss.TxBytes, RxBytes: ss.RxBytes,
 			QUICPacketsSent: cs.PacketsSent, QUICPacketsLost: cs.PacketsLost}
+		if c, ok := held[e.cs.offer.PeerAddr.Unmap()]; ok {
+			one.Flows, one.Limited = c.Held, c.Limited
+		}
 		if e.d != nil {
 			if remote, _, ok := e.d.Remote(); ok {
 				one.Path, one.Remote = "direct", remote.String()
@@ -83,6 +108,9 @@ func (a *Agent) Status() Status {
 	}
 	st.TCPRetransmits, st.TCPTimeouts = a.eg.StackRecovery()
 	st.Denied = a.denied.snapshot()
+	st.Limited = a.eg.Limited()
+	st.Limited["dns_queries"] = a.dns.Stats().ClientLimited
+	st.Probes = a.probes.snapshot()
 	return st
 }
 

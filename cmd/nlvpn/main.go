@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sort"
 	"strings"
 	"syscall"
 	"time"
@@ -24,6 +25,7 @@ import (
 	"github.com/nlvpn/nlvpn/config"
 	"github.com/nlvpn/nlvpn/gateway"
 	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/netstack"
 	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/policy"
 	"github.com/nlvpn/nlvpn/status"
@@ -151,6 +153,9 @@ certificate instead. The gateway relays only end-to-end encrypted packets.`,
 			&cli.StringFlag{Name: "cert", Usage: "TLS certificate file (PEM) instead of the self-signed one"},
 			&cli.StringFlag{Name: "key", Usage: "private key file (PEM) for --cert"},
 			&cli.StringFlag{Name: "metrics", Usage: "serve counters over HTTP on `ADDR` (e.g. 127.0.0.1:9433): /metrics (Prometheus) and /relay (JSON, relayed bytes per session)"},
+			&cli.IntFlag{Name: "max-unauth-per-source", Value: gateway.DefaultMaxUnauthPerSource, Usage: "connections not yet registered from one address (IPv6: one /64); more are refused"},
+			&cli.IntFlag{Name: "max-unauth", Value: gateway.DefaultMaxUnauth, Usage: "connections not yet registered, in total; above --retry-above of them new ones must prove their address first (QUIC Retry)"},
+			&cli.IntFlag{Name: "retry-above", Value: gateway.DefaultRetryAbove, Usage: "demand a QUIC Retry once this many connections are not yet registered (-1: always)"},
 			&cli.StringFlag{Name: "authority", Usage: "admit nodes whose credentials the authority with public key `KEY` signed (from `nlvpn authority` on an admin machine); without it the gateway keeps an authority key in its state directory", EnvVars: []string{"NLVPN_AUTHORITY"}},
 		},
 		Action: func(c *cli.Context) error {
@@ -169,7 +174,8 @@ certificate instead. The gateway relays only end-to-end encrypted packets.`,
 			if err != nil {
 				return err
 			}
-			cfg := gateway.Config{State: st, Listen: c.String("listen"), PublicAddr: c.String("public-addr"), Log: slog.Default()}
+			cfg := gateway.Config{State: st, Listen: c.String("listen"), PublicAddr: c.String("public-addr"), Log: slog.Default(),
+				MaxUnauthPerSource: c.Int("max-unauth-per-source"), MaxUnauth: c.Int("max-unauth"), RetryAbove: c.Int("retry-above")}
 			if a := c.String("authority"); a != "" {
 				if cfg.Authority, err = identity.ParsePublicKey(a); err != nil {
 					return fmt.Errorf("--authority: %w", err)
@@ -568,6 +574,10 @@ It reconnects to the gateway by itself.`,
 			&cli.StringSliceFlag{Name: "advertise", Usage: "`CIDR` clients may reach (repeatable), e.g. 192.168.1.0/24"},
 			&cli.BoolFlag{Name: "allow-loopback", Usage: "let clients reach this host's own loopback services (as 127.0.0.1 or as the agent's overlay address); refused and logged otherwise"},
 			&cli.BoolFlag{Name: "exit-node", Usage: "allow --advertise 0.0.0.0/0 or ::/0: clients that accept it may send all their traffic out through this host"},
+			&cli.IntFlag{Name: "max-tcp-per-client", Value: netstack.DefaultEgressLimits.TCPPerClient, Usage: "TCP connections one client may have open through this agent; beyond, new ones are refused (RST)"},
+			&cli.IntFlag{Name: "max-udp-per-client", Value: netstack.DefaultEgressLimits.UDPPerClient, Usage: "UDP flows (address/port pairs) one client may have open; beyond, new ones are dropped"},
+			&cli.IntFlag{Name: "max-tcp", Value: netstack.DefaultEgressLimits.TCPTotal, Usage: "TCP connections of all clients together"},
+			&cli.IntFlag{Name: "max-udp", Value: netstack.DefaultEgressLimits.UDPTotal, Usage: "UDP flows of all clients together"},
 			&cli.StringFlag{Name: "policy", Usage: "per-client access rules from `FILE` (first match wins, default deny; reloaded on SIGHUP); without it every client reaches everything advertised"},
 		),
 		Action: func(c *cli.Context) error {
@@ -602,9 +612,11 @@ It reconnects to the gateway by itself.`,
 				Policy:  pol,
 				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv,
 				AllowLoopback: c.Bool("allow-loopback"),
-				StatusSocket:  filepath.Join(ns.stateDir, "status.sock"),
-				OnUp:          func() { ns.remember(c.IsSet("gateway")) },
-				Log:           slog.Default().With("agent", ns.claims.Name),
+				Limits: netstack.EgressLimits{TCPPerClient: c.Int("max-tcp-per-client"), UDPPerClient: c.Int("max-udp-per-client"),
+					TCPTotal: c.Int("max-tcp"), UDPTotal: c.Int("max-udp")},
+				StatusSocket: filepath.Join(ns.stateDir, "status.sock"),
+				OnUp:         func() { ns.remember(c.IsSet("gateway")) },
+				Log:          slog.Default().With("agent", ns.claims.Name),
 			})
 		},
 	}
@@ -701,6 +713,18 @@ func modeFlags(c *cli.Context) (string, error) {
 	return wire.ModeAuto, nil
 }
 
+// nonZero prints a counter map's non-zero entries, sorted by name.
+func nonZero(m map[string]uint64) string {
+	var parts []string
+	for k, v := range m {
+		if v > 0 {
+			parts = append(parts, fmt.Sprintf("%s %d", k, v))
+		}
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, ", ")
+}
+
 func statusCmd() *cli.Command {
 	return &cli.Command{
 		Name:  "status",
@@ -709,7 +733,10 @@ func statusCmd() *cli.Command {
 which only its user can open. For a client, --json prints one object with "path"
 ("direct" or "relay"), "remote", "rtt_ms", "tx_bytes", "rx_bytes" and "since_switch_s";
 for an agent, "sessions" (one per connected client), "drops" (packets lost inside
-the agent, by where) and "denied" (new flows its policy refused, by reason, and session offers refused).`,
+the agent, by where), "denied" (new flows its policy refused, by reason, and session
+offers refused), "limited" (new flows, dials, echoes and DNS queries refused because a
+client's or the agent's bound was hit) and "probes" (hole-punch probes sent, refused and
+rate-limited); each session shows the flows its client holds and its own refusals.`,
 		Flags: []cli.Flag{
 			stateDirFlag("nlvpn"),
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object"},
@@ -734,7 +761,14 @@ the agent, by where) and "denied" (new flows its policy refused, by reason, and 
 				}
 				fmt.Printf("agent:    %s\nclients:  %d\n", st.Name, len(st.Sessions))
 				for _, s := range st.Sessions {
-					fmt.Printf("  %s  session %s  %s %s  rtt %.2f ms  tx %d  rx %d bytes\n", s.Client, s.Session, s.Path, s.Remote, s.RTTMillis, s.TxBytes, s.RxBytes)
+					fmt.Printf("  %s  session %s  %s %s  rtt %.2f ms  tx %d  rx %d bytes  flows tcp %d udp %d\n", s.Client, s.Session, s.Path, s.Remote, s.RTTMillis, s.TxBytes, s.RxBytes,
+						s.Flows["tcp_flows"], s.Flows["udp_flows"])
+					if line := nonZero(s.Limited); line != "" {
+						fmt.Printf("    refused at its bounds: %s\n", line)
+					}
+				}
+				if line := nonZero(st.Limited); line != "" {
+					fmt.Printf("refused at bounds: %s\n", line)
 				}
 				return nil
 			}
