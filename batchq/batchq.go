@@ -10,6 +10,7 @@ package batchq
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -22,6 +23,7 @@ type Q[T any] struct {
 	waiting bool
 	ready   chan struct{}
 	room    chan struct{} // capacity 1: "Take emptied the queue"
+	taken   func()        // called under mu when Take takes the items (Fair)
 }
 
 // New returns a queue that holds at most max items.
@@ -58,6 +60,12 @@ func (q *Q[T]) Put(v T) bool {
 		q.mu.Unlock()
 		return false
 	}
+	q.putLocked(v)
+	return true
+}
+
+// putLocked appends v and unlocks q.mu, waking the consumer if it sleeps.
+func (q *Q[T]) putLocked(v T) {
 	q.items = append(q.items, v)
 	wake := q.waiting
 	q.waiting = false
@@ -65,7 +73,6 @@ func (q *Q[T]) Put(v T) bool {
 	if wake {
 		q.signal()
 	}
-	return true
 }
 
 // PutBatch queues as many of vs as fit, in order, and returns how many.
@@ -107,6 +114,9 @@ func (q *Q[T]) Take(ctx context.Context, buf []T) ([]T, error) {
 				buf = make([]T, 0, cap(out))
 			}
 			q.items = buf
+			if q.taken != nil {
+				q.taken()
+			}
 			q.mu.Unlock()
 			select {
 			case q.room <- struct{}{}:
@@ -133,3 +143,56 @@ func (q *Q[T]) Len() int {
 	defer q.mu.Unlock()
 	return len(q.items)
 }
+
+// Fair is a Q shared by several producers that are told apart by a key
+// (a client's address): while the consumer is behind, no key may hold more
+// than an equal share of the room, max divided by the keys holding items
+// plus one (room is always left for a key that has none yet), so one
+// producer at full blast fills its own share and loses its own items, not
+// the others'. Shares are counted from one Take to the next: the consumer
+// takes everything, so that is how long items wait.
+type Fair[K comparable, T any] struct {
+	q      *Q[T]
+	counts map[K]int // items queued per key since the last Take; guarded by q.mu
+	over   atomic.Uint64
+}
+
+// NewFair returns a fair queue that holds at most max items.
+func NewFair[K comparable, T any](max int) *Fair[K, T] {
+	f := &Fair[K, T]{q: New[T](max), counts: make(map[K]int)}
+	f.q.taken = func() { clear(f.counts) }
+	return f
+}
+
+// Put queues v for key. It never blocks: it returns false, and v was not
+// queued, when the queue is full or key holds its share already.
+func (f *Fair[K, T]) Put(key K, v T) bool {
+	q := f.q
+	q.mu.Lock()
+	if len(q.items) >= q.max {
+		q.mu.Unlock()
+		return false
+	}
+	n, held := len(f.counts), f.counts[key]
+	if held == 0 {
+		n++
+	}
+	if held >= max(q.max/(n+1), 1) {
+		q.mu.Unlock()
+		f.over.Add(1)
+		return false
+	}
+	f.counts[key] = held + 1
+	q.putLocked(v)
+	return true
+}
+
+// Take is Q.Take.
+func (f *Fair[K, T]) Take(ctx context.Context, buf []T) ([]T, error) { return f.q.Take(ctx, buf) }
+
+// Len returns how many items are queued now.
+func (f *Fair[K, T]) Len() int { return f.q.Len() }
+
+// OverShare counts the items Put refused because their key held its share
+// while there was room for others.
+func (f *Fair[K, T]) OverShare() uint64 { return f.over.Load() }

@@ -116,3 +116,97 @@ func TestPutWait(t *testing.T) {
 		t.Fatalf("after the wait the queue holds %v", got)
 	}
 }
+
+// One key at full blast fills only its share of a Fair queue: another key's
+// items still get in, and the flooder loses its own (counted). Shares
+// start over after each Take.
+func TestFairShares(t *testing.T) {
+	tests := []struct {
+		name string
+		max  int
+		puts []struct {
+			key string
+			n   int
+		}
+		accepted map[string]int
+	}{
+		{"alone: half, room kept for a newcomer", 100, []struct {
+			key string
+			n   int
+		}{{"a", 200}}, map[string]int{"a": 50}},
+		{"flooder first, honest after", 100, []struct {
+			key string
+			n   int
+		}{{"a", 200}, {"b", 10}}, map[string]int{"a": 50, "b": 10}},
+		{"two flooders", 90, []struct {
+			key string
+			n   int
+		}{{"a", 200}, {"b", 200}}, map[string]int{"a": 45, "b": 30}},
+		{"many small keys are not limited", 100, []struct {
+			key string
+			n   int
+		}{{"a", 5}, {"b", 5}, {"c", 5}, {"d", 5}}, map[string]int{"a": 5, "b": 5, "c": 5, "d": 5}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := NewFair[string, string](tt.max)
+			offered, total := 0, 0
+			for _, p := range tt.puts {
+				for range p.n {
+					f.Put(p.key, p.key)
+				}
+				offered += p.n
+			}
+			got, err := f.Take(context.Background(), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			count := map[string]int{}
+			for _, k := range got {
+				count[k]++
+			}
+			for k, want := range tt.accepted {
+				if count[k] != want {
+					t.Errorf("key %s: %d queued, want %d", k, count[k], want)
+				}
+				total += want
+			}
+			if n := f.OverShare(); n != uint64(offered-total) {
+				t.Errorf("OverShare %d, want %d", n, offered-total)
+			}
+			// A new round: the flooder has its share again.
+			for range tt.max {
+				f.Put("a", "a")
+			}
+			if got, _ := f.Take(context.Background(), got); len(got) != tt.max/2 {
+				t.Errorf("after Take, key a alone queued %d, want %d", len(got), tt.max/2)
+			}
+		})
+	}
+}
+
+// BenchmarkPut compares the cost per item of a plain and a fair queue
+// (the fair one looks its key up on every Put), taking as it goes.
+func BenchmarkPut(b *testing.B) {
+	keys := []uint32{1, 2, 3, 4}
+	b.Run("Q", func(b *testing.B) {
+		q := New[int](4096)
+		var buf []int
+		for i := range b.N {
+			q.Put(i)
+			if i%64 == 63 {
+				buf, _ = q.Take(context.Background(), buf)
+			}
+		}
+	})
+	b.Run("Fair", func(b *testing.B) {
+		f := NewFair[uint32, int](4096)
+		var buf []int
+		for i := range b.N {
+			f.Put(keys[i%len(keys)], i)
+			if i%64 == 63 {
+				buf, _ = f.Take(context.Background(), buf)
+			}
+		}
+	})
+}

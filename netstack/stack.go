@@ -12,6 +12,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -116,7 +117,7 @@ type stackCore struct {
 	injected, malformed, outPackets atomic.Uint64
 	subDropped                      atomic.Uint64 // Submit: queue full
 
-	subq       *batchq.Q[[]byte] // packets Submit queued
+	subq       *batchq.Fair[netip.Addr, []byte] // packets Submit queued, by source (a client's fair share)
 	release    func(pkt []byte)
 	unwritable atomic.Uint64 // a copy of ow.dropped
 }
@@ -142,7 +143,7 @@ func stackMTU(who string, mtu, def int) (int, error) {
 // init creates the tuned stack and its NIC. It does not start the pump: the
 // owner finishes its own setup first and then calls start.
 func (c *stackCore) init(cfg stackConfig) error {
-	c.subq = batchq.New[[]byte](submitQueueLen)
+	c.subq = batchq.NewFair[netip.Addr, []byte](submitQueueLen)
 	c.release = cfg.release
 	c.mtu = cfg.mtu
 	c.out = cfg.out
@@ -223,9 +224,12 @@ func (c *stackCore) start() {
 // merge a flow's consecutive TCP segments) on a goroutine of its own. It
 // takes ownership of pkt and gives it back through the release function
 // it was configured with, once injected or dropped; a full queue drops it
-// and counts (SubmitDropped).
+// and counts (SubmitDropped). The queue is shared fairly by the packets'
+// sources (on the agent: the clients): one client sending faster than the
+// stack takes fills its own share and loses its own packets, not the
+// others'.
 func (c *stackCore) Submit(pkt []byte) bool {
-	if !c.subq.Put(pkt) {
+	if !c.subq.Put(srcOf(pkt), pkt) {
 		c.subDropped.Add(1)
 		if c.release != nil {
 			c.release(pkt)
@@ -233,6 +237,18 @@ func (c *stackCore) Submit(pkt []byte) bool {
 		return false
 	}
 	return true
+}
+
+// srcOf is an IP packet's source address, the zero Addr if it has none;
+// the stack checks the rest.
+func srcOf(p []byte) netip.Addr {
+	switch {
+	case len(p) >= 20 && p[0]>>4 == 4:
+		return netip.AddrFrom4([4]byte(p[12:16]))
+	case len(p) >= 40 && p[0]>>4 == 6:
+		return netip.AddrFrom16([16]byte(p[8:24]))
+	}
+	return netip.Addr{}
 }
 
 // runSubmitted injects what Submit queued until shutdown.
@@ -406,6 +422,7 @@ func (c *stackCore) StackDrops() map[string]uint64 {
 	s := c.stack.Stats()
 	return map[string]uint64{
 		"netstack_queue_full":         c.subDropped.Load(),
+		"netstack_queue_share":        c.subq.OverShare(), // of those: a source over its fair share
 		"netstack_out_dropped":        c.outDropped(),
 		"netstack_malformed":          c.malformed.Load(),
 		"gvisor_dropped":              s.DroppedPackets.Value(),
