@@ -25,7 +25,8 @@ type Status struct {
 	Denied map[string]uint64 `json:"denied"`
 	// Limited counts new flows, dials, echoes and DNS queries refused
 	// because a client's or the agent's bound was hit (all clients, since
-	// start): tcp_flows, udp_flows, dials, icmp_echoes, dns_queries.
+	// start): tcp_flows, udp_flows, dials, icmp_echoes, dns_queries; and
+	// gateway_requests, the gateway's requests answered "busy".
 	Limited map[string]uint64 `json:"limited"`
 	// Probes counts hole-punch probes: sent, refused_<reason> (candidates
 	// the agent will not probe: loopback, link_local, foreign_private, ...),
@@ -110,6 +111,7 @@ func (a *Agent) Status() Status {
 	st.Denied = a.denied.snapshot()
 	st.Limited = a.eg.Limited()
 	st.Limited["dns_queries"] = a.dns.Stats().ClientLimited
+	st.Limited["gateway_requests"] = a.u.Ctrl.RequestsBusy()
 	st.Probes = a.probes.snapshot()
 	return st
 }

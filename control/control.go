@@ -34,8 +34,10 @@ func QUICConfig() *quic.Config {
 		HandshakeIdleTimeout:    5 * time.Second,
 		MaxIdleTimeout:          30 * time.Second,
 		KeepAlivePeriod:         5 * time.Second,
-		MaxIncomingStreams:      4,
-		MaxIncomingUniStreams:   -1,
+		// A node opens the one control stream; the gateway opens none, so
+		// a node accepts none (the gateway sets its own limit).
+		MaxIncomingStreams:    -1,
+		MaxIncomingUniStreams: -1,
 	}
 }
 
@@ -91,7 +93,13 @@ type Client struct {
 	err     error
 
 	dropRelay, dropRelayOut atomic.Uint64
+
+	handlers     chan struct{} // slots of OnRequest calls in progress
+	requestsBusy atomic.Uint64 // requests answered "busy": all slots taken
 }
+
+// maxRequestHandlers bounds the gateway's requests a node answers at once.
+const maxRequestHandlers = 32
 
 // New returns a Client; Run connects it.
 func New(cfg Config) *Client {
@@ -99,7 +107,8 @@ func New(cfg Config) *Client {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Client{cfg: cfg, log: log.With("gateway", cfg.Gateway), up: make(chan struct{}), failed: make(chan struct{})}
+	return &Client{cfg: cfg, log: log.With("gateway", cfg.Gateway), up: make(chan struct{}), failed: make(chan struct{}),
+		handlers: make(chan struct{}, maxRequestHandlers)}
 }
 
 // Ready waits for the first registration, or for Run to fail.
@@ -310,7 +319,22 @@ func (c *Client) readControl(ctx context.Context, k *conn) error {
 				c.cfg.OnRevoked(m.Revoked.IDs)
 			}
 		case m.ID != 0 && c.cfg.OnRequest != nil:
+			// A gateway's requests are answered concurrently (one slow
+			// offer must not hold up the next) but boundedly: a gateway
+			// that is broken into cannot make the node run handlers
+			// without end.
+			select {
+			case c.handlers <- struct{}{}:
+			default:
+				c.requestsBusy.Add(1)
+				busy := &wire.Message{ID: m.ID, Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeUnavailable, Message: "too many requests in progress"}}
+				if err := k.ch.Write(busy); err != nil {
+					c.log.Debug("reply to gateway failed", "err", err)
+				}
+				continue
+			}
 			go func() {
+				defer func() { <-c.handlers }()
 				reply := c.cfg.OnRequest(ctx, m)
 				reply.ID = m.ID
 				if err := k.ch.Write(reply); err != nil {
@@ -422,3 +446,7 @@ func (c *Client) sendRelay(ctx context.Context, k *conn) {
 // RelayDrops counts malformed or unexpected frames received from the
 // gateway, and relay frames dropped on a full queue on their way out.
 func (c *Client) RelayDrops() (in, out uint64) { return c.dropRelay.Load(), c.dropRelayOut.Load() }
+
+// RequestsBusy counts the gateway's requests answered "unavailable" at
+// once because maxRequestHandlers were in progress.
+func (c *Client) RequestsBusy() uint64 { return c.requestsBusy.Load() }

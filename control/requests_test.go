@@ -1,0 +1,111 @@
+package control
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+// A gateway (a broken-into one, say) that sends a flood of requests gets
+// at most maxRequestHandlers answered at once; the rest are answered
+// "unavailable" at once and counted, and the node stays registered.
+func TestRequestHandlersBounded(t *testing.T) {
+	gkey, err := identity.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := identity.SelfSigned(gkey.Signer(), "gateway")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gcfg := QUICConfig()
+	gcfg.MaxIncomingStreams = 1 // as the gateway: the node's control stream
+	ln, err := quic.ListenAddr("127.0.0.1:0", identity.ServerTLS(cert, wire.ALPNGateway), gcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+
+	release := make(chan struct{})
+	var running, peak atomic.Int64
+	c := newTestClient(t, ln.Addr().String())
+	c.cfg.Pin = identity.Fingerprint(cert.Leaf)
+	c.cfg.OnRequest = func(ctx context.Context, m *wire.Message) *wire.Message {
+		n := running.Add(1)
+		for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+		}
+		defer running.Add(-1)
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return &wire.Message{Type: wire.TypeAccept, Accept: &wire.Accept{ID: m.Session.ID}}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	runDone := make(chan error, 1)
+	go func() { runDone <- c.Run(ctx) }()
+
+	qc, err := ln.Accept(ctx)
+	if err != nil {
+		cancel()
+		t.Fatalf("accept: %v (node: %v)", err, <-runDone)
+	}
+	st, err := qc.AcceptStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := wire.ReadMessage(st); err != nil || m.Type != wire.TypeHello {
+		t.Fatalf("first message %+v, %v", m, err)
+	}
+	ch := wire.NewChannel(st)
+	if err := ch.Write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: "miranda", Role: "agent"}}); err != nil {
+		t.Fatal(err)
+	}
+	const flood = 200
+	for i := range flood {
+		id := uint64(i + 1)
+		if err := ch.Write(&wire.Message{ID: id, Type: wire.TypeSession, Session: &wire.Session{ID: id}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	busy, accepted, released := 0, 0, false
+	for busy+accepted < flood {
+		if busy == flood-maxRequestHandlers && !released {
+			close(release) // the rest were answered busy: let the handlers finish
+			released = true
+		}
+		st.SetReadDeadline(time.Now().Add(10 * time.Second))
+		m, err := wire.ReadMessage(st)
+		if err != nil {
+			t.Fatalf("after %d busy and %d accepted replies: %v", busy, accepted, err)
+		}
+		switch {
+		case m.Type == wire.TypeError && m.Error.Code == wire.CodeUnavailable:
+			busy++
+		case m.Type == wire.TypeAccept:
+			accepted++
+		default:
+			t.Fatalf("reply %+v", m)
+		}
+	}
+	if accepted != maxRequestHandlers || peak.Load() != maxRequestHandlers {
+		t.Fatalf("%d requests handled (peak %d at once), want %d", accepted, peak.Load(), maxRequestHandlers)
+	}
+	if got := c.RequestsBusy(); got != flood-maxRequestHandlers {
+		t.Fatalf("RequestsBusy %d, want %d", got, flood-maxRequestHandlers)
+	}
+	select {
+	case err := <-runDone:
+		t.Fatalf("the node gave up its gateway connection: %v", err)
+	default:
+	}
+	cancel()
+	<-runDone
+}
