@@ -257,23 +257,27 @@ const (
 	reasonBadAdvertise
 	reasonNoOverlay
 	reasonNameInUse
+	// reasonUnexpectedMessage is a registered node's message the gateway
+	// does not take from it (a node may spam them; one line per window).
+	reasonUnexpectedMessage
 	numReasons
 )
 
 var reasonNames = [numReasons]string{
-	reasonPerSourceLimit:  "per_source_limit",
-	reasonTotalLimit:      "total_limit",
-	reasonHelloTimeout:    "hello_timeout",
-	reasonBadCertificate:  "bad_certificate",
-	reasonBadRegistration: "bad_registration",
-	reasonBadToken:        "bad_token",
-	reasonExpired:         "expired_token",
-	reasonRevoked:         "revoked_token",
-	reasonTokenUsed:       "token_used",
-	reasonEnrollFailed:    "enroll_failed",
-	reasonBadAdvertise:    "bad_advertise",
-	reasonNoOverlay:       "no_overlay",
-	reasonNameInUse:       "name_in_use",
+	reasonPerSourceLimit:    "per_source_limit",
+	reasonTotalLimit:        "total_limit",
+	reasonHelloTimeout:      "hello_timeout",
+	reasonBadCertificate:    "bad_certificate",
+	reasonBadRegistration:   "bad_registration",
+	reasonBadToken:          "bad_token",
+	reasonExpired:           "expired_token",
+	reasonRevoked:           "revoked_token",
+	reasonTokenUsed:         "token_used",
+	reasonEnrollFailed:      "enroll_failed",
+	reasonBadAdvertise:      "bad_advertise",
+	reasonNoOverlay:         "no_overlay",
+	reasonNameInUse:         "name_in_use",
+	reasonUnexpectedMessage: "unexpected_message",
 }
 
 func (r reason) String() string { return reasonNames[r] }

@@ -481,7 +481,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 				n.write(reply)
 			}()
 		default:
-			log.Info("unexpected control message", "type", m.Type)
+			g.refused(log, slog.LevelInfo, reasonUnexpectedMessage, "unexpected control message", "type", m.Type)
 			n.write(&wire.Message{Type: wire.TypeError, ID: m.ID, Error: &wire.Error{Code: wire.CodeBadRequest, Message: "unexpected " + m.Type + " message"}})
 		}
 	}

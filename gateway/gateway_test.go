@@ -335,12 +335,18 @@ func TestRegisterAndConnect(t *testing.T) {
 	}{
 		{"unknown agent", client, connectMsg("nosuch"), wire.CodeUnknownAgent},
 		{"agent may not connect", agent, connectMsg("miranda"), wire.CodeBadRequest},
+		{"a message nodes do not send", client, &wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{}}, wire.CodeBadRequest},
+		{"again (counted, not logged again)", client, &wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{}}, wire.CodeBadRequest},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := request(t, tt.from, tt.msg)
 			wantWireError(t, err, tt.code)
 		})
+	}
+	// The agent's connect and the client's two welcomes.
+	if n := tg.g.refusals[reasonUnexpectedMessage].Load(); n != 3 {
+		t.Errorf("unexpected_message count %d, want 3", n)
 	}
 	// A refused request is an answer, not the end of the node's connection.
 	if _, err := request(t, client, connectMsg("miranda")); err != nil {
