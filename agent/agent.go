@@ -89,7 +89,29 @@ type Agent struct {
 	probes     probeGuard // where hole-punch probes may go, and how many (probes.go)
 
 	dropSpoofed, dropNoSession atomic.Uint64
-	lastDenyLog                atomic.Int64
+	dropUnoffered              atomic.Uint64 // peer connections refused before TLS: no offer for their session
+
+	// revoked is the authority's revocation list in force (nil: none
+	// seen); revocationsRefused counts lists that did not verify.
+	revoked            atomic.Pointer[token.Revocations]
+	revocationsRefused atomic.Uint64
+	lastDenyLog        atomic.Int64
+}
+
+var errUnoffered = errors.New("no offer for this session")
+
+// admitConn is the peer transport's ConnContext: it refuses a connection
+// whose session (its address) has no offer, and counts it.
+func (a *Agent) admitConn(ctx context.Context, ci *quic.ClientInfo) (context.Context, error) {
+	id, _ := session.IDOf(ci.RemoteAddr)
+	a.mu.Lock()
+	_, ok := a.offers[id]
+	a.mu.Unlock()
+	if !ok {
+		a.dropUnoffered.Add(1)
+		return ctx, errUnoffered
+	}
+	return ctx, nil
 }
 
 // offer is a session offer whose client credential the agent verified.
@@ -124,7 +146,8 @@ func Run(ctx context.Context, cfg Config) error {
 	u, err := underlay.Open(control.Config{
 		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Advertise: cfg.Advertise,
 		Log: cfg.Log, OnRequest: a.onRequest, OnRevoked: a.endRevoked, OnGone: a.onGone,
-		OnUp: func(context.Context, *wire.Welcome) {
+		OnUp: func(_ context.Context, w *wire.Welcome) {
+			a.takeRevocations(w.Revocations)
 			if cfg.OnUp != nil {
 				a.registered.Do(cfg.OnUp)
 			}
@@ -149,6 +172,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	// A peer connection for a session nobody offered is refused at its
+	// first packet, before any TLS work: the session ID travels in clear,
+	// and anyone who can send to the port could otherwise make the agent
+	// run handshakes for IDs it never agreed to.
+	u.Peers.ConnContext = a.admitConn
 	ln, err := u.Peers.Listen(stls, session.QUICConfig())
 	if err != nil {
 		return err
@@ -184,11 +212,13 @@ func Run(ctx context.Context, cfg Config) error {
 
 // endRevoked ends the sessions the gateway says belong to a client whose
 // token was revoked, and forgets their offers so they cannot resume: on
-// the direct path only the agent can cut them.
-func (a *Agent) endRevoked(ids []uint64) {
+// the direct path only the agent can cut them. A signed list that comes
+// with it is checked and enforced on its own (takeRevocations).
+func (a *Agent) endRevoked(r *wire.Revoked) {
+	a.takeRevocations(r.List)
 	a.mu.Lock()
 	var ss []*session.Session
-	for _, id := range ids {
+	for _, id := range r.IDs {
 		delete(a.offers, id)
 		for _, cs := range a.byClient {
 			if cs.sess.ID == id {
@@ -199,6 +229,52 @@ func (a *Agent) endRevoked(ids []uint64) {
 	a.mu.Unlock()
 	for _, s := range ss {
 		a.log.Info("the client's token was revoked; ending its session", "session", wire.SessionID(s.ID))
+		s.Conn.CloseWithError(0, "token revoked")
+	}
+}
+
+// takeRevocations puts the authority's signed revocation list in force if
+// it verifies and is newer than the one in force, and ends the sessions and
+// forgets the offers of the clients it revokes. The gateway only carries
+// the list: a forged or altered one does not verify, and an older one
+// (a gateway trying to bring a revoked client back) is ignored.
+func (a *Agent) takeRevocations(signed string) {
+	if signed == "" {
+		return
+	}
+	rs, err := token.ParseRevocations(signed, a.authority)
+	if err != nil {
+		a.revocationsRefused.Add(1)
+		a.log.Warn("revocation list from the gateway refused", "err", err)
+		return
+	}
+	for {
+		cur := a.revoked.Load()
+		if cur != nil && rs.Serial <= cur.Serial {
+			return
+		}
+		if a.revoked.CompareAndSwap(cur, rs) {
+			break
+		}
+	}
+	a.log.Info("revocation list in force", "serial", rs.Serial, "entries", len(rs.List))
+	a.mu.Lock()
+	var ss []*session.Session
+	var names []string
+	for id, o := range a.offers {
+		if _, hit := rs.Match(o.client); hit {
+			delete(a.offers, id)
+		}
+	}
+	for _, cs := range a.byClient {
+		if _, hit := rs.Match(cs.offer.client); hit {
+			ss = append(ss, cs.sess)
+			names = append(names, cs.offer.client.Name)
+		}
+	}
+	a.mu.Unlock()
+	for i, s := range ss {
+		a.log.Info("the client's credential was revoked by the authority; ending its session", "client", names[i], "session", wire.SessionID(s.ID))
 		s.Conn.CloseWithError(0, "token revoked")
 	}
 }
@@ -444,6 +520,12 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 		a.denied.credential.Add(1)
 		a.log.Warn("session offer refused: the client's credential does not hold", "offered_as", s.PeerName, "key", s.PeerKey, "err", err)
 		return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeForbidden, Message: "client credential refused: " + err.Error()}}
+	}
+	if r, hit := a.revoked.Load().Match(client); hit {
+		a.denied.credential.Add(1)
+		a.log.Warn("session offer refused: the client's credential is revoked", "client", client.Name, "token", client.ID)
+		return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeRevoked,
+			Message: fmt.Sprintf("the credential of client %q was revoked at %s", client.Name, time.Unix(r.At, 0).UTC().Format(time.RFC3339))}}
 	}
 	s.PeerName = client.Name
 	acc := &wire.Accept{ID: s.ID}

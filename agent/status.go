@@ -33,6 +33,11 @@ type Status struct {
 	// limited_<budget> (probes not sent because a rate bound was hit) and
 	// stopped_gone.
 	Probes map[string]uint64 `json:"probes"`
+	// RevocationSerial is the serial of the authority's revocation list in
+	// force (0: none); RevocationsRefused counts lists from the gateway
+	// that did not verify.
+	RevocationSerial   uint64 `json:"revocation_serial"`
+	RevocationsRefused uint64 `json:"revocations_refused"`
 	// TCPRetransmits and TCPTimeouts count the netstack's loss recovery for
 	// the flows it terminates (all clients).
 	TCPRetransmits uint64 `json:"tcp_retransmits"`
@@ -101,6 +106,7 @@ func (a *Agent) Status() Status {
 	for k, v := range map[string]uint64{
 		"spoofed_source": a.dropSpoofed.Load(),
 		"no_session":     a.dropNoSession.Load(),
+		"unoffered_conn": a.dropUnoffered.Load(),
 	} {
 		st.Drops[k] = v
 	}
@@ -113,6 +119,10 @@ func (a *Agent) Status() Status {
 	st.Limited["dns_queries"] = a.dns.Stats().ClientLimited
 	st.Limited["gateway_requests"] = a.u.Ctrl.RequestsBusy()
 	st.Probes = a.probes.snapshot()
+	if rs := a.revoked.Load(); rs != nil {
+		st.RevocationSerial = rs.Serial
+	}
+	st.RevocationsRefused = a.revocationsRefused.Load()
 	return st
 }
 

@@ -63,9 +63,10 @@ type Config struct {
 	// OnGone is told when the other end of one of this node's sessions
 	// left the gateway.
 	OnGone func(id uint64)
-	// OnRevoked is told to end sessions whose client's token was revoked
-	// (agents).
-	OnRevoked func(ids []uint64)
+	// OnRevoked is told to end sessions whose client's token was revoked,
+	// and given the authority's signed revocation list when it changed
+	// (agents; the list must be verified).
+	OnRevoked func(r *wire.Revoked)
 }
 
 // FatalError is a refusal by the gateway that retrying cannot fix.
@@ -316,7 +317,7 @@ func (c *Client) readControl(ctx context.Context, k *conn) error {
 			}
 		case m.Type == wire.TypeRevoked && m.Revoked != nil:
 			if c.cfg.OnRevoked != nil {
-				c.cfg.OnRevoked(m.Revoked.IDs)
+				c.cfg.OnRevoked(m.Revoked)
 			}
 		case m.ID != 0 && c.cfg.OnRequest != nil:
 			// A gateway's requests are answered concurrently (one slow

@@ -114,6 +114,10 @@ func TestRevokeEndsDirectTransfer(t *testing.T) {
 	if err := e.agent.WaitLog(ctx, "token was revoked; ending its session"); err != nil {
 		t.Errorf("the agent did not end the session itself: %v", err)
 	}
+	// and it holds the authority's signed list, which it checked itself.
+	if err := e.agent.WaitLog(ctx, "revocation list in force"); err != nil {
+		t.Errorf("the agent did not take the authority's revocation list: %v", err)
+	}
 	again := e.start(t, e.lab.NS.Client, "client-again", e.clientArgs(e.clientTok, agentName, tunName, e.clientStateDir())...)
 	if !again.Wait(20 * time.Second) {
 		t.Fatal("`up` with a revoked token still runs after 20 s")

@@ -62,8 +62,8 @@ type Gateway struct {
 	log      *slog.Logger
 	hub      *relay.Hub
 	overlay  *overlayPool
-	enrolled *enrollments // which node keys used each token
-	revoked  atomic.Pointer[[]Revocation]
+	enrolled *enrollments                // which node keys used each token
+	revoked  atomic.Pointer[revocations] // never nil after New
 	pin      string
 	cert     tls.Certificate
 
@@ -162,11 +162,11 @@ func New(cfg Config) (*Gateway, error) {
 	if g.enrolled, err = openEnrollments(cfg.State.Dir); err != nil {
 		return nil, err
 	}
-	rs, err := LoadRevocations(cfg.State.Dir)
+	rs, signed, err := LoadRevocations(cfg.State.Dir, cfg.Authority)
 	if err != nil {
 		return nil, err
 	}
-	g.revoked.Store(&rs)
+	g.revoked.Store(&revocations{list: rs, signed: signed})
 	if cfg.Cert != nil {
 		g.cert = *cfg.Cert
 	} else if g.cert, err = cfg.State.SelfSignedCert(); err != nil {
@@ -429,7 +429,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		}()
 	}
 
-	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed, RelayToken: relayToken[:]}}); err != nil {
+	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed, RelayToken: relayToken[:], Revocations: n.revocations(g)}}); err != nil {
 		return
 	}
 	log.Info("node registered", "overlay", n.overlay, "advertise", n.adv)

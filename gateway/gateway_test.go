@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
 	"strings"
 	"sync"
@@ -127,7 +128,7 @@ type testNode struct {
 	offers chan *wire.Session
 	// revoked receives the session IDs the gateway tells this (agent) node
 	// to end.
-	revoked chan []uint64
+	revoked chan *wire.Revoked
 	runErr  chan error
 	cancel  context.CancelFunc
 	once    sync.Once
@@ -160,7 +161,7 @@ func startNode(t *testing.T, tg *testGateway, o nodeOpts) *testNode {
 	if tok, err := token.ParseToken(o.token); err == nil {
 		cred = tok.Enroll(key.Public()) // what the CLI does with a token
 	}
-	n := &testNode{key: key, relay: make(chan relayed, 1024), offers: make(chan *wire.Session, 16), revoked: make(chan []uint64, 16), runErr: make(chan error, 1), tr: &quic.Transport{Conn: uc}}
+	n := &testNode{key: key, relay: make(chan relayed, 1024), offers: make(chan *wire.Session, 16), revoked: make(chan *wire.Revoked, 16), runErr: make(chan error, 1), tr: &quic.Transport{Conn: uc}}
 	pin := o.pin
 	if pin == "" {
 		pin = tg.g.Pin()
@@ -179,7 +180,7 @@ func startNode(t *testing.T, tg *testGateway, o nodeOpts) *testNode {
 			}
 		},
 		OnRequest: onRequest,
-		OnRevoked: func(ids []uint64) { n.revoked <- ids },
+		OnRevoked: func(r *wire.Revoked) { n.revoked <- r },
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	n.cancel = cancel
@@ -1007,16 +1008,33 @@ func TestRevocation(t *testing.T) {
 	<-agent.offers
 
 	start := time.Now()
-	if err := AddRevocation(dir, Revocation{Role: token.RoleClient, Name: "alice", At: time.Now().Unix()}); err != nil {
+	if err := AddRevocation(dir, tg.authority, Revocation{Role: token.RoleClient, Name: "alice", At: time.Now().Unix()}); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case ids := <-agent.revoked:
-		if len(ids) != 1 || ids[0] != r.Session.ID {
-			t.Errorf("agent told to end %v, want [%x]", ids, r.Session.ID)
+	// The agent is told which session to end, and gets the authority's
+	// signed list to check and enforce for itself.
+	var ids []uint64
+	var list *token.Revocations
+	for ids == nil || list == nil {
+		select {
+		case m := <-agent.revoked:
+			if m.IDs != nil {
+				ids = m.IDs
+			}
+			if m.List != "" {
+				if list, err = token.ParseRevocations(m.List, tg.authority.Public()); err != nil {
+					t.Fatalf("the list sent to the agent does not verify: %v", err)
+				}
+			}
+		case <-time.After(2 * time.Second):
+			t.Fatalf("within 2 s the agent got session IDs %v and list %v", ids, list)
 		}
-	case <-time.After(2 * time.Second):
-		t.Fatal("the agent was not told to end the revoked client's session within 2 s")
+	}
+	if len(ids) != 1 || ids[0] != r.Session.ID {
+		t.Errorf("agent told to end %v, want [%x]", ids, r.Session.ID)
+	}
+	if list.Serial != 1 || len(list.List) != 1 || list.List[0].Name != "alice" {
+		t.Errorf("list sent to the agent: %+v", list)
 	}
 	fe := client.refused(t)
 	if fe.Code != wire.CodeRevoked || !strings.Contains(fe.Message, "revoked") {
@@ -1037,7 +1055,45 @@ func TestRevocation(t *testing.T) {
 	startNode(t, tg2, nodeOpts{token: fresh}).ready(t)
 	// An agent of another name is untouched.
 	agent2 := startNode(t, tg2, nodeOpts{token: tg2.token(t, token.Claims{Role: token.RoleAgent, Name: "caliban"}), advertise: lan})
-	agent2.ready(t)
+	// and an agent that registers gets the list in force with its welcome.
+	if rs, err := token.ParseRevocations(agent2.ready(t).Revocations, tg2.authority.Public()); err != nil || rs.Serial != 1 {
+		t.Fatalf("list in the agent's welcome: %+v, %v", rs, err)
+	}
+}
+
+// A revocation list the authority did not sign (a forged one, or one an
+// attacker on the gateway machine altered), or one older than the list in
+// force, is refused: the list in force stays and reaches no agent.
+func TestRevocationListMustVerify(t *testing.T) {
+	dir := t.TempDir()
+	tg := startGateway(t, dir)
+	if err := AddRevocation(dir, tg.authority, Revocation{ID: "t1", At: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := AddRevocation(dir, tg.authority, Revocation{ID: "t2", At: 2}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "list 2 in force", func() bool { l := tg.g.revoked.Load().list; return l != nil && l.Serial == 2 })
+	agent := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), advertise: lan})
+	agent.ready(t)
+
+	other, _ := identity.Generate()
+	forged, _ := token.Revocations{Serial: 9}.Sign(other)
+	old, _ := token.Revocations{Serial: 1, List: []token.Revocation{{ID: "t1", At: 1}}}.Sign(tg.authority)
+	for _, bad := range []string{forged, old, "nlr1.garbage"} {
+		if err := os.WriteFile(RevocationsPath(dir), []byte(bad), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(3 * revokeCheckEvery)
+		if l := tg.g.revoked.Load().list; l.Serial != 2 || len(l.List) != 2 {
+			t.Fatalf("after writing %.20q the list in force is %+v", bad, l)
+		}
+		select {
+		case m := <-agent.revoked:
+			t.Fatalf("the agent was sent %+v", m)
+		default:
+		}
+	}
 }
 
 // TestConnectAfterClientLeft: a connect whose client is gone by the time

@@ -2,119 +2,116 @@ package gateway
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
+	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
 // Revocation ends a token, or every token of a name issued up to a time.
-// Written by `nlvpn token revoke` into revoked.json in the gateway's state;
-// a running gateway reads it within revokeCheckEvery and acts on it.
-type Revocation struct {
-	ID   string `json:"id,omitempty"`   // one token (its jti)
-	Role string `json:"role,omitempty"` // with Name: every token of that
-	Name string `json:"name,omitempty"` // node issued at or before At
-	At   int64  `json:"at"`             // Unix seconds
-}
+type Revocation = token.Revocation
 
-// revokeCheckEvery is how often a running gateway looks at revoked.json:
-// a revocation must end live sessions within 2 s.
+// The authority's signed revocation list (token.Revocations), written by
+// `nlvpn token revoke` into the gateway's state, or copied there from the
+// authority's machine; a running gateway reads it within revokeCheckEvery,
+// acts on it and passes it to the agents, which check the signature and
+// enforce it themselves.
+const revocationsFile = "revocations"
+
+// legacyRevocationsFile is the unsigned list of earlier development builds.
+const legacyRevocationsFile = "revoked.json"
+
+// revokeCheckEvery is how often a running gateway looks at the list: a
+// revocation must end live sessions within 2 s.
 const revokeCheckEvery = 500 * time.Millisecond
 
-// maxRevocations bounds the file a gateway reads.
-const maxRevocations = 100000
+// RevocationsPath is where the signed list lies in a state (or authority)
+// directory.
+func RevocationsPath(dir string) string { return filepath.Join(dir, revocationsFile) }
 
-func revokedPath(dir string) string { return filepath.Join(dir, "revoked.json") }
-
-// Matches reports whether r revokes the token with claims c.
-func (r Revocation) Matches(c *token.Claims) bool {
-	if r.ID != "" {
-		return c.ID == r.ID
-	}
-	return r.Name == c.Name && r.Role == c.Role && c.Issued <= r.At
+// revocations is the list in force and its signed form.
+type revocations struct {
+	list   *token.Revocations // nil: none
+	signed string
 }
 
-// LoadRevocations reads the gateway state's revocations (none without the
-// file).
-func LoadRevocations(dir string) ([]Revocation, error) {
-	b, err := os.ReadFile(revokedPath(dir))
+// LoadRevocations reads the signed revocation list in dir and checks that
+// authority signed it (none without the file).
+func LoadRevocations(dir string, authority identity.PublicKey) (*token.Revocations, string, error) {
+	if _, err := os.Stat(filepath.Join(dir, legacyRevocationsFile)); err == nil {
+		return nil, "", fmt.Errorf("%s is an unsigned revocation list from an earlier build; revoke its entries again with nlvpn token revoke (the list is signed by the authority now), then delete it", filepath.Join(dir, legacyRevocationsFile))
+	}
+	b, err := os.ReadFile(RevocationsPath(dir))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
+		return nil, "", nil
 	}
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
-	rs, err := ParseRevocations(b)
+	rs, err := token.ParseRevocations(string(b), authority)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", revokedPath(dir), err)
+		return nil, "", fmt.Errorf("%s: %w", RevocationsPath(dir), err)
 	}
-	return rs, nil
+	return rs, strings.TrimSpace(string(b)), nil
 }
 
-// ParseRevocations reads the revocations file's text: a JSON list, at most
-// maxRevocations long, each entry naming a token ID or a role and name.
-func ParseRevocations(b []byte) ([]Revocation, error) {
-	var rs []Revocation
-	if err := json.Unmarshal(b, &rs); err != nil {
-		return nil, err
-	}
-	if len(rs) > maxRevocations {
-		return nil, fmt.Errorf("more than %d revocations", maxRevocations)
-	}
-	for i, r := range rs {
-		if r.ID == "" && (r.Name == "" || (r.Role != token.RoleClient && r.Role != token.RoleAgent)) {
-			return nil, fmt.Errorf("revocation %d names neither a token ID nor a client or agent", i+1)
-		}
-	}
-	return rs, nil
-}
-
-// AddRevocation appends r to the gateway state's revocations.
-func AddRevocation(dir string, r Revocation) error {
-	rs, err := LoadRevocations(dir)
+// AddRevocation adds r to the signed list in dir (the authority's
+// directory, or a gateway state that holds the authority key), signing the
+// new list with authority under the next serial.
+func AddRevocation(dir string, authority *identity.Key, r Revocation) error {
+	rs, _, err := LoadRevocations(dir, authority.Public())
 	if err != nil {
 		return err
 	}
-	if len(rs) >= maxRevocations {
-		return fmt.Errorf("%d revocations already; issue a new authority key instead", maxRevocations)
+	next := token.Revocations{}
+	if rs != nil {
+		next = *rs
 	}
-	return writeJSON(revokedPath(dir), append(rs, r))
+	next.Serial++
+	next.List = append(next.List, r)
+	signed, err := next.Sign(authority)
+	if err != nil {
+		return err
+	}
+	return identity.WriteFileAtomic(RevocationsPath(dir), []byte(signed+"\n"), 0o644)
 }
 
 // revokedBy returns the revocation that ends claims, if any.
 func (g *Gateway) revokedBy(c *token.Claims) (Revocation, bool) {
-	rs := g.revoked.Load()
-	if rs == nil {
-		return Revocation{}, false
-	}
-	for _, r := range *rs {
-		if r.Matches(c) {
-			return r, true
-		}
-	}
-	return Revocation{}, false
+	return g.revoked.Load().list.Match(c)
 }
 
-// watchRevocations reloads revoked.json when it changes and ends what it
-// revokes, until ctx ends.
+// watchRevocations reloads the revocation list when it changes, ends what
+// it revokes and passes it to the agents, until ctx ends. A list that does
+// not verify, or is older than the one in force, is refused and the one in
+// force stays.
 func (g *Gateway) watchRevocations(ctx context.Context) {
 	var last os.FileInfo
 	t := time.NewTicker(revokeCheckEvery)
 	defer t.Stop()
 	for {
-		fi, err := os.Stat(revokedPath(g.cfg.State.Dir))
+		fi, err := os.Stat(RevocationsPath(g.cfg.State.Dir))
 		if err == nil && (last == nil || !fi.ModTime().Equal(last.ModTime()) || fi.Size() != last.Size()) {
-			if rs, err := LoadRevocations(g.cfg.State.Dir); err != nil {
+			rs, signed, err := LoadRevocations(g.cfg.State.Dir, g.cfg.Authority)
+			cur := g.revoked.Load()
+			switch {
+			case err != nil:
 				g.log.Error("revocations not read; the last ones stay in force", "err", err)
-			} else {
-				g.revoked.Store(&rs)
+			case rs == nil || (cur.list != nil && rs.Serial <= cur.list.Serial):
+				if rs != nil && rs.Serial < cur.list.Serial {
+					g.log.Error("revocation list older than the one in force; ignored", "serial", rs.Serial, "in_force", cur.list.Serial)
+				}
+			default:
+				g.revoked.Store(&revocations{list: rs, signed: signed})
+				g.log.Info("revocation list in force", "serial", rs.Serial, "entries", len(rs.List))
 				g.enforceRevocations()
+				g.sendRevocations(signed)
 			}
 			last = fi
 		}
@@ -158,6 +155,28 @@ func (g *Gateway) enforceRevocations() {
 		}
 		n.write(&wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeRevoked, Message: revokedMessage(n.claims, r)}})
 		n.qc.CloseWithError(0, "token revoked")
+	}
+}
+
+// revocations is the signed list for n's welcome: agents get it.
+func (n *node) revocations(g *Gateway) string {
+	if n.role != token.RoleAgent {
+		return ""
+	}
+	return g.revoked.Load().signed
+}
+
+// sendRevocations passes the signed list to every agent: they check and
+// enforce it themselves, on the direct path too.
+func (g *Gateway) sendRevocations(signed string) {
+	g.mu.Lock()
+	agents := make([]*node, 0, len(g.agents))
+	for _, a := range g.agents {
+		agents = append(agents, a)
+	}
+	g.mu.Unlock()
+	for _, a := range agents {
+		a.write(&wire.Message{Type: wire.TypeRevoked, Revoked: &wire.Revoked{List: signed}})
 	}
 }
 

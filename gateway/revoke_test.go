@@ -1,54 +1,47 @@
 package gateway
 
 import (
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
+	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/token"
 )
 
-func TestRevocationMatches(t *testing.T) {
-	alice := &token.Claims{ID: "a1", Role: token.RoleClient, Name: "alice", Issued: 100}
-	for _, tc := range []struct {
-		r    Revocation
-		want bool
-	}{
-		{Revocation{ID: "a1", At: 50}, true}, // by ID, whenever issued
-		{Revocation{ID: "b2", At: 200}, false},
-		{Revocation{Role: token.RoleClient, Name: "alice", At: 100}, true}, // issued that second
-		{Revocation{Role: token.RoleClient, Name: "alice", At: 99}, false}, // issued after
-		{Revocation{Role: token.RoleAgent, Name: "alice", At: 200}, false}, // an agent of that name
-		{Revocation{Role: token.RoleClient, Name: "bob", At: 200}, false},
-	} {
-		if got := tc.r.Matches(alice); got != tc.want {
-			t.Errorf("%+v matches alice: %v, want %v", tc.r, got, tc.want)
+// AddRevocation signs each new list under the next serial, and the list
+// reads back only under its authority.
+func TestAddRevocationSigns(t *testing.T) {
+	dir := t.TempDir()
+	auth, _ := identity.Generate()
+	for i, r := range []Revocation{{ID: "a1", At: 1}, {Role: token.RoleAgent, Name: "miranda", At: 2}} {
+		if err := AddRevocation(dir, auth, r); err != nil {
+			t.Fatal(err)
 		}
+		rs, signed, err := LoadRevocations(dir, auth.Public())
+		if err != nil || rs.Serial != uint64(i+1) || len(rs.List) != i+1 || !strings.HasPrefix(signed, "nlr1.") {
+			t.Fatalf("after %d revocations: %+v, %v", i+1, rs, err)
+		}
+	}
+	other, _ := identity.Generate()
+	if _, _, err := LoadRevocations(dir, other.Public()); err == nil {
+		t.Fatal("the list was accepted under another authority")
+	}
+	if err := AddRevocation(dir, other, Revocation{ID: "x", At: 3}); err == nil {
+		t.Fatal("another authority added to the list")
 	}
 }
 
-func TestParseRevocations(t *testing.T) {
-	if rs, err := ParseRevocations([]byte(`[{"id":"a1","at":1},{"role":"agent","name":"miranda","at":2}]`)); err != nil || len(rs) != 2 {
-		t.Fatalf("ParseRevocations = %v, %v", rs, err)
+// The unsigned revoked.json of earlier builds is not silently ignored
+// (that would bring its revoked tokens back).
+func TestLegacyRevocationsRefused(t *testing.T) {
+	dir := t.TempDir()
+	auth, _ := identity.Generate()
+	if err := os.WriteFile(filepath.Join(dir, legacyRevocationsFile), []byte(`[{"id":"a1","at":1}]`), 0o600); err != nil {
+		t.Fatal(err)
 	}
-	for _, bad := range []string{``, `{}`, `[{"at":1}]`, `[{"role":"admin","name":"x","at":1}]`, `[{"role":"client","at":1}]`, `[1]`} {
-		if _, err := ParseRevocations([]byte(bad)); err == nil {
-			t.Errorf("ParseRevocations(%q) accepted", bad)
-		}
+	if _, _, err := LoadRevocations(dir, auth.Public()); err == nil || !strings.Contains(err.Error(), "unsigned") {
+		t.Fatalf("legacy list: %v", err)
 	}
-}
-
-// FuzzParseRevocations: no input crashes the parser, and what it accepts
-// can be matched.
-func FuzzParseRevocations(f *testing.F) {
-	f.Add([]byte(`[{"id":"a1","at":1},{"role":"agent","name":"miranda","at":2}]`))
-	f.Add([]byte(`[]`))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		rs, err := ParseRevocations(b)
-		if err != nil {
-			return
-		}
-		c := &token.Claims{ID: "a1", Role: token.RoleClient, Name: "alice", Issued: 1}
-		for _, r := range rs {
-			r.Matches(c)
-		}
-	})
 }

@@ -104,6 +104,9 @@ type Welcome struct {
 	// after the frame header, so that the gateway answers and trusts only
 	// checks from the node itself, not ones with its address forged.
 	RelayToken []byte `json:"relay_token,omitempty"`
+	// Revocations (to agents) is the authority's signed revocation list
+	// the gateway holds (token.ParseRevocations), if any.
+	Revocations string `json:"revocations,omitempty"`
 }
 
 // Error reports a failure.
@@ -186,9 +189,12 @@ type Accept struct {
 	Punch
 }
 
-// Revoked names sessions to end: their client's token was revoked.
+// Revoked names sessions to end: their client's token was revoked; and
+// carries the authority's signed revocation list when it changed, which
+// the agent checks and enforces itself (IDs are the gateway's word only).
 type Revoked struct {
-	IDs []uint64 `json:"ids"`
+	IDs  []uint64 `json:"ids,omitempty"`
+	List string   `json:"list,omitempty"`
 }
 
 // Gone names a session whose other end left.

@@ -385,11 +385,17 @@ func revokeCmd() *cli.Command {
 		Name:      "revoke",
 		Usage:     "revoke a token, or every token of a client or agent issued until now",
 		UsageText: "nlvpn token revoke --state-dir DIR (--client NAME | --agent NAME | --id ID)",
-		Description: `Writes the revocation into the gateway's state (revoked.json). A running gateway
-reads it within a second: it disconnects the nodes that use a revoked token, tells
-agents to end those clients' sessions (on the direct path too), and refuses the
-token from then on, saying it was revoked. Revoking a name covers its tokens issued
-until now; a token issued for it afterwards works.`,
+		Description: `Adds the revocation to the authority's revocation list in DIR (the file
+"revocations"), signed with the authority key there: the gateway's state directory
+when the authority lives beside the gateway, or the authority's directory on an
+admin machine (then copy DIR/revocations into the gateway's state directory). A
+running gateway reads the list within a second: it disconnects the nodes that use a
+revoked token and refuses it from then on, saying it was revoked; and it passes the
+signed list to the agents, which check the signature and end those clients'
+sessions themselves (on the direct path too). Neither the gateway nor anyone else
+can forge or alter the list, nor bring back an older one at an agent that has seen a
+newer one. Revoking a name covers its tokens issued until now; a token issued for
+it afterwards works.`,
 		Flags: []cli.Flag{
 			stateDirFlag("nlvpn-gw"),
 			&cli.StringFlag{Name: "client", Usage: "revoke every token of client `NAME` issued until now"},
@@ -419,13 +425,18 @@ until now; a token issued for it afterwards works.`,
 				return errors.New("give exactly one of --client NAME, --agent NAME or --id ID")
 			}
 			dir := c.String("state-dir")
-			_, errGW := os.Stat(filepath.Join(dir, "gateway.key"))
-			_, errAuth := os.Stat(filepath.Join(dir, gateway.AuthorityFile))
-			if errGW != nil && errAuth != nil {
-				return fmt.Errorf("no gateway or authority key in %s: point --state-dir at the gateway's state (or at the authority's directory, then copy its revoked.json into the gateway's state)", dir)
+			if _, err := os.Stat(filepath.Join(dir, gateway.AuthorityFile)); err != nil {
+				return fmt.Errorf("no authority key in %s: revocations are signed by the authority; point --state-dir at the directory that holds %s (the gateway's state, or the authority's directory on an admin machine)", dir, gateway.AuthorityFile)
 			}
-			if err := gateway.AddRevocation(dir, r); err != nil {
+			auth, err := gateway.LoadAuthority(dir)
+			if err != nil {
 				return err
+			}
+			if err := gateway.AddRevocation(dir, auth, r); err != nil {
+				return err
+			}
+			if _, ok, _ := gateway.ReadInfoFile(dir); !ok {
+				fmt.Fprintf(os.Stderr, "nlvpn: copy %s into the gateway's state directory; the gateway passes it to the agents\n", gateway.RevocationsPath(dir))
 			}
 			what := "token " + r.ID
 			if r.ID == "" {
