@@ -40,7 +40,10 @@ type DatagramSender interface {
 
 // UDPSender writes datagrams from the gateway's port (udpbatch.Writer): it
 // copies b and reports false when it dropped it. Write never blocks;
-// WriteWait waits, boundedly, for room in a full queue first.
+// WriteWait waits, boundedly, for room in a full queue first. If it also
+// has Queued() int and Cap() int (the datagrams waiting in its queue, and
+// how many it holds), the hub shares that queue fairly between senders
+// while it is more than half full (see fair.go).
 type UDPSender interface {
 	Write(to netip.AddrPort, b []byte) bool
 	WriteWait(to netip.AddrPort, b []byte) bool
@@ -67,6 +70,7 @@ type Stats struct {
 	DropUnknown     uint64       `json:"drop_unknown_session"` // no route for the session ID
 	DropNotEndpoint uint64       `json:"drop_not_endpoint"`    // sender is not an end of that route (spoofed)
 	DropQueueFull   uint64       `json:"drop_queue_full"`
+	DropUnfair      uint64       `json:"drop_unfair"` // the queue to the node was congested and the sender above its fair share
 	DropMalformed   uint64       `json:"drop_malformed"`
 	DropSendFailed  uint64       `json:"drop_send_failed"`
 	ChecksAnswered  uint64       `json:"checks_answered"`
@@ -91,6 +95,10 @@ type RouteStats struct {
 type Hub struct {
 	log *slog.Logger
 	udp UDPSender // nil until SetUDP: frames go in DATAGRAMs only
+	// udpDepth is udp's queue depth, if it tells (nil: never congested);
+	// udpFair shares that one queue between all senders of UDP frames.
+	udpDepth queueDepth
+	udpFair  fairLink
 
 	mu     sync.Mutex // serializes changes to routes, byAddr and peers
 	routes sync.Map   // uint64 → *route; read per frame without a lock
@@ -100,7 +108,7 @@ type Hub struct {
 
 	frames, bytes, udpFrames                               atomic.Uint64
 	dropUnknown, dropNotEndpoint, dropQueue, dropMalformed atomic.Uint64
-	dropSend, checksOK, checksRefused                      atomic.Uint64
+	dropSend, checksOK, checksRefused, dropUnfair          atomic.Uint64
 }
 
 type route struct {
@@ -108,6 +116,7 @@ type route struct {
 	a, b     *Peer
 	ab, ba   atomic.Uint64 // bytes
 	pab, pba atomic.Uint64 // packets
+	fab, fba fairSender    // a's and b's shares of the queue to the other
 }
 
 // NewHub returns an empty hub.
@@ -120,7 +129,10 @@ func NewHub(log *slog.Logger) *Hub {
 
 // SetUDP gives the hub the gateway port's writer; from then on frames go
 // as UDP to nodes whose relay checks arrive. Call it before traffic flows.
-func (h *Hub) SetUDP(s UDPSender) { h.udp = s }
+func (h *Hub) SetUDP(s UDPSender) {
+	h.udp = s
+	h.udpDepth, _ = s.(queueDepth)
+}
 
 // Peer is one node connection as the hub sees it.
 type Peer struct {
@@ -138,6 +150,7 @@ type Peer struct {
 	token  [CheckTokenLen]byte // what the node's relay checks must carry
 	conn   DatagramSender
 	out    chan []byte
+	fair   fairLink // shares of out between the senders toward this node
 	done   chan struct{}
 	once   sync.Once
 	closed bool         // guarded by hub.mu
@@ -344,9 +357,10 @@ func (h *Hub) Has(id uint64) bool {
 	return ok
 }
 
-// lookup finds the route of a relay frame and the node it goes to, given
-// the node it came from; it counts what it drops.
-func (h *Hub) lookup(buf []byte, from func(r *route) *Peer) (*route, *Peer) {
+// lookup finds the route direction of a relay frame (its sender's fair
+// share counts) and the node it goes to, given the node it came from; it
+// counts what it drops.
+func (h *Hub) lookup(buf []byte, from func(r *route) *Peer) (*fairSender, *Peer) {
 	kind, id, _, err := wire.ParseFrame(buf)
 	if err != nil || kind != wire.FrameRelay {
 		h.dropMalformed.Add(1)
@@ -359,29 +373,27 @@ func (h *Hub) lookup(buf []byte, from func(r *route) *Peer) (*route, *Peer) {
 	}
 	r := v.(*route)
 	src := from(r)
-	var to *Peer
 	switch src {
 	case r.a:
-		to = r.b
 		r.ab.Add(uint64(len(buf)))
 		r.pab.Add(1)
+		return &r.fab, r.b
 	case r.b:
-		to = r.a
 		r.ba.Add(uint64(len(buf)))
 		r.pba.Add(1)
+		return &r.fba, r.a
 	default:
 		h.dropNotEndpoint.Add(1)
 		return nil, nil
 	}
-	return r, to
 }
 
 // Forward relays one frame that came in a DATAGRAM of from's connection.
 // It never blocks. The frame is passed on as is (same header), so buf must
 // not be reused by the caller.
 func (h *Hub) Forward(from *Peer, buf []byte) {
-	if _, to := h.lookup(buf, func(*route) *Peer { return from }); to != nil {
-		h.deliver(to, buf, true)
+	if s, to := h.lookup(buf, func(*route) *Peer { return from }); to != nil {
+		h.deliver(s, to, buf, true)
 	}
 }
 
@@ -395,7 +407,7 @@ func (h *Hub) HandleUDP(from netip.AddrPort, buf []byte) {
 	}
 	// The sender must be an end of the route, at the address its gateway
 	// connection comes from: a frame with any other source is spoofed.
-	_, to := h.lookup(buf, func(r *route) *Peer {
+	s, to := h.lookup(buf, func(r *route) *Peer {
 		if a := r.a.addr.Load(); a != nil && *a == from {
 			return r.a
 		}
@@ -405,7 +417,7 @@ func (h *Hub) HandleUDP(from netip.AddrPort, buf []byte) {
 		return nil
 	})
 	if to != nil {
-		h.deliver(to, buf, false)
+		h.deliver(s, to, buf, false)
 	}
 }
 
@@ -439,10 +451,22 @@ func (h *Hub) check(from netip.AddrPort, buf []byte) {
 	h.checksOK.Add(1)
 }
 
-// deliver sends a frame to node to, as UDP where its checks arrive, in a
-// DATAGRAM otherwise. owned says buf may be kept (queued).
-func (h *Hub) deliver(to *Peer, buf []byte, owned bool) {
+// deliver sends a frame from sender s to node to, as UDP where its checks
+// arrive, in a DATAGRAM otherwise, unless the queue it would wait in is
+// congested and s above its fair share of it. owned says buf may be kept
+// (queued).
+func (h *Hub) deliver(s *fairSender, to *Peer, buf []byte, owned bool) {
 	if a := to.addr.Load(); a != nil && h.udp != nil && to.overUDP(time.Now().UnixNano()) {
+		// The gateway port's write queue is one for every destination, so
+		// its shares are among all senders of UDP frames.
+		congested := false
+		if d := h.udpDepth; d != nil {
+			congested = d.Queued() > d.Cap()/2
+		}
+		if !h.udpFair.allow(s, congested) {
+			h.dropUnfair.Add(1)
+			return
+		}
 		// A full write queue holds the reader back (boundedly) rather
 		// than dropping: frames then wait in the socket's receive buffer,
 		// as they would at a router whose output is busy. Dropping here
@@ -451,8 +475,14 @@ func (h *Hub) deliver(to *Peer, buf []byte, owned bool) {
 			h.dropQueue.Add(1)
 			return
 		}
+		h.udpFair.add(s, len(buf))
 		h.udpFrames.Add(1)
 	} else {
+		// len of a channel reads its count without its lock.
+		if !to.fair.allow(s, len(to.out) > cap(to.out)/2) {
+			h.dropUnfair.Add(1)
+			return
+		}
 		if !owned {
 			buf = append([]byte(nil), buf...)
 		}
@@ -462,6 +492,7 @@ func (h *Hub) deliver(to *Peer, buf []byte, owned bool) {
 			h.dropQueue.Add(1)
 			return
 		}
+		to.fair.add(s, len(buf))
 	}
 	h.frames.Add(1)
 	h.bytes.Add(uint64(len(buf)))
@@ -472,7 +503,7 @@ func (h *Hub) Stats() Stats {
 	s := Stats{
 		Frames: h.frames.Load(), Bytes: h.bytes.Load(), UDPFrames: h.udpFrames.Load(),
 		DropUnknown: h.dropUnknown.Load(), DropNotEndpoint: h.dropNotEndpoint.Load(),
-		DropQueueFull: h.dropQueue.Load(), DropMalformed: h.dropMalformed.Load(),
+		DropQueueFull: h.dropQueue.Load(), DropUnfair: h.dropUnfair.Load(), DropMalformed: h.dropMalformed.Load(),
 		DropSendFailed: h.dropSend.Load(), ChecksAnswered: h.checksOK.Load(), ChecksRefused: h.checksRefused.Load(),
 		Routes: int(h.nroute.Load()),
 	}

@@ -36,6 +36,7 @@ type Writer struct {
 	timerBusy bool
 
 	drops atomic.Uint64
+	depth atomic.Int64 // queued, for Queued without the lock
 	msgs  []Message
 }
 
@@ -124,6 +125,7 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration,
 			t.buf = append(t.buf, body...)
 			t.n++
 			w.queued++
+			w.depth.Store(int64(w.queued))
 			wake := w.asleep
 			w.asleep = false
 			w.mu.Unlock()
@@ -255,6 +257,13 @@ func (w *Writer) releaseTimer(t *time.Timer) {
 	}
 }
 
+// Queued is how many datagrams wait in the queue now (a relay's fair
+// dropping watches it); it takes no lock.
+func (w *Writer) Queued() int { return int(w.depth.Load()) }
+
+// Cap is how many datagrams the queue holds (without ControlReserve).
+func (w *Writer) Cap() int { return QueueLen }
+
 // Drops counts datagrams dropped because the queue was full.
 func (w *Writer) Drops() uint64 { return w.drops.Load() }
 
@@ -306,6 +315,7 @@ func (w *Writer) writeOnce() {
 	batch := w.pending
 	w.pending, w.spare = w.spare[:0], nil
 	w.queued = 0
+	w.depth.Store(0)
 	w.busy = true
 	w.mu.Unlock()
 
