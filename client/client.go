@@ -39,7 +39,11 @@ type Config struct {
 	TunName     string
 	// ConnectTimeout bounds reaching the gateway at start.
 	ConnectTimeout time.Duration
-	Log            *slog.Logger
+	// WaitAgent is how long to wait at start for an agent that is not
+	// connected to the gateway yet (asking again every few seconds): zero
+	// waits until ctx ends, a negative value not at all.
+	WaitAgent time.Duration
+	Log       *slog.Logger
 	// OnUp, if set, runs once when the tunnel first comes up.
 	OnUp func()
 	// Mode is wire.ModeAuto, ModeDirect or ModeRelay.
@@ -202,8 +206,12 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	<-up // the first registration; later ones are reconnects
 
-	s, info, err := c.establish(ctx, nil)
+	s, info, err := c.firstSession(ctx, runErr)
 	if err != nil {
+		if ctx.Err() != nil {
+			c.log.Info("stopped before the tunnel came up")
+			return nil
+		}
 		return err
 	}
 	c.info = info
@@ -327,6 +335,59 @@ next:
 	return rs
 }
 
+// agentAbsentRetryMax bounds the wait between asking again for an agent
+// that is not there: it should be reached within a few seconds of coming
+// online.
+const agentAbsentRetryMax = 3 * time.Second
+
+// firstSession sets up the first session. An agent that is not connected
+// to the gateway yet (not started, restarting) is waited for, up to
+// cfg.WaitAgent: a VPN client is a long-running thing, started by a unit
+// or a login script that does not know when the office's agent is up.
+func (c *Client) firstSession(ctx context.Context, runErr <-chan error) (*session.Session, *wire.PeerInfo, error) {
+	var deadline <-chan time.Time
+	if c.cfg.WaitAgent > 0 {
+		t := time.NewTimer(c.cfg.WaitAgent)
+		defer t.Stop()
+		deadline = t.C
+	}
+	backoff := 500 * time.Millisecond
+	var waitingSince time.Time
+	lastLog := time.Time{}
+	for {
+		s, info, err := c.establish(ctx, nil)
+		var we *wire.Error
+		absent := errors.As(err, &we) && (we.Code == wire.CodeUnknownAgent || we.Code == wire.CodeUnavailable)
+		if err == nil || !absent || c.cfg.WaitAgent < 0 {
+			if err == nil && !waitingSince.IsZero() {
+				c.log.Info("the agent is there", "agent", c.cfg.Agent, "waited", time.Since(waitingSince).Round(time.Second))
+			}
+			return s, info, err
+		}
+		if waitingSince.IsZero() {
+			waitingSince = time.Now()
+		}
+		if time.Since(lastLog) >= 30*time.Second {
+			wait := "until stopped"
+			if c.cfg.WaitAgent > 0 {
+				wait = c.cfg.WaitAgent.String()
+			}
+			c.log.Warn("waiting for the agent to come online", "agent", c.cfg.Agent, "reason", err, "waited", time.Since(waitingSince).Round(time.Second), "waits", wait)
+			lastLog = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil, ctx.Err()
+		case err := <-runErr:
+			return nil, nil, err
+		case <-deadline:
+			return nil, nil, fmt.Errorf("%w (waited %s for it; --wait-agent)", err, c.cfg.WaitAgent)
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, agentAbsentRetryMax)
+	}
+}
+
 // reattach resumes the current session through a new relay route, or, if
 // it is dead, sets up a new one. It retries with backoff until it succeeds
 // or ctx ends.
@@ -358,7 +419,11 @@ func (c *Client) reattach(ctx context.Context, runErr <-chan error) error {
 			return err
 		case <-time.After(backoff):
 		}
-		backoff = min(2*backoff, 10*time.Second)
+		maxWait := 10 * time.Second
+		if we := (*wire.Error)(nil); errors.As(err, &we) && we.Code == wire.CodeUnknownAgent {
+			maxWait = agentAbsentRetryMax // the agent restarts: be back soon after it
+		}
+		backoff = min(2*backoff, maxWait)
 	}
 	return nil
 }

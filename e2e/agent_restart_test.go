@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -78,5 +79,34 @@ func checkSavedToken(t *testing.T, path, key, tok string) {
 	}
 	if cr.Claims.ID != want.ID || !cr.Node.Equal(nodeKey.Public()) {
 		t.Fatalf("saved credential is for token %s and key %s; want token %s, key %s", cr.Claims.ID, cr.Node, want.ID, nodeKey.Public())
+	}
+}
+
+// TestClientWaitsForAgent: `nlvpn up` started while the agent is not
+// online waits for it, saying so, instead of exiting; the tunnel comes up
+// by itself once the agent starts, with nobody restarting the client.
+func TestClientWaitsForAgent(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, coneCone, false)
+	e.agent.Stop()
+	c := e.start(t, e.lab.NS.Client, "client", e.clientArgs(e.clientTok, agentName, tunName, e.clientStateDir())...)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := c.WaitLog(ctx, "waiting for the agent to come online"); err != nil {
+		t.Fatalf("the client does not say it waits for the agent: %v\n%s", err, c.Log())
+	}
+	time.Sleep(4 * time.Second) // a few rounds of asking
+	if !c.Running() {
+		t.Fatalf("the client exited while the agent was offline: %s\n%s", c.ExitStatus(), c.Log())
+	}
+	e.restartAgent(t, "--advertise", e.lab.LANSubnet.String())
+	start := time.Now()
+	const within = 20 * time.Second
+	if err := e.poll(within, e.httpHealth); err != nil {
+		t.Fatalf("the tunnel did not come up within %v of the agent starting: %v\n%s", within, err, c.Log())
+	}
+	t.Logf("tunnel up %v after the agent registered", time.Since(start).Round(100*time.Millisecond))
+	if !strings.Contains(c.Log(), "the agent is there") {
+		t.Errorf("the client does not say the agent came:\n%s", c.Log())
 	}
 }
