@@ -33,7 +33,11 @@ func startRelayRig(tb testing.TB) *relayRig {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	g, err := New(Config{State: st, Listen: "127.0.0.1:0", Log: quietLog()})
+	auth, err := LoadAuthority(st.Dir)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	g, err := New(Config{State: st, Authority: auth.Public(), Listen: "127.0.0.1:0", Log: quietLog()})
 	if err != nil {
 		tb.Fatal(err)
 	}
