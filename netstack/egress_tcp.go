@@ -7,6 +7,7 @@ import (
 	"net"
 	"sync"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
@@ -85,7 +86,7 @@ func (e *Egress) handleTCP(r *tcp.ForwarderRequest) {
 
 	e.c.tcpFlows.Add(1)
 	log.Debug("tcp flow open")
-	up, down := egSplice(tunneled, remote)
+	up, down := egSpliceLazy(tunneled, ep, &wq, remote)
 	log.Debug("tcp flow closed", "bytes_up", up, "bytes_down", down)
 }
 
@@ -129,3 +130,70 @@ func egCopyHalf(dst, src net.Conn) int64 {
 // pooled buffer instead of its generic fallbacks' own allocations.
 type egOnlyWriter struct{ io.Writer }
 type egOnlyReader struct{ io.Reader }
+
+// egSpliceLazy is egSplice holding no copy buffer while a direction waits:
+// an idle connection (an ssh session, a keep-alive HTTP connection) costs
+// no 64 KiB buffers, only its endpoints and goroutines. Each direction
+// waits for data without a buffer (the tunneled side on its waiter queue,
+// the real socket in the runtime poller) and borrows a pooled one only
+// while data moves. Where the real socket cannot be read that way it is
+// egSplice.
+func egSpliceLazy(tunneled *gonet.TCPConn, ep tcpip.Endpoint, wq *waiter.Queue, remote net.Conn) (up, down int64) {
+	if !egCanReadRaw(remote) {
+		return egSplice(tunneled, remote)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		up = egCopyUpLazy(remote, tunneled, ep, wq)
+	}()
+	down = egCopyDownLazy(tunneled, remote)
+	wg.Wait()
+	return up, down
+}
+
+// egCopyUpLazy copies the client's bytes to the real connection until EOF
+// (then half-closes it) or an error (then closes both).
+func egCopyUpLazy(remote net.Conn, tunneled *gonet.TCPConn, ep tcpip.Endpoint, wq *waiter.Queue) int64 {
+	entry, ready := waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
+	wq.EventRegister(&entry)
+	defer wq.EventUnregister(&entry)
+	var total int64
+	for {
+		if ep.Readiness(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) == 0 {
+			<-ready
+			continue
+		}
+		bp := egSpliceBufPool.Get().(*[]byte)
+		var err error
+		for err == nil && ep.Readiness(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) != 0 {
+			var n int
+			n, err = tunneled.Read(*bp)
+			if n > 0 {
+				total += int64(n)
+				if _, werr := remote.Write((*bp)[:n]); werr != nil {
+					err = werr
+				}
+			}
+		}
+		egSpliceBufPool.Put(bp)
+		if err != nil {
+			egEndHalf(remote, tunneled, err)
+			return total
+		}
+	}
+}
+
+// egEndHalf ends one direction: at EOF it half-closes dst, so half-closed
+// connections work; on an error (or if dst cannot half-close) it closes
+// both, so the other direction ends too.
+func egEndHalf(dst, src net.Conn, err error) {
+	if errors.Is(err, io.EOF) {
+		if cw, ok := dst.(egCloseWriter); ok && cw.CloseWrite() == nil {
+			return
+		}
+	}
+	_ = dst.Close()
+	_ = src.Close()
+}

@@ -184,7 +184,7 @@ func (n *egTestNet) dialUDP(t *testing.T, dst netip.AddrPort) *gonet.UDPConn {
 }
 
 // listenTCP starts a loopback TCP server running handle for each conn.
-func egListenTCP(t *testing.T, lo netip.Addr, handle func(net.Conn)) (netip.AddrPort, *atomic.Int64) {
+func egListenTCP(t testing.TB, lo netip.Addr, handle func(net.Conn)) (netip.AddrPort, *atomic.Int64) {
 	t.Helper()
 	ln, err := net.Listen("tcp", netip.AddrPortFrom(lo, 0).String())
 	if err != nil {
