@@ -90,6 +90,7 @@ type Agent struct {
 
 	dropSpoofed, dropNoSession atomic.Uint64
 	dropUnoffered              atomic.Uint64 // peer connections refused before TLS: no offer for their session
+	stopping                   atomic.Bool   // shutting down: no new sessions
 
 	// revoked is the authority's revocation list in force (nil: none
 	// seen); revocationsRefused counts lists that did not verify.
@@ -203,6 +204,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 	select {
 	case <-ctx.Done():
+		a.stopping.Store(true)
 		a.closeSessions()
 		return nil
 	case err := <-runErr:
@@ -502,6 +504,11 @@ func (a *Agent) dial(ctx context.Context, network, addr string) (net.Conn, error
 func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 	if m.Type != wire.TypeSession {
 		return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeBadRequest, Message: "agent accepts only session offers"}}
+	}
+	if a.stopping.Load() {
+		// A session accepted now would die with the process, and its
+		// client would wait on it instead of on the agent's next start.
+		return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeUnavailable, Message: "agent shutting down"}}
 	}
 	s := m.Session
 	peerKey, err := identity.ParsePublicKey(s.PeerKey)

@@ -494,7 +494,12 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 	if err != nil {
 		return nil, nil, fmt.Errorf("end-to-end handshake with agent %q: %w", c.cfg.Agent, err)
 	}
-	st, err := qc.AcceptStream(rctx)
+	// A live agent opens its info stream right after the handshake; one
+	// that did not may have completed the handshake on its way out (a
+	// restart) and will never say more, so do not wait for the idle timeout.
+	ictx, icancel := context.WithTimeout(rctx, peerInfoWait)
+	st, err := qc.AcceptStream(ictx)
+	icancel()
 	if err != nil {
 		qc.CloseWithError(1, "no control stream")
 		return nil, nil, fmt.Errorf("agent %q sent no session info: %w", c.cfg.Agent, err)
@@ -508,6 +513,10 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 	c.log.Info("end-to-end session established", "session", wire.SessionID(off.ID), "agent_key", key, "took", time.Since(start).Round(time.Millisecond), "path", c.pathKind())
 	return session.New(off.ID, qc, c.log), m.Peer, nil
 }
+
+// peerInfoWait bounds the wait for the agent's session info after the
+// end-to-end handshake.
+const peerInfoWait = 5 * time.Second
 
 // pump carries one session's received packets into the TUN.
 func (c *Client) pump(s *session.Session) {
