@@ -232,6 +232,13 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	}
 	st.SetReadDeadline(time.Now().Add(10 * time.Second))
 	m, err := wire.ReadMessage(st)
+	// The gateway makes a node findable just before it writes the welcome,
+	// so a notice for it may come first (a revocation list, a session
+	// gone): there are no sessions on this connection yet, and the welcome
+	// carries the list in force. Skip a few.
+	for i := 0; err == nil && i < 8 && (m.Type == wire.TypeRevoked || m.Type == wire.TypeGone); i++ {
+		m, err = wire.ReadMessage(st)
+	}
 	if err != nil {
 		return false, fmt.Errorf("registration: %w", err)
 	}

@@ -16,26 +16,11 @@ import (
 // at most maxRequestHandlers answered at once; the rest are answered
 // "unavailable" at once and counted, and the node stays registered.
 func TestRequestHandlersBounded(t *testing.T) {
-	gkey, err := identity.Generate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := identity.SelfSigned(gkey.Signer(), "gateway")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gcfg := QUICConfig()
-	gcfg.MaxIncomingStreams = 1 // as the gateway: the node's control stream
-	ln, err := quic.ListenAddr("127.0.0.1:0", identity.ServerTLS(cert, wire.ALPNGateway), gcfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-
+	ln, pin := fakeGateway(t)
 	release := make(chan struct{})
 	var running, peak atomic.Int64
 	c := newTestClient(t, ln.Addr().String())
-	c.cfg.Pin = identity.Fingerprint(cert.Leaf)
+	c.cfg.Pin = pin
 	c.cfg.OnRequest = func(ctx context.Context, m *wire.Message) *wire.Message {
 		n := running.Add(1)
 		for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
@@ -52,18 +37,7 @@ func TestRequestHandlersBounded(t *testing.T) {
 	runDone := make(chan error, 1)
 	go func() { runDone <- c.Run(ctx) }()
 
-	qc, err := ln.Accept(ctx)
-	if err != nil {
-		cancel()
-		t.Fatalf("accept: %v (node: %v)", err, <-runDone)
-	}
-	st, err := qc.AcceptStream(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m, err := wire.ReadMessage(st); err != nil || m.Type != wire.TypeHello {
-		t.Fatalf("first message %+v, %v", m, err)
-	}
+	st := acceptNode(t, ctx, ln, runDone)
 	ch := wire.NewChannel(st)
 	if err := ch.Write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: "miranda", Role: "agent"}}); err != nil {
 		t.Fatal(err)
@@ -105,6 +79,74 @@ func TestRequestHandlersBounded(t *testing.T) {
 	case err := <-runDone:
 		t.Fatalf("the node gave up its gateway connection: %v", err)
 	default:
+	}
+	cancel()
+	<-runDone
+}
+
+// fakeGateway listens on loopback as a gateway does (one incoming stream
+// per node) and returns its certificate pin.
+func fakeGateway(t *testing.T) (*quic.Listener, string) {
+	t.Helper()
+	gkey, err := identity.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := identity.SelfSigned(gkey.Signer(), "gateway")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gcfg := QUICConfig()
+	gcfg.MaxIncomingStreams = 1 // as the gateway: the node's control stream
+	ln, err := quic.ListenAddr("127.0.0.1:0", identity.ServerTLS(cert, wire.ALPNGateway), gcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln, identity.Fingerprint(cert.Leaf)
+}
+
+// acceptNode accepts a node's connection and reads its hello.
+func acceptNode(t *testing.T, ctx context.Context, ln *quic.Listener, runDone <-chan error) *quic.Stream {
+	t.Helper()
+	qc, err := ln.Accept(ctx)
+	if err != nil {
+		t.Fatalf("accept: %v (node: %v)", err, <-runDone)
+	}
+	st, err := qc.AcceptStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := wire.ReadMessage(st); err != nil || m.Type != wire.TypeHello {
+		t.Fatalf("first message %+v, %v", m, err)
+	}
+	return st
+}
+
+// A notice the gateway sends a node just before its welcome (the node was
+// findable a moment earlier) does not fail the registration.
+func TestNoticeBeforeWelcome(t *testing.T) {
+	ln, pin := fakeGateway(t)
+	c := newTestClient(t, ln.Addr().String())
+	c.cfg.Pin = pin
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	runDone := make(chan error, 1)
+	go func() { runDone <- c.Run(ctx) }()
+	st := acceptNode(t, ctx, ln, runDone)
+	ch := wire.NewChannel(st)
+	for _, m := range []*wire.Message{
+		{Type: wire.TypeRevoked, Revoked: &wire.Revoked{List: "nlr1.x.y"}},
+		{Type: wire.TypeGone, Gone: &wire.Gone{ID: 7}},
+		{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: "miranda", Role: "agent"}},
+	} {
+		if err := ch.Write(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w, err := c.Ready(ctx)
+	if err != nil || w.Name != "miranda" {
+		t.Fatalf("Ready = %+v, %v", w, err)
 	}
 	cancel()
 	<-runDone
