@@ -88,8 +88,10 @@ type Client struct {
 	marked      bool
 	inbound     *platform.InboundFilter // TUN mode without AcceptInbound
 	dropForeign atomic.Uint64
-	ended       session.Ended // drops of sessions replaced since start
-	ctx         context.Context
+	// probesRefused counts agent candidates this client would not probe.
+	probesRefused atomic.Uint64
+	ended         session.Ended // drops of sessions replaced since start
+	ctx           context.Context
 
 	pmu    sync.Mutex
 	punch  *underlay.Direct // the current session's direct-path attempt

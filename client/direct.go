@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/punch"
 	"github.com/nlvpn/nlvpn/underlay"
 	"github.com/nlvpn/nlvpn/wire"
@@ -74,8 +75,20 @@ func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offe
 		}
 		cfg.Key = key
 		// Never probe into the tunnel: candidates inside the agent's subnets
-		// would be routed through the TUN.
-		cfg.Peer = punch.Usable(off.Candidates, off.Advertise, punch.MaxCandidates)
+		// would be routed through the TUN. And probe only where the agent
+		// can be (the rules the agent applies to clients): an agent, or a
+		// gateway in the middle, must not aim this machine's probes at its
+		// own loopback, its LAN's other hosts or anyone on the internet.
+		screen := c.agentScreen(off)
+		for _, a := range punch.Usable(off.Candidates, off.Advertise, punch.MaxCandidates) {
+			if r := screen.Check(a); r == punch.Accepted {
+				cfg.Peer = append(cfg.Peer, a)
+			} else {
+				c.probesRefused.Add(1)
+				c.log.Debug("not probing the agent's candidate", "candidate", a, "reason", r)
+			}
+		}
+		cfg.Accept = func(from netip.AddrPort) bool { return screen.Check(from) == punch.Accepted }
 		if c.cfg.Mode != wire.ModeDirect {
 			c.log.Info("the tunnel starts on the relay and is on hold and waiting to create the direct channel")
 		}
@@ -130,4 +143,26 @@ func (c *Client) waitDirect(ctx context.Context, off *wire.Session) error {
 	}
 	return fmt.Errorf("no direct path to agent %q within %s: %s (sent %d probes to %s; our public address as the gateway sees it: %s)",
 		c.cfg.Agent, c.cfg.DirectTimeout, why, sent, strings.Join(tried, ", "), observed)
+}
+
+// agentScreen is where this client may probe the agent of session offer
+// off: the agent's public address as the gateway saw it (or, from a
+// gateway that does not say, its first candidate if that is public), and
+// private addresses on this machine's own LANs.
+func (c *Client) agentScreen(off *wire.Session) *punch.Screen {
+	s := &punch.Screen{}
+	switch {
+	case off.PeerObserved.IsValid():
+		s.Observed = off.PeerObserved.Addr().Unmap()
+	case len(off.Candidates) > 0:
+		if ip := off.Candidates[0].Addr().Unmap(); ip.IsGlobalUnicast() && !ip.IsPrivate() {
+			s.Observed = ip
+		}
+	}
+	local, err := platform.InterfacePrefixes()
+	if err != nil {
+		c.log.Warn("could not read this machine's interfaces; probing no private candidate of the agent", "err", err)
+	}
+	s.Local = local
+	return s
 }

@@ -36,6 +36,10 @@ type Status struct {
 	// InboundRefused counts packets from the tunnel that were not part of
 	// a connection this machine opened (TUN mode, without --accept-inbound).
 	InboundRefused uint64 `json:"inbound_refused"`
+	// ProbesRefused counts the agent's hole-punch candidates this client
+	// did not probe: not the agent's public address nor on this machine's
+	// LAN (loopback, link-local, other networks' private addresses, ...).
+	ProbesRefused uint64 `json:"probes_refused"`
 }
 
 // Status reports the tunnel's state now.
@@ -54,6 +58,7 @@ func (c *Client) Status() Status {
 	}
 	st.DropsInbound, _ = c.u.Conn.Drops()
 	st.DropsForeign = c.dropForeign.Load()
+	st.ProbesRefused = c.probesRefused.Load()
 	if c.tunw != nil {
 		st.DropsTUNWrite = c.tunw.Drops()
 	}
