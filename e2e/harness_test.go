@@ -117,11 +117,17 @@ func (e *env) procEnv() []string {
 // start runs `nlvpn args...` in ns as a long-running process.
 func (e *env) start(t *testing.T, ns, name string, args ...string) *lab.Process {
 	t.Helper()
+	return e.startCmd(t, ns, name, append([]string{nlvpnBin}, args...)...)
+}
+
+// startCmd is start for any command line (e.g. nlvpn under nice).
+func (e *env) startCmd(t *testing.T, ns, name string, argv ...string) *lab.Process {
+	t.Helper()
 	e.mu.Lock()
 	e.seq++
 	logPath := filepath.Join(e.dir, fmt.Sprintf("%02d-%s.log", e.seq, name))
 	e.mu.Unlock()
-	p, err := e.lab.Start(ns, lab.ProcConfig{Name: name, Args: append([]string{nlvpnBin}, args...), Env: e.procEnv(), LogPath: logPath})
+	p, err := e.lab.Start(ns, lab.ProcConfig{Name: name, Args: argv, Env: e.procEnv(), LogPath: logPath})
 	if err != nil {
 		t.Fatal(err)
 	}
