@@ -729,6 +729,9 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		old.sess.Conn.CloseWithError(0, "superseded")
 	}
 	log.Info("client connected")
+	if misbehave != nil { // test builds only (misbehave.go)
+		go misbehave(a, s, offer.PeerAddr, log)
+	}
 	// The client's token expiring ends its session here, not only its
 	// gateway connection: a direct path does not pass the gateway.
 	{
@@ -770,7 +773,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	a.ended.Add(s)
 	st2 := s.Stats()
 	log.Info("client disconnected", "after", time.Since(start).Round(time.Second), "reason", err, "rx_bytes", st2.RxBytes, "tx_bytes", st2.TxBytes,
-		"drops_queue_full", st2.DropQueueFull, "drops_netstack_queue", a.eg.Stats().SubmitDropped, "quic_lost", qc.ConnectionStats().PacketsLost)
+		"drops_queue_full", st2.DropQueueFull, "drops_netstack_queue_all_clients", a.eg.Stats().SubmitDropped, "quic_lost", qc.ConnectionStats().PacketsLost)
 }
 
 // toClient sends packets from the egress stack to the clients they are for.
