@@ -4,7 +4,8 @@ import "sync/atomic"
 
 // Fair dropping (issue 9). Frames to a node wait in one queue that every
 // sender toward it shares: the node's DATAGRAM queue (Peer.out), or, for
-// UDP, the gateway port's one write queue. Without a rule, a client at
+// UDP, the gateway port's one write queue (shared by all destinations,
+// but judged per destination: Peer.udpFair). Without a rule, a client at
 // full blast fills that queue and everybody else's frames wait or are
 // dropped with its own. So while a queue is congested (more than half
 // full), a frame is dropped, and counted as drop_unfair, if its sender
