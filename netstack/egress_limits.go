@@ -25,7 +25,7 @@ type EgressLimits struct {
 	TCPTotal        int // of all clients
 	UDPPerClient    int // UDP flows of one client (each: one socket until idle)
 	UDPTotal        int
-	DialsPerClient  int // real dials (TCP and UDP) in progress for one client
+	DialsPerClient  int // real TCP dials in progress for one client
 	EchoesPerClient int // outstanding ICMP echoes of one client (the total is MaxEchoes)
 }
 

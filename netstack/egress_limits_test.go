@@ -276,3 +276,35 @@ func BenchmarkEgressUDPFlowMemory(b *testing.B) {
 	b.ReportMetric(0, "ns/op")
 	runtime.KeepAlive(conns)
 }
+
+// A client whose TCP dials all hang (a blackholed host) still opens UDP
+// flows: its DNS must not wait for its SYNs to time out.
+func TestEgressHungDialsLeaveUDP(t *testing.T) {
+	blackhole := netip.AddrPortFrom(egLoV4, 9)
+	var d net.Dialer
+	n := egNewTestNet(t, EgressConfig{
+		Limits: EgressLimits{DialsPerClient: 1},
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if addr == blackhole.String() {
+				<-ctx.Done()
+				return nil, ctx.Err()
+			}
+			return d.DialContext(ctx, network, addr)
+		},
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if c, err := n.dialTCPFrom(ctx, egClientV4, blackhole); err == nil {
+			c.Close()
+		}
+	}()
+	defer func() { cancel(); <-done }()
+	egWaitFor(t, "the hung dial", func() bool { return egHeld(n.eg, egClientV4, "dials") == 1 })
+	dst, _ := egUDPEchoServer(t, egLoV4)
+	if !egExchange(t, n.dialUDPFrom(t, egClientV4, dst), "dns", 2*time.Second) {
+		t.Fatal("a UDP flow went unanswered while the client's only dial slot hung")
+	}
+}

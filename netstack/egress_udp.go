@@ -95,13 +95,12 @@ func (f *udpFlow) run() {
 	}
 	defer e.removeCloser(f.tunneled)
 
-	if !e.ledger.acquire(f.client, egDial) {
-		return // the datagrams buffered so far are dropped; counted in the ledger
-	}
+	// A UDP "dial" to an address is a local operation that does not wait
+	// on the network, so it takes no dial slot: a client whose TCP dials
+	// hang (a blackholed host) still gets its DNS and other UDP flows.
 	ctx, cancel := context.WithTimeout(context.WithValue(e.ctx, egClientKey{}, f.client), DefaultEgressDialTimeout)
 	remote, err := e.dial(ctx, "udp", f.dst.String())
 	cancel()
-	e.ledger.release(f.client, egDial)
 	if err != nil {
 		e.c.dialFailures.Add(1)
 		log.Debug("udp dial failed", "error", err)
