@@ -3,7 +3,6 @@ package gateway
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"errors"
 	"io"
 	"log/slog"
@@ -634,28 +633,12 @@ func TestClientRunReturnsOnCancel(t *testing.T) {
 // nonsense on the control stream.
 func hostile(t *testing.T, tg *testGateway, payload []byte) (*wire.Message, *quic.Conn, error) {
 	t.Helper()
-	key, _ := identity.Generate()
-	cert, err := key.Certificate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	uc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tr := &quic.Transport{Conn: uc}
-	t.Cleanup(func() { tr.Close(); uc.Close() })
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	qc, err := tr.Dial(ctx, tg.g.Addr(), &tls.Config{
-		MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert},
-		NextProtos: []string{wire.ALPNGateway}, InsecureSkipVerify: true,
-		VerifyPeerCertificate: identity.VerifyPin(tg.g.Pin()),
-	}, control.QUICConfig())
+	qc, err := dialFrom(t, tg, "127.0.0.1")
 	if err != nil {
 		t.Fatalf("raw dial: %v", err)
 	}
-	t.Cleanup(func() { qc.CloseWithError(0, "") })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
 	st, err := qc.OpenStreamSync(ctx)
 	if err != nil {
 		t.Fatal(err)
