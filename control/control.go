@@ -63,6 +63,10 @@ type Config struct {
 	// OnGone is told when the other end of one of this node's sessions
 	// left the gateway.
 	OnGone func(id uint64)
+	// OnMoved is told that the other end of session id now reaches the
+	// gateway from addr (its NAT rebound, it changed networks): the
+	// place to probe for the direct path.
+	OnMoved func(id uint64, addr netip.AddrPort)
 	// OnRevoked is told to end sessions whose client's token was revoked,
 	// and given the authority's signed revocation list when it changed
 	// (agents; the list must be verified).
@@ -236,7 +240,7 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	// so a notice for it may come first (a revocation list, a session
 	// gone): there are no sessions on this connection yet, and the welcome
 	// carries the list in force. Skip a few.
-	for i := 0; err == nil && i < 8 && (m.Type == wire.TypeRevoked || m.Type == wire.TypeGone); i++ {
+	for i := 0; err == nil && i < 8 && (m.Type == wire.TypeRevoked || m.Type == wire.TypeGone || m.Type == wire.TypeMoved); i++ {
 		m, err = wire.ReadMessage(st)
 	}
 	if err != nil {
@@ -321,6 +325,10 @@ func (c *Client) readControl(ctx context.Context, k *conn) error {
 		case m.Type == wire.TypeGone:
 			if c.cfg.OnGone != nil {
 				c.cfg.OnGone(m.Gone.ID)
+			}
+		case m.Type == wire.TypeMoved:
+			if c.cfg.OnMoved != nil {
+				c.cfg.OnMoved(m.Moved.ID, m.Moved.Addr)
 			}
 		case m.Type == wire.TypeRevoked && m.Revoked != nil:
 			if c.cfg.OnRevoked != nil {

@@ -2,6 +2,7 @@ package control
 
 import (
 	"context"
+	"net/netip"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -147,6 +148,47 @@ func TestNoticeBeforeWelcome(t *testing.T) {
 	w, err := c.Ready(ctx)
 	if err != nil || w.Name != "miranda" {
 		t.Fatalf("Ready = %+v, %v", w, err)
+	}
+	cancel()
+	<-runDone
+}
+
+// A moved notice reaches OnMoved with its session and address, and the
+// node stays registered.
+func TestMovedNotice(t *testing.T) {
+	ln, pin := fakeGateway(t)
+	c := newTestClient(t, ln.Addr().String())
+	c.cfg.Pin = pin
+	type moved struct {
+		id   uint64
+		addr netip.AddrPort
+	}
+	got := make(chan moved, 1)
+	c.cfg.OnMoved = func(id uint64, addr netip.AddrPort) { got <- moved{id, addr} }
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	runDone := make(chan error, 1)
+	go func() { runDone <- c.Run(ctx) }()
+	st := acceptNode(t, ctx, ln, runDone)
+	ch := wire.NewChannel(st)
+	want := moved{7, netip.MustParseAddrPort("198.18.3.9:61007")}
+	for _, m := range []*wire.Message{
+		{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: "miranda", Role: "agent"}},
+		{Type: wire.TypeMoved, Moved: &wire.Moved{ID: want.id, Addr: want.addr}},
+	} {
+		if err := ch.Write(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	select {
+	case m := <-got:
+		if m != want {
+			t.Fatalf("OnMoved(%d, %v), want (%d, %v)", m.id, m.addr, want.id, want.addr)
+		}
+	case err := <-runDone:
+		t.Fatalf("node stopped: %v", err)
+	case <-ctx.Done():
+		t.Fatal("OnMoved not called")
 	}
 	cancel()
 	<-runDone

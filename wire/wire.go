@@ -43,6 +43,10 @@ const (
 	// revoked (a notice, no reply): the direct path does not pass the
 	// gateway.
 	TypeRevoked = "revoked"
+	// TypeMoved tells a node that the other end of one of its sessions
+	// now reaches the gateway from a new public address (its NAT rebound,
+	// it changed networks), so it can probe there for the direct path.
+	TypeMoved = "moved"
 	// TypePeerInfo travels inside the peer session, agent → client: the
 	// agent's own word on what it serves, so the gateway cannot add routes.
 	TypePeerInfo = "peer_info"
@@ -74,6 +78,7 @@ type Message struct {
 	Accept  *Accept   `json:"accept,omitempty"`
 	Gone    *Gone     `json:"gone,omitempty"`
 	Revoked *Revoked  `json:"revoked,omitempty"`
+	Moved   *Moved    `json:"moved,omitempty"`
 	Peer    *PeerInfo `json:"peer,omitempty"`
 }
 
@@ -202,6 +207,13 @@ type Gone struct {
 	ID uint64 `json:"id"`
 }
 
+// Moved says that the other end of session ID now comes from Addr, as
+// the gateway sees its connection (a notice, no reply).
+type Moved struct {
+	ID   uint64         `json:"id"`
+	Addr netip.AddrPort `json:"addr"`
+}
+
 // WriteMessage writes m with a 4-byte big-endian length prefix.
 func WriteMessage(w io.Writer, m *Message) error {
 	body, err := json.Marshal(m)
@@ -277,6 +289,8 @@ func (m *Message) check() error {
 		present = m.Gone != nil
 	case TypeRevoked:
 		present = m.Revoked != nil
+	case TypeMoved:
+		present = m.Moved != nil
 	default:
 		return fmt.Errorf("unknown type %q", m.Type)
 	}
@@ -284,7 +298,7 @@ func (m *Message) check() error {
 		return fmt.Errorf("%s message without its body", m.Type)
 	}
 	n := 0
-	for _, p := range []bool{m.Hello != nil, m.Welcome != nil, m.Error != nil, m.Connect != nil, m.Session != nil, m.Accept != nil, m.Peer != nil, m.Gone != nil, m.Revoked != nil} {
+	for _, p := range []bool{m.Hello != nil, m.Welcome != nil, m.Error != nil, m.Connect != nil, m.Session != nil, m.Accept != nil, m.Peer != nil, m.Gone != nil, m.Revoked != nil, m.Moved != nil} {
 		if p {
 			n++
 		}
@@ -303,6 +317,9 @@ func (m *Message) check() error {
 		p = &m.Session.Punch
 	case m.Accept != nil:
 		p = &m.Accept.Punch
+	}
+	if m.Moved != nil && (m.Moved.ID == 0 || !m.Moved.Addr.IsValid()) {
+		return errors.New("moved message without a session or an address")
 	}
 	if p != nil && len(p.Candidates) > MaxCandidates {
 		return fmt.Errorf("%d candidates, more than %d", len(p.Candidates), MaxCandidates)

@@ -21,6 +21,7 @@ func TestMessageRoundTrip(t *testing.T) {
 		{Type: TypeSession, ID: 2, Session: &Session{ID: 43, PeerName: "bob", PeerKey: "ed25519:AB", PeerAddr: netip.MustParseAddr("100.64.0.4"), PeerObserved: netip.MustParseAddrPort("198.18.3.9:41000")}},
 		{Type: TypeAccept, Accept: &Accept{ID: 42}},
 		{Type: TypeRevoked, Revoked: &Revoked{IDs: []uint64{7, 9}}},
+		{Type: TypeMoved, Moved: &Moved{ID: 42, Addr: netip.MustParseAddrPort("198.18.3.9:61007")}},
 	}
 	var buf bytes.Buffer
 	for _, m := range msgs {
@@ -60,6 +61,10 @@ func TestReadMessageRejects(t *testing.T) {
 		{"unknown type", frameOf(`{"type":"reboot"}`), "unknown type"},
 		{"missing body", frameOf(`{"type":"hello"}`), "without its body"},
 		{"revoked without ids", frameOf(`{"type":"revoked"}`), "without its body"},
+		{"moved without its body", frameOf(`{"type":"moved"}`), "without its body"},
+		{"moved without session", frameOf(`{"type":"moved","moved":{"addr":"198.18.3.9:61007"}}`), "without a session"},
+		{"moved without address", frameOf(`{"type":"moved","moved":{"id":7}}`), "without a session or an address"},
+		{"moved with another body", frameOf(`{"type":"moved","moved":{"id":7,"addr":"198.18.3.9:1"},"gone":{"id":7}}`), "2 bodies"},
 		{"two bodies", frameOf(`{"type":"hello","hello":{"token":"x"},"accept":{"id":1}}`), "2 bodies"},
 		{"unknown field", frameOf(`{"type":"accept","accept":{"id":1},"x":1}`), "unknown field"},
 		{"trailing", frameOf(`{"type":"accept","accept":{"id":1}}{}`), "trailing"},
