@@ -387,6 +387,11 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	n.peer.OnGone = func(id uint64) {
 		go n.write(&wire.Message{Type: wire.TypeGone, Gone: &wire.Gone{ID: id}})
 	}
+	// The other end of a session moved (its NAT rebound): this node is
+	// told where, so it probes there and the direct path comes back.
+	n.peer.OnMoved = func(id uint64, to netip.AddrPort) {
+		go n.write(&wire.Message{Type: wire.TypeMoved, Moved: &wire.Moved{ID: id, Addr: to}})
+	}
 	defer n.peer.Close()
 	if n.role == token.RoleAgent {
 		for _, p := range m.Hello.Advertise {

@@ -140,7 +140,12 @@ type Peer struct {
 	// gateway can tell this node at once instead of letting it find out
 	// by silence.
 	OnGone func(id uint64)
-	hub    *Hub
+	// OnMoved, if set (before any Bind), is called by Refresh with the ID
+	// of each of this peer's routes whose other end moved to a new
+	// address, and that address, so the gateway can tell this node where
+	// its peer is now (to punch the direct path again).
+	OnMoved func(id uint64, to netip.AddrPort)
+	hub     *Hub
 	// addr is where the node's gateway connection comes from now (its NAT
 	// may rebind; the gateway moves it with SetAddr); nil: none (another
 	// node took the address).
@@ -188,7 +193,8 @@ type Move struct {
 }
 
 // Refresh moves every node whose connection now comes from another address
-// (SetAddr) and returns the moves. The gateway calls it every second.
+// (SetAddr) and returns the moves; the other end of each route of a moved
+// node is told (Peer.OnMoved). The gateway calls it every second.
 func (h *Hub) Refresh() []Move {
 	h.mu.Lock()
 	ps := make([]*Peer, 0, len(h.peers))
@@ -211,9 +217,32 @@ func (h *Hub) Refresh() []Move {
 			from := p.Addr()
 			p.SetAddr(now)
 			moves = append(moves, Move{p.Name, from, now})
+			h.tellMoved(p, now)
 		}
 	}
 	return moves
+}
+
+// tellMoved calls OnMoved of the other end of each of p's routes.
+func (h *Hub) tellMoved(p *Peer, to netip.AddrPort) {
+	if p.Addr() != to {
+		return // another node holds that address: nothing to probe there
+	}
+	h.routes.Range(func(_, v any) bool {
+		r := v.(*route)
+		other := r.b
+		switch p {
+		case r.a:
+		case r.b:
+			other = r.a
+		default:
+			return true
+		}
+		if other.OnMoved != nil {
+			other.OnMoved(r.id, to)
+		}
+		return true
+	})
 }
 
 // takenByOther reports whether addr is registered to a node other than p.

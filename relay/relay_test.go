@@ -528,3 +528,47 @@ func TestNodeAddressMoves(t *testing.T) {
 		t.Fatalf("Refresh gave a back an address c holds: %+v", moves)
 	}
 }
+
+// A node's move is told to the other end of each of its routes, and to
+// nobody else.
+func TestRefreshTellsOtherEnd(t *testing.T) {
+	h := quietHub()
+	a0, a1 := netip.MustParseAddrPort("198.18.2.2:40000"), netip.MustParseAddrPort("198.18.2.2:61000")
+	ca := newMovingConn(a0)
+	var tok [CheckTokenLen]byte
+	a := h.NewPeer("client/a", a0, tok, ca)
+	b := h.NewPeer("agent/b", netip.MustParseAddrPort("198.18.3.2:41000"), tok, newMovingConn(netip.MustParseAddrPort("198.18.3.2:41000")))
+	c := h.NewPeer("agent/c", netip.MustParseAddrPort("198.18.3.3:41000"), tok, newMovingConn(netip.MustParseAddrPort("198.18.3.3:41000")))
+	d := h.NewPeer("client/d", netip.MustParseAddrPort("198.18.2.4:41000"), tok, newMovingConn(netip.MustParseAddrPort("198.18.2.4:41000")))
+	for _, p := range []*Peer{a, b, c, d} {
+		defer p.Close()
+	}
+	type moved struct {
+		who *Peer
+		id  uint64
+		to  netip.AddrPort
+	}
+	var got []moved
+	for _, p := range []*Peer{a, b, c, d} {
+		p.OnMoved = func(id uint64, to netip.AddrPort) { got = append(got, moved{p, id, to}) }
+	}
+	for _, r := range []struct {
+		id   uint64
+		x, y *Peer
+	}{{1, a, b}, {2, c, a}, {3, d, c}} {
+		if err := h.Bind(r.id, r.x, r.y); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if moves := h.Refresh(); len(moves) != 0 || len(got) != 0 {
+		t.Fatalf("nothing moved, yet %+v, told %+v", moves, got)
+	}
+	ca.addr.Store(net.UDPAddrFromAddrPort(a1))
+	if moves := h.Refresh(); len(moves) != 1 {
+		t.Fatalf("Refresh moves = %+v", moves)
+	}
+	want := map[moved]bool{{b, 1, a1}: true, {c, 2, a1}: true}
+	if len(got) != len(want) || !want[got[0]] || !want[got[1]] {
+		t.Fatalf("told %+v, want b of session 1 and c of session 2, to %v", got, a1)
+	}
+}
