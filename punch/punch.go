@@ -85,6 +85,7 @@ type Punch struct {
 	rtt       time.Duration
 	start     time.Time
 	wake      chan struct{}
+	kick      chan struct{} // AddPeer: probe now
 
 	dropBadMAC, dropMalformed uint64
 	pingsHeard, pingsSent     uint64
@@ -126,7 +127,7 @@ func New(cfg Config) *Punch {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	p := &Punch{cfg: cfg, log: cfg.Log, sent: make(map[uint64]sentPing), wake: make(chan struct{}, 1)}
+	p := &Punch{cfg: cfg, log: cfg.Log, sent: make(map[uint64]sentPing), wake: make(chan struct{}, 1), kick: make(chan struct{}, 1)}
 	p.cands = append(p.cands, cfg.Peer...)
 	return p
 }
@@ -192,6 +193,28 @@ func (p *Punch) known(a netip.AddrPort) bool {
 		}
 	}
 	return false
+}
+
+// AddPeer makes a the first candidate (the peer's new address, learned
+// from the gateway after its NAT rebound) and probes it now: an attempt
+// under way probes it at once and runs its full time from here; a wait
+// between attempts ends, and the backoff starts over. If the candidates
+// are full, the last goes.
+func (p *Punch) AddPeer(a netip.AddrPort) {
+	a = netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
+	p.mu.Lock()
+	cands := []netip.AddrPort{a}
+	for _, c := range p.cands {
+		if c != a && len(cands) < MaxCandidates {
+			cands = append(cands, c)
+		}
+	}
+	p.cands = cands
+	p.mu.Unlock()
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
 }
 
 // ErrBadProbe is returned by Handle for a probe that fails its checks.
@@ -298,10 +321,17 @@ func (p *Punch) Run(ctx context.Context) {
 			continue // lost: punch again at once
 		}
 		p.log.Info("no direct path yet; staying on the relay", "retry_in", backoff)
+		t := time.NewTimer(backoff)
 		select {
 		case <-ctx.Done():
+			t.Stop()
 			return
-		case <-time.After(backoff):
+		case <-p.kick:
+			// The peer moved (AddPeer): probe its new address now.
+			t.Stop()
+			backoff = time.Second
+			continue
+		case <-t.C:
 		}
 		backoff = min(2*backoff, MaxBackoff)
 	}
@@ -336,6 +366,16 @@ func (p *Punch) attempt(ctx context.Context) bool {
 			_, _, ok := p.Remote()
 			return ok
 		case <-p.wake:
+		case <-p.kick:
+			// A new candidate (AddPeer): probed at the top of the loop,
+			// for a whole attempt's time.
+			if !deadline.Stop() {
+				select {
+				case <-deadline.C:
+				default:
+				}
+			}
+			deadline.Reset(AttemptDuration)
 		case <-t.C:
 		}
 	}

@@ -623,3 +623,60 @@ func TestAcceptScreensPingSources(t *testing.T) {
 		t.Fatalf("refused sources counted %d, want 1", r)
 	}
 }
+
+// AddPeer, told during the wait between attempts, probes the peer's new
+// address at once (not after the backoff) and first, and the path comes up.
+func TestAddPeerProbesAtOnce(t *testing.T) {
+	fastTiming(t)
+	n := newFakeNet()
+	ea, eb := newEvents(), newEvents()
+	key := testKey(7)
+	// a knows only a dead address of b (b's NAT rebound); b knows nothing
+	// of a and learns it from a's pings.
+	a := New(ea.cfg(Config{ID: 9, Key: key, Peer: []netip.AddrPort{addrC}, Send: n.sender(addrA)}))
+	b := New(eb.cfg(Config{ID: 9, Key: key, Send: n.sender(addrB)}))
+	n.attach(addrA, a)
+	n.attach(addrB, b)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); a.Run(ctx) }()
+	go func() { defer wg.Done(); b.Run(ctx) }()
+	t.Cleanup(func() { cancel(); wg.Wait(); n.wg.Wait() })
+
+	// a's first attempt fails; it then waits a backoff of 1 s.
+	time.Sleep(AttemptDuration + 100*time.Millisecond)
+	if n.sentTo(addrB) != 0 {
+		t.Fatal("a probed b's new address before being told")
+	}
+	start := time.Now()
+	a.AddPeer(netip.AddrPortFrom(netip.AddrFrom16(addrB.Addr().As16()), addrB.Port())) // 4in6, as a socket may give it
+	if got := waitFor(t, ea.direct, 3*time.Second, "direct path at a"); got != addrB {
+		t.Fatalf("a confirmed %v, want %v", got, addrB)
+	}
+	if took := time.Since(start); took > 300*time.Millisecond {
+		t.Fatalf("direct path %v after AddPeer; the backoff (1 s) was not cut", took)
+	}
+	if c := a.Candidates(); !slices.Equal(c, []netip.AddrPort{addrB, addrC}) {
+		t.Fatalf("candidates %v, want the new address first", c)
+	}
+	// Told again (the same address): no duplicate.
+	a.AddPeer(addrB)
+	if c := a.Candidates(); len(c) != 2 {
+		t.Fatalf("candidates %v after adding a known one", c)
+	}
+}
+
+// AddPeer keeps at most MaxCandidates, dropping the last.
+func TestAddPeerCapped(t *testing.T) {
+	var cands []netip.AddrPort
+	for i := range MaxCandidates {
+		cands = append(cands, netip.AddrPortFrom(addrC.Addr(), uint16(2000+i)))
+	}
+	p := New(Config{ID: 9, Key: testKey(7), Peer: cands, Send: func([]byte, netip.AddrPort) error { return nil }, Log: quiet})
+	p.AddPeer(addrB)
+	c := p.Candidates()
+	if len(c) != MaxCandidates || c[0] != addrB || c[MaxCandidates-1] != cands[MaxCandidates-2] {
+		t.Fatalf("candidates %v", c)
+	}
+}

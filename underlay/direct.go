@@ -145,6 +145,17 @@ func (d *Direct) Remote() (netip.AddrPort, time.Duration, bool) {
 	return d.p.Remote()
 }
 
+// AddPeer probes a, the peer's new address (its NAT rebound, as the
+// gateway saw), at once (punch.AddPeer). It reports false for a session
+// that does not punch (relay only).
+func (d *Direct) AddPeer(a netip.AddrPort) bool {
+	if d == nil || d.p == nil {
+		return false
+	}
+	d.p.AddPeer(a)
+	return true
+}
+
 // setPath moves the session onto p unless Stop ran; it reports whether
 // it did.
 func (d *Direct) setPath(p session.Path) bool {
