@@ -146,7 +146,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 	u, err := underlay.Open(control.Config{
 		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Advertise: cfg.Advertise,
-		Log: cfg.Log, OnRequest: a.onRequest, OnRevoked: a.endRevoked, OnGone: a.onGone,
+		Log: cfg.Log, OnRequest: a.onRequest, OnRevoked: a.endRevoked, OnGone: a.onGone, OnMoved: a.onMoved,
 		OnUp: func(_ context.Context, w *wire.Welcome) {
 			a.takeRevocations(w.Revocations)
 			if cfg.OnUp != nil {

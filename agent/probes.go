@@ -122,8 +122,8 @@ type offerProbes struct {
 	id     uint64
 	client string // the client's credential name
 	cands  []netip.AddrPort
-	screen punch.Screen
-	live   func() bool // whether the session is live now
+	screen punch.Screen // under probeGuard.mu once begun (moved changes it)
+	live   func() bool  // whether the session is live now
 	log    *slog.Logger
 	b      bucket // the offer's own budget; under probeGuard.mu
 	gone   bool   // the gateway said the client left; under probeGuard.mu
@@ -269,7 +269,10 @@ func (g *probeGuard) allow(op *offerProbes, to netip.AddrPort) bool {
 // accept is op's punch.Config.Accept: whether a ping from from (the client
 // holds the key, but may forge its source) may be answered and learned.
 func (g *probeGuard) accept(op *offerProbes, from netip.AddrPort) bool {
-	r := op.screen.Check(from)
+	g.mu.Lock()
+	screen := op.screen
+	g.mu.Unlock()
+	r := screen.Check(from)
 	if r == punch.Accepted {
 		return true
 	}
@@ -281,6 +284,42 @@ func (g *probeGuard) accept(op *offerProbes, from netip.AddrPort) bool {
 		op.log.Info("not answering a probe from an address that cannot be this client's", "client", op.client, "candidate", from, "reason", string(r))
 	}
 	return false
+}
+
+// movedProbeBurst is what a moved notice lifts the offer's budget to: a
+// few rounds of probes to the client's new address (and the old one) at
+// punch.ProbeInterval, enough for a cone NAT, which opens in a round trip.
+// The client's and the address's budgets still apply, so a gateway
+// sending notices without end gets no more than those allow.
+const movedProbeBurst = offerProbeBurst / 2
+
+// moved takes the gateway's word that session id's client now comes from
+// to (its NAT rebound, it changed networks): to's IP becomes the client's
+// observed address for the session's screen, and the offer's budget is
+// lifted to movedProbeBurst. It reports whether to may be probed: false
+// for a session not being punched for, whose client left, or an address
+// the screen refuses (counted).
+func (g *probeGuard) moved(id uint64, to netip.AddrPort) bool {
+	to = netip.AddrPortFrom(to.Addr().Unmap(), to.Port())
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.init()
+	op := g.offers[id]
+	if op == nil || op.gone {
+		return false
+	}
+	screen := op.screen
+	if ip := to.Addr(); ip.IsGlobalUnicast() && !ip.IsPrivate() {
+		screen.Observed = ip
+	}
+	if r := screen.Check(to); r != punch.Accepted {
+		g.counts["refused_"+string(r)]++
+		return false
+	}
+	op.screen = screen
+	op.b.tokens = max(op.b.tokens, float64(min(movedProbeBurst, g.lim.offerBurst)))
+	g.counts["moved"]++
+	return true
 }
 
 // gone ends discovery for session id: the gateway said its client left.
@@ -309,8 +348,9 @@ func (g *probeGuard) end(id uint64) {
 // (candidates and ping sources refused, by punch.Reason), limited_offer,
 // limited_client, limited_address, limited_table_full (discovery probes not
 // sent, by the budget that stopped them), sent (discovery probes allowed)
-// and stopped_gone (sessions whose probing stopped because the client
-// left). Every name is present, zero or not.
+// stopped_gone (sessions whose probing stopped because the client left)
+// and moved (the gateway's notices that a client moved, taken). Every name
+// is present, zero or not.
 func (g *probeGuard) snapshot() map[string]uint64 {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -321,7 +361,7 @@ func (g *probeGuard) snapshot() map[string]uint64 {
 		punch.RefusedForeignLAN, punch.RefusedPublic} {
 		out["refused_"+string(r)] = 0
 	}
-	for _, k := range []string{"limited_offer", "limited_client", "limited_address", "limited_table_full", "sent", "stopped_gone"} {
+	for _, k := range []string{"limited_offer", "limited_client", "limited_address", "limited_table_full", "sent", "stopped_gone", "moved"} {
 		out[k] = 0
 	}
 	for k, v := range g.counts {
@@ -412,4 +452,21 @@ func (a *Agent) onGone(id uint64) {
 		a.stopPunch(id, true)
 	}
 	a.log.Info("the client left the gateway; no more probes for its session", "session", wire.SessionID(id), "live", live)
+}
+
+// onMoved is told by the gateway that the client of session id now comes
+// from to (its NAT mapping changed): the session's punching probes there
+// at once, so the direct path comes back instead of staying on the relay
+// (the agent's NAT drops the client's probes from its new port until the
+// agent has sent there). The client's new IP becomes the one public address
+// probed for the session; the probe budgets still apply.
+func (a *Agent) onMoved(id uint64, to netip.AddrPort) {
+	a.mu.Lock()
+	d := a.punches[id]
+	a.mu.Unlock()
+	if d == nil || d.Punch() == nil || !a.probes.moved(id, to) {
+		return
+	}
+	d.AddPeer(to)
+	a.log.Info("the client's address changed; probing it there", "session", wire.SessionID(id), "addr", to)
 }

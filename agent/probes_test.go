@@ -459,3 +459,93 @@ func TestAgentPendingOfferStopsOnGone(t *testing.T) {
 		t.Fatalf("counters %v", c)
 	}
 }
+
+// The gateway's word that a client moved (its NAT rebound, it changed
+// networks) makes that session's punching probe the new address first,
+// with the new IP as the client's observed one (pings from there are
+// answered, from the old IP no more) and a fresh small budget; other
+// sessions, unknown sessions and addresses the screen refuses are left
+// alone.
+func TestAgentProbesClientsNewAddress(t *testing.T) {
+	setFastPunch(t)
+	key, err := identity.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := underlay.Open(control.Config{Gateway: "127.0.0.1:1", Key: key, Log: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(u.Close)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	a := &Agent{log: quietLog, u: u, ctx: ctx, offers: map[uint64]*offer{}, punches: map[uint64]*underlay.Direct{}, live: map[uint64]bool{}}
+	a.probes.local = func() ([]netip.Prefix, error) { return agentLAN, nil }
+	other := netip.MustParseAddrPort("198.18.0.7:4000")
+	bob := offerWith(8, other, other)
+	bob.PeerName = "bob"
+	a.startPunch(offerWith(7, observed, observed), bytes.Repeat([]byte{7}, 32))
+	a.startPunch(bob, bytes.Repeat([]byte{8}, 32))
+	punchOf := func(id uint64) *punch.Punch {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return a.punches[id].Punch()
+	}
+	opOf := func(id uint64) *offerProbes {
+		a.probes.mu.Lock()
+		defer a.probes.mu.Unlock()
+		return a.probes.offers[id]
+	}
+	// Past the pending offer's budget: nothing more would go out.
+	time.Sleep(2 * punch.AttemptDuration)
+	if a.probes.allow(opOf(7), observed) {
+		t.Fatal("the offer's budget is not spent; the test shows nothing")
+	}
+
+	moved := netip.MustParseAddrPort("198.18.0.9:61000") // a new network: another IP
+	a.onMoved(7, moved)
+	if got := punchOf(7).Candidates(); !slices.Equal(got, []netip.AddrPort{moved, observed}) {
+		t.Fatalf("session 7 probes %v; want the new address first", got)
+	}
+	if got := punchOf(8).Candidates(); !slices.Equal(got, []netip.AddrPort{other}) {
+		t.Fatalf("session 8 (another client) probes %v after session 7's client moved", got)
+	}
+	if obs := opOf(7).screen.Observed; obs != moved.Addr() {
+		t.Fatalf("session 7's observed address %v, want %v", obs, moved.Addr())
+	}
+	if obs := opOf(8).screen.Observed; obs != other.Addr() {
+		t.Fatalf("session 8's observed address %v changed", obs)
+	}
+	if !a.probes.accept(opOf(7), netip.MustParseAddrPort("198.18.0.9:61001")) || a.probes.accept(opOf(7), observed) {
+		t.Fatal("pings are not screened by the new observed address")
+	}
+	// A fresh burst, bounded.
+	n := 0
+	for a.probes.allow(opOf(7), moved) {
+		n++
+	}
+	if n != movedProbeBurst {
+		t.Fatalf("%d probes allowed after the move; want %d", n, movedProbeBurst)
+	}
+	// Refused addresses, and sessions the agent does not punch for, change
+	// nothing.
+	a.onMoved(7, netip.MustParseAddrPort("169.254.169.254:80"))
+	a.onMoved(7, netip.MustParseAddrPort("10.99.0.5:4000"))
+	a.onMoved(99, netip.MustParseAddrPort("198.18.0.10:5000"))
+	if got := punchOf(7).Candidates(); !slices.Equal(got, []netip.AddrPort{moved, observed}) {
+		t.Fatalf("session 7 probes %v after refused moves", got)
+	}
+	if obs := opOf(7).screen.Observed; obs != moved.Addr() {
+		t.Fatalf("a refused move changed the observed address to %v", obs)
+	}
+	c := a.probes.snapshot()
+	if c["moved"] != 1 || c["refused_link_local"] != 1 || c["refused_foreign_private"] != 1 {
+		t.Fatalf("counters %v", c)
+	}
+	// After the client left, its moves are ignored.
+	a.onGone(8)
+	a.onMoved(8, netip.MustParseAddrPort("198.18.0.7:61000"))
+	if c := a.probes.snapshot()["moved"]; c != 1 {
+		t.Fatalf("moved = %d after a move of a client that left", c)
+	}
+}

@@ -97,6 +97,10 @@ type Client struct {
 	punch  *underlay.Direct // the current session's direct-path attempt
 	path   pathState
 	direct chan struct{} // signalled when a direct path is confirmed
+
+	// agentAt is where the current session's punch may probe the agent;
+	// its observed address follows the agent's moves (onMoved).
+	agentAt agentPlaces
 }
 
 // pathState is what `nlvpn status` reports about the path in use.
@@ -165,6 +169,8 @@ func Run(ctx context.Context, cfg Config) error {
 				}
 			}
 		},
+		// The agent's NAT rebound: probe it where it is now.
+		OnMoved: func(id uint64, to netip.AddrPort) { c.onMoved(id, to) },
 	})
 	if err != nil {
 		return err

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nlvpn/nlvpn/identity"
@@ -80,6 +81,7 @@ func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offe
 		// gateway in the middle, must not aim this machine's probes at its
 		// own loopback, its LAN's other hosts or anyone on the internet.
 		screen := c.agentScreen(off)
+		c.agentAt.set(*screen, off.Advertise)
 		for _, a := range punch.Usable(off.Candidates, off.Advertise, punch.MaxCandidates) {
 			if r := screen.Check(a); r == punch.Accepted {
 				cfg.Peer = append(cfg.Peer, a)
@@ -88,7 +90,7 @@ func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offe
 				c.log.Debug("not probing the agent's candidate", "candidate", a, "reason", r)
 			}
 		}
-		cfg.Accept = func(from netip.AddrPort) bool { return screen.Check(from) == punch.Accepted }
+		cfg.Accept = func(from netip.AddrPort) bool { return c.agentAt.check(from) == punch.Accepted }
 		if c.cfg.Mode != wire.ModeDirect {
 			c.log.Info("the tunnel starts on the relay and is on hold and waiting to create the direct channel")
 		}
@@ -165,4 +167,67 @@ func (c *Client) agentScreen(off *wire.Session) *punch.Screen {
 	}
 	s.Local = local
 	return s
+}
+
+// agentPlaces is where the client may probe the agent of the current
+// session: the screen (agentScreen) and the agent's subnets, whose
+// addresses are never probed (they are routed into the tunnel).
+type agentPlaces struct {
+	mu     sync.Mutex
+	screen punch.Screen
+	routed []netip.Prefix
+}
+
+func (p *agentPlaces) set(s punch.Screen, routed []netip.Prefix) {
+	p.mu.Lock()
+	p.screen, p.routed = s, routed
+	p.mu.Unlock()
+}
+
+func (p *agentPlaces) check(a netip.AddrPort) punch.Reason {
+	p.mu.Lock()
+	s := p.screen
+	p.mu.Unlock()
+	return s.Check(a)
+}
+
+// moved takes the agent's new address to: its IP, if public, becomes the
+// agent's observed one. It reports whether to may be probed.
+func (p *agentPlaces) moved(to netip.AddrPort) punch.Reason {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(punch.Usable([]netip.AddrPort{to}, p.routed, 1)) == 0 {
+		return punch.RefusedInvalid // into the tunnel, or no address at all
+	}
+	s := p.screen
+	if ip := to.Addr().Unmap(); ip.IsGlobalUnicast() && !ip.IsPrivate() {
+		s.Observed = ip
+	}
+	r := s.Check(to)
+	if r == punch.Accepted {
+		p.screen = s
+	}
+	return r
+}
+
+// onMoved is told by the gateway that the agent of session id now comes
+// from to (its NAT mapping changed): if that is the current session, its
+// punching probes there at once, so the direct path comes back (this
+// client's NAT drops the agent's probes from its new port until the client
+// has sent there).
+func (c *Client) onMoved(id uint64, to netip.AddrPort) {
+	to = netip.AddrPortFrom(to.Addr().Unmap(), to.Port())
+	c.pmu.Lock()
+	d := c.punch
+	c.pmu.Unlock()
+	if d == nil || d.ID() != id || d.Punch() == nil {
+		return
+	}
+	if r := c.agentAt.moved(to); r != punch.Accepted {
+		c.probesRefused.Add(1)
+		c.log.Info("not probing the agent's new address", "addr", to, "reason", r)
+		return
+	}
+	d.AddPeer(to)
+	c.log.Info("the agent's address changed; probing it there", "session", wire.SessionID(id), "addr", to)
 }
