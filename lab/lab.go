@@ -593,6 +593,19 @@ func (l *Lab) RebindClientNAT(ctx context.Context) error {
 	if ns == "" || l.Opts.SameLAN {
 		return errors.New("lab: the client has no NAT of its own to rebind")
 	}
+	return l.rebind(ctx, ns)
+}
+
+// RebindAgentNAT is RebindClientNAT for the agent's NAT router.
+func (l *Lab) RebindAgentNAT(ctx context.Context) error {
+	ns := l.NS.AgentNAT
+	if ns == "" || l.Opts.SameLAN {
+		return errors.New("lab: the agent has no NAT of its own to rebind")
+	}
+	return l.rebind(ctx, ns)
+}
+
+func (l *Lab) rebind(ctx context.Context, ns string) error {
 	if err := l.nft(ctx, ns, "flush chain ip nvlab postrouting\n"+
 		"add rule ip nvlab postrouting oifname \"wan0\" meta l4proto { tcp, udp } masquerade to :61000-61100\n"+
 		"add rule ip nvlab postrouting oifname \"wan0\" masquerade\n"); err != nil {
