@@ -519,13 +519,14 @@ func TestAgentProbesClientsNewAddress(t *testing.T) {
 	if !a.probes.accept(opOf(7), netip.MustParseAddrPort("198.18.0.9:61001")) || a.probes.accept(opOf(7), observed) {
 		t.Fatal("pings are not screened by the new observed address")
 	}
-	// A fresh burst, bounded.
+	// A fresh burst, bounded. The punch spends some of it at once (it
+	// probes the new address right away), the rest is left for us.
 	n := 0
 	for a.probes.allow(opOf(7), moved) {
 		n++
 	}
-	if n != movedProbeBurst {
-		t.Fatalf("%d probes allowed after the move; want %d", n, movedProbeBurst)
+	if n < 1 || n > movedProbeBurst {
+		t.Fatalf("%d probes left after the move; want 1 to %d", n, movedProbeBurst)
 	}
 	// Refused addresses, and sessions the agent does not punch for, change
 	// nothing.
