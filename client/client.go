@@ -389,7 +389,7 @@ func (c *Client) firstSession(ctx context.Context, runErr <-chan error) (*sessio
 		case err := <-runErr:
 			return nil, nil, err
 		case <-deadline:
-			return nil, nil, fmt.Errorf("%w (waited %s for it; --wait-agent)", err, c.cfg.WaitAgent)
+			return nil, nil, fmt.Errorf("%w (waited %s for it; --wait)", err, c.cfg.WaitAgent)
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, agentAbsentRetryMax)

@@ -79,7 +79,7 @@ func clientFlags() []cli.Flag {
 	return append(append(nodeFlags(),
 		&cli.StringFlag{Name: "agent", Aliases: []string{"n"}, Usage: "`NAME` of the agent to connect through", Required: true},
 		&cli.DurationFlag{Name: "connect-timeout", Value: 20 * time.Second, Usage: "give up if the gateway cannot be reached within this"},
-		&cli.DurationFlag{Name: "wait-agent", Value: 20 * time.Second, Usage: "wait this long for an agent that is not online yet (0: until stopped; -1s: do not wait)"},
+		&cli.DurationFlag{Name: "wait", Aliases: []string{"wait-agent"}, Value: 20 * time.Second, Usage: "wait this long for an agent that is not online yet (0: until stopped; -1s: do not wait)"},
 	), modeFlagList()...)
 }
 
@@ -108,7 +108,7 @@ func runNetstackClient(c *cli.Context, use func(ctx context.Context, px *netstac
 			Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"),
 			KnownAgents:    filepath.Join(ns.stateDir, "known_agents"),
 			ConnectTimeout: c.Duration("connect-timeout"),
-			WaitAgent:      c.Duration("wait-agent"),
+			WaitAgent:      c.Duration("wait"),
 			Log:            slog.Default(),
 		})
 	}()
