@@ -10,8 +10,10 @@ UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e$$')
 
 all: build
 
+# -buildvcs=auto: nlvpn version names the commit where git is at hand
+# (some machines set GOFLAGS=-buildvcs=false).
 build:
-	$(GO) build -o $(BIN)/nlvpn ./cmd/nlvpn
+	$(GO) build -buildvcs=auto -o $(BIN)/nlvpn ./cmd/nlvpn
 	$(GO) build -o $(BIN)/nlvpn-lab ./cmd/nlvpn-lab
 
 # System tools (iproute2, nftables, curl, iperf3, tcpdump, ping, gcc):

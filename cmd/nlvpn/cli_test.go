@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -325,7 +326,7 @@ func TestCLIHelpListsCommands(t *testing.T) {
 	if r.code != 0 {
 		t.Fatalf("--help exit %d: %s", r.code, r.stderr)
 	}
-	for _, c := range []string{"gateway", "token", "agent", "up", "connect", "forward", "status"} {
+	for _, c := range []string{"gateway", "token", "agent", "up", "connect", "forward", "status", "version"} {
 		found := false
 		for _, line := range strings.Split(r.stdout, "\n") {
 			if f := strings.Fields(line); len(f) > 0 && strings.TrimSuffix(f[0], ",") == c {
@@ -397,5 +398,23 @@ func TestCLIStatusReadsSocket(t *testing.T) {
 		if !strings.Contains(r.stdout, s) {
 			t.Errorf("status output lacks %q:\n%s", s, r.stdout)
 		}
+	}
+}
+
+// nlvpn version names the release (set at build time, or the module's
+// version) and the Go version, for bug reports; --version says the same.
+func TestCLIVersion(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "nlvpn")
+	if out, err := exec.Command("go", "build", "-buildvcs=false", "-ldflags=-X main.version=v9.8.7", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	for _, args := range [][]string{{"version"}, {"--version"}} {
+		out, err := exec.Command(bin, args...).Output()
+		if err != nil || !strings.Contains(string(out), "v9.8.7") || !strings.Contains(string(out), runtime.Version()) {
+			t.Errorf("nlvpn %s: %q, %v; want the release v9.8.7 and %s", args[0], out, err, runtime.Version())
+		}
+	}
+	if r := nlvpn(t, nil, "version"); r.code != 0 || !strings.HasPrefix(r.stdout, "nlvpn ") {
+		t.Errorf("nlvpn version: exit %d, %q", r.code, r.stdout)
 	}
 }

@@ -33,6 +33,8 @@ import (
 	"github.com/nlvpn/nlvpn/wire"
 )
 
+// version is the release's name when the build sets it
+// (-ldflags "-X main.version=v1.2.3"); buildVersion prefers the module's.
 var version = "dev"
 
 func main() {
@@ -42,7 +44,7 @@ func main() {
 	app := &cli.App{
 		Name:    "nlvpn",
 		Usage:   "reach the whole subnet behind a headless agent, from anywhere, with no port opened",
-		Version: version,
+		Version: buildVersion(),
 		Description: `nlvpn has three roles in one binary:
 
    gateway  the public rendezvous and relay (UDP/QUIC); it never sees your traffic in clear
@@ -54,7 +56,7 @@ A first setup on three machines:
 
    gateway$ nlvpn gateway --listen :4433 --public-addr gw.example.com:4433 --state-dir /var/lib/nlvpn-gw
    gateway$ nlvpn token --state-dir /var/lib/nlvpn-gw --agent miranda -o miranda.token
-   gateway$ nlvpn token --state-dir /var/lib/nlvpn-gw --client alice -o alice.token
+   gateway$ nlvpn token --state-dir /var/lib/nlvpn-gw --client alice --allow-agent miranda -o alice.token
    (copy each file to its machine, e.g. with scp; it is a secret)
    office $ nlvpn agent --token-file miranda.token --advertise 192.168.1.0/24
    laptop $ sudo nlvpn up --token-file alice.token --agent miranda`,
@@ -64,7 +66,7 @@ A first setup on three machines:
 		},
 		Before: setupLogging,
 		Commands: []*cli.Command{
-			gatewayCmd(), authorityCmd(), tokenCmd(), agentCmd(), upCmd(), connectCmd(), forwardCmd(), statusCmd(),
+			gatewayCmd(), authorityCmd(), tokenCmd(), agentCmd(), upCmd(), connectCmd(), forwardCmd(), statusCmd(), versionCmd(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints the error once
 	}
