@@ -10,10 +10,12 @@ UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e$$')
 
 all: build
 
-# -buildvcs=auto: nlvpn version names the commit where git is at hand
-# (some machines set GOFLAGS=-buildvcs=false).
+# nlvpn version names the commit where git can tell it (not through the
+# toolchain's VCS stamping, which fails the build on a checkout git will
+# not read, e.g. one owned by another user).
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 build:
-	$(GO) build -buildvcs=auto -o $(BIN)/nlvpn ./cmd/nlvpn
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/nlvpn ./cmd/nlvpn
 	$(GO) build -o $(BIN)/nlvpn-lab ./cmd/nlvpn-lab
 
 # System tools (iproute2, nftables, curl, iperf3, tcpdump, ping, gcc):
