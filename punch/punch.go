@@ -42,6 +42,10 @@ var (
 	KeepaliveInterval = 1 * time.Second
 	LossAfter         = 3500 * time.Millisecond
 	MaxBackoff        = 60 * time.Second
+	// WideAfter is how long an attempt probes the candidates alone before
+	// it calls Config.Stuck: a cone NAT opens in a round trip, so a path
+	// not confirmed by then will not be by these probes.
+	WideAfter = 3 * time.Second
 )
 
 // MaxCandidates bounds the addresses probed for one peer, learned ones included.
@@ -69,7 +73,11 @@ type Config struct {
 	// peer holds the MAC key, so a peer that can forge its source address
 	// could otherwise aim our pongs and probes anywhere.
 	Accept func(from netip.AddrPort) bool
-	Log    *slog.Logger
+	// Stuck, if set, is called once per attempt, WideAfter into it, while
+	// no path is confirmed: the normal probing failed, and the caller may
+	// try the wide round (wide.go) while the attempt goes on.
+	Stuck func()
+	Log   *slog.Logger
 }
 
 // Punch is one session's direct-path state.
@@ -163,7 +171,26 @@ func (p *Punch) probe(typ byte, nonce uint64) []byte {
 	return append(b, p.mac(hdr, typ, b[len(b)-8:])...)
 }
 
-func (p *Punch) ping(to netip.AddrPort) {
+func (p *Punch) ping(to netip.AddrPort) { p.pingVia(to, p.cfg.Send) }
+
+// PingVia sends one discovery ping to to through send (not Config.Send,
+// and not asked of Gate: the wide round has its own budget). A pong from
+// to confirms the path as any ping's does.
+func (p *Punch) PingVia(to netip.AddrPort, send func(b []byte, to netip.AddrPort) error) {
+	p.pingVia(netip.AddrPortFrom(to.Addr().Unmap(), to.Port()), send)
+}
+
+// Authentic reports whether payload, after the frame header hdr, is a
+// well-formed probe under this session's key (nothing is counted or
+// answered).
+func (p *Punch) Authentic(hdr, payload []byte) bool {
+	if len(payload) != probeLen || (payload[0] != probePing && payload[0] != probePong) {
+		return false
+	}
+	return hmac.Equal(payload[9:], p.mac(hdr, payload[0], payload[1:9]))
+}
+
+func (p *Punch) pingVia(to netip.AddrPort, send func(b []byte, to netip.AddrPort) error) {
 	var nb [8]byte
 	rand.Read(nb[:])
 	nonce := binary.BigEndian.Uint64(nb[:])
@@ -180,7 +207,7 @@ func (p *Punch) ping(to netip.AddrPort) {
 	p.sent[nonce] = sentPing{at: time.Now(), to: to}
 	p.pingsSent++
 	p.mu.Unlock()
-	if err := p.cfg.Send(p.probe(probePing, nonce), to); err != nil {
+	if err := send(p.probe(probePing, nonce), to); err != nil {
 		p.log.Debug("probe not sent", "to", to, "err", err)
 	}
 }
@@ -343,6 +370,12 @@ func (p *Punch) attempt(ctx context.Context) bool {
 	defer deadline.Stop()
 	t := time.NewTicker(ProbeInterval)
 	defer t.Stop()
+	var stuck <-chan time.Time
+	if p.cfg.Stuck != nil {
+		st := time.NewTimer(WideAfter)
+		defer st.Stop()
+		stuck = st.C
+	}
 	for {
 		if _, _, ok := p.Remote(); ok {
 			return true
@@ -366,6 +399,11 @@ func (p *Punch) attempt(ctx context.Context) bool {
 			_, _, ok := p.Remote()
 			return ok
 		case <-p.wake:
+		case <-stuck:
+			stuck = nil
+			if _, _, ok := p.Remote(); !ok {
+				p.cfg.Stuck()
+			}
 		case <-p.kick:
 			// A new candidate (AddPeer): probed at the top of the loop,
 			// for a whole attempt's time.
