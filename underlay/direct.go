@@ -50,11 +50,15 @@ func (u *Underlay) SendFrame(b []byte, to netip.AddrPort) error { return u.sendR
 type directPath struct {
 	u      *Underlay
 	remote netip.AddrPort
+	via    *wideSock // the hard side's socket a wide round found, or nil: the port
 }
 
 // Send implements session.Path.
 func (d *directPath) Send(id uint64, pkt []byte) error {
 	hdr := wire.FrameHeader(wire.FrameDirect, id)
+	if d.via != nil {
+		return d.via.write(hdr[:], pkt, d.remote)
+	}
 	return d.u.sendRaw(hdr[:], pkt, d.remote, true)
 }
 
@@ -74,6 +78,18 @@ type DirectConfig struct {
 	// how often its discovery probes may go. Nil: no limit.
 	Gate   func(to netip.AddrPort) bool
 	Accept func(from netip.AddrPort) bool
+
+	// The wide round (wide.go), for when the normal probing fails:
+	// PeerObserved is the peer's address as the gateway saw it and
+	// PeerCandidates what it announced, unscreened (only their ports are
+	// read, to guess whether the peer's NAT is symmetric). Role, if set,
+	// is this node's part instead of that guess. Wide, if set, is asked
+	// before a round: n is the burst's pings (easy) or the extra sockets
+	// (hard); false: no round. Nil: allowed (one a punch.WideEvery).
+	PeerObserved   netip.AddrPort
+	PeerCandidates []netip.AddrPort
+	Role           punch.Role
+	Wide           func(role punch.Role, n int) bool
 }
 
 // Direct is one session's direct-path lifecycle: punching, moving the
@@ -85,6 +101,9 @@ type Direct struct {
 	mode   string
 	p      *punch.Punch // nil in relay mode
 	cancel context.CancelFunc
+	cfg    DirectConfig
+	log    *slog.Logger
+	w      wideState
 
 	// mu orders path changes: a confirmation (or loss) the reader was
 	// already delivering when Stop ran must not set a path after it.
@@ -96,18 +115,20 @@ type Direct struct {
 // relay-only, starts punching towards cfg.Peer until ctx ends or Stop.
 func (u *Underlay) StartDirect(ctx context.Context, cfg DirectConfig) *Direct {
 	u.Conn.SetPath(cfg.ID, fallback(cfg.Mode))
-	d := &Direct{u: u, id: cfg.ID, mode: cfg.Mode, cancel: func() {}}
-	if cfg.Mode == wire.ModeRelay {
-		return d
-	}
 	log := cfg.Log
 	if log == nil {
 		log = u.log
 	}
+	d := &Direct{u: u, id: cfg.ID, mode: cfg.Mode, cancel: func() {}, cfg: cfg, log: log}
+	if cfg.Mode == wire.ModeRelay {
+		return d
+	}
+	ctx, d.cancel = context.WithCancel(ctx)
 	d.p = punch.New(punch.Config{
-		ID: cfg.ID, Key: cfg.Key, Peer: cfg.Peer, Send: u.SendFrame, Log: log, Gate: cfg.Gate, Accept: cfg.Accept,
+		ID: cfg.ID, Key: cfg.Key, Peer: cfg.Peer, Send: d.sendFrame, Log: log, Gate: cfg.Gate, Accept: cfg.Accept,
+		Stuck: func() { d.stuck(ctx) },
 		OnDirect: func(remote netip.AddrPort, took time.Duration) {
-			if !d.setPath(&directPath{u: u, remote: remote}) {
+			if !d.setPath(&directPath{u: u, remote: remote, via: d.via(remote)}) {
 				return
 			}
 			log.Info("The direct channel has just been established", "remote", remote, "took", took.Round(time.Millisecond))
@@ -124,7 +145,6 @@ func (u *Underlay) StartDirect(ctx context.Context, cfg DirectConfig) *Direct {
 			}
 		},
 	})
-	ctx, d.cancel = context.WithCancel(ctx)
 	u.addPunch(cfg.ID, d.p)
 	log.Info("Trying to create a direct (peer-to-peer) channel", "candidates", cfg.Peer)
 	go d.p.Run(ctx)
@@ -189,6 +209,7 @@ func (d *Direct) stop(p session.Path) {
 	d.mu.Unlock()
 	if d.p != nil {
 		d.u.removePunch(d.id, d.p)
+		d.closePool(true)
 	}
 }
 

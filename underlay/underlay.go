@@ -54,6 +54,9 @@ type Underlay struct {
 
 	punches cowmap.Map[uint64, *punch.Punch] // sessions punching, by ID
 
+	marked   atomic.Bool  // Mark ran: the wide rounds' extra sockets get the mark too
+	wideOpen atomic.Int32 // extra sockets of wide rounds open now (wide.go)
+
 	relay  relayState
 	gwAddr func() netip.AddrPort // the gateway's address now (Ctrl.GatewayAddr; tests replace it)
 
@@ -127,6 +130,7 @@ func (u *Underlay) Mark() error {
 	if err := platform.MarkSocket(u.udp); err != nil {
 		return err
 	}
+	u.marked.Store(true)
 	if u.frames != nil {
 		return platform.MarkSocket(u.frames)
 	}
