@@ -634,6 +634,8 @@ func (a *Agent) startPunch(s *wire.Session, key []byte) {
 		cfg.Peer = op.cands
 		cfg.Gate = func(to netip.AddrPort) bool { return a.probes.allow(op, to) }
 		cfg.Accept = func(from netip.AddrPort) bool { return a.probes.accept(op, from) }
+		cfg.PeerObserved, cfg.PeerCandidates = s.PeerObserved, s.Candidates
+		cfg.Wide = func(role punch.Role, n int) bool { return a.probes.allowWide(op, role, n) }
 	}
 	d := a.u.StartDirect(a.ctx, cfg)
 	a.mu.Lock()

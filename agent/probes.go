@@ -113,6 +113,7 @@ type probeGuard struct {
 	byAddr limitTable[netip.Addr]
 	offers map[uint64]*offerProbes // by session ID, while punching
 	counts map[string]uint64
+	wideAt map[string]time.Time // a client name's last wide round
 
 	lastRefusedLog, lastLimitLog atomic.Int64
 }
@@ -127,6 +128,7 @@ type offerProbes struct {
 	log    *slog.Logger
 	b      bucket // the offer's own budget; under probeGuard.mu
 	gone   bool   // the gateway said the client left; under probeGuard.mu
+	wide   bool   // the offer had its wide round; under probeGuard.mu
 }
 
 // init fills in the defaults. g.mu is held.
@@ -148,6 +150,7 @@ func (g *probeGuard) init() {
 	g.byAddr = limitTable[netip.Addr]{m: map[netip.Addr]*bucket{}, burst: g.lim.addrBurst, every: g.lim.addrEvery, cap: g.lim.tableCap}
 	g.offers = map[uint64]*offerProbes{}
 	g.counts = map[string]uint64{}
+	g.wideAt = map[string]time.Time{}
 }
 
 // observedOf is the client's public IP: the address the gateway saw its
@@ -322,6 +325,50 @@ func (g *probeGuard) moved(id uint64, to netip.AddrPort) bool {
 	return true
 }
 
+// allowWide is op's underlay.DirectConfig.Wide: whether the offer may
+// have a wide round (punch/wide.go), the budget kept apart from the
+// discovery probes' above because it is of another size: the burst of up
+// to punch.BurstProbes pings (34 bytes each, ~35 KB) at punch.BurstRate,
+// all to ports of the client's observed IP, or punch.HardSockets pings
+// from as many extra sockets, all to the client's observed address. One
+// round per offer, and one per client name per punch.WideEvery across
+// offers, whatever the client does. (The hard side's few pings that
+// confirm a hit are the round's: underlay's confirmPings.)
+func (g *probeGuard) allowWide(op *offerProbes, role punch.Role, n int) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.init()
+	now := g.now()
+	if op.gone || g.offers[op.id] != op || op.wide || n > punch.BurstProbes || role == punch.RoleNone {
+		g.counts["limited_wide"]++
+		return false
+	}
+	if last, ok := g.wideAt[op.client]; ok && now.Sub(last) < punch.WideEvery {
+		g.counts["limited_wide"]++
+		return false
+	}
+	if len(g.wideAt) >= g.lim.tableCap {
+		for k, t := range g.wideAt {
+			if now.Sub(t) >= punch.WideEvery {
+				delete(g.wideAt, k)
+			}
+		}
+		if len(g.wideAt) >= g.lim.tableCap {
+			g.counts["limited_wide"]++
+			return false
+		}
+	}
+	g.wideAt[op.client] = now
+	op.wide = true
+	g.counts["wide_rounds"]++
+	if role == punch.RoleEasy {
+		g.counts["wide_probes"] += uint64(n)
+	} else {
+		g.counts["wide_sockets"] += uint64(n)
+	}
+	return true
+}
+
 // gone ends discovery for session id: the gateway said its client left.
 // It reports whether the session was being punched for.
 func (g *probeGuard) gone(id uint64) bool {
@@ -348,8 +395,10 @@ func (g *probeGuard) end(id uint64) {
 // (candidates and ping sources refused, by punch.Reason), limited_offer,
 // limited_client, limited_address, limited_table_full (discovery probes not
 // sent, by the budget that stopped them), sent (discovery probes allowed)
-// stopped_gone (sessions whose probing stopped because the client left)
-// and moved (the gateway's notices that a client moved, taken). Every name
+// stopped_gone (sessions whose probing stopped because the client left),
+// moved (the gateway's notices that a client moved, taken), wide_rounds,
+// wide_probes and wide_sockets (wide rounds granted, and the burst pings
+// and extra sockets they were granted) and limited_wide (rounds refused). Every name
 // is present, zero or not.
 func (g *probeGuard) snapshot() map[string]uint64 {
 	g.mu.Lock()
@@ -361,7 +410,8 @@ func (g *probeGuard) snapshot() map[string]uint64 {
 		punch.RefusedForeignLAN, punch.RefusedPublic} {
 		out["refused_"+string(r)] = 0
 	}
-	for _, k := range []string{"limited_offer", "limited_client", "limited_address", "limited_table_full", "sent", "stopped_gone", "moved"} {
+	for _, k := range []string{"limited_offer", "limited_client", "limited_address", "limited_table_full", "sent", "stopped_gone", "moved",
+		"wide_rounds", "wide_probes", "wide_sockets", "limited_wide"} {
 		out[k] = 0
 	}
 	for k, v := range g.counts {

@@ -550,3 +550,54 @@ func TestAgentProbesClientsNewAddress(t *testing.T) {
 		t.Fatalf("moved = %d after a move of a client that left", c)
 	}
 }
+
+// The wide round's budget (allowWide): one round per offer and one per
+// client name per punch.WideEvery across offers, never over the burst's
+// cap, none for a client that left; it gives the offer no more discovery
+// probes; counted.
+func TestProbeWideRoundBudget(t *testing.T) {
+	clock := &fakeClock{t: time.Unix(1e9, 0)}
+	g := testGuard(clock)
+	op := g.begin(offerWith(1, observed, observed), "alice", nil, notLive, quietLog)
+	drain(g, op) // the offer's discovery budget spent by the normal attempt
+	if g.allowWide(op, punch.RoleEasy, punch.BurstProbes+1) {
+		t.Fatal("a burst over the cap allowed")
+	}
+	if g.allowWide(op, punch.RoleNone, 1) {
+		t.Fatal("a round without a role allowed")
+	}
+	if !g.allowWide(op, punch.RoleEasy, punch.BurstProbes) {
+		t.Fatal("the offer's first round refused")
+	}
+	if n := drain(g, op); n != 0 {
+		t.Fatalf("after a round granted the offer may send %d more discovery probes, want none", n)
+	}
+	if g.allowWide(op, punch.RoleEasy, punch.BurstProbes) {
+		t.Fatal("a second round for one offer allowed")
+	}
+	// A new offer (reconnect) under the same name within the minute: no.
+	op2 := g.begin(offerWith(2, observed, observed), "alice", nil, notLive, quietLog)
+	if g.allowWide(op2, punch.RoleHard, punch.HardSockets) {
+		t.Fatal("a second round for one client name within punch.WideEvery allowed")
+	}
+	// Another client name may.
+	s := offerWith(3, observed, observed)
+	s.PeerName = "bob"
+	if !g.allowWide(g.begin(s, "bob", nil, notLive, quietLog), punch.RoleHard, punch.HardSockets) {
+		t.Fatal("another client's round refused")
+	}
+	// A minute later, alice's new offer may; not once its client left.
+	clock.advance(punch.WideEvery)
+	op4 := g.begin(offerWith(4, observed, observed), "alice", nil, notLive, quietLog)
+	g.gone(4)
+	if g.allowWide(op4, punch.RoleEasy, punch.BurstProbes) {
+		t.Fatal("a round for a client that left allowed")
+	}
+	if !g.allowWide(op2, punch.RoleHard, punch.HardSockets) {
+		t.Fatal("alice's round refused a minute after the last")
+	}
+	c := g.snapshot()
+	if c["wide_rounds"] != 3 || c["wide_probes"] != punch.BurstProbes || c["wide_sockets"] != 2*punch.HardSockets || c["limited_wide"] != 5 {
+		t.Fatalf("counts %v", c)
+	}
+}

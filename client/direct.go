@@ -91,6 +91,9 @@ func (c *Client) startPunch(off *wire.Session, agentKey identity.PublicKey, offe
 			}
 		}
 		cfg.Accept = func(from netip.AddrPort) bool { return c.agentAt.check(from) == punch.Accepted }
+		// Cone ↔ symmetric: a wide round when the normal probing fails
+		// (punch/wide.go; one a punch.WideEvery per session).
+		cfg.PeerObserved, cfg.PeerCandidates = off.PeerObserved, off.Candidates
 		if c.cfg.Mode != wire.ModeDirect {
 			c.log.Info("the tunnel starts on the relay and is on hold and waiting to create the direct channel")
 		}
