@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package e2e runs the nlvpn binary on a simulated internet built from
 // network namespaces (package lab). It needs root; without it the whole
 // package is skipped with a message.

@@ -1,3 +1,5 @@
+//go:build linux
+
 package e2e
 
 // The unprivileged client (issue 4): `nlvpn up` without CAP_NET_ADMIN runs

@@ -12,7 +12,6 @@ import (
 	"runtime"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -1157,12 +1156,4 @@ func TestClientsLeavingMidConnect(t *testing.T) {
 	if used := cpuTime(t) - before; used > 300*time.Millisecond {
 		t.Errorf("the gateway used %v of CPU in an idle second after the clients left", used)
 	}
-}
-
-func cpuTime(t *testing.T) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		t.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

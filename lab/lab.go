@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package lab builds a small simulated internet out of Linux network
 // namespaces, for the end-to-end tests, the demo and the benchmarks.
 //

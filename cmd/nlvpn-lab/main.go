@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command nlvpn-lab is a developer tool (not shipped to users): it builds
 // the namespace topology of package lab and runs nlvpn on it.
 //

@@ -1,3 +1,5 @@
+//go:build linux
+
 package main
 
 // Parsers and readers for the figures the bench collects besides

@@ -1,3 +1,5 @@
+//go:build linux
+
 package main
 
 // The bench's baseline: wireguard-go (userspace, the interface is its own
