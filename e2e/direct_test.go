@@ -228,6 +228,10 @@ func TestSymmetricStaysOnRelay(t *testing.T) {
 	if err != nil || st.Path != "relay" {
 		t.Fatalf("status %+v %v, want relay behind symmetric NATs", st, err)
 	}
+	// Both sides look hard: no wide round (punch/wide.go) is tried.
+	if logs := e.client.Log() + e.agent.Log(); strings.Contains(logs, "wide round") || strings.Contains(logs, "needs more") {
+		t.Fatal("a wide round between two symmetric NATs")
+	}
 	if err := e.httpHealth(); err != nil {
 		t.Fatalf("tunnel on the relay stopped working: %v", err)
 	}
