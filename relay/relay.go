@@ -149,11 +149,12 @@ type Peer struct {
 	// addr is where the node's gateway connection comes from now (its NAT
 	// may rebind; the gateway moves it with SetAddr); nil: none (another
 	// node took the address).
-	addr  atomic.Pointer[netip.AddrPort]
-	token [CheckTokenLen]byte // what the node's relay checks must carry
-	conn  DatagramSender
-	out   chan []byte
-	fair  fairLink // shares of out between the senders toward this node
+	addr    atomic.Pointer[netip.AddrPort]
+	token   [CheckTokenLen]byte // what the node's relay checks must carry
+	conn    DatagramSender
+	out     chan []byte // made by queue
+	outOnce sync.Once
+	fair    fairLink // shares of out between the senders toward this node
 	// udpFair: shares of the gateway port's write queue between the
 	// senders toward this node.
 	udpFair fairLink
@@ -173,17 +174,28 @@ var ErrPeerClosed = errors.New("relay: peer closed")
 const CheckTokenLen = 16
 
 // NewPeer registers a node connection coming from addr (its QUIC
-// connection's remote address), whose relay checks carry token, and
-// starts its DATAGRAM sender. Close it when the connection ends; that also
-// removes its routes.
+// connection's remote address), whose relay checks carry token. Its
+// DATAGRAM queue and sender start with the first frame that needs them.
+// Close it when the connection ends; that also removes its routes.
 func (h *Hub) NewPeer(name string, addr netip.AddrPort, token [CheckTokenLen]byte, conn DatagramSender) *Peer {
-	p := &Peer{Name: name, hub: h, token: token, conn: conn, out: make(chan []byte, QueueLen), done: make(chan struct{})}
+	p := &Peer{Name: name, hub: h, token: token, conn: conn, done: make(chan struct{})}
 	h.mu.Lock()
 	h.peers[p] = struct{}{}
 	h.mu.Unlock()
 	p.SetAddr(addr)
-	go p.send()
 	return p
+}
+
+// queue is the node's DATAGRAM queue, made with its sender on first use:
+// most relayed frames go as UDP, and an idle node should cost the gateway
+// little (the queue is 24 KiB, its goroutine's stack 8 KiB; together a
+// fifth of an idle node, BenchmarkGatewayIdleNodes).
+func (p *Peer) queue() chan []byte {
+	p.outOnce.Do(func() {
+		p.out = make(chan []byte, QueueLen)
+		go p.send()
+	})
+	return p.out
 }
 
 // Move is a node's address change that Refresh made.
@@ -515,7 +527,8 @@ func (h *Hub) deliver(s *fairSender, to *Peer, buf []byte, owned bool) {
 		h.udpFrames.Add(1)
 	} else {
 		// len of a channel reads its count without its lock.
-		if !to.fair.allow(s, len(to.out) > cap(to.out)/2) {
+		q := to.queue()
+		if !to.fair.allow(s, len(q) > cap(q)/2) {
 			h.dropUnfair.Add(1)
 			return
 		}
@@ -523,7 +536,7 @@ func (h *Hub) deliver(s *fairSender, to *Peer, buf []byte, owned bool) {
 			buf = append([]byte(nil), buf...)
 		}
 		select {
-		case to.out <- buf:
+		case q <- buf:
 		default:
 			h.dropQueue.Add(1)
 			return
