@@ -18,50 +18,12 @@ import (
 	"github.com/nlvpn/nlvpn/wire"
 )
 
-// startGatewayWith is startGateway with the config adjusted by set; it
-// takes a testing.TB so that fuzz targets can share one gateway.
+// startGatewayWith is startGateway in a fresh directory with the config
+// adjusted by set; it takes a testing.TB so that fuzz targets can share one
+// gateway.
 func startGatewayWith(tb testing.TB, set func(*Config)) *testGateway {
 	tb.Helper()
-	dir := tb.TempDir()
-	st, err := OpenState(dir)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	auth, err := LoadAuthority(dir)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	cfg := Config{State: st, Authority: auth.Public(), Listen: "127.0.0.1:0", Log: quietLog()}
-	if set != nil {
-		set(&cfg)
-	}
-	g, err := New(cfg)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	tg := &testGateway{g: g, state: st, authority: auth, cancel: cancel, done: make(chan error, 1)}
-	go func() { tg.done <- g.Run(ctx) }()
-	deadline := time.Now().Add(3 * time.Second)
-	for g.Addr() == nil {
-		if time.Now().After(deadline) {
-			tb.Fatal("gateway did not start listening")
-		}
-		time.Sleep(time.Millisecond)
-	}
-	if !g.Addr().IP.IsLoopback() {
-		tb.Fatalf("gateway listens on %v", g.Addr())
-	}
-	tb.Cleanup(func() {
-		tg.once.Do(func() {
-			cancel()
-			select {
-			case <-tg.done:
-			case <-time.After(500 * time.Millisecond):
-			}
-		})
-	})
-	return tg
+	return startGatewayIn(tb, tb.TempDir(), set)
 }
 
 // dialFrom opens a QUIC connection to the gateway from a fresh socket on

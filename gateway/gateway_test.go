@@ -41,17 +41,28 @@ type testGateway struct {
 
 func startGateway(t *testing.T, dir string) *testGateway {
 	t.Helper()
+	return startGatewayIn(t, dir, nil)
+}
+
+// startGatewayIn starts a gateway on loopback with its state in dir and
+// its config adjusted by set (nil: as is), and stops it at cleanup.
+func startGatewayIn(tb testing.TB, dir string, set func(*Config)) *testGateway {
+	tb.Helper()
 	st, err := OpenState(dir)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	auth, err := LoadAuthority(dir)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	g, err := New(Config{State: st, Authority: auth.Public(), Listen: "127.0.0.1:0", Log: quietLog()})
+	cfg := Config{State: st, Authority: auth.Public(), Listen: "127.0.0.1:0", Log: quietLog()}
+	if set != nil {
+		set(&cfg)
+	}
+	g, err := New(cfg)
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	tg := &testGateway{g: g, state: st, authority: auth, cancel: cancel, done: make(chan error, 1)}
@@ -59,25 +70,25 @@ func startGateway(t *testing.T, dir string) *testGateway {
 	deadline := time.Now().Add(3 * time.Second)
 	for g.Addr() == nil {
 		if time.Now().After(deadline) {
-			t.Fatal("gateway did not start listening")
+			tb.Fatal("gateway did not start listening")
 		}
 		select {
 		case err := <-tg.done:
-			t.Fatalf("gateway Run: %v", err)
+			tb.Fatalf("gateway Run: %v", err)
 		case <-time.After(time.Millisecond):
 		}
 	}
 	if !g.Addr().IP.IsLoopback() {
-		t.Fatalf("gateway listens on %v", g.Addr())
+		tb.Fatalf("gateway listens on %v", g.Addr())
 	}
-	t.Cleanup(func() { tg.stop(t) })
+	tb.Cleanup(func() { tg.stop(tb) })
 	return tg
 }
 
 // stop ends Run and waits for it briefly. A Run that does not return is
 // the bug TestShutdownWithConnectedNodes reports; other tests only need the
 // gateway out of the way, so they do not fail on it.
-func (tg *testGateway) stop(t *testing.T) {
+func (tg *testGateway) stop(t testing.TB) {
 	t.Helper()
 	tg.once.Do(func() {
 		tg.cancel()
