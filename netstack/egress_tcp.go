@@ -112,17 +112,10 @@ func egCopyHalf(dst, src net.Conn) int64 {
 	bp := egSpliceBufPool.Get().(*[]byte)
 	defer egSpliceBufPool.Put(bp)
 	n, err := io.CopyBuffer(egOnlyWriter{dst}, egOnlyReader{src}, *bp)
-	if err == nil || errors.Is(err, io.EOF) {
-		if cw, ok := dst.(egCloseWriter); ok {
-			if cw.CloseWrite() == nil {
-				return n
-			}
-		}
+	if err == nil {
+		err = io.EOF // CopyBuffer reports the source's EOF as nil
 	}
-	// Error, or dst cannot half-close: tear down both so the other
-	// direction ends too.
-	_ = dst.Close()
-	_ = src.Close()
+	egEndHalf(dst, src, err)
 	return n
 }
 
