@@ -63,6 +63,7 @@ type Gateway struct {
 	hub      *relay.Hub
 	overlay  *overlayPool
 	enrolled *enrollments                // which node keys used each token
+	dir      *directory                  // every agent that registered, for nlvpn agents
 	revoked  atomic.Pointer[revocations] // never nil after New
 	pin      string
 	cert     tls.Certificate
@@ -160,6 +161,9 @@ func New(cfg Config) (*Gateway, error) {
 		return nil, err
 	}
 	if g.enrolled, err = openEnrollments(cfg.State.Dir); err != nil {
+		return nil, err
+	}
+	if g.dir, err = openDirectory(cfg.State.Dir); err != nil {
 		return nil, err
 	}
 	rs, signed, err := LoadRevocations(cfg.State.Dir, cfg.Authority)
@@ -431,7 +435,13 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 				delete(g.agents, n.name)
 			}
 			g.mu.Unlock()
+			if err := g.dir.left(n.name, time.Now()); err != nil {
+				log.Warn("could not record the agent's disconnect in the directory", "err", err)
+			}
 		}()
+		if err := g.dir.seen(claims, n.adv, time.Now()); err != nil {
+			log.Warn("could not record the agent in the directory", "err", err)
+		}
 	}
 
 	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed, RelayToken: relayToken[:], Revocations: n.revocations(g)}}); err != nil {
@@ -485,11 +495,31 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 				reply.ID = m.ID
 				n.write(reply)
 			}()
+		case m.Type == wire.TypeAgents && n.role == token.RoleClient:
+			// Listing costs more than a connect; it shares the bucket.
+			if !n.connectAllowed(time.Now()) {
+				n.write(&wire.Message{Type: wire.TypeError, ID: m.ID, Error: &wire.Error{Code: wire.CodeUnavailable, Message: "too many requests; slow down"}})
+				continue
+			}
+			n.write(&wire.Message{Type: wire.TypeAgents, ID: m.ID, Agents: g.listAgents(n.claims)})
 		default:
 			g.refused(log, slog.LevelInfo, reasonUnexpectedMessage, "unexpected control message", "type", m.Type)
 			n.write(&wire.Message{Type: wire.TypeError, ID: m.ID, Error: &wire.Error{Code: wire.CodeBadRequest, Message: "unexpected " + m.Type + " message"}})
 		}
 	}
+}
+
+// listAgents is the directory as the client with claims may see it.
+func (g *Gateway) listAgents(c *token.Claims) *wire.Agents {
+	online := make(map[string][]netip.Prefix)
+	g.mu.Lock()
+	for name, a := range g.agents {
+		if a.qc.Context().Err() == nil {
+			online[name] = a.adv
+		}
+	}
+	g.mu.Unlock()
+	return g.dir.list(c, online, func(c *token.Claims) bool { _, ok := g.revokedBy(c); return ok }, time.Now())
 }
 
 func errorReply(code, format string, args ...any) *wire.Message {

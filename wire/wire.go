@@ -50,6 +50,10 @@ const (
 	// TypePeerInfo travels inside the peer session, agent → client: the
 	// agent's own word on what it serves, so the gateway cannot add routes.
 	TypePeerInfo = "peer_info"
+	// TypeAgents asks the gateway (client → gateway, a request with an
+	// empty list) which agents this client may use, online or not; the
+	// reply carries them.
+	TypeAgents = "agents"
 )
 
 // Error codes. Fatal ones mean retrying with the same input cannot help.
@@ -80,6 +84,25 @@ type Message struct {
 	Revoked *Revoked  `json:"revoked,omitempty"`
 	Moved   *Moved    `json:"moved,omitempty"`
 	Peer    *PeerInfo `json:"peer,omitempty"`
+	Agents  *Agents   `json:"agents,omitempty"`
+}
+
+// Agents lists the agents a client may use (the gateway's directory,
+// filtered by the client's credential). Truncated says the gateway left
+// some out to keep the message within MaxMessageSize.
+type Agents struct {
+	Agents    []AgentInfo `json:"agents,omitempty"`
+	Truncated bool        `json:"truncated,omitempty"`
+}
+
+// AgentInfo is one agent in the gateway's directory: the subnets it
+// advertised when it last registered, and when it was last connected
+// (unix seconds; 0 while Online or when unknown).
+type AgentInfo struct {
+	Name      string         `json:"name"`
+	Online    bool           `json:"online"`
+	Advertise []netip.Prefix `json:"advertise,omitempty"`
+	LastSeen  int64          `json:"last_seen,omitempty"`
 }
 
 // PeerInfo is what an agent tells a client at the start of a session.
@@ -291,6 +314,8 @@ func (m *Message) check() error {
 		present = m.Revoked != nil
 	case TypeMoved:
 		present = m.Moved != nil
+	case TypeAgents:
+		present = m.Agents != nil
 	default:
 		return fmt.Errorf("unknown type %q", m.Type)
 	}
@@ -298,7 +323,7 @@ func (m *Message) check() error {
 		return fmt.Errorf("%s message without its body", m.Type)
 	}
 	n := 0
-	for _, p := range []bool{m.Hello != nil, m.Welcome != nil, m.Error != nil, m.Connect != nil, m.Session != nil, m.Accept != nil, m.Peer != nil, m.Gone != nil, m.Revoked != nil, m.Moved != nil} {
+	for _, p := range []bool{m.Hello != nil, m.Welcome != nil, m.Error != nil, m.Connect != nil, m.Session != nil, m.Accept != nil, m.Peer != nil, m.Gone != nil, m.Revoked != nil, m.Moved != nil, m.Agents != nil} {
 		if p {
 			n++
 		}

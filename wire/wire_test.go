@@ -22,6 +22,11 @@ func TestMessageRoundTrip(t *testing.T) {
 		{Type: TypeAccept, Accept: &Accept{ID: 42}},
 		{Type: TypeRevoked, Revoked: &Revoked{IDs: []uint64{7, 9}}},
 		{Type: TypeMoved, Moved: &Moved{ID: 42, Addr: netip.MustParseAddrPort("198.18.3.9:61007")}},
+		{Type: TypeAgents, ID: 3, Agents: &Agents{}},
+		{Type: TypeAgents, ID: 3, Agents: &Agents{Agents: []AgentInfo{
+			{Name: "miranda", Online: true, Advertise: []netip.Prefix{netip.MustParsePrefix("192.168.77.0/24")}},
+			{Name: "prospero", LastSeen: 1795000000},
+		}}},
 	}
 	var buf bytes.Buffer
 	for _, m := range msgs {
@@ -64,6 +69,7 @@ func TestReadMessageRejects(t *testing.T) {
 		{"moved without its body", frameOf(`{"type":"moved"}`), "without its body"},
 		{"moved without session", frameOf(`{"type":"moved","moved":{"addr":"198.18.3.9:61007"}}`), "without a session"},
 		{"moved without address", frameOf(`{"type":"moved","moved":{"id":7}}`), "without a session or an address"},
+		{"agents without its body", frameOf(`{"type":"agents"}`), "without its body"},
 		{"moved with another body", frameOf(`{"type":"moved","moved":{"id":7,"addr":"198.18.3.9:1"},"gone":{"id":7}}`), "2 bodies"},
 		{"two bodies", frameOf(`{"type":"hello","hello":{"token":"x"},"accept":{"id":1}}`), "2 bodies"},
 		{"unknown field", frameOf(`{"type":"accept","accept":{"id":1},"x":1}`), "unknown field"},
@@ -103,6 +109,7 @@ func TestFrames(t *testing.T) {
 func FuzzReadMessage(f *testing.F) {
 	f.Add(frameOf(`{"type":"connect","id":1,"connect":{"agent":"miranda"}}`))
 	f.Add(frameOf(`{"type":"session","session":{"id":1,"peer_overlay":"100.64.0.2","advertise":["10.0.0.0/8"]}}`))
+	f.Add(frameOf(`{"type":"agents","id":2,"agents":{"agents":[{"name":"miranda","online":true,"advertise":["192.168.1.0/24"]}]}}`))
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := ReadMessage(bytes.NewReader(b))

@@ -66,7 +66,7 @@ A first setup on three machines:
 		},
 		Before: setupLogging,
 		Commands: []*cli.Command{
-			gatewayCmd(), authorityCmd(), tokenCmd(), agentCmd(), upCmd(), connectCmd(), forwardCmd(), statusCmd(), versionCmd(),
+			gatewayCmd(), authorityCmd(), tokenCmd(), agentCmd(), upCmd(), connectCmd(), forwardCmd(), statusCmd(), agentsCmd(), versionCmd(),
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints the error once
 	}

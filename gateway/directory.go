@@ -1,0 +1,128 @@
+package gateway
+
+import (
+	"encoding/json"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/nlvpn/nlvpn/token"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+// directory remembers every agent that registered here, with the subnets
+// it advertised last and when it was last connected, so that a client can
+// list the agents it may use while they are offline too (nlvpn agents).
+// Kept in agents.json, written when an agent registers with something new
+// and when it disconnects: a handful of writes per agent connection, never
+// per packet.
+type directory struct {
+	path string
+	mu   sync.Mutex
+	m    map[string]*dirEntry // by agent name
+}
+
+// dirEntry is what the directory keeps of an agent: its subnets, when it
+// was last connected, and enough of its credential to forget it once that
+// has expired or been revoked.
+type dirEntry struct {
+	Advertise []netip.Prefix `json:"advertise,omitempty"`
+	LastSeen  int64          `json:"last_seen"` // unix seconds
+	TokenID   string         `json:"token_id"`
+	Issued    int64          `json:"issued"`
+	Expires   int64          `json:"expires"`
+}
+
+// maxDirectory bounds the agents remembered; past it the one seen longest
+// ago is forgotten. Agents need a token from the authority, so this is
+// reached only by a very large network, never by a stranger.
+const maxDirectory = 4096
+
+func openDirectory(dir string) (*directory, error) {
+	d := &directory{path: filepath.Join(dir, "agents.json"), m: make(map[string]*dirEntry)}
+	if err := readJSON(d.path, &d.m); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// seen records that the agent with claims is connected now, advertising adv.
+func (d *directory) seen(c *token.Claims, adv []netip.Prefix, now time.Time) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e := d.m[c.Name]
+	if e != nil && e.TokenID == c.ID && slices.Equal(e.Advertise, adv) {
+		e.LastSeen = now.Unix() // in memory only: it is online now anyway
+		return nil
+	}
+	if e == nil && len(d.m) >= maxDirectory {
+		d.forgetOldest()
+	}
+	d.m[c.Name] = &dirEntry{Advertise: slices.Clone(adv), LastSeen: now.Unix(), TokenID: c.ID, Issued: c.Issued, Expires: c.Expires}
+	return writeJSON(d.path, d.m)
+}
+
+// left records that the agent disconnected at now.
+func (d *directory) left(name string, now time.Time) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e := d.m[name]
+	if e == nil {
+		return nil
+	}
+	e.LastSeen = now.Unix()
+	return writeJSON(d.path, d.m)
+}
+
+func (d *directory) forgetOldest() {
+	var oldest string
+	for name, e := range d.m {
+		if oldest == "" || e.LastSeen < d.m[oldest].LastSeen {
+			oldest = name
+		}
+	}
+	delete(d.m, oldest)
+}
+
+// list returns the agents the client with claims may use, sorted by name:
+// those remembered whose credential has neither expired nor been revoked
+// (revoked says which), and online ones (by name) even if not remembered.
+// The list is cut to fit one control message.
+func (d *directory) list(c *token.Claims, online map[string][]netip.Prefix, revoked func(*token.Claims) bool, now time.Time) *wire.Agents {
+	d.mu.Lock()
+	byName := make(map[string]wire.AgentInfo, len(d.m)+len(online))
+	for name, e := range d.m {
+		if !c.MayUse(name) || e.Expires < now.Unix() {
+			continue
+		}
+		if revoked(&token.Claims{ID: e.TokenID, Role: token.RoleAgent, Name: name, Issued: e.Issued, Expires: e.Expires}) {
+			continue
+		}
+		byName[name] = wire.AgentInfo{Name: name, Advertise: slices.Clone(e.Advertise), LastSeen: e.LastSeen}
+	}
+	d.mu.Unlock()
+	for name, adv := range online {
+		if c.MayUse(name) {
+			byName[name] = wire.AgentInfo{Name: name, Online: true, Advertise: adv}
+		}
+	}
+	out := &wire.Agents{Agents: make([]wire.AgentInfo, 0, len(byName))}
+	for _, a := range byName {
+		out.Agents = append(out.Agents, a)
+	}
+	sort.Slice(out.Agents, func(i, j int) bool { return out.Agents[i].Name < out.Agents[j].Name })
+	// Keep the reply within one control message (with room for the
+	// envelope): drop from the end and say so.
+	for len(out.Agents) > 0 {
+		b, _ := json.Marshal(out)
+		if len(b) <= wire.MaxMessageSize-256 {
+			break
+		}
+		out.Agents = out.Agents[:len(out.Agents)*3/4]
+		out.Truncated = true
+	}
+	return out
+}
