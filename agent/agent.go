@@ -44,6 +44,9 @@ type Config struct {
 	// AllowLoopback lets clients reach this host's own loopback services,
 	// as 127.0.0.1 / ::1 or as the agent's overlay address. Off by default.
 	AllowLoopback bool
+	// DNSDomains are the LAN's domains, told to clients so that a TUN
+	// client sends lookups under them to this agent's DNS (split DNS).
+	DNSDomains []string
 	// Limits bounds the flows each client, and all together, may hold;
 	// zero fields mean netstack.DefaultEgressLimits.
 	Limits netstack.EgressLimits
@@ -711,6 +714,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	}
 	err = wire.WriteMessage(st, &wire.Message{Type: wire.TypePeerInfo, Peer: &wire.PeerInfo{
 		Name: a.u.Ctrl.Welcome().Name, Overlay: a.u.Ctrl.Welcome().Overlay, Advertise: a.cfg.Advertise,
+		DNSDomains: a.cfg.DNSDomains,
 	}})
 	if err != nil {
 		log.Info("peer info not sent", "err", err)

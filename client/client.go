@@ -61,6 +61,9 @@ type Config struct {
 	// AcceptInbound lets connections from the agent's side in through the
 	// TUN. Off: only replies to connections this machine opened come in.
 	AcceptInbound bool
+	// DNSDomains are domains to resolve through the agent's DNS besides
+	// the ones the agent names (TUN mode, split DNS).
+	DNSDomains []string
 }
 
 // Client is a running client.
@@ -586,6 +589,7 @@ func (c *Client) startTUN(ctx context.Context, dev *tun.Device, w *wire.Welcome,
 		}
 		go c.reportInbound(ctx, f)
 	}
+	undo = c.splitDNS(dev.Name(), info, undo)
 	c.tunw = dev.NewBatchWriter(1024)
 	c.deliver = func(pkt []byte) {
 		c.tunw.WriteWait(pkt) // copies

@@ -55,3 +55,13 @@ func TestAcceptRoutes(t *testing.T) {
 		})
 	}
 }
+
+func TestDNSDomains(t *testing.T) {
+	got := dnsDomains([]string{"office.lan", "bad domain", "corp.example"}, []string{"office.lan", "extra.lan"})
+	if strings.Join(got, ",") != "corp.example,extra.lan,office.lan" {
+		t.Fatalf("dnsDomains = %q: want each valid domain once, sorted", got)
+	}
+	if dnsDomains(nil, nil) != nil {
+		t.Fatal("no domains should mean no split DNS")
+	}
+}

@@ -110,6 +110,47 @@ type PeerInfo struct {
 	Name      string         `json:"name"`
 	Overlay   netip.Addr     `json:"overlay"`
 	Advertise []netip.Prefix `json:"advertise"`
+	// DNSDomains are the LAN's domains (office.lan) whose names the
+	// agent's DNS on its overlay address resolves: a TUN client sends
+	// lookups under them there (split DNS) and no others.
+	DNSDomains []string `json:"dns_domains,omitempty"`
+}
+
+// MaxDNSDomains bounds the domains an agent may name.
+const MaxDNSDomains = 16
+
+// ValidDomain reports whether s is a DNS name fit for a routing domain:
+// lower-case letters, digits and hyphens in dot-separated labels of 1 to
+// 63 characters, at most 253 in all, no trailing dot. Nothing a shell or
+// a resolver's command line could read as anything but a name.
+func ValidDomain(s string) bool {
+	if len(s) == 0 || len(s) > 253 {
+		return false
+	}
+	label := 0
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '.':
+			if label == 0 || s[i-1] == '-' {
+				return false
+			}
+			label = 0
+			continue
+		case c == '-':
+			if label == 0 {
+				return false
+			}
+		case c >= 'a' && c <= 'z', c >= '0' && c <= '9':
+		default:
+			return false
+		}
+		label++
+		if label > 63 {
+			return false
+		}
+	}
+	return label > 0 && s[len(s)-1] != '-'
 }
 
 // Hello authenticates a node. Its key is the one in its TLS certificate.
@@ -345,6 +386,16 @@ func (m *Message) check() error {
 	}
 	if m.Moved != nil && (m.Moved.ID == 0 || !m.Moved.Addr.IsValid()) {
 		return errors.New("moved message without a session or an address")
+	}
+	if m.Peer != nil {
+		if len(m.Peer.DNSDomains) > MaxDNSDomains {
+			return fmt.Errorf("%d DNS domains, more than %d", len(m.Peer.DNSDomains), MaxDNSDomains)
+		}
+		for _, d := range m.Peer.DNSDomains {
+			if !ValidDomain(d) {
+				return fmt.Errorf("DNS domain %q is not a valid name", d)
+			}
+		}
 	}
 	if p != nil && len(p.Candidates) > MaxCandidates {
 		return fmt.Errorf("%d candidates, more than %d", len(p.Candidates), MaxCandidates)

@@ -70,6 +70,7 @@ func TestReadMessageRejects(t *testing.T) {
 		{"moved without session", frameOf(`{"type":"moved","moved":{"addr":"198.18.3.9:61007"}}`), "without a session"},
 		{"moved without address", frameOf(`{"type":"moved","moved":{"id":7}}`), "without a session or an address"},
 		{"agents without its body", frameOf(`{"type":"agents"}`), "without its body"},
+		{"peer info with a bad DNS domain", frameOf(`{"type":"peer_info","peer":{"name":"m","overlay":"100.64.0.2","advertise":[],"dns_domains":["office.lan; rm -rf"]}}`), "not a valid name"},
 		{"moved with another body", frameOf(`{"type":"moved","moved":{"id":7,"addr":"198.18.3.9:1"},"gone":{"id":7}}`), "2 bodies"},
 		{"two bodies", frameOf(`{"type":"hello","hello":{"token":"x"},"accept":{"id":1}}`), "2 bodies"},
 		{"unknown field", frameOf(`{"type":"accept","accept":{"id":1},"x":1}`), "unknown field"},
@@ -159,5 +160,22 @@ func TestSessionPeerObservedOptional(t *testing.T) {
 	}
 	if m.Session.PeerObserved.IsValid() {
 		t.Fatalf("observed %v from an offer without one", m.Session.PeerObserved)
+	}
+}
+
+func TestValidDomain(t *testing.T) {
+	for _, tt := range []struct {
+		s  string
+		ok bool
+	}{
+		{"office.lan", true}, {"lan", true}, {"a-b.c0.example", true}, {"1.168.192.in-addr.arpa", true},
+		{"", false}, {"office.lan.", false}, {".lan", false}, {"a..b", false}, {"-a.lan", false}, {"a-.lan", false},
+		{"Office.lan", false}, {"office_lan", false}, {"office lan", false}, {"~office.lan", false},
+		{strings.Repeat("a", 63) + ".lan", true}, {strings.Repeat("a", 64) + ".lan", false},
+		{strings.Repeat("abcdefghi.", 25) + "lan", true}, {strings.Repeat("abcdefghi.", 25) + "lanx", false},
+	} {
+		if got := ValidDomain(tt.s); got != tt.ok {
+			t.Errorf("ValidDomain(%q) = %v, want %v", tt.s, got, tt.ok)
+		}
 	}
 }

@@ -4,7 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
+
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 // parsePrefixes reads the values of a repeatable prefix flag, each a
@@ -45,4 +48,23 @@ func parseAdvertise(values []string, exitNode, allowLoopback bool) ([]netip.Pref
 		return nil, errors.New("--advertise CIDR is required (the subnets clients may reach)")
 	}
 	return adv, nil
+}
+
+// parseDomains reads --dns-domain values: case and one trailing dot do
+// not matter; anything that is not a plain DNS name is refused.
+func parseDomains(values []string) ([]string, error) {
+	if len(values) > wire.MaxDNSDomains {
+		return nil, fmt.Errorf("--dns-domain: %d domains, at most %d", len(values), wire.MaxDNSDomains)
+	}
+	out := make([]string, 0, len(values))
+	for _, v := range values {
+		d := strings.TrimSuffix(strings.ToLower(strings.TrimSpace(v)), ".")
+		if !wire.ValidDomain(d) {
+			return nil, fmt.Errorf("--dns-domain %q is not a domain name (e.g. office.lan)", v)
+		}
+		if !slices.Contains(out, d) {
+			out = append(out, d)
+		}
+	}
+	return out, nil
 }

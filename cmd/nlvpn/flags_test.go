@@ -191,3 +191,18 @@ func TestOneLine(t *testing.T) {
 		t.Errorf("oneLine left a newline: %q", got)
 	}
 }
+
+func TestParseDomains(t *testing.T) {
+	got, err := parseDomains([]string{"Office.LAN.", "office.lan", " corp.example "})
+	if err != nil || strings.Join(got, ",") != "office.lan,corp.example" {
+		t.Fatalf("parseDomains = %q, %v", got, err)
+	}
+	for _, bad := range []string{"", "office lan", "~office.lan", "office.lan;reboot", "-x.lan"} {
+		if _, err := parseDomains([]string{bad}); err == nil || !strings.Contains(err.Error(), "--dns-domain") {
+			t.Errorf("parseDomains(%q) = %v, want an error naming the flag", bad, err)
+		}
+	}
+	if _, err := parseDomains(make([]string, 17)); err == nil {
+		t.Error("17 domains accepted")
+	}
+}

@@ -585,6 +585,7 @@ rule names them. --policy FILE decides per client (rules: allow|deny WHO DEST [P
 It reconnects to the gateway by itself.`,
 		Flags: append(nodeFlags(),
 			&cli.StringSliceFlag{Name: "advertise", Usage: "`CIDR` clients may reach (repeatable), e.g. 192.168.1.0/24"},
+			&cli.StringSliceFlag{Name: "dns-domain", Usage: "a `DOMAIN` of this LAN (repeatable, e.g. office.lan): TUN clients send lookups of names under it to this agent's DNS, which asks this host's resolvers; other names are untouched"},
 			&cli.BoolFlag{Name: "allow-loopback", Usage: "let clients reach this host's own loopback services (as 127.0.0.1 or as the agent's overlay address); refused and logged otherwise"},
 			&cli.BoolFlag{Name: "exit-node", Usage: "allow --advertise 0.0.0.0/0 or ::/0: clients that accept it may send all their traffic out through this host"},
 			&cli.IntFlag{Name: "max-tcp-per-client", Value: netstack.DefaultEgressLimits.TCPPerClient, Usage: "TCP connections one client may have open through this agent; beyond, new ones are refused (RST)"},
@@ -595,6 +596,10 @@ It reconnects to the gateway by itself.`,
 		),
 		Action: func(c *cli.Context) error {
 			adv, err := parseAdvertise(c.StringSlice("advertise"), c.Bool("exit-node"), c.Bool("allow-loopback"))
+			if err != nil {
+				return err
+			}
+			domains, err := parseDomains(c.StringSlice("dns-domain"))
 			if err != nil {
 				return err
 			}
@@ -625,6 +630,7 @@ It reconnects to the gateway by itself.`,
 				Policy:  pol,
 				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv,
 				AllowLoopback: c.Bool("allow-loopback"),
+				DNSDomains:    domains,
 				Limits: netstack.EgressLimits{TCPPerClient: c.Int("max-tcp-per-client"), UDPPerClient: c.Int("max-udp-per-client"),
 					TCPTotal: c.Int("max-tcp"), UDPTotal: c.Int("max-udp")},
 				StatusSocket: filepath.Join(ns.stateDir, "status.sock"),
@@ -657,6 +663,7 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 			&cli.DurationFlag{Name: "wait", Aliases: []string{"wait-agent"}, Usage: "at start, wait this long for an agent that is not online yet, asking every few seconds (0: until stopped; -1s: do not wait)"},
 			&cli.StringSliceFlag{Name: "accept-routes", Usage: "also route advertised subnets inside `PREFIX` that are refused by default (broader than /8, containing the gateway, overlapping this machine's own networks); repeatable"},
 			&cli.BoolFlag{Name: "exit-node", Usage: "accept a default route from the agent: all of this machine's traffic goes through it"},
+			&cli.StringSliceFlag{Name: "dns-domain", Usage: "TUN mode: also resolve names under `DOMAIN` through the agent's DNS (repeatable), besides the domains the agent names; set per link in systemd-resolved, other names untouched"},
 			&cli.BoolFlag{Name: "accept-inbound", Usage: "TUN mode: let connections from the agent's side reach this machine (default: only replies to connections it opens come in)"},
 		), modeFlagList()...), proxyFlagList()...),
 		Action: func(c *cli.Context) error {
@@ -666,6 +673,10 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 				return err
 			}
 			routes := client.RoutePolicy{Accept: accept, ExitNode: c.Bool("exit-node")}
+			domains, err := parseDomains(c.StringSlice("dns-domain"))
+			if err != nil {
+				return err
+			}
 			if !token.ValidName(c.String("agent")) {
 				return fmt.Errorf("--agent %q is not a valid agent name", c.String("agent"))
 			}
@@ -706,6 +717,7 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 				WaitAgent:      c.Duration("wait"),
 				Routes:         routes,
 				AcceptInbound:  c.Bool("accept-inbound"),
+				DNSDomains:     domains,
 				Log:            slog.Default(),
 				OnUp:           func() { ns.remember(c.IsSet("gateway")) },
 			})
