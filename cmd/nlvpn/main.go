@@ -41,6 +41,19 @@ func main() {
 	// The peer sessions run over a virtual packet conn that has no socket
 	// buffers to tune; quic-go would warn about that once per process.
 	os.Setenv("QUIC_GO_DISABLE_RECEIVE_BUFFER_WARNING", "true")
+	app := newApp()
+	stopProfile := startProfile()
+	err := app.Run(os.Args)
+	stopProfile()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nlvpn: %s\n", oneLine(err))
+		os.Exit(1)
+	}
+}
+
+// newApp is the CLI: every command and flag, as --help, the completion
+// scripts and the man page show them.
+func newApp() *cli.App {
 	app := &cli.App{
 		Name:    "nlvpn",
 		Usage:   "reach the whole subnet behind a headless agent, from anywhere, with no port opened",
@@ -70,13 +83,8 @@ A first setup on three machines:
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints the error once
 	}
-	stopProfile := startProfile()
-	err := app.Run(os.Args)
-	stopProfile()
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "nlvpn: %s\n", oneLine(err))
-		os.Exit(1)
-	}
+	addDocCommands(app)
+	return app
 }
 
 func oneLine(err error) string {
