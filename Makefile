@@ -6,7 +6,7 @@ BIN     := bin
 # Every package except the end-to-end suite, which runs separately.
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e$$')
 
-.PHONY: all build deps demo test fmt-check vet vet-cross quic-go-check unit e2e bench wireguard-go fuzz release clean
+.PHONY: all build deps demo test fmt-check vet vet-cross quic-go-check units-check unit e2e bench wireguard-go fuzz release clean
 
 all: build
 
@@ -26,7 +26,7 @@ deps:
 demo: deps build
 	$(BIN)/nlvpn-lab demo --nlvpn $(BIN)/nlvpn
 
-test: deps fmt-check vet vet-cross quic-go-check unit e2e
+test: deps fmt-check vet vet-cross quic-go-check units-check unit e2e
 
 fmt-check:
 	@out="$$(gofmt -l .)"; \
@@ -58,6 +58,11 @@ release:
 
 quic-go-check:
 	scripts/quic-go.sh --check
+
+# The systemd units in packaging/systemd: systemd-analyze verify with no
+# warning, and each unit's exposure score (about a second).
+units-check:
+	scripts/units-check.sh
 
 unit:
 	$(GO) test -race -count=1 $(UNIT_PKGS)

@@ -16,6 +16,9 @@ have ssh     || need+=(openssh-client)   # the ssh ProxyCommand test
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 have setpriv || need+=(util-linux)       # runs the client unprivileged in tests
 have gcc     || need+=(gcc libc6-dev)   # go test -race needs cgo
+have systemd-analyze || need+=(systemd) # make units-check (no systemd is started)
+have zsh     || need+=(zsh)             # the completion scripts' tests
+have fish    || need+=(fish)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 if [ ${#need[@]} -eq 0 ]; then
 	exit 0
