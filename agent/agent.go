@@ -21,6 +21,7 @@ import (
 
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/cowmap"
+	"github.com/nlvpn/nlvpn/dnsfwd"
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/netstack"
 	"github.com/nlvpn/nlvpn/packet"
@@ -41,6 +42,10 @@ type Config struct {
 	Token     string
 	Key       *identity.Key
 	Advertise []netip.Prefix
+	// DNSServers are the LAN resolvers the agent's DNS service (port 53 on
+	// its overlay address) forwards clients' queries to; empty: the
+	// nameservers of /etc/resolv.conf.
+	DNSServers []netip.AddrPort
 	// AllowLoopback lets clients reach this host's own loopback services,
 	// as 127.0.0.1 / ::1 or as the agent's overlay address. Off by default.
 	AllowLoopback bool
@@ -73,7 +78,7 @@ type Agent struct {
 	name      string
 	u         *underlay.Underlay // the node's port: gateway connection, session conn, frame mux
 	eg        *netstack.Egress
-	dns       *netstack.DNSServer
+	dns       *dnsfwd.Forwarder
 	ctx       context.Context // the agent's lifetime
 
 	mu       sync.Mutex
@@ -164,7 +169,7 @@ func Run(ctx context.Context, cfg Config) error {
 	a.u = u
 
 	a.host.refresh(cfg.Log)
-	a.dns = netstack.NewDNSServer(net.DefaultResolver, cfg.Log)
+	a.dns = dnsfwd.New(dnsfwd.Config{Servers: cfg.DNSServers, Log: cfg.Log})
 	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: session.TunMTU, Allow: a.allow, Dial: a.dial, Logger: cfg.Log,
 		Release: session.ReleasePacket, Limits: cfg.Limits}, a.toClient)
 	if err != nil {
@@ -431,7 +436,7 @@ const (
 func verdict(dst netip.AddrPort, proto string, overlay netip.Addr, advertise []netip.Prefix, allowLoopback bool, isHost func(netip.Addr) bool) decision {
 	ip := dst.Addr().Unmap()
 	switch {
-	case ip == overlay && proto == "udp" && dst.Port() == 53:
+	case ip == overlay && (proto == "udp" || proto == "tcp") && dst.Port() == 53:
 		return allowedService
 	case ip.IsLoopback() || ip == overlay:
 		if allowLoopback {
@@ -487,14 +492,20 @@ func (a *Agent) logDenied(msg, client string, dst netip.AddrPort, proto string, 
 	a.log.Info(msg, append([]any{"client", client, "dst", dst, "proto", proto}, extra...)...)
 }
 
-// dial opens the real flow for the egress: DNS on the overlay address is
-// answered in-process with this host's resolver; the overlay address
+// dial opens the real flow for the egress: DNS (UDP or TCP) on the overlay
+// address is answered in-process by the forwarder; the overlay address
 // otherwise means this host's loopback (allow has checked that).
 func (a *Agent) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	ap, err := netip.ParseAddrPort(addr)
 	if err == nil && ap.Addr().Unmap() == a.overlay() {
-		if ap.Port() == 53 && strings.HasPrefix(network, "udp") {
-			return netstack.DNSDialer(ap, a.dns, nil)(ctx, network, addr)
+		if ap.Port() == 53 {
+			client, _ := netstack.ClientOf(ctx)
+			switch {
+			case strings.HasPrefix(network, "udp"):
+				return a.dns.PacketConn(client), nil
+			case strings.HasPrefix(network, "tcp"):
+				return a.dns.StreamConn(client), nil
+			}
 		}
 		addr = netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), ap.Port()).String()
 	}

@@ -25,7 +25,8 @@ func TestVerdict(t *testing.T) {
 		{"[::ffff:192.168.77.10]:80", "tcp", false, allowed},
 		{"192.168.78.10:80", "tcp", false, deniedNotAdvertised},
 		{"100.64.0.2:53", "udp", false, allowedService}, // the agent's DNS service
-		{"100.64.0.2:53", "tcp", false, deniedLoopback}, // the overlay address is this host
+		{"100.64.0.2:53", "tcp", false, allowedService}, // DNS over TCP
+		{"100.64.0.2:54", "tcp", false, deniedLoopback}, // the overlay address is this host
 		{"100.64.0.2:22", "tcp", true, allowed},         // ... with --allow-loopback
 		{"127.0.0.1:22", "tcp", false, deniedLoopback},
 		{"[::1]:22", "tcp", true, allowed},

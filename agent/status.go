@@ -116,7 +116,10 @@ func (a *Agent) Status() Status {
 	st.TCPRetransmits, st.TCPTimeouts = a.eg.StackRecovery()
 	st.Denied = a.denied.snapshot()
 	st.Limited = a.eg.Limited()
-	st.Limited["dns_queries"] = a.dns.Stats().ClientLimited
+	dns := a.dns.Stats()
+	st.Limited["dns_queries"] = dns.ClientLimited
+	st.Limited["dns_queries_all_clients"] = dns.Dropped
+	st.Drops["dns_mismatched_replies"] = dns.Mismatched
 	st.Limited["gateway_requests"] = a.u.Ctrl.RequestsBusy()
 	st.Probes = a.probes.snapshot()
 	if rs := a.revoked.Load(); rs != nil {

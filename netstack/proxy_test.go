@@ -23,6 +23,8 @@ import (
 
 	"golang.org/x/net/dns/dnsmessage"
 	xproxy "golang.org/x/net/proxy"
+
+	"github.com/nlvpn/nlvpn/dnsfwd"
 )
 
 // All real sockets in these tests are on 127.0.0.1. The client's overlay
@@ -81,18 +83,10 @@ func pxFakeUpstream(t testing.TB) string {
 	return pc.LocalAddr().String()
 }
 
-// pxTestResolver resolves through the fake upstream only.
-func pxTestResolver(upstream string) *net.Resolver {
-	return &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "udp", upstream)
-	}}
-}
-
 type pxEnv struct {
 	p     *Proxy
 	eg    *Egress
-	dns   *DNSServer
+	dns   *dnsfwd.Forwarder
 	socks string // SOCKS5 listener address
 	http  string // HTTP proxy listener address
 }
@@ -112,9 +106,9 @@ func pxNewEnvLog(t *testing.T, auth *Credentials, log *slog.Logger) *pxEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dsrv := NewDNSServer(pxTestResolver(upstream), log)
+	dsrv := dnsfwd.New(dnsfwd.Config{Servers: []netip.AddrPort{netip.MustParseAddrPort(upstream)}, Log: log})
 	dnsDone := make(chan struct{})
-	go func() { defer close(dnsDone); dsrv.Serve(dpc) }()
+	go func() { defer close(dnsDone); dsrv.ServeUDP(dpc) }()
 	t.Cleanup(func() { dpc.Close(); <-dnsDone })
 
 	var p *Proxy

@@ -593,7 +593,7 @@ rule names them. --policy FILE decides per client (rules: allow|deny WHO DEST [P
 It reconnects to the gateway by itself.`,
 		Flags: append(nodeFlags(),
 			&cli.StringSliceFlag{Name: "advertise", Usage: "`CIDR` clients may reach (repeatable), e.g. 192.168.1.0/24"},
-			&cli.StringSliceFlag{Name: "dns-domain", Usage: "a `DOMAIN` of this LAN (repeatable, e.g. office.lan): TUN clients send lookups of names under it to this agent's DNS, which asks this host's resolvers; other names are untouched"},
+			&cli.StringSliceFlag{Name: "dns-domain", Usage: "a `DOMAIN` of this LAN (repeatable, e.g. office.lan): TUN clients send lookups of names under it to this agent's DNS, which forwards them to the LAN's resolvers (--dns-server); other names are untouched"},
 			&cli.BoolFlag{Name: "allow-loopback", Usage: "let clients reach this host's own loopback services (as 127.0.0.1 or as the agent's overlay address); refused and logged otherwise"},
 			&cli.BoolFlag{Name: "exit-node", Usage: "allow --advertise 0.0.0.0/0 or ::/0: clients that accept it may send all their traffic out through this host"},
 			&cli.IntFlag{Name: "max-tcp-per-client", Value: netstack.DefaultEgressLimits.TCPPerClient, Usage: "TCP connections one client may have open through this agent; beyond, new ones are refused (RST)"},
@@ -601,6 +601,7 @@ It reconnects to the gateway by itself.`,
 			&cli.IntFlag{Name: "max-tcp", Value: netstack.DefaultEgressLimits.TCPTotal, Usage: "TCP connections of all clients together"},
 			&cli.IntFlag{Name: "max-udp", Value: netstack.DefaultEgressLimits.UDPTotal, Usage: "UDP flows of all clients together"},
 			&cli.StringFlag{Name: "policy", Usage: "per-client access rules from `FILE` (first match wins, default deny; reloaded on SIGHUP); without it every client reaches everything advertised"},
+			&cli.StringSliceFlag{Name: "dns-server", Usage: "LAN resolver (`IP` or IP:PORT, repeatable, tried in order) that clients' DNS queries to the agent's overlay address are forwarded to; default: the nameservers in /etc/resolv.conf (a loopback one such as systemd-resolved's 127.0.0.53 works: the agent sends from this host)"},
 		),
 		Action: func(c *cli.Context) error {
 			adv, err := parseAdvertise(c.StringSlice("advertise"), c.Bool("exit-node"), c.Bool("allow-loopback"))
@@ -608,6 +609,10 @@ It reconnects to the gateway by itself.`,
 				return err
 			}
 			domains, err := parseDomains(c.StringSlice("dns-domain"))
+			if err != nil {
+				return err
+			}
+			dnsServers, err := parseDNSServers(c.StringSlice("dns-server"))
 			if err != nil {
 				return err
 			}
@@ -639,6 +644,7 @@ It reconnects to the gateway by itself.`,
 				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv,
 				AllowLoopback: c.Bool("allow-loopback"),
 				DNSDomains:    domains,
+				DNSServers:    dnsServers,
 				Limits: netstack.EgressLimits{TCPPerClient: c.Int("max-tcp-per-client"), UDPPerClient: c.Int("max-udp-per-client"),
 					TCPTotal: c.Int("max-tcp"), UDPTotal: c.Int("max-udp")},
 				StatusSocket: filepath.Join(ns.stateDir, "status.sock"),
