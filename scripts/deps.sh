@@ -15,6 +15,7 @@ have make    || need+=(make)
 have ssh     || need+=(openssh-client)   # the ssh ProxyCommand test
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 have setpriv || need+=(util-linux)       # runs the client unprivileged in tests
+have dig     || need+=(bind9-dnsutils)   # the DNS forwarder test asks the agent with dig
 have gcc     || need+=(gcc libc6-dev)   # go test -race needs cgo
 have systemd-analyze || need+=(systemd) # make units-check (no systemd is started)
 have zsh     || need+=(zsh)             # the completion scripts' tests

@@ -5,6 +5,7 @@
 //
 //	nlvpn-lab demo  --nlvpn bin/nlvpn   # show curl reaching a LAN host through the tunnel
 //	nlvpn-lab bench --nlvpn bin/nlvpn   # iperf3 and ping: nlvpn vs wireguard-go vs the raw path
+//	nlvpn-lab dns --listen 127.0.0.1:5353  # an office.lan DNS server for the agent's --dns-server
 //
 // Everything it builds is torn down on exit, also on Ctrl-C.
 package main
@@ -31,6 +32,7 @@ Usage:
   nlvpn-lab demo  [--nlvpn PATH] [--client-nat cone|symmetric|none] [--agent-nat ...]
   nlvpn-lab bench [--nlvpn PATH] [--wireguard-go PATH] [--time SECONDS] [--trials N]
                   [--paths raw,wg,relay,direct,socks] [--profile DIR]
+  nlvpn-lab dns   [--listen ADDR] [--host IPv4] [--netns NS]  # serve the office.lan test zone
 
 Needs root (or CAP_NET_ADMIN+CAP_SYS_ADMIN), iproute2 and nftables; bench
 also needs iperf3, ping, curl and, for its wireguard-go baseline, wg
@@ -58,6 +60,11 @@ func main() {
 	wgGo := fs.String("wireguard-go", "bin/wireguard-go", "bench: the wireguard-go binary for the baseline column (build: go build -o bin/wireguard-go golang.zx2c4.com/wireguard)")
 	switch cmd {
 	case "demo", "bench":
+	case "dns":
+		if err := dnsCmd(args); err != nil {
+			fatal(err)
+		}
+		return
 	case "-h", "--help", "help":
 		usage()
 		return
