@@ -39,6 +39,8 @@ type env struct {
 	clientTok string
 	// upFlags are extra flags for every `nlvpn up` (e.g. --relay).
 	upFlags []string
+	// extraEnv is added to every nlvpn process's environment.
+	extraEnv []string
 
 	mu    sync.Mutex
 	procs []*lab.Process // every process ever started, for failure logs
@@ -112,8 +114,8 @@ func (e *env) gwAddr() string { return e.lab.GatewayAddrPort(gwPort).String() }
 func (e *env) procEnv() []string {
 	home := filepath.Join(e.dir, "home")
 	os.MkdirAll(home, 0o755)
-	return []string{"HOME=" + home, "XDG_CONFIG_HOME=" + filepath.Join(home, ".config"),
-		"NLVPN_TOKEN=", "NLVPN_GATEWAY=", "http_proxy=", "https_proxy=", "HTTP_PROXY=", "HTTPS_PROXY=", "ALL_PROXY=", "all_proxy="}
+	return append([]string{"HOME=" + home, "XDG_CONFIG_HOME=" + filepath.Join(home, ".config"),
+		"NLVPN_TOKEN=", "NLVPN_GATEWAY=", "http_proxy=", "https_proxy=", "HTTP_PROXY=", "HTTPS_PROXY=", "ALL_PROXY=", "all_proxy="}, e.extraEnv...)
 }
 
 // start runs `nlvpn args...` in ns as a long-running process.

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/identity"
@@ -43,6 +44,9 @@ type Config struct {
 	Authority identity.PublicKey
 	// Cert, if set, replaces the self-signed certificate.
 	Cert *tls.Certificate
+	// ACME, if set, gets and renews the certificate from an ACME CA
+	// instead (Cert must be nil); the gateway then has no pin.
+	ACME *ACMEConfig
 	Log  *slog.Logger
 
 	// Limits on unauthenticated connections, from a connection's first
@@ -67,6 +71,7 @@ type Gateway struct {
 	revoked  atomic.Pointer[revocations] // never nil after New
 	pin      string
 	cert     tls.Certificate
+	acme     *autocert.Manager // with Config.ACME, instead of cert
 
 	mu     sync.Mutex
 	agents map[string]*node
@@ -171,6 +176,15 @@ func New(cfg Config) (*Gateway, error) {
 		return nil, err
 	}
 	g.revoked.Store(&revocations{list: rs, signed: signed})
+	if cfg.ACME != nil {
+		if cfg.Cert != nil {
+			return nil, errors.New("a certificate file and ACME exclude each other")
+		}
+		if g.acme, err = newACME(cfg.ACME, cfg.State.Dir); err != nil {
+			return nil, err
+		}
+		return g, nil // no pin: nodes verify the chain and the name
+	}
 	if cfg.Cert != nil {
 		g.cert = *cfg.Cert
 	} else if g.cert, err = cfg.State.SelfSignedCert(); err != nil {
@@ -183,7 +197,18 @@ func New(cfg Config) (*Gateway, error) {
 	return g, nil
 }
 
-// Pin is the fingerprint nodes pin.
+// serverTLS is the gateway's TLS configuration for nodes on alpn.
+func (g *Gateway) serverTLS(alpn string) *tls.Config {
+	tc := identity.ServerTLS(g.cert, alpn)
+	if g.acme != nil {
+		tc.Certificates = nil
+		tc.GetCertificate = g.acmeCertificate
+	}
+	return tc
+}
+
+// Pin is the fingerprint nodes pin; empty with ACME (nodes verify the
+// chain and the name).
 func (g *Gateway) Pin() string { return g.pin }
 
 // Addr is the UDP address the gateway listens on, once Run has started.
@@ -223,7 +248,12 @@ func (g *Gateway) Run(ctx context.Context) error {
 		return err
 	}
 	defer func() { stopFrames(); <-framesDone }()
-	ln, err := tr.Listen(identity.ServerTLS(g.cert, wire.ALPNGateway), gatewayQUICConfig())
+	if g.acme != nil {
+		if err := g.serveACME(ctx); err != nil {
+			return err
+		}
+	}
+	ln, err := tr.Listen(g.serverTLS(wire.ALPNGateway), gatewayQUICConfig())
 	if err != nil {
 		return err
 	}

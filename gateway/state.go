@@ -51,6 +51,9 @@ type State struct {
 type Info struct {
 	Pin        string `json:"pin"`
 	PublicAddr string `json:"public_addr,omitempty"`
+	// ACMEDomain says the certificate comes from an ACME CA for this
+	// name: tokens carry no pin (Pin is empty).
+	ACMEDomain string `json:"acme_domain,omitempty"`
 }
 
 // OpenState loads or creates the state in dir.

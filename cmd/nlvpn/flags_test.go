@@ -3,12 +3,15 @@ package main
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/nlvpn/nlvpn/client"
+	"github.com/nlvpn/nlvpn/gateway"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
@@ -204,5 +207,45 @@ func TestParseDomains(t *testing.T) {
 	}
 	if _, err := parseDomains(make([]string, 17)); err == nil {
 		t.Error("17 domains accepted")
+	}
+}
+
+func TestACMEConfig(t *testing.T) {
+	flags := append([]cli.Flag{&cli.StringFlag{Name: "public-addr"}, &cli.StringFlag{Name: "cert"}}, acmeFlags()...)
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	os.WriteFile(ca, []byte("not a certificate"), 0o644)
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		wantErr string
+	}{
+		{name: "off", args: nil},
+		{name: "on", args: []string{"--acme-domain", "gw.example.com", "--public-addr", "gw.example.com:4433"}},
+		{name: "email without domain", args: []string{"--acme-email", "me@example.com"}, wantErr: "needs --acme-domain"},
+		{name: "no public address", args: []string{"--acme-domain", "gw.example.com"}, wantErr: "needs --public-addr"},
+		{name: "another host", args: []string{"--acme-domain", "gw.example.com", "--public-addr", "198.18.1.2:4433"}, wantErr: "names another host"},
+		{name: "with a certificate file", args: []string{"--acme-domain", "gw.example.com", "--public-addr", "gw.example.com:4433", "--cert", "c.pem"}, wantErr: "exclude each other"},
+		{name: "CA file without a certificate", args: []string{"--acme-domain", "gw.example.com", "--public-addr", "gw.example.com:4433", "--acme-ca", ca}, wantErr: "no PEM certificate"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var cfg *gateway.ACMEConfig
+			err := runWithFlags(t, flags, tc.args, func(c *cli.Context) error {
+				var err error
+				cfg, err = acmeConfig(c)
+				return err
+			})
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err %v, want one with %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if (cfg != nil) != (len(tc.args) > 0) || cfg != nil && (cfg.Domain != "gw.example.com" || cfg.HTTPAddr != ":80") {
+				t.Fatalf("config %+v", cfg)
+			}
+		})
 	}
 }

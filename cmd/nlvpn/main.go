@@ -155,8 +155,10 @@ func gatewayCmd() *cli.Command {
 self-signed certificate is made from that key at every start (so the fingerprint never
 changes) and the fingerprint is printed; tokens carry it, so nodes need nothing else to
 trust the gateway. --cert/--key use a real
-certificate instead. The gateway relays only end-to-end encrypted packets.`,
-		Flags: []cli.Flag{
+certificate instead, and --acme-domain gets one from Let's Encrypt (or another ACME CA)
+and renews it: its tokens carry no pin, nodes check the certificate's chain and name.
+The gateway relays only end-to-end encrypted packets.`,
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: ":4433", Usage: "UDP address to listen on"},
 			stateDirFlag("nlvpn-gw"),
 			&cli.StringFlag{Name: "public-addr", Usage: "HOST:PORT nodes use to reach this gateway; put into tokens"},
@@ -167,7 +169,7 @@ certificate instead. The gateway relays only end-to-end encrypted packets.`,
 			&cli.IntFlag{Name: "max-unauth", Value: gateway.DefaultMaxUnauth, Usage: "connections not yet registered, in total; above --retry-above of them new ones must prove their address first (QUIC Retry)"},
 			&cli.IntFlag{Name: "retry-above", Value: gateway.DefaultRetryAbove, Usage: "demand a QUIC Retry once this many connections are not yet registered (-1: always)"},
 			&cli.StringFlag{Name: "authority", Usage: "admit nodes whose credentials the authority with public key `KEY` signed (from `nlvpn authority` on an admin machine); without it the gateway keeps an authority key in its state directory", EnvVars: []string{"NLVPN_AUTHORITY"}},
-		},
+		}, acmeFlags()...),
 		Action: func(c *cli.Context) error {
 			if c.Args().Present() {
 				return fmt.Errorf("unexpected argument %q", c.Args().First())
@@ -208,14 +210,25 @@ certificate instead. The gateway relays only end-to-end encrypted packets.`,
 				}
 				cfg.Cert = &cert
 			}
+			if cfg.ACME, err = acmeConfig(c); err != nil {
+				return err
+			}
 			g, err := gateway.New(cfg)
 			if err != nil {
 				return err
 			}
-			if err := st.WriteInfo(gateway.Info{Pin: g.Pin(), PublicAddr: cfg.PublicAddr}); err != nil {
+			info := gateway.Info{Pin: g.Pin(), PublicAddr: cfg.PublicAddr}
+			if cfg.ACME != nil {
+				info.ACMEDomain = cfg.ACME.Domain
+			}
+			if err := st.WriteInfo(info); err != nil {
 				return err
 			}
-			fmt.Fprintf(os.Stderr, "gateway certificate fingerprint: %s\nauthority: %s\n", g.Pin(), cfg.Authority)
+			if cfg.ACME != nil {
+				fmt.Fprintf(os.Stderr, "gateway certificate: from the ACME CA for %s (tokens carry no pin)\nauthority: %s\n", cfg.ACME.Domain, cfg.Authority)
+			} else {
+				fmt.Fprintf(os.Stderr, "gateway certificate fingerprint: %s\nauthority: %s\n", g.Pin(), cfg.Authority)
+			}
 			ctx, cancel := signalContext(c)
 			defer cancel()
 			if addr := c.String("metrics"); addr != "" {
@@ -321,7 +334,7 @@ it with --token-file).`,
 			if p := c.String("pin"); p != "" {
 				info.Pin = p
 			}
-			if info.Pin == "" {
+			if info.Pin == "" && info.ACMEDomain == "" {
 				return fmt.Errorf("no gateway pin in %s: pass --pin (the gateway prints its certificate fingerprint at start)", dir)
 			}
 			gw := c.String("gateway")
