@@ -5,10 +5,10 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/json"
