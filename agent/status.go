@@ -25,9 +25,15 @@ type Status struct {
 	Denied map[string]uint64 `json:"denied"`
 	// Limited counts new flows, dials, echoes and DNS queries refused
 	// because a client's or the agent's bound was hit (all clients, since
-	// start): tcp_flows, udp_flows, dials, icmp_echoes, dns_queries; and
+	// start): tcp_flows, udp_flows, dials, icmp_echoes, dns_queries (a
+	// client's bound), dns_queries_all_clients (the agent's); and
 	// gateway_requests, the gateway's requests answered "busy".
 	Limited map[string]uint64 `json:"limited"`
+	// DNS counts what the DNS forwarder for clients did (dnsfwd.Stats):
+	// queries, answered, nxdomain, servfail, other_rcode, notimp,
+	// malformed, cache_hits, cache_evicted, truncated, timeouts and
+	// mismatched (resolver replies dropped: wrong ID or question).
+	DNS map[string]uint64 `json:"dns"`
 	// Probes counts hole-punch probes: sent, refused_<reason> (candidates
 	// the agent will not probe: loopback, link_local, foreign_private, ...),
 	// limited_<budget> (probes not sent because a rate bound was hit) and
@@ -120,6 +126,11 @@ func (a *Agent) Status() Status {
 	st.Limited["dns_queries"] = dns.ClientLimited
 	st.Limited["dns_queries_all_clients"] = dns.Dropped
 	st.Drops["dns_mismatched_replies"] = dns.Mismatched
+	st.DNS = map[string]uint64{
+		"queries": dns.Queries, "answered": dns.Answered, "nxdomain": dns.NXDomain, "servfail": dns.ServFail,
+		"other_rcode": dns.Other, "notimp": dns.NotImpl, "malformed": dns.Malformed, "cache_hits": dns.CacheHits,
+		"cache_evicted": dns.CacheEvicted, "truncated": dns.Truncated, "timeouts": dns.Timeouts, "mismatched": dns.Mismatched,
+	}
 	st.Limited["gateway_requests"] = a.u.Ctrl.RequestsBusy()
 	st.Probes = a.probes.snapshot()
 	if rs := a.revoked.Load(); rs != nil {

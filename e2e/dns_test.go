@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os/exec"
@@ -155,6 +156,22 @@ func TestAgentDNSForwarder(t *testing.T) {
 		t.Error("the LAN server got no TCP query for the truncated answer")
 	}
 	t.Logf("the LAN server got %d queries over UDP, %d over TCP", office.udp.Load(), office.tcp.Load())
+
+	// The agent's status counts it: the second NXDOMAIN and the PTR over
+	// TCP came from its cache, the big TXT went back truncated.
+	ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+	raw, _, err := lab.Run(ctx, e.lab.NS.Agent, nlvpnBin, "status", "--json", "--state-dir", e.agentStateDir())
+	cancel()
+	var st struct {
+		DNS map[string]uint64 `json:"dns"`
+	}
+	if err != nil || json.Unmarshal(raw, &st) != nil {
+		t.Fatalf("agent status: %v\n%s", err, raw)
+	}
+	t.Logf("agent dns counters: %v", st.DNS)
+	if st.DNS["queries"] < 11 || st.DNS["cache_hits"] < 2 || st.DNS["truncated"] < 1 || st.DNS["nxdomain"] < 2 || st.DNS["servfail"] != 0 || st.DNS["mismatched"] != 0 {
+		t.Errorf("agent dns counters %v: want at least 11 queries, 2 cache hits, 1 truncated, 2 nxdomain; no SERVFAIL, none mismatched", st.DNS)
+	}
 
 	// The netstack client's proxy resolves names through the agent too:
 	// www.office.lan, two CNAMEs from the LAN host.

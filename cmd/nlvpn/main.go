@@ -603,6 +603,8 @@ route back from the LAN are needed. Traffic to anything not advertised is refuse
 so are this host's own addresses and link-local ones (cloud metadata) unless a --policy
 rule names them. --policy FILE decides per client (rules: allow|deny WHO DEST [PORTS]
 [PROTO], first match wins, default deny; see the README); SIGHUP reloads it.
+DNS queries to its overlay address (UDP and TCP port 53), of any type, are forwarded to
+the LAN's resolvers (--dns-server, or this host's /etc/resolv.conf) and cached.
 It reconnects to the gateway by itself.`,
 		Flags: append(nodeFlags(),
 			&cli.StringSliceFlag{Name: "advertise", Usage: "`CIDR` clients may reach (repeatable), e.g. 192.168.1.0/24"},
@@ -789,8 +791,9 @@ which only its user can open. For a client, --json prints one object with "path"
 for an agent, "sessions" (one per connected client), "drops" (packets lost inside
 the agent, by where), "denied" (new flows its policy refused, by reason, and session
 offers refused), "limited" (new flows, dials, echoes and DNS queries refused because a
-client's or the agent's bound was hit) and "probes" (hole-punch probes sent, refused and
-rate-limited); each session shows the flows its client holds and its own refusals.`,
+client's or the agent's bound was hit), "probes" (hole-punch probes sent, refused and
+rate-limited) and "dns" (what its DNS forwarder answered, from its cache or not, and
+dropped); each session shows the flows its client holds and its own refusals.`,
 		Flags: []cli.Flag{
 			stateDirFlag("nlvpn"),
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON object"},
@@ -823,6 +826,9 @@ rate-limited); each session shows the flows its client holds and its own refusal
 				}
 				if line := nonZero(st.Limited); line != "" {
 					fmt.Printf("refused at bounds: %s\n", line)
+				}
+				if line := nonZero(st.DNS); line != "" {
+					fmt.Printf("dns: %s\n", line)
 				}
 				return nil
 			}
