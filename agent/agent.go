@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -66,6 +67,10 @@ type Config struct {
 	// gateway (the CLI saves the token that worked).
 	OnUp func()
 	Log  *slog.Logger
+	// Over is how the node reaches the gateway (control.OverAuto, OverUDP,
+	// OverTCP); Proxy the HTTP proxy for TCP, or nil.
+	Over  string
+	Proxy *url.URL
 }
 
 // Agent is a running agent.
@@ -153,7 +158,7 @@ func Run(ctx context.Context, cfg Config) error {
 		punches: make(map[uint64]*underlay.Direct), live: make(map[uint64]bool)}
 
 	u, err := underlay.Open(control.Config{
-		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Advertise: cfg.Advertise,
+		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Advertise: cfg.Advertise,
 		Log: cfg.Log, OnRequest: a.onRequest, OnRevoked: a.endRevoked, OnGone: a.onGone, OnMoved: a.onMoved,
 		OnUp: func(_ context.Context, w *wire.Welcome) {
 			a.takeRevocations(w.Revocations)

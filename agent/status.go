@@ -15,6 +15,9 @@ type Status struct {
 	Role     string          `json:"role"` // "agent"
 	Name     string          `json:"name"`
 	Sessions []SessionStatus `json:"sessions"`
+	// Transport is how the agent reaches the gateway: "udp", "tcp" or
+	// "tcp via proxy HOST:PORT"; empty while disconnected.
+	Transport string `json:"transport"`
 	// Drops counts packets lost inside the agent, by where.
 	Drops map[string]uint64 `json:"drops"`
 	// Denied counts new flows (TCP SYNs, UDP datagrams, ICMP echoes) the
@@ -70,7 +73,7 @@ type SessionStatus struct {
 
 // Status reports the agent's sessions and drop counters now.
 func (a *Agent) Status() Status {
-	st := Status{Role: "agent"}
+	st := Status{Role: "agent", Transport: a.u.Ctrl.Transport()}
 	if w := a.u.Ctrl.Welcome(); w != nil {
 		st.Name = w.Name
 	}

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"net/url"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -58,6 +59,10 @@ type Config struct {
 	// Routes is what the user accepted beyond the agent's ordinary
 	// subnets (TUN mode).
 	Routes RoutePolicy
+	// Over is how the node reaches the gateway (control.OverAuto, OverUDP,
+	// OverTCP); Proxy the HTTP proxy for TCP, or nil.
+	Over  string
+	Proxy *url.URL
 	// AcceptInbound lets connections from the agent's side in through the
 	// TUN. Off: only replies to connections this machine opened come in.
 	AcceptInbound bool
@@ -145,7 +150,7 @@ func Run(ctx context.Context, cfg Config) error {
 	up := make(chan struct{}, 1)
 	moved := make(chan netip.Addr, 1)
 	u, err := underlay.Open(control.Config{
-		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Log: cfg.Log,
+		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Log: cfg.Log,
 		OnUp: func(_ context.Context, w *wire.Welcome) {
 			if mine := c.mine.Load(); mine != nil && w.Overlay != *mine {
 				// Another process with this client name holds our address

@@ -30,6 +30,9 @@ type Status struct {
 	// Drops counts packets lost inside the client, by where (the fields
 	// above and the node port's own counters).
 	Drops map[string]uint64 `json:"drops"`
+	// Transport is how the client reaches the gateway: "udp", "tcp" or
+	// "tcp via proxy HOST:PORT"; empty while disconnected.
+	Transport string `json:"transport"`
 	// RelayUDP says relay frames go as UDP datagrams to the gateway's port
 	// (false: in the gateway connection, the fallback).
 	RelayUDP bool `json:"relay_udp"`
@@ -79,6 +82,7 @@ func (c *Client) Status() Status {
 		}
 	}
 	st.RelayUDP = c.u.RelayOverUDP()
+	st.Transport = c.u.Ctrl.Transport()
 	return st
 }
 

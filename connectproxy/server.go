@@ -42,12 +42,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "no hijacking", http.StatusInternalServerError)
 		return
 	}
-	w.WriteHeader(http.StatusOK)
 	c, brw, err := hj.Hijack()
 	if err != nil {
 		return
 	}
 	defer c.Close()
+	if _, err := c.Write([]byte("HTTP/1.1 200 Connection established\r\n\r\n")); err != nil {
+		return
+	}
 	s.mu.Lock()
 	s.n++
 	s.mu.Unlock()

@@ -13,6 +13,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"net/url"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -47,9 +48,19 @@ type Config struct {
 	Pin       string // gateway certificate pin; empty: verify against the system roots
 	Token     string
 	Key       *identity.Key
-	Advertise []netip.Prefix // agents only
-	Transport *quic.Transport
+	Advertise []netip.Prefix  // agents only
+	Transport *quic.Transport // the node's UDP port
 	Log       *slog.Logger
+
+	// Over is how the node reaches the gateway: OverAuto (also ""), OverUDP
+	// or OverTCP (see dial).
+	Over string
+	// Proxy is the HTTP proxy whose CONNECT the TCP/TLS transport goes
+	// through; nil: none.
+	Proxy *url.URL
+	// DialTCP opens the TCP connections of the TCP/TLS transport (to the
+	// gateway, or to Proxy); nil: a plain net.Dialer.
+	DialTCP func(ctx context.Context, network, addr string) (net.Conn, error)
 
 	// OnRelay receives the payload of each relay frame that came in a
 	// DATAGRAM (the relay's fallback carrier); it owns pkt.
@@ -72,6 +83,13 @@ type Config struct {
 	// (agents; the list must be verified).
 	OnRevoked func(r *wire.Revoked)
 }
+
+// The ways to the gateway (Config.Over).
+const (
+	OverAuto = "auto" // UDP, and TCP/TLS too when UDP gets no answer soon
+	OverUDP  = "udp"  // QUIC on the node's UDP port only
+	OverTCP  = "tcp"  // QUIC inside a TLS stream over TCP only
+)
 
 // FatalError is a refusal by the gateway that retrying cannot fix.
 type FatalError struct {
@@ -101,6 +119,10 @@ type Client struct {
 
 	handlers     chan struct{} // slots of OnRequest calls in progress
 	requestsBusy atomic.Uint64 // requests answered "busy": all slots taken
+
+	// tcpUntil (unix nanoseconds): until then, OverAuto starts TCP at
+	// once, beside UDP, since the last connection ended up on TCP.
+	tcpUntil atomic.Int64
 }
 
 // maxRequestHandlers bounds the gateway's requests a node answers at once.
@@ -173,6 +195,7 @@ func (c *Client) run(ctx context.Context) error {
 
 type conn struct {
 	qc     *quic.Conn
+	over   string // how it reaches the gateway: "udp", "tcp", "tcp via proxy HOST:PORT"
 	stream *quic.Stream
 	ch     *wire.Channel
 	relayq chan []byte // relay frames waiting for the connection
@@ -206,27 +229,17 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	if err != nil {
 		return false, &FatalError{Code: wire.CodeBadRequest, Message: err.Error()}
 	}
-	addr, err := net.ResolveUDPAddr("udp", c.cfg.Gateway)
+	dl, err := c.dial(ctx, tc)
 	if err != nil {
 		return false, err
 	}
-	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	qc, err := c.cfg.Transport.Dial(dctx, addr, tc, QUICConfig())
-	cancel()
-	if err != nil {
-		var te *quic.TransportError
-		if errors.As(err, &te) && te.ErrorCode.IsCryptoError() {
-			// A certificate that does not match the pin will not match on retry.
-			return false, &FatalError{Code: wire.CodeBadRequest, Message: "TLS handshake with gateway failed: " + err.Error()}
-		}
-		return false, err
-	}
-	defer qc.CloseWithError(0, "bye")
+	defer dl.close()
+	qc := dl.qc
 	st, err := qc.OpenStreamSync(ctx)
 	if err != nil {
 		return false, err
 	}
-	k := &conn{qc: qc, stream: st, ch: wire.NewChannel(st), relayq: make(chan []byte, relayQueueLen)}
+	k := &conn{qc: qc, over: dl.over, stream: st, ch: wire.NewChannel(st), relayq: make(chan []byte, relayQueueLen)}
 	hello := &wire.Hello{Token: c.cfg.Token, Advertise: c.cfg.Advertise, Version: wire.ProtocolVersion}
 	if w := c.welcome.Load(); w != nil {
 		hello.Overlay = w.Overlay // keep our address across reconnects
@@ -257,7 +270,7 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	}
 	w := m.Welcome
 	c.welcome.Store(w)
-	c.log.Info("registered with gateway", "name", w.Name, "role", w.Role, "overlay", w.Overlay, "observed", w.Observed)
+	c.log.Info("registered with gateway", "name", w.Name, "role", w.Role, "overlay", w.Overlay, "observed", w.Observed, "transport", dl.over)
 
 	connCtx, cancelConn := context.WithCancel(ctx)
 	defer cancelConn()
@@ -388,8 +401,23 @@ const relayQueueLen = 512
 // ErrRelayFull is returned by SendRelayDatagram when the relay queue is full.
 var ErrRelayFull = errors.New("relay queue full")
 
+// Transport says how the node reaches the gateway now: "udp", "tcp" or
+// "tcp via proxy HOST:PORT"; empty while disconnected.
+func (c *Client) Transport() string {
+	if c == nil {
+		return ""
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cur == nil {
+		return ""
+	}
+	return c.cur.over
+}
+
 // GatewayAddr is the address of the gateway the node is connected to now,
-// as the connection's packets go to it; not valid while disconnected.
+// as the connection's packets go to it; not valid while disconnected or
+// over TCP (relay frames then ride the connection: UDP does not pass).
 func (c *Client) GatewayAddr() netip.AddrPort {
 	c.mu.Lock()
 	k := c.cur

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+
+	"github.com/nlvpn/nlvpn/tcplink"
 )
 
 // Defaults for the limits on unauthenticated connections (Config's
@@ -81,11 +83,16 @@ func newAdmission(cfg Config, on func(reason, net.Addr)) *admission {
 // IPv6 /64, since one host is routinely given a whole /64 and could
 // otherwise use a fresh address for every connection.
 func sourceOf(addr net.Addr) netip.Prefix {
-	ua, ok := addr.(*net.UDPAddr)
-	if !ok {
+	var ip netip.Addr
+	switch a := addr.(type) {
+	case *net.UDPAddr:
+		ip = a.AddrPort().Addr()
+	case tcplink.Addr:
+		ip = a.TCP().Addr()
+	default:
 		return netip.Prefix{}
 	}
-	ip := ua.AddrPort().Addr().Unmap().WithZone("")
+	ip = ip.Unmap().WithZone("")
 	if ip.Is4() {
 		return netip.PrefixFrom(ip, 32)
 	}
@@ -97,6 +104,9 @@ func sourceOf(addr net.Addr) netip.Prefix {
 // without a valid token, it says whether to answer with a Retry instead of
 // starting a handshake.
 func (a *admission) needRetry(addr net.Addr) bool {
+	if _, ok := addr.(tcplink.Addr); ok {
+		return false // TCP's handshake proved the address already
+	}
 	s := sourceOf(addr)
 	a.mu.Lock()
 	retry := a.n >= a.retryAbove
@@ -123,6 +133,10 @@ var (
 // closes or its node is admitted (ticket.release).
 func (a *admission) admit(ctx context.Context, ci *quic.ClientInfo) (context.Context, error) {
 	s := sourceOf(ci.RemoteAddr)
+	verified := ci.AddrVerified
+	if _, ok := ci.RemoteAddr.(tcplink.Addr); ok {
+		verified = true // by TCP's handshake
+	}
 	a.mu.Lock()
 	if a.n >= a.total {
 		a.mu.Unlock()
@@ -136,14 +150,14 @@ func (a *admission) admit(ctx context.Context, ci *quic.ClientInfo) (context.Con
 	// An unproven connection needs a free slot. A proven one (it echoed a
 	// Retry token) needs only fewer proven connections than the limit: the
 	// pending ones may be spoofed by someone locking that source out.
-	if (ci.AddrVerified && c.proven >= a.perSource) || (!ci.AddrVerified && c.pending+c.proven >= a.perSource) {
+	if (verified && c.proven >= a.perSource) || (!verified && c.pending+c.proven >= a.perSource) {
 		a.mu.Unlock()
 		a.on(reasonPerSourceLimit, ci.RemoteAddr)
 		return nil, errTooManyFromSource
 	}
 	a.src[s] = c
 	a.n++
-	t := &ticket{a: a, src: s, proven: ci.AddrVerified}
+	t := &ticket{a: a, src: s, proven: verified}
 	if t.proven {
 		c.proven++
 	} else {
@@ -260,6 +274,11 @@ const (
 	// reasonUnexpectedMessage is a registered node's message the gateway
 	// does not take from it (a node may spam them; one line per window).
 	reasonUnexpectedMessage
+	// Over TCP, before a QUIC connection exists (tcplink): a TLS
+	// handshake that failed or ran out of time, a stream that brought no
+	// registered node in time.
+	reasonTCPHandshake
+	reasonTCPNotAdmitted
 	numReasons
 )
 
@@ -278,6 +297,8 @@ var reasonNames = [numReasons]string{
 	reasonNoOverlay:         "no_overlay",
 	reasonNameInUse:         "name_in_use",
 	reasonUnexpectedMessage: "unexpected_message",
+	reasonTCPHandshake:      "tcp_tls_handshake",
+	reasonTCPNotAdmitted:    "tcp_not_admitted",
 }
 
 func (r reason) String() string { return reasonNames[r] }

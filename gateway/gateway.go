@@ -26,6 +26,7 @@ import (
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/relay"
+	"github.com/nlvpn/nlvpn/tcplink"
 	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/udpbatch"
 	"github.com/nlvpn/nlvpn/wire"
@@ -36,6 +37,10 @@ type Config struct {
 	State *State
 	// Listen is the UDP address to serve QUIC on, e.g. ":4433".
 	Listen string
+	// ListenTCP is the TCP address where nodes whose UDP does not pass
+	// reach the same service, QUIC inside TLS (tcplink). Empty: Listen's
+	// host and the UDP port's number; "off": none.
+	ListenTCP string
 	// PublicAddr is how nodes reach the gateway (host:port), put in tokens.
 	PublicAddr string
 	// Authority is the public key that nodes' credentials must be signed
@@ -82,6 +87,7 @@ type Gateway struct {
 	refusals [numReasons]atomic.Uint64 // connections turned away before registration, by reason
 	logLimit *logLimiter               // of the refusals' log lines
 	addr     atomic.Pointer[net.UDPAddr]
+	tcp      atomic.Pointer[tcplink.Mux]   // the TCP/TLS listener, once Run has started it
 	frameIO  atomic.Pointer[udpbatch.Conn] // the frame socket, once Run has started
 }
 
@@ -258,29 +264,122 @@ func (g *Gateway) Run(ctx context.Context) error {
 		return err
 	}
 	defer ln.Close()
-	g.log.Info("gateway listening", "addr", uc.LocalAddr().String(), "public_addr", g.cfg.PublicAddr, "pin", g.pin)
+	tln, tcpAddr, err := g.listenTCP(ctx, &rk)
+	if err != nil {
+		return err
+	}
+	g.log.Info("gateway listening", "addr", uc.LocalAddr().String(), "tcp", tcpAddr, "public_addr", g.cfg.PublicAddr, "pin", g.pin)
 	go func() {
 		<-ctx.Done()
 		ln.Close()
+		if tln != nil {
+			tln.Close()
+		}
 	}()
 	go g.followAddresses(ctx)
 	go g.watchRevocations(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	for {
-		qc, err := ln.Accept(ctx)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
+	accept := func(ln *quic.Listener) error {
+		for {
+			qc, err := ln.Accept(ctx)
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return err
 			}
-			return err
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				g.serve(ctx, qc)
+			}()
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			g.serve(ctx, qc)
-		}()
 	}
+	if tln != nil {
+		tcpDone := make(chan error, 1)
+		go func() { tcpDone <- accept(tln) }()
+		defer func() { tln.Close(); <-tcpDone }()
+	}
+	return accept(ln)
+}
+
+// listenTCP serves the node connections over TCP too: the same QUIC
+// connections, each inside a TLS stream (tcplink), for nodes whose
+// network lets no UDP through. The streams go through the same admission
+// as UDP: tcplink bounds them before their QUIC connection exists (TLS
+// deadline, per-source and total counts of streams not yet admitted), the
+// admission after. It returns a nil listener if TCP is off. The listener
+// and what is under it close when ctx ends.
+func (g *Gateway) listenTCP(ctx context.Context, rk *quic.StatelessResetKey) (*quic.Listener, string, error) {
+	addr := g.cfg.ListenTCP
+	if addr == "off" {
+		return nil, "off", nil
+	}
+	if addr == "" {
+		host, _, err := net.SplitHostPort(g.cfg.Listen)
+		if err != nil {
+			return nil, "", fmt.Errorf("listen address %q: %w", g.cfg.Listen, err)
+		}
+		addr = net.JoinHostPort(host, fmt.Sprint(g.Addr().Port))
+	}
+	tl, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, "", fmt.Errorf("listen on TCP %s (--listen-tcp): %w", addr, err)
+	}
+	mux := tcplink.Listen(tl, tcplink.MuxConfig{
+		TLS:                 &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{g.cert}, NextProtos: []string{wire.ALPNGatewayTCP}},
+		MaxPendingPerSource: g.adm.perSource, MaxPending: g.adm.total,
+		OnRefuse: func(r tcplink.Refusal, from netip.AddrPort) {
+			reason, msg := tcpRefusals[r].reason, tcpRefusals[r].msg
+			g.refused(g.log, slog.LevelInfo, reason, msg, "remote", "tcp/"+from.String())
+		},
+	})
+	g.tcp.Store(mux)
+	tr := &quic.Transport{Conn: mux, StatelessResetKey: rk,
+		VerifySourceAddress: g.adm.needRetry,
+		ConnContext:         g.adm.admit,
+	}
+	ln, err := tr.Listen(identity.ServerTLS(g.cert, wire.ALPNGateway), gatewayQUICConfig())
+	if err != nil {
+		tr.Close()
+		mux.Close()
+		return nil, "", err
+	}
+	context.AfterFunc(ctx, func() {
+		ln.Close()
+		tr.Close()
+		mux.Close()
+	})
+	return ln, tl.Addr().String(), nil
+}
+
+// tcpRefusals names tcplink's refusals as the gateway counts them.
+var tcpRefusals = map[tcplink.Refusal]struct {
+	reason reason
+	msg    string
+}{
+	tcplink.RefusedPerSource:   {reasonPerSourceLimit, "too many unauthenticated connections from one source; refusing more"},
+	tcplink.RefusedTotal:       {reasonTotalLimit, "too many unauthenticated connections; refusing more"},
+	tcplink.RefusedHandshake:   {reasonTCPHandshake, "TLS handshake over TCP failed or timed out"},
+	tcplink.RefusedNotAdmitted: {reasonTCPNotAdmitted, "TCP connection carried no registered node in time"},
+}
+
+// TCPAddr is the TCP address the gateway listens on, once Run has started
+// (nil if TCP is off).
+func (g *Gateway) TCPAddr() net.Addr {
+	if m := g.tcp.Load(); m != nil {
+		return m.ListenAddr()
+	}
+	return nil
+}
+
+// TCPStats reports the TCP/TLS streams' counters.
+func (g *Gateway) TCPStats() tcplink.Stats {
+	if m := g.tcp.Load(); m != nil {
+		return m.Stats()
+	}
+	return tcplink.Stats{}
 }
 
 // gatewayQUICConfig is control.QUICConfig as the gateway listens with it. A
@@ -330,6 +429,22 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	// On shutdown, close every node connection so each serve returns.
 	stop := context.AfterFunc(ctx, func() { qc.CloseWithError(0, "gateway shutting down") })
 	defer stop()
+	// Over TCP, the stream ends with the connection, and the connection
+	// with the stream.
+	tcp := g.tcp.Load()
+	if _, ok := qc.RemoteAddr().(tcplink.Addr); !ok {
+		tcp = nil
+	}
+	if tcp != nil {
+		defer tcp.CloseAddr(qc.RemoteAddr())
+		go func() {
+			select {
+			case <-tcp.Done(qc.RemoteAddr()):
+				qc.CloseWithError(0, "TCP stream closed")
+			case <-qc.Context().Done():
+			}
+		}()
+	}
 	// Until its node is admitted the connection holds an unauthenticated
 	// slot (admission); closing it gives the slot back too.
 	slot := ticketOf(qc)
@@ -404,12 +519,18 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	// revoked or copied token verifies but stays counted as a stranger
 	// until its refusal closes the connection.)
 	slot.release()
+	if tcp != nil {
+		tcp.Admitted(qc.RemoteAddr())
+	}
 	n := &node{name: claims.Name, role: claims.Role, key: key, claims: claims, cred: m.Hello.Token, qc: qc, ch: wire.NewChannel(st),
 		inflight: make(chan struct{}, maxInflightConnects), routes: make(map[string]uint64)}
 	defer n.ch.Close() // fails requests still waiting on this node
 	log = log.With("role", n.role, "name", n.name)
 	// The relay peer exists before the node is findable (g.agents, g.live):
-	// a connect may use it from then on.
+	// a connect may use it from then on. A node over TCP has no observed
+	// address: its TCP mapping says nothing of where UDP would reach it,
+	// so its peers probe none (and relay frames to it ride its
+	// connection).
 	var observed netip.AddrPort
 	if ua, ok := qc.RemoteAddr().(*net.UDPAddr); ok {
 		observed = ua.AddrPort()
@@ -759,4 +880,12 @@ func (g *Gateway) followAddresses(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// tcpStreams is the number of TCP/TLS streams open now.
+func (g *Gateway) tcpStreams() int {
+	if m := g.tcp.Load(); m != nil {
+		return m.Streams()
+	}
+	return 0
 }

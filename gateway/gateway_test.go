@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"net/url"
 	"os"
 	"runtime"
 	"strings"
@@ -127,6 +128,9 @@ type nodeOpts struct {
 	advertise []netip.Prefix
 	pin       string // "": the gateway's
 	onRequest func(ctx context.Context, m *wire.Message) *wire.Message
+	over      string   // control.Config.Over
+	proxy     *url.URL // control.Config.Proxy
+	gateway   string   // "": the gateway's UDP address
 }
 
 // testNode is a control.Client with its own UDP socket.
@@ -179,8 +183,13 @@ func startNode(t *testing.T, tg *testGateway, o nodeOpts) *testNode {
 	if onRequest == nil {
 		onRequest = n.acceptOffers
 	}
+	gw := o.gateway
+	if gw == "" {
+		gw = tg.g.Addr().String()
+	}
 	n.c = control.New(control.Config{
-		Gateway: tg.g.Addr().String(), Pin: pin, Token: cred, Key: key, Advertise: o.advertise,
+		Over: o.over, Proxy: o.proxy,
+		Gateway: gw, Pin: pin, Token: cred, Key: key, Advertise: o.advertise,
 		Transport: n.tr, Log: quietLog(),
 		OnRelay: func(id uint64, pkt []byte) {
 			select {

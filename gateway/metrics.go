@@ -40,6 +40,12 @@ func (g *Gateway) Handler() http.Handler {
 		}
 		fmt.Fprintf(w, "# TYPE nlvpn_gateway_retries_total counter\nnlvpn_gateway_retries_total %d\n", g.adm.retries.Load())
 		fmt.Fprintf(w, "# TYPE nlvpn_gateway_unauthenticated gauge\nnlvpn_gateway_unauthenticated %d\n", g.adm.unauthenticated())
+		ts := g.TCPStats()
+		fmt.Fprintf(w, "# TYPE nlvpn_gateway_tcp_streams gauge\nnlvpn_gateway_tcp_streams %d\n", g.tcpStreams())
+		fmt.Fprintf(w, "# TYPE nlvpn_gateway_tcp_dropped_total counter\n")
+		fmt.Fprintf(w, "nlvpn_gateway_tcp_dropped_total{reason=\"queue_full\"} %d\nnlvpn_gateway_tcp_dropped_total{reason=\"no_stream\"} %d\n", ts.DropQueueFull, ts.DropNoStream)
+		fmt.Fprintf(w, "# TYPE nlvpn_gateway_tcp_closed_total counter\n")
+		fmt.Fprintf(w, "nlvpn_gateway_tcp_closed_total{reason=\"bad_frame\"} %d\nnlvpn_gateway_tcp_closed_total{reason=\"write_timeout\"} %d\n", ts.BadFrames, ts.WriteTimeouts)
 		sort.Slice(s.Sessions, func(i, j int) bool { return s.Sessions[i].ID < s.Sessions[j].ID })
 		fmt.Fprintf(w, "# TYPE nlvpn_relay_session_bytes_total counter\n")
 		for _, r := range s.Sessions {

@@ -186,6 +186,18 @@ func MarkSocket(c *net.UDPConn) error {
 	return serr
 }
 
+// MarkDialer is a net.Dialer's Control that sets SO_MARK as MarkSocket
+// does, for the node's TCP connections (the gateway over TCP, a proxy).
+func MarkDialer(_, _ string, c syscall.RawConn) error {
+	var serr error
+	if err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, Mark)
+	}); err != nil {
+		return err
+	}
+	return serr
+}
+
 func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"syscall"
 )
 
 // Configure is not yet written for this OS.
@@ -16,3 +17,6 @@ func Configure(cfg Config) (Undo, []netip.Prefix, error) {
 
 // MarkSocket is not needed without the TUN mode.
 func MarkSocket(c *net.UDPConn) error { return nil }
+
+// MarkDialer does nothing here.
+func MarkDialer(_, _ string, _ syscall.RawConn) error { return nil }

@@ -70,3 +70,10 @@ func (k *Conn) SetWriteDeadline(time.Time) error { return nil }
 
 // Stats reports the stream's counters.
 func (k *Conn) Stats() Stats { return k.cnt.stats() }
+
+// SetReadBuffer and SetWriteBuffer are accepted and do nothing (quic-go
+// asks for large socket buffers): the stream's queues are tcplink's own.
+func (k *Conn) SetReadBuffer(int) error { return nil }
+
+// SetWriteBuffer: see SetReadBuffer.
+func (k *Conn) SetWriteBuffer(int) error { return nil }

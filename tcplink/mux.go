@@ -340,3 +340,10 @@ func (m *Mux) SetWriteDeadline(time.Time) error { return nil }
 
 // Stats reports the counters of all streams.
 func (m *Mux) Stats() Stats { return m.cnt.stats() }
+
+// SetReadBuffer and SetWriteBuffer are accepted and do nothing (quic-go
+// asks for large socket buffers): the stream's queues are tcplink's own.
+func (m *Mux) SetReadBuffer(int) error { return nil }
+
+// SetWriteBuffer: see SetReadBuffer.
+func (m *Mux) SetWriteBuffer(int) error { return nil }

@@ -117,6 +117,16 @@ func open(cfg control.Config, udp, frames *net.UDPConn) (u *Underlay, err error)
 		}
 	}
 	cfg.OnRelay = func(id uint64, pkt []byte) { u.Conn.Deliver(id, pkt) }
+	if cfg.DialTCP == nil {
+		// The gateway over TCP bypasses the tunnel's routes as the port does.
+		cfg.DialTCP = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			d := &net.Dialer{}
+			if u.marked.Load() {
+				d.Control = platform.MarkDialer
+			}
+			return d.DialContext(ctx, network, addr)
+		}
+	}
 	u.Ctrl = control.New(cfg)
 	u.gwAddr = u.Ctrl.GatewayAddr
 	u.Conn = session.NewConn(relayPath{u})

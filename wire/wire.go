@@ -17,7 +17,10 @@ import (
 // ALPN protocol names.
 const (
 	ALPNGateway = "nlvpn-gw/1"
-	ALPNPeer    = "nlvpn-peer/1"
+	// ALPNGatewayTCP is the TLS stream over TCP that carries a node's
+	// gateway connection where UDP does not pass (tcplink).
+	ALPNGatewayTCP = "nlvpn-gw-tcp/1"
+	ALPNPeer       = "nlvpn-peer/1"
 )
 
 // OverlayPrefix is the range of overlay addresses (RFC 6598 shared address

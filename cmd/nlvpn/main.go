@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -23,6 +24,8 @@ import (
 	"github.com/nlvpn/nlvpn/agent"
 	"github.com/nlvpn/nlvpn/client"
 	"github.com/nlvpn/nlvpn/config"
+	"github.com/nlvpn/nlvpn/connectproxy"
+	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/gateway"
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/netstack"
@@ -160,6 +163,7 @@ and renews it: its tokens carry no pin, nodes check the certificate's chain and 
 The gateway relays only end-to-end encrypted packets.`,
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: ":4433", Usage: "UDP address to listen on"},
+			&cli.StringFlag{Name: "listen-tcp", Usage: "TCP `ADDR` where nodes whose UDP is blocked reach the gateway (QUIC inside TLS); default: --listen's host and port number; off: none"},
 			stateDirFlag("nlvpn-gw"),
 			&cli.StringFlag{Name: "public-addr", Usage: "HOST:PORT nodes use to reach this gateway; put into tokens"},
 			&cli.StringFlag{Name: "cert", Usage: "TLS certificate file (PEM) instead of the self-signed one"},
@@ -186,7 +190,7 @@ The gateway relays only end-to-end encrypted packets.`,
 			if err != nil {
 				return err
 			}
-			cfg := gateway.Config{State: st, Listen: c.String("listen"), PublicAddr: c.String("public-addr"), Log: slog.Default(),
+			cfg := gateway.Config{State: st, Listen: c.String("listen"), ListenTCP: c.String("listen-tcp"), PublicAddr: c.String("public-addr"), Log: slog.Default(),
 				MaxUnauthPerSource: c.Int("max-unauth-per-source"), MaxUnauth: c.Int("max-unauth"), RetryAbove: c.Int("retry-above")}
 			if a := c.String("authority"); a != "" {
 				if cfg.Authority, err = identity.ParsePublicKey(a); err != nil {
@@ -481,6 +485,8 @@ func nodeFlags() []cli.Flag {
 		&cli.StringFlag{Name: "gateway", Usage: "gateway HOST:PORT, overriding the token's (or NLVPN_GATEWAY, or gateway = in the config file)", EnvVars: []string{"NLVPN_GATEWAY"}},
 		stateDirFlag("nlvpn"),
 		&cli.StringFlag{Name: "config", Usage: "config file (default: STATE-DIR/config)", EnvVars: []string{"NLVPN_CONFIG"}},
+		&cli.StringFlag{Name: "transport", Value: control.OverAuto, Usage: "how to reach the gateway: auto (UDP; TCP/TLS to the same port number too if UDP gets no answer within 2.5 s), udp, or tcp", EnvVars: []string{"NLVPN_TRANSPORT"}},
+		&cli.StringFlag{Name: "proxy", Usage: "reach the gateway over TCP through the HTTP proxy at `URL` (http://[user:pass@]host:port, CONNECT); default: HTTPS_PROXY/https_proxy, honouring NO_PROXY; none: no proxy"},
 	}
 }
 
@@ -493,6 +499,8 @@ type nodeSetup struct {
 	claims     *token.Claims
 	gateway    string
 	key        *identity.Key
+	over       string   // --transport
+	proxy      *url.URL // --proxy or the environment's; nil: none
 	tokenFrom  tokenSource
 	tokenKey   string // where the config file keeps this role's token
 }
@@ -565,6 +573,25 @@ func setupNode(c *cli.Context, role string) (*nodeSetup, error) {
 	}
 	if _, _, err := net.SplitHostPort(ns.gateway); err != nil {
 		return nil, fmt.Errorf("gateway address %q: want HOST:PORT", ns.gateway)
+	}
+	switch ns.over = c.String("transport"); ns.over {
+	case control.OverAuto, control.OverUDP, control.OverTCP:
+	default:
+		return nil, fmt.Errorf("--transport %q: want auto, udp or tcp", ns.over)
+	}
+	switch p := c.String("proxy"); p {
+	case "none":
+	case "":
+		if ns.proxy, err = connectproxy.FromEnvironment(ns.gateway); err != nil {
+			return nil, fmt.Errorf("HTTPS_PROXY: %w", err)
+		}
+	default:
+		if ns.proxy, err = connectproxy.Parse(p); err != nil {
+			return nil, fmt.Errorf("--proxy: %w", err)
+		}
+	}
+	if ns.proxy != nil && ns.over == control.OverUDP {
+		return nil, errors.New("--proxy (or HTTPS_PROXY) goes with --transport auto or tcp: a proxy carries TCP only")
 	}
 	return ns, nil
 }
@@ -656,7 +683,7 @@ It reconnects to the gateway by itself.`,
 			defer cancel()
 			return agent.Run(ctx, agent.Config{
 				Policy:  pol,
-				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv,
+				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv, Over: ns.over, Proxy: ns.proxy,
 				AllowLoopback: c.Bool("allow-loopback"),
 				DNSDomains:    domains,
 				DNSServers:    dnsServers,
@@ -740,7 +767,7 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 				Netstack: nsCfg,
 				Mode:     mode, DirectTimeout: c.Duration("direct-timeout"),
 				StatusSocket: filepath.Join(ns.stateDir, "status.sock"),
-				Gateway:      ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"),
+				Gateway:      ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"), Over: ns.over, Proxy: ns.proxy,
 				KnownAgents: filepath.Join(ns.stateDir, "known_agents"), TunName: c.String("tun"),
 				ConnectTimeout: c.Duration("connect-timeout"),
 				WaitAgent:      c.Duration("wait"),
@@ -816,7 +843,7 @@ dropped); each session shows the flows its client holds and its own refusals.`,
 				if err := json.Unmarshal(raw, &st); err != nil {
 					return fmt.Errorf("reading status: %w", err)
 				}
-				fmt.Printf("agent:    %s\nclients:  %d\n", st.Name, len(st.Sessions))
+				fmt.Printf("agent:    %s\ngateway:  over %s\nclients:  %d\n", st.Name, orNone(st.Transport), len(st.Sessions))
 				for _, s := range st.Sessions {
 					fmt.Printf("  %s  session %s  %s %s  rtt %.2f ms  tx %d  rx %d bytes  flows tcp %d udp %d\n", s.Client, s.Session, s.Path, s.Remote, s.RTTMillis, s.TxBytes, s.RxBytes,
 						s.Flows["tcp_flows"], s.Flows["udp_flows"])
@@ -836,8 +863,8 @@ dropped); each session shows the flows its client holds and its own refusals.`,
 			if err := json.Unmarshal(raw, &st); err != nil {
 				return fmt.Errorf("reading status: %w", err)
 			}
-			fmt.Printf("agent:    %s\npath:     %s\nremote:   %s\nrtt:      %.2f ms\ntx:       %d bytes\nrx:       %d bytes\nswitched: %s ago\n",
-				st.Agent, st.Path, st.Remote, st.RTTMillis, st.TxBytes, st.RxBytes, time.Duration(st.SinceSwitchS*float64(time.Second)).Round(time.Second))
+			fmt.Printf("agent:    %s\npath:     %s\nremote:   %s\nrtt:      %.2f ms\ntx:       %d bytes\nrx:       %d bytes\nswitched: %s ago\ngateway:  over %s\n",
+				st.Agent, st.Path, st.Remote, st.RTTMillis, st.TxBytes, st.RxBytes, time.Duration(st.SinceSwitchS*float64(time.Second)).Round(time.Second), orNone(st.Transport))
 			return nil
 		},
 	}
