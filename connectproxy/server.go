@@ -1,6 +1,7 @@
 package connectproxy
 
 import (
+	"context"
 	"io"
 	"log/slog"
 	"net"
@@ -14,8 +15,10 @@ import (
 // address, without authentication, and answers everything else 405.
 type Server struct {
 	Log *slog.Logger
-	mu  sync.Mutex
-	n   int // tunnels opened
+	// Dial opens the connection to the target; nil: net.Dialer.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	mu   sync.Mutex
+	n    int // tunnels opened
 }
 
 // Tunnels is the number of CONNECT tunnels the server opened.
@@ -31,7 +34,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "CONNECT only", http.StatusMethodNotAllowed)
 		return
 	}
-	up, err := net.DialTimeout("tcp", r.Host, 10*time.Second)
+	dial := s.Dial
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	up, err := dial(ctx, "tcp", r.Host)
+	cancel()
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadGateway)
 		return
@@ -64,7 +73,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			up.Write(b)
 		}
 		io.Copy(up, c)
-		up.(*net.TCPConn).CloseWrite()
+		if tc, ok := up.(*net.TCPConn); ok {
+			tc.CloseWrite()
+		}
 		done <- struct{}{}
 	}()
 	go func() {

@@ -293,6 +293,9 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	if c.cfg.OnUp != nil {
 		go c.cfg.OnUp(connCtx, w)
 	}
+	if (c.cfg.Over == OverAuto || c.cfg.Over == "") && dl.over != OverUDP {
+		go c.tryUDPAgain(connCtx, tc, qc)
+	}
 	go c.readRelay(connCtx, qc)
 	go c.sendRelay(connCtx, k)
 	return true, c.readControl(connCtx, k)

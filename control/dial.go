@@ -29,6 +29,45 @@ const (
 	dialTimeout      = 10 * time.Second
 )
 
+// While OverAuto holds a connection over TCP, it checks now and then
+// whether UDP passes again (the node moved to a better network, or UDP
+// only failed while the gateway restarted): a QUIC handshake over UDP that
+// is closed at once, first udpRetryFirst in, then twice as long each time,
+// up to udpRetryMax.
+const (
+	udpRetryFirst = 10 * time.Second
+	udpRetryMax   = 5 * time.Minute
+	udpRetryWait  = 3 * time.Second // for the check's handshake
+)
+
+// tryUDPAgain runs the checks until ctx ends; when one gets through it
+// closes cur, the connection over TCP: the reconnect then goes over UDP.
+func (c *Client) tryUDPAgain(ctx context.Context, tc *tls.Config, cur *quic.Conn) {
+	wait := udpRetryFirst
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		addr, err := net.ResolveUDPAddr("udp", c.cfg.Gateway)
+		if err == nil {
+			pctx, cancel := context.WithTimeout(ctx, udpRetryWait)
+			var qc *quic.Conn
+			qc, err = c.cfg.Transport.Dial(pctx, addr, tc, QUICConfig())
+			cancel()
+			if err == nil {
+				qc.CloseWithError(0, "only checking that UDP passes")
+				c.tcpUntil.Store(0)
+				c.log.Info("UDP to the gateway passes again; moving the gateway connection back to UDP")
+				cur.CloseWithError(0, "moving to UDP")
+				return
+			}
+		}
+		wait = min(2*wait, udpRetryMax)
+	}
+}
+
 // dialed is a QUIC connection to the gateway and what carries it.
 type dialed struct {
 	qc    *quic.Conn

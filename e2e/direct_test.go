@@ -29,6 +29,8 @@ type status struct {
 	// as UDP frames to the gateway's port.
 	Session  string `json:"session"`
 	RelayUDP bool   `json:"relay_udp"`
+	// Transport is how the client reaches the gateway (udp, tcp, ...).
+	Transport string `json:"transport"`
 }
 
 func (e *env) clientStateDir() string { return filepath.Join(e.dir, "client") }

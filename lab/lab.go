@@ -615,3 +615,49 @@ func (l *Lab) rebind(ctx context.Context, ns string) error {
 	}
 	return Do(ns, func() error { return netlink.ConntrackTableFlush(netlink.ConntrackTable) })
 }
+
+// ClientLANGateway is the client NAT's address on the client's LAN, where
+// a test may run a service of the client's network (an HTTP proxy).
+func (l *Lab) ClientLANGateway() netip.Addr { return cliLANGW }
+
+// BlockClientUDP makes the client's network one that lets only TCP out:
+// its NAT drops every UDP packet it would forward from the client's LAN.
+// UnblockClientUDP undoes it. Needs a client NAT (not SameLAN).
+func (l *Lab) BlockClientUDP(ctx context.Context) error {
+	if l.NS.ClientNAT == "" || l.Opts.SameLAN {
+		return errors.New("BlockClientUDP needs a client NAT of its own")
+	}
+	return l.nft(ctx, l.NS.ClientNAT, `table ip nvudp {
+	chain forward {
+		type filter hook forward priority -10; policy accept;
+		iifname "lan0" meta l4proto udp drop
+	}
+}
+`)
+}
+
+// UnblockClientUDP undoes BlockClientUDP.
+func (l *Lab) UnblockClientUDP(ctx context.Context) error {
+	return l.nft(ctx, l.NS.ClientNAT, "delete table ip nvudp\n")
+}
+
+// ClientOnlyProxy makes the client's network one whose only way out is a
+// proxy on its NAT: nothing from the client's LAN is forwarded, and the NAT
+// itself takes only TCP to port from it.
+func (l *Lab) ClientOnlyProxy(ctx context.Context, port uint16) error {
+	if l.NS.ClientNAT == "" || l.Opts.SameLAN {
+		return errors.New("ClientOnlyProxy needs a client NAT of its own")
+	}
+	return l.nft(ctx, l.NS.ClientNAT, fmt.Sprintf(`table ip nvproxy {
+	chain forward {
+		type filter hook forward priority -10; policy accept;
+		iifname "lan0" drop
+	}
+	chain input {
+		type filter hook input priority -10; policy accept;
+		iifname "lan0" tcp dport %d accept
+		iifname "lan0" drop
+	}
+}
+`, port))
+}
