@@ -123,6 +123,8 @@ type Client struct {
 	// tcpUntil (unix nanoseconds): until then, OverAuto starts TCP at
 	// once, beside UDP, since the last connection ended up on TCP.
 	tcpUntil atomic.Int64
+	// udpWorked: the last connection was over UDP.
+	udpWorked atomic.Bool
 }
 
 // maxRequestHandlers bounds the gateway's requests a node answers at once.

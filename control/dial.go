@@ -18,13 +18,19 @@ import (
 
 // How OverAuto chooses. UDP goes first; if its handshake has no answer
 // within tcpFallbackAfter (an honest gateway answers in one round trip),
-// TCP/TLS starts beside it and whichever connects first is kept. Once TCP
+// TCP/TLS starts beside it and whichever connects first is kept. If the
+// last connection was over UDP, TCP waits udpWorkedAfter instead: a
+// gateway that restarts is back within a few seconds, and UDP's next
+// retransmission (quic-go doubles its wait: about 1.4 s, then 3 s in)
+// should win then, not a TCP dial that happens to start just after the
+// restart. Once TCP
 // won, reconnects within rememberTCP start both at once: no wait on a
 // network that blocks UDP, and UDP still wins where it passes again (it
 // needs fewer round trips), which brings a node that moved to a better
 // network back to UDP.
 const (
 	tcpFallbackAfter = 2500 * time.Millisecond
+	udpWorkedAfter   = 5 * time.Second
 	rememberTCP      = 10 * time.Minute
 	dialTimeout      = 10 * time.Second
 )
@@ -59,6 +65,7 @@ func (c *Client) tryUDPAgain(ctx context.Context, tc *tls.Config, cur *quic.Conn
 			if err == nil {
 				qc.CloseWithError(0, "only checking that UDP passes")
 				c.tcpUntil.Store(0)
+				c.udpWorked.Store(true)
 				c.log.Info("UDP to the gateway passes again; moving the gateway connection back to UDP")
 				cur.CloseWithError(0, "moving to UDP")
 				return
@@ -87,6 +94,9 @@ func (c *Client) dial(ctx context.Context, tc *tls.Config) (*dialed, error) {
 		return nil, &FatalError{Code: wire.CodeBadRequest, Message: fmt.Sprintf("unknown transport %q (auto, udp or tcp)", c.cfg.Over)}
 	}
 	after := tcpFallbackAfter
+	if c.udpWorked.Load() {
+		after = udpWorkedAfter
+	}
 	if time.Now().UnixNano() < c.tcpUntil.Load() {
 		after = 0
 	}
@@ -139,6 +149,7 @@ func (c *Client) dial(ctx context.Context, tc *tls.Config) (*dialed, error) {
 						}
 					}()
 				}
+				c.udpWorked.Store(r.d.over == OverUDP)
 				if r.d.over == OverUDP {
 					c.tcpUntil.Store(0)
 				} else {

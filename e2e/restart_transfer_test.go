@@ -10,7 +10,8 @@ import (
 // TestTransferSurvivesGatewayRestart keeps one TCP connection (a slow
 // download) open on the relay while the gateway restarts: the end-to-end
 // session resumes over the new relay route, so the connection inside it
-// carries on and the download completes intact.
+// carries on and the download completes intact, and the client stays on
+// UDP.
 func TestTransferSurvivesGatewayRestart(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, coneCone, true, relayOnly...)
@@ -27,5 +28,10 @@ func TestTransferSurvivesGatewayRestart(t *testing.T) {
 		}
 	case <-time.After(150 * time.Second):
 		t.Fatal("the download did not finish")
+	}
+	// UDP works here: the reconnect after the restart must not have moved
+	// the gateway connection to the TCP fallback.
+	if st, err := e.status(t); err != nil || st.Transport != "udp" {
+		t.Fatalf("after the gateway restart the client reaches it over %q (%v), want udp", st.Transport, err)
 	}
 }
