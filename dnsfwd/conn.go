@@ -76,9 +76,9 @@ func (f *Forwarder) ServeStream(c net.Conn, client netip.Addr) {
 	defer c.Close()
 	for range 1 << 16 { // bounded; a client reconnects for more
 		_ = c.SetDeadline(time.Now().Add(tcpIdle))
-		q, err := readFramed(c)
+		q, err := readFramed(c, maxQuery)
 		if err != nil {
-			if errors.Is(err, errShortMessage) {
+			if errors.Is(err, errBadLength) {
 				f.malformed.Add(1)
 			}
 			return

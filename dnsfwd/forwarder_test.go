@@ -586,13 +586,21 @@ func TestStreamConn(t *testing.T) {
 			t.Fatalf("query %d: %+v %v", i, m.Header, err)
 		}
 	}
-	// A message shorter than a header ends the connection, counted.
+	// A message shorter than a header ends the connection, counted; so
+	// does one longer than any query, before it is read.
 	c.Write([]byte{0, 3, 1, 2, 3})
 	if _, err := c.Read(make([]byte, 10)); err == nil {
 		t.Error("connection still open after garbage")
 	}
-	if f.Stats().Malformed != 1 {
-		t.Errorf("malformed %d, want 1", f.Stats().Malformed)
+	c = f.StreamConn(netip.MustParseAddr("100.64.0.9"))
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.Write([]byte{0xff, 0xff})
+	if _, err := c.Read(make([]byte, 10)); err == nil {
+		t.Error("connection still open after a 64 KiB length")
+	}
+	if f.Stats().Malformed != 2 {
+		t.Errorf("malformed %d, want 2", f.Stats().Malformed)
 	}
 }
 

@@ -186,7 +186,7 @@ func (f *Forwarder) exchangeOnce(ctx context.Context, server netip.AddrPort, que
 		if _, err := conn.Write(append(framed, msg...)); err != nil {
 			return nil, timeout(err)
 		}
-		b, err := readFramed(conn)
+		b, err := readFramed(conn, 65535)
 		if err != nil {
 			return nil, timeout(err)
 		}
@@ -201,7 +201,9 @@ func (f *Forwarder) exchangeOnce(ctx context.Context, server netip.AddrPort, que
 	if _, err := conn.Write(msg); err != nil {
 		return nil, timeout(err)
 	}
-	buf := make([]byte, 65535)
+	// We offer 1232 bytes; a resolver that sends more than this gets its
+	// reply cut, which then does not parse and counts as a mismatch.
+	buf := make([]byte, 4096)
 	// Bounded by the deadline; and a flood of wrong replies ends the
 	// attempt rather than spinning in it.
 	for range 64 {
@@ -217,18 +219,18 @@ func (f *Forwarder) exchangeOnce(ctx context.Context, server netip.AddrPort, que
 	return nil, errors.New("too many replies that do not match the query")
 }
 
-var errShortMessage = errors.New("a DNS message shorter than its header")
+var errBadLength = errors.New("a DNS message shorter than its header or too long")
 
 // readFramed reads one TCP DNS message (RFC 1035 4.2.2: a 2-byte length
-// first).
-func readFramed(r io.Reader) ([]byte, error) {
+// first) of at most max bytes: a longer one is refused before it is read.
+func readFramed(r io.Reader, max int) ([]byte, error) {
 	var l [2]byte
 	if _, err := io.ReadFull(r, l[:]); err != nil {
 		return nil, err
 	}
-	n := binary.BigEndian.Uint16(l[:])
-	if n < 12 {
-		return nil, errShortMessage
+	n := int(binary.BigEndian.Uint16(l[:]))
+	if n < 12 || n > max {
+		return nil, errBadLength
 	}
 	b := make([]byte, n)
 	if _, err := io.ReadFull(r, b); err != nil {
