@@ -377,7 +377,7 @@ func (a *Agent) allow(src netip.Addr, dst netip.AddrPort, proto string) bool {
 // offer named it. An address with no session is nobody: only "*" rules
 // match it.
 func (a *Agent) subject(src netip.Addr) policy.Subject {
-	if cs := a.clients.Load(src); cs != nil {
+	if cs := a.clients.Load(wire.OverlayOwner(src)); cs != nil {
 		return policy.Subject{Name: cs.offer.client.Name, Groups: cs.offer.client.Groups}
 	}
 	return policy.Subject{}
@@ -765,10 +765,11 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		defer t.Stop()
 	}
 	start := time.Now()
+	peer6 := wire.Overlay6(offer.PeerAddr)
 	err = s.Run(func(pkt []byte) {
 		src, _, ok := packet.Addrs(pkt)
-		if !ok || src != offer.PeerAddr {
-			// A client may only speak from its own overlay address.
+		if !ok || src != offer.PeerAddr && src != peer6 {
+			// A client may only speak from its own overlay addresses.
 			a.dropSpoofed.Add(1)
 			session.ReleasePacket(pkt)
 			return
@@ -813,7 +814,7 @@ func (a *Agent) toClient(pkts [][]byte) {
 			continue
 		}
 		if dst != last {
-			cs = clients[dst]
+			cs = clients[wire.OverlayOwner(dst)] // IPv4 or IPv6 overlay address
 			last = dst
 		}
 		if cs == nil {

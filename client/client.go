@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -89,6 +90,7 @@ type Client struct {
 	stackDrops func() map[string]uint64
 	// overlay is our address; agentPrefixes what the agent may send from.
 	overlay       netip.Addr
+	overlay6      netip.Addr                 // the IPv6 overlay address (wire.Overlay6 of overlay)
 	mine          atomic.Pointer[netip.Addr] // overlay, for the reconnect check
 	agentPrefixes []netip.Prefix
 	// marked: the node's sockets bypass the tunnel's routes, so even a
@@ -244,6 +246,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 	c.overlay = w.Overlay
+	c.overlay6 = wire.Overlay6(w.Overlay)
 	c.mine.Store(&w.Overlay)
 	// What the agent may send from: its overlay address, its loopback
 	// (reached through its netstack with --allow-loopback, answering from
@@ -545,7 +548,7 @@ func (c *Client) pump(s *session.Session) {
 // anywhere else (WireGuard's AllowedIPs check on receive does the same).
 func (c *Client) receive(pkt []byte) {
 	src, dst, ok := packet.Addrs(pkt)
-	if !ok || dst != c.overlay || !c.fromAgent(src) {
+	if !ok || dst != c.overlay && dst != c.overlay6 || !c.fromAgent(src) {
 		c.dropForeign.Add(1)
 		session.ReleasePacket(pkt)
 		return
@@ -565,9 +568,25 @@ func (c *Client) fromAgent(src netip.Addr) bool {
 // startTUN routes the agent's overlay address and subnets into the TUN
 // device and starts carrying its packets.
 func (c *Client) startTUN(ctx context.Context, dev *tun.Device, w *wire.Welcome, info *wire.PeerInfo, routes []netip.Prefix) (stop func(), err error) {
+	// IPv6 subnets need the IPv6 overlay address on the device, which a
+	// machine with IPv6 off cannot take: it goes without them.
+	var addr6 netip.Prefix
+	if slices.ContainsFunc(routes, func(p netip.Prefix) bool { return p.Addr().Is6() }) {
+		if platform.IPv6Enabled() {
+			addr6 = netip.PrefixFrom(c.overlay6, 128)
+		} else {
+			routes = slices.DeleteFunc(slices.Clone(routes), func(p netip.Prefix) bool {
+				if p.Addr().Is6() {
+					c.log.Warn("not routing an IPv6 subnet the agent advertises: IPv6 is disabled on this machine", "prefix", p)
+				}
+				return p.Addr().Is6()
+			})
+		}
+	}
 	undo, skipped, err := platform.Configure(platform.Config{
 		Interface: dev.Name(),
 		Addr:      netip.PrefixFrom(w.Overlay, w.Overlay.BitLen()),
+		Addr6:     addr6,
 		Routes:    routes,
 	})
 	if err != nil {

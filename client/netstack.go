@@ -30,7 +30,7 @@ const DNSPort = 53
 func (c *Client) startNetstack(ctx context.Context, w *wire.Welcome, info *wire.PeerInfo) (stop func(), err error) {
 	nc := c.cfg.Netstack
 	px, err := netstack.NewProxy(netstack.ProxyConfig{
-		Addr: w.Overlay, MTU: session.TunMTU, DNS: netip.AddrPortFrom(info.Overlay, DNSPort), Logger: c.log,
+		Addr: w.Overlay, Addr6: wire.Overlay6(w.Overlay), MTU: session.TunMTU, DNS: netip.AddrPortFrom(info.Overlay, DNSPort), Logger: c.log,
 		Release: session.ReleasePacket,
 	}, func(pkts [][]byte) {
 		for _, p := range pkts {

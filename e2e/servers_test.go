@@ -91,6 +91,13 @@ func startLANServers(t *testing.T, l *lab.Lab) {
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
+	if l.LANHost6.IsValid() { // the same on the LAN's IPv6 address
+		ln6, err := lab.Listen(l.NS.LAN, "tcp6", net.JoinHostPort(l.LANHost6.String(), strconv.Itoa(httpPort)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		go srv.Serve(ln6)
+	}
 
 	// UDP echo.
 	uc, err := lab.ListenUDP(l.NS.LAN, net.UDPAddrFromAddrPort(netip.AddrPortFrom(l.LANHost, udpEchoPort)))

@@ -88,6 +88,12 @@ type Options struct {
 	SameLAN bool
 	// Prefix overrides the random per-run prefix (keep it short, e.g. "nv1a2b").
 	Prefix string
+	// IPv6 gives the LAN an IPv6 subnet next to the IPv4 one
+	// (fd00:77::/64: the agent fd00:77::1, the LAN host fd00:77::10) and
+	// turns IPv6 on in the client's namespace (for its TUN's IPv6 overlay
+	// address). Everywhere else, and on every other link, it stays off:
+	// the simulated internet is IPv4.
+	IPv6 bool
 	// Logf, when set, receives every command the lab runs.
 	Logf func(format string, args ...any)
 }
@@ -116,6 +122,10 @@ type Lab struct {
 	// AgentLANAddr is the agent's address on the LAN, LANHost the LAN host's.
 	AgentLANAddr, LANHost netip.Addr
 	LANSubnet             netip.Prefix
+	// With Options.IPv6: the same for the LAN's IPv6 subnet; invalid
+	// without.
+	AgentLANAddr6, LANHost6 netip.Addr
+	LANSubnet6              netip.Prefix
 
 	mu      sync.Mutex
 	nsMu    sync.Mutex // held while a namespace is being created
@@ -127,20 +137,23 @@ type Lab struct {
 
 // Fixed addressing plan.
 var (
-	inetGW    = netip.MustParseAddr("198.18.1.1")
-	gwAddr    = netip.MustParseAddr("198.18.1.2")
-	inetCli   = netip.MustParseAddr("198.18.2.1")
-	cliPub    = netip.MustParseAddr("198.18.2.2")
-	inetAgt   = netip.MustParseAddr("198.18.3.1")
-	agtPub    = netip.MustParseAddr("198.18.3.2")
-	cliLANGW  = netip.MustParseAddr("10.0.1.1")
-	cliLAN    = netip.MustParseAddr("10.0.1.2")
-	sameAgt   = netip.MustParseAddr("10.0.1.3")
-	agtLANGW  = netip.MustParseAddr("10.0.2.1")
-	agtLAN    = netip.MustParseAddr("10.0.2.2")
-	agtLAN77  = netip.MustParseAddr("192.168.77.1")
-	lanHost   = netip.MustParseAddr("192.168.77.10")
-	lanSubnet = netip.MustParsePrefix("192.168.77.0/24")
+	inetGW     = netip.MustParseAddr("198.18.1.1")
+	gwAddr     = netip.MustParseAddr("198.18.1.2")
+	inetCli    = netip.MustParseAddr("198.18.2.1")
+	cliPub     = netip.MustParseAddr("198.18.2.2")
+	inetAgt    = netip.MustParseAddr("198.18.3.1")
+	agtPub     = netip.MustParseAddr("198.18.3.2")
+	cliLANGW   = netip.MustParseAddr("10.0.1.1")
+	cliLAN     = netip.MustParseAddr("10.0.1.2")
+	sameAgt    = netip.MustParseAddr("10.0.1.3")
+	agtLANGW   = netip.MustParseAddr("10.0.2.1")
+	agtLAN     = netip.MustParseAddr("10.0.2.2")
+	agtLAN77   = netip.MustParseAddr("192.168.77.1")
+	lanHost    = netip.MustParseAddr("192.168.77.10")
+	agtLAN6    = netip.MustParseAddr("fd00:77::1")
+	lanHost6   = netip.MustParseAddr("fd00:77::10")
+	lanSubnet6 = netip.MustParsePrefix("fd00:77::/64")
+	lanSubnet  = netip.MustParsePrefix("192.168.77.0/24")
 )
 
 // RandomPrefix returns "nv" followed by 4 random hex digits.
@@ -167,6 +180,9 @@ func Prepare(opts Options) *Lab {
 		AgentLANAddr: agtLAN77,
 		LANHost:      lanHost,
 		LANSubnet:    lanSubnet,
+	}
+	if opts.IPv6 {
+		l.AgentLANAddr6, l.LANHost6, l.LANSubnet6 = agtLAN6, lanHost6, lanSubnet6
 	}
 	n := func(role string) string { return p + "-" + role }
 	l.NS = Namespaces{Inet: n("inet"), GW: n("gw"), Client: n("cli"), Agent: n("agt"), LAN: n("lan")}
@@ -255,12 +271,49 @@ func (l *Lab) Build(ctx context.Context) error {
 	if err := l.link(ctx, l.NS.Agent, "lan0", agtLAN77, l.NS.LAN, "eth0", lanHost, 24); err != nil {
 		return err
 	}
+	if l.Opts.IPv6 {
+		if err := l.buildIPv6LAN(ctx); err != nil {
+			return err
+		}
+	}
 	if err := l.sysctl(l.NS.Inet, "net/ipv4/ip_forward", "1"); err != nil {
 		return err
 	}
 	// The agent is not a router: its LAN is reachable only through the
 	// agent's own sockets (the VPN's egress), never by forwarding.
 	return l.sysctl(l.NS.Agent, "net/ipv4/ip_forward", "0")
+}
+
+// buildIPv6LAN turns IPv6 on for the agent's LAN link only (and for
+// devices made later in the client's namespace: its TUN) and addresses it.
+// No DAD: the addresses are usable at once.
+func (l *Lab) buildIPv6LAN(ctx context.Context) error {
+	for _, s := range []struct{ ns, key string }{
+		{l.NS.Agent, "net/ipv6/conf/lan0/disable_ipv6"}, {l.NS.LAN, "net/ipv6/conf/eth0/disable_ipv6"},
+		{l.NS.Agent, "net/ipv6/conf/lo/disable_ipv6"}, {l.NS.LAN, "net/ipv6/conf/lo/disable_ipv6"},
+		{l.NS.Client, "net/ipv6/conf/all/disable_ipv6"}, {l.NS.Client, "net/ipv6/conf/default/disable_ipv6"},
+		{l.NS.Client, "net/ipv6/conf/lo/disable_ipv6"},
+	} {
+		if err := l.sysctl(s.ns, s.key, "0"); err != nil {
+			return err
+		}
+	}
+	// Writing "all" reaches the devices that exist too: the client's
+	// uplink (eth0 behind a NAT, wan0 without) goes back to IPv6 off.
+	for _, dev := range []string{"eth0", "wan0"} {
+		if err := l.sysctl(l.NS.Client, "net/ipv6/conf/"+dev+"/disable_ipv6", "1"); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+	}
+	for _, s := range [][]string{
+		{"-n", l.NS.Agent, "addr", "add", fmt.Sprintf("%s/%d", agtLAN6, lanSubnet6.Bits()), "dev", "lan0", "nodad"},
+		{"-n", l.NS.LAN, "addr", "add", fmt.Sprintf("%s/%d", lanHost6, lanSubnet6.Bits()), "dev", "eth0", "nodad"},
+	} {
+		if err := l.ip(ctx, s...); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (l *Lab) buildSide(ctx context.Context, kind NAT, natNS, hostNS, inetIf string, inetAddr, pub, lanGW, lanAddr netip.Addr) error {

@@ -11,6 +11,8 @@ import (
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
+
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 // ICMP echo forwarding.
@@ -40,7 +42,7 @@ func (e *Egress) handleEcho(r egEchoRequest) {
 		e.c.echoDropped.Add(1)
 		return
 	}
-	client := r.src.Unmap()
+	client := wire.OverlayOwner(r.src) // its IPv6 overlay address counts as its IPv4 one
 	if !e.ledger.acquire(client, egEcho) {
 		e.c.echoDropped.Add(1)
 		return

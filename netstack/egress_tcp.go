@@ -11,6 +11,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 var egSpliceBufPool = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
@@ -41,7 +43,7 @@ func (e *Egress) handleTCP(r *tcp.ForwarderRequest) {
 	// slot, as with a full listen backlog. Either way gVisor's shared
 	// in-flight SYN slot is given back at once, so one client dialing a
 	// blackholed address cannot hold the slots the others need.
-	client := src.Addr().Unmap()
+	client := wire.OverlayOwner(src.Addr()) // its IPv6 overlay address counts as its IPv4 one
 	if !e.ledger.acquire(client, egTCP) {
 		r.Complete(true)
 		return

@@ -14,6 +14,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 // handleUDP is called synchronously on the Inject goroutine for a datagram
@@ -31,7 +33,7 @@ func (e *Egress) handleUDP(r *udp.ForwarderRequest) bool {
 		e.log.Debug("udp datagram denied by policy", "proto", "udp", "src", src, "dst", dst)
 		return true // handled: dropped silently
 	}
-	client := src.Addr().Unmap()
+	client := wire.OverlayOwner(src.Addr()) // its IPv6 overlay address counts as its IPv4 one
 	if !e.ledger.acquire(client, egUDP) {
 		return true // dropped, counted in the ledger
 	}

@@ -29,6 +29,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/nlvpn/nlvpn/batchq"
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 // Stack tuning. The TCP numbers follow what people who run gVisor at scale
@@ -229,7 +230,8 @@ func (c *stackCore) start() {
 // stack takes fills its own share and loses its own packets, not the
 // others'.
 func (c *stackCore) Submit(pkt []byte) bool {
-	if !c.subq.Put(srcOf(pkt), pkt) {
+	// A client's IPv4 and IPv6 overlay addresses share one fair share.
+	if !c.subq.Put(wire.OverlayOwner(srcOf(pkt)), pkt) {
 		c.subDropped.Add(1)
 		if c.release != nil {
 			c.release(pkt)

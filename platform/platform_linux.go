@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -25,7 +27,7 @@ func Configure(cfg Config) (undo Undo, skipped []netip.Prefix, err error) {
 	}
 	var added []*netlink.Route
 	var rules []*netlink.Rule
-	var addr *netlink.Addr
+	var addrs []*netlink.Addr
 	var once sync.Once
 	undo = func() error {
 		var errs []error
@@ -44,8 +46,8 @@ func Configure(cfg Config) (undo Undo, skipped []netip.Prefix, err error) {
 					}
 				}
 			}
-			if addr != nil {
-				if err := netlink.AddrDel(link, addr); err != nil && !errors.Is(err, syscall.EADDRNOTAVAIL) && !errors.Is(err, syscall.ENODEV) {
+			for _, a := range addrs {
+				if err := netlink.AddrDel(link, a); err != nil && !errors.Is(err, syscall.EADDRNOTAVAIL) && !errors.Is(err, syscall.ENODEV) {
 					errs = append(errs, fmt.Errorf("remove address: %w", err))
 				}
 			}
@@ -56,7 +58,17 @@ func Configure(cfg Config) (undo Undo, skipped []netip.Prefix, err error) {
 	if err := netlink.AddrAdd(link, a); err != nil && !errors.Is(err, syscall.EEXIST) {
 		return nil, nil, fmt.Errorf("set address %s on %s: %w", cfg.Addr, cfg.Interface, err)
 	}
-	addr = a
+	addrs = append(addrs, a)
+	if cfg.Addr6.IsValid() {
+		// No duplicate address detection: the address is ours alone, and
+		// DAD would hold it "tentative" (unusable as a source) a while.
+		a6 := &netlink.Addr{IPNet: ipNet(cfg.Addr6), Flags: unix.IFA_F_NODAD}
+		if err := netlink.AddrAdd(link, a6); err != nil && !errors.Is(err, syscall.EEXIST) {
+			undo()
+			return nil, nil, fmt.Errorf("set address %s on %s: %w", cfg.Addr6, cfg.Interface, err)
+		}
+		addrs = append(addrs, a6)
+	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		undo()
 		return nil, nil, fmt.Errorf("bring %s up: %w", cfg.Interface, err)
@@ -88,8 +100,11 @@ func Configure(cfg Config) (undo Undo, skipped []netip.Prefix, err error) {
 			continue
 		}
 		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: ipNet(p), Scope: netlink.SCOPE_LINK, Table: Table}
-		if p.Addr().Is4() == cfg.Addr.Addr().Is4() {
+		switch {
+		case p.Addr().Is4() == cfg.Addr.Addr().Is4():
 			r.Src = net.IP(cfg.Addr.Addr().AsSlice())
+		case cfg.Addr6.IsValid() && p.Addr().Is6():
+			r.Src = net.IP(cfg.Addr6.Addr().AsSlice())
 		}
 		if err := netlink.RouteAdd(r); err != nil {
 			if errors.Is(err, syscall.EEXIST) {
@@ -200,4 +215,11 @@ func MarkDialer(_, _ string, c syscall.RawConn) error {
 
 func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// IPv6Enabled reports whether this machine (this network namespace) has
+// IPv6 on: without it a TUN device takes no IPv6 address.
+func IPv6Enabled() bool {
+	b, err := os.ReadFile("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+	return err == nil && strings.TrimSpace(string(b)) == "0"
 }

@@ -20,3 +20,7 @@ func MarkSocket(c *net.UDPConn) error { return nil }
 
 // MarkDialer does nothing here.
 func MarkDialer(_, _ string, _ syscall.RawConn) error { return nil }
+
+// IPv6Enabled reports whether a TUN device can take an IPv6 address here;
+// Configure does nothing on this OS yet.
+func IPv6Enabled() bool { return false }

@@ -27,6 +27,39 @@ const (
 // space). The gateway hands them out; nodes refuse any outside it.
 var OverlayPrefix = netip.MustParsePrefix("100.64.0.0/10")
 
+// OverlayPrefix6 is the IPv6 overlay: a unique local (RFC 4193) /96 whose
+// last 32 bits are a node's IPv4 overlay address, so each node has one
+// IPv6 overlay address with no second allocation, and every node can tell
+// whose it is (Overlay6, OverlayOwner). The /48 part was drawn at random
+// once for nlvpn, as RFC 4193 asks.
+var OverlayPrefix6 = netip.MustParsePrefix("fd6e:6c76:706e::/96")
+
+// Overlay6 is the IPv6 overlay address of the node with IPv4 overlay
+// address a (the invalid address if a is not one).
+func Overlay6(a netip.Addr) netip.Addr {
+	if !a.Is4() || !OverlayPrefix.Contains(a) {
+		return netip.Addr{}
+	}
+	b := OverlayPrefix6.Addr().As16()
+	v4 := a.As4()
+	copy(b[12:], v4[:])
+	return netip.AddrFrom16(b)
+}
+
+// OverlayOwner is the IPv4 overlay address of the node an overlay address
+// belongs to: a itself for IPv4, the embedded one for an address in
+// OverlayPrefix6; any other address is returned unchanged (unmapped).
+func OverlayOwner(a netip.Addr) netip.Addr {
+	a = a.Unmap()
+	if a.Is6() && OverlayPrefix6.Contains(a) {
+		b := a.As16()
+		if v4 := netip.AddrFrom4([4]byte(b[12:])); OverlayPrefix.Contains(v4) {
+			return v4
+		}
+	}
+	return a
+}
+
 // MaxMessageSize bounds one control message. A peer announcing more is
 // hostile or broken; the stream is closed.
 const MaxMessageSize = 64 << 10

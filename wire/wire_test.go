@@ -179,3 +179,23 @@ func TestValidDomain(t *testing.T) {
 		}
 	}
 }
+
+func TestOverlay6(t *testing.T) {
+	a := netip.MustParseAddr("100.64.0.3")
+	a6 := Overlay6(a)
+	if a6 != netip.MustParseAddr("fd6e:6c76:706e::6440:3") || !OverlayPrefix6.Contains(a6) {
+		t.Fatalf("Overlay6(%v) = %v", a, a6)
+	}
+	if OverlayOwner(a6) != a || OverlayOwner(a) != a {
+		t.Fatalf("OverlayOwner(%v) = %v", a6, OverlayOwner(a6))
+	}
+	for _, other := range []string{"192.168.1.5", "fd00:77::10", "fd6e:6c76:706e::c0a8:105", "::ffff:100.64.0.3"} {
+		o := netip.MustParseAddr(other)
+		if got := OverlayOwner(o); got != o.Unmap() {
+			t.Errorf("OverlayOwner(%v) = %v, want it unchanged", o, got)
+		}
+	}
+	if Overlay6(netip.MustParseAddr("10.0.0.1")).IsValid() || Overlay6(netip.MustParseAddr("fd00::1")).IsValid() {
+		t.Error("Overlay6 of a non-overlay address")
+	}
+}

@@ -1,0 +1,75 @@
+//go:build linux
+
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nlvpn/nlvpn/lab"
+	"github.com/nlvpn/nlvpn/wire"
+)
+
+// An agent that advertises an IPv6 subnet next to its IPv4 one: the LAN
+// host's IPv6 address answers through a TUN client (which takes its IPv6
+// overlay address) and through a netstack client's SOCKS5 proxy; a 20 MB
+// download over IPv6 arrives intact. The simulated internet stays IPv4.
+func TestIPv6Subnet(t *testing.T) {
+	e := newEnv(t, lab.Options{ClientNAT: lab.Cone, AgentNAT: lab.Cone, IPv6: true}, false)
+	e.restartAgent(t, "--advertise", e.lab.LANSubnet.String(), "--advertise", e.lab.LANSubnet6.String())
+	e.client = e.startClient(t)
+	host := fmt.Sprintf("[%s]", e.lab.LANHost6)
+
+	t.Run("TUN", func(t *testing.T) {
+		out, err := lab.Output(context.Background(), e.lab.NS.Client, "ip", "-6", "addr", "show", "dev", tunName)
+		if err != nil || !strings.Contains(out, wire.OverlayPrefix6.Addr().String()[:len("fd6e:6c76:706e:")]) {
+			t.Fatalf("the TUN has no IPv6 overlay address: %v\n%s", err, out)
+		}
+		routes, _ := lab.Output(context.Background(), e.lab.NS.Client, "ip", "-6", "route", "show", "table", "all")
+		if !strings.Contains(routes, e.lab.LANSubnet6.String()) {
+			t.Fatalf("no route for %v:\n%s", e.lab.LANSubnet6, routes)
+		}
+		var out2 string
+		e.waitFor(t, 10*time.Second, "the LAN host over IPv6 through the TUN", func() error {
+			var err error
+			out2, err = e.curl(5*time.Second, "-g", "http://"+host+"/health")
+			return err
+		})
+		if strings.TrimSpace(out2) != "ok" {
+			t.Fatalf("/health over IPv6 = %q", out2)
+		}
+		const size = 20 << 20
+		dl := filepath.Join(e.dir, "dl-v6.bin")
+		if _, err := e.curl(60*time.Second, "-g", "-o", dl, fmt.Sprintf("http://%s/data?size=%d&seed=61", host, size)); err != nil {
+			t.Fatalf("20 MB over IPv6: %v", err)
+		}
+		if got, want := fileSHA256(t, dl), streamSHA256(61, size); got != want {
+			t.Fatalf("20 MB over IPv6: sha256 %s, want %s", got, want)
+		}
+		if out, err := lab.Output(context.Background(), e.lab.NS.Client, "ping", "-6", "-c", "2", "-W", "5", e.lab.LANHost6.String()); err != nil {
+			t.Fatalf("ping -6 through the tunnel: %v\n%s", err, out)
+		}
+	})
+
+	t.Run("SOCKS5", func(t *testing.T) {
+		const socks = "127.0.0.1:1090"
+		ns := e.start(t, e.lab.NS.Client, "netstack-client", "up", "--netstack", "--token-file", e.tokenFile(e.clientTok), "--gateway", e.gwAddr(),
+			"--agent", agentName, "--state-dir", filepath.Join(e.dir, "ns-client"), "--socks5", socks, "--http-proxy", "")
+		var out string
+		e.waitFor(t, readyTimeout, "the LAN host over IPv6 through SOCKS5", func() error {
+			if !ns.Running() {
+				return errStop(fmt.Errorf("netstack client exited: %v", ns.Err()))
+			}
+			var err error
+			out, err = e.curl(5*time.Second, "-g", "--socks5", socks, "http://"+host+"/health")
+			return err
+		})
+		if strings.TrimSpace(out) != "ok" {
+			t.Fatalf("/health over IPv6 via SOCKS5 = %q", out)
+		}
+	})
+}
