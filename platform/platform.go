@@ -10,12 +10,12 @@ import (
 
 // Config is what one tunnel needs from the OS.
 type Config struct {
-	Interface string         // TUN device name
-	Addr      netip.Prefix   // the node's overlay address, e.g. 100.64.0.3/32
+	Interface string       // TUN device name
+	Addr      netip.Prefix // the node's overlay address, e.g. 100.64.0.3/32
 	// Addr6, if valid, is the node's IPv6 overlay address, the source of
 	// the IPv6 routes (fd6e:6c76:706e::6440:3/128).
-	Addr6 netip.Prefix
-	Routes    []netip.Prefix // sent into the device, with Addr as source
+	Addr6  netip.Prefix
+	Routes []netip.Prefix // sent into the device, with Addr as source
 }
 
 // The underlay must never enter the tunnel. On Linux the tunnel's routes
