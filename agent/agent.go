@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/quic-go/quic-go"
 
 	"github.com/nlvpn/nlvpn/control"
@@ -71,6 +72,9 @@ type Config struct {
 	// OverTCP); Proxy the HTTP proxy for TCP, or nil.
 	Over  string
 	Proxy *url.URL
+	// Metrics, if set, gets the agent's metrics (see Collect) while Run
+	// runs.
+	Metrics prometheus.Registerer
 }
 
 // Agent is a running agent.
@@ -94,7 +98,11 @@ type Agent struct {
 	clients cowmap.Map[netip.Addr, *clientState]
 	live    map[uint64]bool // sessions with a peer connection
 
-	ended session.Ended // drops of sessions that have ended
+	// running holds every session whose packets flow (a superseded one
+	// too, until it ends); ended keeps the counts of those that ended.
+	// Both change under mu, so totals over both never go back.
+	running map[*session.Session]struct{}
+	ended   session.Ended
 
 	registered sync.Once // cfg.OnUp
 	host       hostAddrs // this host's own addresses, which clients never reach
@@ -155,7 +163,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("the credential is not for this agent's key (a %s credential for %q)", own.Claims.Role, own.Claims.Name)
 	}
 	a := &Agent{cfg: cfg, log: cfg.Log, authority: own.Claims.Authority, name: own.Claims.Name, offers: make(map[uint64]*offer), byClient: make(map[netip.Addr]*clientState),
-		punches: make(map[uint64]*underlay.Direct), live: make(map[uint64]bool)}
+		punches: make(map[uint64]*underlay.Direct), live: make(map[uint64]bool), running: make(map[*session.Session]struct{})}
 
 	u, err := underlay.Open(control.Config{
 		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Advertise: cfg.Advertise,
@@ -212,6 +220,13 @@ func Run(ctx context.Context, cfg Config) error {
 			return err
 		}
 		defer stop()
+	}
+	if cfg.Metrics != nil {
+		c := statusCollector{a.Status}
+		if err := cfg.Metrics.Register(c); err != nil {
+			return fmt.Errorf("agent metrics: %w", err)
+		}
+		defer cfg.Metrics.Unregister(c)
 	}
 	a.log.Info("agent starting", "advertise", cfg.Advertise)
 
@@ -741,6 +756,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	cs := &clientState{offer: offer, sess: s}
 	a.mu.Lock()
 	a.live[id] = true
+	a.running[s] = struct{}{}
 	old := a.byClient[offer.PeerAddr]
 	a.byClient[offer.PeerAddr] = cs
 	a.clients.Store(offer.PeerAddr, cs)
@@ -783,6 +799,8 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	}
 	delete(a.live, id)
 	delete(a.offers, id)
+	delete(a.running, s)
+	a.ended.Add(s)
 	_, stillThere := a.byClient[offer.PeerAddr]
 	a.mu.Unlock()
 	if !stillThere {
@@ -793,7 +811,6 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		}
 	}
 	a.stopPunch(id, true)
-	a.ended.Add(s)
 	st2 := s.Stats()
 	log.Info("client disconnected", "after", time.Since(start).Round(time.Second), "reason", err, "rx_bytes", st2.RxBytes, "tx_bytes", st2.TxBytes,
 		"drops_queue_full", st2.DropQueueFull, "drops_netstack_queue_all_clients", a.eg.Stats().SubmitDropped, "quic_lost", qc.ConnectionStats().PacketsLost)

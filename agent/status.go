@@ -18,6 +18,10 @@ type Status struct {
 	// Transport is how the agent reaches the gateway: "udp", "tcp" or
 	// "tcp via proxy HOST:PORT"; empty while disconnected.
 	Transport string `json:"transport"`
+	// TxBytesTotal and RxBytesTotal count the tunnel's bytes to and from
+	// all clients since start, ended sessions included.
+	TxBytesTotal uint64 `json:"tx_bytes_total"`
+	RxBytesTotal uint64 `json:"rx_bytes_total"`
 	// Drops counts packets lost inside the agent, by where.
 	Drops map[string]uint64 `json:"drops"`
 	// Denied counts new flows (TCP SYNs, UDP datagrams, ICMP echoes) the
@@ -86,8 +90,17 @@ func (a *Agent) Status() Status {
 	for _, cs := range a.byClient {
 		es = append(es, entry{cs, a.punches[cs.sess.ID]})
 	}
-	a.mu.Unlock()
+	// Totals over running and ended sessions, read under mu: a session
+	// moves from one to the other under it.
 	drops := a.ended.Total()
+	st.TxBytesTotal, st.RxBytesTotal = a.ended.Bytes()
+	for s := range a.running {
+		ss := s.Stats()
+		st.TxBytesTotal += ss.TxBytes
+		st.RxBytesTotal += ss.RxBytes
+		drops.Add(s.Drops())
+	}
+	a.mu.Unlock()
 	held := make(map[netip.Addr]netstack.EgressClient)
 	for _, c := range a.eg.Clients() {
 		held[c.Addr] = c
@@ -108,7 +121,6 @@ func (a *Agent) Status() Status {
 			}
 		}
 		st.Sessions = append(st.Sessions, one)
-		drops.Add(s.Drops())
 	}
 	st.Drops = a.u.Drops()
 	drops.Into(st.Drops)

@@ -17,6 +17,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/packet"
@@ -55,6 +57,9 @@ type Config struct {
 	// StatusSocket, if set, is a unix socket path where `nlvpn status` reads
 	// the tunnel's state.
 	StatusSocket string
+	// Metrics, if set, gets the client's metrics (see metrics.go) while
+	// Run runs.
+	Metrics prometheus.Registerer
 	// Netstack, if set, selects the unprivileged mode (no TUN device).
 	Netstack *NetstackConfig
 	// Routes is what the user accepted beyond the agent's ordinary
@@ -100,7 +105,7 @@ type Client struct {
 	dropForeign atomic.Uint64
 	// probesRefused counts agent candidates this client would not probe.
 	probesRefused atomic.Uint64
-	ended         session.Ended // drops of sessions replaced since start
+	ended         session.Ended // drops and bytes of sessions replaced since start
 	ctx           context.Context
 
 	pmu    sync.Mutex
@@ -111,6 +116,10 @@ type Client struct {
 	// agentAt is where the current session's punch may probe the agent;
 	// its observed address follows the agent's moves (onMoved).
 	agentAt agentPlaces
+
+	// tmu orders a session's replacement (cur, ended) against Status, so
+	// the totals over both never go back.
+	tmu sync.Mutex
 }
 
 // pathState is what `nlvpn status` reports about the path in use.
@@ -211,6 +220,13 @@ func Run(ctx context.Context, cfg Config) error {
 			return err
 		}
 		defer stop()
+	}
+	if cfg.Metrics != nil {
+		m := statusCollector{c.Status}
+		if err := cfg.Metrics.Register(m); err != nil {
+			return fmt.Errorf("client metrics: %w", err)
+		}
+		defer cfg.Metrics.Unregister(m)
 	}
 
 	rctx, rcancel := context.WithTimeout(ctx, cfg.ConnectTimeout)
@@ -418,10 +434,15 @@ func (c *Client) reattach(ctx context.Context, runErr <-chan error) error {
 	for ctx.Err() == nil {
 		s, _, err := c.establish(ctx, c.cur.Load())
 		if err == nil {
-			if old := c.cur.Swap(s); old != s {
+			c.tmu.Lock()
+			old := c.cur.Swap(s)
+			if old != nil && old != s {
+				c.ended.Add(old)
+			}
+			c.tmu.Unlock()
+			if old != s {
 				if old != nil {
 					old.Conn.CloseWithError(0, "replaced")
-					c.ended.Add(old)
 				}
 				go c.pump(s)
 				c.log.Info("session re-established", "session", wire.SessionID(s.ID))

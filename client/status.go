@@ -43,6 +43,10 @@ type Status struct {
 	// did not probe: not the agent's public address nor on this machine's
 	// LAN (loopback, link-local, other networks' private addresses, ...).
 	ProbesRefused uint64 `json:"probes_refused"`
+	// TxBytesTotal and RxBytesTotal count since start, over every session
+	// (tx_bytes and rx_bytes: the current one's).
+	TxBytesTotal uint64 `json:"tx_bytes_total"`
+	RxBytesTotal uint64 `json:"rx_bytes_total"`
 }
 
 // Status reports the tunnel's state now.
@@ -51,7 +55,18 @@ func (c *Client) Status() Status {
 	ps := c.path
 	c.pmu.Unlock()
 	st := Status{Role: "client", Agent: c.cfg.Agent, Path: ps.kind, Remote: ps.remote, SinceSwitchS: time.Since(ps.since).Seconds()}
-	if s := c.cur.Load(); s != nil {
+	c.tmu.Lock()
+	s := c.cur.Load()
+	drops := c.ended.Total()
+	st.TxBytesTotal, st.RxBytesTotal = c.ended.Bytes()
+	if s != nil {
+		ss := s.Stats()
+		st.TxBytesTotal += ss.TxBytes
+		st.RxBytesTotal += ss.RxBytes
+		drops.Add(s.Drops())
+	}
+	c.tmu.Unlock()
+	if s != nil {
 		ss := s.Stats()
 		st.TxBytes, st.RxBytes, st.DropsQueue = ss.TxBytes, ss.RxBytes, ss.DropQueueFull
 		cs := s.Conn.ConnectionStats()
@@ -69,10 +84,6 @@ func (c *Client) Status() Status {
 		st.InboundRefused, _ = c.inbound.Refused()
 	}
 	st.Drops = c.u.Drops()
-	drops := c.ended.Total()
-	if s := c.cur.Load(); s != nil {
-		drops.Add(s.Drops())
-	}
 	drops.Into(st.Drops)
 	st.Drops["tun_write"] = st.DropsTUNWrite
 	st.Drops["foreign_source"] = st.DropsForeign

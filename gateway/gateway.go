@@ -89,6 +89,11 @@ type Gateway struct {
 	addr     atomic.Pointer[net.UDPAddr]
 	tcp      atomic.Pointer[tcplink.Mux]   // the TCP/TLS listener, once Run has started it
 	frameIO  atomic.Pointer[udpbatch.Conn] // the frame socket, once Run has started
+
+	// For the metrics: nodes admitted since start, and connected now.
+	registrations               atomic.Uint64
+	onlineAgents, onlineClients atomic.Int64
+	serving                     atomic.Bool // the QUIC listener accepts (Healthy)
 }
 
 // node is one registered connection.
@@ -268,6 +273,8 @@ func (g *Gateway) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	g.serving.Store(true)
+	defer g.serving.Store(false)
 	g.log.Info("gateway listening", "addr", uc.LocalAddr().String(), "tcp", tcpAddr, "public_addr", g.cfg.PublicAddr, "pin", g.pin)
 	go func() {
 		<-ctx.Done()
@@ -599,6 +606,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		return
 	}
 	log.Info("node registered", "overlay", n.overlay, "advertise", n.adv)
+	defer g.nodeOnline(n.role)()
 	defer log.Info("node disconnected")
 
 	// Expiry bites on a live connection too: when the token runs out the

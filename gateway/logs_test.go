@@ -4,10 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
-	"fmt"
-	"io"
 	"log/slog"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -127,11 +124,7 @@ func TestStrangersLoggedOnce(t *testing.T) {
 	if r, _ := lines[0]["remote"].(string); !strings.HasPrefix(r, "127.0.0.1:") || lines[0]["reason"] != "bad_registration" {
 		t.Errorf("log line %v lacks the remote address or the reason", lines[0])
 	}
-	rec := httptest.NewRecorder()
-	tg.g.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
-	body, _ := io.ReadAll(rec.Body)
-	want := fmt.Sprintf("nlvpn_gateway_refused_total{reason=%q} %d\n", "bad_registration", strangers)
-	if !strings.Contains(string(body), want) {
-		t.Errorf("metrics lack %q:\n%s", want, body)
+	if got := metricValue(t, gather(t, tg.g), "nlvpn_gateway_refused_total", "reason", "bad_registration"); got != strangers {
+		t.Errorf("nlvpn_gateway_refused_total{reason=bad_registration} = %v, want %d", got, strangers)
 	}
 }

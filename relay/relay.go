@@ -549,13 +549,7 @@ func (h *Hub) deliver(s *fairSender, to *Peer, buf []byte, owned bool) {
 
 // Stats returns the hub's counters and per-route byte counts.
 func (h *Hub) Stats() Stats {
-	s := Stats{
-		Frames: h.frames.Load(), Bytes: h.bytes.Load(), UDPFrames: h.udpFrames.Load(),
-		DropUnknown: h.dropUnknown.Load(), DropNotEndpoint: h.dropNotEndpoint.Load(),
-		DropQueueFull: h.dropQueue.Load(), DropUnfair: h.dropUnfair.Load(), DropMalformed: h.dropMalformed.Load(),
-		DropSendFailed: h.dropSend.Load(), ChecksAnswered: h.checksOK.Load(), ChecksRefused: h.checksRefused.Load(),
-		Routes: int(h.nroute.Load()),
-	}
+	s := h.Counters()
 	h.routes.Range(func(_, v any) bool {
 		r := v.(*route)
 		rs := RouteStats{ID: r.id, A: r.a.Name, B: r.b.Name,
@@ -565,4 +559,15 @@ func (h *Hub) Stats() Stats {
 		return true
 	})
 	return s
+}
+
+// Counters is Stats without the per-session part: cheap, for metrics.
+func (h *Hub) Counters() Stats {
+	return Stats{
+		Frames: h.frames.Load(), Bytes: h.bytes.Load(), UDPFrames: h.udpFrames.Load(),
+		DropUnknown: h.dropUnknown.Load(), DropNotEndpoint: h.dropNotEndpoint.Load(),
+		DropQueueFull: h.dropQueue.Load(), DropUnfair: h.dropUnfair.Load(), DropMalformed: h.dropMalformed.Load(),
+		DropSendFailed: h.dropSend.Load(), ChecksAnswered: h.checksOK.Load(), ChecksRefused: h.checksRefused.Load(),
+		Routes: int(h.nroute.Load()),
+	}
 }

@@ -36,19 +36,30 @@ func (d Drops) Into(m map[string]uint64) {
 	m["quic_queue_full"] = d.QUICQueueFull
 }
 
-// Ended keeps the drops of sessions that have ended, so that a node's
-// totals (live sessions plus these) never go back when a session does.
+// Ended keeps the drops and bytes of sessions that have ended, so that a
+// node's totals (live sessions plus these) never go back when a session
+// does.
 type Ended struct {
-	mu sync.Mutex
-	d  Drops
+	mu     sync.Mutex
+	d      Drops
+	tx, rx uint64
 }
 
-// Add records the final drops of a session that has ended.
+// Add records the final drops and bytes of a session that has ended.
 func (e *Ended) Add(s *Session) {
-	d := s.Drops()
+	d, st := s.Drops(), s.Stats()
 	e.mu.Lock()
 	e.d.Add(d)
+	e.tx += st.TxBytes
+	e.rx += st.RxBytes
 	e.mu.Unlock()
+}
+
+// Bytes returns the bytes the ended sessions sent and received.
+func (e *Ended) Bytes() (tx, rx uint64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.tx, e.rx
 }
 
 // Total returns the ended sessions' drops.

@@ -305,6 +305,10 @@ func TestCLINodeErrors(t *testing.T) {
 		{"connect without target", nil, []string{"connect", "--token", clientTok, "-n", "miranda"}, []string{"usage"}},
 		{"connect bad target", nil, []string{"connect", "--token", clientTok, "-n", "miranda", "nohostport"}, []string{"HOST:PORT"}},
 		{"bad log level", nil, []string{"--log-level", "loud", "status"}, []string{"--log-level"}},
+		{"agent metrics on every interface", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/8", "--metrics", "0.0.0.0:9"}, []string{"--metrics", "0.0.0.0:9", "not a loopback address", "--metrics-allow-remote"}},
+		{"up metrics on a public address", nil, []string{"up", "--token", clientTok, "--agent", "miranda", "--metrics", "198.18.0.1:9"}, []string{"--metrics", "198.18.0.1:9", "not a loopback address", "--metrics-allow-remote"}},
+		{"gateway metrics without a port", nil, []string{"gateway", "--metrics", "127.0.0.1"}, []string{"--metrics", "HOST:PORT"}},
+		{"gateway metrics on every interface", nil, []string{"gateway", "--metrics", ":9"}, []string{"--metrics", "not a loopback address", "--metrics-allow-remote"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			state := filepath.Join(t.TempDir(), "state")

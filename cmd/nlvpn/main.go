@@ -28,6 +28,7 @@ import (
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/gateway"
 	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/metrics"
 	"github.com/nlvpn/nlvpn/netstack"
 	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/policy"
@@ -168,18 +169,20 @@ The gateway relays only end-to-end encrypted packets.`,
 			&cli.StringFlag{Name: "public-addr", Usage: "HOST:PORT nodes use to reach this gateway; put into tokens"},
 			&cli.StringFlag{Name: "cert", Usage: "TLS certificate file (PEM) instead of the self-signed one"},
 			&cli.StringFlag{Name: "key", Usage: "private key file (PEM) for --cert"},
-			&cli.StringFlag{Name: "metrics", Usage: "serve counters over HTTP on `ADDR` (e.g. 127.0.0.1:9433): /metrics (Prometheus) and /relay (JSON, relayed bytes per session)"},
 			&cli.IntFlag{Name: "max-unauth-per-source", Value: gateway.DefaultMaxUnauthPerSource, Usage: "connections not yet registered from one address (IPv6: one /64); more are refused"},
 			&cli.IntFlag{Name: "max-unauth", Value: gateway.DefaultMaxUnauth, Usage: "connections not yet registered, in total; above --retry-above of them new ones must prove their address first (QUIC Retry)"},
 			&cli.IntFlag{Name: "retry-above", Value: gateway.DefaultRetryAbove, Usage: "demand a QUIC Retry once this many connections are not yet registered (-1: always)"},
 			&cli.StringFlag{Name: "authority", Usage: "admit nodes whose credentials the authority with public key `KEY` signed (from `nlvpn authority` on an admin machine); without it the gateway keeps an authority key in its state directory", EnvVars: []string{"NLVPN_AUTHORITY"}},
-		}, acmeFlags()...),
+		}, append(acmeFlags(), metricsFlags(", /healthz (200 while the gateway's QUIC listener accepts connections, 503 otherwise) and /relay (JSON: relayed bytes per session)")...)...),
 		Action: func(c *cli.Context) error {
 			if c.Args().Present() {
 				return fmt.Errorf("unexpected argument %q", c.Args().First())
 			}
 			if (c.String("cert") == "") != (c.String("key") == "") {
 				return errors.New("--cert and --key go together")
+			}
+			if err := checkMetrics(c); err != nil {
+				return err
 			}
 			if pa := c.String("public-addr"); pa != "" {
 				if _, _, err := net.SplitHostPort(pa); err != nil {
@@ -235,15 +238,13 @@ The gateway relays only end-to-end encrypted packets.`,
 			}
 			ctx, cancel := signalContext(c)
 			defer cancel()
-			if addr := c.String("metrics"); addr != "" {
-				ln, err := net.Listen("tcp", addr)
-				if err != nil {
-					return fmt.Errorf("--metrics: %w", err)
-				}
-				srv := &http.Server{Handler: g.Handler(), ReadHeaderTimeout: 5 * time.Second}
-				go srv.Serve(ln)
-				defer srv.Close()
-				slog.Info("serving metrics", "addr", ln.Addr().String())
+			reg, stopMetrics, err := startMetrics(c, metrics.Options{Health: g.Healthy, Handlers: map[string]http.Handler{"/relay": g.RelayHandler()}})
+			if err != nil {
+				return err
+			}
+			defer stopMetrics()
+			if reg != nil {
+				reg.MustRegister(g)
 			}
 			return g.Run(ctx)
 		},
@@ -633,7 +634,7 @@ rule names them. --policy FILE decides per client (rules: allow|deny WHO DEST [P
 DNS queries to its overlay address (UDP and TCP port 53), of any type, are forwarded to
 the LAN's resolvers (--dns-server, or this host's /etc/resolv.conf) and cached.
 It reconnects to the gateway by itself.`,
-		Flags: append(nodeFlags(),
+		Flags: append(append(nodeFlags(),
 			&cli.StringSliceFlag{Name: "advertise", Usage: "`CIDR` clients may reach (repeatable), e.g. 192.168.1.0/24"},
 			&cli.StringSliceFlag{Name: "dns-domain", Usage: "a `DOMAIN` of this LAN (repeatable, e.g. office.lan): TUN clients send lookups of names under it to this agent's DNS, which forwards them to the LAN's resolvers (--dns-server); other names are untouched"},
 			&cli.BoolFlag{Name: "allow-loopback", Usage: "let clients reach this host's own loopback services (as 127.0.0.1 or as the agent's overlay address); refused and logged otherwise"},
@@ -644,7 +645,7 @@ It reconnects to the gateway by itself.`,
 			&cli.IntFlag{Name: "max-udp", Value: netstack.DefaultEgressLimits.UDPTotal, Usage: "UDP flows of all clients together"},
 			&cli.StringFlag{Name: "policy", Usage: "per-client access rules from `FILE` (first match wins, default deny; reloaded on SIGHUP); without it every client reaches everything advertised"},
 			&cli.StringSliceFlag{Name: "dns-server", Usage: "LAN resolver (`IP` or IP:PORT, repeatable, tried in order) that clients' DNS queries to the agent's overlay address are forwarded to; default: the nameservers in /etc/resolv.conf (a loopback one such as systemd-resolved's 127.0.0.53 works: the agent sends from this host)"},
-		),
+		), metricsFlags("")...),
 		Action: func(c *cli.Context) error {
 			adv, err := parseAdvertise(c.StringSlice("advertise"), c.Bool("exit-node"), c.Bool("allow-loopback"))
 			if err != nil {
@@ -656,6 +657,9 @@ It reconnects to the gateway by itself.`,
 			}
 			dnsServers, err := parseDNSServers(c.StringSlice("dns-server"))
 			if err != nil {
+				return err
+			}
+			if err := checkMetrics(c); err != nil {
 				return err
 			}
 			ns, err := setupNode(c, token.RoleAgent)
@@ -681,8 +685,14 @@ It reconnects to the gateway by itself.`,
 			}
 			ctx, cancel := sigctx(c)
 			defer cancel()
+			reg, stopMetrics, err := startMetrics(c, metrics.Options{})
+			if err != nil {
+				return err
+			}
+			defer stopMetrics()
 			return agent.Run(ctx, agent.Config{
 				Policy:  pol,
+				Metrics: reg,
 				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv, Over: ns.over, Proxy: ns.proxy,
 				AllowLoopback: c.Bool("allow-loopback"),
 				DNSDomains:    domains,
@@ -721,7 +731,7 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 			&cli.BoolFlag{Name: "exit-node", Usage: "accept a default route from the agent: all of this machine's traffic goes through it"},
 			&cli.StringSliceFlag{Name: "dns-domain", Usage: "TUN mode: also resolve names under `DOMAIN` through the agent's DNS (repeatable), besides the domains the agent names; set per link in systemd-resolved, other names untouched"},
 			&cli.BoolFlag{Name: "accept-inbound", Usage: "TUN mode: let connections from the agent's side reach this machine (default: only replies to connections it opens come in)"},
-		), modeFlagList()...), proxyFlagList()...),
+		), modeFlagList()...), append(proxyFlagList(), metricsFlags("")...)...),
 		Action: func(c *cli.Context) error {
 			limitClientMemory()
 			accept, err := parsePrefixes("--accept-routes", c.StringSlice("accept-routes"))
@@ -735,6 +745,9 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 			}
 			if !token.ValidName(c.String("agent")) {
 				return fmt.Errorf("--agent %q is not a valid agent name", c.String("agent"))
+			}
+			if err := checkMetrics(c); err != nil {
+				return err
 			}
 			ns, err := setupNode(c, token.RoleClient)
 			if err != nil {
@@ -763,8 +776,14 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 			}
 			ctx, cancel := signalContext(c)
 			defer cancel()
+			reg, stopMetrics, err := startMetrics(c, metrics.Options{})
+			if err != nil {
+				return err
+			}
+			defer stopMetrics()
 			return client.Run(ctx, client.Config{
 				Netstack: nsCfg,
+				Metrics:  reg,
 				Mode:     mode, DirectTimeout: c.Duration("direct-timeout"),
 				StatusSocket: filepath.Join(ns.stateDir, "status.sock"),
 				Gateway:      ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"), Over: ns.over, Proxy: ns.proxy,

@@ -1,0 +1,91 @@
+package agent
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// The agent's metrics, read from Status at scrape time: the counters the
+// agent keeps anyway, nothing counted twice on the hot path. Labels take
+// the fixed names `nlvpn status` shows (reasons, kinds, paths); no
+// session IDs, client names or addresses, which stay in `nlvpn status`.
+var (
+	descSessions = prometheus.NewDesc("nlvpn_agent_sessions",
+		"Connected clients' sessions now, by path (direct, relay).", []string{"path"}, nil)
+	descTxBytes = prometheus.NewDesc("nlvpn_tunnel_transmit_bytes_total",
+		"Bytes of IP packets sent into the tunnel, to all peers since start.", nil, nil)
+	descRxBytes = prometheus.NewDesc("nlvpn_tunnel_receive_bytes_total",
+		"Bytes of IP packets received from the tunnel, from all peers since start.", nil, nil)
+	descDropped = prometheus.NewDesc("nlvpn_packets_dropped_total",
+		"Packets lost inside this node, by where (the names of `nlvpn status --json` drops).", []string{"reason"}, nil)
+	descDenied = prometheus.NewDesc("nlvpn_agent_denied_total",
+		"New flows the policy refused, and session offers refused, by reason.", []string{"reason"}, nil)
+	descLimited = prometheus.NewDesc("nlvpn_agent_limited_total",
+		"New flows, dials, echoes, DNS queries and gateway requests refused at a bound, by kind.", []string{"kind"}, nil)
+	descFlows = prometheus.NewDesc("nlvpn_agent_flows",
+		"Flows the clients hold open at the agent now, by kind.", []string{"kind"}, nil)
+	descProbes = prometheus.NewDesc("nlvpn_agent_probes_total",
+		"Hole-punch probes, by event (sent, refused_<reason>, limited_<budget>, wide round counts, ...).", []string{"event"}, nil)
+	descTCPRetransmits = prometheus.NewDesc("nlvpn_agent_tcp_retransmits_total",
+		"Segments the agent's netstack retransmitted on the flows it terminates.", nil, nil)
+	descTCPTimeouts = prometheus.NewDesc("nlvpn_agent_tcp_timeouts_total",
+		"Retransmission timeouts on the flows the agent's netstack terminates.", nil, nil)
+	descRevocationSerial = prometheus.NewDesc("nlvpn_agent_revocation_serial",
+		"Serial of the authority's revocation list in force (0: none).", nil, nil)
+	descRevocationsRefused = prometheus.NewDesc("nlvpn_agent_revocations_refused_total",
+		"Revocation lists from the gateway that did not verify.", nil, nil)
+)
+
+// flowKinds are the kinds a client's held flows are counted by.
+var flowKinds = []string{"tcp_flows", "udp_flows", "dials", "icmp_echoes"}
+
+// statusCollector is the agent's prometheus.Collector: each scrape reads
+// status once.
+type statusCollector struct{ status func() Status }
+
+func (statusCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descSessions, descTxBytes, descRxBytes, descDropped, descDenied, descLimited,
+		descFlows, descProbes, descTCPRetransmits, descTCPTimeouts, descRevocationSerial, descRevocationsRefused} {
+		ch <- d
+	}
+}
+
+func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.status()
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	byPath := map[string]int{"direct": 0, "relay": 0}
+	flows := make(map[string]int, len(flowKinds))
+	for _, k := range flowKinds {
+		flows[k] = 0
+	}
+	for _, s := range st.Sessions {
+		byPath[s.Path]++
+		for _, k := range flowKinds {
+			flows[k] += s.Flows[k]
+		}
+	}
+	for p, n := range byPath {
+		gauge(descSessions, float64(n), p)
+	}
+	for k, n := range flows {
+		gauge(descFlows, float64(n), k)
+	}
+	counter(descTxBytes, st.TxBytesTotal)
+	counter(descRxBytes, st.RxBytesTotal)
+	for _, m := range []struct {
+		d *prometheus.Desc
+		m map[string]uint64
+	}{{descDropped, st.Drops}, {descDenied, st.Denied}, {descLimited, st.Limited}, {descProbes, st.Probes}} {
+		for k, v := range m.m {
+			counter(m.d, v, k)
+		}
+	}
+	counter(descTCPRetransmits, st.TCPRetransmits)
+	counter(descTCPTimeouts, st.TCPTimeouts)
+	gauge(descRevocationSerial, float64(st.RevocationSerial))
+	counter(descRevocationsRefused, st.RevocationsRefused)
+}
