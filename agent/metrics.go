@@ -25,6 +25,8 @@ var (
 		"Flows the clients hold open at the agent now, by kind.", []string{"kind"}, nil)
 	descProbes = prometheus.NewDesc("nlvpn_agent_probes_total",
 		"Hole-punch probes, by event (sent, refused_<reason>, limited_<budget>, wide round counts, ...).", []string{"event"}, nil)
+	descDNS = prometheus.NewDesc("nlvpn_agent_dns_total",
+		"What the DNS forwarder for clients did, by event (the names of `nlvpn status --json` dns: queries, answered, nxdomain, cache_hits, timeouts, ...).", []string{"event"}, nil)
 	descTCPRetransmits = prometheus.NewDesc("nlvpn_agent_tcp_retransmits_total",
 		"Segments the agent's netstack retransmitted on the flows it terminates.", nil, nil)
 	descTCPTimeouts = prometheus.NewDesc("nlvpn_agent_tcp_timeouts_total",
@@ -44,7 +46,7 @@ type statusCollector struct{ status func() Status }
 
 func (statusCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSessions, descTxBytes, descRxBytes, descDropped, descDenied, descLimited,
-		descFlows, descProbes, descTCPRetransmits, descTCPTimeouts, descRevocationSerial, descRevocationsRefused} {
+		descFlows, descProbes, descDNS, descTCPRetransmits, descTCPTimeouts, descRevocationSerial, descRevocationsRefused} {
 		ch <- d
 	}
 }
@@ -79,7 +81,7 @@ func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, m := range []struct {
 		d *prometheus.Desc
 		m map[string]uint64
-	}{{descDropped, st.Drops}, {descDenied, st.Denied}, {descLimited, st.Limited}, {descProbes, st.Probes}} {
+	}{{descDropped, st.Drops}, {descDenied, st.Denied}, {descLimited, st.Limited}, {descProbes, st.Probes}, {descDNS, st.DNS}} {
 		for k, v := range m.m {
 			counter(m.d, v, k)
 		}

@@ -23,6 +23,7 @@ func TestAgentMetrics(t *testing.T) {
 		Denied:         map[string]uint64{"policy": 2, "offer_refused": 1},
 		Limited:        map[string]uint64{"tcp_flows": 7},
 		Probes:         map[string]uint64{"sent": 9, "refused_loopback": 1},
+		DNS:            map[string]uint64{"queries": 6, "answered": 5},
 		TCPRetransmits: 12, RevocationSerial: 3,
 	}
 	m := statusCollector{func() Status { return st }}
@@ -60,13 +61,17 @@ nlvpn_packets_dropped_total{reason="spoofed_source"} 4
 # TYPE nlvpn_agent_denied_total counter
 nlvpn_agent_denied_total{reason="offer_refused"} 1
 nlvpn_agent_denied_total{reason="policy"} 2
+# HELP nlvpn_agent_dns_total What the DNS forwarder for clients did, by event (the names of ` + "`nlvpn status --json`" + ` dns: queries, answered, nxdomain, cache_hits, timeouts, ...).
+# TYPE nlvpn_agent_dns_total counter
+nlvpn_agent_dns_total{event="answered"} 5
+nlvpn_agent_dns_total{event="queries"} 6
 # HELP nlvpn_agent_tcp_retransmits_total Segments the agent's netstack retransmitted on the flows it terminates.
 # TYPE nlvpn_agent_tcp_retransmits_total counter
 nlvpn_agent_tcp_retransmits_total 12
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "nlvpn_agent_sessions", "nlvpn_agent_flows",
 		"nlvpn_tunnel_transmit_bytes_total", "nlvpn_tunnel_receive_bytes_total", "nlvpn_packets_dropped_total",
-		"nlvpn_agent_denied_total", "nlvpn_agent_tcp_retransmits_total"); err != nil {
+		"nlvpn_agent_denied_total", "nlvpn_agent_dns_total", "nlvpn_agent_tcp_retransmits_total"); err != nil {
 		t.Error(err)
 	}
 	mfs, err := reg.Gather()
