@@ -179,7 +179,12 @@ func TestGatewayHealthy(t *testing.T) {
 	if ct := rec.Header().Get("Content-Type"); ct != "application/json" || !strings.Contains(string(body), `"frames":0`) {
 		t.Errorf("/relay: %s %q", ct, body)
 	}
-	tg.stop(t)
+	tg.cancel()
+	select {
+	case <-tg.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return within 10 s")
+	}
 	if err := tg.g.Healthy(); err == nil {
 		t.Fatal("Healthy after Run returned")
 	}
