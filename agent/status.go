@@ -38,7 +38,7 @@ type Status struct {
 	Limited map[string]uint64 `json:"limited"`
 	// DNS counts what the DNS forwarder for clients did (dnsfwd.Stats):
 	// queries, answered, nxdomain, servfail, other_rcode, notimp,
-	// malformed, cache_hits, cache_evicted, truncated, timeouts and
+	// malformed, cache_hits, coalesced, cache_evicted, truncated, timeouts and
 	// mismatched (resolver replies dropped: wrong ID or question).
 	DNS map[string]uint64 `json:"dns"`
 	// Probes counts hole-punch probes: sent, refused_<reason> (candidates
@@ -143,7 +143,7 @@ func (a *Agent) Status() Status {
 	st.Drops["dns_mismatched_replies"] = dns.Mismatched
 	st.DNS = map[string]uint64{
 		"queries": dns.Queries, "answered": dns.Answered, "nxdomain": dns.NXDomain, "servfail": dns.ServFail,
-		"other_rcode": dns.Other, "notimp": dns.NotImpl, "malformed": dns.Malformed, "cache_hits": dns.CacheHits,
+		"other_rcode": dns.Other, "notimp": dns.NotImpl, "malformed": dns.Malformed, "cache_hits": dns.CacheHits, "coalesced": dns.Coalesced,
 		"cache_evicted": dns.CacheEvicted, "truncated": dns.Truncated, "timeouts": dns.Timeouts, "mismatched": dns.Mismatched,
 	}
 	st.Limited["gateway_requests"] = a.u.Ctrl.RequestsBusy()

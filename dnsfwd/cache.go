@@ -2,6 +2,7 @@ package dnsfwd
 
 import (
 	"container/list"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -32,11 +33,15 @@ type cacheKey struct {
 	typ      dnsmessage.Type
 	class    dnsmessage.Class
 	dnssecOK bool // a DO query gets RRSIGs that others would not want
+	// checkingDisabled: a validating resolver answers a CD query with
+	// data it would refuse (SERVFAIL) to others.
+	checkingDisabled bool
 }
 
 func cacheKeyOf(q *query) cacheKey {
 	qq := q.question()
-	return cacheKey{name: strings.ToLower(qq.Name.String()), typ: qq.Type, class: qq.Class, dnssecOK: q.dnssecOK}
+	return cacheKey{name: strings.ToLower(qq.Name.String()), typ: qq.Type, class: qq.Class, dnssecOK: q.dnssecOK,
+		checkingDisabled: q.msg.Header.CheckingDisabled}
 }
 
 type cacheEntry struct {
@@ -97,7 +102,11 @@ func (c *cache) put(key cacheKey, m *dnsmessage.Message, now time.Time) {
 	if ttl <= 0 {
 		return
 	}
-	packed, err := m.Pack()
+	// Packed from a copy: Pack writes into the records (the caller
+	// still uses m).
+	c2 := *m
+	c2.Answers, c2.Authorities, c2.Additionals = slices.Clone(m.Answers), slices.Clone(m.Authorities), slices.Clone(m.Additionals)
+	packed, err := c2.Pack()
 	if err != nil {
 		return
 	}

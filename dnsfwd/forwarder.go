@@ -71,8 +71,10 @@ type Stats struct {
 	Other     uint64 // answers with another RCODE (REFUSED, FORMERR...), passed on
 	NotImpl   uint64 // NOTIMP made here (opcodes other than QUERY)
 	Malformed uint64 // queries dropped as not well-formed
-	// CacheHits counts queries answered from the cache.
+	// CacheHits counts queries answered from the cache; Coalesced those
+	// that waited for an exchange already asking the same question.
 	CacheHits uint64
+	Coalesced uint64
 	// Truncated counts answers sent with TC set: passed on from the
 	// resolver, or cut here to the client's UDP size.
 	Truncated uint64
@@ -103,8 +105,11 @@ type Forwarder struct {
 	clientMu  sync.Mutex
 	perClient map[netip.Addr]int // queries in flight, by client; no entry at 0
 
-	queries, answered, nxdomain, servfail, other, notimpl, malformed   atomic.Uint64
-	cacheHits, truncated, mismatched, timeouts, dropped, clientLimited atomic.Uint64
+	flightMu sync.Mutex
+	flights  map[flightKey]*flight // exchanges running, by question
+
+	queries, answered, nxdomain, servfail, other, notimpl, malformed              atomic.Uint64
+	cacheHits, truncated, mismatched, timeouts, dropped, clientLimited, coalesced atomic.Uint64
 }
 
 // New returns a forwarder. Without Servers and without a ResolvConf that
@@ -135,7 +140,7 @@ func (f *Forwarder) Stats() Stats {
 	return Stats{
 		Queries: f.queries.Load(), Answered: f.answered.Load(), NXDomain: f.nxdomain.Load(),
 		ServFail: f.servfail.Load(), Other: f.other.Load(), NotImpl: f.notimpl.Load(), Malformed: f.malformed.Load(),
-		CacheHits: f.cacheHits.Load(), Truncated: f.truncated.Load(), Mismatched: f.mismatched.Load(),
+		CacheHits: f.cacheHits.Load(), Coalesced: f.coalesced.Load(), Truncated: f.truncated.Load(), Mismatched: f.mismatched.Load(),
 		Timeouts: f.timeouts.Load(), Dropped: f.dropped.Load(), ClientLimited: f.clientLimited.Load(),
 		CacheEvicted: f.cache.evicted.Load(),
 	}
@@ -209,7 +214,7 @@ func (f *Forwarder) Answer(ctx context.Context, q []byte, tcp bool) []byte {
 		f.cacheHits.Add(1)
 		return f.finish(query, m, limit, true)
 	}
-	reply, err := f.exchange(ctx, query, tcp)
+	reply, err := f.resolve(ctx, key, query, tcp)
 	if err != nil {
 		if errors.Is(err, errTimeout) {
 			f.timeouts.Add(1)
@@ -217,10 +222,56 @@ func (f *Forwarder) Answer(ctx context.Context, q []byte, tcp bool) []byte {
 		f.log.Debug("no answer from the LAN resolvers", "name", query.question().Name.String(), "type", query.question().Type, "error", err)
 		return f.finish(query, errorReply(query, dnsmessage.RCodeServerFailure), limit, true)
 	}
-	if !reply.Header.Truncated {
-		f.cache.put(key, reply, f.now())
-	}
 	return f.finish(query, reply, limit, true)
+}
+
+// flight is one exchange with the resolvers that queries for the same
+// question, arriving while it runs, wait for instead of asking again.
+type flight struct {
+	done chan struct{}
+	m    *dnsmessage.Message
+	err  error
+}
+
+type flightKey struct {
+	cacheKey
+	tcp bool // a TCP query must not get a UDP exchange's truncated answer
+}
+
+// resolve asks the resolvers for query, or waits for the exchange already
+// asking the same, and caches the answer. The exchange runs for all who
+// wait: the first asker going away does not end it.
+func (f *Forwarder) resolve(ctx context.Context, key cacheKey, query *query, tcp bool) (*dnsmessage.Message, error) {
+	fk := flightKey{key, tcp}
+	f.flightMu.Lock()
+	if fl, ok := f.flights[fk]; ok {
+		f.flightMu.Unlock()
+		f.coalesced.Add(1)
+		select {
+		case <-fl.done:
+			return fl.m, fl.err
+		case <-ctx.Done():
+			return nil, errTimeout
+		}
+	}
+	if f.flights == nil {
+		f.flights = make(map[flightKey]*flight)
+	}
+	fl := &flight{done: make(chan struct{})}
+	f.flights[fk] = fl
+	f.flightMu.Unlock()
+
+	ectx, cancel := context.WithTimeout(context.WithoutCancel(ctx), answerTimeout)
+	fl.m, fl.err = f.exchange(ectx, query, tcp)
+	cancel()
+	if fl.err == nil && !fl.m.Header.Truncated {
+		f.cache.put(key, fl.m, f.now())
+	}
+	f.flightMu.Lock()
+	delete(f.flights, fk)
+	f.flightMu.Unlock()
+	close(fl.done)
+	return fl.m, fl.err
 }
 
 // finish makes the client's copy of m (an answer to query) and packs it
@@ -232,8 +283,11 @@ func (f *Forwarder) finish(query *query, m *dnsmessage.Message, limit int, count
 	out.Header.Response = true
 	out.Header.RecursionDesired = query.msg.Header.RecursionDesired
 	out.Questions = query.msg.Questions
-	// Clipped: appending must not write into the cached message's array.
-	out.Additionals = slices.Clip(withoutOPT(m.Additionals))
+	// Copies: m may be shared (the cache's, another waiter's), and
+	// dnsmessage's Pack writes each record's type and length into it.
+	out.Answers = slices.Clone(m.Answers)
+	out.Authorities = slices.Clone(m.Authorities)
+	out.Additionals = slices.Clone(withoutOPT(m.Additionals))
 	if query.edns {
 		out.Additionals = append(out.Additionals, optRecord(udpPayload, query.dnssecOK))
 	}

@@ -33,6 +33,7 @@ var lanHost = netip.MustParseAddr("192.168.77.10")
 //	spoofed.office.lan.   a wrong-ID and a wrong-question answer, then the real one
 //	odd.office.lan.       a record of a type nobody knows (65280)
 //	old.office.lan.       FORMERR for a query with EDNS, NXDOMAIN without
+//	delay.office.lan.     NXDOMAIN, after 300 ms
 type fakeUpstream struct {
 	addr    netip.AddrPort
 	zone    *labdns.Zone
@@ -104,6 +105,8 @@ func (u *fakeUpstream) handle(q []byte, tcp bool) []byte {
 		return mangle(func(r *dnsmessage.Message) { r.RCode = dnsmessage.RCodeServerFailure; r.Authorities = nil })
 	case "slow.office.lan.":
 		return nil
+	case "delay.office.lan.":
+		time.Sleep(300 * time.Millisecond)
 	case "old.office.lan.":
 		if len(m.Additionals) > 0 {
 			return mangle(func(r *dnsmessage.Message) {
@@ -632,5 +635,39 @@ func TestServers(t *testing.T) {
 	f.up.checked = time.Now().Add(-resolvConfCheck)
 	if got := fmt.Sprint(f.Servers()); got != "[192.0.2.2:53 192.0.2.3:53]" {
 		t.Errorf("after the change: %v", got)
+	}
+}
+
+// TestForwardCoalesces: queries for one question that arrive while it is
+// being asked wait for that exchange: the resolver is asked once, each
+// client gets its own ID back; the one over TCP is asked for itself.
+func TestForwardCoalesces(t *testing.T) {
+	u := startFakeUpstream(t)
+	f := newTestForwarder(t, u, 2*time.Second)
+	const n = 10
+	var wg sync.WaitGroup
+	got := make([]*dnsmessage.Message, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			b := f.Answer(context.Background(), testQuery{id: uint16(500 + i), name: "delay.office.lan.", typ: dnsmessage.TypeA}.pack(t), i == 0)
+			var m dnsmessage.Message
+			if b != nil && m.Unpack(b) == nil {
+				got[i] = &m
+			}
+		}()
+	}
+	wg.Wait()
+	for i, m := range got {
+		if m == nil || m.ID != uint16(500+i) || m.RCode != dnsmessage.RCodeNameError {
+			t.Errorf("query %d: %+v", i, m)
+		}
+	}
+	st := f.Stats()
+	// UDP: one asks, the 8 others arriving within its 300 ms wait for it
+	// (or, late, find it in the cache); TCP: asked once for itself.
+	if q := u.queries.Load(); q != 2 || st.Coalesced+st.CacheHits != n-2 || st.Coalesced == 0 {
+		t.Errorf("upstream asked %d times (want 2), %d coalesced, %d cache hits", q, st.Coalesced, st.CacheHits)
 	}
 }
