@@ -86,6 +86,13 @@ type Options struct {
 	// SameLAN puts client and agent behind one NAT on the same 10.0.1.0/24
 	// LAN. The NAT kind is ClientNAT (None is treated as Cone).
 	SameLAN bool
+	// ClientUplinkMTU and AgentUplinkMTU, when set, are the MTU of that
+	// side's internet link (both ends of the veth between inet and the
+	// side's NAT router, or the node itself without NAT): a small path MTU
+	// such as PPPoE (1492) or a tunnel (1280) somewhere on the way. Packets
+	// too big for it are dropped by the router in front of it with ICMP
+	// "fragmentation needed" back to the sender.
+	ClientUplinkMTU, AgentUplinkMTU int
 	// Prefix overrides the random per-run prefix (keep it short, e.g. "nv1a2b").
 	Prefix string
 	// IPv6 gives the LAN an IPv6 subnet next to the IPv4 one
@@ -267,6 +274,9 @@ func (l *Lab) Build(ctx context.Context) error {
 			return err
 		}
 	}
+	if err := l.uplinkMTUs(ctx); err != nil {
+		return err
+	}
 	// agent <-> LAN host; the LAN host gets no default route at all.
 	if err := l.link(ctx, l.NS.Agent, "lan0", agtLAN77, l.NS.LAN, "eth0", lanHost, 24); err != nil {
 		return err
@@ -310,6 +320,39 @@ func (l *Lab) buildIPv6LAN(ctx context.Context) error {
 		{"-n", l.NS.LAN, "addr", "add", fmt.Sprintf("%s/%d", lanHost6, lanSubnet6.Bits()), "dev", "eth0", "nodad"},
 	} {
 		if err := l.ip(ctx, s...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// uplinkMTUs sets the MTUs of Options.ClientUplinkMTU and AgentUplinkMTU.
+func (l *Lab) uplinkMTUs(ctx context.Context) error {
+	for _, s := range []struct {
+		mtu                   int
+		inetIf, natNS, hostNS string
+	}{
+		{l.Opts.ClientUplinkMTU, "cli0", l.NS.ClientNAT, l.NS.Client},
+		{l.Opts.AgentUplinkMTU, "agt0", l.NS.AgentNAT, l.NS.Agent},
+	} {
+		if s.mtu == 0 {
+			continue
+		}
+		if s.mtu < 576 || s.mtu > 1500 {
+			return fmt.Errorf("lab: uplink MTU %d outside 576..1500", s.mtu)
+		}
+		if l.Opts.SameLAN && s.inetIf == "agt0" {
+			return errors.New("lab: with SameLAN the agent shares the client's uplink (set ClientUplinkMTU)")
+		}
+		wanNS := s.natNS
+		if wanNS == "" {
+			wanNS = s.hostNS
+		}
+		mtu := fmt.Sprint(s.mtu)
+		if err := l.ip(ctx, "-n", l.NS.Inet, "link", "set", s.inetIf, "mtu", mtu); err != nil {
+			return err
+		}
+		if err := l.ip(ctx, "-n", wanNS, "link", "set", "wan0", "mtu", mtu); err != nil {
 			return err
 		}
 	}
