@@ -29,6 +29,16 @@ func (c *Config) initialPacketSize() protocol.ByteCount {
 	return protocol.ByteCount(c.InitialPacketSize)
 }
 
+// maxUDPPayloadSize is the max_udp_payload_size transport parameter: with
+// Path MTU Discovery off, a configured InitialPacketSize is this endpoint's
+// packet size for good, and its path may not carry larger datagrams either.
+func (c *Config) maxUDPPayloadSize() protocol.ByteCount {
+	if c.DisablePathMTUDiscovery && c.InitialPacketSize != 0 {
+		return min(c.initialPacketSize(), protocol.MaxPacketBufferSize)
+	}
+	return protocol.MaxPacketBufferSize
+}
+
 func validateConfig(config *Config) error {
 	if config == nil {
 		return nil

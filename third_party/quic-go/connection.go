@@ -345,7 +345,7 @@ var newConnection = func(
 		MaxUniStreamNum:                 protocol.StreamNum(s.config.MaxIncomingUniStreams),
 		MaxAckDelay:                     ackhandler.MaxAckDelay + protocol.TimerGranularity,
 		AckDelayExponent:                protocol.AckDelayExponent,
-		MaxUDPPayloadSize:               protocol.MaxPacketBufferSize,
+		MaxUDPPayloadSize:               s.config.maxUDPPayloadSize(),
 		StatelessResetToken:             &statelessResetToken,
 		OriginalDestinationConnectionID: origDestConnID,
 		// For interoperability with quic-go versions before May 2023, this value must be set to a value
@@ -485,7 +485,7 @@ var newClientConnection = func(
 		MaxBidiStreamNum:               protocol.StreamNum(s.config.MaxIncomingStreams),
 		MaxUniStreamNum:                protocol.StreamNum(s.config.MaxIncomingUniStreams),
 		MaxAckDelay:                    ackhandler.MaxAckDelay + protocol.TimerGranularity,
-		MaxUDPPayloadSize:              protocol.MaxPacketBufferSize,
+		MaxUDPPayloadSize:              s.config.maxUDPPayloadSize(),
 		AckDelayExponent:               protocol.AckDelayExponent,
 		// For interoperability with quic-go versions before May 2023, this value must be set to a value
 		// different from protocol.DefaultActiveConnectionIDLimit.
@@ -2534,7 +2534,13 @@ func (c *Conn) applyTransportParameters() {
 		c.connIDManager.AddFromPreferredAddress(params.PreferredAddress.ConnectionID, params.PreferredAddress.StatelessResetToken)
 	}
 	if c.mtuDiscoverer != nil {
-		c.mtuDiscoverer = newMTUDiscoverer(c.rttStats, c.mtuDiscoverer.CurrentSize(), c.maxMTU(), c.qlogger)
+		c.mtuDiscoverer = newMTUDiscoverer(c.rttStats, min(c.mtuDiscoverer.CurrentSize(), c.maxMTU()), c.maxMTU(), c.qlogger)
+	}
+	// Never send datagrams larger than the peer's max_udp_payload_size
+	// (RFC 9000, 18.2), also when the configured packet size is larger.
+	if size := c.maxPacketSize(); estimateMaxPayloadSize(size) < protocol.ByteCount(c.maxPayloadSizeEstimate.Load()) {
+		c.maxPayloadSizeEstimate.Store(uint32(estimateMaxPayloadSize(size)))
+		c.sentPacketHandler.SetMaxDatagramSize(size)
 	}
 }
 
@@ -2985,9 +2991,9 @@ func (c *Conn) maxPacketSize() protocol.ByteCount {
 		return protocol.MinInitialPacketSize
 	}
 	if c.mtuDiscoverer == nil {
-		return c.config.initialPacketSize()
+		return min(c.config.initialPacketSize(), c.maxMTU())
 	}
-	return c.mtuDiscoverer.CurrentSize()
+	return min(c.mtuDiscoverer.CurrentSize(), c.maxMTU())
 }
 
 // AcceptStream returns the next stream opened by the peer, blocking until one is available.
