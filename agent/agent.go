@@ -54,6 +54,9 @@ type Config struct {
 	// DNSDomains are the LAN's domains, told to clients so that a TUN
 	// client sends lookups under them to this agent's DNS (split DNS).
 	DNSDomains []string
+	// UDPSize fixes the node's UDP size (--mtu; session.UDPSize); 0:
+	// full size, lowered by itself when the path to the gateway says so.
+	UDPSize int
 	// Limits bounds the flows each client, and all together, may hold;
 	// zero fields mean netstack.DefaultEgressLimits.
 	Limits netstack.EgressLimits
@@ -110,8 +113,10 @@ type Agent struct {
 	probes     probeGuard // where hole-punch probes may go, and how many (probes.go)
 
 	dropSpoofed, dropNoSession atomic.Uint64
-	dropUnoffered              atomic.Uint64 // peer connections refused before TLS: no offer for their session
-	stopping                   atomic.Bool   // shutting down: no new sessions
+	// fragmented counts packets split for a session with a smaller MTU.
+	fragmented    atomic.Uint64
+	dropUnoffered atomic.Uint64 // peer connections refused before TLS: no offer for their session
+	stopping      atomic.Bool   // shutting down: no new sessions
 
 	// revoked is the authority's revocation list in force (nil: none
 	// seen); revocationsRefused counts lists that did not verify.
@@ -166,7 +171,7 @@ func Run(ctx context.Context, cfg Config) error {
 		punches: make(map[uint64]*underlay.Direct), live: make(map[uint64]bool), running: make(map[*session.Session]struct{})}
 
 	u, err := underlay.Open(control.Config{
-		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Advertise: cfg.Advertise,
+		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Advertise: cfg.Advertise, UDPSize: cfg.UDPSize,
 		Log: cfg.Log, OnRequest: a.onRequest, OnRevoked: a.endRevoked, OnGone: a.onGone, OnMoved: a.onMoved,
 		OnUp: func(_ context.Context, w *wire.Welcome) {
 			a.takeRevocations(w.Revocations)
@@ -585,6 +590,7 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 			acc.Punch.Candidates = punch.Candidates(w.Observed, a.u.Port)
 		}
 	}
+	acc.UDPSize = session.WireUDPSize(a.u.Ctrl.UDPSize())
 	a.mu.Lock()
 	if prev := a.offers[s.ID]; prev != nil && prev.PeerKey != s.PeerKey {
 		// A session ID belongs to one client key; another client naming it
@@ -753,6 +759,11 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		return
 	}
 	s := session.New(id, qc, log)
+	// The client dialed with packets that fit both paths (and quic-go
+	// sends it no larger ones than it advertised); what the egress hands
+	// this session must fit them too.
+	sz := session.SizesFor(a.u.Ctrl.UDPSize(), offer.UDPSize)
+	s.SetMTU(sz.TUN)
 	cs := &clientState{offer: offer, sess: s}
 	a.mu.Lock()
 	a.live[id] = true
@@ -766,7 +777,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		// connection is dead weight.
 		old.sess.Conn.CloseWithError(0, "superseded")
 	}
-	log.Info("client connected")
+	log.Info("client connected", "mtu", sz.TUN)
 	if misbehave != nil { // test builds only (misbehave.go)
 		go misbehave(a, s, offer.PeerAddr, log)
 	}
@@ -823,6 +834,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 func (a *Agent) toClient(pkts [][]byte) {
 	var last netip.Addr
 	var cs *clientState
+	var frag []byte
 	clients := a.clients.Snapshot()
 	for _, pkt := range pkts {
 		_, dst, ok := packet.Addrs(pkt)
@@ -837,6 +849,20 @@ func (a *Agent) toClient(pkts [][]byte) {
 		if cs == nil {
 			a.dropNoSession.Add(1)
 			continue
+		}
+		if mtu := cs.sess.MTU(); len(pkt) > mtu {
+			// The netstack's link fits the largest sessions; this one's
+			// path is smaller. TCP follows the client's MSS and never
+			// gets here; UDP and ICMP do, and are split as the host's own
+			// stack would (IPv4; anything else is dropped and counted by
+			// the session).
+			if frag == nil {
+				frag = make([]byte, session.TunMTU) // rare: allocated when needed
+			}
+			if packet.FragmentIPv4(pkt, mtu, frag, func(f []byte) { cs.sess.SendWait(f) }) {
+				a.fragmented.Add(1)
+				continue
+			}
 		}
 		cs.sess.SendWait(pkt)
 	}

@@ -55,6 +55,11 @@ type Status struct {
 	// the flows it terminates (all clients).
 	TCPRetransmits uint64 `json:"tcp_retransmits"`
 	TCPTimeouts    uint64 `json:"tcp_timeouts"`
+	// UDPSize is the agent's UDP size (its path MTU less headers);
+	// Fragmented counts IPv4 packets split for a session whose MTU is
+	// smaller than the netstack's (a client on a small path).
+	UDPSize    int    `json:"udp_size"`
+	Fragmented uint64 `json:"fragmented"`
 }
 
 // SessionStatus is one connected client.
@@ -66,6 +71,7 @@ type SessionStatus struct {
 	RTTMillis       float64 `json:"rtt_ms"`
 	TxBytes         uint64  `json:"tx_bytes"`
 	RxBytes         uint64  `json:"rx_bytes"`
+	MTU             int     `json:"mtu"` // the session's: the largest IP packet it carries
 	QUICPacketsSent uint64  `json:"quic_packets_sent"`
 	QUICPacketsLost uint64  `json:"quic_packets_lost"`
 	// Flows is what this client holds at the agent now: tcp_flows,
@@ -77,7 +83,10 @@ type SessionStatus struct {
 
 // Status reports the agent's sessions and drop counters now.
 func (a *Agent) Status() Status {
-	st := Status{Role: "agent", Transport: a.u.Ctrl.Transport()}
+	st := Status{Role: "agent", Transport: a.u.Ctrl.Transport(), Fragmented: a.fragmented.Load()}
+	if a.u.Ctrl != nil {
+		st.UDPSize = a.u.Ctrl.UDPSize()
+	}
 	if w := a.u.Ctrl.Welcome(); w != nil {
 		st.Name = w.Name
 	}
@@ -110,7 +119,7 @@ func (a *Agent) Status() Status {
 		ss := s.Stats()
 		cs := s.Conn.ConnectionStats()
 		one := SessionStatus{Client: e.cs.offer.PeerName, Session: wire.SessionID(s.ID), Path: "relay",
-			RTTMillis: float64(cs.SmoothedRTT.Microseconds()) / 1000, TxBytes: ss.TxBytes, RxBytes: ss.RxBytes,
+			RTTMillis: float64(cs.SmoothedRTT.Microseconds()) / 1000, TxBytes: ss.TxBytes, RxBytes: ss.RxBytes, MTU: s.MTU(),
 			QUICPacketsSent: cs.PacketsSent, QUICPacketsLost: cs.PacketsLost}
 		if c, ok := held[e.cs.offer.PeerAddr.Unmap()]; ok {
 			one.Flows, one.Limited = c.Held, c.Limited

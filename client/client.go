@@ -47,7 +47,10 @@ type Config struct {
 	// connected to the gateway yet (asking again every few seconds): zero
 	// waits until ctx ends, a negative value not at all.
 	WaitAgent time.Duration
-	Log       *slog.Logger
+	// UDPSize fixes the node's UDP size (--mtu; session.UDPSize); 0:
+	// full size, lowered by itself when the path to the gateway says so.
+	UDPSize int
+	Log     *slog.Logger
 	// OnUp, if set, runs once when the tunnel first comes up.
 	OnUp func()
 	// Mode is wire.ModeAuto, ModeDirect or ModeRelay.
@@ -113,6 +116,11 @@ type Client struct {
 	path   pathState
 	direct chan struct{} // signalled when a direct path is confirmed
 
+	// tun is the TUN device (TUN mode), tunMTU the MTU followMTU last
+	// gave it (0: the one it was made with, session.TunMTU).
+	tun    *tun.Device
+	tunMTU int
+
 	// agentAt is where the current session's punch may probe the agent;
 	// its observed address follows the agent's moves (onMoved).
 	agentAt agentPlaces
@@ -161,7 +169,7 @@ func Run(ctx context.Context, cfg Config) error {
 	up := make(chan struct{}, 1)
 	moved := make(chan netip.Addr, 1)
 	u, err := underlay.Open(control.Config{
-		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Log: cfg.Log,
+		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Log: cfg.Log, UDPSize: cfg.UDPSize,
 		OnUp: func(_ context.Context, w *wire.Welcome) {
 			if mine := c.mine.Load(); mine != nil && w.Overlay != *mine {
 				// Another process with this client name holds our address
@@ -445,6 +453,7 @@ func (c *Client) reattach(ctx context.Context, runErr <-chan error) error {
 					old.Conn.CloseWithError(0, "replaced")
 				}
 				go c.pump(s)
+				c.followMTU(s)
 				c.log.Info("session re-established", "session", wire.SessionID(s.ID))
 			} else {
 				c.log.Info("session resumed over the relay", "session", wire.SessionID(s.ID))
@@ -489,6 +498,7 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 			req.Punch.Candidates = punch.Candidates(w.Observed, c.u.Port)
 		}
 	}
+	req.UDPSize = session.WireUDPSize(c.u.Ctrl.UDPSize())
 	r, err := c.u.Ctrl.Request(rctx, &wire.Message{Type: wire.TypeConnect, Connect: req})
 	if err != nil {
 		return nil, nil, err
@@ -529,8 +539,11 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 	if err != nil {
 		return nil, nil, err
 	}
+	// The session's packets must fit both ends' paths: the agent's says
+	// the offer (nothing from an agent on a full-size path).
+	sz := session.SizesFor(c.u.Ctrl.UDPSize(), off.UDPSize)
 	start := time.Now()
-	qc, err := c.u.Peers.Dial(rctx, session.Addr(off.ID), ctls, session.QUICConfig())
+	qc, err := c.u.Peers.Dial(rctx, session.Addr(off.ID), ctls, session.QUICConfigSized(sz.Peer))
 	if err != nil {
 		return nil, nil, fmt.Errorf("end-to-end handshake with agent %q: %w", c.cfg.Agent, err)
 	}
@@ -550,8 +563,15 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 		qc.CloseWithError(1, "bad peer info")
 		return nil, nil, fmt.Errorf("agent %q sent bad session info: %v", c.cfg.Agent, err)
 	}
-	c.log.Info("end-to-end session established", "session", wire.SessionID(off.ID), "agent_key", key, "took", time.Since(start).Round(time.Millisecond), "path", c.pathKind())
-	return session.New(off.ID, qc, c.log), m.Peer, nil
+	c.log.Info("end-to-end session established", "session", wire.SessionID(off.ID), "agent_key", key, "took", time.Since(start).Round(time.Millisecond), "path", c.pathKind(),
+		"mtu", sz.TUN)
+	if sz.TUN < session.TunMTU {
+		c.log.Info("tunnel MTU lowered for a small path MTU", "mtu", sz.TUN, "udp_size", sz.UDP,
+			"own_udp_size", c.u.Ctrl.UDPSize(), "agent_udp_size", off.UDPSize)
+	}
+	s := session.New(off.ID, qc, c.log)
+	s.SetMTU(sz.TUN)
+	return s, m.Peer, nil
 }
 
 // peerInfoWait bounds the wait for the agent's session info after the
@@ -589,11 +609,24 @@ func (c *Client) fromAgent(src netip.Addr) bool {
 // startTUN routes the agent's overlay address and subnets into the TUN
 // device and starts carrying its packets.
 func (c *Client) startTUN(ctx context.Context, dev *tun.Device, w *wire.Welcome, info *wire.PeerInfo, routes []netip.Prefix) (stop func(), err error) {
+	// The device's MTU follows the session's before anything is
+	// configured on it: the kernel takes no IPv6 address on a device with
+	// an MTU below IPv6's minimum.
+	c.tun = dev
+	c.followMTU(c.cur.Load())
 	// IPv6 subnets need the IPv6 overlay address on the device, which a
-	// machine with IPv6 off cannot take: it goes without them.
+	// machine with IPv6 off cannot take, nor a tunnel whose path is too
+	// small for IPv6's 1280-byte minimum: it goes without them.
 	var addr6 netip.Prefix
 	if slices.ContainsFunc(routes, func(p netip.Prefix) bool { return p.Addr().Is6() }) {
-		if platform.IPv6Enabled() {
+		if mtu := c.cur.Load().MTU(); mtu < minIPv6MTU {
+			routes = slices.DeleteFunc(slices.Clone(routes), func(p netip.Prefix) bool {
+				if p.Addr().Is6() {
+					c.log.Warn("not routing an IPv6 subnet the agent advertises: the path is too small for IPv6 in the tunnel", "prefix", p, "mtu", mtu, "ipv6_needs", minIPv6MTU)
+				}
+				return p.Addr().Is6()
+			})
+		} else if platform.IPv6Enabled() {
 			addr6 = netip.PrefixFrom(c.overlay6, 128)
 		} else {
 			routes = slices.DeleteFunc(slices.Clone(routes), func(p netip.Prefix) bool {
@@ -706,11 +739,15 @@ func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
 			return
 		}
 		s := c.cur.Load()
+		mtu := session.TunMTU
+		if s != nil {
+			mtu = s.MTU()
+		}
 		for i := 0; i < k; i++ {
 			pkt := bufs[i][tun.Offset : tun.Offset+sizes[i]]
-			if len(pkt) > session.TunMTU {
+			if len(pkt) > mtu {
 				// Never a silent drop: tell the sender the path's MTU.
-				c.tooBig(pkt)
+				c.tooBig(pkt, mtu)
 				continue
 			}
 			if s != nil {
@@ -722,8 +759,31 @@ func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
 
 // tooBig answers an oversize packet with ICMP "fragmentation needed" /
 // "packet too big" written back into the TUN.
-func (c *Client) tooBig(pkt []byte) {
-	if icmp := packet.TooBig(pkt, session.TunMTU); icmp != nil {
+func (c *Client) tooBig(pkt []byte, mtu int) {
+	if icmp := packet.TooBig(pkt, mtu); icmp != nil {
 		c.tunw.Write(icmp)
 	}
+}
+
+// minIPv6MTU is IPv6's minimum link MTU (RFC 8200): a tunnel whose
+// session carries less cannot carry IPv6 (a path MTU below 1392).
+const minIPv6MTU = 1280
+
+// followMTU sets the TUN device's MTU to session s's (the kernel's TCP
+// MSS follows it), when it differs. A packet still too big (sent before,
+// or UDP with DF) gets ICMP back from readTUN.
+func (c *Client) followMTU(s *session.Session) {
+	if c.tun == nil || s == nil {
+		return
+	}
+	mtu := s.MTU()
+	if c.tunMTU == mtu {
+		return
+	}
+	if err := platform.SetMTU(c.tun.Name(), mtu); err != nil {
+		c.log.Warn("cannot set the TUN device's MTU to the session's; packets over it get ICMP 'too big' back", "mtu", mtu, "err", err)
+		return
+	}
+	c.tunMTU = mtu
+	c.log.Info("tunnel MTU", "tun", c.tun.Name(), "mtu", mtu)
 }

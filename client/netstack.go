@@ -30,7 +30,9 @@ const DNSPort = 53
 func (c *Client) startNetstack(ctx context.Context, w *wire.Welcome, info *wire.PeerInfo) (stop func(), err error) {
 	nc := c.cfg.Netstack
 	px, err := netstack.NewProxy(netstack.ProxyConfig{
-		Addr: w.Overlay, Addr6: wire.Overlay6(w.Overlay), MTU: session.TunMTU, DNS: netip.AddrPortFrom(info.Overlay, DNSPort), Logger: c.log,
+		// The first session's MTU: a later session's may differ (then
+		// packets over it are dropped and counted).
+		Addr: w.Overlay, Addr6: wire.Overlay6(w.Overlay), MTU: c.cur.Load().MTU(), DNS: netip.AddrPortFrom(info.Overlay, DNSPort), Logger: c.log,
 		Release: session.ReleasePacket,
 	}, func(pkts [][]byte) {
 		for _, p := range pkts {

@@ -18,7 +18,12 @@ type Status struct {
 	RxBytes      uint64  `json:"rx_bytes"`
 	SinceSwitchS float64 `json:"since_switch_s"`
 	Session      string  `json:"session,omitempty"`
-	DropsQueue   uint64  `json:"drops_queue_full"`
+	// MTU is the session's: the largest IP packet the tunnel carries (the
+	// TUN device's MTU follows it). UDPSize is this node's UDP size (its
+	// path MTU less headers, learned or --mtu).
+	MTU        int    `json:"mtu,omitempty"`
+	UDPSize    int    `json:"udp_size"`
+	DropsQueue uint64 `json:"drops_queue_full"`
 	// Where packets were lost, for diagnosing throughput: by the peer
 	// connection (QUIC's own count), and in our queues.
 	QUICPacketsSent uint64 `json:"quic_packets_sent"`
@@ -73,6 +78,10 @@ func (c *Client) Status() Status {
 		st.RTTMillis = float64(cs.SmoothedRTT.Microseconds()) / 1000
 		st.QUICPacketsSent, st.QUICPacketsLost, st.QUICCwnd = cs.PacketsSent, cs.PacketsLost, cs.CongestionWindow
 		st.Session = wire.SessionID(s.ID)
+		st.MTU = s.MTU()
+	}
+	if c.u.Ctrl != nil {
+		st.UDPSize = c.u.Ctrl.UDPSize()
 	}
 	st.DropsInbound, _ = c.u.Conn.Drops()
 	st.DropsForeign = c.dropForeign.Load()

@@ -27,10 +27,15 @@ import (
 // QUICConfig is the node↔gateway connection's configuration, used by both
 // ends. Its packet size is fixed (wire.GatewayPacketSize) so relay frames
 // on the fallback carrier always fit one DATAGRAM.
-func QUICConfig() *quic.Config {
+func QUICConfig() *quic.Config { return QUICConfigSized(wire.GatewayPacketSize) }
+
+// QUICConfigSized is QUICConfig with packets of size bytes: a node on a
+// path with a smaller MTU dials with its UDP size (pathsize.go), and the
+// gateway follows it (quic-go patch 0007).
+func QUICConfigSized(size int) *quic.Config {
 	return &quic.Config{
 		EnableDatagrams:         true,
-		InitialPacketSize:       wire.GatewayPacketSize,
+		InitialPacketSize:       uint16(size),
 		DisablePathMTUDiscovery: true,
 		HandshakeIdleTimeout:    5 * time.Second,
 		MaxIdleTimeout:          30 * time.Second,
@@ -51,6 +56,9 @@ type Config struct {
 	Advertise []netip.Prefix  // agents only
 	Transport *quic.Transport // the node's UDP port
 	Log       *slog.Logger
+	// UDPSize fixes the node's UDP size (session.UDPSize of --mtu); 0:
+	// start at full size and learn a smaller one (pathsize.go).
+	UDPSize int
 
 	// Over is how the node reaches the gateway: OverAuto (also ""), OverUDP
 	// or OverTCP (see dial).
@@ -117,6 +125,9 @@ type Client struct {
 
 	dropRelay, dropRelayOut atomic.Uint64
 
+	udpSize   atomic.Int32 // pathsize.go
+	fixedSize bool
+
 	handlers     chan struct{} // slots of OnRequest calls in progress
 	requestsBusy atomic.Uint64 // requests answered "busy": all slots taken
 
@@ -136,8 +147,13 @@ func New(cfg Config) *Client {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Client{cfg: cfg, log: log.With("gateway", cfg.Gateway), up: make(chan struct{}), failed: make(chan struct{}),
-		handlers: make(chan struct{}, maxRequestHandlers)}
+	c := &Client{cfg: cfg, log: log.With("gateway", cfg.Gateway), up: make(chan struct{}), failed: make(chan struct{}),
+		handlers: make(chan struct{}, maxRequestHandlers), fixedSize: cfg.UDPSize != 0}
+	c.udpSize.Store(int32(wire.GatewayPacketSize))
+	if cfg.UDPSize != 0 {
+		c.udpSize.Store(int32(min(cfg.UDPSize, wire.GatewayPacketSize)))
+	}
+	return c
 }
 
 // Ready waits for the first registration, or for Run to fail.
@@ -272,7 +288,7 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	}
 	w := m.Welcome
 	c.welcome.Store(w)
-	c.log.Info("registered with gateway", "name", w.Name, "role", w.Role, "overlay", w.Overlay, "observed", w.Observed, "transport", dl.over)
+	c.log.Info("registered with gateway", "name", w.Name, "role", w.Role, "overlay", w.Overlay, "observed", w.Observed, "transport", dl.over, "udp_size", c.UDPSize())
 
 	connCtx, cancelConn := context.WithCancel(ctx)
 	defer cancelConn()

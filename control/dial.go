@@ -60,7 +60,9 @@ func (c *Client) tryUDPAgain(ctx context.Context, tc *tls.Config, cur *quic.Conn
 		if err == nil {
 			pctx, cancel := context.WithTimeout(ctx, udpRetryWait)
 			var qc *quic.Conn
-			qc, err = c.cfg.Transport.Dial(pctx, addr, tc, QUICConfig())
+			qc, err = c.dialQUIC(pctx, addr.AddrPort(), func(ctx context.Context, qcfg *quic.Config) (*quic.Conn, error) {
+				return c.cfg.Transport.Dial(ctx, addr, tc, qcfg)
+			})
 			cancel()
 			if err == nil {
 				qc.CloseWithError(0, "only checking that UDP passes")
@@ -180,7 +182,10 @@ func (c *Client) dialUDP(ctx context.Context, tc *tls.Config) (*dialed, error) {
 		return nil, err
 	}
 	dctx, cancel := context.WithTimeout(ctx, dialTimeout)
-	qc, err := c.cfg.Transport.Dial(dctx, addr, tc, QUICConfig())
+	// At the node's UDP size, learning a smaller one (pathsize.go).
+	qc, err := c.dialQUIC(dctx, addr.AddrPort(), func(ctx context.Context, qcfg *quic.Config) (*quic.Conn, error) {
+		return c.cfg.Transport.Dial(ctx, addr, tc, qcfg)
+	})
 	cancel()
 	if err != nil {
 		var te *quic.TransportError

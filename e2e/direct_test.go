@@ -31,6 +31,9 @@ type status struct {
 	RelayUDP bool   `json:"relay_udp"`
 	// Transport is how the client reaches the gateway (udp, tcp, ...).
 	Transport string `json:"transport"`
+	// MTU is the tunnel's, UDPSize the client's path size (mtu_test.go).
+	MTU     int `json:"mtu"`
+	UDPSize int `json:"udp_size"`
 }
 
 func (e *env) clientStateDir() string { return filepath.Join(e.dir, "client") }

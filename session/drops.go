@@ -5,7 +5,7 @@ import "sync"
 // Drops are a session's packets lost inside the node, by where.
 type Drops struct {
 	QueueFull     uint64 // Send/SendWait: the send queue was full
-	TooLarge      uint64 // Send: a packet over TunMTU
+	TooLarge      uint64 // Send: a packet over the session's MTU
 	SendFailed    uint64 // the connection was closing
 	RxTooLarge    uint64 // a received datagram over TunMTU
 	QUICQueueFull uint64 // received packets quic-go's queue had no room for

@@ -22,11 +22,17 @@ import (
 	"github.com/nlvpn/nlvpn/wire"
 )
 
-// QUICConfig is the peer connection's configuration.
-func QUICConfig() *quic.Config {
+// QUICConfig is the peer connection's configuration on full-size paths.
+func QUICConfig() *quic.Config { return QUICConfigSized(PeerPacketSize) }
+
+// QUICConfigSized is the peer connection's configuration with packets of
+// packetSize bytes (Sizes.Peer). The listening agent uses its own size: it
+// advertises it and sends no more than the dialing client's (quic-go patch
+// 0007), which dials with the session's.
+func QUICConfigSized(packetSize int) *quic.Config {
 	return &quic.Config{
 		EnableDatagrams:         true,
-		InitialPacketSize:       PeerPacketSize,
+		InitialPacketSize:       uint16(packetSize),
 		DisablePathMTUDiscovery: true,
 		HandshakeIdleTimeout:    10 * time.Second,
 		// Long enough to ride out a gateway restart on the relay path.
@@ -104,7 +110,8 @@ const SendQueueLen = 1024
 type Stats struct {
 	TxPackets, TxBytes, RxPackets, RxBytes uint64
 	DropQueueFull, DropTooLarge, DropSend  uint64
-	// DropRxTooLarge counts received datagrams over TunMTU.
+	// DropRxTooLarge counts received datagrams over TunMTU (the largest
+	// any session has).
 	DropRxTooLarge uint64
 }
 
@@ -119,15 +126,25 @@ type Session struct {
 	txp, txb, rxp, rxb             atomic.Uint64
 	dropQueue, dropLarge, dropSend atomic.Uint64
 	dropRxLarge                    atomic.Uint64
-	stalled                        atomic.Bool // SendWait's last wait ran out; no more waits until the queue takes a packet
+	stalled                        atomic.Bool  // SendWait's last wait ran out; no more waits until the queue takes a packet
+	mtu                            atomic.Int32 // largest packet Send takes: the session's Sizes.TUN
 }
 
 // New wraps an established connection. Call Run to start the pump.
 func New(id uint64, c *quic.Conn, log *slog.Logger) *Session {
-	return &Session{ID: id, Conn: c, log: log, done: make(chan struct{})}
+	s := &Session{ID: id, Conn: c, log: log, done: make(chan struct{})}
+	s.mtu.Store(TunMTU)
+	return s
 }
 
-// ErrTooLarge is returned by Send for a packet over TunMTU.
+// SetMTU sets the largest IP packet the session carries (its Sizes.TUN; at
+// most TunMTU, the default).
+func (s *Session) SetMTU(n int) { s.mtu.Store(int32(min(n, TunMTU))) }
+
+// MTU is the largest IP packet the session carries.
+func (s *Session) MTU() int { return int(s.mtu.Load()) }
+
+// ErrTooLarge is returned by Send for a packet over the session's MTU.
 var ErrTooLarge = errors.New("packet larger than the tunnel MTU")
 
 // Send queues one IP packet for the peer. It copies pkt (into a buffer the
@@ -135,7 +152,7 @@ var ErrTooLarge = errors.New("packet larger than the tunnel MTU")
 // SendQueueLen packets already waiting, pkt is dropped and counted. It may
 // be called before Run and from several goroutines.
 func (s *Session) Send(pkt []byte) error {
-	if len(pkt) > TunMTU {
+	if len(pkt) > int(s.mtu.Load()) {
 		s.dropLarge.Add(1)
 		return ErrTooLarge
 	}
@@ -166,7 +183,7 @@ func (s *Session) Send(pkt []byte) error {
 // again SendWait drops at once, so a shared producer (the agent's output
 // pump serves every client) is held up once per stall, not per packet.
 func (s *Session) SendWait(pkt []byte) error {
-	if len(pkt) > TunMTU {
+	if len(pkt) > int(s.mtu.Load()) {
 		s.dropLarge.Add(1)
 		return ErrTooLarge
 	}

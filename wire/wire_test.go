@@ -112,6 +112,8 @@ func FuzzReadMessage(f *testing.F) {
 	f.Add(frameOf(`{"type":"session","session":{"id":1,"peer_overlay":"100.64.0.2","advertise":["10.0.0.0/8"]}}`))
 	f.Add(frameOf(`{"type":"agents","id":2,"agents":{"agents":[{"name":"miranda","online":true,"advertise":["192.168.1.0/24"]}]}}`))
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
+	f.Add(frameOf(`{"type":"connect","id":2,"connect":{"agent":"miranda","udp_size":1252}}`))
+	f.Add(frameOf(`{"type":"accept","id":3,"accept":{"id":7,"udp_size":-1}}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := ReadMessage(bytes.NewReader(b))
 		if err != nil {
@@ -197,5 +199,47 @@ func TestOverlay6(t *testing.T) {
 	}
 	if Overlay6(netip.MustParseAddr("10.0.0.1")).IsValid() || Overlay6(netip.MustParseAddr("fd00::1")).IsValid() {
 		t.Error("Overlay6 of a non-overlay address")
+	}
+}
+
+// A node's UDP size travels in its session request and answer and the
+// gateway's offers (the embedded Punch); a full-size node says nothing, so
+// its messages are what they were before the field.
+func TestUDPSizeOnTheWire(t *testing.T) {
+	for _, m := range []*Message{
+		{Type: TypeConnect, ID: 1, Connect: &Connect{Agent: "miranda", Punch: Punch{UDPSize: 1252}}},
+		{Type: TypeAccept, ID: 2, Accept: &Accept{ID: 9, Punch: Punch{UDPSize: 1300}}},
+		{Type: TypeSession, ID: 3, Session: &Session{ID: 9, Punch: Punch{UDPSize: 1252}}},
+	} {
+		var buf bytes.Buffer
+		if err := WriteMessage(&buf, m); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(buf.String(), `"udp_size":`) {
+			t.Fatalf("%s: no udp_size on the wire: %s", m.Type, buf.Bytes()[4:])
+		}
+		got, err := ReadMessage(&buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var in, out int
+		switch m.Type {
+		case TypeConnect:
+			in, out = m.Connect.UDPSize, got.Connect.UDPSize
+		case TypeAccept:
+			in, out = m.Accept.UDPSize, got.Accept.UDPSize
+		case TypeSession:
+			in, out = m.Session.UDPSize, got.Session.UDPSize
+		}
+		if in != out {
+			t.Fatalf("%s: udp_size %d came back as %d", m.Type, in, out)
+		}
+	}
+	var buf bytes.Buffer
+	if err := WriteMessage(&buf, &Message{Type: TypeConnect, ID: 1, Connect: &Connect{Agent: "miranda"}}); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(buf.String(), "udp_size") {
+		t.Fatalf("a full-size node's request names udp_size: %s", buf.Bytes()[4:])
 	}
 }

@@ -32,6 +32,7 @@ import (
 	"github.com/nlvpn/nlvpn/netstack"
 	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/policy"
+	"github.com/nlvpn/nlvpn/session"
 	"github.com/nlvpn/nlvpn/status"
 	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/wire"
@@ -488,7 +489,20 @@ func nodeFlags() []cli.Flag {
 		&cli.StringFlag{Name: "config", Usage: "config file (default: STATE-DIR/config)", EnvVars: []string{"NLVPN_CONFIG"}},
 		&cli.StringFlag{Name: "transport", Value: control.OverAuto, Usage: "how to reach the gateway: auto (UDP; TCP/TLS to the same port number too if UDP gets no answer within 2.5 s), udp, or tcp", EnvVars: []string{"NLVPN_TRANSPORT"}},
 		&cli.StringFlag{Name: "proxy", Usage: "reach the gateway over TCP through the HTTP proxy at `URL` (http://[user:pass@]host:port, CONNECT); default: HTTPS_PROXY/https_proxy, honouring NO_PROXY; none: no proxy"},
+		&cli.IntFlag{Name: "mtu", Usage: "the path MTU `N` to the gateway and peers (the smallest link on the way: 1492 PPPoE, 1280 a tunnel), for paths that drop big packets without saying so: this node's UDP packets are then at most min(N, 1480) - 28 bytes, and its sessions' tunnel MTU at most min(N, 1480) - 112 (lower if the other end's path is smaller). At least 1280 (default: 1500, lowered by itself when the path says so)"},
 	}
+}
+
+// udpSizeFlag is the UDP size --mtu fixes, or 0 without it.
+func udpSizeFlag(c *cli.Context) (int, error) {
+	if !c.IsSet("mtu") {
+		return 0, nil
+	}
+	n, err := session.UDPSize(c.Int("mtu"), false) // the underlay is IPv4
+	if err != nil {
+		return 0, fmt.Errorf("--mtu: %w", err)
+	}
+	return n, nil
 }
 
 // nodeSetup resolves token and gateway (flag > environment > config file),
@@ -666,6 +680,10 @@ It reconnects to the gateway by itself.`,
 			if err != nil {
 				return err
 			}
+			udpSize, err := udpSizeFlag(c)
+			if err != nil {
+				return err
+			}
 			var pol *policy.Current
 			if path := c.String("policy"); path != "" {
 				p, err := policy.Load(path)
@@ -697,6 +715,7 @@ It reconnects to the gateway by itself.`,
 				AllowLoopback: c.Bool("allow-loopback"),
 				DNSDomains:    domains,
 				DNSServers:    dnsServers,
+				UDPSize:       udpSize,
 				Limits: netstack.EgressLimits{TCPPerClient: c.Int("max-tcp-per-client"), UDPPerClient: c.Int("max-udp-per-client"),
 					TCPTotal: c.Int("max-tcp"), UDPTotal: c.Int("max-udp")},
 				StatusSocket: filepath.Join(ns.stateDir, "status.sock"),
@@ -760,6 +779,10 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 			if err != nil {
 				return err
 			}
+			udpSize, err := udpSizeFlag(c)
+			if err != nil {
+				return err
+			}
 			var nsCfg *client.NetstackConfig
 			if ok, why := platform.CanCreateTUN(); c.Bool("netstack") || !ok {
 				if nsCfg, err = proxyConfig(c); err != nil {
@@ -790,6 +813,7 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 				KnownAgents: filepath.Join(ns.stateDir, "known_agents"), TunName: c.String("tun"),
 				ConnectTimeout: c.Duration("connect-timeout"),
 				WaitAgent:      c.Duration("wait"),
+				UDPSize:        udpSize,
 				Routes:         routes,
 				AcceptInbound:  c.Bool("accept-inbound"),
 				DNSDomains:     domains,

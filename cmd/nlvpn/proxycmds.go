@@ -97,6 +97,10 @@ func runNetstackClient(c *cli.Context, use func(ctx context.Context, px *netstac
 	if err != nil {
 		return err
 	}
+	udpSize, err := udpSizeFlag(c)
+	if err != nil {
+		return err
+	}
 	ctx, cancel := signalContext(c)
 	defer cancel()
 	ready := make(chan *netstack.Proxy, 1)
@@ -109,6 +113,7 @@ func runNetstackClient(c *cli.Context, use func(ctx context.Context, px *netstac
 			KnownAgents:    filepath.Join(ns.stateDir, "known_agents"),
 			ConnectTimeout: c.Duration("connect-timeout"),
 			WaitAgent:      c.Duration("wait"),
+			UDPSize:        udpSize,
 			Log:            slog.Default(),
 		})
 	}()
