@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -70,6 +71,11 @@ type Options struct {
 // counted in promhttp_metric_handler_requests_total{code="503"}.
 const maxScrapesInFlight = 4
 
+// maxConns bounds the connections open to the server (a scraper needs
+// one); more are closed at once and counted in
+// nlvpn_metrics_connections_refused_total.
+const maxConns = 16
+
 // Server serves a registry's metrics over HTTP.
 type Server struct {
 	srv  *http.Server
@@ -107,13 +113,31 @@ func Serve(addr string, reg *prometheus.Registry, opt Options) (*Server, error) 
 	for path, h := range opt.Handlers {
 		mux.Handle(path, h)
 	}
+	refused := prometheus.NewCounter(prometheus.CounterOpts{Name: "nlvpn_metrics_connections_refused_total",
+		Help: "Connections to the metrics endpoint closed at once because 16 were open."})
+	if err := reg.Register(refused); err != nil {
+		return nil, err
+	}
+	var open atomic.Int64
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
+		reg.Unregister(refused)
 		return nil, err
 	}
 	s := &Server{ln: ln, done: make(chan struct{}),
 		srv: &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
-			WriteTimeout: 30 * time.Second, IdleTimeout: time.Minute, MaxHeaderBytes: 16 << 10}}
+			WriteTimeout: 30 * time.Second, IdleTimeout: time.Minute, MaxHeaderBytes: 16 << 10,
+			ConnState: func(c net.Conn, st http.ConnState) {
+				switch st {
+				case http.StateNew:
+					if open.Add(1) > maxConns {
+						refused.Inc()
+						c.Close() // the server then reports it closed
+					}
+				case http.StateClosed, http.StateHijacked:
+					open.Add(-1)
+				}
+			}}}
 	go func() {
 		defer close(s.done)
 		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -153,3 +153,57 @@ func TestServeWithoutHealth(t *testing.T) {
 		t.Errorf("/healthz without a check: %d, want 404", code)
 	}
 }
+
+// More than maxConns connections at once: the extra ones are closed at
+// once and counted; the endpoint serves again when they go.
+func TestServeBoundsConnections(t *testing.T) {
+	s, err := Serve("127.0.0.1:0", NewRegistry(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range maxConns {
+		c, err := net.DialTimeout("tcp", s.Addr().String(), time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	extra, err := net.DialTimeout("tcp", s.Addr().String(), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer extra.Close()
+	extra.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := extra.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("connection %d: read %v, want EOF (closed at once)", maxConns+1, err)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	conns = nil
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		// The server may not have seen them all close yet: a refused
+		// scrape is retried.
+		var body []byte
+		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get("http://" + s.Addr().String() + "/metrics")
+		if err == nil {
+			body, err = io.ReadAll(resp.Body)
+			resp.Body.Close()
+		}
+		if err == nil && strings.Contains(string(body), "nlvpn_metrics_connections_refused_total 1\n") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after the connections closed: %v, refused count not 1:\n%s", err, body)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
