@@ -127,6 +127,19 @@ func TestACMECertificate(t *testing.T) {
 		"--state-dir", filepath.Join(e.dir, "client"), "--tun", tunName, "--relay") // the tunnel needs the gateway
 	e.waitFor(t, readyTimeout, "the tunnel through the ACME gateway", e.httpHealth)
 
+	// The TCP/TLS leg shows the same certificate, checked the same way.
+	const socks = "127.0.0.1:1090"
+	overTCP := e.start(t, e.lab.NS.Client, "tcp-client", "up", "--netstack", "--transport", "tcp", "--token-file", e.tokenFile(e.clientTok),
+		"--agent", agentName, "--state-dir", filepath.Join(e.dir, "tcp-client"), "--socks5", socks, "--http-proxy", "")
+	e.waitFor(t, readyTimeout, "a tunnel over the TCP leg of the ACME gateway", func() error {
+		if !overTCP.Running() {
+			return errStop(fmt.Errorf("the TCP client exited: %v", overTCP.Err()))
+		}
+		_, err := e.curl(5*time.Second, "--socks5", socks, fmt.Sprintf("http://%s/health", e.lab.LANHost))
+		return err
+	})
+	overTCP.Stop()
+
 	// A certificate with a new key, as a renewal brings: drop the cached
 	// one and restart the gateway, which gets another from the CA.
 	e.gateway.Stop()

@@ -208,6 +208,18 @@ func New(cfg Config) (*Gateway, error) {
 	return g, nil
 }
 
+// streamTLS is the TLS of the TCP leg's stream: the gateway's certificate
+// (the same as QUIC's, so the same pin or name checks it), no client
+// certificate (the QUIC connection inside asks for that).
+func (g *Gateway) streamTLS() *tls.Config {
+	tc := &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{g.cert}, NextProtos: []string{wire.ALPNGatewayTCP}}
+	if g.acme != nil {
+		tc.Certificates = nil
+		tc.GetCertificate = g.acmeCertificate
+	}
+	return tc
+}
+
 // serverTLS is the gateway's TLS configuration for nodes on alpn.
 func (g *Gateway) serverTLS(alpn string) *tls.Config {
 	tc := identity.ServerTLS(g.cert, alpn)
@@ -335,7 +347,7 @@ func (g *Gateway) listenTCP(ctx context.Context, rk *quic.StatelessResetKey) (*q
 		return nil, "", fmt.Errorf("listen on TCP %s (--listen-tcp): %w", addr, err)
 	}
 	mux := tcplink.Listen(tl, tcplink.MuxConfig{
-		TLS:                 &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{g.cert}, NextProtos: []string{wire.ALPNGatewayTCP}},
+		TLS:                 g.streamTLS(),
 		MaxPendingPerSource: g.adm.perSource, MaxPending: g.adm.total,
 		OnRefuse: func(r tcplink.Refusal, from netip.AddrPort) {
 			reason, msg := tcpRefusals[r].reason, tcpRefusals[r].msg
@@ -347,7 +359,7 @@ func (g *Gateway) listenTCP(ctx context.Context, rk *quic.StatelessResetKey) (*q
 		VerifySourceAddress: g.adm.needRetry,
 		ConnContext:         g.adm.admit,
 	}
-	ln, err := tr.Listen(identity.ServerTLS(g.cert, wire.ALPNGateway), gatewayQUICConfig())
+	ln, err := tr.Listen(g.serverTLS(wire.ALPNGateway), gatewayQUICConfig())
 	if err != nil {
 		tr.Close()
 		mux.Close()
