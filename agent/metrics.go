@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"strings"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -27,6 +29,10 @@ var (
 		"Hole-punch probes, by event (sent, refused_<reason>, limited_<budget>, wide round counts, ...).", []string{"event"}, nil)
 	descDNS = prometheus.NewDesc("nlvpn_agent_dns_total",
 		"What the DNS forwarder for clients did, by event (the names of `nlvpn status --json` dns: queries, answered, nxdomain, cache_hits, timeouts, ...).", []string{"event"}, nil)
+	descGatewayConnected = prometheus.NewDesc("nlvpn_gateway_connected",
+		"1 while connected to the gateway over this transport (udp, tcp, tcp_proxy), 0 otherwise.", []string{"transport"}, nil)
+	descFragmented = prometheus.NewDesc("nlvpn_agent_fragmented_packets_total",
+		"IPv4 packets split for a session whose MTU is smaller than the netstack's (a client on a small path).", nil, nil)
 	descTCPRetransmits = prometheus.NewDesc("nlvpn_agent_tcp_retransmits_total",
 		"Segments the agent's netstack retransmitted on the flows it terminates.", nil, nil)
 	descTCPTimeouts = prometheus.NewDesc("nlvpn_agent_tcp_timeouts_total",
@@ -40,13 +46,32 @@ var (
 // flowKinds are the kinds a client's held flows are counted by.
 var flowKinds = []string{"tcp_flows", "udp_flows", "dials", "icmp_echoes"}
 
+// transports are the values of nlvpn_gateway_connected's label.
+var transports = []string{"udp", "tcp", "tcp_proxy"}
+
+// transportOf names Status.Transport ("udp", "tcp", "tcp via proxy
+// HOST:PORT", "") by a label value, without the proxy's address.
+func transportOf(s string) string {
+	if strings.HasPrefix(s, "tcp via proxy") {
+		return "tcp_proxy"
+	}
+	return s
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
 // statusCollector is the agent's prometheus.Collector: each scrape reads
 // status once.
 type statusCollector struct{ status func() Status }
 
 func (statusCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSessions, descTxBytes, descRxBytes, descDropped, descDenied, descLimited,
-		descFlows, descProbes, descDNS, descTCPRetransmits, descTCPTimeouts, descRevocationSerial, descRevocationsRefused} {
+		descFlows, descProbes, descDNS, descGatewayConnected, descFragmented, descTCPRetransmits, descTCPTimeouts, descRevocationSerial, descRevocationsRefused} {
 		ch <- d
 	}
 }
@@ -86,6 +111,10 @@ func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
 			counter(m.d, v, k)
 		}
 	}
+	for _, k := range transports {
+		gauge(descGatewayConnected, b2f(transportOf(st.Transport) == k), k)
+	}
+	counter(descFragmented, st.Fragmented)
 	counter(descTCPRetransmits, st.TCPRetransmits)
 	counter(descTCPTimeouts, st.TCPTimeouts)
 	gauge(descRevocationSerial, float64(st.RevocationSerial))

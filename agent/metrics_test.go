@@ -18,6 +18,7 @@ func TestAgentMetrics(t *testing.T) {
 			{Client: "bob", Session: "00000000cafef00d", Path: "relay", TxBytes: 10, RxBytes: 5,
 				Flows: map[string]int{"tcp_flows": 2, "icmp_echoes": 1}},
 		},
+		Transport: "tcp via proxy 10.9.9.9:3128", Fragmented: 2,
 		TxBytesTotal: 1110, RxBytesTotal: 555,
 		Drops:          map[string]uint64{"spoofed_source": 4, "session_queue_full": 0},
 		Denied:         map[string]uint64{"policy": 2, "offer_refused": 1},
@@ -65,13 +66,18 @@ nlvpn_agent_denied_total{reason="policy"} 2
 # TYPE nlvpn_agent_dns_total counter
 nlvpn_agent_dns_total{event="answered"} 5
 nlvpn_agent_dns_total{event="queries"} 6
+# HELP nlvpn_gateway_connected 1 while connected to the gateway over this transport (udp, tcp, tcp_proxy), 0 otherwise.
+# TYPE nlvpn_gateway_connected gauge
+nlvpn_gateway_connected{transport="tcp"} 0
+nlvpn_gateway_connected{transport="tcp_proxy"} 1
+nlvpn_gateway_connected{transport="udp"} 0
 # HELP nlvpn_agent_tcp_retransmits_total Segments the agent's netstack retransmitted on the flows it terminates.
 # TYPE nlvpn_agent_tcp_retransmits_total counter
 nlvpn_agent_tcp_retransmits_total 12
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "nlvpn_agent_sessions", "nlvpn_agent_flows",
 		"nlvpn_tunnel_transmit_bytes_total", "nlvpn_tunnel_receive_bytes_total", "nlvpn_packets_dropped_total",
-		"nlvpn_agent_denied_total", "nlvpn_agent_dns_total", "nlvpn_agent_tcp_retransmits_total"); err != nil {
+		"nlvpn_agent_denied_total", "nlvpn_agent_dns_total", "nlvpn_gateway_connected", "nlvpn_agent_tcp_retransmits_total"); err != nil {
 		t.Error(err)
 	}
 	mfs, err := reg.Gather()
@@ -81,7 +87,7 @@ nlvpn_agent_tcp_retransmits_total 12
 	for _, mf := range mfs {
 		for _, s := range mf.GetMetric() {
 			for _, lp := range s.GetLabel() {
-				for _, secret := range []string{"deadbeef", "cafef00d", "alice", "bob", "198.18.0.7"} {
+				for _, secret := range []string{"deadbeef", "cafef00d", "alice", "bob", "198.18.0.7", "10.9.9.9"} {
 					if strings.Contains(lp.GetValue(), secret) {
 						t.Errorf("%s label %s=%q carries %q", mf.GetName(), lp.GetName(), lp.GetValue(), secret)
 					}

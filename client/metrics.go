@@ -1,6 +1,8 @@
 package client
 
 import (
+	"strings"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -21,11 +23,25 @@ var (
 		"Smoothed round-trip time of the session with the agent.", nil, nil)
 	descRelayUDP = prometheus.NewDesc("nlvpn_client_relay_udp",
 		"1 while relay frames go as UDP datagrams to the gateway's port, 0 while they ride the gateway connection.", nil, nil)
+	descGatewayConnected = prometheus.NewDesc("nlvpn_gateway_connected",
+		"1 while connected to the gateway over this transport (udp, tcp, tcp_proxy), 0 otherwise.", []string{"transport"}, nil)
 	descInboundRefused = prometheus.NewDesc("nlvpn_client_inbound_refused_total",
 		"Packets from the tunnel refused: not part of a connection this machine opened (TUN mode without --accept-inbound).", nil, nil)
 	descProbesRefused = prometheus.NewDesc("nlvpn_client_probes_refused_total",
 		"The agent's hole-punch candidates this client would not probe.", nil, nil)
 )
+
+// transports are the values of nlvpn_gateway_connected's label.
+var transports = []string{"udp", "tcp", "tcp_proxy"}
+
+// transportOf names Status.Transport ("udp", "tcp", "tcp via proxy
+// HOST:PORT", "") by a label value, without the proxy's address.
+func transportOf(s string) string {
+	if strings.HasPrefix(s, "tcp via proxy") {
+		return "tcp_proxy"
+	}
+	return s
+}
 
 // paths are the values of nlvpn_client_path's label.
 var paths = []string{"direct", "relay", "none"}
@@ -36,7 +52,7 @@ type statusCollector struct{ status func() Status }
 
 func (statusCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descTxBytes, descRxBytes, descDropped, descPath, descRTT, descRelayUDP,
-		descInboundRefused, descProbesRefused} {
+		descGatewayConnected, descInboundRefused, descProbesRefused} {
 		ch <- d
 	}
 }
@@ -59,6 +75,9 @@ func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge(descRTT, st.RTTMillis/1000)
 	gauge(descRelayUDP, b2f(st.RelayUDP))
+	for _, k := range transports {
+		gauge(descGatewayConnected, b2f(transportOf(st.Transport) == k), k)
+	}
 	counter(descInboundRefused, st.InboundRefused)
 	counter(descProbesRefused, st.ProbesRefused)
 }

@@ -41,6 +41,18 @@ nlvpn_client_path{path="relay"} 1
 		t.Error(err)
 	}
 
+	// Not connected to the gateway (this client has no connection).
+	disconnected := `
+# HELP nlvpn_gateway_connected 1 while connected to the gateway over this transport (udp, tcp, tcp_proxy), 0 otherwise.
+# TYPE nlvpn_gateway_connected gauge
+nlvpn_gateway_connected{transport="tcp"} 0
+nlvpn_gateway_connected{transport="tcp_proxy"} 0
+nlvpn_gateway_connected{transport="udp"} 0
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(disconnected), "nlvpn_gateway_connected"); err != nil {
+		t.Error(err)
+	}
+
 	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -50,7 +62,7 @@ nlvpn_client_path{path="relay"} 1
 		names = append(names, mf.GetName())
 		for _, s := range mf.GetMetric() {
 			for _, lp := range s.GetLabel() {
-				if lp.GetName() != "path" && lp.GetName() != "reason" {
+				if n := lp.GetName(); n != "path" && n != "reason" && n != "transport" {
 					t.Errorf("%s has label %s", mf.GetName(), lp.GetName())
 				}
 				if strings.ContainsAny(lp.GetValue(), ".:") {

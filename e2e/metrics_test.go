@@ -97,7 +97,8 @@ func TestMetricsShowBytesMoving(t *testing.T) {
 				vals map[string]float64
 				key  string
 			}{{before.gw, `nlvpn_gateway_nodes{role="agent"}`}, {before.gw, `nlvpn_gateway_nodes{role="client"}`},
-				{before.agent, `nlvpn_agent_sessions{path="` + mode + `"}`}, {before.client, `nlvpn_client_path{path="` + mode + `"}`}} {
+				{before.agent, `nlvpn_agent_sessions{path="` + mode + `"}`}, {before.client, `nlvpn_client_path{path="` + mode + `"}`},
+				{before.agent, `nlvpn_gateway_connected{transport="udp"}`}, {before.client, `nlvpn_gateway_connected{transport="udp"}`}} {
 				if c.vals[c.key] != 1 {
 					t.Errorf("%s = %v, want 1", c.key, c.vals[c.key])
 				}
