@@ -296,7 +296,9 @@ func (m *Mux) WriteTo(p []byte, addr net.Addr) (int, error) {
 		m.cnt.noStream.Add(1)
 		return len(p), nil
 	}
-	if err := ms.send(p); err != nil && !errors.Is(err, net.ErrClosed) {
+	if err := ms.send(p, false); errors.Is(err, net.ErrClosed) {
+		m.cnt.noStream.Add(1) // closing: as good as gone
+	} else if err != nil {
 		return 0, err
 	}
 	return len(p), nil

@@ -17,9 +17,6 @@ const (
 	// queueLen bounds the packets waiting to be written to one stream
 	// (at most about 0.5 MiB); beyond it they are dropped and counted.
 	queueLen = 256
-	// writeTimeout: a peer that takes nothing from the stream for this
-	// long (it stopped reading, or the path is dead) loses the stream.
-	writeTimeout = 10 * time.Second
 	// closeLinger is how long a close waits for queued packets (a QUIC
 	// CONNECTION_CLOSE) to be written.
 	closeLinger = time.Second
@@ -27,6 +24,11 @@ const (
 	// not for every packet, it costs a timer update.
 	deadlineEvery = time.Second
 )
+
+// writeTimeout: a peer that takes nothing from the stream for this long
+// (it stopped reading, or the path is dead) loses the stream. A variable
+// for the tests.
+var writeTimeout = 10 * time.Second
 
 // Addr names one stream: its TCP peer's address, and a number that tells
 // apart streams from the same address over time, so that quic-go never
@@ -102,9 +104,12 @@ func newStream(c net.Conn, addr Addr, cnt *counters, idle time.Duration) *stream
 		closing: make(chan struct{}), done: make(chan struct{}), wdone: make(chan struct{})}
 }
 
-// send queues pkt; it never blocks. A full queue drops it (counted) and
-// reports no error: to QUIC that is loss, as on a full socket buffer.
-func (s *stream) send(pkt []byte) error {
+// send queues pkt. With wait false it never blocks: a full queue drops
+// it (counted) and reports no error; to QUIC that is loss, as on a full
+// socket buffer. With wait true it waits for room, or for the stream to
+// close (which the writer does once the peer has taken nothing for
+// writeTimeout).
+func (s *stream) send(pkt []byte, wait bool) error {
 	if len(pkt) == 0 || len(pkt) > MaxPacket {
 		return errTooLong
 	}
@@ -118,11 +123,22 @@ func (s *stream) send(pkt []byte) error {
 	f := newFrame(pkt)
 	select {
 	case s.q <- f:
+		return nil
 	default:
+	}
+	if !wait {
 		f.free()
 		s.cnt.queueFull.Add(1)
+		return nil
 	}
-	return nil
+	select {
+	case s.q <- f:
+		return nil
+	case <-s.done:
+	case <-s.closing:
+	}
+	f.free()
+	return net.ErrClosed
 }
 
 // writeLoop writes queued frames, many per flush, until the stream
@@ -290,6 +306,14 @@ func (b *inbox) read(p []byte, gone <-chan struct{}) (int, net.Addr, error) {
 			return 0, nil, net.ErrClosed
 		case <-gone:
 			stop()
+			// What the stream delivered before it ended comes first.
+			select {
+			case pk := <-b.ch:
+				n := copy(p, pk.f.b[:pk.f.n])
+				pk.f.free()
+				return n, pk.from, nil
+			default:
+			}
 			return 0, nil, net.ErrClosed
 		case <-timeout:
 			return 0, nil, os.ErrDeadlineExceeded
