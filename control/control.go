@@ -314,23 +314,28 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	if (c.cfg.Over == OverAuto || c.cfg.Over == "") && dl.over != OverUDP {
 		go c.tryUDPAgain(connCtx, tc, qc)
 	}
-	go c.readRelay(connCtx, qc)
+	c.takeRelay(qc)
 	go c.sendRelay(connCtx, k)
 	return true, c.readControl(connCtx, k)
 }
 
-func (c *Client) readRelay(ctx context.Context, qc *quic.Conn) {
-	for {
-		b, err := qc.ReceiveDatagram(ctx)
-		if err != nil {
-			return
-		}
+// takeRelay receives the relay frames that come in DATAGRAMs, on the
+// connection's goroutine as they are parsed (quic-go's receive queue
+// holds 128 and drops the rest of a burst).
+func (c *Client) takeRelay(qc *quic.Conn) {
+	take := func(b []byte, owned bool) {
 		kind, id, pkt, err := wire.ParseFrame(b)
 		if err != nil || kind != wire.FrameRelay || c.cfg.OnRelay == nil {
 			c.dropRelay.Add(1)
-			continue
+			return
+		}
+		if !owned {
+			pkt = append([]byte(nil), pkt...) // OnRelay owns it; b is lent for the call
 		}
 		c.cfg.OnRelay(id, pkt)
+	}
+	for _, b := range qc.SetDatagramHandler(func(b []byte) { take(b, false) }) {
+		take(b, true)
 	}
 }
 

@@ -439,6 +439,15 @@ func (h *Hub) Forward(from *Peer, buf []byte) {
 	}
 }
 
+// ForwardBorrowed is Forward for a frame that stays the caller's: buf is
+// copied if it must be kept (quic-go's DATAGRAM handler lends it only
+// for the call).
+func (h *Hub) ForwardBorrowed(from *Peer, buf []byte) {
+	if s, to := h.lookup(buf, func(*route) *Peer { return from }); to != nil {
+		h.deliver(s, to, buf, false)
+	}
+}
+
 // HandleUDP takes one datagram that arrived at the gateway's port from
 // addr and is not QUIC: a relay frame to forward, or a relay check to
 // answer. buf is only read during the call.
