@@ -184,7 +184,7 @@ func (r *runner) bench(secs, trials int) error {
 			fmt.Printf("    (wireguard-go teardown: %v)\n", err)
 		}
 	}()
-	// In the order measured; the table shows raw, wg, direct, relay.
+	// In the order measured; the table shows raw, wg, direct, relay, tcp.
 	paths := []*benchPath{
 		{
 			name: "raw",
@@ -246,10 +246,45 @@ func (r *runner) bench(secs, trials int) error {
 			nlvpn: true,
 		})
 	}
+	if r.supports("up", "--transport") {
+		paths = append(paths, &benchPath{
+			name: "tcp",
+			desc: fmt.Sprintf("nlvpn up %s with UDP dropped at the client NAT: client ns -> TUN -> client NAT -> TCP/TLS to the gateway (QUIC inside) -> relay -> agent NAT (UDP) -> agent -> LAN host %s", strings.Join(relayFlags, " "), l.LANHost),
+			ns:   l.NS.Client, addr: l.LANHost.String(),
+			setup: func() error {
+				if err := l.BlockClientUDP(r.ctx); err != nil {
+					return err
+				}
+				up := func() error {
+					if err := tunnelUp(); err != nil {
+						return err
+					}
+					return r.clientTransport("tcp")
+				}
+				if r.gateway == nil {
+					say("Starting gateway, agent and client (nlvpn up %s) with UDP dropped at the client's NAT: the TCP fallback.", strings.Join(relayFlags, " "))
+					return r.startStack(false, up, relayFlags...)
+				}
+				say("Restarting the client (nlvpn up %s) with UDP dropped at the client's NAT: the TCP fallback.", strings.Join(relayFlags, " "))
+				r.client.Stop()
+				return r.startClient(false, up, relayFlags...)
+			},
+			teardown: func() error {
+				// The next client (socks) starts on UDP again.
+				r.client.Stop()
+				if err := l.UnblockClientUDP(r.ctx); err != nil {
+					return err
+				}
+				return r.startClient(false, tunnelUp, relayFlags...)
+			},
+			roles: nlvpnRoles,
+			nlvpn: true,
+		})
+	}
 	socks := r.supports("up", "--netstack")
 
 	if r.only != nil {
-		known := []string{"raw", "wg", "relay", "direct", "socks"}
+		known := []string{"raw", "wg", "relay", "direct", "tcp", "socks"}
 		for i, n := range r.only {
 			if n == "wireguard-go" {
 				r.only[i], n = "wg", "wg"
@@ -261,7 +296,7 @@ func (r *runner) bench(secs, trials int) error {
 		paths = slices.DeleteFunc(paths, func(p *benchPath) bool { return p.name != "raw" && !slices.Contains(r.only, p.name) })
 		socks = socks && slices.Contains(r.only, "socks")
 	}
-	for _, name := range []string{"raw", "wg", "direct", "relay"} {
+	for _, name := range []string{"raw", "wg", "direct", "relay", "tcp"} {
 		if i := slices.IndexFunc(paths, func(p *benchPath) bool { return p.name == name }); i >= 0 {
 			res.paths = append(res.paths, paths[i])
 		}

@@ -31,7 +31,7 @@ func usage() {
 Usage:
   nlvpn-lab demo  [--nlvpn PATH] [--client-nat cone|symmetric|none] [--agent-nat ...]
   nlvpn-lab bench [--nlvpn PATH] [--wireguard-go PATH] [--time SECONDS] [--trials N]
-                  [--paths raw,wg,relay,direct,socks] [--profile DIR]
+                  [--paths raw,wg,relay,direct,tcp,socks] [--profile DIR]
   nlvpn-lab dns   [--listen ADDR] [--host IPv4] [--netns NS]  # serve the office.lan test zone
 
 Needs root (or CAP_NET_ADMIN+CAP_SYS_ADMIN), iproute2 and nftables; bench
@@ -56,7 +56,7 @@ func main() {
 	verbose := fs.Bool("v", false, "print every command that builds the lab")
 	profile := fs.String("profile", "", "bench: write CPU profiles of client, agent and gateway, taken during one single-stream run (--profile-run), into this directory")
 	profileRun := fs.String("profile-run", "direct-up", "bench: the single-stream run --profile watches: PATH-up or PATH-down, PATH direct or relay")
-	only := fs.String("paths", "", "bench: comma-separated paths to measure: raw (always), wg, relay, direct, socks (default: all)")
+	only := fs.String("paths", "", "bench: comma-separated paths to measure: raw (always), wg, relay, direct, tcp (the TCP fallback, UDP dropped at the client NAT), socks (default: all)")
 	wgGo := fs.String("wireguard-go", "bin/wireguard-go", "bench: the wireguard-go binary for the baseline column (build: go build -o bin/wireguard-go golang.zx2c4.com/wireguard)")
 	switch cmd {
 	case "demo", "bench":

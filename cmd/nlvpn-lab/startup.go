@@ -156,3 +156,24 @@ func fmtDur(d time.Duration) string {
 	}
 	return d.Round(time.Millisecond).String()
 }
+
+// clientTransport checks that the client reaches the gateway over want
+// (nlvpn status: udp, tcp, ...).
+func (r *runner) clientTransport(want string) error {
+	ctx, cancel := context.WithTimeout(r.ctx, 10*time.Second)
+	defer cancel()
+	out, _, err := lab.Run(ctx, r.lab.NS.Client, r.nlvpn, "status", "--json", "--state-dir", filepath.Join(r.dir, "client"))
+	if err != nil {
+		return err
+	}
+	var st struct {
+		Transport string `json:"transport"`
+	}
+	if err := json.Unmarshal(out, &st); err != nil {
+		return err
+	}
+	if st.Transport != want {
+		return fmt.Errorf("the client reaches the gateway over %q, not %s", st.Transport, want)
+	}
+	return nil
+}
