@@ -120,6 +120,9 @@ type Client struct {
 	// gave it (0: the one it was made with, session.TunMTU).
 	tun    *tun.Device
 	tunMTU int
+	// fragBuf holds send's fragments; send's one caller, the netstack's
+	// output, is serialized.
+	fragBuf []byte
 
 	// agentAt is where the current session's punch may probe the agent;
 	// its observed address follows the agent's moves (onMoved).
@@ -712,9 +715,23 @@ func (c *Client) reportInbound(ctx context.Context, f *platform.InboundFilter) {
 
 // send carries one packet from this machine into the current session.
 func (c *Client) send(pkt []byte) {
-	if s := c.cur.Load(); s != nil {
-		s.Send(pkt)
+	s := c.cur.Load()
+	if s == nil {
+		return
 	}
+	if mtu := s.MTU(); len(pkt) > mtu {
+		// The netstack's link cannot go below 1280 (IPv6's minimum) while
+		// a session on a small path carries less: split IPv4 packets as
+		// the host's own stack would; anything else is dropped and
+		// counted by Send.
+		if c.fragBuf == nil {
+			c.fragBuf = make([]byte, session.TunMTU)
+		}
+		if packet.FragmentIPv4(pkt, mtu, c.fragBuf, func(f []byte) { s.Send(f) }) {
+			return
+		}
+	}
+	s.Send(pkt)
 }
 
 // readTUN carries the machine's packets into the current session.

@@ -30,9 +30,10 @@ const DNSPort = 53
 func (c *Client) startNetstack(ctx context.Context, w *wire.Welcome, info *wire.PeerInfo) (stop func(), err error) {
 	nc := c.cfg.Netstack
 	px, err := netstack.NewProxy(netstack.ProxyConfig{
-		// The first session's MTU: a later session's may differ (then
-		// packets over it are dropped and counted).
-		Addr: w.Overlay, Addr6: wire.Overlay6(w.Overlay), MTU: c.cur.Load().MTU(), DNS: netip.AddrPortFrom(info.Overlay, DNSPort), Logger: c.log,
+		// The first session's MTU (a later session's may differ: send
+		// splits what is over it), but not below what the netstack takes
+		// (IPv6's minimum, 1280).
+		Addr: w.Overlay, Addr6: wire.Overlay6(w.Overlay), MTU: max(c.cur.Load().MTU(), minIPv6MTU), DNS: netip.AddrPortFrom(info.Overlay, DNSPort), Logger: c.log,
 		Release: session.ReleasePacket,
 	}, func(pkts [][]byte) {
 		for _, p := range pkts {

@@ -249,3 +249,37 @@ func TestACMEConfig(t *testing.T) {
 		})
 	}
 }
+
+// --mtu fixes the node's UDP size from the path MTU, refuses what is too
+// small for a session, and is absent (0: learn it) by default.
+func TestMTUFlag(t *testing.T) {
+	for _, tc := range []struct {
+		args    []string
+		want    int
+		wantErr string
+	}{
+		{nil, 0, ""},
+		{[]string{"--mtu", "1500"}, 1452, ""},
+		{[]string{"--mtu", "1492"}, 1452, ""},
+		{[]string{"--mtu", "1400"}, 1372, ""},
+		{[]string{"--mtu", "1280"}, 1252, ""},
+		{[]string{"--mtu", "1279"}, 0, "--mtu: path MTU 1279 is too small"},
+		{[]string{"--mtu", "0"}, 0, "--mtu: path MTU 0 is too small"},
+	} {
+		var got int
+		err := runWithFlags(t, nodeFlags(), tc.args, func(c *cli.Context) error {
+			var err error
+			got, err = udpSizeFlag(c)
+			return err
+		})
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("%v: error %v, want %q", tc.args, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("%v: %d, %v; want %d", tc.args, got, err, tc.want)
+		}
+	}
+}
