@@ -39,16 +39,16 @@ func TestConeSymmetricGoesDirect(t *testing.T) {
 			for i := range trials {
 				var d time.Duration
 				var probes, sockets int
-				ran := false
+				ran, missed := false, false
 				ok := t.Run(fmt.Sprint(i), func(t *testing.T) {
 					ran = true
-					d, probes, sockets = coneSymmetricTrial(t, o.opts)
+					d, probes, sockets, missed = coneSymmetricTrial(t, o.opts)
 				})
 				if !ran {
 					continue // not selected by -run
 				}
 				maxProbes, maxSockets = max(maxProbes, probes), max(maxSockets, sockets)
-				if ok {
+				if ok && !missed {
 					took = append(took, d)
 				} else {
 					fails = append(fails, fmt.Sprint(i))
@@ -76,11 +76,30 @@ var (
 
 // coneSymmetricTrial runs `up --direct` on a fresh lab and returns the time
 // to the direct path and the burst's pings and extra sockets the logs
-// report.
-func coneSymmetricTrial(t *testing.T, opts lab.Options) (took time.Duration, probes, sockets int) {
+// report. A trial where the client gives up on the direct path, as
+// --direct must when it finds none in time, is a miss (missed, logged),
+// not a failure of the subtest: the caller counts misses against the
+// success rate (a failed subtest would fail the whole test). Anything
+// else that goes wrong fails it.
+func coneSymmetricTrial(t *testing.T, opts lab.Options) (took time.Duration, probes, sockets int, missed bool) {
 	e := newEnv(t, opts, false)
 	start := time.Now()
-	e.startClientMode(t, "--direct")
+	c := e.start(t, e.lab.NS.Client, "client", append(e.clientArgs(e.clientTok, agentName, tunName, e.clientStateDir()), "--direct")...)
+	e.client = c
+	e.waitFor(t, readyTimeout, "the tunnel to come up", func() error {
+		if !c.Running() {
+			if strings.Contains(c.Log(), "no direct path") {
+				missed = true
+				return nil
+			}
+			return errStop(fmt.Errorf("client exited with code %d", c.ExitCode()))
+		}
+		return e.httpHealth()
+	})
+	if missed {
+		t.Logf("no direct path: %s", lastLines(c.Log(), 1))
+		return 0, 0, 0, true
+	}
 	st := e.waitPath(t, "direct", 15*time.Second)
 	// The time to direct is the client's log line's: the tunnel's first
 	// health check may wait out a curl timeout of 5 s that started before
@@ -127,5 +146,5 @@ func coneSymmetricTrial(t *testing.T, opts lab.Options) (took time.Duration, pro
 		t.Errorf("wide round over its caps: %d pings (max 1024), %d sockets (max 256)", probes, sockets)
 	}
 	t.Logf("direct at %s after %v; burst pings %d, extra sockets %d", st.Remote, took.Round(100*time.Millisecond), probes, sockets)
-	return took, probes, sockets
+	return took, probes, sockets, false
 }
