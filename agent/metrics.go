@@ -1,9 +1,9 @@
 package agent
 
 import (
-	"strings"
-
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/nlvpn/nlvpn/metrics"
 )
 
 // The agent's metrics, read from Status at scrape time: the counters the
@@ -13,12 +13,6 @@ import (
 var (
 	descSessions = prometheus.NewDesc("nlvpn_agent_sessions",
 		"Connected clients' sessions now, by path (direct, relay).", []string{"path"}, nil)
-	descTxBytes = prometheus.NewDesc("nlvpn_tunnel_transmit_bytes_total",
-		"Bytes of IP packets sent into the tunnel, to all peers since start.", nil, nil)
-	descRxBytes = prometheus.NewDesc("nlvpn_tunnel_receive_bytes_total",
-		"Bytes of IP packets received from the tunnel, from all peers since start.", nil, nil)
-	descDropped = prometheus.NewDesc("nlvpn_packets_dropped_total",
-		"Packets lost inside this node, by where (the names of `nlvpn status --json` drops).", []string{"reason"}, nil)
 	descDenied = prometheus.NewDesc("nlvpn_agent_denied_total",
 		"New flows the policy refused, and session offers refused, by reason.", []string{"reason"}, nil)
 	descLimited = prometheus.NewDesc("nlvpn_agent_limited_total",
@@ -29,8 +23,6 @@ var (
 		"Hole-punch probes, by event (sent, refused_<reason>, limited_<budget>, wide round counts, ...).", []string{"event"}, nil)
 	descDNS = prometheus.NewDesc("nlvpn_agent_dns_total",
 		"What the DNS forwarder for clients did, by event (the names of `nlvpn status --json` dns: queries, answered, nxdomain, cache_hits, timeouts, ...).", []string{"event"}, nil)
-	descGatewayConnected = prometheus.NewDesc("nlvpn_gateway_connected",
-		"1 while connected to the gateway over this transport (udp, tcp, tcp_proxy), 0 otherwise.", []string{"transport"}, nil)
 	descFragmented = prometheus.NewDesc("nlvpn_agent_fragmented_packets_total",
 		"IPv4 packets split for a session whose MTU is smaller than the netstack's (a client on a small path).", nil, nil)
 	descTCPRetransmits = prometheus.NewDesc("nlvpn_agent_tcp_retransmits_total",
@@ -46,32 +38,14 @@ var (
 // flowKinds are the kinds a client's held flows are counted by.
 var flowKinds = []string{"tcp_flows", "udp_flows", "dials", "icmp_echoes"}
 
-// transports are the values of nlvpn_gateway_connected's label.
-var transports = []string{"udp", "tcp", "tcp_proxy"}
-
-// transportOf names Status.Transport ("udp", "tcp", "tcp via proxy
-// HOST:PORT", "") by a label value, without the proxy's address.
-func transportOf(s string) string {
-	if strings.HasPrefix(s, "tcp via proxy") {
-		return "tcp_proxy"
-	}
-	return s
-}
-
-func b2f(b bool) float64 {
-	if b {
-		return 1
-	}
-	return 0
-}
-
 // statusCollector is the agent's prometheus.Collector: each scrape reads
 // status once.
 type statusCollector struct{ status func() Status }
 
 func (statusCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descSessions, descTxBytes, descRxBytes, descDropped, descDenied, descLimited,
-		descFlows, descProbes, descDNS, descGatewayConnected, descFragmented, descTCPRetransmits, descTCPTimeouts, descRevocationSerial, descRevocationsRefused} {
+	metrics.DescribeNode(ch)
+	for _, d := range []*prometheus.Desc{descSessions, descDenied, descLimited,
+		descFlows, descProbes, descDNS, descFragmented, descTCPRetransmits, descTCPTimeouts, descRevocationSerial, descRevocationsRefused} {
 		ch <- d
 	}
 }
@@ -101,18 +75,14 @@ func (c statusCollector) Collect(ch chan<- prometheus.Metric) {
 	for k, n := range flows {
 		gauge(descFlows, float64(n), k)
 	}
-	counter(descTxBytes, st.TxBytesTotal)
-	counter(descRxBytes, st.RxBytesTotal)
+	metrics.CollectNode(ch, metrics.Node{TxBytes: st.TxBytesTotal, RxBytes: st.RxBytesTotal, Drops: st.Drops, Transport: st.Transport})
 	for _, m := range []struct {
 		d *prometheus.Desc
 		m map[string]uint64
-	}{{descDropped, st.Drops}, {descDenied, st.Denied}, {descLimited, st.Limited}, {descProbes, st.Probes}, {descDNS, st.DNS}} {
+	}{{descDenied, st.Denied}, {descLimited, st.Limited}, {descProbes, st.Probes}, {descDNS, st.DNS}} {
 		for k, v := range m.m {
 			counter(m.d, v, k)
 		}
-	}
-	for _, k := range transports {
-		gauge(descGatewayConnected, b2f(transportOf(st.Transport) == k), k)
 	}
 	counter(descFragmented, st.Fragmented)
 	counter(descTCPRetransmits, st.TCPRetransmits)
