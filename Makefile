@@ -6,7 +6,7 @@ BIN     := bin
 # Every package except the end-to-end suite, which runs separately.
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e$$')
 
-.PHONY: all build deps demo test fmt-check vet vet-cross quic-go-check units-check unit e2e bench wireguard-go fuzz release clean
+.PHONY: all build deps demo test fmt-check tidy-check vet vet-cross quic-go-check units-check unit e2e bench wireguard-go fuzz release clean
 
 all: build
 
@@ -26,11 +26,15 @@ deps:
 demo: deps build
 	$(BIN)/nlvpn-lab demo --nlvpn $(BIN)/nlvpn
 
-test: deps fmt-check vet vet-cross quic-go-check units-check unit e2e
+test: deps fmt-check tidy-check vet vet-cross quic-go-check units-check unit e2e
 
 fmt-check:
 	@out="$$(gofmt -l .)"; \
 	if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
+
+# go.mod and go.sum say exactly what the code needs.
+tidy-check:
+	@$(GO) mod tidy -diff || { echo "go.mod/go.sum are not tidy: run go mod tidy"; exit 1; }
 
 vet:
 	$(GO) vet ./...

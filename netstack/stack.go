@@ -1,3 +1,8 @@
+// Package netstack holds nlvpn's gVisor userspace TCP/IP stacks: the
+// agent's egress (Egress: clients' flows terminated and re-originated from
+// the agent's own sockets, bounded per client) and the client's stack
+// behind its local SOCKS5 and HTTP proxies (Proxy), both on one link
+// endpoint that moves packets in batches (GRO in, GSO out).
 package netstack
 
 // stackCore is the gVisor plumbing Egress and Proxy share: one stack on our
