@@ -1,6 +1,8 @@
 package gateway
 
 import (
+	"crypto/tls"
+	"io"
 	"net"
 	"net/http/httptest"
 	"testing"
@@ -122,5 +124,75 @@ func TestAutoFallsBackToTCP(t *testing.T) {
 	bad := startNode(t, tg, nodeOpts{token: tok, gateway: tcpAddr, over: control.OverTCP, pin: "sha256:0000"})
 	if fe := bad.refused(t); fe.Code != wire.CodeBadRequest {
 		t.Fatalf("wrong pin over TCP: %+v", fe)
+	}
+}
+
+// What a stranger can do on the TCP port is bounded and counted: more
+// unregistered connections from one address than --max-unauth-per-source
+// are closed at once; bytes that are not TLS end the connection; after
+// TLS, a frame length out of range ends it too; and the gateway's metrics
+// say so. --listen-tcp off serves no TCP at all.
+func TestTCPStrangersBounded(t *testing.T) {
+	tg := startGatewayWith(t, func(c *Config) { c.MaxUnauthPerSource = 2 })
+	addr := waitTCP(t, tg)
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	closedSoon := func(c net.Conn, what string) {
+		t.Helper()
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		if _, err := io.Copy(io.Discard, c); err != nil {
+			t.Fatalf("%s: the gateway kept the connection: %v", what, err)
+		}
+	}
+	wait := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(3 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("waiting for %s", what)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+
+	// Two silent connections hold this source's slots; a third is refused.
+	dial()
+	dial()
+	wait("two pending", func() bool { return tg.g.tcp.Load().Pending() == 2 })
+	closedSoon(dial(), "a third connection from one source")
+	wait("the per-source refusal counted", func() bool { return tg.g.refusals[reasonPerSourceLimit].Load() == 1 })
+
+	tg2 := startGatewayWith(t, nil)
+	addr = waitTCP(t, tg2)
+	garbage := dial()
+	garbage.Write([]byte("SSH-2.0-OpenSSH_9.6\r\n"))
+	closedSoon(garbage, "not TLS")
+	wait("the TLS refusal counted", func() bool { return tg2.g.refusals[reasonTCPHandshake].Load() == 1 })
+
+	tc := tls.Client(dial(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{wire.ALPNGatewayTCP}})
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	tc.Write([]byte{0xff, 0xff, 1, 2, 3}) // a 64 KiB frame length
+	closedSoon(tc, "a frame length out of range")
+	wait("the bad frame counted", func() bool { return tg2.g.TCPStats().BadFrames == 1 })
+	mfs := gather(t, tg2.g)
+	if v := metricValue(t, mfs, "nlvpn_gateway_tcp_closed_total", "reason", "bad_frame"); v != 1 {
+		t.Errorf("nlvpn_gateway_tcp_closed_total{reason=bad_frame} = %v, want 1", v)
+	}
+	if v := metricValue(t, mfs, "nlvpn_gateway_refused_total", "reason", "tcp_tls_handshake"); v != 1 {
+		t.Errorf("nlvpn_gateway_refused_total{reason=tcp_tls_handshake} = %v, want 1", v)
+	}
+
+	off := startGatewayWith(t, func(c *Config) { c.ListenTCP = "off" })
+	time.Sleep(100 * time.Millisecond)
+	if a := off.g.TCPAddr(); a != nil {
+		t.Fatalf("--listen-tcp off listens on %v", a)
 	}
 }
