@@ -300,6 +300,10 @@ func TestCLINodeErrors(t *testing.T) {
 		{"agent policy malformed", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/8", "--policy", badPolicy}, []string{"--policy", "line 2", "allow or deny"}},
 		{"agent advertises loopback", nil, []string{"agent", "--token", agentTok, "--advertise", "127.0.0.0/8"}, []string{"loopback", "--allow-loopback"}},
 		{"bad gateway override", nil, []string{"up", "--token", clientTok, "--agent", "miranda", "--gateway", "nohostport"}, []string{"HOST:PORT"}},
+		{"bad transport", nil, []string{"up", "--token", clientTok, "--agent", "miranda", "--transport", "quic"}, []string{"--transport", `"quic"`, "auto, udp or tcp"}},
+		{"bad proxy", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/8", "--proxy", "socks5://10.0.0.1:1080"}, []string{"--proxy", "only http://"}},
+		{"bad HTTPS_PROXY", []string{"HTTPS_PROXY=ftp://10.0.0.1:21"}, []string{"up", "--token", clientTok, "--agent", "miranda", "--gateway", "198.18.0.1:4433"}, []string{"HTTPS_PROXY", "only http://"}},
+		{"proxy with udp only", nil, []string{"connect", "--token", clientTok, "-n", "miranda", "--transport", "udp", "--proxy", "http://10.0.0.1:3128", "h:22"}, []string{"--proxy", "--transport auto or tcp"}},
 		{"forward nothing", nil, []string{"forward", "--token", clientTok, "-n", "miranda"}, []string{"nothing to forward"}},
 		{"forward bad spec", nil, []string{"forward", "--token", clientTok, "-n", "miranda", "-L", "8080:h"}, []string{"[BIND:]PORT:HOST:HOSTPORT"}},
 		{"connect without target", nil, []string{"connect", "--token", clientTok, "-n", "miranda"}, []string{"usage"}},
@@ -368,7 +372,8 @@ func TestCLIStatusReadsSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	want := client.Status{Agent: "miranda", Path: "direct", Remote: "127.0.0.1:40000", RTTMillis: 1.25, TxBytes: 1000, RxBytes: 2000, SinceSwitchS: 65}
+	want := client.Status{Agent: "miranda", Path: "direct", Remote: "127.0.0.1:40000", RTTMillis: 1.25, TxBytes: 1000, RxBytes: 2000, SinceSwitchS: 65,
+		Transport: "tcp via proxy 10.0.1.1:3128"}
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -388,7 +393,8 @@ func TestCLIStatusReadsSocket(t *testing.T) {
 	if err := json.Unmarshal([]byte(r.stdout), &m); err != nil {
 		t.Fatalf("status --json printed %q: %v", r.stdout, err)
 	}
-	for k, v := range map[string]any{"path": "direct", "remote": "127.0.0.1:40000", "rtt_ms": 1.25, "tx_bytes": 1000.0, "rx_bytes": 2000.0, "since_switch_s": 65.0} {
+	for k, v := range map[string]any{"path": "direct", "remote": "127.0.0.1:40000", "rtt_ms": 1.25, "tx_bytes": 1000.0, "rx_bytes": 2000.0, "since_switch_s": 65.0,
+		"transport": "tcp via proxy 10.0.1.1:3128"} {
 		if m[k] != v {
 			t.Errorf("status --json %q = %v, want %v", k, m[k], v)
 		}
@@ -398,7 +404,7 @@ func TestCLIStatusReadsSocket(t *testing.T) {
 	if r.code != 0 {
 		t.Fatalf("status: exit %d: %s", r.code, r.stderr)
 	}
-	for _, s := range []string{"miranda", "direct", "127.0.0.1:40000", "1.25 ms", "1000 bytes", "2000 bytes", "1m5s ago"} {
+	for _, s := range []string{"miranda", "direct", "127.0.0.1:40000", "1.25 ms", "1000 bytes", "2000 bytes", "1m5s ago", "over tcp via proxy 10.0.1.1:3128"} {
 		if !strings.Contains(r.stdout, s) {
 			t.Errorf("status output lacks %q:\n%s", s, r.stdout)
 		}
