@@ -857,8 +857,9 @@ func statusCmd() *cli.Command {
 		Usage: "show the running tunnel's path (direct or relay), remote address, RTT and traffic; or a running agent's sessions",
 		Description: `Asks the running ` + "`nlvpn up`" + ` or ` + "`nlvpn agent`" + ` (same --state-dir) over its local socket,
 which only its user can open. For a client, --json prints one object with "path"
-("direct" or "relay"), "remote", "rtt_ms", "tx_bytes", "rx_bytes" and "since_switch_s";
-for an agent, "sessions" (one per connected client), "drops" (packets lost inside
+("direct" or "relay"), "remote", "rtt_ms", "tx_bytes", "rx_bytes", "since_switch_s" and
+"transport" (how it reaches the gateway: "udp", "tcp" or "tcp via proxy HOST:PORT");
+for an agent, "transport" too, "sessions" (one per connected client), "drops" (packets lost inside
 the agent, by where), "denied" (new flows its policy refused, by reason, and session
 offers refused), "limited" (new flows, dials, echoes and DNS queries refused because a
 client's or the agent's bound was hit), "probes" (hole-punch probes sent, refused and
