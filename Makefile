@@ -79,6 +79,8 @@ e2e:
 BENCHTIME ?= 5
 bench: deps build wireguard-go
 	$(BIN)/nlvpn-lab bench --nlvpn $(BIN)/nlvpn --wireguard-go $(BIN)/wireguard-go --time $(BENCHTIME)
+	@echo; echo "==> cone NAT (agent) <-> symmetric NAT (client): the relayed tunnel, and the time to the direct path (the wide round)"
+	$(BIN)/nlvpn-lab bench --nlvpn $(BIN)/nlvpn --client-nat symmetric --paths relay --time 2 --trials 10
 	$(GO) test -run '^$$' -bench . -benchmem $(BENCH_PKGS)
 
 # Packages of this module with a Benchmark function in a test file.

@@ -34,6 +34,7 @@ type runner struct {
 	gateway, agent, client *lab.Process
 	clientTok              string
 	clientTokArgs          []string // --token-file FILE (or --token TOKEN for old binaries)
+	agentArgs              []string // the agent's command line (startAgent)
 	clientN                int
 
 	profileDir string // bench: where CPU profiles go ("" = none)
@@ -206,20 +207,11 @@ func (r *runner) startStack(verbose bool, check func() error, upFlags ...string)
 	if err != nil {
 		return err
 	}
-	r.agent, err = r.start(l.NS.Agent, "agent", append(append([]string{"agent"}, agentArgs...), "--gateway", r.gwAddr(),
-		"--advertise", l.LANSubnet.String(), "--state-dir", filepath.Join(r.dir, "agent"))...)
-	if err != nil {
+	r.agentArgs = append(append([]string{"agent"}, agentArgs...), "--gateway", r.gwAddr(),
+		"--advertise", l.LANSubnet.String(), "--state-dir", filepath.Join(r.dir, "agent"))
+	if err := r.startAgent(); err != nil {
 		return err
 	}
-
-	// Give the agent a moment to register, so the client finds it on its
-	// first try (the client refuses an agent that is not connected).
-	wctx, wcancel := context.WithTimeout(r.ctx, 20*time.Second)
-	if err := r.agent.WaitLog(wctx, "registered"); err != nil && !r.agent.Running() {
-		wcancel()
-		return fmt.Errorf("the agent exited: %w", err)
-	}
-	wcancel()
 
 	explain("Starting the client in namespace %s, behind a %v NAT. It dials out to the gateway too,\n    creates the TUN device %s and routes %s into it:\n    nlvpn up --token-file alice.token --gateway %s --agent %s",
 		l.NS.Client, l.Opts.ClientNAT, tunName, l.LANSubnet, r.gwAddr(), agentName)
@@ -228,6 +220,25 @@ func (r *runner) startStack(verbose bool, check func() error, upFlags ...string)
 		return err
 	}
 	return r.startClient(verbose, check, upFlags...)
+}
+
+// startAgent starts (or restarts) the agent with r.agentArgs and gives it
+// a moment to register, so the client finds it on its first try (the
+// client refuses an agent that is not connected).
+func (r *runner) startAgent() error {
+	if r.agent != nil {
+		r.agent.Stop()
+	}
+	var err error
+	if r.agent, err = r.start(r.lab.NS.Agent, "agent", r.agentArgs...); err != nil {
+		return err
+	}
+	wctx, wcancel := context.WithTimeout(r.ctx, 20*time.Second)
+	defer wcancel()
+	if err := r.agent.WaitLog(wctx, "registered"); err != nil && !r.agent.Running() {
+		return fmt.Errorf("the agent exited: %w", err)
+	}
+	return nil
 }
 
 // startClient starts `nlvpn up` (with upFlags) and waits until check
