@@ -80,7 +80,10 @@ func (r *runner) start(ns, name string, args ...string) (*lab.Process, error) {
 }
 
 func (r *runner) env(home string) []string {
-	env := []string{"HOME=" + home, "XDG_CONFIG_HOME=" + filepath.Join(home, ".config")}
+	env := []string{"HOME=" + home, "XDG_CONFIG_HOME=" + filepath.Join(home, ".config"),
+		// A proxy of the developer's shell is not in the lab: nodes
+		// would take their TCP fallback through it (empty is unset).
+		"HTTPS_PROXY=", "https_proxy=", "NO_PROXY=", "no_proxy="}
 	if r.profileDir != "" {
 		env = append(env, "NLVPN_PPROF="+pprofAddr)
 	}
