@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"strings"
@@ -134,5 +135,40 @@ func TestUDPBlockedThroughProxy(t *testing.T) {
 			}
 			c.Stop()
 		})
+	}
+}
+
+// TestUDPBlockedBothSides: neither the client's nor the agent's network
+// lets UDP out. Both reach the gateway over TCP by themselves, and the
+// tunnel works through the relay, its frames inside both gateway
+// connections: a download completes intact, and both say so in status.
+func TestUDPBlockedBothSides(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	e := newEnv(t, coneCone, false)
+	if err := e.lab.BlockAgentUDP(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.lab.BlockClientUDP(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The agent registered over UDP before its network closed: restart it.
+	e.restartAgent(t, "--advertise", e.lab.LANSubnet.String())
+	e.startClientMode(t)
+	e.waitTransport(t, "tcp", 5*time.Second)
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, _, err := lab.Run(sctx, e.lab.NS.Agent, nlvpnBin, "status", "--json", "--state-dir", e.agentStateDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ast struct {
+		Transport string `json:"transport"`
+	}
+	if err := json.Unmarshal(out, &ast); err != nil || ast.Transport != "tcp" {
+		t.Fatalf("agent status transport %q (%v), want tcp", ast.Transport, err)
+	}
+	if err := e.download(t, 8<<20, 71); err != nil {
+		t.Fatalf("download with both sides over TCP: %v", err)
 	}
 }

@@ -719,22 +719,27 @@ func (l *Lab) ClientLANGateway() netip.Addr { return cliLANGW }
 // BlockClientUDP makes the client's network one that lets only TCP out:
 // its NAT drops every UDP packet it would forward from the client's LAN.
 // UnblockClientUDP undoes it. Needs a client NAT (not SameLAN).
-func (l *Lab) BlockClientUDP(ctx context.Context) error {
-	if l.NS.ClientNAT == "" || l.Opts.SameLAN {
-		return errors.New("BlockClientUDP needs a client NAT of its own")
+func (l *Lab) BlockClientUDP(ctx context.Context) error { return l.blockUDP(ctx, l.NS.ClientNAT) }
+
+// UnblockClientUDP undoes BlockClientUDP.
+func (l *Lab) UnblockClientUDP(ctx context.Context) error {
+	return l.nft(ctx, l.NS.ClientNAT, "delete table ip nvudp\n")
+}
+
+// BlockAgentUDP is BlockClientUDP for the agent's network.
+func (l *Lab) BlockAgentUDP(ctx context.Context) error { return l.blockUDP(ctx, l.NS.AgentNAT) }
+
+func (l *Lab) blockUDP(ctx context.Context, nat string) error {
+	if nat == "" || l.Opts.SameLAN {
+		return errors.New("blocking a side's UDP needs a NAT of its own on that side")
 	}
-	return l.nft(ctx, l.NS.ClientNAT, `table ip nvudp {
+	return l.nft(ctx, nat, `table ip nvudp {
 	chain forward {
 		type filter hook forward priority -10; policy accept;
 		iifname "lan0" meta l4proto udp drop
 	}
 }
 `)
-}
-
-// UnblockClientUDP undoes BlockClientUDP.
-func (l *Lab) UnblockClientUDP(ctx context.Context) error {
-	return l.nft(ctx, l.NS.ClientNAT, "delete table ip nvudp\n")
 }
 
 // ClientOnlyProxy makes the client's network one whose only way out is a
