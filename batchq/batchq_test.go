@@ -129,23 +129,28 @@ func TestFairShares(t *testing.T) {
 			n   int
 		}
 		accepted map[string]int
+		full     int // puts refused because the whole queue was full (not counted as over share)
 	}{
-		{"alone: half, room kept for a newcomer", 100, []struct {
+		{"alone: 7/8, an eighth kept for a newcomer", 100, []struct {
 			key string
 			n   int
-		}{{"a", 200}}, map[string]int{"a": 50}},
+		}{{"a", 200}}, map[string]int{"a": 88}, 0},
 		{"flooder first, honest after", 100, []struct {
 			key string
 			n   int
-		}{{"a", 200}, {"b", 10}}, map[string]int{"a": 50, "b": 10}},
-		{"two flooders", 90, []struct {
+		}{{"a", 200}, {"b", 10}}, map[string]int{"a": 88, "b": 10}, 0},
+		{"two flooders: the second gets the reserve", 90, []struct {
 			key string
 			n   int
-		}{{"a", 200}, {"b", 200}}, map[string]int{"a": 45, "b": 30}},
+		}{{"a", 200}, {"b", 200}}, map[string]int{"a": 79, "b": 11}, 189},
+		{"two flooders taking turns share equally", 90, []struct {
+			key string
+			n   int
+		}{{"a", 1}, {"b", 1}, {"a", 200}, {"b", 200}}, map[string]int{"a": 39, "b": 39}, 0},
 		{"many small keys are not limited", 100, []struct {
 			key string
 			n   int
-		}{{"a", 5}, {"b", 5}, {"c", 5}, {"d", 5}}, map[string]int{"a": 5, "b": 5, "c": 5, "d": 5}},
+		}{{"a", 5}, {"b", 5}, {"c", 5}, {"d", 5}}, map[string]int{"a": 5, "b": 5, "c": 5, "d": 5}, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -171,15 +176,15 @@ func TestFairShares(t *testing.T) {
 				}
 				total += want
 			}
-			if n := f.OverShare(); n != uint64(offered-total) {
-				t.Errorf("OverShare %d, want %d", n, offered-total)
+			if n := f.OverShare(); n != uint64(offered-total-tt.full) {
+				t.Errorf("OverShare %d, want %d", n, offered-total-tt.full)
 			}
 			// A new round: the flooder has its share again.
 			for range tt.max {
 				f.Put("a", "a")
 			}
-			if got, _ := f.Take(context.Background(), got); len(got) != tt.max/2 {
-				t.Errorf("after Take, key a alone queued %d, want %d", len(got), tt.max/2)
+			if got, _ := f.Take(context.Background(), got); len(got) != tt.max-tt.max/8 {
+				t.Errorf("after Take, key a alone queued %d, want %d", len(got), tt.max-tt.max/8)
 			}
 		})
 	}
