@@ -554,6 +554,16 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 	if err != nil || !s.PeerAddr.IsValid() || s.ID == 0 {
 		return badRequest("malformed session offer")
 	}
+	// A client's address is its IPv4 overlay address, nothing else: the
+	// agent maps a client's IPv6 overlay address (and an IPv4-mapped form)
+	// to it (wire.OverlayOwner), so an offer naming such an alias, or the
+	// agent's own address, would let the gateway give one client another's
+	// identity, limits and replies.
+	if !s.PeerAddr.Is4() || !wire.OverlayPrefix.Contains(s.PeerAddr) || s.PeerAddr == a.overlay() {
+		a.denied.credential.Add(1)
+		a.log.Warn("session offer refused: the client's overlay address is not a plain one of the overlay", "client_overlay", s.PeerAddr, "offered_as", s.PeerName)
+		return badRequest("the client's overlay address must be an IPv4 address in " + wire.OverlayPrefix.String())
+	}
 	// The gateway introduces clients but does not vouch for them: the
 	// client's credential must be signed by this agent's authority, bound
 	// to the key the client will prove in the end-to-end handshake, and

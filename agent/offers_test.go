@@ -116,6 +116,16 @@ func TestSessionOffers(t *testing.T) {
 		t.Fatal("a refused offer was kept")
 	}
 
+	// The gateway cannot name an alias of a client's address (its IPv6
+	// overlay address, an IPv4-mapped form) or one outside the overlay.
+	mallory, malloryCred := b.client(t, token.Claims{Name: "mallory", Agents: []string{"*"}})
+	for _, addr := range []string{"fd6e:6c76:706e::6440:3", "::ffff:100.64.0.3", "192.168.77.10", "fd00::1"} {
+		wantCode(t, "mallory offered as "+addr, b.offer(200, mallory, malloryCred, addr), wire.CodeBadRequest)
+	}
+	if a.offers[200] != nil || a.denied.credential.Load() < 4 {
+		t.Fatalf("alias offers kept or not counted (denied %d)", a.denied.credential.Load())
+	}
+
 	// A session ID is one client key's: bob (allowed now) cannot take 1.
 	bob, bobCred = b.client(t, token.Claims{Name: "bob", Agents: []string{"*"}})
 	wantCode(t, "bob naming alice's session ID", b.offer(1, bob, bobCred, "100.64.0.4"), wire.CodeBadRequest)
