@@ -6,10 +6,12 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"path/filepath"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/crypto/acme"
@@ -34,6 +36,9 @@ type ACMEConfig struct {
 	HTTPAddr  string         // where the CA's HTTP-01 checks are answered (TCP; port 80 for a public CA)
 	Roots     *x509.CertPool // roots for the CA's own API (a private CA); nil: the system's
 }
+
+// maxACMEConns bounds the connections open to the HTTP-01 port.
+const maxACMEConns = 64
 
 // acmeRetry is how long the gateway waits between tries to get its first
 // certificate at start; autocert itself renews from then on.
@@ -105,7 +110,23 @@ func (g *Gateway) serveACME(ctx context.Context) error {
 		}
 		challenges.ServeHTTP(w, r)
 	})
-	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 5 * time.Second}
+	// The port is open to anyone: every connection is short-lived and
+	// their number bounded (a CA's checks need a few at once).
+	var open atomic.Int64
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		WriteTimeout: 10 * time.Second, IdleTimeout: 30 * time.Second, MaxHeaderBytes: 8 << 10,
+		ErrorLog: slog.NewLogLogger(g.log.Handler(), slog.LevelDebug),
+		ConnState: func(c net.Conn, st http.ConnState) {
+			switch st {
+			case http.StateNew:
+				if open.Add(1) > maxACMEConns {
+					g.refusals[reasonACMEConnLimit].Add(1)
+					c.Close() // the server then reports it closed
+				}
+			case http.StateClosed, http.StateHijacked:
+				open.Add(-1)
+			}
+		}}
 	go srv.Serve(ln)
 	context.AfterFunc(ctx, func() { srv.Close() })
 	log := g.log.With("domain", g.cfg.ACME.Domain, "http", ln.Addr().String())

@@ -279,6 +279,9 @@ const (
 	// registered node in time.
 	reasonTCPHandshake
 	reasonTCPNotAdmitted
+	// reasonACMEConnLimit is a connection to the ACME HTTP-01 port closed
+	// at once because maxACMEConns were open.
+	reasonACMEConnLimit
 	numReasons
 )
 
@@ -299,6 +302,7 @@ var reasonNames = [numReasons]string{
 	reasonUnexpectedMessage: "unexpected_message",
 	reasonTCPHandshake:      "tcp_tls_handshake",
 	reasonTCPNotAdmitted:    "tcp_not_admitted",
+	reasonACMEConnLimit:     "acme_http_conn_limit",
 }
 
 func (r reason) String() string { return reasonNames[r] }
