@@ -3,6 +3,9 @@ package client
 import (
 	"errors"
 	"slices"
+	"strings"
+
+	"golang.org/x/net/publicsuffix"
 
 	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/wire"
@@ -14,7 +17,15 @@ import (
 // undo extended by the reversal. Where the system cannot do it, the user
 // hears once how to resolve those names by hand, and nothing changes.
 func (c *Client) splitDNS(iface string, info *wire.PeerInfo, undo platform.Undo) platform.Undo {
-	domains := dnsDomains(info.DNSDomains, c.cfg.DNSDomains)
+	agent := info.DNSDomains[:0:0]
+	for _, d := range info.DNSDomains {
+		if why := tooBroadDomain(d); why != "" && !slices.Contains(c.cfg.DNSDomains, d) {
+			c.log.Warn("not resolving a domain the agent names through it", "domain", d, "why", why, "to_accept", "--dns-domain "+d)
+			continue
+		}
+		agent = append(agent, d)
+	}
+	domains := dnsDomains(agent, c.cfg.DNSDomains)
 	if len(domains) == 0 {
 		return undo
 	}
@@ -42,4 +53,23 @@ func dnsDomains(agent, user []string) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// tooBroadDomain says why an agent may not have the system's lookups
+// under d sent to it without the user asking (--dns-domain d), or "":
+// a top-level or other public suffix ("com", "co.uk") would hand it most
+// of the machine's names, and the reverse zones every address's, which it
+// could answer with addresses in its own subnets. As routes broader than
+// a /8 need --accept-routes.
+func tooBroadDomain(d string) string {
+	switch {
+	case d == "arpa" || strings.HasSuffix(d, ".arpa"):
+		return "a reverse-lookup zone"
+	case !strings.Contains(d, "."):
+		return "a top-level domain"
+	}
+	if ps, _ := publicsuffix.PublicSuffix(d); ps == d {
+		return "a public suffix"
+	}
+	return ""
 }

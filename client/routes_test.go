@@ -65,3 +65,14 @@ func TestDNSDomains(t *testing.T) {
 		t.Fatal("no domains should mean no split DNS")
 	}
 }
+
+func TestTooBroadDomain(t *testing.T) {
+	for d, broad := range map[string]bool{
+		"office.lan": false, "corp.example.com": false, "example.co.uk": false, "ad.internal": false,
+		"com": true, "lan": true, "co.uk": true, "github.io": true, "in-addr.arpa": true, "168.192.in-addr.arpa": true, "arpa": true,
+	} {
+		if got := tooBroadDomain(d) != ""; got != broad {
+			t.Errorf("tooBroadDomain(%q) = %q, want broad %v", d, tooBroadDomain(d), broad)
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -22,7 +23,9 @@ import (
 func TestSplitDNSFallback(t *testing.T) {
 	e := newEnv(t, coneCone, false)
 	setAgentResolver(t, e.lab.NS.Agent, e.lab.LANHost)
-	e.restartAgent(t, "--advertise", e.lab.LANSubnet.String(), "--dns-domain", "LAN.")
+	// office.lan is the agent's to name; co.uk is not (a public suffix):
+	// the client refuses that one and says so.
+	e.restartAgent(t, "--advertise", e.lab.LANSubnet.String(), "--dns-domain", "Office.LAN.", "--dns-domain", "co.uk")
 	e.client = e.startClient(t)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -35,8 +38,11 @@ func TestSplitDNSFallback(t *testing.T) {
 		t.Fatalf("the split DNS message lacks the reason, domains or agent address:\n%s", e.client.Log())
 	}
 	t.Logf("client: why=%q domains=[%s] agent_dns=%s", m[1], m[2], m[3])
-	if m[2] != "lan" {
-		t.Errorf("domains [%s], want [lan] (the agent's --dns-domain LAN., normalized)", m[2])
+	if m[2] != "office.lan" {
+		t.Errorf("domains [%s], want [office.lan] (the agent's --dns-domain Office.LAN., normalized; not co.uk)", m[2])
+	}
+	if !strings.Contains(e.client.Log(), `not resolving a domain the agent names through it" agent=miranda domain=co.uk why="a public suffix"`) {
+		t.Errorf("the client did not say it refuses the agent's co.uk:\n%s", e.client.Log())
 	}
 	// Where /proc/1 can be read the namespace check speaks first; in a
 	// container that hides it, the absent resolved does.
