@@ -150,6 +150,7 @@ func (a *Agent) Status() Status {
 	st.Limited["dns_queries"] = dns.ClientLimited
 	st.Limited["dns_queries_all_clients"] = dns.Dropped
 	st.Drops["dns_mismatched_replies"] = dns.Mismatched
+	st.Drops["dns_unread_answers"] = dns.Unread
 	st.DNS = map[string]uint64{
 		"queries": dns.Queries, "answered": dns.Answered, "nxdomain": dns.NXDomain, "servfail": dns.ServFail,
 		"other_rcode": dns.Other, "notimp": dns.NotImpl, "malformed": dns.Malformed, "cache_hits": dns.CacheHits, "coalesced": dns.Coalesced,

@@ -8,6 +8,7 @@ import (
 
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/underlay"
 	"github.com/nlvpn/nlvpn/wire"
 )
@@ -59,5 +60,16 @@ func ListAgents(ctx context.Context, cfg ListConfig) (*wire.Agents, error) {
 	if r.Type != wire.TypeAgents {
 		return nil, fmt.Errorf("the gateway answered %s instead of a list of agents", r.Type)
 	}
-	return r.Agents, nil
+	// The list is the gateway's word, printed on a terminal: a name that
+	// is not an agent name (control characters, escape sequences) is left
+	// out and said so.
+	l := &wire.Agents{Truncated: r.Agents.Truncated}
+	for _, a := range r.Agents.Agents {
+		if !token.ValidName(a.Name) {
+			cfg.Log.Warn("the gateway listed an agent with an invalid name; left out", "name", fmt.Sprintf("%q", a.Name))
+			continue
+		}
+		l.Agents = append(l.Agents, a)
+	}
+	return l, nil
 }

@@ -192,6 +192,7 @@ func (c *packetConn) Write(b []byte) (int, error) {
 			select {
 			case c.answers <- resp:
 			default: // reader not keeping up: drop, like a full socket buffer
+				c.f.unread.Add(1)
 			}
 		}
 	}()

@@ -90,6 +90,9 @@ type Stats struct {
 	ClientLimited uint64
 	// CacheEvicted counts entries pushed out by the cache's bounds.
 	CacheEvicted uint64
+	// Unread counts answers dropped because a client's UDP flow had 64
+	// waiting that it had not read (like a full socket buffer).
+	Unread uint64
 }
 
 // Forwarder answers DNS queries by forwarding them. Create it with New.
@@ -109,7 +112,7 @@ type Forwarder struct {
 	flights  map[flightKey]*flight // exchanges running, by question
 
 	queries, answered, nxdomain, servfail, other, notimpl, malformed              atomic.Uint64
-	cacheHits, truncated, mismatched, timeouts, dropped, clientLimited, coalesced atomic.Uint64
+	cacheHits, truncated, mismatched, timeouts, dropped, clientLimited, coalesced, unread atomic.Uint64
 }
 
 // New returns a forwarder. Without Servers and without a ResolvConf that
@@ -142,7 +145,7 @@ func (f *Forwarder) Stats() Stats {
 		ServFail: f.servfail.Load(), Other: f.other.Load(), NotImpl: f.notimpl.Load(), Malformed: f.malformed.Load(),
 		CacheHits: f.cacheHits.Load(), Coalesced: f.coalesced.Load(), Truncated: f.truncated.Load(), Mismatched: f.mismatched.Load(),
 		Timeouts: f.timeouts.Load(), Dropped: f.dropped.Load(), ClientLimited: f.clientLimited.Load(),
-		CacheEvicted: f.cache.evicted.Load(),
+		CacheEvicted: f.cache.evicted.Load(), Unread: f.unread.Load(),
 	}
 }
 

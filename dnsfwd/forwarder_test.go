@@ -671,3 +671,27 @@ func TestForwardCoalesces(t *testing.T) {
 		t.Errorf("upstream asked %d times (want 2), %d coalesced, %d cache hits", q, st.Coalesced, st.CacheHits)
 	}
 }
+
+// A client's UDP flow that does not read its answers holds at most 64 of
+// them; the rest are dropped and counted.
+func TestUnreadAnswersCounted(t *testing.T) {
+	u := startFakeUpstream(t)
+	f := newTestForwarder(t, u, 2*time.Second)
+	c := f.PacketConn(netip.AddrFrom4([4]byte{100, 64, 0, 10}))
+	defer c.Close()
+	q := testQuery{id: 3, name: "nas.office.lan.", typ: dnsmessage.TypeA}.pack(t)
+	const sent = 100
+	for i := 0; i < sent; i += MaxInflightPerClient / 2 {
+		for range min(MaxInflightPerClient/2, sent-i) {
+			c.Write(q)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for len(f.inflight) > 0 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	st := f.Stats()
+	if st.ClientLimited != 0 || st.Unread != sent-64 {
+		t.Fatalf("unread answers dropped %d (want %d), client-limited %d", st.Unread, sent-64, st.ClientLimited)
+	}
+}
