@@ -111,7 +111,7 @@ type Forwarder struct {
 	flightMu sync.Mutex
 	flights  map[flightKey]*flight // exchanges running, by question
 
-	queries, answered, nxdomain, servfail, other, notimpl, malformed              atomic.Uint64
+	queries, answered, nxdomain, servfail, other, notimpl, malformed                      atomic.Uint64
 	cacheHits, truncated, mismatched, timeouts, dropped, clientLimited, coalesced, unread atomic.Uint64
 }
 
