@@ -126,8 +126,9 @@ type Session struct {
 	txp, txb, rxp, rxb             atomic.Uint64
 	dropQueue, dropLarge, dropSend atomic.Uint64
 	dropRxLarge                    atomic.Uint64
-	stalled                        atomic.Bool  // SendWait's last wait ran out; no more waits until the queue takes a packet
-	mtu                            atomic.Int32 // largest packet Send takes: the session's Sizes.TUN
+	stalled                        atomic.Bool   // SendWait's last wait ran out; no more waits until the queue takes a packet
+	waitsRanOut                    atomic.Uint64 // SendWait calls that waited SendWaitMax in vain (tests)
+	mtu                            atomic.Int32  // largest packet Send takes: the session's Sizes.TUN
 }
 
 // New wraps an established connection. Call Run to start the pump.
@@ -197,6 +198,9 @@ func (s *Session) SendWait(pkt []byte) error {
 		s.txp.Add(1)
 		s.txb.Add(uint64(len(pkt)))
 	case errors.Is(err, quic.ErrDatagramQueueFull):
+		if wait > 0 {
+			s.waitsRanOut.Add(1)
+		}
 		s.stalled.Store(true)
 		s.dropQueue.Add(1)
 	default:
