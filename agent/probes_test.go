@@ -244,6 +244,28 @@ func TestProbeTablesBounded(t *testing.T) {
 	}
 }
 
+// waitPunches stops the punches of sessions ids and, at cleanup (before
+// setFastPunch restores punch's timing, which they read), waits until they
+// have returned.
+func waitPunches(t *testing.T, a *Agent, ids ...uint64) {
+	a.mu.Lock()
+	var ds []*underlay.Direct
+	for _, id := range ids {
+		ds = append(ds, a.punches[id])
+	}
+	a.mu.Unlock()
+	t.Cleanup(func() {
+		for _, d := range ds {
+			d.Close()
+			select {
+			case <-d.Done():
+			case <-time.After(5 * time.Second):
+				t.Errorf("the punch of session %x did not return", d.ID())
+			}
+		}
+	})
+}
+
 // setFastPunch shrinks punch's timing for a test.
 func setFastPunch(t *testing.T) {
 	pi, ad, ki, la := punch.ProbeInterval, punch.AttemptDuration, punch.KeepaliveInterval, punch.LossAfter
@@ -406,6 +428,7 @@ func TestAgentPendingOfferStopsOnGone(t *testing.T) {
 	s := offerWith(7, observed, observed, lan6, netip.MustParseAddrPort("127.0.0.1:22"), netip.MustParseAddrPort("169.254.169.254:80"),
 		netip.MustParseAddrPort("10.99.0.5:4000"))
 	a.startPunch(s, bytes.Repeat([]byte{7}, 32))
+	waitPunches(t, a, s.ID)
 	a.mu.Lock()
 	d := a.punches[7]
 	a.mu.Unlock()
@@ -486,6 +509,7 @@ func TestAgentProbesClientsNewAddress(t *testing.T) {
 	bob.PeerName = "bob"
 	a.startPunch(offerWith(7, observed, observed), bytes.Repeat([]byte{7}, 32))
 	a.startPunch(bob, bytes.Repeat([]byte{8}, 32))
+	waitPunches(t, a, 7, 8)
 	punchOf := func(id uint64) *punch.Punch {
 		a.mu.Lock()
 		defer a.mu.Unlock()

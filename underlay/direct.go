@@ -109,6 +109,8 @@ type Direct struct {
 	// already delivering when Stop ran must not set a path after it.
 	mu      sync.Mutex
 	stopped bool
+
+	done chan struct{} // closed when punching has returned (at once in relay mode)
 }
 
 // StartDirect puts session cfg.ID on its fallback path and, unless it is
@@ -119,8 +121,9 @@ func (u *Underlay) StartDirect(ctx context.Context, cfg DirectConfig) *Direct {
 	if log == nil {
 		log = u.log
 	}
-	d := &Direct{u: u, id: cfg.ID, mode: cfg.Mode, cancel: func() {}, cfg: cfg, log: log}
+	d := &Direct{u: u, id: cfg.ID, mode: cfg.Mode, cancel: func() {}, cfg: cfg, log: log, done: make(chan struct{})}
 	if cfg.Mode == wire.ModeRelay {
+		close(d.done)
 		return d
 	}
 	ctx, d.cancel = context.WithCancel(ctx)
@@ -147,9 +150,16 @@ func (u *Underlay) StartDirect(ctx context.Context, cfg DirectConfig) *Direct {
 	})
 	u.addPunch(cfg.ID, d.p)
 	log.Info("Trying to create a direct (peer-to-peer) channel", "candidates", cfg.Peer)
-	go d.p.Run(ctx)
+	go func() {
+		defer close(d.done)
+		d.p.Run(ctx)
+	}()
 	return d
 }
+
+// Done is closed once punching has returned after Stop or Close (or the
+// end of StartDirect's ctx): from then on nothing of it runs.
+func (d *Direct) Done() <-chan struct{} { return d.done }
 
 // ID is the session's ID.
 func (d *Direct) ID() uint64 { return d.id }
