@@ -32,6 +32,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/nlvpn/nlvpn/socks5"
 )
 
 const (
@@ -75,7 +77,7 @@ type ProxyConfig struct {
 
 // Credentials are the proxy's username and password (SOCKS5 method 0x02,
 // HTTP Proxy-Authorization Basic). A nil *Credentials means no auth.
-type Credentials struct{ User, Password string }
+type Credentials = socks5.Credentials
 
 // ProxyStats are cumulative counters of a Proxy (ActiveConns is a gauge).
 type ProxyStats struct {

@@ -17,6 +17,7 @@ import (
 	"net/http/httputil"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -168,7 +169,8 @@ func (h *proxyHTTPHandler) authorized(r *http.Request) bool {
 
 // httpStatusFor maps a dial error to a proxy status code.
 func httpStatusFor(err error) int {
-	if socksReplyCode(err) == socksRepTTLExpired {
+	var ne net.Error
+	if errors.Is(err, syscall.ETIMEDOUT) || errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout() {
 		return http.StatusGatewayTimeout
 	}
 	return http.StatusBadGateway

@@ -1,566 +1,60 @@
 package netstack
 
-// SOCKS5 server (RFC 1928, username/password auth RFC 1929): CONNECT and
-// UDP ASSOCIATE; BIND is refused. Domain names are resolved through the
-// tunnel (socks5h semantics). The parser reads exactly the bytes the
-// protocol announces, each length field is at most 255, and the whole
-// negotiation runs under a deadline, so hostile input cannot make it
-// allocate much or hang.
-
 import (
 	"context"
-	"crypto/subtle"
-	"encoding/binary"
-	"errors"
 	"io"
 	"net"
 	"net/netip"
-	"strconv"
-	"sync"
 	"syscall"
-	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+
+	"github.com/nlvpn/nlvpn/socks5"
 )
 
-const (
-	socksVersion     = 5
-	socksAuthVersion = 1
-
-	socksMethodNone     = 0x00
-	socksMethodUserPass = 0x02
-	socksMethodNoAccept = 0xff
-
-	socksCmdConnect   = 1
-	socksCmdBind      = 2
-	socksCmdAssociate = 3
-
-	socksAtypIPv4   = 1
-	socksAtypDomain = 3
-	socksAtypIPv6   = 4
-
-	socksRepSuccess          = 0x00
-	socksRepGeneralFailure   = 0x01
-	socksRepNotAllowed       = 0x02
-	socksRepNetUnreachable   = 0x03
-	socksRepHostUnreachable  = 0x04
-	socksRepConnRefused      = 0x05
-	socksRepTTLExpired       = 0x06
-	socksRepCmdNotSupported  = 0x07
-	socksRepAtypNotSupported = 0x08
-
-	socksUDPIdleCheck = time.Second
-)
-
-// socksAddr is a SOCKS5 address: an IP or a domain name, and a port.
-type socksAddr struct {
-	ip   netip.Addr
-	name string
-	port uint16
-}
-
-func (a socksAddr) String() string {
-	if a.name != "" {
-		return net.JoinHostPort(a.name, strconv.Itoa(int(a.port)))
-	}
-	return netip.AddrPortFrom(a.ip, a.port).String()
-}
-
-type socksRequest struct {
-	cmd byte
-	dst socksAddr
-}
-
-// socksError is a failed negotiation: what to answer (rep, or none) and
-// whether it was an authentication failure rather than a protocol error.
-type socksError struct {
-	msg  string
-	rep  int // reply code to send in a request reply, -1 for none
-	auth bool
-}
-
-func (e *socksError) Error() string { return "socks5: " + e.msg }
-
-func socksProtoErr(msg string, rep int) error { return &socksError{msg: msg, rep: rep} }
-
-// socksNegotiate runs the server side of the method selection, the optional
-// username/password sub-negotiation and reads the request. It writes the
-// method selection and auth replies itself; the caller writes the request's
-// reply (on error, the reply code in the *socksError, if any). rw is usually
-// the client connection under a deadline.
-func socksNegotiate(rw io.ReadWriter, auth *Credentials) (socksRequest, error) {
-	var req socksRequest
-	var hdr [2]byte
-	if _, err := io.ReadFull(rw, hdr[:]); err != nil {
-		return req, socksProtoErr("reading greeting: "+err.Error(), -1)
-	}
-	if hdr[0] != socksVersion {
-		if hdr[0] == 4 {
-			// A SOCKS4 client: tell it "request rejected" in its own terms.
-			_, _ = rw.Write([]byte{0, 0x5b, 0, 0, 0, 0, 0, 0})
-		}
-		return req, socksProtoErr("unsupported version "+strconv.Itoa(int(hdr[0])), -1)
-	}
-	methods := make([]byte, hdr[1])
-	if _, err := io.ReadFull(rw, methods); err != nil {
-		return req, socksProtoErr("reading methods: "+err.Error(), -1)
-	}
-	want := byte(socksMethodNone)
-	if auth != nil {
-		want = socksMethodUserPass
-	}
-	offered := false
-	for _, m := range methods {
-		if m == want {
-			offered = true
-			break
-		}
-	}
-	if !offered {
-		_, _ = rw.Write([]byte{socksVersion, socksMethodNoAccept})
-		return req, &socksError{msg: "no acceptable authentication method offered", rep: -1, auth: auth != nil}
-	}
-	if _, err := rw.Write([]byte{socksVersion, want}); err != nil {
-		return req, socksProtoErr("writing method: "+err.Error(), -1)
-	}
-	if auth != nil {
-		user, pass, err := socksReadUserPass(rw)
-		if err != nil {
-			_, _ = rw.Write([]byte{socksAuthVersion, 0x01})
-			return req, err
-		}
-		okUser := subtle.ConstantTimeCompare([]byte(user), []byte(auth.User))
-		okPass := subtle.ConstantTimeCompare([]byte(pass), []byte(auth.Password))
-		if okUser&okPass != 1 {
-			_, _ = rw.Write([]byte{socksAuthVersion, 0x01})
-			return req, &socksError{msg: "bad username or password", rep: -1, auth: true}
-		}
-		if _, err := rw.Write([]byte{socksAuthVersion, 0x00}); err != nil {
-			return req, socksProtoErr("writing auth reply: "+err.Error(), -1)
-		}
-	}
-	return socksReadRequest(rw)
-}
-
-// socksReadUserPass reads an RFC 1929 username/password request.
-func socksReadUserPass(r io.Reader) (user, pass string, err error) {
-	var b [2]byte
-	if _, err := io.ReadFull(r, b[:]); err != nil {
-		return "", "", socksProtoErr("reading auth: "+err.Error(), -1)
-	}
-	if b[0] != socksAuthVersion {
-		return "", "", socksProtoErr("unsupported auth version "+strconv.Itoa(int(b[0])), -1)
-	}
-	u := make([]byte, b[1])
-	if _, err := io.ReadFull(r, u); err != nil {
-		return "", "", socksProtoErr("reading username: "+err.Error(), -1)
-	}
-	if _, err := io.ReadFull(r, b[:1]); err != nil {
-		return "", "", socksProtoErr("reading auth: "+err.Error(), -1)
-	}
-	pw := make([]byte, b[0])
-	if _, err := io.ReadFull(r, pw); err != nil {
-		return "", "", socksProtoErr("reading password: "+err.Error(), -1)
-	}
-	return string(u), string(pw), nil
-}
-
-// socksReadRequest reads VER CMD RSV ATYP DST.ADDR DST.PORT.
-func socksReadRequest(r io.Reader) (socksRequest, error) {
-	var req socksRequest
-	var h [3]byte
-	if _, err := io.ReadFull(r, h[:]); err != nil {
-		return req, socksProtoErr("reading request: "+err.Error(), -1)
-	}
-	if h[0] != socksVersion {
-		return req, socksProtoErr("request with version "+strconv.Itoa(int(h[0])), socksRepGeneralFailure)
-	}
-	dst, err := socksReadAddr(r)
-	if err != nil {
-		return req, err
-	}
-	req.cmd, req.dst = h[1], dst
-	switch req.cmd {
-	case socksCmdConnect, socksCmdAssociate:
-	default:
-		return req, socksProtoErr("unsupported command "+strconv.Itoa(int(req.cmd)), socksRepCmdNotSupported)
-	}
-	return req, nil
-}
-
-// socksReadAddr reads ATYP DST.ADDR DST.PORT.
-func socksReadAddr(r io.Reader) (socksAddr, error) {
-	var a socksAddr
-	var b [1 + 255 + 2]byte
-	if _, err := io.ReadFull(r, b[:1]); err != nil {
-		return a, socksProtoErr("reading address type: "+err.Error(), -1)
-	}
-	var n int
-	switch b[0] {
-	case socksAtypIPv4:
-		n = 4
-	case socksAtypIPv6:
-		n = 16
-	case socksAtypDomain:
-		if _, err := io.ReadFull(r, b[:1]); err != nil {
-			return a, socksProtoErr("reading name length: "+err.Error(), -1)
-		}
-		n = int(b[0])
-		if n == 0 {
-			return a, socksProtoErr("empty domain name", socksRepHostUnreachable)
-		}
-	default:
-		return a, socksProtoErr("unsupported address type "+strconv.Itoa(int(b[0])), socksRepAtypNotSupported)
-	}
-	atyp := b[0]
-	if _, err := io.ReadFull(r, b[:n+2]); err != nil {
-		return a, socksProtoErr("reading address: "+err.Error(), -1)
-	}
-	a.port = binary.BigEndian.Uint16(b[n : n+2])
-	switch atyp {
-	case socksAtypIPv4:
-		a.ip = netip.AddrFrom4([4]byte(b[:4]))
-	case socksAtypIPv6:
-		a.ip = netip.AddrFrom16([16]byte(b[:16])).Unmap()
-	default:
-		name := string(b[:n])
-		if ip, err := netip.ParseAddr(name); err == nil {
-			a.ip = ip.WithZone("").Unmap() // some clients send literals as names
-		} else {
-			a.name = name
-		}
-	}
-	return a, nil
-}
-
-// socksParseAddr parses ATYP DST.ADDR DST.PORT at the start of b and returns
-// the rest; used for UDP datagram headers.
-func socksParseAddr(b []byte) (socksAddr, []byte, bool) {
-	br := &sliceReader{b: b}
-	a, err := socksReadAddr(br)
-	if err != nil {
-		return a, nil, false
-	}
-	return a, br.b, true
-}
-
-type sliceReader struct{ b []byte }
-
-func (s *sliceReader) Read(p []byte) (int, error) {
-	if len(s.b) == 0 {
-		return 0, io.EOF
-	}
-	n := copy(p, s.b)
-	s.b = s.b[n:]
-	return n, nil
-}
-
-// socksAppendAddr appends ATYP ADDR PORT for ap.
-func socksAppendAddr(b []byte, ap netip.AddrPort) []byte {
-	a := ap.Addr().Unmap()
-	if a.Is4() {
-		v := a.As4()
-		b = append(b, socksAtypIPv4)
-		b = append(b, v[:]...)
-	} else if a.Is6() {
-		v := a.As16()
-		b = append(b, socksAtypIPv6)
-		b = append(b, v[:]...)
-	} else {
-		b = append(b, socksAtypIPv4, 0, 0, 0, 0)
-	}
-	return binary.BigEndian.AppendUint16(b, ap.Port())
-}
-
-func socksReply(w io.Writer, rep byte, bnd netip.AddrPort) error {
-	_, err := w.Write(socksAppendAddr([]byte{socksVersion, rep, 0}, bnd))
-	return err
-}
-
-// socksReplyCode maps a dial error to a SOCKS5 reply code.
-func socksReplyCode(err error) byte {
-	var de *net.DNSError
-	var ne net.Error
-	switch {
-	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET):
-		// The agent answers a refused (or policy-denied) target with a RST.
-		return socksRepConnRefused
-	case errors.Is(err, syscall.ENETUNREACH):
-		return socksRepNetUnreachable
-	case errors.Is(err, syscall.EHOSTUNREACH), errors.As(err, &de):
-		return socksRepHostUnreachable
-	case errors.Is(err, syscall.ETIMEDOUT), errors.Is(err, context.DeadlineExceeded),
-		errors.As(err, &ne) && ne.Timeout():
-		return socksRepTTLExpired
-	}
-	return socksRepGeneralFailure
-}
-
-// ServeSOCKS5 serves a SOCKS5 proxy on ln until ln is closed (then it
-// returns nil) or the Proxy is. With auth non-nil, clients must use
-// username/password authentication; otherwise only "no authentication" is
-// offered. UDP ASSOCIATE binds its UDP socket on the IP the client
-// connected to.
+// ServeSOCKS5 serves a SOCKS5 proxy (package socks5) into the tunnel on ln
+// until ln is closed (then it returns nil) or the Proxy is. With auth
+// non-nil, clients must use username/password authentication; otherwise
+// only "no authentication" is offered. UDP ASSOCIATE binds its UDP socket
+// on the IP the client connected to.
 func (p *Proxy) ServeSOCKS5(ln net.Listener, auth *Credentials) error {
-	return p.serve(ln, "socks5", func(c net.Conn) { p.handleSOCKS(c, auth) })
-}
-
-func (p *Proxy) handleSOCKS(c net.Conn, auth *Credentials) {
-	log := p.log.With("proto", "socks5", "client", c.RemoteAddr())
-	_ = c.SetDeadline(time.Now().Add(proxyHandshakeTimeout))
-	req, err := socksNegotiate(c, auth)
-	if err != nil {
-		var se *socksError
-		if errors.As(err, &se) {
-			if se.auth {
-				p.c.authFailures.Add(1)
-			} else {
-				p.c.protoErrors.Add(1)
+	srv := &socks5.Server{
+		Network: proxyNetwork{p}, Auth: auth, Log: p.log,
+		Counters: socks5.Counters{ProtocolErrors: &p.c.protoErrors, AuthFailures: &p.c.authFailures,
+			UDPAssociates: &p.c.udpAssociates, UDPDatagrams: &p.c.udpDatagrams, UDPDropped: &p.c.udpDropped},
+		HandshakeTimeout: proxyHandshakeTimeout, DialTimeout: DefaultProxyDialTimeout,
+		Track: func(c io.Closer) (func(), bool) {
+			if !p.addCloser(c) {
+				return nil, false
 			}
-			if se.rep >= 0 {
-				_ = socksReply(c, byte(se.rep), netip.AddrPort{})
-			}
-		} else {
-			p.c.protoErrors.Add(1)
-		}
-		log.Debug("socks5 negotiation failed", "error", err)
-		return
+			return func() { p.removeCloser(c) }, true
+		},
+		Splice: func(client, remote net.Conn) { egSplice(client, remote) },
 	}
-	switch req.cmd {
-	case socksCmdConnect:
-		p.socksConnect(c, req, log)
-	case socksCmdAssociate:
-		p.socksAssociate(c, req, log)
-	}
+	return p.serve(ln, "socks5", func(c net.Conn) { srv.ServeConn(p.ctx, c) })
 }
 
-func (p *Proxy) socksConnect(c net.Conn, req socksRequest, log interface {
-	Debug(string, ...any)
-}) {
-	ctx, cancel := context.WithTimeout(p.ctx, DefaultProxyDialTimeout)
-	remote, err := p.DialContext(ctx, "tcp", req.dst.String())
-	cancel()
-	if err != nil {
-		rep := socksReplyCode(err)
-		_ = socksReply(c, rep, netip.AddrPort{})
-		log.Debug("socks5 connect failed", "dst", req.dst.String(), "reply", rep, "error", err)
-		return
-	}
-	if !p.addCloser(remote) {
-		_ = socksReply(c, socksRepGeneralFailure, netip.AddrPort{})
-		return
-	}
-	defer p.removeCloser(remote)
-	bnd, _ := netip.ParseAddrPort(remote.LocalAddr().String())
-	if err := socksReply(c, socksRepSuccess, bnd); err != nil {
-		return
-	}
-	_ = c.SetDeadline(time.Time{})
-	log.Debug("socks5 connect", "dst", req.dst.String())
-	egSplice(c, remote)
+// proxyNetwork is the Proxy as socks5's Network: the tunnel.
+type proxyNetwork struct{ p *Proxy }
+
+func (n proxyNetwork) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	return n.p.DialContext(ctx, network, addr)
 }
 
-// socksAssociate serves UDP ASSOCIATE: a UDP socket on the IP the client
-// reached us on relays datagrams (with the SOCKS UDP header) through the
-// stack, for as long as the TCP control connection stays open.
-func (p *Proxy) socksAssociate(c net.Conn, req socksRequest, log interface {
-	Debug(string, ...any)
-}) {
-	ctrlLocal, _ := netip.ParseAddrPort(c.LocalAddr().String())
-	ctrlRemote, _ := netip.ParseAddrPort(c.RemoteAddr().String())
-	uc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(ctrlLocal.Addr(), 0)))
-	if err != nil {
-		_ = socksReply(c, socksRepGeneralFailure, netip.AddrPort{})
-		log.Debug("socks5 udp associate: listen failed", "error", err)
-		return
-	}
-	if !p.addCloser(uc) {
-		return
-	}
-	defer p.removeCloser(uc)
-	bnd, _ := netip.ParseAddrPort(uc.LocalAddr().String())
-	if err := socksReply(c, socksRepSuccess, bnd); err != nil {
-		return
-	}
-	_ = c.SetDeadline(time.Time{})
-	p.c.udpAssociates.Add(1)
-	log.Debug("socks5 udp associate", "relay", bnd)
-
-	r := &socksUDPRelay{p: p, uc: uc, clientIP: ctrlRemote.Addr().Unmap()}
-	// The client may announce the address it will send from; only its IP
-	// and port are binding when given (0.0.0.0:0 means "not known yet").
-	if req.dst.name == "" && req.dst.port != 0 && (!req.dst.ip.IsValid() || req.dst.ip.IsUnspecified() || req.dst.ip == r.clientIP) {
-		r.client = netip.AddrPortFrom(r.clientIP, req.dst.port)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		r.fromClient()
-	}()
-	// The association lives as long as the control connection.
-	_, _ = io.Copy(io.Discard, c)
-	_ = uc.Close()
-	r.closeEndpoints()
-	<-done
-	r.wg.Wait()
+func (n proxyNetwork) LookupHost(ctx context.Context, host string) ([]netip.Addr, error) {
+	return n.p.lookup(ctx, host)
 }
 
-type socksUDPRelay struct {
-	p        *Proxy
-	uc       *net.UDPConn
-	clientIP netip.Addr
-
-	mu     sync.Mutex
-	client netip.AddrPort // the client's UDP address, locked on first datagram
-	eps    [2]*gonet.UDPConn
-	closed bool
-	wg     sync.WaitGroup
-}
-
-// endpoint returns the stack's UDP endpoint for the family of dst, creating
-// it (and its reader) on first use.
-func (r *socksUDPRelay) endpoint(dst netip.Addr) (*gonet.UDPConn, error) {
-	i, src := 0, r.p.cfg.Addr
+// ListenUDP is an unbound UDP endpoint of the stack on the client's
+// overlay address of dst's family.
+func (n proxyNetwork) ListenUDP(dst netip.Addr) (net.PacketConn, error) {
+	src := n.p.cfg.Addr
 	if dst.Is6() {
-		i, src = 1, r.p.cfg.Addr6
-		if !src.IsValid() {
+		if src = n.p.cfg.Addr6; !src.IsValid() {
 			return nil, syscall.EAFNOSUPPORT
 		}
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.closed {
-		return nil, net.ErrClosed
-	}
-	if r.eps[i] != nil {
-		return r.eps[i], nil
-	}
 	la := tcpip.FullAddress{NIC: stackNIC, Addr: tcpip.AddrFromSlice(src.AsSlice())}
-	ep, err := gonet.DialUDP(r.p.stack, &la, nil, proxyNetProto(src))
-	if err != nil {
-		return nil, err
-	}
-	r.eps[i] = ep
-	r.wg.Add(1)
-	go func() {
-		defer r.wg.Done()
-		r.toClient(ep)
-	}()
-	return ep, nil
-}
-
-func (r *socksUDPRelay) closeEndpoints() {
-	r.mu.Lock()
-	r.closed = true
-	eps := r.eps
-	r.mu.Unlock()
-	for _, ep := range eps {
-		if ep != nil {
-			_ = ep.Close()
-		}
-	}
-}
-
-// fromClient relays the client's datagrams into the stack.
-func (r *socksUDPRelay) fromClient() {
-	p := r.p
-	buf := make([]byte, 65535)
-	for {
-		n, from, err := r.uc.ReadFromUDPAddrPort(buf)
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			continue
-		}
-		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
-		r.mu.Lock()
-		if from.Addr() != r.clientIP || (r.client.IsValid() && from != r.client) {
-			r.mu.Unlock()
-			p.c.udpDropped.Add(1) // not our client
-			continue
-		}
-		r.client = from
-		r.mu.Unlock()
-
-		// RSV(2) FRAG(1) ATYP DST.ADDR DST.PORT DATA
-		b := buf[:n]
-		if len(b) < 4 {
-			p.c.udpDropped.Add(1)
-			continue
-		}
-		if b[2] != 0 {
-			p.c.udpDropped.Add(1) // fragmentation is not supported: drop
-			continue
-		}
-		dst, payload, ok := socksParseAddr(b[3:])
-		if !ok {
-			p.c.udpDropped.Add(1)
-			continue
-		}
-		ip := dst.ip
-		if dst.name != "" {
-			ctx, cancel := context.WithTimeout(p.ctx, 5*time.Second)
-			addrs, err := p.lookup(ctx, dst.name)
-			cancel()
-			if err != nil || len(addrs) == 0 {
-				p.c.udpDropped.Add(1)
-				continue
-			}
-			ip = addrs[0]
-		}
-		ep, err := r.endpoint(ip)
-		if err != nil {
-			p.c.udpDropped.Add(1)
-			continue
-		}
-		if _, err := ep.WriteTo(payload, net.UDPAddrFromAddrPort(netip.AddrPortFrom(ip, dst.port))); err != nil {
-			p.c.udpDropped.Add(1)
-			continue
-		}
-		p.c.udpDatagrams.Add(1)
-	}
-}
-
-// toClient relays datagrams arriving at ep back to the client.
-func (r *socksUDPRelay) toClient(ep *gonet.UDPConn) {
-	buf := make([]byte, 65535)
-	out := make([]byte, 0, 65535+22)
-	for {
-		n, from, err := ep.ReadFrom(buf)
-		if err != nil {
-			if r.isClosed() {
-				return
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return
-		}
-		src, ok := from.(*net.UDPAddr)
-		if !ok {
-			continue
-		}
-		r.mu.Lock()
-		client := r.client
-		r.mu.Unlock()
-		if !client.IsValid() {
-			r.p.c.udpDropped.Add(1)
-			continue
-		}
-		out = append(socksAppendAddr(append(out[:0], 0, 0, 0), src.AddrPort()), buf[:n]...)
-		if _, err := r.uc.WriteToUDPAddrPort(out, client); err != nil {
-			r.p.c.udpDropped.Add(1)
-			continue
-		}
-		r.p.c.udpDatagrams.Add(1)
-	}
-}
-
-func (r *socksUDPRelay) isClosed() bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.closed
+	return gonet.DialUDP(n.p.stack, &la, nil, proxyNetProto(src))
 }
