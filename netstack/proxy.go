@@ -18,7 +18,6 @@ import (
 	"errors"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"strconv"
 	"sync/atomic"
@@ -119,8 +118,6 @@ type Proxy struct {
 
 	slots chan struct{} // connection bound
 
-	httpTr *http.Transport
-
 	dns *dnsClient
 
 	c proxyCounters
@@ -167,7 +164,6 @@ func NewProxy(cfg ProxyConfig, out func(pkts [][]byte)) (*Proxy, error) {
 		return nil, err
 	}
 	p.dns = newDNSClient(p)
-	p.httpTr = newProxyTransport(p)
 	p.start()
 	p.log.Info("proxy netstack started", "addr", cfg.Addr, "mtu", mtu, "dns", cfg.DNS)
 	return p, nil
@@ -234,9 +230,9 @@ func (p *Proxy) Stats() ProxyStats {
 // connection, and tears the stack down. After Close returns out is no
 // longer called. Close is idempotent.
 func (p *Proxy) Close() error {
-	// Idle keep-alive connections of the HTTP proxy's transport are closed
-	// once no handler can use the transport any more.
-	p.shutdown(p.httpTr.CloseIdleConnections, "proxy netstack stopped")
+	// Each HTTP proxy closes its transport's idle connections as its
+	// ServeHTTP returns.
+	p.shutdown(func() {}, "proxy netstack stopped")
 	return nil
 }
 
