@@ -103,6 +103,11 @@ const (
 	CodeNameInUse    = "name_in_use"
 	CodeBadRequest   = "bad_request"
 	CodeUnavailable  = "unavailable"
+	// CodeAgentElsewhere (a reply to Connect) says the agent is online on
+	// another gateway of the same cluster, named by Error.Gateway. The
+	// client moves its gateway connection there and asks again, so that
+	// one gateway, the agent's, relays the session. Not fatal.
+	CodeAgentElsewhere = "agent_elsewhere"
 )
 
 // Message is the envelope of every control message. Exactly the field named
@@ -218,6 +223,11 @@ type Welcome struct {
 type Error struct {
 	Code    string `json:"code"`
 	Message string `json:"message"`
+	// Gateway (with CodeAgentElsewhere) is the HOST:PORT of the gateway
+	// the agent is on. The node verifies it as it does every gateway of
+	// its network (the token's pin, or the CA and the host's name), so a
+	// gateway can send a node only to another gateway of the network.
+	Gateway string `json:"gateway,omitempty"`
 }
 
 func (e *Error) Error() string { return e.Message }
