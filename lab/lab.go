@@ -19,7 +19,9 @@
 //
 // Only 198.18.0.0/15 ("public"), 10.x and 192.168.77.0/24 are used, all of
 // them inside namespaces this package creates. IPv6 is disabled in every lab
-// namespace so that no link-local chatter leaves any node.
+// namespace, except where Options.IPv6 (the agent's LAN) or
+// Options.Internet6 (the simulated internet, 2001:2::/48) turn it on for
+// the links they use; those links join lab namespaces only.
 package lab
 
 import (
@@ -101,6 +103,23 @@ type Options struct {
 	// address). Everywhere else, and on every other link, it stays off:
 	// the simulated internet is IPv4.
 	IPv6 bool
+	// Internet6 makes the simulated internet dual-stack. Its IPv6 part is
+	// 2001:2::/48, the IPv6 benchmarking range (RFC 5180), as
+	// 198.18.0.0/15 (RFC 2544) is the IPv4 part: addresses no real
+	// network uses. The gateway host gets 2001:2:0:1::2; each NAT router
+	// gets a global /64 for its LAN (the client's 2001:2:0:12::/64, the
+	// agent's 2001:2:0:13::/64, the node ::2 in it; with SameLAN one
+	// 2001:2:0:12::/64, the agent ::3), routed to it by inet. As home
+	// routers do, the routers do not NAT IPv6: their nodes' addresses are
+	// global, behind a stateful firewall that forwards from the WAN only
+	// what belongs to a flow the LAN started (ct state
+	// established,related). A side without NAT takes 2001:2:0:2::2 or
+	// 2001:2:0:3::2 on its WAN link. The IPv4 NATs stay as they are.
+	Internet6 bool
+	// ClientIPv6Only (with Internet6) leaves the client's namespace
+	// without an IPv4 route: an IPv6-only network, where only the
+	// gateway's IPv6 address can be reached.
+	ClientIPv6Only bool
 	// Logf, when set, receives every command the lab runs.
 	Logf func(format string, args ...any)
 }
@@ -133,6 +152,10 @@ type Lab struct {
 	// without.
 	AgentLANAddr6, LANHost6 netip.Addr
 	LANSubnet6              netip.Prefix
+	// With Options.Internet6: the gateway host's IPv6 address and the
+	// nodes' own global IPv6 addresses (no NAT: also what the internet
+	// sees); invalid without.
+	Gateway6, ClientAddr6, AgentAddr6 netip.Addr
 
 	mu      sync.Mutex
 	nsMu    sync.Mutex // held while a namespace is being created
@@ -161,7 +184,24 @@ var (
 	lanHost6   = netip.MustParseAddr("fd00:77::10")
 	lanSubnet6 = netip.MustParsePrefix("fd00:77::/64")
 	lanSubnet  = netip.MustParsePrefix("192.168.77.0/24")
+
+	// Options.Internet6, inside 2001:2::/48 (RFC 5180): one /64 per link.
+	inetGW6  = netip.MustParseAddr("2001:2:0:1::1")
+	gwAddr6  = netip.MustParseAddr("2001:2:0:1::2")
+	inetCli6 = netip.MustParseAddr("2001:2:0:2::1")
+	cliWAN6  = netip.MustParseAddr("2001:2:0:2::2")
+	inetAgt6 = netip.MustParseAddr("2001:2:0:3::1")
+	agtWAN6  = netip.MustParseAddr("2001:2:0:3::2")
+	cliNet6  = netip.MustParsePrefix("2001:2:0:12::/64") // the client's LAN (and SameLAN's)
+	agtNet6  = netip.MustParsePrefix("2001:2:0:13::/64") // the agent's LAN
 )
+
+// hostIn returns the address of prefix p whose last byte is n.
+func hostIn(p netip.Prefix, n byte) netip.Addr {
+	a := p.Addr().As16()
+	a[15] = n
+	return netip.AddrFrom16(a)
+}
 
 // RandomPrefix returns "nv" followed by 4 random hex digits.
 func RandomPrefix() string {
@@ -190,6 +230,21 @@ func Prepare(opts Options) *Lab {
 	}
 	if opts.IPv6 {
 		l.AgentLANAddr6, l.LANHost6, l.LANSubnet6 = agtLAN6, lanHost6, lanSubnet6
+	}
+	if opts.Internet6 {
+		l.Gateway6 = gwAddr6
+		switch {
+		case opts.SameLAN:
+			l.ClientAddr6, l.AgentAddr6 = hostIn(cliNet6, 2), hostIn(cliNet6, 3)
+		default:
+			l.ClientAddr6, l.AgentAddr6 = cliWAN6, agtWAN6
+			if opts.ClientNAT != None {
+				l.ClientAddr6 = hostIn(cliNet6, 2)
+			}
+			if opts.AgentNAT != None {
+				l.AgentAddr6 = hostIn(agtNet6, 2)
+			}
+		}
 	}
 	n := func(role string) string { return p + "-" + role }
 	l.NS = Namespaces{Inet: n("inet"), GW: n("gw"), Client: n("cli"), Agent: n("agt"), LAN: n("lan")}
@@ -286,6 +341,13 @@ func (l *Lab) Build(ctx context.Context) error {
 			return err
 		}
 	}
+	if l.Opts.Internet6 {
+		if err := l.buildInternet6(ctx); err != nil {
+			return err
+		}
+	} else if l.Opts.ClientIPv6Only {
+		return errors.New("lab: ClientIPv6Only needs Internet6")
+	}
 	if err := l.sysctl(l.NS.Inet, "net/ipv4/ip_forward", "1"); err != nil {
 		return err
 	}
@@ -324,6 +386,105 @@ func (l *Lab) buildIPv6LAN(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// buildInternet6 adds the IPv6 half of a dual-stack internet
+// (Options.Internet6) on the links Build made: addresses, routes, and on
+// each NAT router a stateful IPv6 firewall instead of a NAT. No DAD: the
+// addresses are usable at once.
+func (l *Lab) buildInternet6(ctx context.Context) error {
+	type addr struct {
+		ns, dev string
+		a       netip.Addr
+	}
+	type route struct {
+		ns, dst string
+		via     netip.Addr
+	}
+	addrs := []addr{{l.NS.Inet, "gw0", inetGW6}, {l.NS.GW, "wan0", gwAddr6}}
+	routes := []route{{l.NS.GW, "default", inetGW6}}
+	routers := []string{l.NS.Inet}
+	side := func(kind NAT, natNS, hostNS, inetIf string, inetAddr, wan netip.Addr, lan netip.Prefix, node netip.Addr) {
+		addrs = append(addrs, addr{l.NS.Inet, inetIf, inetAddr})
+		if kind == None {
+			addrs = append(addrs, addr{hostNS, "wan0", wan})
+			routes = append(routes, route{hostNS, "default", inetAddr})
+			return
+		}
+		addrs = append(addrs, addr{natNS, "wan0", wan}, addr{natNS, "lan0", hostIn(lan, 1)}, addr{hostNS, "eth0", node})
+		routes = append(routes, route{natNS, "default", inetAddr}, route{hostNS, "default", hostIn(lan, 1)},
+			route{l.NS.Inet, lan.String(), wan})
+		routers = append(routers, natNS)
+	}
+	if l.Opts.SameLAN {
+		nat := l.NS.ClientNAT
+		addrs = append(addrs, addr{l.NS.Inet, "cli0", inetCli6}, addr{nat, "wan0", cliWAN6}, addr{nat, "br0", hostIn(cliNet6, 1)},
+			addr{l.NS.Client, "eth0", l.ClientAddr6}, addr{l.NS.Agent, "eth0", l.AgentAddr6})
+		routes = append(routes, route{nat, "default", inetCli6}, route{l.NS.Inet, cliNet6.String(), cliWAN6},
+			route{l.NS.Client, "default", hostIn(cliNet6, 1)}, route{l.NS.Agent, "default", hostIn(cliNet6, 1)})
+		routers = append(routers, nat)
+		// The bridge's ports carry IPv6 too.
+		for _, port := range []string{"c0", "a0"} {
+			if err := l.sysctl(nat, "net/ipv6/conf/"+port+"/disable_ipv6", "0"); err != nil {
+				return err
+			}
+		}
+	} else {
+		side(l.Opts.ClientNAT, l.NS.ClientNAT, l.NS.Client, "cli0", inetCli6, cliWAN6, cliNet6, l.ClientAddr6)
+		side(l.Opts.AgentNAT, l.NS.AgentNAT, l.NS.Agent, "agt0", inetAgt6, agtWAN6, agtNet6, l.AgentAddr6)
+	}
+	for _, a := range addrs {
+		for _, dev := range []string{a.dev, "lo"} {
+			if err := l.sysctl(a.ns, "net/ipv6/conf/"+dev+"/disable_ipv6", "0"); err != nil {
+				return err
+			}
+		}
+		if err := l.ip(ctx, "-n", a.ns, "addr", "add", a.a.String()+"/64", "dev", a.dev, "nodad"); err != nil {
+			return err
+		}
+	}
+	for _, r := range routes {
+		if err := l.ip(ctx, "-n", r.ns, "-6", "route", "add", r.dst, "via", r.via.String()); err != nil {
+			return err
+		}
+	}
+	for _, ns := range routers {
+		if err := l.sysctl(ns, "net/ipv6/conf/all/forwarding", "1"); err != nil {
+			return err
+		}
+	}
+	// A home router's IPv6 firewall: no NAT, nothing unsolicited in from
+	// the WAN. An outbound packet opens its flow, and the answers (and
+	// ICMPv6 errors about it, "packet too big" among them) come back; so
+	// two nodes behind such routers reach each other only by both sending
+	// first: punching, as with cone NATs, but always on the nodes' own
+	// addresses and ports.
+	for _, ns := range routers[1:] {
+		if err := l.nft(ctx, ns, `table ip6 nvlab6 {
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		iifname "wan0" ct state established,related accept
+		iifname "wan0" drop
+	}
+}
+`); err != nil {
+			return err
+		}
+	}
+	if l.Opts.ClientIPv6Only {
+		// Keep the client's IPv4 address on its link (routers and tests
+		// still see it) but give it no route anywhere beyond.
+		if err := l.ip(ctx, "-n", l.NS.Client, "-4", "route", "del", "default"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// GatewayAddrPort6 returns the gateway's IPv6 address with port (with
+// Options.Internet6).
+func (l *Lab) GatewayAddrPort6(port uint16) netip.AddrPort {
+	return netip.AddrPortFrom(l.Gateway6, port)
 }
 
 // uplinkMTUs sets the MTUs of Options.ClientUplinkMTU and AgentUplinkMTU.
