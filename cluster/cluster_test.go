@@ -1,0 +1,436 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// startNATS runs an embedded nats-server with JetStream on loopback, on
+// port (0: any), storing in dir.
+func startNATS(t *testing.T, dir string, port int) *server.Server {
+	t.Helper()
+	if port == 0 {
+		port = -1
+	}
+	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: port, JetStream: true, StoreDir: dir, NoLog: true, NoSigs: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.Start()
+	if !s.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats-server did not start")
+	}
+	t.Cleanup(s.Shutdown)
+	return s
+}
+
+// fakeSerial stands for the authority's verification in these tests: a
+// list is "serial:N".
+func fakeSerial(signed string) (uint64, error) {
+	n, ok := strings.CutPrefix(signed, "serial:")
+	if !ok {
+		return 0, errors.New("not signed")
+	}
+	return strconv.ParseUint(n, 10, 64)
+}
+
+type gw struct {
+	*Cluster
+	mu    sync.Mutex
+	revoc []string
+	moved []string
+}
+
+func (g *gw) revocations() []string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return append([]string(nil), g.revoc...)
+}
+func (g *gw) movedNames() []string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return append([]string(nil), g.moved...)
+}
+
+func join(t *testing.T, url, addr string, mod func(*Config)) *gw {
+	t.Helper()
+	g := &gw{}
+	cfg := Config{URLs: []string{url}, PublicAddr: addr, Pin: "pin-1", Authority: "auth-1", PresenceTTL: 3 * time.Second,
+		JoinTimeout: 10 * time.Second, RevocationSerial: fakeSerial,
+		OnRevocations: func(s string) { g.mu.Lock(); g.revoc = append(g.revoc, s); g.mu.Unlock() },
+		OnMoved:       func(name string, _ Presence) { g.mu.Lock(); g.moved = append(g.moved, name); g.mu.Unlock() },
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	c, err := Join(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.Cluster = c
+	t.Cleanup(c.Close)
+	return g
+}
+
+// eventually polls cond every 20 ms for at most d.
+func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	t.Fatalf("not within %s: %s", d, what)
+}
+
+func TestJoinChecksPinAndAuthority(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	join(t, s.ClientURL(), "198.18.0.1:4433", nil) // the first stores its pin and authority
+	for _, tc := range []struct {
+		name, pin, auth, wantErr string
+	}{
+		{"same", "pin-1", "auth-1", ""},
+		{"other pin", "pin-2", "auth-1", "gateway.key"},
+		{"other authority", "pin-1", "auth-2", "same authority"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Join(context.Background(), Config{URLs: []string{s.ClientURL()}, PublicAddr: "198.18.0.2:4433", Pin: tc.pin, Authority: tc.auth, JoinTimeout: 5 * time.Second})
+			if c != nil {
+				c.Close()
+			}
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Fatalf("Join: %v", err)
+			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
+				t.Fatalf("Join error = %v, want one saying %q", err, tc.wantErr)
+			}
+		})
+	}
+	if _, err := Join(context.Background(), Config{URLs: []string{s.ClientURL()}, Pin: "pin-1", Authority: "auth-1"}); err == nil || !strings.Contains(err.Error(), "--public-addr") {
+		t.Fatalf("Join without a public address: %v, want an error naming --public-addr", err)
+	}
+}
+
+func TestCredsFile(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name, content string
+		ok            bool
+	}{
+		{"user password", "gw:secret\n", true},
+		{"creds", "-----BEGIN NATS USER JWT-----\nxyz\n------END NATS USER JWT------\n", true},
+		{"no colon", "justaword", false},
+		{"two lines", "a:b\nc:d", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := dir + "/" + strings.ReplaceAll(tc.name, " ", "_")
+			if err := writeFile(p, tc.content); err != nil {
+				t.Fatal(err)
+			}
+			_, err := credsOption(p)
+			if (err == nil) != tc.ok {
+				t.Fatalf("credsOption(%q) = %v, want ok=%v", tc.content, err, tc.ok)
+			}
+		})
+	}
+}
+
+func TestAddressesUniqueAcrossGateways(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	g1 := join(t, s.ClientURL(), "198.18.0.1:4433", nil)
+	g2 := join(t, s.ClientURL(), "198.18.0.2:4433", nil)
+	prefix := netip.MustParsePrefix("100.64.0.0/10")
+	// Both gateways bind 40 slots at once, half of them the same names
+	// (a node that moved between them): every slot has one address on
+	// both, and no address has two slots.
+	got := [2]map[string]netip.Addr{{}, {}}
+	var wg sync.WaitGroup
+	for i, g := range []*gw{g1, g2} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range 40 {
+				slot := fmt.Sprintf("client/c%d", j)
+				if j%2 == 1 {
+					slot = fmt.Sprintf("client/g%d-%d", i, j)
+				}
+				a, err := g.Address(context.Background(), slot, prefix)
+				if err != nil {
+					t.Errorf("gateway %d slot %s: %v", i+1, slot, err)
+					return
+				}
+				got[i][slot] = a
+			}
+		}()
+	}
+	wg.Wait()
+	owner := map[netip.Addr]string{}
+	for i := range got {
+		for slot, a := range got[i] {
+			if !prefix.Contains(a) || a == prefix.Addr() || a == prefix.Addr().Next() {
+				t.Errorf("slot %s got %s, not a node address in %s", slot, a, prefix)
+			}
+			if o, ok := owner[a]; ok && o != slot {
+				t.Errorf("address %s given to %s and %s", a, o, slot)
+			}
+			owner[a] = slot
+		}
+	}
+	for slot, a := range got[0] {
+		if b, ok := got[1][slot]; ok && a != b {
+			t.Errorf("slot %s: %s on gateway 1, %s on gateway 2", slot, a, b)
+		}
+	}
+	if len(owner) != 60 {
+		t.Errorf("%d addresses for 60 slots", len(owner))
+	}
+	// Stable: asked again, from the cache, the same.
+	for slot, a := range got[1] {
+		if b, err := g1.Address(context.Background(), slot, prefix); err != nil || a != b {
+			t.Fatalf("slot %s again on gateway 1: %s %v, want %s", slot, b, err, a)
+		}
+	}
+}
+
+func TestPresenceAndNames(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	g1 := join(t, s.ClientURL(), "198.18.0.1:4433", nil)
+	g2 := join(t, s.ClientURL(), "198.18.0.2:4433", nil)
+	ctx := context.Background()
+	adv := []netip.Prefix{netip.MustParsePrefix("192.168.1.0/24")}
+	if err := g1.Announce(ctx, "miranda", Presence{Key: "key-A", Advertise: adv}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Second, "gateway 2 sees miranda on gateway 1", func() bool {
+		p, ok := g2.Lookup("miranda")
+		return ok && p.Gateway == "198.18.0.1:4433" && p.Key == "key-A" && len(p.Advertise) == 1
+	})
+	for _, tc := range []struct {
+		name, key string
+		held      bool
+	}{
+		{"another key", "key-B", true},
+		{"same key: moved", "key-A", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := g2.Announce(ctx, "miranda", Presence{Key: tc.key})
+			var held *ErrNameHeld
+			if errors.As(err, &held) != tc.held {
+				t.Fatalf("Announce with %s: %v, held want %v", tc.key, err, tc.held)
+			}
+			if tc.held && held.Gateway != "198.18.0.1:4433" {
+				t.Fatalf("held by %q, want gateway 1", held.Gateway)
+			}
+		})
+	}
+	eventually(t, 2*time.Second, "gateway 1 told that miranda moved", func() bool {
+		p, ok := g1.Lookup("miranda")
+		return ok && p.Gateway == "198.18.0.2:4433" && slices0(g1.movedNames()) == "miranda"
+	})
+	// Gateway 1 withdrawing what is no longer its own changes nothing.
+	g1.Withdraw("miranda", "key-A")
+	time.Sleep(200 * time.Millisecond)
+	if p, ok := g2.Lookup("miranda"); !ok || p.Gateway != "198.18.0.2:4433" {
+		t.Fatalf("after gateway 1's withdraw: %+v %v, want still on gateway 2", p, ok)
+	}
+	g2.Withdraw("miranda", "key-A")
+	eventually(t, 2*time.Second, "miranda gone on gateway 1", func() bool { _, ok := g1.Lookup("miranda"); return !ok })
+	if len(g2.Online()) != 0 {
+		t.Fatalf("online after withdraw: %v", g2.Online())
+	}
+}
+
+func slices0(s []string) string {
+	if len(s) == 0 {
+		return ""
+	}
+	return s[0]
+}
+
+// A gateway that dies (no withdraw, no refresh) loses its agents at the
+// presence TTL on the others.
+func TestPresenceExpiresWhenGatewayDies(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	g1 := join(t, s.ClientURL(), "198.18.0.1:4433", nil)
+	g2 := join(t, s.ClientURL(), "198.18.0.2:4433", nil)
+	if err := g1.Announce(context.Background(), "miranda", Presence{Key: "key-A"}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Second, "gateway 2 sees miranda", func() bool { _, ok := g2.Lookup("miranda"); return ok })
+	// Kill gateway 1's link without a goodbye.
+	g1.stop()
+	g1.nc.Close()
+	start := time.Now()
+	eventually(t, 3*g2.ttl, "miranda gone after the TTL", func() bool { _, ok := g2.Lookup("miranda"); return !ok })
+	t.Logf("presence gone %s after its gateway died (TTL %s)", time.Since(start).Round(time.Millisecond), g2.ttl)
+}
+
+func TestDirectoryAcrossGateways(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	g1 := join(t, s.ClientURL(), "198.18.0.1:4433", nil)
+	g2 := join(t, s.ClientURL(), "198.18.0.2:4433", nil)
+	want := DirEntry{Advertise: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}, LastSeen: 1700000000, TokenID: "t1", Issued: 1, Expires: 2}
+	g1.Seen(context.Background(), "office", want)
+	eventually(t, 2*time.Second, "gateway 2's directory has office", func() bool {
+		d, ok := g2.Directory()["office"]
+		return ok && d.TokenID == "t1" && d.LastSeen == want.LastSeen && len(d.Advertise) == 1
+	})
+	// A third gateway joining later gets it from the bucket.
+	g3 := join(t, s.ClientURL(), "198.18.0.3:4433", nil)
+	if _, ok := g3.Directory()["office"]; !ok {
+		t.Fatal("a gateway joining later does not see the directory")
+	}
+}
+
+func TestRevocationsReachEveryGateway(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	g1 := join(t, s.ClientURL(), "198.18.0.1:4433", nil)
+	g2 := join(t, s.ClientURL(), "198.18.0.2:4433", nil)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		publish string
+		want    string // the newest list gateway 2 has heard of
+		err     bool
+	}{
+		{"serial:2", "serial:2", false},
+		{"serial:1", "serial:2", false}, // older: not put over the newer
+		{"forged", "serial:2", true},    // does not verify: refused
+		{"serial:3", "serial:3", false},
+	} {
+		start := time.Now()
+		err := g1.PublishRevocations(ctx, tc.publish)
+		if (err != nil) != tc.err {
+			t.Fatalf("publish %q: %v", tc.publish, err)
+		}
+		eventually(t, 2*time.Second, "gateway 2 has "+tc.want, func() bool {
+			r := g2.revocations()
+			return len(r) > 0 && r[len(r)-1] == tc.want
+		})
+		t.Logf("publish %q: gateway 2 holds %s after %s", tc.publish, tc.want, time.Since(start).Round(time.Millisecond))
+	}
+	for _, r := range g2.revocations() {
+		if r == "serial:1" || r == "forged" {
+			t.Fatalf("gateway 2 was handed %q", r)
+		}
+	}
+}
+
+// A hostile writer to NATS (a broken gateway, the NATS operator) can put
+// what it likes into the buckets: the caches take only what parses and
+// fits, and count the rest.
+func TestHostileEntriesCounted(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	g := join(t, s.ClientURL(), "198.18.0.1:4433", nil)
+	nc, err := nats.Connect(s.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	ctx := context.Background()
+	many := make([]string, MaxAdvertise+1)
+	for i := range many {
+		many[i] = fmt.Sprintf("\"10.%d.%d.0/24\"", i/256, i%256)
+	}
+	for _, tc := range []struct{ bucket, key, value string }{
+		{bucketPresence, keyOf("bad1"), "{not json"},
+		{bucketPresence, keyOf("bad2"), `{"key":"k"}`}, // no gateway
+		{bucketPresence, keyOf("bad3"), `{"gateway":"x:1","advertise":[` + strings.Join(many, ",") + `]}`},
+		{bucketPresence, "!!!", `{"gateway":"x:1"}`}, // not a name
+		{bucketDirectory, keyOf("bad4"), "[]"},
+		{bucketOverlay, "s." + keyOf("slot"), "not an address"},
+		{bucketOverlay, "x.y", "z"},
+		{bucketRevocations, "other", "serial:9"},
+	} {
+		kv, err := js.KeyValue(ctx, tc.bucket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := g.Stats().Dropped
+		if _, err := kv.Put(ctx, tc.key, []byte(tc.value)); err != nil {
+			if strings.Contains(err.Error(), "invalid key") {
+				continue
+			}
+			t.Fatalf("put %s/%s: %v", tc.bucket, tc.key, err)
+		}
+		eventually(t, 2*time.Second, "dropped counted for "+tc.bucket+"/"+tc.key, func() bool { return g.Stats().Dropped > before })
+	}
+	if len(g.Online()) != 0 || len(g.Directory()) != 0 || len(g.revocations()) != 0 {
+		t.Fatalf("hostile entries cached: online %v directory %v revocations %v", g.Online(), g.Directory(), g.revocations())
+	}
+	if _, ok := g.PeekAddress("slot"); ok {
+		t.Fatal("a malformed address was cached")
+	}
+}
+
+// NATS away: lookups answer from the cache, known slots keep their
+// addresses, unknown ones are refused, and writes go out once it is back.
+func TestNATSAwayAndBack(t *testing.T) {
+	dir := t.TempDir()
+	s := startNATS(t, dir, 0)
+	port := s.Addr().(interface{ String() string }).String()
+	_, p, _ := strings.Cut(port, ":")
+	portN, _ := strconv.Atoi(p)
+	g1 := join(t, s.ClientURL(), "198.18.0.1:4433", nil)
+	g2 := join(t, s.ClientURL(), "198.18.0.2:4433", nil)
+	ctx := context.Background()
+	prefix := netip.MustParsePrefix("100.64.0.0/10")
+	known, err := g1.Address(ctx, "agent/miranda", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g2.Announce(ctx, "office", Presence{Key: "key-O"}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Second, "gateway 1 sees office", func() bool { _, ok := g1.Lookup("office"); return ok })
+
+	s.Shutdown()
+	eventually(t, 5*time.Second, "gateway 1 notices", func() bool { return !g1.Connected() })
+	if a, err := g1.Address(ctx, "agent/miranda", prefix); err != nil || a != known {
+		t.Fatalf("known slot while away: %s %v, want %s", a, err, known)
+	}
+	if _, err := g1.Address(ctx, "agent/stranger", prefix); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("unknown slot while away: %v, want ErrUnavailable", err)
+	}
+	time.Sleep(g1.ttl + 500*time.Millisecond) // past the TTL: the last state seen stands
+	if p, ok := g1.Lookup("office"); !ok || p.Gateway != "198.18.0.2:4433" {
+		t.Fatal("lookup while NATS is away forgot office")
+	}
+	if err := g1.Announce(ctx, "miranda", Presence{Key: "key-M"}); err != nil {
+		t.Fatalf("announce while away: %v", err)
+	}
+	g1.Seen(ctx, "miranda", DirEntry{TokenID: "tm", LastSeen: 5})
+
+	startNATS(t, dir, portN)
+	eventually(t, 15*time.Second, "gateway 2 sees miranda and its directory entry once NATS is back", func() bool {
+		p, ok := g2.Lookup("miranda")
+		_, inDir := g2.Directory()["miranda"]
+		return ok && p.Gateway == "198.18.0.1:4433" && inDir
+	})
+}
+
+func TestKeyOfRoundTrip(t *testing.T) {
+	for _, name := range []string{"miranda", "Office.LAN", "a b/c*>", "ünï"} {
+		k := keyOf(name)
+		if n, ok := nameOf(k); !ok || n != name {
+			t.Errorf("nameOf(keyOf(%q)) = %q %v", name, n, ok)
+		}
+	}
+	if _, ok := nameOf("!!"); ok {
+		t.Error("nameOf accepted a key that is not base64")
+	}
+}
+
+func writeFile(path, s string) error { return os.WriteFile(path, []byte(s), 0o600) }
