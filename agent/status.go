@@ -55,6 +55,11 @@ type Status struct {
 	// the flows it terminates (all clients).
 	TCPRetransmits uint64 `json:"tcp_retransmits"`
 	TCPTimeouts    uint64 `json:"tcp_timeouts"`
+	// TCP is the netstack's TCP sender counters in detail: segments_sent,
+	// retransmits, timeouts, fast_recovery, sack_recovery, tlp_recovery,
+	// fast_retransmit, slow_start_retransmits, spurious_recovery,
+	// spurious_rto_recovery, dsack_acked_segments.
+	TCP map[string]uint64 `json:"tcp"`
 	// UDPSize is the agent's UDP size (its path MTU less headers);
 	// Fragmented counts IPv4 packets split for a session whose MTU is
 	// smaller than the netstack's (a client on a small path).
@@ -144,6 +149,7 @@ func (a *Agent) Status() Status {
 		st.Drops[k] = v
 	}
 	st.TCPRetransmits, st.TCPTimeouts = a.eg.StackRecovery()
+	st.TCP = a.eg.StackTCP()
 	st.Denied = a.denied.snapshot()
 	st.Limited = a.eg.Limited()
 	dns := a.dns.Stats()

@@ -275,6 +275,17 @@ func TestEgressTCPEchoBulk(t *testing.T) {
 			if st := n.eg.Stats(); st.TCPFlows != 1 || st.DialFailures != 0 || st.Malformed != 0 {
 				t.Fatalf("stats %+v", st)
 			}
+			// The stack sent the 4 MiB back: its sender counters (agent
+			// status "tcp") say so, and name every recovery kind.
+			tcp := n.eg.StackTCP()
+			if tcp["segments_sent"] == 0 {
+				t.Fatalf("StackTCP after a 4 MiB echo: segments_sent 0 (%v)", tcp)
+			}
+			for _, k := range []string{"retransmits", "timeouts", "fast_recovery", "sack_recovery", "tlp_recovery", "spurious_recovery"} {
+				if _, ok := tcp[k]; !ok {
+					t.Fatalf("StackTCP has no %q: %v", k, tcp)
+				}
+			}
 		})
 	}
 }

@@ -448,3 +448,25 @@ func (c *stackCore) StackRecovery() (retransmits, timeouts uint64) {
 	s := c.stack.Stats()
 	return s.TCP.Retransmits.Value(), s.TCP.Timeouts.Value()
 }
+
+// StackTCP is gVisor's TCP counters that say how the stack, as a sender,
+// got through loss (by name, as status shows them): which recovery it
+// entered, how often, how often it was spurious, and what it cost in
+// resent segments. Read next to segments_sent they show why a lossy
+// transfer is slow (timeouts vs. fast recovery).
+func (c *stackCore) StackTCP() map[string]uint64 {
+	t := c.stack.Stats().TCP
+	return map[string]uint64{
+		"segments_sent":          t.SegmentsSent.Value(),
+		"retransmits":            t.Retransmits.Value(),
+		"timeouts":               t.Timeouts.Value(),
+		"fast_recovery":          t.FastRecovery.Value(),
+		"sack_recovery":          t.SACKRecovery.Value(),
+		"tlp_recovery":           t.TLPRecovery.Value(),
+		"fast_retransmit":        t.FastRetransmit.Value(),
+		"slow_start_retransmits": t.SlowStartRetransmits.Value(),
+		"spurious_recovery":      t.SpuriousRecovery.Value(),
+		"spurious_rto_recovery":  t.SpuriousRTORecovery.Value(),
+		"dsack_acked_segments":   t.SegmentsAckedWithDSACK.Value(),
+	}
+}

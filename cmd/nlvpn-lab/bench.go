@@ -315,6 +315,11 @@ func (r *runner) bench(secs, trials int) error {
 		{name: fmt.Sprintf("%d%% loss: TCP up, 1 stream", lossPct), loss: true, measure: iperfRow(1, false, true)},
 		{name: fmt.Sprintf("%d%% loss: TCP down, 1 stream", lossPct), loss: true, measure: iperfRow(1, true, true)},
 	}
+	if r.rows != nil {
+		res.rows = slices.DeleteFunc(res.rows, func(row benchRow) bool {
+			return !slices.ContainsFunc(r.rows, func(w string) bool { return strings.Contains(strings.ToLower(row.name), strings.ToLower(w)) })
+		})
+	}
 	for _, row := range res.rows {
 		res.cells[row.name] = map[string]cell{}
 	}
@@ -401,7 +406,9 @@ func (r *runner) measurePath(p *benchPath) error {
 		err := r.withLoss(func() {
 			for _, row := range res.rows {
 				if row.loss {
+					d := r.startLossDetail(p, res.secs)
 					measure(row)
+					d.print()
 				}
 			}
 		})

@@ -42,6 +42,7 @@ type runner struct {
 	profilePath string
 	profileDown bool
 	only        []string // bench: the paths to measure (nil = all)
+	rows        []string // bench: measure only rows whose name contains one of these (nil = all)
 	wgGo        string   // bench: the wireguard-go binary (baseline)
 
 	res *benchResults // bench: what this run measured
