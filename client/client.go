@@ -131,6 +131,16 @@ type Client struct {
 	// tmu orders a session's replacement (cur, ended) against Status, so
 	// the totals over both never go back.
 	tmu sync.Mutex
+
+	// up is signalled when the session needs a new relay route: the
+	// gateway connection came back (onUp), or the agent left it (onGone).
+	// moved carries the overlay address a reconnect gave this client when
+	// it is not the one the tunnel uses.
+	up    chan struct{}
+	moved chan netip.Addr
+	// dialSession dials the end-to-end session the gateway set up
+	// (dialAgent; tests replace it).
+	dialSession func(ctx context.Context, off *wire.Session, agentKey identity.PublicKey) (*session.Session, *wire.PeerInfo, error)
 }
 
 // pathState is what `nlvpn status` reports about the path in use.
@@ -156,7 +166,9 @@ func Run(ctx context.Context, cfg Config) error {
 	if own.Claims.Role != token.RoleClient || !own.Node.Equal(cfg.Key.Public()) {
 		return fmt.Errorf("the credential is not for this client's key (a %s credential for %q)", own.Claims.Role, own.Claims.Name)
 	}
-	c := &Client{cfg: cfg, log: cfg.Log.With("agent", cfg.Agent), authority: own.Claims.Authority}
+	c := &Client{cfg: cfg, log: cfg.Log.With("agent", cfg.Agent), authority: own.Claims.Authority,
+		up: make(chan struct{}, 1), moved: make(chan netip.Addr, 1)}
+	c.dialSession = c.dialAgent
 
 	// The TUN device first: without the right to create it there is no
 	// point in going further, and the user should hear so at once.
@@ -169,39 +181,7 @@ func Run(ctx context.Context, cfg Config) error {
 		defer dev.Close()
 	}
 
-	up := make(chan struct{}, 1)
-	moved := make(chan netip.Addr, 1)
-	u, err := underlay.Open(control.Config{
-		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Log: cfg.Log, UDPSize: cfg.UDPSize,
-		OnUp: func(_ context.Context, w *wire.Welcome) {
-			if mine := c.mine.Load(); mine != nil && w.Overlay != *mine {
-				// Another process with this client name holds our address
-				// now; our TUN and sessions still use the old one, and
-				// nothing would get through. Say so and stop.
-				select {
-				case moved <- w.Overlay:
-				default:
-				}
-				return
-			}
-			select {
-			case up <- struct{}{}:
-			default:
-			}
-		},
-		// The agent left the gateway: re-attach now rather than after the
-		// session's idle timeout.
-		OnGone: func(id uint64) {
-			if s := c.cur.Load(); s != nil && s.ID == id {
-				select {
-				case up <- struct{}{}:
-				default:
-				}
-			}
-		},
-		// The agent's NAT rebound: probe it where it is now.
-		OnMoved: func(id uint64, to netip.AddrPort) { c.onMoved(id, to) },
-	})
+	u, err := underlay.Open(c.gatewayConfig())
 	if err != nil {
 		return err
 	}
@@ -249,7 +229,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		return err
 	}
-	<-up // the first registration; later ones are reconnects
+	<-c.up // the first registration; later ones are reconnects
 
 	s, info, err := c.firstSession(ctx, runErr)
 	if err != nil {
@@ -315,6 +295,57 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}()
 
+	return c.keepAttached(ctx, runErr)
+}
+
+// gatewayConfig is the gateway connection's configuration; its events
+// drive the session (onUp, onGone, onMoved).
+func (c *Client) gatewayConfig() control.Config {
+	cfg := c.cfg
+	return control.Config{
+		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Log: cfg.Log, UDPSize: cfg.UDPSize,
+		OnUp: c.onUp, OnGone: c.onGone,
+		// The agent's NAT rebound: probe it where it is now.
+		OnMoved: c.onMoved,
+	}
+}
+
+// onUp is told of every registration with the gateway, the first and each
+// after a reconnect.
+func (c *Client) onUp(_ context.Context, w *wire.Welcome) {
+	if mine := c.mine.Load(); mine != nil && w.Overlay != *mine {
+		// Another process with this client name holds our address
+		// now; our TUN and sessions still use the old one, and
+		// nothing would get through. Say so and stop.
+		select {
+		case c.moved <- w.Overlay:
+		default:
+		}
+		return
+	}
+	select {
+	case c.up <- struct{}{}:
+	default:
+	}
+}
+
+// onGone is told that the other end of session id left the gateway: if
+// that is the agent of the current session, re-attach now rather than
+// after the session's idle timeout.
+func (c *Client) onGone(id uint64) {
+	if s := c.cur.Load(); s != nil && s.ID == id {
+		select {
+		case c.up <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// keepAttached keeps the current session attached to the agent until ctx
+// ends: through a new relay route when the gateway connection comes back
+// or the agent left the gateway (resuming the session if both ends still
+// hold it), and through a new session when it ended.
+func (c *Client) keepAttached(ctx context.Context, runErr <-chan error) error {
 	for {
 		cur := c.cur.Load()
 		select {
@@ -323,9 +354,9 @@ func Run(ctx context.Context, cfg Config) error {
 			return nil
 		case err := <-runErr:
 			return err
-		case a := <-moved:
+		case a := <-c.moved:
 			return fmt.Errorf("the gateway moved this client from overlay address %s to %s (another process with the client name %q holds it); start nlvpn up again", c.overlay, a, c.u.Ctrl.Welcome().Name)
-		case <-up:
+		case <-c.up:
 			// The gateway connection came back (a gateway restart, a
 			// network change): re-attach the session to a relay route.
 			if err := c.reattach(ctx, runErr); err != nil {
@@ -483,10 +514,7 @@ func (c *Client) reattach(ctx context.Context, runErr <-chan error) error {
 // establish asks the gateway for a session with the agent, resuming cur if
 // it is still alive, and otherwise dials a new end-to-end connection.
 func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.Session, *wire.PeerInfo, error) {
-	var resume uint64
-	if cur != nil && cur.Alive() {
-		resume = cur.ID
-	}
+	resume := resumeID(cur)
 	rctx, cancel := context.WithTimeout(ctx, 15*time.Second+c.cfg.DirectTimeout)
 	defer cancel()
 	req := &wire.Connect{Agent: c.cfg.Agent, Resume: resume, Mode: c.cfg.Mode}
@@ -530,7 +558,7 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 	if err := c.startPunch(off, key, offer); err != nil {
 		return nil, nil, err
 	}
-	if resume != 0 && off.ID == resume && off.Resumed && cur.Alive() {
+	if resumes(cur, resume, off) {
 		return cur, c.info, nil
 	}
 	if c.cfg.Mode == wire.ModeDirect {
@@ -538,6 +566,29 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 			return nil, nil, err
 		}
 	}
+	return c.dialSession(rctx, off, key)
+}
+
+// resumeID is the session a Connect asks to resume: cur, while its
+// end-to-end connection lives; 0 (a new session) otherwise.
+func resumeID(cur *session.Session) uint64 {
+	if cur != nil && cur.Alive() {
+		return cur.ID
+	}
+	return 0
+}
+
+// resumes reports whether the client keeps cur after asking to resume
+// session asked and getting off: the gateway set up the same session and
+// the agent says it still holds its end-to-end connection, and so does
+// the client. Otherwise a new end-to-end connection is dialed.
+func resumes(cur *session.Session, asked uint64, off *wire.Session) bool {
+	return asked != 0 && cur != nil && cur.ID == asked && off.ID == asked && off.Resumed && cur.Alive()
+}
+
+// dialAgent dials the end-to-end connection of session off to the agent,
+// whose key is agentKey, and reads the agent's session info.
+func (c *Client) dialAgent(rctx context.Context, off *wire.Session, key identity.PublicKey) (*session.Session, *wire.PeerInfo, error) {
 	ctls, err := session.ClientTLS(c.cfg.Key, key)
 	if err != nil {
 		return nil, nil, err
