@@ -33,11 +33,19 @@ type testPort struct {
 // openTest opens a port on 127.0.0.1: with the steered frame socket
 // (steered), or taking frames through quic-go's non-QUIC queue.
 func openTest(t testing.TB, steered bool) *testPort {
+	return openTestAt(t, steered, "127.0.0.1:0")
+}
+
+// openTestAt is openTest on the steered sockets of addr: "127.0.0.1:0"
+// (AF_INET), "[::1]:0" (AF_INET6), or ":0", the wildcard a node's port
+// uses (Open), which Go opens as one dual-stack AF_INET6 socket (IPv4
+// peers as v4-mapped addresses) wherever the machine has IPv6.
+func openTestAt(t testing.TB, steered bool, addr string) *testPort {
 	t.Helper()
 	var udp, frames *net.UDPConn
 	var err error
 	if steered {
-		udp, frames, err = platform.ListenUDPPair("127.0.0.1:0")
+		udp, frames, err = platform.ListenUDPPair(addr)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -57,6 +65,9 @@ func openTest(t testing.TB, steered bool) *testPort {
 		t.Fatal(err)
 	}
 	tp := &testPort{Underlay: u, addr: udp.LocalAddr().(*net.UDPAddr).AddrPort()}
+	if tp.addr.Addr().IsUnspecified() {
+		tp.addr = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), tp.addr.Port())
+	}
 	tp.setGateway(netip.MustParseAddrPort("127.0.0.1:1"))
 	u.gwAddr = func() netip.AddrPort { return *tp.gw.Load() }
 	ctx, cancel := context.WithCancel(context.Background())
@@ -321,8 +332,22 @@ func TestDirectPathAllocs(t *testing.T) {
 // path, both ends: a full-size session packet written, framed, queued,
 // sent in batches (GSO), received in batches (GRO), handed to the session
 // and read; one op is one packet.
+//
+// Sub-benchmarks by socket: ipv4 (AF_INET sockets on 127.0.0.1), dual
+// (the node's own kind: ":0", one AF_INET6 socket for both families,
+// here carrying IPv4 as v4-mapped addresses) and ipv6 (::1).
 func BenchmarkDirectPath(b *testing.B) {
-	x, y := openTest(b, true), openTest(b, true)
+	for _, bc := range []struct{ name, x, y string }{
+		{"ipv4", "127.0.0.1:0", "127.0.0.1:0"},
+		{"dual", ":0", ":0"},
+		{"ipv6", "[::1]:0", "[::1]:0"},
+	} {
+		b.Run(bc.name, func(b *testing.B) { benchDirectPath(b, bc.x, bc.y) })
+	}
+}
+
+func benchDirectPath(b *testing.B, xAddr, yAddr string) {
+	x, y := openTestAt(b, true, xAddr), openTestAt(b, true, yAddr)
 	const id = 0xbe9c
 	punchBoth(b, x, y, id)
 	pkt := make([]byte, session.PeerPacketSize)
@@ -389,4 +414,62 @@ func FuzzHandleFrame(f *testing.F) {
 			t.Fatalf("dropped but delivered %+v", out)
 		}
 	})
+}
+
+// A node's port is one dual-stack socket pair (Open's ":0"): the same
+// port punches and carries a session's packets to an IPv4 peer and to an
+// IPv6 peer, each way, through the steered frame socket (batched reads
+// and writes) on both families.
+func TestDualStackPort(t *testing.T) {
+	u := openTestAt(t, true, ":0")
+	if u.frames == nil {
+		t.Skip("no steered frame socket")
+	}
+	for _, tc := range []struct {
+		name, peer string
+		id         uint64
+	}{{"ipv4 peer", "127.0.0.1:0", 0x44}, {"ipv6 peer", "[::1]:0", 0x66}} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := openTestAt(t, true, tc.peer)
+			node := netip.AddrPortFrom(p.addr.Addr(), u.addr.Port()) // the node's port, in the peer's family
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			up := make(chan netip.AddrPort, 2)
+			on := func(r netip.AddrPort, _ time.Duration) { up <- r }
+			du := u.StartDirect(ctx, DirectConfig{ID: tc.id, Key: probeKey(), Peer: []netip.AddrPort{p.addr}, Log: quiet, OnDirect: on})
+			dp := p.StartDirect(ctx, DirectConfig{ID: tc.id, Key: probeKey(), Peer: []netip.AddrPort{node}, Log: quiet, OnDirect: on})
+			defer du.Stop()
+			defer dp.Stop()
+			for i := 0; i < 2; i++ {
+				select {
+				case r := <-up:
+					if r != p.addr && r != node {
+						t.Fatalf("direct path to %v, want %v or %v", r, p.addr, node)
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatal("no direct path")
+				}
+			}
+			buf := make([]byte, 2048)
+			for _, dir := range []struct {
+				from, to *testPort
+			}{{u, p}, {p, u}} {
+				for i := 0; i < 32; i++ {
+					pkt := bytes.Repeat([]byte{byte(i)}, session.PeerPacketSize)
+					dir.from.Conn.WriteTo(pkt, session.Addr(tc.id))
+					dir.to.Conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+					k, from, err := dir.to.Conn.ReadFrom(buf)
+					if err != nil {
+						t.Fatalf("packet %d: %v", i, err)
+					}
+					if id, _ := session.IDOf(from); id != tc.id || !bytes.Equal(buf[:k], pkt) {
+						t.Fatalf("packet %d: %d bytes for session %x", i, k, id)
+					}
+				}
+			}
+			if d := u.Drops(); d["path_send_failed"] != 0 || d["frame_queue_full"] != 0 {
+				t.Fatalf("node port drops: %v", d)
+			}
+		})
+	}
 }
