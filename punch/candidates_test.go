@@ -105,3 +105,83 @@ func TestCandidatesNoObserved(t *testing.T) {
 		}
 	}
 }
+
+// candidatesFrom: what a node announces from its interface addresses.
+func TestCandidatesFrom(t *testing.T) {
+	addrs := func(ss ...string) []netip.Addr {
+		var out []netip.Addr
+		for _, s := range ss {
+			out = append(out, netip.MustParseAddr(s))
+		}
+		return out
+	}
+	aps := func(ss ...string) []netip.AddrPort {
+		var out []netip.AddrPort
+		for _, s := range ss {
+			out = append(out, ap(s))
+		}
+		return out
+	}
+	obs := ap("198.18.2.2:40000")
+	for _, tc := range []struct {
+		name     string
+		observed netip.AddrPort
+		local    []netip.Addr
+		want     []netip.AddrPort
+	}{
+		{"dual stack behind a NAT: observed, global v6, LAN v4",
+			obs, addrs("127.0.0.1", "10.0.1.2", "::1", "2001:2:0:12::2", "fe80::1"),
+			aps("198.18.2.2:40000", "[2001:2:0:12::2]:4433", "10.0.1.2:4433")},
+		{"v6 observed (an IPv6-only network) is also the interface address: once",
+			ap("[2001:2:0:12::2]:4433"), addrs("2001:2:0:12::2", "10.0.1.2"),
+			aps("[2001:2:0:12::2]:4433", "10.0.1.2:4433")},
+		{"v4-mapped observed is unmapped", ap("[::ffff:198.18.2.2]:40000"), nil, aps("198.18.2.2:40000")},
+		{"ULA kept for the same LAN, after global v6", obs, addrs("fd00:77::1", "2001:2:0:13::2"),
+			aps("198.18.2.2:40000", "[2001:2:0:13::2]:4433", "[fd00:77::1]:4433")},
+		{"the overlays (v4 and v6: the TUN's) never", obs, addrs("100.64.0.3", "fd6e:6c76:706e::6440:3", "10.0.1.2"),
+			aps("198.18.2.2:40000", "10.0.1.2:4433")},
+		{"link-local, multicast, unspecified never", netip.AddrPort{}, addrs("fe80::1", "169.254.1.1", "ff02::1", "::", "0.0.0.0"), nil},
+		{"IPv6 standing for IPv4 hosts, documentation: not announced", obs,
+			addrs("64:ff9b::a00:1", "2002:c612:202::1", "2001:0:1::1", "2001:db8::1", "3fff::2"), aps("198.18.2.2:40000")},
+		{"at most MaxGlobal6 global v6 (privacy addresses)", obs,
+			addrs("2001:2:0:12::a", "2001:2:0:12::b", "2001:2:0:12::c", "2001:2:0:12::d", "2001:2:0:12::e", "10.0.1.2"),
+			aps("198.18.2.2:40000", "[2001:2:0:12::a]:4433", "[2001:2:0:12::b]:4433", "[2001:2:0:12::c]:4433", "[2001:2:0:12::d]:4433", "10.0.1.2:4433")},
+		{"zones dropped, duplicates once", obs, addrs("10.0.1.2", "10.0.1.2", "2001:2:0:12::2%eth0", "2001:2:0:12::2"),
+			aps("198.18.2.2:40000", "[2001:2:0:12::2]:4433", "10.0.1.2:4433")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := candidatesFrom(tc.observed, 4433, tc.local)
+			if !slices.Equal(got, tc.want) {
+				t.Fatalf("candidatesFrom(%v, %v) = %v, want %v", tc.observed, tc.local, got, tc.want)
+			}
+		})
+	}
+	// Never more than wire.MaxCandidates, whatever the interfaces hold.
+	var many []netip.Addr
+	for i := range 40 {
+		many = append(many, netip.AddrFrom4([4]byte{10, 0, byte(i), 2}))
+	}
+	if got := candidatesFrom(obs, 4433, many); len(got) != MaxCandidates || got[0] != obs {
+		t.Fatalf("40 interface addresses: %d candidates (first %v), want %d with the observed first", len(got), got[0], MaxCandidates)
+	}
+}
+
+func TestGlobal6(t *testing.T) {
+	for s, want := range map[string]bool{
+		"2001:2:0:12::2": true, "2a00:1450::1": true, "2600::1": true,
+		"fd00:77::1": false, "fe80::1": false, "::1": false, "::": false, "ff02::1": false,
+		"::ffff:198.18.0.1": false, "198.18.0.1": false, "64:ff9b::1": false, "2002::1": false,
+		"2001::1": false, "2001:db8::1": false, "fd6e:6c76:706e::1": false,
+	} {
+		if got := Global6(netip.MustParseAddr(s)); got != want {
+			t.Errorf("Global6(%s) = %v, want %v", s, got, want)
+		}
+	}
+}
+
+func TestUsableDropsOverlay6(t *testing.T) {
+	in := []netip.AddrPort{ap("[fd6e:6c76:706e::6440:2]:4000"), ap("[2001:2:0:12::2]:4000")}
+	if got := Usable(in, nil, 16); !slices.Equal(got, in[1:]) {
+		t.Fatalf("Usable(%v) = %v, want only the global one", in, got)
+	}
+}

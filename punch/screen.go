@@ -20,6 +20,7 @@ const (
 	RefusedOwn        Reason = "own_address"
 	RefusedForeignLAN Reason = "foreign_private" // private, but in no subnet of this node's interfaces
 	RefusedPublic     Reason = "not_observed"    // public, but not the peer's observed address
+	RefusedNoIPv6     Reason = "no_ipv6"         // global IPv6, but this node has no global IPv6 address to reach it from
 )
 
 var (
@@ -41,8 +42,16 @@ var (
 //   - a private address (RFC 1918, ULA) only inside a subnet of one of this
 //     node's interfaces: only there can the peer be on the same LAN, and
 //     elsewhere the address names some other network's host;
-//   - a public address only on the peer's observed IP (any port: a NAT may
-//     map the peer's probes to another port of its address).
+//   - a public IPv4 address only on the peer's observed IP (any port: a
+//     NAT may map the peer's probes to another port of its address);
+//   - a global IPv6 address (Global6) when this node has one too. IPv6
+//     has no NAT: a node's global addresses are its own interfaces', which
+//     the gateway observes only for the one family it connects over, so
+//     here the peer's word (at most MaxGlobal6 such addresses from a
+//     well-behaved peer, never more than MaxCandidates in all) is taken,
+//     under the same probe budgets. Ranges that stand for IPv4 hosts
+//     (NAT64, 6to4, Teredo) are refused: through them a probe could reach
+//     an IPv4 address that was never screened.
 type Screen struct {
 	// Observed is the peer's public IP; invalid: none known, and no public
 	// candidate passes.
@@ -72,7 +81,7 @@ func (s *Screen) Check(c netip.AddrPort) Reason {
 		return RefusedBroadcast
 	case thisNet.Contains(ip) || class4.Contains(ip):
 		return RefusedReserved
-	case overlay.Contains(ip):
+	case inOverlay(ip):
 		return RefusedOverlay
 	case s.own(ip):
 		return RefusedOwn
@@ -80,8 +89,30 @@ func (s *Screen) Check(c netip.AddrPort) Reason {
 		return s.sameLAN(ip)
 	case ip == s.Observed.Unmap():
 		return Accepted
+	case Global6(ip):
+		if !s.hasGlobal6() {
+			return RefusedNoIPv6
+		}
+		return Accepted
+	case ip.Is6():
+		for _, p := range notGlobal6 {
+			if p.Contains(ip) {
+				return RefusedReserved
+			}
+		}
 	}
 	return RefusedPublic
+}
+
+// hasGlobal6 reports whether one of this node's addresses is a global
+// IPv6 address: without one it cannot reach a peer's.
+func (s *Screen) hasGlobal6() bool {
+	for _, p := range s.Local {
+		if Global6(p.Addr()) {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Screen) own(ip netip.Addr) bool {

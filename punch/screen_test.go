@@ -53,10 +53,47 @@ func TestScreen(t *testing.T) {
 		{"private, other /24 of 192.168", "192.168.2.20:4000", RefusedForeignLAN},
 		{"foreign ULA", "[fd00:2::5]:4000", RefusedForeignLAN},
 		{"public, not observed", "198.18.0.6:4000", RefusedPublic},
-		{"public v6, not observed", "[2001:db8::1]:4000", RefusedPublic},
+		{"global v6, this node has none", "[2001:2:0:12::2]:4000", RefusedNoIPv6},
+		{"documentation v6", "[2001:db8::1]:4000", RefusedReserved},
+		{"overlay v6", "[fd6e:6c76:706e::6440:2]:4000", RefusedOverlay},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := s.Check(netip.MustParseAddrPort(tc.cand)); got != tc.want {
+				t.Fatalf("Check(%s) = %q, want %q", tc.cand, got, tc.want)
+			}
+		})
+	}
+	// A node with a global IPv6 address of its own (and a v4 observed
+	// peer: the gateway saw only the peer's IPv4) probes the peer's global
+	// IPv6 addresses, but not the ranges that stand for IPv4 hosts.
+	v6 := &Screen{
+		Observed: netip.MustParseAddr("198.18.0.5"),
+		Local: []netip.Prefix{
+			netip.MustParsePrefix("192.168.1.10/24"),
+			netip.MustParsePrefix("2001:2:0:13::2/64"),
+			netip.MustParsePrefix("fe80::1/64"),
+		},
+	}
+	for _, tc := range []struct {
+		name string
+		cand string
+		want Reason
+	}{
+		{"peer's global v6 on another network", "[2001:2:0:12::2]:4000", Accepted},
+		{"peer's global v6 on this /64", "[2001:2:0:13::9]:4000", Accepted},
+		{"own global v6", "[2001:2:0:13::2]:4000", RefusedOwn},
+		{"NAT64 well-known (an IPv4 host)", "[64:ff9b::c612:5]:4000", RefusedReserved},
+		{"NAT64 local use", "[64:ff9b:1::1]:4000", RefusedReserved},
+		{"6to4 (an IPv4 host)", "[2002:c612:5::1]:4000", RefusedReserved},
+		{"Teredo", "[2001:0:4136:e378::1]:4000", RefusedReserved},
+		{"documentation 3fff::/20", "[3fff::1]:4000", RefusedReserved},
+		{"v4 public, not observed, still refused", "198.18.0.6:4000", RefusedPublic},
+		{"foreign ULA still refused", "[fd00:2::5]:4000", RefusedForeignLAN},
+		{"link-local v6 still refused", "[fe80::2]:4000", RefusedLinkLocal},
+		{"overlay v6 still refused", "[fd6e:6c76:706e::6440:2]:4000", RefusedOverlay},
+	} {
+		t.Run("v6/"+tc.name, func(t *testing.T) {
+			if got := v6.Check(netip.MustParseAddrPort(tc.cand)); got != tc.want {
 				t.Fatalf("Check(%s) = %q, want %q", tc.cand, got, tc.want)
 			}
 		})
