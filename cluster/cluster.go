@@ -43,6 +43,7 @@ const (
 	bucketOverlay     = "nlvpn_overlay"     // s.<slot> -> address, a.<address> -> slot
 	bucketDirectory   = "nlvpn_directory"   // agent name -> subnets, last seen
 	bucketRevocations = "nlvpn_revocations" // "list" -> the authority's signed list
+	bucketEnrollments = "nlvpn_enrollments" // <token ID>.<use> -> the node key that used it
 )
 
 // Bounds on what the caches hold from NATS. Past one, new keys are not
@@ -52,6 +53,8 @@ const (
 	MaxAddresses  = 1 << 18 // overlay address bindings (slots)
 	MaxDirectory  = 4096    // as a standalone gateway's directory
 	MaxAdvertise  = 256     // prefixes one agent may advertise
+	MaxEnrolled   = 100000  // tokens whose machines are cached
+	MaxUses       = 64      // machines one token may enroll, as checked here
 	maxValue      = 8 << 10 // one presence, directory or address value
 	maxRevocValue = 1 << 20 // the signed revocation list
 	claimAttempts = 64      // addresses tried for one new slot
@@ -160,6 +163,7 @@ type Cluster struct {
 	local    map[string]Presence     // agents homed here: refreshed
 	dirty    map[string]DirEntry     // directory writes not yet in NATS
 	revoc    string                  // a signed list not yet in NATS
+	enrolled map[string][]string     // token ID (keyOf) -> node keys that used it
 }
 
 type presenceSeen struct {
@@ -189,7 +193,7 @@ func Join(ctx context.Context, cfg Config) (*Cluster, error) {
 	c := &Cluster{cfg: cfg, log: cfg.Log.With("cluster", strings.Join(cfg.URLs, ",")), ttl: cfg.PresenceTTL,
 		kvs: map[string]jetstream.KeyValue{}, kick: make(chan struct{}, 1), ready: make(chan struct{}), rewatch: make(chan struct{}),
 		presence: map[string]presenceSeen{}, slots: map[string]netip.Addr{}, owners: map[netip.Addr]string{},
-		dir: map[string]DirEntry{}, local: map[string]Presence{}, dirty: map[string]DirEntry{}}
+		dir: map[string]DirEntry{}, local: map[string]Presence{}, dirty: map[string]DirEntry{}, enrolled: map[string][]string{}}
 	opts := []nats.Option{
 		nats.Name("nlvpn gateway " + cfg.PublicAddr),
 		nats.MaxReconnects(-1), // forever: the gateway serves on meanwhile
@@ -251,7 +255,8 @@ func Join(ctx context.Context, cfg Config) (*Cluster, error) {
 	for _, w := range []struct {
 		bucket string
 		apply  func(jetstream.KeyValueEntry)
-	}{{bucketPresence, c.applyPresence}, {bucketOverlay, c.applyOverlay}, {bucketDirectory, c.applyDirectory}, {bucketRevocations, c.applyRevocations}} {
+	}{{bucketPresence, c.applyPresence}, {bucketOverlay, c.applyOverlay}, {bucketDirectory, c.applyDirectory},
+		{bucketRevocations, c.applyRevocations}, {bucketEnrollments, c.applyEnrollment}} {
 		initial.Add(1)
 		c.done.Add(1)
 		go func() {
@@ -312,6 +317,7 @@ func (c *Cluster) openBuckets(ctx context.Context) error {
 		{Bucket: bucketOverlay, MaxValueSize: maxValue},
 		{Bucket: bucketDirectory, MaxValueSize: maxValue},
 		{Bucket: bucketRevocations, MaxValueSize: maxRevocValue},
+		{Bucket: bucketEnrollments, MaxValueSize: maxValue},
 	} {
 		b.Storage = jetstream.FileStorage
 		b.Replicas = replicas
@@ -950,4 +956,80 @@ func (c *Cluster) PublishRevocations(ctx context.Context, signed string) error {
 		}
 	}
 	return later()
+}
+
+// --- enrollments ---
+
+func (c *Cluster) applyEnrollment(e jetstream.KeyValueEntry) {
+	id, _, ok := strings.Cut(e.Key(), ".")
+	if !ok || deleted(e) || len(e.Value()) > maxValue {
+		if !ok || len(e.Value()) > maxValue {
+			c.dropped.Add(1)
+		}
+		return
+	}
+	c.addEnrolled(id, string(e.Value()))
+}
+
+func (c *Cluster) addEnrolled(id, key string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	keys, known := c.enrolled[id]
+	if slices.Contains(keys, key) {
+		return
+	}
+	if (!known && len(c.enrolled) >= MaxEnrolled) || len(keys) >= MaxUses {
+		c.dropped.Add(1)
+		return
+	}
+	c.enrolled[id] = append(keys, key)
+}
+
+// ErrTokenUsed says a token enrolled as many other machines as it may.
+var ErrTokenUsed = errors.New("token used by as many other machines as it may enroll")
+
+// Enroll records that the node key used the token id, which may enroll
+// uses machines, across the cluster: each use is a key created only if
+// absent, so two gateways never let one token enroll more machines than
+// it may, and a copied token is refused on every gateway. While NATS is
+// away only a machine already known is admitted (ErrUnavailable for a new
+// one).
+func (c *Cluster) Enroll(ctx context.Context, id string, uses int, key string) error {
+	uses = max(1, min(uses, MaxUses))
+	tk := keyOf(id)
+	c.mu.Lock()
+	keys := c.enrolled[tk]
+	c.mu.Unlock()
+	if slices.Contains(keys, key) {
+		return nil
+	}
+	if len(keys) >= uses {
+		return ErrTokenUsed
+	}
+	if !c.Connected() {
+		return ErrUnavailable
+	}
+	kv := c.kvs[bucketEnrollments]
+	rctx, cancel := context.WithTimeout(ctx, 2*opTimeout)
+	defer cancel()
+	for i := range uses {
+		k := fmt.Sprintf("%s.%d", tk, i)
+		_, err := kv.Create(rctx, k, []byte(key))
+		if c.kv(err) == nil {
+			c.addEnrolled(tk, key)
+			return nil
+		}
+		if !errors.Is(err, jetstream.ErrKeyExists) {
+			return err
+		}
+		e, err := kv.Get(rctx, k)
+		if c.kv(err) != nil {
+			return err
+		}
+		if string(e.Value()) == key {
+			c.addEnrolled(tk, key)
+			return nil
+		}
+	}
+	return ErrTokenUsed
 }

@@ -434,3 +434,29 @@ func TestKeyOfRoundTrip(t *testing.T) {
 }
 
 func writeFile(path, s string) error { return os.WriteFile(path, []byte(s), 0o600) }
+
+func TestEnrollAcrossGateways(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	g1 := join(t, s.ClientURL(), "198.18.0.1:4433", nil)
+	g2 := join(t, s.ClientURL(), "198.18.0.2:4433", nil)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		g        *gw
+		token    string
+		uses     int
+		key      string
+		wantUsed bool
+	}{
+		{g1, "tok-1", 1, "key-A", false},
+		{g2, "tok-1", 1, "key-A", false}, // the same machine on another gateway
+		{g2, "tok-1", 1, "key-B", true},  // a copy on another machine
+		{g1, "tok-2", 2, "key-A", false},
+		{g2, "tok-2", 2, "key-B", false},
+		{g1, "tok-2", 2, "key-C", true},
+	} {
+		err := tc.g.Enroll(ctx, tc.token, tc.uses, tc.key)
+		if errors.Is(err, ErrTokenUsed) != tc.wantUsed || (err != nil && !tc.wantUsed) {
+			t.Fatalf("Enroll(%s, %s) = %v, want used %v", tc.token, tc.key, err, tc.wantUsed)
+		}
+	}
+}

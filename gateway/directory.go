@@ -77,6 +77,19 @@ func (d *directory) left(name string, now time.Time) error {
 	return writeJSON(d.path, d.m)
 }
 
+// get returns a copy of the entry for name.
+func (d *directory) get(name string) (dirEntry, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e := d.m[name]
+	if e == nil {
+		return dirEntry{}, false
+	}
+	c := *e
+	c.Advertise = slices.Clone(e.Advertise)
+	return c, true
+}
+
 func (d *directory) forgetOldest() {
 	var oldest string
 	for name, e := range d.m {
@@ -91,10 +104,21 @@ func (d *directory) forgetOldest() {
 // those remembered whose credential has neither expired nor been revoked
 // (revoked says which), and online ones (by name) even if not remembered.
 // The list is cut to fit one control message.
-func (d *directory) list(c *token.Claims, online map[string][]netip.Prefix, revoked func(*token.Claims) bool, now time.Time) *wire.Agents {
+// In a cluster, shared is the cluster's directory: an entry there counts
+// where this gateway has none, or an older one.
+func (d *directory) list(c *token.Claims, online map[string][]netip.Prefix, shared map[string]dirEntry, revoked func(*token.Claims) bool, now time.Time) *wire.Agents {
 	d.mu.Lock()
-	byName := make(map[string]wire.AgentInfo, len(d.m)+len(online))
+	all := make(map[string]*dirEntry, len(d.m)+len(shared))
+	for name, e := range shared {
+		all[name] = &e
+	}
 	for name, e := range d.m {
+		if s, ok := all[name]; !ok || s.LastSeen <= e.LastSeen {
+			all[name] = e
+		}
+	}
+	byName := make(map[string]wire.AgentInfo, len(all)+len(online))
+	for name, e := range all {
 		if !c.MayUse(name) || e.Expires < now.Unix() {
 			continue
 		}

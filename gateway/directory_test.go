@@ -99,7 +99,7 @@ func TestAgentDirectoryFitsOneMessage(t *testing.T) {
 		c := &token.Claims{ID: "t", Role: token.RoleAgent, Name: "agent-with-a-rather-long-name-" + string(rune('a'+i%26)) + time.Duration(i).String(), Expires: now.Add(time.Hour).Unix()}
 		d.m[c.Name] = &dirEntry{Advertise: adv, LastSeen: now.Unix(), TokenID: c.ID, Expires: c.Expires}
 	}
-	l := d.list(&token.Claims{Role: token.RoleClient, Agents: []string{"*"}}, nil, func(*token.Claims) bool { return false }, now)
+	l := d.list(&token.Claims{Role: token.RoleClient, Agents: []string{"*"}}, nil, nil, func(*token.Claims) bool { return false }, now)
 	if !l.Truncated || len(l.Agents) == 0 {
 		t.Fatalf("%d agents, truncated %v", len(l.Agents), l.Truncated)
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/quic-go/quic-go"
 	"golang.org/x/crypto/acme/autocert"
 
+	"github.com/nlvpn/nlvpn/cluster"
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/platform"
@@ -63,20 +64,29 @@ type Config struct {
 	MaxUnauthPerSource int // default DefaultMaxUnauthPerSource
 	MaxUnauth          int // default DefaultMaxUnauth
 	RetryAbove         int // default DefaultRetryAbove
+
+	// Cluster, if set, makes this gateway one of several serving one
+	// network (see cluster.go): Run joins it before listening, and needs
+	// PublicAddr. Its PublicAddr, Pin, Authority, Log and callbacks are
+	// the gateway's own. Nil: standalone, no NATS.
+	Cluster *cluster.Config
 }
 
 // Gateway is the server.
 type Gateway struct {
-	cfg      Config
-	log      *slog.Logger
-	hub      *relay.Hub
-	overlay  *overlayPool
-	enrolled *enrollments                // which node keys used each token
-	dir      *directory                  // every agent that registered, for nlvpn agents
-	revoked  atomic.Pointer[revocations] // never nil after New
-	pin      string
-	cert     tls.Certificate
-	acme     *autocert.Manager // with Config.ACME, instead of cert
+	cfg       Config
+	log       *slog.Logger
+	hub       *relay.Hub
+	overlay   addressBook                     // the state's pool, or the cluster's
+	cluster   atomic.Pointer[cluster.Cluster] // nil standalone
+	revMu     sync.Mutex                      // orders revocation lists from the file and the cluster
+	redirects atomic.Uint64                   // connects answered CodeAgentElsewhere
+	enrolled  *enrollments                    // which node keys used each token
+	dir       *directory                      // every agent that registered, for nlvpn agents
+	revoked   atomic.Pointer[revocations]     // never nil after New
+	pin       string
+	cert      tls.Certificate
+	acme      *autocert.Manager // with Config.ACME, instead of cert
 
 	mu     sync.Mutex
 	agents map[string]*node
@@ -172,6 +182,9 @@ func New(cfg Config) (*Gateway, error) {
 		}
 		g.refused(g.log, slog.LevelInfo, r, msg, "remote", from.String())
 	})
+	if cfg.Cluster != nil && cfg.PublicAddr == "" {
+		return nil, errors.New("a gateway in a cluster needs its public address (--public-addr): the other gateways send nodes there")
+	}
 	var err error
 	if g.overlay, err = openOverlayPool(cfg.State.Dir); err != nil {
 		return nil, err
@@ -245,6 +258,13 @@ func (g *Gateway) Run(ctx context.Context) error {
 	ua, err := net.ResolveUDPAddr("udp", g.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen address %q: %w", g.cfg.Listen, err)
+	}
+	if g.cfg.Cluster != nil {
+		c, err := g.joinCluster(ctx)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
 	}
 	// One port, two sockets (as on the nodes): QUIC to quic-go, relay
 	// frames to our batched reader.
@@ -524,14 +544,18 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	}
 	// A token enrolls the machines it was issued for and no other: a copy
 	// on another machine cannot take the name or address it carries.
-	if err := g.enrolled.use(claims.ID, claims.Expires, claims.Uses, key); err != nil {
+	if err := g.enroll(claims, key); err != nil {
 		if errors.Is(err, errTokenUsed) {
 			g.refused(log, slog.LevelWarn, reasonTokenUsed, "token already used by another machine", "token", claims.ID, "key", key.String())
 			g.refuse(qc, st, wire.CodeTokenUsed, fmt.Sprintf("this token for %s %q was already used by another machine; a token enrolls one machine (ask for a new one, or for one issued with --uses N)", claims.Role, claims.Name))
 			return
 		}
 		g.refused(log, slog.LevelError, reasonEnrollFailed, "token use not recorded", "err", err)
-		g.refuse(qc, st, wire.CodeUnavailable, "the gateway cannot record this token's use now")
+		msg := "the gateway cannot record this token's use now"
+		if errors.Is(err, cluster.ErrUnavailable) {
+			msg = "the gateway cannot reach its cluster to enroll a new machine; try again later"
+		}
+		g.refuse(qc, st, wire.CodeUnavailable, msg)
 		return
 	}
 	// Authenticated: a valid credential, not revoked, for this machine. (A
@@ -579,7 +603,11 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	}
 	if n.overlay, err = g.assignOverlay(n, m.Hello.Overlay); err != nil {
 		g.refused(log, slog.LevelError, reasonNoOverlay, "overlay allocation failed", "err", err)
-		g.refuse(qc, st, wire.CodeUnavailable, "gateway cannot allocate an overlay address")
+		msg := "gateway cannot allocate an overlay address"
+		if errors.Is(err, cluster.ErrUnavailable) {
+			msg = "the gateway cannot reach its cluster to give a new node an address; try again later"
+		}
+		g.refuse(qc, st, wire.CodeUnavailable, msg)
 		return
 	}
 	defer g.releaseOverlay(n)
@@ -592,6 +620,18 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 			g.refuse(qc, st, wire.CodeNameInUse, fmt.Sprintf("agent %q is already connected with a different key", n.name))
 			return
 		}
+		// Across the cluster: the name is held by one key, as here.
+		if err := g.announceAgent(n); err != nil {
+			g.mu.Unlock()
+			var held *cluster.ErrNameHeld
+			if errors.As(err, &held) {
+				g.refused(log, slog.LevelWarn, reasonNameInUse, "agent name in use on another gateway by another key", "gateway", held.Gateway)
+				g.refuse(qc, st, wire.CodeNameInUse, fmt.Sprintf("agent %q is already connected to gateway %s with a different key", n.name, held.Gateway))
+				return
+			}
+			log.Warn("agent not announced to the cluster", "err", err)
+			g.mu.Lock()
+		}
 		g.agents[n.name] = n
 		g.mu.Unlock()
 		if old != nil {
@@ -601,17 +641,23 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		}
 		defer func() {
 			g.mu.Lock()
-			if g.agents[n.name] == n {
+			last := g.agents[n.name] == n
+			if last {
 				delete(g.agents, n.name)
 			}
 			g.mu.Unlock()
 			if err := g.dir.left(n.name, time.Now()); err != nil {
 				log.Warn("could not record the agent's disconnect in the directory", "err", err)
 			}
+			if c := g.clusterNow(); c != nil && last {
+				c.Withdraw(n.name, n.key.String())
+			}
+			g.shareDirectory(n.name)
 		}()
 		if err := g.dir.seen(claims, n.adv, time.Now()); err != nil {
 			log.Warn("could not record the agent in the directory", "err", err)
 		}
+		g.shareDirectory(n.name)
 	}
 
 	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed, RelayToken: relayToken[:], Revocations: n.revocations(g)}}); err != nil {
@@ -689,7 +735,19 @@ func (g *Gateway) listAgents(c *token.Claims) *wire.Agents {
 		}
 	}
 	g.mu.Unlock()
-	return g.dir.list(c, online, func(c *token.Claims) bool { _, ok := g.revokedBy(c); return ok }, time.Now())
+	var shared map[string]dirEntry
+	if cl := g.clusterNow(); cl != nil {
+		for name, p := range cl.Online() {
+			if _, here := online[name]; !here {
+				online[name] = p.Advertise
+			}
+		}
+		shared = make(map[string]dirEntry)
+		for name, e := range cl.Directory() {
+			shared[name] = dirEntry(e)
+		}
+	}
+	return g.dir.list(c, online, shared, func(c *token.Claims) bool { _, ok := g.revokedBy(c); return ok }, time.Now())
 }
 
 func errorReply(code, format string, args ...any) *wire.Message {
@@ -707,6 +765,14 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 	a := g.agents[req.Agent]
 	g.mu.Unlock()
 	if a == nil || a.qc.Context().Err() != nil {
+		if gw, ok := g.elsewhere(req.Agent); ok {
+			// One gateway relays a session, the agent's: the client goes
+			// there (it verifies that gateway as it does this one).
+			g.redirects.Add(1)
+			log.Info("agent is on another gateway; sending the client there", "gateway", gw)
+			return &wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeAgentElsewhere, Gateway: gw,
+				Message: fmt.Sprintf("agent %q is connected to gateway %s of this network", req.Agent, gw)}}
+		}
 		log.Info("connect to unknown agent")
 		return errorReply(wire.CodeUnknownAgent, "no agent named %q is connected to this gateway", req.Agent)
 	}
@@ -819,13 +885,16 @@ const maxClientAddrs = 16
 // asks for the address it had and gets it back if it is free, or held by
 // a stale connection with the same key (which is then closed), so its
 // end-to-end session carries on.
+//
+// Binding a new address may take a round trip to the cluster: it is done
+// without g.mu, which guards only the live check and claim.
 func (g *Gateway) assignOverlay(n *node, want netip.Addr) (netip.Addr, error) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
 	if n.role == token.RoleAgent {
 		a, err := g.overlay.Get("agent/" + n.name)
 		if err == nil {
+			g.mu.Lock()
 			g.live[a] = n
+			g.mu.Unlock()
 		}
 		return a, err
 	}
@@ -835,33 +904,50 @@ func (g *Gateway) assignOverlay(n *node, want netip.Addr) (netip.Addr, error) {
 		}
 		return fmt.Sprintf("client/%s#%d", n.name, i)
 	}
-	if want.IsValid() {
-		for i := 0; i < maxClientAddrs; i++ {
-			a, ok := g.overlay.Peek(slot(i))
-			if !ok || a != want {
-				continue
-			}
-			if holder := g.live[a]; holder != nil && holder.qc.Context().Err() == nil {
-				if !holder.key.Equal(n.key) {
-					break // another machine's now
-				}
-				holder.qc.CloseWithError(0, "replaced by a new connection")
-			}
-			g.live[a] = n
-			return a, nil
-		}
+	if a, ok := g.reclaim(n, want, slot); ok {
+		return a, nil
 	}
 	for i := 0; i < maxClientAddrs; i++ {
 		a, err := g.overlay.Get(slot(i))
 		if err != nil {
 			return netip.Addr{}, err
 		}
-		if !g.isLive(a) {
+		g.mu.Lock()
+		free := !g.isLive(a)
+		if free {
 			g.live[a] = n
+		}
+		g.mu.Unlock()
+		if free {
 			return a, nil
 		}
 	}
 	return netip.Addr{}, fmt.Errorf("client %q already has %d connections", n.name, maxClientAddrs)
+}
+
+// reclaim gives client n back the address want that it had, if one of its
+// name's slots holds it and no other machine is on it now.
+func (g *Gateway) reclaim(n *node, want netip.Addr, slot func(int) string) (netip.Addr, bool) {
+	if !want.IsValid() {
+		return netip.Addr{}, false
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for i := 0; i < maxClientAddrs; i++ {
+		a, ok := g.overlay.Peek(slot(i))
+		if !ok || a != want {
+			continue
+		}
+		if holder := g.live[a]; holder != nil && holder.qc.Context().Err() == nil {
+			if !holder.key.Equal(n.key) {
+				return netip.Addr{}, false // another machine's now
+			}
+			holder.qc.CloseWithError(0, "replaced by a new connection")
+		}
+		g.live[a] = n
+		return a, true
+	}
+	return netip.Addr{}, false
 }
 
 func (g *Gateway) isLive(a netip.Addr) bool {

@@ -47,6 +47,18 @@ var (
 		"Relay path checks from nodes, by result (answered, refused: not from a node's address).", []string{"result"}, nil)
 	descRelayRoutes = prometheus.NewDesc("nlvpn_relay_routes",
 		"Relay routes (client-agent sessions) now.", nil, nil)
+
+	// With --cluster only.
+	descClusterConnected = prometheus.NewDesc("nlvpn_gateway_cluster_connected",
+		"1 while the cluster's NATS is reachable, else 0.", nil, nil)
+	descClusterOps = prometheus.NewDesc("nlvpn_gateway_cluster_kv_ops_total",
+		"Reads and writes of the cluster's key-value buckets that went to NATS.", nil, nil)
+	descClusterErrors = prometheus.NewDesc("nlvpn_gateway_cluster_kv_errors_total",
+		"Of the cluster's key-value operations, those that failed.", nil, nil)
+	descClusterDropped = prometheus.NewDesc("nlvpn_gateway_cluster_dropped_total",
+		"Entries from the cluster not held: a bound hit, too large, or malformed.", nil, nil)
+	descRedirects = prometheus.NewDesc("nlvpn_gateway_redirects_total",
+		"Connects answered agent_elsewhere: the agent is on another gateway of the cluster.", nil, nil)
 )
 
 // Describe sends the descriptions of the gateway's metrics
@@ -54,7 +66,7 @@ var (
 func (g *Gateway) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRegistrations, descRegistrationsRefused, descRefused, descRetries,
 		descUnauthenticated, descNodes, descTCPStreams, descTCPPackets, descTCPDropped, descTCPClosed, descRelayFrames, descRelayUDPFrames, descRelayBytes, descRelayDropped,
-		descRelayChecks, descRelayRoutes} {
+		descRelayChecks, descRelayRoutes, descClusterConnected, descClusterOps, descClusterErrors, descClusterDropped, descRedirects} {
 		ch <- d
 	}
 }
@@ -100,6 +112,19 @@ func (g *Gateway) Collect(ch chan<- prometheus.Metric) {
 	counter(descRelayChecks, s.ChecksAnswered, "answered")
 	counter(descRelayChecks, s.ChecksRefused, "refused")
 	gauge(descRelayRoutes, int64(s.Routes))
+
+	if c := g.clusterNow(); c != nil {
+		cs := c.Stats()
+		up := int64(0)
+		if cs.Connected {
+			up = 1
+		}
+		gauge(descClusterConnected, up)
+		counter(descClusterOps, cs.KVOps)
+		counter(descClusterErrors, cs.KVErrors)
+		counter(descClusterDropped, cs.Dropped)
+		counter(descRedirects, g.redirects.Load())
+	}
 }
 
 // nodeOnline counts a registered node of role as connected until the

@@ -99,19 +99,15 @@ func (g *Gateway) watchRevocations(ctx context.Context) {
 		fi, err := os.Stat(RevocationsPath(g.cfg.State.Dir))
 		if err == nil && (last == nil || !fi.ModTime().Equal(last.ModTime()) || fi.Size() != last.Size()) {
 			rs, signed, err := LoadRevocations(g.cfg.State.Dir, g.cfg.Authority)
-			cur := g.revoked.Load()
 			switch {
 			case err != nil:
 				g.log.Error("revocations not read; the last ones stay in force", "err", err)
-			case rs == nil || (cur.list != nil && rs.Serial <= cur.list.Serial):
-				if rs != nil && rs.Serial < cur.list.Serial {
-					g.log.Error("revocation list older than the one in force; ignored", "serial", rs.Serial, "in_force", cur.list.Serial)
+			case rs != nil && g.applyRevocations(rs, signed, "file"):
+				if c := g.clusterNow(); c != nil {
+					if err := c.PublishRevocations(ctx, signed); err != nil {
+						g.log.Warn("revocation list not put into the cluster", "err", err)
+					}
 				}
-			default:
-				g.revoked.Store(&revocations{list: rs, signed: signed})
-				g.log.Info("revocation list in force", "serial", rs.Serial, "entries", len(rs.List))
-				g.enforceRevocations()
-				g.sendRevocations(signed)
 			}
 			last = fi
 		}
@@ -121,6 +117,27 @@ func (g *Gateway) watchRevocations(ctx context.Context) {
 		case <-t.C:
 		}
 	}
+}
+
+// applyRevocations puts the verified list rs (signed) in force if it is
+// newer than the one in force: ends what it revokes and passes it to the
+// agents. It reports whether it did. from says where the list came from
+// (file, cluster), for the log.
+func (g *Gateway) applyRevocations(rs *token.Revocations, signed, from string) bool {
+	g.revMu.Lock()
+	defer g.revMu.Unlock()
+	cur := g.revoked.Load()
+	if cur.list != nil && rs.Serial <= cur.list.Serial {
+		if rs.Serial < cur.list.Serial && from == "file" {
+			g.log.Error("revocation list older than the one in force; ignored", "serial", rs.Serial, "in_force", cur.list.Serial)
+		}
+		return false
+	}
+	g.revoked.Store(&revocations{list: rs, signed: signed})
+	g.log.Info("revocation list in force", "serial", rs.Serial, "entries", len(rs.List), "from", from)
+	g.enforceRevocations()
+	g.sendRevocations(signed)
+	return true
 }
 
 // enforceRevocations disconnects every connected node whose token is
