@@ -11,6 +11,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/nlvpn/nlvpn/client"
+	"github.com/nlvpn/nlvpn/cluster"
 	"github.com/nlvpn/nlvpn/gateway"
 	"github.com/nlvpn/nlvpn/wire"
 )
@@ -281,5 +282,47 @@ func TestMTUFlag(t *testing.T) {
 		if err != nil || got != tc.want {
 			t.Errorf("%v: %d, %v; want %d", tc.args, got, err, tc.want)
 		}
+	}
+}
+
+func TestClusterConfig(t *testing.T) {
+	flags := append([]cli.Flag{&cli.StringFlag{Name: "public-addr"}}, clusterFlags()...)
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		wantURLs []string
+		wantErr  string
+	}{
+		{name: "off", args: nil},
+		{name: "two servers", args: []string{"--cluster", "nats://198.18.9.1:4222, nats://198.18.9.2:4222", "--public-addr", "gw1.example.com:4433", "--cluster-creds", "/etc/nlvpn/nats.creds"},
+			wantURLs: []string{"nats://198.18.9.1:4222", "nats://198.18.9.2:4222"}},
+		{name: "no public address", args: []string{"--cluster", "nats://198.18.9.1:4222"}, wantErr: "needs --public-addr"},
+		{name: "creds without cluster", args: []string{"--cluster-creds", "x"}, wantErr: "needs --cluster"},
+		{name: "not a URL", args: []string{"--cluster", "198.18.9.1:4222", "--public-addr", "gw:4433"}, wantErr: "not a NATS URL"},
+		{name: "password in the URL", args: []string{"--cluster", "nats://gw:secret@198.18.9.1:4222", "--public-addr", "gw:4433"}, wantErr: "--cluster-creds"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var cfg *cluster.Config
+			err := runWithFlags(t, flags, tc.args, func(c *cli.Context) error {
+				var err error
+				cfg, err = clusterConfig(c)
+				return err
+			})
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err %v, want one with %q", err, tc.wantErr)
+				}
+				if strings.Contains(err.Error(), "secret") {
+					t.Fatalf("the error shows the password: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if (cfg == nil) != (tc.wantURLs == nil) || (cfg != nil && strings.Join(cfg.URLs, " ") != strings.Join(tc.wantURLs, " ")) {
+				t.Fatalf("config %+v, want URLs %v", cfg, tc.wantURLs)
+			}
+		})
 	}
 }

@@ -174,7 +174,7 @@ The gateway relays only end-to-end encrypted packets.`,
 			&cli.IntFlag{Name: "max-unauth", Value: gateway.DefaultMaxUnauth, Usage: "connections not yet registered, in total; above --retry-above of them new ones must prove their address first (QUIC Retry)"},
 			&cli.IntFlag{Name: "retry-above", Value: gateway.DefaultRetryAbove, Usage: "demand a QUIC Retry once this many connections are not yet registered (-1: always)"},
 			&cli.StringFlag{Name: "authority", Usage: "admit nodes whose credentials the authority with public key `KEY` signed (from `nlvpn authority` on an admin machine); without it the gateway keeps an authority key in its state directory", EnvVars: []string{"NLVPN_AUTHORITY"}},
-		}, append(acmeFlags(), metricsFlags(", /healthz (200 while the gateway's QUIC listener accepts connections, 503 otherwise) and /relay (JSON: relayed bytes per session)")...)...),
+		}, append(append(acmeFlags(), clusterFlags()...), metricsFlags(", /healthz (200 while the gateway's QUIC listener accepts connections, 503 otherwise) and /relay (JSON: relayed bytes per session)")...)...),
 		Action: func(c *cli.Context) error {
 			if c.Args().Present() {
 				return fmt.Errorf("unexpected argument %q", c.Args().First())
@@ -219,6 +219,9 @@ The gateway relays only end-to-end encrypted packets.`,
 				cfg.Cert = &cert
 			}
 			if cfg.ACME, err = acmeConfig(c); err != nil {
+				return err
+			}
+			if cfg.Cluster, err = clusterConfig(c); err != nil {
 				return err
 			}
 			g, err := gateway.New(cfg)
