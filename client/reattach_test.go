@@ -203,15 +203,17 @@ func (n *nodeConn) connect() *wire.Message {
 // reattachBench is a client with its tunnel up (as far as the session
 // goes) on session 5, registered with a fake gateway as 100.64.0.3.
 type reattachBench struct {
-	c      *Client
-	gw     *gatewayFake
-	node   *nodeConn
-	agent  *identity.Key
-	cred   string // the agent's credential
-	runErr <-chan error
-	far    map[uint64]*quic.Conn // the agent's ends of the sessions dialed, by ID
-	dialed chan *wire.Session    // offers dialSession was called for
-	mu     sync.Mutex
+	c     *Client
+	gw    *gatewayFake
+	node  *nodeConn
+	agent *identity.Key
+	cred  string // the agent's credential
+	// authorityKey signs the credentials of this network.
+	authorityKey *identity.Key
+	runErr       <-chan error
+	far          map[uint64]*quic.Conn // the agent's ends of the sessions dialed, by ID
+	dialed       chan *wire.Session    // offers dialSession was called for
+	mu           sync.Mutex
 }
 
 const benchOverlay = "100.64.0.3"
@@ -229,7 +231,7 @@ func newReattachBench(t *testing.T) *reattachBench {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &reattachBench{gw: newGatewayFake(t), agent: akey, cred: pt.Enroll(akey.Public()),
+	b := &reattachBench{gw: newGatewayFake(t), agent: akey, cred: pt.Enroll(akey.Public()), authorityKey: authority,
 		far: make(map[uint64]*quic.Conn), dialed: make(chan *wire.Session, 8)}
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -498,5 +500,153 @@ func TestOnGoneOnlyForTheCurrentSession(t *testing.T) {
 	c.onGone(5)
 	if len(c.up) != 1 {
 		t.Fatalf("%d reattach signals after Gone for the current session, want 1", len(c.up))
+	}
+}
+
+// The first session: an agent that is not online yet is asked for again
+// while WaitAgent allows (until stopped by default, not at all when
+// negative); any other refusal ends it at once.
+func TestFirstSessionWaitsForAgent(t *testing.T) {
+	for _, tt := range []struct {
+		name    string
+		wait    time.Duration
+		replies []string // the gateway's answers: "absent", "busy", "forbidden", "session"
+		err     string   // in the error; "" for a session
+	}{
+		{"waits until the agent is there", 0, []string{"absent", "busy", "session"}, ""},
+		{"does not wait with a negative wait", -1, []string{"absent"}, "no agent miranda"},
+		{"a refusal is not waited out", 0, []string{"forbidden"}, "not for you"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newReattachBench(t)
+			b.c.cfg.WaitAgent = tt.wait
+			done := b.firstSession()
+			for _, r := range tt.replies {
+				m := b.node.connect()
+				if m.Connect.Resume != 0 {
+					t.Fatalf("the first session resumes %d", m.Connect.Resume)
+				}
+				code := map[string]string{"absent": wire.CodeUnknownAgent, "busy": wire.CodeUnavailable, "forbidden": wire.CodeForbidden}[r]
+				if r == "session" {
+					b.answer(m, 8, false)
+				} else {
+					b.node.send(&wire.Message{ID: m.ID, Type: wire.TypeError, Error: &wire.Error{Code: code, Message: map[string]string{
+						"absent": "no agent miranda", "busy": "agent busy", "forbidden": "not for you"}[r]}})
+				}
+			}
+			res := b.firstResult(t, done)
+			if tt.err == "" {
+				if res.err != nil || res.s == nil || res.s.ID != 8 {
+					t.Fatalf("firstSession = %v, %v; want session 8", res.s, res.err)
+				}
+				b.wantDial(t, 8)
+				return
+			}
+			if res.err == nil || !strings.Contains(res.err.Error(), tt.err) {
+				t.Fatalf("firstSession error %v, want one saying %q", res.err, tt.err)
+			}
+			b.noDial(t, tt.name)
+		})
+	}
+
+	t.Run("waits no longer than told", func(t *testing.T) {
+		b := newReattachBench(t)
+		b.c.cfg.WaitAgent = 2 * time.Second
+		done := b.firstSession()
+		asks := 0
+		for end := time.Now().Add(10 * time.Second); time.Now().Before(end); {
+			b.node.st.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+			m, err := wire.ReadMessage(b.node.st)
+			if err == nil {
+				asks++
+				b.node.send(&wire.Message{ID: m.ID, Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeUnknownAgent, Message: "no agent miranda"}})
+				continue
+			}
+			if len(done) > 0 {
+				break
+			}
+		}
+		res := b.firstResult(t, done)
+		if asks < 2 || res.err == nil || !strings.Contains(res.err.Error(), "--wait") {
+			t.Fatalf("asked %d times, then %v; want asking again, then an error naming --wait", asks, res.err)
+		}
+	})
+}
+
+type firstResult struct {
+	s   *session.Session
+	err error
+}
+
+// firstSession runs the client's firstSession, as Run does.
+func (b *reattachBench) firstSession() chan firstResult {
+	done := make(chan firstResult, 1)
+	go func() {
+		s, _, err := b.c.firstSession(context.Background(), b.runErr)
+		done <- firstResult{s, err}
+	}()
+	return done
+}
+
+func (b *reattachBench) firstResult(t *testing.T, done chan firstResult) firstResult {
+	t.Helper()
+	select {
+	case r := <-done:
+		return r
+	case <-time.After(20 * time.Second):
+		t.Fatal("firstSession did not return")
+		return firstResult{}
+	}
+}
+
+// The client takes the agent's key only with a credential from its own
+// authority for that agent: a gateway that puts its own key in the middle
+// (or another agent's) is refused for good, and nothing is dialed.
+func TestAgentKeyNeedsTheAuthority(t *testing.T) {
+	other, _ := identity.Generate()
+	issue := func(t *testing.T, by *identity.Key, role, name string, key *identity.Key) string {
+		tok, err := token.Issue(by, token.Claims{Role: role, Name: name, Expires: time.Now().Add(time.Hour).Unix()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pt, err := token.ParseToken(tok)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pt.Enroll(key.Public())
+	}
+	gwKey, _ := identity.Generate()
+	for _, tt := range []struct {
+		name string
+		cred func(b *reattachBench) (cred string, key *identity.Key)
+	}{
+		{"the gateway's own key, credential from another authority", func(*reattachBench) (string, *identity.Key) {
+			return issue(t, other, token.RoleAgent, "miranda", gwKey), gwKey
+		}},
+		{"another agent's credential and key", func(b *reattachBench) (string, *identity.Key) {
+			return issue(t, b.authorityKey, token.RoleAgent, "prospero", gwKey), gwKey
+		}},
+		{"a client's credential", func(b *reattachBench) (string, *identity.Key) {
+			return issue(t, b.authorityKey, token.RoleClient, "miranda", gwKey), gwKey
+		}},
+		{"the agent's credential with another key", func(b *reattachBench) (string, *identity.Key) {
+			return b.cred, gwKey
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newReattachBench(t)
+			b.c.cfg.WaitAgent = -1
+			done := b.firstSession()
+			m := b.node.connect()
+			cred, key := tt.cred(b)
+			b.node.send(&wire.Message{ID: m.ID, Type: wire.TypeSession, Session: &wire.Session{ID: 8, PeerName: "miranda",
+				PeerCredential: cred, PeerKey: key.Public().String(), PeerAddr: netip.MustParseAddr("100.64.0.2"), Mode: wire.ModeRelay}})
+			res := b.firstResult(t, done)
+			var fe *control.FatalError
+			if !errors.As(res.err, &fe) || fe.Code != wire.CodeForbidden {
+				t.Fatalf("firstSession = %v, want a fatal refusal of the agent's key", res.err)
+			}
+			b.noDial(t, tt.name)
+		})
 	}
 }
