@@ -332,8 +332,8 @@ func (g *probeGuard) moved(id uint64, to netip.AddrPort) bool {
 // all to ports of the client's observed IP, or punch.HardSockets pings
 // from as many extra sockets, all to the client's observed address. One
 // round per offer, and one per client name per punch.WideEvery across
-// offers, whatever the client does. (The hard side's few pings that
-// confirm a hit are the round's: underlay's confirmPings.)
+// offers, whatever the client does. (The few pings either side sends to
+// confirm a hit are the round's: at most underlay's confirmPings each.)
 func (g *probeGuard) allowWide(op *offerProbes, role punch.Role, n int) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()

@@ -77,7 +77,13 @@ type Config struct {
 	// no path is confirmed: the normal probing failed, and the caller may
 	// try the wide round (wide.go) while the attempt goes on.
 	Stuck func()
-	Log   *slog.Logger
+	// Pinged, if set, is called after an authentic ping from from was
+	// answered while no path is confirmed. The pong confirms the path at
+	// the peer, not here: that takes a ping of ours answered from there,
+	// which Gate may refuse. The wide round's easy side sends one
+	// (underlay's wide.go). It runs on the receive path: it must not block.
+	Pinged func(from netip.AddrPort)
+	Log    *slog.Logger
 }
 
 // Punch is one session's direct-path state.
@@ -190,6 +196,21 @@ func (p *Punch) Authentic(hdr, payload []byte) bool {
 	return hmac.Equal(payload[9:], p.mac(hdr, payload[0], payload[1:9]))
 }
 
+// ProbeKind names a probe payload's type, "ping" or "pong" (for logs);
+// "" for anything else.
+func ProbeKind(payload []byte) string {
+	if len(payload) == 0 {
+		return ""
+	}
+	switch payload[0] {
+	case probePing:
+		return "ping"
+	case probePong:
+		return "pong"
+	}
+	return ""
+}
+
 func (p *Punch) pingVia(to netip.AddrPort, send func(b []byte, to netip.AddrPort) error) {
 	var nb [8]byte
 	rand.Read(nb[:])
@@ -286,8 +307,13 @@ func (p *Punch) Handle(hdr, payload []byte, from netip.AddrPort) error {
 		if p.remote == from {
 			p.lastHeard = time.Now()
 		}
+		confirmed := p.remote.IsValid()
 		p.mu.Unlock()
-		return p.cfg.Send(p.probe(probePong, nonce), from)
+		err := p.cfg.Send(p.probe(probePong, nonce), from)
+		if !confirmed && p.cfg.Pinged != nil {
+			p.cfg.Pinged(from)
+		}
+		return err
 	}
 	p.mu.Lock()
 	sp, ok := p.sent[nonce]

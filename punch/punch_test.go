@@ -680,3 +680,44 @@ func TestAddPeerCapped(t *testing.T) {
 		t.Fatalf("candidates %v", c)
 	}
 }
+
+// Pinged hears of each authentic ping answered while no path is confirmed,
+// after its pong went out, and of nothing else: not a ping from a refused
+// source, not a pong, not a forged ping, not a ping once the path is
+// confirmed.
+func TestPingedOnlyWhileUnconfirmed(t *testing.T) {
+	var mu sync.Mutex
+	var log []string // "pong to X" and "pinged from X", in order
+	a := New(Config{ID: 9, Key: testKey(7), Peer: []netip.AddrPort{addrB}, Log: quiet,
+		Send: func(b []byte, to netip.AddrPort) error {
+			mu.Lock()
+			defer mu.Unlock()
+			if _, _, payload, err := wire.ParseFrame(b); err == nil && payload[0] == probePong {
+				log = append(log, "pong to "+to.String())
+			}
+			return nil
+		},
+		Accept: func(from netip.AddrPort) bool { return from != addrC },
+		Pinged: func(from netip.AddrPort) {
+			mu.Lock()
+			defer mu.Unlock()
+			log = append(log, "pinged from "+from.String())
+		}})
+	peer := New(Config{ID: 9, Key: testKey(7), Log: quiet})
+	other := New(Config{ID: 9, Key: testKey(8), Log: quiet})
+	handleFrame(a, probeFrame(peer, probePing, 1), addrB)  // heard
+	handleFrame(a, probeFrame(peer, probePing, 2), addrC)  // refused source
+	handleFrame(a, probeFrame(other, probePing, 3), addrB) // forged
+	a.ping(addrB)
+	handleFrame(a, probeFrame(peer, probePong, nonceTo(a, addrB)), addrB) // a pong: confirms
+	if _, _, ok := a.Remote(); !ok {
+		t.Fatal("not confirmed by the pong")
+	}
+	handleFrame(a, probeFrame(peer, probePing, 4), addrB) // confirmed: answered only
+	mu.Lock()
+	defer mu.Unlock()
+	want := []string{"pong to " + addrB.String(), "pinged from " + addrB.String(), "pong to " + addrB.String()}
+	if !slices.Equal(log, want) {
+		t.Fatalf("got %q, want %q", log, want)
+	}
+}

@@ -110,7 +110,8 @@ type Direct struct {
 	mu      sync.Mutex
 	stopped bool
 
-	done chan struct{} // closed when punching has returned (at once in relay mode)
+	done   chan struct{}  // closed when punching and its wide rounds have returned (at once in relay mode)
+	rounds sync.WaitGroup // the wide rounds' goroutines (started from within punching)
 }
 
 // StartDirect puts session cfg.ID on its fallback path and, unless it is
@@ -129,7 +130,8 @@ func (u *Underlay) StartDirect(ctx context.Context, cfg DirectConfig) *Direct {
 	ctx, d.cancel = context.WithCancel(ctx)
 	d.p = punch.New(punch.Config{
 		ID: cfg.ID, Key: cfg.Key, Peer: cfg.Peer, Send: d.sendFrame, Log: log, Gate: cfg.Gate, Accept: cfg.Accept,
-		Stuck: func() { d.stuck(ctx) },
+		Stuck:  func() { d.stuck(ctx) },
+		Pinged: d.pinged,
 		OnDirect: func(remote netip.AddrPort, took time.Duration) {
 			if !d.setPath(&directPath{u: u, remote: remote, via: d.via(remote)}) {
 				return
@@ -153,12 +155,14 @@ func (u *Underlay) StartDirect(ctx context.Context, cfg DirectConfig) *Direct {
 	go func() {
 		defer close(d.done)
 		d.p.Run(ctx)
+		d.rounds.Wait() // they end with ctx too
 	}()
 	return d
 }
 
-// Done is closed once punching has returned after Stop or Close (or the
-// end of StartDirect's ctx): from then on nothing of it runs.
+// Done is closed once punching and its wide rounds have returned after
+// Stop or Close (or the end of StartDirect's ctx): from then on nothing of
+// it runs.
 func (d *Direct) Done() <-chan struct{} { return d.done }
 
 // ID is the session's ID.

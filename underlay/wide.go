@@ -61,11 +61,18 @@ type wideState struct {
 	to      netip.AddrPort
 	closed  bool
 
+	// The last round's part and the peer's IP it aimed at, and the pings
+	// the easy side sent in it to confirm a hit that came its way (pinged).
+	role     punch.Role
+	peerIP   netip.Addr
+	confirms int
+
 	rounds, probes, sockets atomic.Uint64
 }
 
-// WideStats counts a session's wide rounds, the burst pings sent (easy
-// side) and the extra sockets opened (hard side).
+// WideStats counts a session's wide rounds, the pings sent (easy side:
+// the burst's and those confirming a hit, pinged) and the extra sockets
+// opened (hard side).
 type WideStats struct{ Rounds, Probes, Sockets uint64 }
 
 // Wide returns the session's wide-round counts.
@@ -133,11 +140,18 @@ func (d *Direct) stuck(ctx context.Context) {
 		return
 	}
 	d.w.rounds.Add(1)
-	if role == punch.RoleEasy {
-		go d.burst(ctx, peer.Addr(), n)
-	} else {
-		go d.openWide(ctx, peer, n)
-	}
+	d.w.mu.Lock()
+	d.w.role, d.w.peerIP, d.w.confirms = role, peer.Addr(), 0
+	d.w.mu.Unlock()
+	d.rounds.Add(1) // stuck runs inside punching, so before Done's Wait
+	go func() {
+		defer d.rounds.Done()
+		if role == punch.RoleEasy {
+			d.burst(ctx, peer.Addr(), n)
+		} else {
+			d.openWide(ctx, peer, n)
+		}
+	}()
 }
 
 // burst is the easy side's part: n pings to random ports of ip.
@@ -280,6 +294,33 @@ func (d *Direct) confirm(to netip.AddrPort) {
 	}
 }
 
+// pinged is the punch's Pinged: an authentic ping came from from and was
+// answered, and no path is confirmed. On the easy side of a wide round, a
+// ping from the peer's IP comes from one of the hard side's extra sockets,
+// through a mapping of our NAT that our burst opened. The burst's own ping
+// to that port may have been lost: it reached the hard side's NAT before
+// that socket had its mapping there, and so the socket's first ping
+// crossed it. Then our pong confirms the path at the hard side (whose
+// confirming pings stop) but nothing confirms it here: our discovery pings
+// may be out of budget by now (Config.Gate: the agent's, before its session
+// is live), and a direct-only session would wait on nothing until its
+// end-to-end handshake timed out. So a ping back, through the node's port
+// as the burst's went: at most confirmPings a round, outside Gate, as the
+// hard side's confirming pings are.
+func (d *Direct) pinged(from netip.AddrPort) {
+	d.w.mu.Lock()
+	ok := !d.w.closed && d.w.role == punch.RoleEasy && from.Addr() == d.w.peerIP && d.w.confirms < confirmPings
+	if ok {
+		d.w.confirms++
+	}
+	d.w.mu.Unlock()
+	if !ok {
+		return
+	}
+	d.w.probes.Add(1)
+	d.p.PingVia(from, d.u.SendFrame)
+}
+
 // readWide reads an extra socket until it closes. Until a socket is
 // adopted only the peer's authentic probes count (one adopts this
 // socket); the adopted socket's datagrams are then the port's frames.
@@ -309,7 +350,7 @@ func (d *Direct) readWide(s *wideSock) {
 				continue
 			}
 			if first {
-				d.log.Info("wide round: the peer's probe found one of our ports; the direct channel goes through it", "peer", from, "local", s.c.LocalAddr())
+				d.log.Info("wide round: the peer's probe found one of our ports; the direct channel goes through it", "peer", from, "local", s.c.LocalAddr(), "probe", punch.ProbeKind(payload))
 				d.closePool(false)
 				d.p.AddPeer(from) // the peer's address first among the candidates
 				go d.confirm(from)

@@ -175,3 +175,78 @@ func TestWideRoundBoundedAndClosed(t *testing.T) {
 		}
 	})
 }
+
+// The easy side's burst can open its NAT toward a port of the hard side
+// before the hard side's NAT has a mapping there (the burst ping is
+// dropped); when one of the hard side's extra sockets then gets that port,
+// its first ping crosses, our pong confirms the path its way, and the hard
+// side stops confirming (its confirm pings end once it has a path). The
+// easy side, whose discovery budget is spent by then (the agent's Gate,
+// before its session is live), must still confirm the path its way: else
+// a direct-only session stays on nothing at this end and the end-to-end
+// handshake times out (seen in e2e TestConeSymmetricGoesDirect).
+//
+// On loopback the hard side's pings reach the easy side as if the burst
+// had opened its NAT; the burst itself never starts (wideDelay), as when
+// its pings were all dropped.
+func TestWideEasySideConfirmsAHitThatCrossedItsBurst(t *testing.T) {
+	fastWide(t)
+	wd := wideDelay
+	wideDelay = time.Hour
+	t.Cleanup(func() { wideDelay = wd })
+	a, b := openTest(t, true), openTest(t, true)
+	const id = 0x3b3b
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	upA, upB := make(chan netip.AddrPort, 4), make(chan netip.AddrPort, 4)
+	var gatedA atomic.Int32
+	da := a.StartDirect(ctx, DirectConfig{ID: id, Key: probeKey(), Log: quiet, Role: punch.RoleEasy, PeerObserved: b.addr,
+		Peer: []netip.AddrPort{deadAddr(t)}, Gate: func(netip.AddrPort) bool { gatedA.Add(1); return false },
+		OnDirect: func(r netip.AddrPort, _ time.Duration) { upA <- r }})
+	db := b.StartDirect(ctx, DirectConfig{ID: id, Key: probeKey(), Log: quiet, Role: punch.RoleHard, PeerObserved: a.addr,
+		Peer: []netip.AddrPort{deadAddr(t)}, Gate: func(netip.AddrPort) bool { return false },
+		OnDirect: func(r netip.AddrPort, _ time.Duration) { upB <- r }})
+	// Before the timing is restored: nothing of either may run then.
+	t.Cleanup(func() { da.Close(); db.Close(); <-da.Done(); <-db.Done() })
+	var remoteA, remoteB netip.AddrPort
+	for remoteA == (netip.AddrPort{}) || remoteB == (netip.AddrPort{}) {
+		select {
+		case remoteA = <-upA:
+		case remoteB = <-upB:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("direct at the easy side: %v, at the hard side: %v; want both (easy side's discovery pings refused: %d)", remoteA, remoteB, gatedA.Load())
+		}
+	}
+	if remoteB != a.addr || remoteA.Port() == b.addr.Port() {
+		t.Fatalf("paths %v (easy) and %v (hard): want the hard side's extra socket and the easy side's port", remoteA, remoteB)
+	}
+	if ws := da.Wide(); ws.Rounds != 1 || ws.Probes == 0 || ws.Probes > confirmPings {
+		t.Fatalf("easy side's wide stats %+v: want one round whose pings (only those confirming the hit) number 1..%d", ws, confirmPings)
+	}
+	// The session's packets cross both ways.
+	for _, dir := range []struct {
+		name     string
+		from, to *testPort
+	}{{"easy to hard", a, b}, {"hard to easy", b, a}} {
+		got := make(chan []byte, 1)
+		go func() {
+			buf := make([]byte, 2048)
+			dir.to.Conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+			n, _, err := dir.to.Conn.ReadFrom(buf)
+			if err == nil {
+				got <- buf[:n]
+			}
+		}()
+		if _, err := dir.from.Conn.WriteTo([]byte(dir.name), session.Addr(id)); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case p := <-got:
+			if string(p) != dir.name {
+				t.Fatalf("%s: got %q", dir.name, p)
+			}
+		case <-time.After(4 * time.Second):
+			t.Fatalf("%s: a session packet did not cross the direct path", dir.name)
+		}
+	}
+}
