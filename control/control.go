@@ -253,6 +253,13 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	}
 	defer dl.close()
 	qc := dl.qc
+	connCtx, cancelConn := context.WithCancel(ctx)
+	defer cancelConn()
+	// When the node stops, say goodbye so the gateway forgets it at once
+	// instead of after the idle timeout; while registering too, which
+	// also ends the wait for the welcome.
+	stop := context.AfterFunc(connCtx, func() { qc.CloseWithError(0, "node stopping") })
+	defer stop()
 	st, err := qc.OpenStreamSync(ctx)
 	if err != nil {
 		return false, err
@@ -290,12 +297,6 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	c.welcome.Store(w)
 	c.log.Info("registered with gateway", "name", w.Name, "role", w.Role, "overlay", w.Overlay, "observed", w.Observed, "transport", dl.over, "udp_size", c.UDPSize())
 
-	connCtx, cancelConn := context.WithCancel(ctx)
-	defer cancelConn()
-	// When the node stops, say goodbye so the gateway forgets it at once
-	// instead of after the idle timeout.
-	stop := context.AfterFunc(connCtx, func() { qc.CloseWithError(0, "node stopping") })
-	defer stop()
 	c.mu.Lock()
 	c.cur = k
 	c.mu.Unlock()

@@ -453,3 +453,29 @@ func TestGatewayRequestsAnswered(t *testing.T) {
 		t.Fatalf("reply to 42: %+v", r)
 	}
 }
+
+// A node stopped while the gateway has not answered its hello stops at
+// once and says so to the gateway, as a registered one does, instead of
+// waiting out the registration's read deadline.
+func TestStopDuringRegistration(t *testing.T) {
+	ln, pin := fakeGateway(t)
+	c := nodeOn(t, ln, pin, Config{})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	g := acceptHello(t, ln) // and say nothing
+	cancel()
+	select {
+	case <-g.qc.Context().Done():
+	case <-time.After(20 * time.Second):
+		t.Fatal("the node's connection stayed open")
+	}
+	var ae *quic.ApplicationError
+	if err := context.Cause(g.qc.Context()); !errors.As(err, &ae) || ae.ErrorMessage != "node stopping" {
+		t.Fatalf("the node closed its connection with %v, want its goodbye (node stopping)", err)
+	}
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run = %v, want context.Canceled", err)
+	}
+}
