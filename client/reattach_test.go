@@ -275,7 +275,11 @@ func newReattachBench(t *testing.T) *reattachBench {
 	if err != nil {
 		t.Fatal(err)
 	}
-	<-c.up // the first registration, as Run takes it
+	select {
+	case <-c.up: // the first registration, as Run takes it
+	case <-time.After(10 * time.Second):
+		t.Fatal("onUp not told of the registration")
+	}
 
 	// The tunnel is up on session 5 (what Run does after firstSession).
 	s, far := sessionPair(t, 5)
