@@ -38,7 +38,9 @@ import (
 // Config configures an agent.
 type Config struct {
 	Gateway string
-	Pin     string
+	// Gateways are further gateways of the network (control.Config).
+	Gateways []string
+	Pin      string
 	// Token is the agent's credential (token.Token.Enroll with Key): its
 	// name and the authority whose clients it admits come from it.
 	Token     string
@@ -171,7 +173,7 @@ func Run(ctx context.Context, cfg Config) error {
 		punches: make(map[uint64]*underlay.Direct), live: make(map[uint64]bool), running: make(map[*session.Session]struct{})}
 
 	u, err := underlay.Open(control.Config{
-		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Advertise: cfg.Advertise, UDPSize: cfg.UDPSize,
+		Gateway: cfg.Gateway, Gateways: cfg.Gateways, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Advertise: cfg.Advertise, UDPSize: cfg.UDPSize,
 		Log: cfg.Log, OnRequest: a.onRequest, OnRevoked: a.endRevoked, OnGone: a.onGone, OnMoved: a.onMoved,
 		OnUp: func(_ context.Context, w *wire.Welcome) {
 			a.takeRevocations(w.Revocations)

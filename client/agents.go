@@ -15,11 +15,12 @@ import (
 
 // ListConfig says how to reach the gateway for ListAgents.
 type ListConfig struct {
-	Gateway string // host:port
-	Pin     string
-	Token   string // the client's credential
-	Key     *identity.Key
-	Log     *slog.Logger
+	Gateway  string // host:port
+	Gateways []string
+	Pin      string
+	Token    string // the client's credential
+	Key      *identity.Key
+	Log      *slog.Logger
 }
 
 // ListAgents registers with the gateway as the client (its own overlay
@@ -31,7 +32,7 @@ func ListAgents(ctx context.Context, cfg ListConfig) (*wire.Agents, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
-	u, err := underlay.Open(control.Config{Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Log: cfg.Log})
+	u, err := underlay.Open(control.Config{Gateway: cfg.Gateway, Gateways: cfg.Gateways, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Log: cfg.Log})
 	if err != nil {
 		return nil, err
 	}

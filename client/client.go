@@ -34,10 +34,12 @@ import (
 // Config configures a client.
 type Config struct {
 	Gateway string
-	Pin     string
-	Token   string
-	Key     *identity.Key
-	Agent   string
+	// Gateways are further gateways of the network (control.Config).
+	Gateways []string
+	Pin      string
+	Token    string
+	Key      *identity.Key
+	Agent    string
 	// KnownAgents is the file of pinned agent keys (like ssh known_hosts).
 	KnownAgents string
 	TunName     string
@@ -141,6 +143,15 @@ type Client struct {
 	// dialSession dials the end-to-end session the gateway set up
 	// (dialAgent; tests replace it).
 	dialSession func(ctx context.Context, off *wire.Session, agentKey identity.PublicKey) (*session.Session, *wire.PeerInfo, error)
+
+	// attachedAt is the gateway connection (control.Client.Generation)
+	// the current session was set up or resumed on: a registration that
+	// establish itself caused (a move to the agent's gateway) needs no
+	// reattach after it.
+	attachedAt atomic.Uint64
+	// agentLeft: the gateway said the agent left (onGone) since the last
+	// look, so the session needs a new route whatever attachedAt says.
+	agentLeft atomic.Bool
 }
 
 // pathState is what `nlvpn status` reports about the path in use.
@@ -303,7 +314,7 @@ func Run(ctx context.Context, cfg Config) error {
 func (c *Client) gatewayConfig() control.Config {
 	cfg := c.cfg
 	return control.Config{
-		Gateway: cfg.Gateway, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Log: cfg.Log, UDPSize: cfg.UDPSize,
+		Gateway: cfg.Gateway, Gateways: cfg.Gateways, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Log: cfg.Log, UDPSize: cfg.UDPSize,
 		OnUp: c.onUp, OnGone: c.onGone,
 		// The agent's NAT rebound: probe it where it is now.
 		OnMoved: c.onMoved,
@@ -334,6 +345,7 @@ func (c *Client) onUp(_ context.Context, w *wire.Welcome) {
 // after the session's idle timeout.
 func (c *Client) onGone(id uint64) {
 	if s := c.cur.Load(); s != nil && s.ID == id {
+		c.agentLeft.Store(true)
 		select {
 		case c.up <- struct{}{}:
 		default:
@@ -358,7 +370,12 @@ func (c *Client) keepAttached(ctx context.Context, runErr <-chan error) error {
 			return fmt.Errorf("the gateway moved this client from overlay address %s to %s (another process with the client name %q holds it); start nlvpn up again", c.overlay, a, c.u.Ctrl.Welcome().Name)
 		case <-c.up:
 			// The gateway connection came back (a gateway restart, a
-			// network change): re-attach the session to a relay route.
+			// network change, another gateway): re-attach the session to
+			// a relay route, unless it was set up on this connection
+			// and the agent is still there.
+			if !c.agentLeft.Swap(false) && c.u.Ctrl.Generation() == c.attachedAt.Load() {
+				continue
+			}
 			if err := c.reattach(ctx, runErr); err != nil {
 				return err
 			}
@@ -379,7 +396,11 @@ func (c *Client) keepAttached(ctx context.Context, runErr <-chan error) error {
 func (c *Client) routes(info *wire.PeerInfo) []netip.Prefix {
 	rs := []netip.Prefix{netip.PrefixFrom(info.Overlay, info.Overlay.BitLen())}
 	var gws []netip.Addr
-	if host, _, err := net.SplitHostPort(c.cfg.Gateway); err == nil {
+	for _, g := range append([]string{c.cfg.Gateway}, c.cfg.Gateways...) {
+		host, _, err := net.SplitHostPort(g)
+		if err != nil {
+			continue
+		}
 		if ips, err := net.LookupIP(host); err == nil {
 			for _, ip := range ips {
 				if a, ok := netip.AddrFromSlice(ip); ok {
@@ -530,10 +551,11 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 		}
 	}
 	req.UDPSize = session.WireUDPSize(c.u.Ctrl.UDPSize())
-	r, err := c.u.Ctrl.Request(rctx, &wire.Message{Type: wire.TypeConnect, Connect: req})
+	r, err := c.connect(rctx, req)
 	if err != nil {
 		return nil, nil, err
 	}
+	gen := c.u.Ctrl.Generation()
 	off := r.Session
 	if off == nil {
 		return nil, nil, errors.New("gateway sent no session")
@@ -559,6 +581,7 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 		return nil, nil, err
 	}
 	if resumes(cur, resume, off) {
+		c.attachedAt.Store(gen)
 		return cur, c.info, nil
 	}
 	if c.cfg.Mode == wire.ModeDirect {
@@ -566,7 +589,11 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 			return nil, nil, err
 		}
 	}
-	return c.dialSession(rctx, off, key)
+	ns, info, err := c.dialSession(rctx, off, key)
+	if err == nil {
+		c.attachedAt.Store(gen)
+	}
+	return ns, info, err
 }
 
 // resumeID is the session a Connect asks to resume: cur, while its
@@ -626,6 +653,41 @@ func (c *Client) dialAgent(rctx context.Context, off *wire.Session, key identity
 	s := session.New(off.ID, qc, c.log)
 	s.SetMTU(sz.TUN)
 	return s, m.Peer, nil
+}
+
+// maxMoves bounds how often one connect follows the gateways' word that
+// the agent is on another gateway: gateways that disagree (the agent
+// moving at that moment, or a broken gateway) must not bounce the client
+// without end.
+const maxMoves = 2
+
+// connect asks the gateway for a session with the agent. When the agent
+// is on another gateway of the network, the client moves there first, so
+// that the agent's gateway relays the session (never two gateways in a
+// row), and asks again.
+func (c *Client) connect(ctx context.Context, req *wire.Connect) (*wire.Message, error) {
+	for moves := 0; ; moves++ {
+		r, err := c.u.Ctrl.Request(ctx, &wire.Message{Type: wire.TypeConnect, Connect: req})
+		var we *wire.Error
+		if !errors.As(err, &we) || we.Code != wire.CodeAgentElsewhere {
+			return r, err
+		}
+		if moves == maxMoves {
+			return nil, &wire.Error{Code: wire.CodeUnavailable, Message: fmt.Sprintf("agent %q: the gateways keep naming another gateway (last %s); asking again later", c.cfg.Agent, we.Gateway)}
+		}
+		if err := c.u.Ctrl.MoveTo(ctx, we.Gateway); err != nil {
+			// Not there (yet): the agent is probably moving to another
+			// gateway too. Wait for it as for an agent not online.
+			return nil, &wire.Error{Code: wire.CodeUnavailable, Message: fmt.Sprintf("agent %q is on gateway %s: %v", c.cfg.Agent, we.Gateway, err)}
+		}
+		// The new gateway sees this node's port at its own mapping (a
+		// symmetric NAT gives each destination its own): probe from there.
+		if len(req.Punch.Candidates) > 0 {
+			if w := c.u.Ctrl.Welcome(); w != nil {
+				req.Punch.Candidates = punch.Candidates(w.Observed, c.u.Port)
+			}
+		}
+	}
 }
 
 // peerInfoWait bounds the wait for the agent's session info after the

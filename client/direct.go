@@ -33,7 +33,7 @@ func (c *Client) fallBack() {
 	if c.cfg.Mode == wire.ModeDirect {
 		c.setPath("none", "")
 	} else {
-		c.setPath("relay", c.cfg.Gateway)
+		c.setPath("relay", c.u.Ctrl.Gateway())
 	}
 }
 

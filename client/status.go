@@ -59,6 +59,9 @@ func (c *Client) Status() Status {
 	c.pmu.Lock()
 	ps := c.path
 	c.pmu.Unlock()
+	if gw := c.u.Ctrl.Gateway(); ps.kind == "relay" && gw != "" {
+		ps.remote = gw // the gateway the node is on now (it may have moved)
+	}
 	st := Status{Role: "client", Agent: c.cfg.Agent, Path: ps.kind, Remote: ps.remote, SinceSwitchS: time.Since(ps.since).Seconds()}
 	c.tmu.Lock()
 	s := c.cur.Load()

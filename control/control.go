@@ -49,7 +49,13 @@ func QUICConfigSized(size int) *quic.Config {
 
 // Config configures a Client.
 type Config struct {
-	Gateway   string // host:port
+	Gateway string // host:port
+	// Gateways are further gateways of the same network (a cluster, in
+	// the order given): the node connects to whichever of Gateway and
+	// these completes its handshake first (the nearest), and to the
+	// others when its gateway goes away. Each is verified as Gateway is
+	// (Pin, or the CA and the host's name).
+	Gateways  []string
 	Pin       string // gateway certificate pin; empty: verify against the system roots
 	Token     string
 	Key       *identity.Key
@@ -136,6 +142,22 @@ type Client struct {
 	tcpUntil atomic.Int64
 	// udpWorked: the last connection was over UDP.
 	udpWorked atomic.Bool
+
+	// addrs is every gateway, Config.Gateway first (gateways.go).
+	addrs []string
+	// prefer is where the next connection goes first (MoveTo), or nil.
+	prefer atomic.Pointer[string]
+	// moveNow: the current connection was closed to move; reconnect at
+	// once, without the backoff.
+	moveNow atomic.Bool
+	// gen counts registrations; regCh is closed at the next one.
+	gen   atomic.Uint64
+	regCh chan struct{}
+	// down holds gateways that did not answer a move, until when (unix
+	// nanoseconds); guarded by mu.
+	down map[string]int64
+	// lastCheck (unix nanoseconds) is when Suspect last pinged.
+	lastCheck atomic.Int64
 }
 
 // maxRequestHandlers bounds the gateway's requests a node answers at once.
@@ -147,8 +169,9 @@ func New(cfg Config) *Client {
 	if log == nil {
 		log = slog.Default()
 	}
-	c := &Client{cfg: cfg, log: log.With("gateway", cfg.Gateway), up: make(chan struct{}), failed: make(chan struct{}),
-		handlers: make(chan struct{}, maxRequestHandlers), fixedSize: cfg.UDPSize != 0}
+	c := &Client{cfg: cfg, log: log, up: make(chan struct{}), failed: make(chan struct{}),
+		handlers: make(chan struct{}, maxRequestHandlers), fixedSize: cfg.UDPSize != 0,
+		addrs: gatewayList(cfg.Gateway, cfg.Gateways), regCh: make(chan struct{}), down: map[string]int64{}}
 	c.udpSize.Store(int32(wire.GatewayPacketSize))
 	if cfg.UDPSize != 0 {
 		c.udpSize.Store(int32(min(cfg.UDPSize, wire.GatewayPacketSize)))
@@ -192,11 +215,15 @@ func (c *Client) run(ctx context.Context) error {
 		if errors.As(err, &fe) {
 			return err
 		}
+		if registered && c.moveNow.Swap(false) {
+			backoff = minBackoff
+			continue
+		}
 		if registered {
 			backoff = minBackoff
 			c.log.Warn("gateway connection lost; reconnecting", "err", err)
 		} else {
-			c.log.Warn("cannot reach gateway; will retry", "err", err, "in", backoff.Round(time.Millisecond))
+			c.log.Warn("cannot reach gateway; will retry", "gateways", c.addrs, "err", err, "in", backoff.Round(time.Millisecond))
 		}
 		// Jitter so a restarted gateway is not hit by every node at once.
 		d := backoff/2 + rand.N(backoff/2+1)
@@ -212,6 +239,7 @@ func (c *Client) run(ctx context.Context) error {
 }
 
 type conn struct {
+	gw     string // the gateway's HOST:PORT, as dialed
 	qc     *quic.Conn
 	over   string // how it reaches the gateway: "udp", "tcp", "tcp via proxy HOST:PORT"
 	stream *quic.Stream
@@ -219,14 +247,14 @@ type conn struct {
 	relayq chan []byte // relay frames waiting for the connection
 }
 
-func (c *Client) tlsConfig() (*tls.Config, error) {
+func (c *Client) tlsConfig(gw string) (*tls.Config, error) {
 	cert, err := c.cfg.Key.Certificate()
 	if err != nil {
 		return nil, err
 	}
-	host, _, err := net.SplitHostPort(c.cfg.Gateway)
+	host, _, err := net.SplitHostPort(gw)
 	if err != nil {
-		return nil, fmt.Errorf("gateway address %q: %w", c.cfg.Gateway, err)
+		return nil, fmt.Errorf("gateway address %q: %w", gw, err)
 	}
 	tc := &tls.Config{
 		MinVersion:   tls.VersionTLS13,
@@ -243,11 +271,7 @@ func (c *Client) tlsConfig() (*tls.Config, error) {
 }
 
 func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
-	tc, err := c.tlsConfig()
-	if err != nil {
-		return false, &FatalError{Code: wire.CodeBadRequest, Message: err.Error()}
-	}
-	dl, err := c.dial(ctx, tc)
+	dl, err := c.dialGateway(ctx)
 	if err != nil {
 		return false, err
 	}
@@ -264,7 +288,7 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	k := &conn{qc: qc, over: dl.over, stream: st, ch: wire.NewChannel(st), relayq: make(chan []byte, relayQueueLen)}
+	k := &conn{gw: dl.gw, qc: qc, over: dl.over, stream: st, ch: wire.NewChannel(st), relayq: make(chan []byte, relayQueueLen)}
 	hello := &wire.Hello{Token: c.cfg.Token, Advertise: c.cfg.Advertise, Version: wire.ProtocolVersion}
 	if w := c.welcome.Load(); w != nil {
 		hello.Overlay = w.Overlay // keep our address across reconnects
@@ -295,10 +319,13 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	}
 	w := m.Welcome
 	c.welcome.Store(w)
-	c.log.Info("registered with gateway", "name", w.Name, "role", w.Role, "overlay", w.Overlay, "observed", w.Observed, "transport", dl.over, "udp_size", c.UDPSize())
+	c.log.Info("registered with gateway", "gateway", dl.gw, "name", w.Name, "role", w.Role, "overlay", w.Overlay, "observed", w.Observed, "transport", dl.over, "udp_size", c.UDPSize())
 
 	c.mu.Lock()
 	c.cur = k
+	c.gen.Add(1)
+	close(c.regCh)
+	c.regCh = make(chan struct{})
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
@@ -313,7 +340,7 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 		go c.cfg.OnUp(connCtx, w)
 	}
 	if (c.cfg.Over == OverAuto || c.cfg.Over == "") && dl.over != OverUDP {
-		go c.tryUDPAgain(connCtx, tc, qc)
+		go c.tryUDPAgain(connCtx, dl.tc, dl.gw, qc)
 	}
 	c.takeRelay(qc)
 	go c.sendRelay(connCtx, k)

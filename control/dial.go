@@ -48,7 +48,7 @@ const (
 
 // tryUDPAgain runs the checks until ctx ends; when one gets through it
 // closes cur, the connection over TCP: the reconnect then goes over UDP.
-func (c *Client) tryUDPAgain(ctx context.Context, tc *tls.Config, cur *quic.Conn) {
+func (c *Client) tryUDPAgain(ctx context.Context, tc *tls.Config, gw string, cur *quic.Conn) {
 	wait := udpRetryFirst
 	for {
 		select {
@@ -56,7 +56,7 @@ func (c *Client) tryUDPAgain(ctx context.Context, tc *tls.Config, cur *quic.Conn
 			return
 		case <-time.After(wait):
 		}
-		addr, err := net.ResolveUDPAddr("udp", c.cfg.Gateway)
+		addr, err := net.ResolveUDPAddr("udp", gw)
 		if err == nil {
 			pctx, cancel := context.WithTimeout(ctx, udpRetryWait)
 			var qc *quic.Conn
@@ -79,18 +79,28 @@ func (c *Client) tryUDPAgain(ctx context.Context, tc *tls.Config, cur *quic.Conn
 
 // dialed is a QUIC connection to the gateway and what carries it.
 type dialed struct {
+	gw    string      // the gateway's HOST:PORT
+	tc    *tls.Config // what verified it
 	qc    *quic.Conn
 	over  string
 	close func()
 }
 
-// dial connects to the gateway the way Config.Over says.
-func (c *Client) dial(ctx context.Context, tc *tls.Config) (*dialed, error) {
+// dial connects to the gateway gw the way Config.Over says.
+func (c *Client) dial(ctx context.Context, tc *tls.Config, gw string) (*dialed, error) {
+	d, err := c.dialOver(ctx, tc, gw)
+	if err == nil {
+		d.gw, d.tc = gw, tc
+	}
+	return d, err
+}
+
+func (c *Client) dialOver(ctx context.Context, tc *tls.Config, gw string) (*dialed, error) {
 	switch c.cfg.Over {
 	case OverUDP:
-		return c.dialUDP(ctx, tc)
+		return c.dialUDP(ctx, tc, gw)
 	case OverTCP:
-		return c.dialTCP(ctx, tc)
+		return c.dialTCP(ctx, tc, gw)
 	case OverAuto, "":
 	default:
 		return nil, &FatalError{Code: wire.CodeBadRequest, Message: fmt.Sprintf("unknown transport %q (auto, udp or tcp)", c.cfg.Over)}
@@ -109,9 +119,9 @@ func (c *Client) dial(ctx context.Context, tc *tls.Config) (*dialed, error) {
 		err error
 	}
 	res := make(chan result, 2)
-	run := func(f func(context.Context, *tls.Config) (*dialed, error)) {
+	run := func(f func(context.Context, *tls.Config, string) (*dialed, error)) {
 		go func() {
-			d, err := f(rctx, tc)
+			d, err := f(rctx, tc, gw)
 			res <- result{d, err}
 		}()
 	}
@@ -121,7 +131,7 @@ func (c *Client) dial(ctx context.Context, tc *tls.Config) (*dialed, error) {
 		if started == 1 {
 			started++
 			if why != "" {
-				c.log.Info(why)
+				c.log.Info(why, "gateway", gw)
 			}
 			run(c.dialTCP)
 		}
@@ -176,8 +186,8 @@ func (c *Client) dial(ctx context.Context, tc *tls.Config) (*dialed, error) {
 }
 
 // dialUDP connects over the node's UDP port.
-func (c *Client) dialUDP(ctx context.Context, tc *tls.Config) (*dialed, error) {
-	addr, err := net.ResolveUDPAddr("udp", c.cfg.Gateway)
+func (c *Client) dialUDP(ctx context.Context, tc *tls.Config, gw string) (*dialed, error) {
+	addr, err := net.ResolveUDPAddr("udp", gw)
 	if err != nil {
 		return nil, err
 	}
@@ -206,7 +216,7 @@ func (e certError) Unwrap() error { return e.error }
 // dialTCP connects over TCP (through the proxy, if any): a TLS stream to
 // the gateway's TCP port, verified with the same pin as QUIC, that carries
 // the same QUIC connection as UDP would, packet by packet (tcplink).
-func (c *Client) dialTCP(ctx context.Context, tc *tls.Config) (*dialed, error) {
+func (c *Client) dialTCP(ctx context.Context, tc *tls.Config, gw string) (*dialed, error) {
 	dctx, cancel := context.WithTimeout(ctx, dialTimeout)
 	defer cancel()
 	dialTCP := c.cfg.DialTCP
@@ -218,9 +228,9 @@ func (c *Client) dialTCP(ctx context.Context, tc *tls.Config) (*dialed, error) {
 	var err error
 	if c.cfg.Proxy != nil {
 		over = "tcp via proxy " + c.cfg.Proxy.Host
-		raw, err = (&connectproxy.Dialer{Proxy: c.cfg.Proxy, Forward: dialTCP}).DialContext(dctx, c.cfg.Gateway)
+		raw, err = (&connectproxy.Dialer{Proxy: c.cfg.Proxy, Forward: dialTCP}).DialContext(dctx, gw)
 	} else {
-		raw, err = dialTCP(dctx, "tcp", c.cfg.Gateway)
+		raw, err = dialTCP(dctx, "tcp", gw)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("over TCP: %w", err)

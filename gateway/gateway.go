@@ -121,11 +121,16 @@ type node struct {
 	ch *wire.Channel // the control stream
 
 	inflight chan struct{}     // bounds concurrent connect requests
+	lastPing time.Time         // when the last ping was answered (serve's goroutine only)
 	bucket   float64           // connect tokens left (see connectAllowed)
 	bucketAt time.Time         // when bucket was last filled
 	rmu      sync.Mutex        // guards routes
 	routes   map[string]uint64 // client: its current session per agent
 }
+
+// minPingInterval is the least time between two pings the gateway answers
+// for one node (control.Client checks at most every checkEvery).
+const minPingInterval = time.Second
 
 // maxInflightConnects bounds one client's concurrent connect requests.
 const maxInflightConnects = 4
@@ -718,6 +723,16 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 				continue
 			}
 			n.write(&wire.Message{Type: wire.TypeAgents, ID: m.ID, Agents: g.listAgents(n.claims)})
+		case m.Type == wire.TypePing && m.ID != 0:
+			// An honest node asks at most every few seconds; faster ones
+			// are not answered (and counted), so pings cost the gateway
+			// no more than keepalives.
+			if now := time.Now(); now.Sub(n.lastPing) >= minPingInterval {
+				n.lastPing = now
+				n.write(&wire.Message{Type: wire.TypePing, ID: m.ID})
+				continue
+			}
+			g.refused(log, slog.LevelInfo, reasonUnexpectedMessage, "pings too often", "type", m.Type)
 		default:
 			g.refused(log, slog.LevelInfo, reasonUnexpectedMessage, "unexpected control message", "type", m.Type)
 			n.write(&wire.Message{Type: wire.TypeError, ID: m.ID, Error: &wire.Error{Code: wire.CodeBadRequest, Message: "unexpected " + m.Type + " message"}})

@@ -29,6 +29,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"regexp"
 	"slices"
 	"strings"
@@ -53,6 +54,10 @@ const (
 // MaxLen bounds a token's size; anything longer is refused before parsing.
 const MaxLen = 4096
 
+// MaxGateways bounds the gateway addresses a token names (Gateway and
+// Gateways together).
+const MaxGateways = 8
+
 // Roles.
 const (
 	RoleAgent  = "agent"
@@ -73,6 +78,10 @@ type Claims struct {
 	Expires int64  `json:"exp"`
 	Gateway string `json:"gw,omitempty"`  // host:port
 	Pin     string `json:"pin,omitempty"` // identity.Fingerprint of the gateway certificate
+	// Gateways are further gateways of the same network (a cluster sharing
+	// the gateway key, so Pin verifies each), HOST:PORT: the node uses the
+	// nearest that answers, and the others when it goes away.
+	Gateways []string `json:"gws,omitempty"`
 	// Authority is the key that signed the claims. A node trusts the
 	// authority of its own token and verifies its peers against it.
 	Authority identity.PublicKey `json:"auth"`
@@ -110,6 +119,14 @@ func (c *Claims) Validate() error {
 	}
 	if c.Expires == 0 {
 		return fmt.Errorf("%w: no expiry", ErrMalformed)
+	}
+	if len(c.Gateways) > MaxGateways-1 {
+		return fmt.Errorf("%w: %d gateways (at most %d)", ErrMalformed, len(c.Gateways)+1, MaxGateways)
+	}
+	for _, g := range c.Gateways {
+		if _, _, err := net.SplitHostPort(g); err != nil || len(g) > 255 {
+			return fmt.Errorf("%w: gateway %q", ErrMalformed, g)
+		}
 	}
 	if len(c.Authority) != 32 || len(c.Enroll) != 32 {
 		return fmt.Errorf("%w: no authority or enrollment key", ErrMalformed)

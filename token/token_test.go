@@ -144,10 +144,27 @@ func TestIssueRejectsBadClaims(t *testing.T) {
 		{Role: RoleAgent, Name: "Bad Name", Expires: 1},
 		{Role: RoleAgent, Name: "ok"},
 		{Role: RoleClient, Name: "ok", Agents: []string{"no/slash"}, Expires: 1},
+		{Role: RoleAgent, Name: "ok", Expires: 1, Gateway: "a:1", Gateways: []string{"no-port"}},
+		{Role: RoleAgent, Name: "ok", Expires: 1, Gateway: "a:1", Gateways: []string{"b:1", "c:1", "d:1", "e:1", "f:1", "g:1", "h:1", "i:1"}},
 	} {
 		if _, err := Issue(auth, c); err == nil {
 			t.Errorf("Issue(%+v) succeeded", c)
 		}
+	}
+}
+
+// A cluster's token names every gateway, and the enrolled credential,
+// which the node keeps instead of the token, still does.
+func TestGatewaysSurviveEnrollment(t *testing.T) {
+	auth, node := mustKey(t), mustKey(t)
+	gws := []string{"198.18.2.2:4433", "gw-us.example.com:443"}
+	tok := mustIssue(t, auth, Claims{Role: RoleAgent, Name: "miranda", Expires: time.Now().Add(time.Hour).Unix(), Gateway: "198.18.1.2:4433", Gateways: gws})
+	c, err := Verify(tok.Enroll(node.Public()), auth.Public(), node.Public(), time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Gateway != "198.18.1.2:4433" || strings.Join(c.Gateways, ",") != strings.Join(gws, ",") {
+		t.Fatalf("credential names gateways %q and %q, want 198.18.1.2:4433 and %q", c.Gateway, c.Gateways, gws)
 	}
 }
 

@@ -35,6 +35,36 @@ type relayState struct {
 	mu      sync.Mutex
 	pending [4]uint64 // nonces of the checks in flight
 	next    int
+	// in and out count relay frames received and sent (both carriers):
+	// frames going out with none coming back is how a node notices that
+	// its gateway is gone (relayQuiet).
+	in, out atomic.Uint64
+}
+
+// relayQuiet watches the relay's counters once a tick: a gateway that relays
+// nothing back while the node sends for quietTicks ticks may be dead
+// (or the peer quiet: the check tells them apart).
+type relayQuiet struct {
+	lastIn, lastOut uint64
+	sending         int // ticks with frames out since a frame came in
+}
+
+const quietTicks = 2
+
+// tick reports whether the relay has been quiet long enough to check.
+func (q *relayQuiet) tick(in, out uint64) bool {
+	switch {
+	case in != q.lastIn:
+		q.sending = 0
+	case out != q.lastOut:
+		q.sending++
+	}
+	q.lastIn, q.lastOut = in, out
+	if q.sending >= quietTicks {
+		q.sending = 0
+		return true
+	}
+	return false
 }
 
 // gateway is the address relay frames go to and come from.
@@ -87,6 +117,7 @@ func (u *Underlay) checkRelay(ctx context.Context) {
 	t := time.NewTicker(relayCheckEvery)
 	defer t.Stop()
 	var lastSent time.Time
+	var q relayQuiet
 	for {
 		gw := u.gwAddr()
 		if cur := r.gateway(); gw != cur {
@@ -124,6 +155,9 @@ func (u *Underlay) checkRelay(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			if q.tick(r.in.Load(), r.out.Load()) {
+				u.Ctrl.Suspect()
+			}
 		case <-r.kickCh:
 			// Give the new connection's address a moment to be known.
 			time.Sleep(10 * time.Millisecond)
@@ -139,6 +173,7 @@ var errQueueFull = errors.New("frame queue full")
 // Send implements session.Path.
 func (p relayPath) Send(id uint64, pkt []byte) error {
 	u := p.u
+	u.relay.out.Add(1)
 	if u.relay.udpOK.Load() {
 		if gw := u.relay.gateway(); gw.IsValid() {
 			hdr := wire.FrameHeader(wire.FrameRelay, id)

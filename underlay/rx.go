@@ -182,6 +182,7 @@ func (u *Underlay) handleFrame(b []byte, from netip.AddrPort, out *[]session.Inb
 			u.c.foreign.Add(1)
 			return false
 		}
+		u.relay.in.Add(1)
 		*out = append(*out, session.Inbound{ID: id, Data: payload})
 		return true
 	case wire.FrameRelayCheck:

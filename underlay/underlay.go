@@ -116,7 +116,10 @@ func open(cfg control.Config, udp, frames *net.UDPConn) (u *Underlay, err error)
 			onUp(ctx, w)
 		}
 	}
-	cfg.OnRelay = func(id uint64, pkt []byte) { u.Conn.Deliver(id, pkt) }
+	cfg.OnRelay = func(id uint64, pkt []byte) {
+		u.relay.in.Add(1)
+		u.Conn.Deliver(id, pkt)
+	}
 	if cfg.DialTCP == nil {
 		// The gateway over TCP bypasses the tunnel's routes as the port does.
 		cfg.DialTCP = func(ctx context.Context, network, addr string) (net.Conn, error) {

@@ -90,6 +90,11 @@ const (
 	// empty list) which agents this client may use, online or not; the
 	// reply carries them.
 	TypeAgents = "agents"
+	// TypePing (node → gateway, a request) asks for a sign of life; the
+	// gateway answers with a TypePing of the same ID. A node asks when
+	// the relay goes quiet, to tell a dead gateway from a quiet peer
+	// sooner than QUIC's idle timeout would.
+	TypePing = "ping"
 )
 
 // Error codes. Fatal ones mean retrying with the same input cannot help.
@@ -408,6 +413,8 @@ func (m *Message) check() error {
 		present = m.Moved != nil
 	case TypeAgents:
 		present = m.Agents != nil
+	case TypePing:
+		present = true // it has no body
 	default:
 		return fmt.Errorf("unknown type %q", m.Type)
 	}
@@ -420,7 +427,11 @@ func (m *Message) check() error {
 			n++
 		}
 	}
-	if n != 1 {
+	want := 1
+	if m.Type == TypePing {
+		want = 0
+	}
+	if n != want {
 		return fmt.Errorf("%s message with %d bodies", m.Type, n)
 	}
 	var p *Punch

@@ -23,6 +23,8 @@ func TestMessageRoundTrip(t *testing.T) {
 		{Type: TypeRevoked, Revoked: &Revoked{IDs: []uint64{7, 9}}},
 		{Type: TypeMoved, Moved: &Moved{ID: 42, Addr: netip.MustParseAddrPort("198.18.3.9:61007")}},
 		{Type: TypeAgents, ID: 3, Agents: &Agents{}},
+		{Type: TypePing, ID: 4},
+		{Type: TypeError, ID: 5, Error: &Error{Code: CodeAgentElsewhere, Message: "agent miranda is on another gateway", Gateway: "198.18.2.2:4433"}},
 		{Type: TypeAgents, ID: 3, Agents: &Agents{Agents: []AgentInfo{
 			{Name: "miranda", Online: true, Advertise: []netip.Prefix{netip.MustParsePrefix("192.168.77.0/24")}},
 			{Name: "prospero", LastSeen: 1795000000},
@@ -72,6 +74,7 @@ func TestReadMessageRejects(t *testing.T) {
 		{"agents without its body", frameOf(`{"type":"agents"}`), "without its body"},
 		{"peer info with a bad DNS domain", frameOf(`{"type":"peer_info","peer":{"name":"m","overlay":"100.64.0.2","advertise":[],"dns_domains":["office.lan; rm -rf"]}}`), "not a valid name"},
 		{"moved with another body", frameOf(`{"type":"moved","moved":{"id":7,"addr":"198.18.3.9:1"},"gone":{"id":7}}`), "2 bodies"},
+		{"ping with a body", frameOf(`{"type":"ping","id":1,"gone":{"id":7}}`), "1 bodies"},
 		{"two bodies", frameOf(`{"type":"hello","hello":{"token":"x"},"accept":{"id":1}}`), "2 bodies"},
 		{"unknown field", frameOf(`{"type":"accept","accept":{"id":1},"x":1}`), "unknown field"},
 		{"trailing", frameOf(`{"type":"accept","accept":{"id":1}}{}`), "trailing"},

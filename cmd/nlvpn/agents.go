@@ -46,7 +46,7 @@ tunnel takes them from the agent itself. --json prints {"agents": [{"name", "onl
 			defer cancel()
 			ctx, cancelT := context.WithTimeout(ctx, c.Duration("timeout"))
 			defer cancelT()
-			l, err := client.ListAgents(ctx, client.ListConfig{Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Log: log})
+			l, err := client.ListAgents(ctx, client.ListConfig{Gateway: ns.gateway, Gateways: ns.gateways, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Log: log})
 			if err != nil {
 				return err
 			}

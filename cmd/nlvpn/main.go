@@ -299,7 +299,7 @@ it with --token-file).`,
 			stateDirFlag("nlvpn-gw"),
 			&cli.StringFlag{Name: "agent", Usage: "issue an agent token for `NAME`"},
 			&cli.StringFlag{Name: "client", Usage: "issue a client token for `NAME`"},
-			&cli.StringFlag{Name: "gateway", Usage: "gateway HOST:PORT to put in the token (default: the gateway's --public-addr)"},
+			&cli.StringSliceFlag{Name: "gateway", Usage: "gateway HOST:PORT to put in the token (default: the gateway's --public-addr); repeatable for the gateways of a cluster (they share the gateway key, so the one pin verifies each)"},
 			&cli.StringFlag{Name: "pin", Usage: "the gateway's certificate fingerprint to put in the token (default: from the gateway's state in --state-dir)"},
 			&cli.DurationFlag{Name: "ttl", Value: 720 * time.Hour, Usage: "how long the token is valid"},
 			&cli.StringSliceFlag{Name: "allow-agent", Usage: "client tokens (required): an agent it may use (repeatable; '*' for every agent)"},
@@ -346,17 +346,22 @@ it with --token-file).`,
 			if info.Pin == "" && info.ACMEDomain == "" {
 				return fmt.Errorf("no gateway pin in %s: pass --pin (the gateway prints its certificate fingerprint at start)", dir)
 			}
-			gw := c.String("gateway")
-			if gw == "" {
-				gw = info.PublicAddr
+			gws := c.StringSlice("gateway")
+			if len(gws) == 0 && info.PublicAddr != "" {
+				gws = []string{info.PublicAddr}
 			}
-			if gw == "" {
+			if len(gws) == 0 {
 				return errors.New("no gateway address: pass --gateway HOST:PORT (or start the gateway with --public-addr)")
 			}
-			if _, _, err := net.SplitHostPort(gw); err != nil {
-				return fmt.Errorf("--gateway %q: want HOST:PORT", gw)
+			if len(gws) > token.MaxGateways {
+				return fmt.Errorf("%d gateways: a token names at most %d", len(gws), token.MaxGateways)
 			}
-			cl := token.Claims{Expires: time.Now().Add(c.Duration("ttl")).Unix(), Gateway: gw, Pin: info.Pin}
+			for _, gw := range gws {
+				if _, _, err := net.SplitHostPort(gw); err != nil {
+					return fmt.Errorf("--gateway %q: want HOST:PORT", gw)
+				}
+			}
+			cl := token.Claims{Expires: time.Now().Add(c.Duration("ttl")).Unix(), Gateway: gws[0], Gateways: gws[1:], Pin: info.Pin}
 			if u := c.Int("uses"); u > 1 {
 				cl.Uses = u
 			}
@@ -487,7 +492,7 @@ func nodeFlags() []cli.Flag {
 		// a token in argv can be told apart (and warned about).
 		&cli.StringFlag{Name: "token", Usage: "token from \"nlvpn token\"; - reads it from standard input. Prefer --token-file or NLVPN_TOKEN: on the command line every local user can read it (default: NLVPN_TOKEN, else token = in the config file)"},
 		&cli.StringFlag{Name: "token-file", Usage: "read the token from `FILE` (keep it 0600)"},
-		&cli.StringFlag{Name: "gateway", Usage: "gateway HOST:PORT, overriding the token's (or NLVPN_GATEWAY, or gateway = in the config file)", EnvVars: []string{"NLVPN_GATEWAY"}},
+		&cli.StringSliceFlag{Name: "gateway", Usage: "gateway HOST:PORT, overriding the token's (or NLVPN_GATEWAY, or gateway = in the config file); repeatable (or comma-separated) for the gateways of a cluster: the node uses the nearest that answers and moves to another when it goes away", EnvVars: []string{"NLVPN_GATEWAY"}},
 		stateDirFlag("nlvpn"),
 		&cli.StringFlag{Name: "config", Usage: "config file (default: STATE-DIR/config)", EnvVars: []string{"NLVPN_CONFIG"}},
 		&cli.StringFlag{Name: "transport", Value: control.OverAuto, Usage: "how to reach the gateway: auto (UDP; TCP/TLS to the same port number too if UDP gets no answer within 2.5 s), udp, or tcp", EnvVars: []string{"NLVPN_TRANSPORT"}},
@@ -516,6 +521,7 @@ type nodeSetup struct {
 	token      string
 	claims     *token.Claims
 	gateway    string
+	gateways   []string // further gateways of the network (a cluster)
 	key        *identity.Key
 	over       string   // --transport
 	proxy      *url.URL // --proxy or the environment's; nil: none
@@ -579,19 +585,25 @@ func setupNode(c *cli.Context, role string) (*nodeSetup, error) {
 	if exp := time.Unix(ns.claims.Expires, 0); time.Now().After(exp) {
 		return nil, fmt.Errorf("the token for %q expired at %s; ask for a new one (nlvpn token)", ns.claims.Name, exp.UTC().Format(time.RFC3339))
 	}
-	ns.gateway = c.String("gateway")
-	if !c.IsSet("gateway") || ns.gateway == "" {
-		ns.gateway = file["gateway"]
+	gws := c.StringSlice("gateway")
+	if !c.IsSet("gateway") || len(gws) == 0 {
+		gws = splitList(file["gateway"])
 	}
-	if ns.gateway == "" {
-		ns.gateway = ns.claims.Gateway
+	if len(gws) == 0 && ns.claims.Gateway != "" {
+		gws = append([]string{ns.claims.Gateway}, ns.claims.Gateways...)
 	}
-	if ns.gateway == "" {
+	if len(gws) == 0 {
 		return nil, errors.New("no gateway address: the token has none; pass --gateway HOST:PORT")
 	}
-	if _, _, err := net.SplitHostPort(ns.gateway); err != nil {
-		return nil, fmt.Errorf("gateway address %q: want HOST:PORT", ns.gateway)
+	if len(gws) > token.MaxGateways {
+		return nil, fmt.Errorf("%d gateways: at most %d", len(gws), token.MaxGateways)
 	}
+	for _, g := range gws {
+		if _, _, err := net.SplitHostPort(g); err != nil {
+			return nil, fmt.Errorf("gateway address %q: want HOST:PORT", g)
+		}
+	}
+	ns.gateway, ns.gateways = gws[0], gws[1:]
 	switch ns.over = c.String("transport"); ns.over {
 	case control.OverAuto, control.OverUDP, control.OverTCP:
 	default:
@@ -616,6 +628,17 @@ func setupNode(c *cli.Context, role string) (*nodeSetup, error) {
 
 // remember saves token and gateway to the config file after they worked,
 // so the next run needs neither.
+// splitList splits a comma-separated list, dropping empty items.
+func splitList(s string) []string {
+	var l []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			l = append(l, f)
+		}
+	}
+	return l
+}
+
 func (ns *nodeSetup) remember(gatewayFlag bool) {
 	file, err := config.Load(ns.configPath)
 	if err != nil {
@@ -623,8 +646,8 @@ func (ns *nodeSetup) remember(gatewayFlag bool) {
 	}
 	changed := file[ns.tokenKey] != ns.token
 	file[ns.tokenKey] = ns.token
-	if gatewayFlag && file["gateway"] != ns.gateway {
-		file["gateway"], changed = ns.gateway, true
+	if gw := strings.Join(append([]string{ns.gateway}, ns.gateways...), ","); gatewayFlag && file["gateway"] != gw {
+		file["gateway"], changed = gw, true
 	}
 	if !changed {
 		return
@@ -714,7 +737,7 @@ It reconnects to the gateway by itself.`,
 			return agent.Run(ctx, agent.Config{
 				Policy:  pol,
 				Metrics: reg,
-				Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv, Over: ns.over, Proxy: ns.proxy,
+				Gateway: ns.gateway, Gateways: ns.gateways, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Advertise: adv, Over: ns.over, Proxy: ns.proxy,
 				AllowLoopback: c.Bool("allow-loopback"),
 				DNSDomains:    domains,
 				DNSServers:    dnsServers,
@@ -812,7 +835,7 @@ relay and moves to a direct (hole-punched) path as soon as one is confirmed; see
 				Metrics:  reg,
 				Mode:     mode, DirectTimeout: c.Duration("direct-timeout"),
 				StatusSocket: filepath.Join(ns.stateDir, "status.sock"),
-				Gateway:      ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"), Over: ns.over, Proxy: ns.proxy,
+				Gateway:      ns.gateway, Gateways: ns.gateways, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"), Over: ns.over, Proxy: ns.proxy,
 				KnownAgents: filepath.Join(ns.stateDir, "known_agents"), TunName: c.String("tun"),
 				ConnectTimeout: c.Duration("connect-timeout"),
 				WaitAgent:      c.Duration("wait"),

@@ -109,7 +109,7 @@ func runNetstackClient(c *cli.Context, use func(ctx context.Context, px *netstac
 		done <- client.Run(ctx, client.Config{
 			Netstack: &client.NetstackConfig{Ready: func(px *netstack.Proxy) { ready <- px }},
 			Mode:     mode, DirectTimeout: c.Duration("direct-timeout"),
-			Gateway: ns.gateway, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"), Over: ns.over, Proxy: ns.proxy,
+			Gateway: ns.gateway, Gateways: ns.gateways, Pin: ns.claims.Pin, Token: ns.token, Key: ns.key, Agent: c.String("agent"), Over: ns.over, Proxy: ns.proxy,
 			KnownAgents:    filepath.Join(ns.stateDir, "known_agents"),
 			ConnectTimeout: c.Duration("connect-timeout"),
 			WaitAgent:      c.Duration("wait"),
