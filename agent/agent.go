@@ -35,6 +35,12 @@ import (
 	"github.com/nlvpn/nlvpn/wire"
 )
 
+// agentHeartbeat is how often an agent makes sure its gateway is alive
+// (control.Config.Heartbeat): an agent is what clients look for, so it
+// must leave a dead gateway soon; agents are few, so the pings cost the
+// gateway little.
+const agentHeartbeat = 5 * time.Second
+
 // Config configures an agent.
 type Config struct {
 	Gateway string
@@ -173,7 +179,7 @@ func Run(ctx context.Context, cfg Config) error {
 		punches: make(map[uint64]*underlay.Direct), live: make(map[uint64]bool), running: make(map[*session.Session]struct{})}
 
 	u, err := underlay.Open(control.Config{
-		Gateway: cfg.Gateway, Gateways: cfg.Gateways, Pin: cfg.Pin, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Advertise: cfg.Advertise, UDPSize: cfg.UDPSize,
+		Gateway: cfg.Gateway, Gateways: cfg.Gateways, Pin: cfg.Pin, Heartbeat: agentHeartbeat, Token: cfg.Token, Key: cfg.Key, Over: cfg.Over, Proxy: cfg.Proxy, Advertise: cfg.Advertise, UDPSize: cfg.UDPSize,
 		Log: cfg.Log, OnRequest: a.onRequest, OnRevoked: a.endRevoked, OnGone: a.onGone, OnMoved: a.onMoved,
 		OnUp: func(_ context.Context, w *wire.Welcome) {
 			a.takeRevocations(w.Revocations)

@@ -62,6 +62,12 @@ type Config struct {
 	Advertise []netip.Prefix  // agents only
 	Transport *quic.Transport // the node's UDP port
 	Log       *slog.Logger
+	// Heartbeat, if set, makes the node ask the gateway for a sign of life
+	// this often (Suspect), so that a dead gateway is left within
+	// Heartbeat plus a few seconds even when no relay traffic would show
+	// it. Agents set it: clients that move to another gateway find them
+	// only once they have moved too.
+	Heartbeat time.Duration
 	// UDPSize fixes the node's UDP size (session.UDPSize of --mtu); 0:
 	// start at full size and learn a smaller one (pathsize.go).
 	UDPSize int
@@ -344,6 +350,9 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	}
 	c.takeRelay(qc)
 	go c.sendRelay(connCtx, k)
+	if c.cfg.Heartbeat > 0 {
+		go c.heartbeat(connCtx)
+	}
 	return true, c.readControl(connCtx, k)
 }
 

@@ -241,3 +241,17 @@ func (c *Client) Suspect() {
 		k.qc.CloseWithError(0, "gateway not answering")
 	}()
 }
+
+// heartbeat runs Suspect every Config.Heartbeat until ctx ends.
+func (c *Client) heartbeat(ctx context.Context) {
+	t := time.NewTicker(max(c.cfg.Heartbeat, checkEvery))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			c.Suspect()
+		}
+	}
+}

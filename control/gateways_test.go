@@ -275,3 +275,24 @@ func TestSuspect(t *testing.T) {
 		t.Fatal("Suspect pinged again within checkEvery")
 	}
 }
+
+// With a heartbeat (agents), a gateway that stops answering is left
+// without any relay traffic to show it.
+func TestHeartbeatLeavesASilentGateway(t *testing.T) {
+	gws, pin := testCluster(t, 2)
+	c := newTestClient(t, gws[0].addr)
+	c.cfg.Gateways = []string{gws[1].addr}
+	c.addrs = gatewayList(c.cfg.Gateway, c.cfg.Gateways)
+	c.cfg.Pin = pin
+	c.cfg.Heartbeat = checkEvery
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	go c.Run(ctx)
+	if _, err := c.Ready(ctx); err != nil {
+		t.Fatal(err)
+	}
+	first := gatewayOf(gws, c.Gateway())
+	gen := c.Generation()
+	gws[first].answerPings.Store(false)
+	waitFor(t, "a reconnect after the gateway went silent", func() bool { return c.Generation() > gen && c.Gateway() != "" })
+}
