@@ -57,7 +57,9 @@ func startGatewayIn(tb testing.TB, dir string, set func(*Config)) *testGateway {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	cfg := Config{State: st, Authority: auth.Public(), Listen: "127.0.0.1:0", Log: quietLog()}
+	// TCP on a port of its own: the default, the UDP port's number, may
+	// be taken on TCP by anything else on this machine (a flake seen).
+	cfg := Config{State: st, Authority: auth.Public(), Listen: "127.0.0.1:0", ListenTCP: "127.0.0.1:0", Log: quietLog()}
 	if set != nil {
 		set(&cfg)
 	}
