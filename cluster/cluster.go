@@ -199,6 +199,10 @@ func Join(ctx context.Context, cfg Config) (*Cluster, error) {
 		nats.MaxReconnects(-1), // forever: the gateway serves on meanwhile
 		nats.ReconnectWait(time.Second),
 		nats.Timeout(opTimeout),
+		// A link that silently stops passing packets is noticed within
+		// about three pings (the default is two minutes each).
+		nats.PingInterval(2 * time.Second),
+		nats.MaxPingsOutstanding(3),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if c.connected.Swap(false) && !c.closing.Load() {
 				c.log.Warn("cluster unreachable; serving the sessions we have and the nodes we know until it is back", "err", err)
@@ -237,14 +241,31 @@ func Join(ctx context.Context, cfg Config) (*Cluster, error) {
 	}
 	c.connected.Store(true)
 	fail := func(err error) (*Cluster, error) {
+		c.closing.Store(true)
 		c.nc.Close()
 		return nil, err
 	}
 	if c.js, err = jetstream.New(c.nc); err != nil {
 		return fail(err)
 	}
-	if err := c.openBuckets(jctx); err != nil {
-		return fail(fmt.Errorf("cluster: %w", err))
+	// A JetStream cluster that has just started takes a moment to elect
+	// its meta leader: retry until the join's deadline.
+	for logged := false; ; {
+		actx, acancel := context.WithTimeout(jctx, opTimeout)
+		err := c.openBuckets(actx)
+		acancel()
+		if err == nil {
+			break
+		}
+		if !logged {
+			c.log.Info("waiting for JetStream", "err", err)
+			logged = true
+		}
+		select {
+		case <-jctx.Done():
+			return fail(fmt.Errorf("cluster: %w", err))
+		case <-time.After(time.Second):
+		}
 	}
 	if err := c.checkMeta(jctx); err != nil {
 		return fail(err)
