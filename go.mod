@@ -56,6 +56,7 @@ require (
 
 tool (
 	github.com/letsencrypt/pebble/v2/cmd/pebble
+	github.com/nats-io/nats-server/v2
 	golang.zx2c4.com/wireguard
 )
 
