@@ -20,9 +20,10 @@ import (
 // and when it disconnects: a handful of writes per agent connection, never
 // per packet.
 type directory struct {
-	path string
-	mu   sync.Mutex
-	m    map[string]*dirEntry // by agent name
+	file    *stateFile
+	mu      sync.Mutex
+	m       map[string]*dirEntry // by agent name
+	changes uint64               // changes to m that file must hold
 }
 
 // dirEntry is what the directory keeps of an agent: its subnets, when it
@@ -42,8 +43,14 @@ type dirEntry struct {
 const maxDirectory = 4096
 
 func openDirectory(dir string) (*directory, error) {
-	d := &directory{path: filepath.Join(dir, "agents.json"), m: make(map[string]*dirEntry)}
-	if err := readJSON(d.path, &d.m); err != nil {
+	d := &directory{m: make(map[string]*dirEntry)}
+	d.file = &stateFile{path: filepath.Join(dir, "agents.json"), snapshot: func() ([]byte, uint64, error) {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		b, err := marshalState(d.m)
+		return b, d.changes, err
+	}}
+	if err := readJSON(d.file.path, &d.m); err != nil {
 		return nil, err
 	}
 	return d, nil
@@ -52,29 +59,35 @@ func openDirectory(dir string) (*directory, error) {
 // seen records that the agent with claims is connected now, advertising adv.
 func (d *directory) seen(c *token.Claims, adv []netip.Prefix, now time.Time) error {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	e := d.m[c.Name]
 	if e != nil && e.TokenID == c.ID && slices.Equal(e.Advertise, adv) {
 		e.LastSeen = now.Unix() // in memory only: it is online now anyway
+		d.mu.Unlock()
 		return nil
 	}
 	if e == nil && len(d.m) >= maxDirectory {
 		d.forgetOldest()
 	}
 	d.m[c.Name] = &dirEntry{Advertise: slices.Clone(adv), LastSeen: now.Unix(), TokenID: c.ID, Issued: c.Issued, Expires: c.Expires}
-	return writeJSON(d.path, d.m)
+	d.changes++
+	seq := d.changes
+	d.mu.Unlock()
+	return d.file.save(seq)
 }
 
 // left records that the agent disconnected at now.
 func (d *directory) left(name string, now time.Time) error {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	e := d.m[name]
 	if e == nil {
+		d.mu.Unlock()
 		return nil
 	}
 	e.LastSeen = now.Unix()
-	return writeJSON(d.path, d.m)
+	d.changes++
+	seq := d.changes
+	d.mu.Unlock()
+	return d.file.save(seq)
 }
 
 // get returns a copy of the entry for name.

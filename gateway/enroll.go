@@ -21,9 +21,10 @@ const maxEnrollments = 100000
 // the agent name or client address it carries, also while the first
 // machine is offline. Kept in enrollments.json, across restarts.
 type enrollments struct {
-	path string
-	mu   sync.Mutex
-	m    map[string]*enrollment // by token ID
+	file    *stateFile
+	mu      sync.Mutex
+	m       map[string]*enrollment // by token ID
+	changes uint64                 // changes to m, for file
 }
 
 type enrollment struct {
@@ -35,47 +36,65 @@ type enrollment struct {
 var errTokenUsed = errors.New("token used up")
 
 func openEnrollments(dir string) (*enrollments, error) {
-	e := &enrollments{path: filepath.Join(dir, "enrollments.json"), m: make(map[string]*enrollment)}
-	if err := readJSON(e.path, &e.m); err != nil {
+	e := &enrollments{m: make(map[string]*enrollment)}
+	e.file = &stateFile{path: filepath.Join(dir, "enrollments.json"), snapshot: func() ([]byte, uint64, error) {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		b, err := marshalState(e.m)
+		return b, e.changes, err
+	}}
+	if err := readJSON(e.file.path, &e.m); err != nil {
 		return nil, err
 	}
 	return e, nil
 }
 
 // use records that key used token id (valid until expires, allowing uses
-// machines). It reports errTokenUsed if the token already enrolled as many
-// other keys as it may.
+// machines), and returns once that is on disk. It reports errTokenUsed if
+// the token already enrolled as many other keys as it may.
 func (e *enrollments) use(id string, expires int64, uses int, key identity.PublicKey) error {
 	if uses < 1 {
 		uses = 1
 	}
 	k := key.String()
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	en := e.m[id]
 	if en != nil {
 		for _, have := range en.Keys {
 			if have == k {
-				return nil
+				// Enrolled, or being enrolled by a connection of the same
+				// machine: on disk before either goes on.
+				seq := e.changes
+				e.mu.Unlock()
+				return e.saved(seq)
 			}
 		}
 		if len(en.Keys) >= uses {
+			e.mu.Unlock()
 			return errTokenUsed
 		}
 	}
 	e.prune(time.Now())
 	if en == nil {
 		if len(e.m) >= maxEnrollments {
+			e.mu.Unlock()
 			return fmt.Errorf("the gateway remembers %d tokens already; refusing new ones until some expire", maxEnrollments)
 		}
 		en = &enrollment{Expires: expires}
 		e.m[id] = en
 	}
 	en.Keys = append(en.Keys, k)
-	if err := e.save(); err != nil {
-		// Not remembered: refuse rather than let the token enroll again
-		// after a restart.
-		en.Keys = en.Keys[:len(en.Keys)-1]
+	e.changes++
+	seq := e.changes
+	e.mu.Unlock()
+	// Not remembered, the key is refused, and stays in memory only as the
+	// token's: a retry waits for a write that succeeds (saved), so the
+	// token cannot enroll another machine after a restart.
+	return e.saved(seq)
+}
+
+func (e *enrollments) saved(seq uint64) error {
+	if err := e.file.save(seq); err != nil {
 		return fmt.Errorf("cannot record the token's use: %w", err)
 	}
 	return nil
@@ -86,8 +105,7 @@ func (e *enrollments) prune(now time.Time) {
 	for id, en := range e.m {
 		if en.Expires < now.Unix() {
 			delete(e.m, id)
+			e.changes++
 		}
 	}
 }
-
-func (e *enrollments) save() error { return writeJSON(e.path, e.m) }
