@@ -195,3 +195,48 @@ func wantWireErrorAny(err error) *wire.Error {
 	}
 	return nil
 }
+
+// TestClusterNATSAway: with NATS gone, a gateway keeps its sessions and
+// admits the nodes it knows (an agent reconnecting under its name and
+// address), and refuses a machine it has never seen, as unavailable
+// (nodes retry that), until NATS is back.
+func TestClusterNATSAway(t *testing.T) {
+	s := startNATS(t)
+	dir := t.TempDir()
+	tg := startGatewayIn(t, dir, func(c *Config) {
+		c.PublicAddr = "gw1.test:4433"
+		c.Cluster = &cluster.Config{URLs: []string{s.ClientURL()}}
+	})
+	t.Cleanup(func() { tg.stop(t) })
+	agentTok := tg.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"})
+	agent := startNode(t, tg, nodeOpts{token: agentTok, advertise: lan})
+	aw := agent.ready(t)
+	client := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"*"}})})
+	client.ready(t)
+
+	s.Shutdown()
+	eventually(t, 5*time.Second, "the gateway notices NATS is gone", func() bool { return !tg.g.clusterNow().Connected() })
+	// The session it has carries on.
+	r, err := request(t, client, connectMsg("miranda"))
+	if err != nil || r.Session == nil || r.Session.PeerKey != agent.key.Public().String() {
+		t.Fatalf("connect while NATS is away: %+v %v", r, err)
+	}
+	// The agent it knows comes back under its name and address.
+	agent.stop(t)
+	back := startNode(t, tg, nodeOpts{token: agentTok, key: agent.key, advertise: lan})
+	if w := back.ready(t); w.Overlay != aw.Overlay || w.Name != "miranda" {
+		t.Fatalf("agent back while NATS is away: %+v, want miranda at %s", w, aw.Overlay)
+	}
+	// A machine never seen is not admitted (no enrolment without the
+	// cluster's word), and is told why.
+	before := tg.g.refusals[reasonEnrollFailed].Load()
+	stranger := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "bob", Agents: []string{"*"}})})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if _, err := stranger.c.Ready(ctx); err == nil {
+		t.Fatal("a new machine was admitted while NATS is away")
+	}
+	if tg.g.refusals[reasonEnrollFailed].Load() == before {
+		t.Fatal("the refusal of a new machine while NATS is away was not counted")
+	}
+}
