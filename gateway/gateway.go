@@ -617,25 +617,39 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	}
 	defer g.releaseOverlay(n)
 	if n.role == token.RoleAgent {
+		// The name is held by one key, here and (a round trip, made
+		// without g.mu) across the cluster.
+		inUse := func() (old *node, held bool) {
+			old = g.agents[n.name]
+			return old, old != nil && !old.key.Equal(key) && old.qc.Context().Err() == nil
+		}
 		g.mu.Lock()
-		old := g.agents[n.name]
-		if old != nil && !old.key.Equal(key) && old.qc.Context().Err() == nil {
-			g.mu.Unlock()
+		_, held := inUse()
+		g.mu.Unlock()
+		if held {
 			g.refused(log, slog.LevelWarn, reasonNameInUse, "agent name already in use by another key")
 			g.refuse(qc, st, wire.CodeNameInUse, fmt.Sprintf("agent %q is already connected with a different key", n.name))
 			return
 		}
-		// Across the cluster: the name is held by one key, as here.
 		if err := g.announceAgent(n); err != nil {
-			g.mu.Unlock()
-			var held *cluster.ErrNameHeld
-			if errors.As(err, &held) {
-				g.refused(log, slog.LevelWarn, reasonNameInUse, "agent name in use on another gateway by another key", "gateway", held.Gateway)
-				g.refuse(qc, st, wire.CodeNameInUse, fmt.Sprintf("agent %q is already connected to gateway %s with a different key", n.name, held.Gateway))
+			var elsewhere *cluster.ErrNameHeld
+			if errors.As(err, &elsewhere) {
+				g.refused(log, slog.LevelWarn, reasonNameInUse, "agent name in use on another gateway by another key", "gateway", elsewhere.Gateway)
+				g.refuse(qc, st, wire.CodeNameInUse, fmt.Sprintf("agent %q is already connected to gateway %s with a different key", n.name, elsewhere.Gateway))
 				return
 			}
 			log.Warn("agent not announced to the cluster", "err", err)
-			g.mu.Lock()
+		}
+		g.mu.Lock()
+		old, held := inUse()
+		if held {
+			// Another key took the name here meanwhile: it stays the
+			// cluster's holder.
+			g.mu.Unlock()
+			g.announceAgent(old)
+			g.refused(log, slog.LevelWarn, reasonNameInUse, "agent name already in use by another key")
+			g.refuse(qc, st, wire.CodeNameInUse, fmt.Sprintf("agent %q is already connected with a different key", n.name))
+			return
 		}
 		g.agents[n.name] = n
 		g.mu.Unlock()
