@@ -152,7 +152,12 @@ func (e *Egress) forwardEcho(r egEchoRequest) {
 	e.c.icmpEchoes.Add(1)
 
 	_ = c.SetReadDeadline(time.Now().Add(e.echoWait))
-	buf := make([]byte, 65536)
+	// Room for a reply that can match (same data) behind the largest IP
+	// header, and one byte more so that a longer datagram, cut to fit, still
+	// fails the match. Not 64 KiB: on a raw IPv4 socket Go moves the whole
+	// buffer down over the IP header on every read (net.stripIPv4Header),
+	// which made a 64 KiB buffer most of the agent's CPU time per echo.
+	buf := make([]byte, 60+8+len(r.data)+1)
 	for {
 		n, peer, err := c.ReadFrom(buf)
 		if err != nil {
