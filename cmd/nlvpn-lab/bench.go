@@ -112,6 +112,8 @@ type benchResults struct {
 	loadStart, loadEnd string
 
 	pingMin map[string]float64 // path -> ms, from the ping avg run
+
+	kernelCC string // the namespaces' kernel TCP congestion control
 }
 
 // loadAvg returns the first three fields of /proc/loadavg.
@@ -349,6 +351,7 @@ func (r *runner) bench(secs, trials int) error {
 		return err
 	}
 	res.loadEnd = loadAvg()
+	res.kernelCC = r.kernelCC
 	res.print()
 	// Each failure once (a path that could not be set up fails every row).
 	seen := map[string]bool{}

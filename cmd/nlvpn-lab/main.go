@@ -31,7 +31,8 @@ func usage() {
 Usage:
   nlvpn-lab demo  [--nlvpn PATH] [--client-nat cone|symmetric|none] [--agent-nat ...]
   nlvpn-lab bench [--nlvpn PATH] [--wireguard-go PATH] [--time SECONDS] [--trials N]
-                  [--paths raw,wg,relay,direct,tcp,socks] [--rows WORD,...] [--profile DIR]
+                  [--paths raw,wg,relay,direct,tcp,socks] [--rows WORD,...] [--tcp-cc NAME]
+                  [--profile DIR]
   nlvpn-lab dns   [--listen ADDR] [--host IPv4] [--netns NS]  # serve the office.lan test zone
 
 Needs root (or CAP_NET_ADMIN+CAP_SYS_ADMIN), iproute2 and nftables; bench
@@ -58,6 +59,7 @@ func main() {
 	profileRun := fs.String("profile-run", "direct-up", "bench: the single-stream run --profile watches: PATH-up or PATH-down, PATH direct or relay")
 	only := fs.String("paths", "", "bench: comma-separated paths to measure: raw (always), wg, relay, direct, tcp (the TCP fallback, UDP dropped at the client NAT), socks (default: all)")
 	rows := fs.String("rows", "", "bench: comma-separated words; measure only the rows whose name contains one (e.g. loss, ping, streams); default: all")
+	tcpCC := fs.String("tcp-cc", "", "bench: set the kernel TCP congestion control (e.g. cubic, bbr, reno) in the namespaces before measuring; default: the host's, which new namespaces inherit")
 	wgGo := fs.String("wireguard-go", "bin/wireguard-go", "bench: the wireguard-go binary for the baseline column (build: go build -o bin/wireguard-go golang.zx2c4.com/wireguard)")
 	switch cmd {
 	case "demo", "bench":
@@ -141,6 +143,7 @@ func main() {
 	if *only != "" {
 		r.only = strings.Split(*only, ",")
 	}
+	r.tcpCC = *tcpCC
 	if *rows != "" {
 		r.rows = strings.Split(*rows, ",")
 	}

@@ -52,7 +52,8 @@ func (res *benchResults) has(path string) bool {
 
 func (res *benchResults) print() {
 	say("Results: one run, one topology (client behind a cone NAT, agent behind a cone NAT, LAN host behind the agent).\n"+
-		"    Load average (1/5/15 min) at the start: %s, at the end: %s (%d CPUs; other work skews every column).", res.loadStart, res.loadEnd, runtime.NumCPU())
+		"    Load average (1/5/15 min) at the start: %s, at the end: %s (%d CPUs; other work skews every column).\n"+
+		"    Kernel TCP congestion control in the namespaces (every sender but the agent's gVisor netstack): %s.", res.loadStart, res.loadEnd, runtime.NumCPU(), res.kernelCC)
 	fmt.Println("    Columns:")
 	for _, p := range res.paths {
 		fmt.Printf("      %-6s = %s\n", p.name, p.desc)

@@ -43,6 +43,8 @@ type runner struct {
 	profileDown bool
 	only        []string // bench: the paths to measure (nil = all)
 	rows        []string // bench: measure only rows whose name contains one of these (nil = all)
+	tcpCC       string   // bench: the kernel TCP congestion control set in the namespaces ("" = the host's default)
+	kernelCC    string   // the namespaces' kernel TCP congestion control, as read after build
 	wgGo        string   // bench: the wireguard-go binary (baseline)
 
 	res *benchResults // bench: what this run measured
@@ -61,6 +63,22 @@ func (r *runner) build() error {
 	if err := r.lab.Build(r.ctx); err != nil {
 		return fmt.Errorf("building the namespaces: %w", err)
 	}
+	// The kernel TCP senders' congestion control (every iperf3 sender but
+	// the agent's netstack): a new namespace takes the host's default
+	// (bbr on some machines, cubic on most), which decides the lossy rows.
+	n := r.lab.NS
+	for _, ns := range []string{n.Client, n.LAN, n.GW, n.Agent} {
+		if r.tcpCC != "" {
+			if _, err := lab.Output(r.ctx, ns, "sysctl", "-q", "-w", "net.ipv4.tcp_congestion_control="+r.tcpCC); err != nil {
+				return fmt.Errorf("--tcp-cc %s in %s: %w", r.tcpCC, ns, err)
+			}
+		}
+	}
+	out, err := lab.Output(r.ctx, n.LAN, "sysctl", "-n", "net.ipv4.tcp_congestion_control")
+	if err != nil {
+		return fmt.Errorf("reading the namespaces' TCP congestion control: %w", err)
+	}
+	r.kernelCC = strings.TrimSpace(out)
 	return nil
 }
 
