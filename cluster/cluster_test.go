@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"strconv"
@@ -458,5 +459,97 @@ func TestEnrollAcrossGateways(t *testing.T) {
 		if errors.Is(err, ErrTokenUsed) != tc.wantUsed || (err != nil && !tc.wantUsed) {
 			t.Fatalf("Enroll(%s, %s) = %v, want used %v", tc.token, tc.key, err, tc.wantUsed)
 		}
+	}
+}
+
+// startNATSCluster runs three embedded nats-servers routed to each other,
+// with JetStream (a meta group of three), on loopback.
+func startNATSCluster(t *testing.T) []*server.Server {
+	t.Helper()
+	var ports [3]int
+	for i := range ports {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ports[i] = l.Addr().(*net.TCPAddr).Port
+		l.Close()
+	}
+	var routes []string
+	for _, p := range ports {
+		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", p))
+	}
+	var servers []*server.Server
+	for i := range 3 {
+		s, err := server.NewServer(&server.Options{ServerName: fmt.Sprintf("n%d", i+1), Host: "127.0.0.1", Port: -1,
+			JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true,
+			Cluster: server.ClusterOpts{Name: "nlvpn", Host: "127.0.0.1", Port: ports[i]},
+			Routes:  server.RoutesFromStr(strings.Join(routes, ","))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		go s.Start()
+		t.Cleanup(s.Shutdown)
+		servers = append(servers, s)
+	}
+	for _, s := range servers {
+		if !s.ReadyForConnections(10 * time.Second) {
+			t.Fatal("nats-server did not start")
+		}
+	}
+	return servers
+}
+
+// With three NATS servers (buckets of three replicas), one may die: the
+// gateways on it move to another, and addresses, presence and the
+// directory carry on.
+func TestOneNATSServerDies(t *testing.T) {
+	servers := startNATSCluster(t)
+	var urls []string
+	for _, s := range servers {
+		urls = append(urls, s.ClientURL())
+	}
+	all := strings.Join(urls, ",")
+	mod := func(c *Config) { c.URLs = strings.Split(all, ","); c.JoinTimeout = 30 * time.Second }
+	g1 := join(t, urls[0], "198.18.0.1:4433", mod)
+	g2 := join(t, urls[0], "198.18.0.2:4433", mod)
+	ctx := context.Background()
+	prefix := netip.MustParsePrefix("100.64.0.0/10")
+	before, err := g1.Address(ctx, "agent/miranda", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Kill the server g1 is on.
+	var victim *server.Server
+	for _, s := range servers {
+		if s.ClientURL() == g1.nc.ConnectedUrl() {
+			victim = s
+		}
+	}
+	if victim == nil {
+		t.Fatalf("gateway 1 on %s, none of %v", g1.nc.ConnectedUrl(), urls)
+	}
+	start := time.Now()
+	victim.Shutdown()
+	var a netip.Addr
+	eventually(t, 20*time.Second, "gateway 1 binds a new address with one server dead", func() bool {
+		a, err = g1.Address(ctx, "agent/ariel", prefix)
+		return err == nil
+	})
+	t.Logf("one of three NATS servers killed: a new address bound after %s", time.Since(start).Round(time.Millisecond))
+	if a == before {
+		t.Fatalf("ariel got miranda's %s", a)
+	}
+	if err := g1.Announce(ctx, "ariel", Presence{Key: "key-ariel"}); err != nil {
+		t.Fatal(err)
+	}
+	g1.Seen(ctx, "ariel", DirEntry{TokenID: "ta", LastSeen: 7})
+	eventually(t, 10*time.Second, "gateway 2 sees ariel online and in the directory", func() bool {
+		_, online := g2.Lookup("ariel")
+		_, inDir := g2.Directory()["ariel"]
+		return online && inDir
+	})
+	if b, err := g2.Address(ctx, "agent/ariel", prefix); err != nil || b != a {
+		t.Fatalf("gateway 2's address for ariel: %s %v, want %s", b, err, a)
 	}
 }
