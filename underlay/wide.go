@@ -313,9 +313,13 @@ func (d *Direct) pinged(from netip.AddrPort) {
 	if ok {
 		d.w.confirms++
 	}
+	first := d.w.confirms == 1
 	d.w.mu.Unlock()
 	if !ok {
 		return
+	}
+	if first {
+		d.log.Info("wide round: the peer pinged us from its IP before our path was confirmed; pinging it back to confirm the path our way", "role", "easy", "peer", from)
 	}
 	d.w.probes.Add(1)
 	d.p.PingVia(from, d.u.SendFrame)
