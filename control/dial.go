@@ -56,7 +56,7 @@ func (c *Client) tryUDPAgain(ctx context.Context, tc *tls.Config, gw string, cur
 			return
 		case <-time.After(wait):
 		}
-		addr, err := net.ResolveUDPAddr("udp", gw)
+		addr, err := resolveUDP(ctx, gw)
 		if err == nil {
 			pctx, cancel := context.WithTimeout(ctx, udpRetryWait)
 			var qc *quic.Conn
@@ -187,7 +187,7 @@ func (c *Client) dialOver(ctx context.Context, tc *tls.Config, gw string) (*dial
 
 // dialUDP connects over the node's UDP port.
 func (c *Client) dialUDP(ctx context.Context, tc *tls.Config, gw string) (*dialed, error) {
-	addr, err := net.ResolveUDPAddr("udp", gw)
+	addr, err := resolveUDP(ctx, gw)
 	if err != nil {
 		return nil, err
 	}
