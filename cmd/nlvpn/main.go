@@ -164,7 +164,7 @@ certificate instead, and --acme-domain gets one from Let's Encrypt (or another A
 and renews it: its tokens carry no pin, nodes check the certificate's chain and name.
 The gateway relays only end-to-end encrypted packets.`,
 		Flags: append([]cli.Flag{
-			&cli.StringFlag{Name: "listen", Value: ":4433", Usage: "UDP address to listen on"},
+			&cli.StringFlag{Name: "listen", Value: ":4433", Usage: "UDP address to listen on; a wildcard host (:4433, [::]:4433, 0.0.0.0:4433) takes IPv4 and IPv6 alike"},
 			&cli.StringFlag{Name: "listen-tcp", Usage: "TCP `ADDR` where nodes whose UDP is blocked reach the gateway (QUIC inside TLS); default: --listen's host and port number; off: none"},
 			stateDirFlag("nlvpn-gw"),
 			&cli.StringFlag{Name: "public-addr", Usage: "HOST:PORT nodes use to reach this gateway; put into tokens"},
