@@ -69,6 +69,9 @@ func (s *baseCryptoStream) Finish() error {
 		}
 	}
 	s.finished = true
+	// Nothing more is read at this level: let its reassembly state go
+	// (a server holds thousands of idle connections).
+	s.queue = frameSorter{readPos: s.queue.readPos}
 	return nil
 }
 
@@ -90,6 +93,11 @@ func (s *baseCryptoStream) PopCryptoFrame(maxLen protocol.ByteCount) *wire.Crypt
 	}
 	f.Data = s.writeBuf[:n]
 	s.writeBuf = s.writeBuf[n:]
+	if len(s.writeBuf) == 0 {
+		// All sent: the frames hold what they carry until it is acked or
+		// the level dropped; the stream keeps nothing.
+		s.writeBuf = nil
+	}
 	s.writeOffset += n
 	return f
 }
