@@ -70,7 +70,9 @@ func (r *runner) build() error {
 	for _, ns := range []string{n.Client, n.LAN, n.GW, n.Agent} {
 		if r.tcpCC != "" {
 			if _, err := lab.Output(r.ctx, ns, "sysctl", "-q", "-w", "net.ipv4.tcp_congestion_control="+r.tcpCC); err != nil {
-				return fmt.Errorf("--tcp-cc %s in %s: %w", r.tcpCC, ns, err)
+				allowed, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+				return fmt.Errorf("--tcp-cc %s in %s: %w (a namespace may choose only what the host allows, net.ipv4.tcp_allowed_congestion_control: %s)",
+					r.tcpCC, ns, err, strings.TrimSpace(string(allowed)))
 			}
 		}
 	}
