@@ -208,6 +208,12 @@ func Join(ctx context.Context, cfg Config) (*Cluster, error) {
 				c.log.Warn("cluster unreachable; serving the sessions we have and the nodes we know until it is back", "err", err)
 			}
 		}),
+		// Asynchronous errors (a watch's consumer gone with a server):
+		// the watches recover by themselves; the default handler would
+		// print them on stderr.
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			c.log.Debug("cluster: asynchronous NATS error", "err", err)
+		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			if !c.connected.Swap(true) {
 				c.log.Info("cluster reachable again; catching up", "server", nc.ConnectedUrlRedacted())
@@ -565,6 +571,27 @@ func (c *Cluster) Online() map[string]Presence {
 		}
 	}
 	return out
+}
+
+// LookupNow is Lookup that, when the cache has no answer, asks NATS (one
+// round trip, bounded by opTimeout): a watch can lag by several seconds
+// while a NATS server dies and its consumer is rebuilt, and a client's
+// connect should not be told an agent is unknown meanwhile.
+func (c *Cluster) LookupNow(ctx context.Context, name string) (Presence, bool) {
+	if p, ok := c.Lookup(name); ok || !c.Connected() {
+		return p, ok
+	}
+	rctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	e, err := c.kvs[bucketPresence].Get(rctx, keyOf(name))
+	if c.kv(err) != nil {
+		return Presence{}, false
+	}
+	var p Presence
+	if !c.decode(e, &p) || p.Gateway == "" || len(p.Advertise) > MaxAdvertise || time.Since(e.Created()) > c.ttl {
+		return Presence{}, false
+	}
+	return p, true
 }
 
 func (c *Cluster) onlineCount() int {

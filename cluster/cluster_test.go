@@ -553,3 +553,34 @@ func TestOneNATSServerDies(t *testing.T) {
 		t.Fatalf("gateway 2's address for ariel: %s %v, want %s", b, err, a)
 	}
 }
+
+// LookupNow answers from NATS what the watch has not delivered yet.
+func TestLookupNowAsksNATS(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	g := join(t, s.ClientURL(), "198.18.0.1:4433", nil)
+	nc, err := nats.Connect(s.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	kv, err := js.KeyValue(context.Background(), bucketPresence)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Stop the watches: the cache hears nothing from now on.
+	g.stop()
+	g.done.Wait()
+	if _, err := kv.Put(context.Background(), keyOf("office"), []byte(`{"gateway":"198.18.0.2:4433","key":"k"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := g.Lookup("office"); ok {
+		t.Fatal("the cache knew office with its watches stopped")
+	}
+	if p, ok := g.LookupNow(context.Background(), "office"); !ok || p.Gateway != "198.18.0.2:4433" {
+		t.Fatalf("LookupNow = %+v %v, want office on 198.18.0.2:4433", p, ok)
+	}
+	if _, ok := g.LookupNow(context.Background(), "nobody"); ok {
+		t.Fatal("LookupNow found an agent nobody announced")
+	}
+}

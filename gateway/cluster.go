@@ -116,7 +116,7 @@ func (g *Gateway) elsewhere(name string) (string, bool) {
 	if c == nil {
 		return "", false
 	}
-	p, ok := c.Lookup(name)
+	p, ok := c.LookupNow(context.Background(), name)
 	if !ok || p.Gateway == c.PublicAddr() {
 		return "", false
 	}
