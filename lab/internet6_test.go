@@ -45,7 +45,7 @@ func send(t *testing.T, uc *net.UDPConn, to netip.AddrPort) {
 // drops what nobody behind it asked for and lets in what answers a flow a
 // node started, so two nodes that both send first (a punch) reach each
 // other. IPv4 keeps its NATs. ClientIPv6Only leaves the client no IPv4
-// route.
+// route. BlockDirect and BlockClientUDP cover IPv6 as well.
 func TestInternet6(t *testing.T) {
 	requireLab(t)
 	benchRange := netip.MustParsePrefix("2001:2::/48")
@@ -118,6 +118,41 @@ func TestInternet6(t *testing.T) {
 			send(t, as, c)
 			if got := recv(cs, 3*time.Second); got != a {
 				t.Fatalf("the agent's answer did not reach the client (got %v)", got)
+			}
+			// BlockDirect blocks the IPv6 path between the sides too;
+			// UnblockDirect opens it again.
+			ctx := context.Background()
+			if err := l.BlockDirect(ctx); err != nil {
+				t.Fatal(err)
+			}
+			send(t, cs, a)
+			if got := recv(as, 500*time.Millisecond); got.IsValid() {
+				t.Fatalf("UDP over IPv6 passed BlockDirect (from %v)", got)
+			}
+			if err := l.UnblockDirect(ctx); err != nil {
+				t.Fatal(err)
+			}
+			send(t, cs, a)
+			if got := recv(as, 3*time.Second); got != c {
+				t.Fatalf("UDP over IPv6 after UnblockDirect: got %v", got)
+			}
+			if tc.opts.ClientNAT == None {
+				return
+			}
+			// A network that blocks UDP blocks it over IPv6 too.
+			if err := l.BlockClientUDP(ctx); err != nil {
+				t.Fatal(err)
+			}
+			send(t, cs, netip.AddrPortFrom(l.Gateway6, 4433))
+			if got := recv(gw, 500*time.Millisecond); got.IsValid() {
+				t.Fatalf("UDP over IPv6 left a UDP-blocked network (from %v)", got)
+			}
+			if err := l.UnblockClientUDP(ctx); err != nil {
+				t.Fatal(err)
+			}
+			send(t, cs, netip.AddrPortFrom(l.Gateway6, 4433))
+			if got := recv(gw, 3*time.Second); got != c {
+				t.Fatalf("UDP over IPv6 after UnblockClientUDP: got %v", got)
 			}
 		})
 	}

@@ -704,35 +704,26 @@ func (l *Lab) sysctl(ns, key, val string) error {
 
 // BlockDirect drops UDP between the client side and the agent side (their
 // public addresses in inet; with SameLAN, their LAN addresses on the shared
-// bridge), while traffic to and from the gateway keeps flowing. Idempotent.
+// bridge; with Internet6 their IPv6 addresses too), while traffic to and
+// from the gateway keeps flowing. Idempotent.
 func (l *Lab) BlockDirect(ctx context.Context) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.blocked {
 		return nil
 	}
-	var ns, rules string
+	ns, fam := l.NS.Inet, "inet"
+	a, b := l.ClientPublic, l.AgentPublic
 	if l.Opts.SameLAN {
-		ns = l.NS.ClientNAT
-		rules = fmt.Sprintf(`table bridge nvblock {
-	chain forward {
-		type filter hook forward priority 0; policy accept;
-		ip saddr %[1]s ip daddr %[2]s meta l4proto udp drop
-		ip saddr %[2]s ip daddr %[1]s meta l4proto udp drop
+		ns, fam = l.NS.ClientNAT, "bridge"
+		a, b = l.ClientAddr, l.AgentAddr
 	}
-}
-`, l.ClientAddr, l.AgentAddr)
-	} else {
-		ns = l.NS.Inet
-		rules = fmt.Sprintf(`table ip nvblock {
-	chain forward {
-		type filter hook forward priority 0; policy accept;
-		ip saddr %[1]s ip daddr %[2]s meta l4proto udp drop
-		ip saddr %[2]s ip daddr %[1]s meta l4proto udp drop
+	drops := fmt.Sprintf("\t\tip saddr %[1]s ip daddr %[2]s meta l4proto udp drop\n\t\tip saddr %[2]s ip daddr %[1]s meta l4proto udp drop\n", a, b)
+	if l.Opts.Internet6 {
+		// The nodes' own IPv6 addresses: no NAT there.
+		drops += fmt.Sprintf("\t\tip6 saddr %[1]s ip6 daddr %[2]s meta l4proto udp drop\n\t\tip6 saddr %[2]s ip6 daddr %[1]s meta l4proto udp drop\n", l.ClientAddr6, l.AgentAddr6)
 	}
-}
-`, l.ClientPublic, l.AgentPublic)
-	}
+	rules := fmt.Sprintf("table %s nvblock {\n\tchain forward {\n\t\ttype filter hook forward priority 0; policy accept;\n%s\t}\n}\n", fam, drops)
 	if err := l.nft(ctx, ns, rules); err != nil {
 		return err
 	}
@@ -747,7 +738,7 @@ func (l *Lab) UnblockDirect(ctx context.Context) error {
 	if !l.blocked {
 		return nil
 	}
-	ns, fam := l.NS.Inet, "ip"
+	ns, fam := l.NS.Inet, "inet"
 	if l.Opts.SameLAN {
 		ns, fam = l.NS.ClientNAT, "bridge"
 	}
@@ -884,7 +875,7 @@ func (l *Lab) BlockClientUDP(ctx context.Context) error { return l.blockUDP(ctx,
 
 // UnblockClientUDP undoes BlockClientUDP.
 func (l *Lab) UnblockClientUDP(ctx context.Context) error {
-	return l.nft(ctx, l.NS.ClientNAT, "delete table ip nvudp\n")
+	return l.nft(ctx, l.NS.ClientNAT, "delete table inet nvudp\n")
 }
 
 // BlockAgentUDP is BlockClientUDP for the agent's network.
@@ -894,7 +885,8 @@ func (l *Lab) blockUDP(ctx context.Context, nat string) error {
 	if nat == "" || l.Opts.SameLAN {
 		return errors.New("blocking a side's UDP needs a NAT of its own on that side")
 	}
-	return l.nft(ctx, nat, `table ip nvudp {
+	// inet: with Options.Internet6, UDP over IPv6 is blocked as well.
+	return l.nft(ctx, nat, `table inet nvudp {
 	chain forward {
 		type filter hook forward priority -10; policy accept;
 		iifname "lan0" meta l4proto udp drop
@@ -910,7 +902,7 @@ func (l *Lab) ClientOnlyProxy(ctx context.Context, port uint16) error {
 	if l.NS.ClientNAT == "" || l.Opts.SameLAN {
 		return errors.New("ClientOnlyProxy needs a client NAT of its own")
 	}
-	return l.nft(ctx, l.NS.ClientNAT, fmt.Sprintf(`table ip nvproxy {
+	return l.nft(ctx, l.NS.ClientNAT, fmt.Sprintf(`table inet nvproxy {
 	chain forward {
 		type filter hook forward priority -10; policy accept;
 		iifname "lan0" drop
