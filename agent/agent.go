@@ -650,6 +650,9 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 		a.stopPunch(id, true)
 	}
 	a.log.Info("session offered", "client", s.PeerName, "client_overlay", s.PeerAddr, "session", wire.SessionID(s.ID), "mode", modeName(s.Mode))
+	if s.Mode != wire.ModeDirect {
+		a.u.CheckRelaySoon() // the handshake starts on the relay
+	}
 	a.startPunch(s, probeKey)
 	return &wire.Message{Type: wire.TypeAccept, Accept: acc}
 }

@@ -623,6 +623,9 @@ func (c *Client) dialAgent(rctx context.Context, off *wire.Session, key identity
 	// The session's packets must fit both ends' paths: the agent's says
 	// the offer (nothing from an agent on a full-size path).
 	sz := session.SizesFor(c.u.Ctrl.UDPSize(), off.UDPSize)
+	if c.cfg.Mode != wire.ModeDirect {
+		c.u.CheckRelaySoon() // the handshake starts on the relay
+	}
 	start := time.Now()
 	qc, err := c.u.Peers.Dial(rctx, session.Addr(off.ID), ctls, session.QUICConfigSized(sz.Peer))
 	if err != nil {

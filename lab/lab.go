@@ -895,6 +895,23 @@ func (l *Lab) blockUDP(ctx context.Context, nat string) error {
 `)
 }
 
+// DropAgentFrames makes the agent's network drop the UDP datagrams from
+// the agent's LAN whose first byte has QUIC's fixed bit (0x40) clear: the
+// node's frames (relay frames, relay checks, probes), while its QUIC
+// packets, the gateway connection's, pass. A firewall that knows QUIC.
+func (l *Lab) DropAgentFrames(ctx context.Context) error {
+	if l.NS.AgentNAT == "" || l.Opts.SameLAN {
+		return errors.New("dropping the agent's frames needs an agent NAT of its own")
+	}
+	return l.nft(ctx, l.NS.AgentNAT, `table ip nvframes {
+	chain forward {
+		type filter hook forward priority -10; policy accept;
+		iifname "lan0" udp length > 8 @th,64,8 & 0x40 == 0 counter drop
+	}
+}
+`)
+}
+
 // ClientOnlyProxy makes the client's network one whose only way out is a
 // proxy on its NAT: nothing from the client's LAN is forwarded, and the NAT
 // itself takes only TCP to port from it.

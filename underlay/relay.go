@@ -25,6 +25,12 @@ const (
 	relayCheckEvery   = time.Second      // while not confirmed
 	relayRecheckEvery = 5 * time.Second  // once confirmed
 	relayCheckLapse   = 12 * time.Second // no answer for this long: back to DATAGRAMs
+	// relayPromptLapse: a check sent at once because a session is about
+	// to start (CheckRelaySoon) that gets no answer for this long turns
+	// the UDP frames off. A peer session's handshake gives up after 10 s
+	// without a packet, before relayCheckLapse would notice frames that
+	// stopped passing after the last answered check.
+	relayPromptLapse = 2 * time.Second
 )
 
 type relayState struct {
@@ -32,6 +38,8 @@ type relayState struct {
 	udpOK   atomic.Bool                    // relay frames pass as UDP
 	answer  atomic.Int64                   // unix nanoseconds of the last answered check
 	kickCh  chan struct{}                  // check now (a new gateway connection)
+	soon    atomic.Bool                    // CheckRelaySoon: send a check now even if one went recently
+	prompt  int64                          // unix nanoseconds of the unanswered prompt check, or 0; checkRelay's
 	mu      sync.Mutex
 	pending [4]uint64 // nonces of the checks in flight
 	next    int
@@ -138,11 +146,25 @@ func (u *Underlay) checkRelay(ctx context.Context) {
 			r.udpOK.Store(false)
 			u.log.Warn("relay frames stopped passing as UDP; carrying them in the gateway connection", "gateway", gw)
 		}
+		if r.prompt != 0 {
+			switch {
+			case r.answer.Load() >= r.prompt || !r.udpOK.Load():
+				r.prompt = 0
+			case now.Sub(time.Unix(0, r.prompt)) > relayPromptLapse:
+				r.prompt = 0
+				r.udpOK.Store(false)
+				u.log.Warn("relay frames stopped passing as UDP (a prompt check went unanswered); carrying them in the gateway connection", "gateway", gw)
+			}
+		}
 		every := relayCheckEvery
 		if r.udpOK.Load() {
 			every = relayRecheckEvery
 		}
-		if gw.IsValid() && now.Sub(lastSent) >= every {
+		soon := r.soon.Swap(false) && r.udpOK.Load()
+		if soon && r.prompt == 0 {
+			r.prompt = now.UnixNano()
+		}
+		if gw.IsValid() && (soon || now.Sub(lastSent) >= every) {
 			hdr := wire.FrameHeader(wire.FrameRelayCheck, r.nonce())
 			var token []byte
 			if w := u.Ctrl.Welcome(); w != nil {
@@ -163,6 +185,17 @@ func (u *Underlay) checkRelay(ctx context.Context) {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
+}
+
+// CheckRelaySoon checks at once that relay frames still pass as UDP, and
+// carries them in the gateway connection if that check is not answered
+// within relayPromptLapse: called when a session is about to start its
+// handshake on the relay, which must not wait out relayCheckLapse on a
+// way that stopped passing (its frames dropped by a firewall that lets
+// the gateway connection through).
+func (u *Underlay) CheckRelaySoon() {
+	u.relay.soon.Store(true)
+	u.relay.kick()
 }
 
 // relayPath is the session.Path through the gateway.

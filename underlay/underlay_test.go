@@ -473,3 +473,66 @@ func TestDualStackPort(t *testing.T) {
 		})
 	}
 }
+
+// Relay frames that stop passing after the last answered check (a firewall
+// that lets the gateway connection through) are noticed by a prompt check
+// (CheckRelaySoon, when a session is about to start) within
+// relayPromptLapse, not relayCheckLapse: a peer handshake gives up after
+// 10 s without a packet. A prompt check that is answered changes nothing.
+func TestCheckRelaySoonNoticesBlockedFrames(t *testing.T) {
+	u := openTest(t, true)
+	gw, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gw.Close()
+	u.setGateway(gw.LocalAddr().(*net.UDPAddr).AddrPort())
+	u.relay.kick()
+	// echo answers the checks that reach the fake gateway for d, and says
+	// how many came.
+	echo := func(d time.Duration, answer bool) int {
+		buf := make([]byte, 2048)
+		n := 0
+		for end := time.Now().Add(d); time.Now().Before(end); {
+			gw.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			k, from, err := gw.ReadFromUDPAddrPort(buf)
+			if err != nil || buf[0] != wire.FrameRelayCheck {
+				continue
+			}
+			n++
+			if answer {
+				gw.WriteToUDPAddrPort(buf[:k], from)
+			}
+		}
+		return n
+	}
+	for deadline := time.Now().Add(5 * time.Second); !u.RelayOverUDP(); {
+		if time.Now().After(deadline) {
+			t.Fatal("relay check never confirmed")
+		}
+		echo(200*time.Millisecond, true)
+	}
+	echo(500*time.Millisecond, true)
+
+	// Answered: frames stay on UDP.
+	u.CheckRelaySoon()
+	if n := echo(relayPromptLapse+1500*time.Millisecond, true); n == 0 {
+		t.Fatal("CheckRelaySoon sent no check")
+	}
+	if !u.RelayOverUDP() {
+		t.Fatal("an answered prompt check turned UDP frames off")
+	}
+
+	// Frames stop passing: the prompt check goes unanswered.
+	u.CheckRelaySoon()
+	start := time.Now()
+	if n := echo(100*time.Millisecond, false); n == 0 {
+		t.Fatal("CheckRelaySoon sent no check")
+	}
+	for u.RelayOverUDP() {
+		if time.Since(start) > relayCheckLapse/2 {
+			t.Fatalf("relay frames still sent as UDP %v after an unanswered prompt check", time.Since(start).Round(time.Millisecond))
+		}
+		echo(100*time.Millisecond, false)
+	}
+}
