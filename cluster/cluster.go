@@ -691,7 +691,14 @@ func (c *Cluster) withdraw(ctx context.Context, name string) {
 	if json.Unmarshal(e.Value(), &cur) != nil || cur.Gateway != c.cfg.PublicAddr {
 		return
 	}
-	c.kv(kv.Delete(ctx, keyOf(name), jetstream.LastRevision(e.Revision())))
+	if c.kv(kv.Delete(ctx, keyOf(name), jetstream.LastRevision(e.Revision()))) == nil {
+		// Our own cache need not wait for the watch to hear it.
+		c.mu.Lock()
+		if cur, ok := c.presence[name]; ok && cur.Gateway == c.cfg.PublicAddr {
+			delete(c.presence, name)
+		}
+		c.mu.Unlock()
+	}
 }
 
 // refresh puts the presence of the agents homed here every third of the

@@ -248,9 +248,7 @@ func TestPresenceAndNames(t *testing.T) {
 	}
 	g2.Withdraw("miranda", "key-A")
 	eventually(t, 2*time.Second, "miranda gone on gateway 1", func() bool { _, ok := g1.Lookup("miranda"); return !ok })
-	if len(g2.Online()) != 0 {
-		t.Fatalf("online after withdraw: %v", g2.Online())
-	}
+	eventually(t, 2*time.Second, "nothing online on gateway 2 after its withdraw", func() bool { return len(g2.Online()) == 0 })
 }
 
 func slices0(s []string) string {
@@ -544,7 +542,9 @@ func TestOneNATSServerDies(t *testing.T) {
 		t.Fatal(err)
 	}
 	g1.Seen(ctx, "ariel", DirEntry{TokenID: "ta", LastSeen: 7})
-	eventually(t, 10*time.Second, "gateway 2 sees ariel online and in the directory", func() bool {
+	// A watch whose consumer was on the dead server is rebuilt after
+	// seconds (up to 10 s seen): the bound leaves room for that.
+	eventually(t, 30*time.Second, "gateway 2 sees ariel online and in the directory", func() bool {
 		_, online := g2.Lookup("ariel")
 		_, inDir := g2.Directory()["ariel"]
 		return online && inDir

@@ -118,7 +118,7 @@ func TestClusterAgentElsewhere(t *testing.T) {
 		t.Fatalf("client on gateway 1 and agent on gateway 2 both got %s", cw.Overlay)
 	}
 	var we *wire.Error
-	eventually(t, 3*time.Second, "gateway 1 sends the client to gateway 2", func() bool {
+	eventually(t, 10*time.Second, "gateway 1 sends the client to gateway 2", func() bool {
 		_, err := request(t, client, connectMsg("miranda"))
 		we = wantWireErrorAny(err)
 		return we != nil && we.Code == wire.CodeAgentElsewhere
@@ -147,7 +147,7 @@ func TestClusterAgentElsewhere(t *testing.T) {
 	}
 
 	agent.stop(t)
-	eventually(t, 3*time.Second, "gateway 1 lists miranda offline", func() bool {
+	eventually(t, 10*time.Second, "gateway 1 lists miranda offline", func() bool {
 		r, err := request(t, client, &wire.Message{Type: wire.TypeAgents, Agents: &wire.Agents{}})
 		return err == nil && len(r.Agents.Agents) == 1 && !r.Agents.Agents[0].Online && r.Agents.Agents[0].LastSeen > 0
 	})
