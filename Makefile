@@ -83,6 +83,10 @@ bench: deps build wireguard-go
 	@echo; echo "==> cone NAT (agent) <-> symmetric NAT (client): the relayed tunnel, and the time to the direct path (the wide round)"
 	$(BIN)/nlvpn-lab bench --nlvpn $(BIN)/nlvpn --client-nat symmetric --paths relay --time 2 --trials 10
 	$(GO) test -run '^$$' -bench . -benchmem -timeout 30m $(BENCH_PKGS)
+	@# Several gateways: the cluster e2e test prints the time to first packet
+	@# across gateways and the failover time after the agent's gateway dies.
+	$(GO) test -count=1 -run '^TestClusterClientFollowsAgent$$' -v ./e2e/ > $(BIN)/bench-cluster.log 2>&1 || { cat $(BIN)/bench-cluster.log; exit 1; }
+	@grep -E 'time to first packet|failover:' $(BIN)/bench-cluster.log
 
 # Packages of this module with a Benchmark function in a test file.
 BENCH_PKGS = $(shell $(GO) list -f '{{$$d := .Dir}}{{range .TestGoFiles}}{{$$d}}/{{.}} {{end}}{{range .XTestGoFiles}}{{$$d}}/{{.}} {{end}}' ./... \
