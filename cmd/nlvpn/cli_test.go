@@ -293,6 +293,9 @@ func TestCLINodeErrors(t *testing.T) {
 		{"open proxy refused", nil, []string{"up", "--token", clientTok, "--agent", "miranda", "--netstack", "--socks5", "0.0.0.0:1080"}, []string{"not loopback"}},
 		{"agent without advertise", nil, []string{"agent", "--token", agentTok}, []string{"--advertise"}},
 		{"agent bad advertise", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/33"}, []string{"--advertise"}},
+		// Set but empty (as a unit file or a wrapper may leave it): the
+		// token's gateway, not an empty one.
+		{"empty NLVPN_GATEWAY", []string{"NLVPN_GATEWAY="}, []string{"up", "--token", clientTok, "--agent", "miranda", "--transport", "carrier-pigeon"}, []string{"--transport", "carrier-pigeon"}},
 		{"agent advertises a default route", nil, []string{"agent", "--token", agentTok, "--advertise", "10.0.0.0/8,0.0.0.0/0"}, []string{"0.0.0.0/0", "--exit-node"}},
 		{"agent advertises ::/0", nil, []string{"agent", "--token", agentTok, "--advertise", "::/0"}, []string{"::/0", "--exit-node"}},
 		{"bad accept-routes", nil, []string{"up", "--token", clientTok, "--agent", "miranda", "--accept-routes", "10.0.0.0/8,10.0.0.0/33"}, []string{"--accept-routes", "10.0.0.0/33"}},

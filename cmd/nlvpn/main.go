@@ -585,8 +585,12 @@ func setupNode(c *cli.Context, role string) (*nodeSetup, error) {
 	if exp := time.Unix(ns.claims.Expires, 0); time.Now().After(exp) {
 		return nil, fmt.Errorf("the token for %q expired at %s; ask for a new one (nlvpn token)", ns.claims.Name, exp.UTC().Format(time.RFC3339))
 	}
-	gws := c.StringSlice("gateway")
-	if !c.IsSet("gateway") || len(gws) == 0 {
+	// Empty items are dropped: NLVPN_GATEWAY= (set but empty) means none.
+	var gws []string
+	for _, g := range c.StringSlice("gateway") {
+		gws = append(gws, splitList(g)...)
+	}
+	if len(gws) == 0 {
 		gws = splitList(file["gateway"])
 	}
 	if len(gws) == 0 && ns.claims.Gateway != "" {
