@@ -396,7 +396,7 @@ func (c *Client) keepAttached(ctx context.Context, runErr <-chan error) error {
 func (c *Client) routes(info *wire.PeerInfo) []netip.Prefix {
 	rs := []netip.Prefix{netip.PrefixFrom(info.Overlay, info.Overlay.BitLen())}
 	var gws []netip.Addr
-	for _, g := range append([]string{c.cfg.Gateway}, c.cfg.Gateways...) {
+	for _, g := range c.u.Ctrl.Gateways() {
 		host, _, err := net.SplitHostPort(g)
 		if err != nil {
 			continue
@@ -546,9 +546,7 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 			return nil, nil, err
 		}
 		req.Punch = wire.Punch{ProbePub: offer.Pub, ProbeSig: offer.Sig}
-		if w := c.u.Ctrl.Welcome(); w != nil {
-			req.Punch.Candidates = punch.Candidates(w.Observed, c.u.Port)
-		}
+		req.Punch.Candidates = c.candidates()
 	}
 	req.UDPSize = session.WireUDPSize(c.u.Ctrl.UDPSize())
 	r, err := c.connect(rctx, req)
@@ -686,11 +684,18 @@ func (c *Client) connect(ctx context.Context, req *wire.Connect) (*wire.Message,
 		// The new gateway sees this node's port at its own mapping (a
 		// symmetric NAT gives each destination its own): probe from there.
 		if len(req.Punch.Candidates) > 0 {
-			if w := c.u.Ctrl.Welcome(); w != nil {
-				req.Punch.Candidates = punch.Candidates(w.Observed, c.u.Port)
-			}
+			req.Punch.Candidates = c.candidates()
 		}
 	}
+}
+
+// candidates are where the agent may probe this client: its port as the
+// gateway it is registered with sees it, and its own addresses.
+func (c *Client) candidates() []netip.AddrPort {
+	if w := c.u.Ctrl.Welcome(); w != nil {
+		return punch.Candidates(w.Observed, c.u.Port)
+	}
+	return nil
 }
 
 // peerInfoWait bounds the wait for the agent's session info after the

@@ -152,6 +152,10 @@ func (c *Client) isDown(gw string) bool {
 	return ok
 }
 
+// Gateways is every gateway the node was given, Config.Gateway first,
+// without repeats.
+func (c *Client) Gateways() []string { return slices.Clone(c.addrs) }
+
 // Gateway is the HOST:PORT of the gateway the node is connected to now
 // (as dialed), or "" while disconnected.
 func (c *Client) Gateway() string {

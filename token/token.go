@@ -120,16 +120,27 @@ func (c *Claims) Validate() error {
 	if c.Expires == 0 {
 		return fmt.Errorf("%w: no expiry", ErrMalformed)
 	}
-	if len(c.Gateways) > MaxGateways-1 {
-		return fmt.Errorf("%w: %d gateways (at most %d)", ErrMalformed, len(c.Gateways)+1, MaxGateways)
-	}
-	for _, g := range c.Gateways {
-		if _, _, err := net.SplitHostPort(g); err != nil || len(g) > 255 {
-			return fmt.Errorf("%w: gateway %q", ErrMalformed, g)
+	if len(c.Gateways) > 0 {
+		if err := CheckGateways(append([]string{c.Gateway}, c.Gateways...)); err != nil {
+			return fmt.Errorf("%w: %v", ErrMalformed, err)
 		}
 	}
 	if len(c.Authority) != 32 || len(c.Enroll) != 32 {
 		return fmt.Errorf("%w: no authority or enrollment key", ErrMalformed)
+	}
+	return nil
+}
+
+// CheckGateways checks a network's gateway addresses, as a token names
+// them and as a node is given them: at most MaxGateways, each HOST:PORT.
+func CheckGateways(gws []string) error {
+	if len(gws) > MaxGateways {
+		return fmt.Errorf("%d gateways: at most %d", len(gws), MaxGateways)
+	}
+	for _, g := range gws {
+		if _, _, err := net.SplitHostPort(g); err != nil || len(g) > 255 {
+			return fmt.Errorf("gateway address %q: want HOST:PORT", g)
+		}
 	}
 	return nil
 }

@@ -353,13 +353,8 @@ it with --token-file).`,
 			if len(gws) == 0 {
 				return errors.New("no gateway address: pass --gateway HOST:PORT (or start the gateway with --public-addr)")
 			}
-			if len(gws) > token.MaxGateways {
-				return fmt.Errorf("%d gateways: a token names at most %d", len(gws), token.MaxGateways)
-			}
-			for _, gw := range gws {
-				if _, _, err := net.SplitHostPort(gw); err != nil {
-					return fmt.Errorf("--gateway %q: want HOST:PORT", gw)
-				}
+			if err := token.CheckGateways(gws); err != nil {
+				return fmt.Errorf("--gateway: %w", err)
 			}
 			cl := token.Claims{Expires: time.Now().Add(c.Duration("ttl")).Unix(), Gateway: gws[0], Gateways: gws[1:], Pin: info.Pin}
 			if u := c.Int("uses"); u > 1 {
@@ -599,13 +594,8 @@ func setupNode(c *cli.Context, role string) (*nodeSetup, error) {
 	if len(gws) == 0 {
 		return nil, errors.New("no gateway address: the token has none; pass --gateway HOST:PORT")
 	}
-	if len(gws) > token.MaxGateways {
-		return nil, fmt.Errorf("%d gateways: at most %d", len(gws), token.MaxGateways)
-	}
-	for _, g := range gws {
-		if _, _, err := net.SplitHostPort(g); err != nil {
-			return nil, fmt.Errorf("gateway address %q: want HOST:PORT", g)
-		}
+	if err := token.CheckGateways(gws); err != nil {
+		return nil, err
 	}
 	ns.gateway, ns.gateways = gws[0], gws[1:]
 	switch ns.over = c.String("transport"); ns.over {
