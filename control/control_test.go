@@ -22,6 +22,13 @@ import (
 
 func newTestClient(t *testing.T, gateway string) *Client {
 	t.Helper()
+	return newNode(t, Config{Gateway: gateway, Pin: "sha256:00"})
+}
+
+// newNode returns a Client configured by cfg, with the test's own key and
+// loopback UDP port, a quiet log, and a token if cfg has none.
+func newNode(t *testing.T, cfg Config) *Client {
+	t.Helper()
 	key, err := identity.Generate()
 	if err != nil {
 		t.Fatal(err)
@@ -32,8 +39,12 @@ func newTestClient(t *testing.T, gateway string) *Client {
 	}
 	tr := &quic.Transport{Conn: uc}
 	t.Cleanup(func() { tr.Close(); uc.Close() })
-	return New(Config{Gateway: gateway, Pin: "sha256:00", Token: "nlv1.x.y", Key: key, Transport: tr,
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	cfg.Key, cfg.Transport = key, tr
+	if cfg.Token == "" {
+		cfg.Token = "nlv1.x.y"
+	}
+	cfg.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	return New(cfg)
 }
 
 func TestNotConnected(t *testing.T) {

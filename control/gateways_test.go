@@ -32,22 +32,10 @@ type testGateway struct {
 // and returns them with the pin that verifies all of them.
 func testCluster(t *testing.T, n int) ([]*testGateway, string) {
 	t.Helper()
-	gkey, err := identity.Generate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := identity.SelfSigned(gkey.Signer(), "gateway")
-	if err != nil {
-		t.Fatal(err)
-	}
+	cert := gatewayCert(t)
 	var gws []*testGateway
 	for range n {
-		gcfg := QUICConfig()
-		gcfg.MaxIncomingStreams = 1
-		ln, err := quic.ListenAddr("127.0.0.1:0", identity.ServerTLS(cert, wire.ALPNGateway), gcfg)
-		if err != nil {
-			t.Fatal(err)
-		}
+		ln := listenAsGateway(t, cert)
 		g := &testGateway{ln: ln, addr: ln.Addr().String(), hellos: make(chan *wire.Hello, 16)}
 		g.answerPings.Store(true)
 		t.Cleanup(g.stop)
@@ -111,15 +99,21 @@ func (g *testGateway) stop() {
 	g.conns = nil
 }
 
+// clusterNode is a node given the gateways gws (the first as Gateway),
+// verified with pin.
+func clusterNode(t *testing.T, pin string, gws ...string) *Client {
+	t.Helper()
+	return newNode(t, Config{Gateway: gws[0], Gateways: gws[1:], Pin: pin})
+}
+
 // runClusterClient runs a node configured with every gateway of gws.
 func runClusterClient(t *testing.T, gws []*testGateway, pin string) (*Client, context.CancelFunc) {
 	t.Helper()
-	c := newTestClient(t, gws[0].addr)
-	for _, g := range gws[1:] {
-		c.cfg.Gateways = append(c.cfg.Gateways, g.addr)
+	var addrs []string
+	for _, g := range gws {
+		addrs = append(addrs, g.addr)
 	}
-	c.addrs = gatewayList(c.cfg.Gateway, c.cfg.Gateways)
-	c.cfg.Pin = pin
+	c := clusterNode(t, pin, addrs...)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	done := make(chan error, 1)
 	go func() { done <- c.Run(ctx) }()
@@ -164,10 +158,7 @@ func TestRegistersWithTheGatewayThatAnswers(t *testing.T) {
 	}
 	defer dead.Close()
 	gws[0].stop()
-	c := newTestClient(t, dead.LocalAddr().String())
-	c.cfg.Gateways = []string{gws[0].addr, gws[1].addr}
-	c.addrs = gatewayList(c.cfg.Gateway, c.cfg.Gateways)
-	c.cfg.Pin = pin
+	c := clusterNode(t, pin, dead.LocalAddr().String(), gws[0].addr, gws[1].addr)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
 	defer cancel()
 	go c.Run(ctx)
@@ -280,11 +271,7 @@ func TestSuspect(t *testing.T) {
 // without any relay traffic to show it.
 func TestHeartbeatLeavesASilentGateway(t *testing.T) {
 	gws, pin := testCluster(t, 2)
-	c := newTestClient(t, gws[0].addr)
-	c.cfg.Gateways = []string{gws[1].addr}
-	c.addrs = gatewayList(c.cfg.Gateway, c.cfg.Gateways)
-	c.cfg.Pin = pin
-	c.cfg.Heartbeat = checkEvery
+	c := newNode(t, Config{Gateway: gws[0].addr, Gateways: []string{gws[1].addr}, Pin: pin, Heartbeat: checkEvery})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	go c.Run(ctx)

@@ -3,9 +3,6 @@ package control
 import (
 	"context"
 	"errors"
-	"io"
-	"log/slog"
-	"net"
 	"net/netip"
 	"slices"
 	"testing"
@@ -13,7 +10,6 @@ import (
 
 	"github.com/quic-go/quic-go"
 
-	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
@@ -27,22 +23,8 @@ import (
 // UDP port and log.
 func nodeOn(t *testing.T, ln *quic.Listener, pin string, cfg Config) *Client {
 	t.Helper()
-	key, err := identity.Generate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	uc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tr := &quic.Transport{Conn: uc}
-	t.Cleanup(func() { tr.Close(); uc.Close() })
-	cfg.Gateway, cfg.Pin, cfg.Key, cfg.Transport, cfg.Over = ln.Addr().String(), pin, key, tr, OverUDP
-	if cfg.Token == "" {
-		cfg.Token = "nlv1.x.y"
-	}
-	cfg.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
-	return New(cfg)
+	cfg.Gateway, cfg.Pin, cfg.Over = ln.Addr().String(), pin, OverUDP
+	return newNode(t, cfg)
 }
 
 // run runs c until the test ends; the channel yields Run's result.

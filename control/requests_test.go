@@ -2,6 +2,7 @@ package control
 
 import (
 	"context"
+	"crypto/tls"
 	"net/netip"
 	"sync/atomic"
 	"testing"
@@ -89,6 +90,13 @@ func TestRequestHandlersBounded(t *testing.T) {
 // per node) and returns its certificate pin.
 func fakeGateway(t *testing.T) (*quic.Listener, string) {
 	t.Helper()
+	cert := gatewayCert(t)
+	return listenAsGateway(t, cert), identity.Fingerprint(cert.Leaf)
+}
+
+// gatewayCert is a fresh gateway key's self-signed certificate.
+func gatewayCert(t *testing.T) tls.Certificate {
+	t.Helper()
 	gkey, err := identity.Generate()
 	if err != nil {
 		t.Fatal(err)
@@ -97,6 +105,13 @@ func fakeGateway(t *testing.T) (*quic.Listener, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return cert
+}
+
+// listenAsGateway listens on loopback with cert as a gateway does (one
+// incoming stream per node), until the test ends.
+func listenAsGateway(t *testing.T, cert tls.Certificate) *quic.Listener {
+	t.Helper()
 	gcfg := QUICConfig()
 	gcfg.MaxIncomingStreams = 1 // as the gateway: the node's control stream
 	ln, err := quic.ListenAddr("127.0.0.1:0", identity.ServerTLS(cert, wire.ALPNGateway), gcfg)
@@ -104,7 +119,7 @@ func fakeGateway(t *testing.T) (*quic.Listener, string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	return ln, identity.Fingerprint(cert.Leaf)
+	return ln
 }
 
 // acceptNode accepts a node's connection and reads its hello.
