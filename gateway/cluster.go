@@ -76,11 +76,7 @@ func (g *Gateway) joinCluster(ctx context.Context) (*cluster.Cluster, error) {
 			g.log.Error("revocation list from the cluster does not verify; ignored", "err", err)
 			return
 		}
-		if g.applyRevocations(rs, signed, "cluster") {
-			if err := identity.WriteFileAtomic(RevocationsPath(g.cfg.State.Dir), []byte(signed+"\n"), 0o600); err != nil {
-				g.log.Error("revocation list from the cluster not saved", "err", err)
-			}
-		}
+		g.applyRevocations(rs, signed, "cluster")
 	}
 	cfg.OnMoved = func(name string, p cluster.Presence) {
 		g.mu.Lock()

@@ -122,7 +122,7 @@ func (g *Gateway) watchRevocations(ctx context.Context) {
 // applyRevocations puts the verified list rs (signed) in force if it is
 // newer than the one in force: ends what it revokes and passes it to the
 // agents. It reports whether it did. from says where the list came from
-// (file, cluster), for the log.
+// (file, cluster): for the log, and a list from the cluster is saved.
 func (g *Gateway) applyRevocations(rs *token.Revocations, signed, from string) bool {
 	g.revMu.Lock()
 	defer g.revMu.Unlock()
@@ -135,6 +135,13 @@ func (g *Gateway) applyRevocations(rs *token.Revocations, signed, from string) b
 	}
 	g.revoked.Store(&revocations{list: rs, signed: signed})
 	g.log.Info("revocation list in force", "serial", rs.Serial, "entries", len(rs.List), "from", from)
+	if from == "cluster" {
+		// Saved before it is enforced: what this gateway acts on is in its
+		// state directory should it restart (a list from the file is there).
+		if err := identity.WriteFileAtomic(RevocationsPath(g.cfg.State.Dir), []byte(signed+"\n"), 0o600); err != nil {
+			g.log.Error("revocation list from the cluster not saved", "err", err)
+		}
+	}
 	g.enforceRevocations()
 	g.sendRevocations(signed)
 	return true
