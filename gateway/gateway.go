@@ -466,13 +466,42 @@ func isTimeout(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }
 
+// serve registers the node on connection qc (register) and then serves
+// its control stream (handleNode); what registration set up is undone, in
+// reverse, when the connection ends.
 func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
+	var undo cleanups
+	defer undo.run()
+	n, st, log := g.register(ctx, qc, &undo)
+	if n == nil {
+		return
+	}
+	g.handleNode(ctx, n, st, log)
+}
+
+// cleanups is what a connection's registration set up, undone in reverse
+// order when it ends, as defers would be.
+type cleanups []func()
+
+func (c *cleanups) push(f func()) { *c = append(*c, f) }
+
+func (c *cleanups) run() {
+	for i := len(*c) - 1; i >= 0; i-- {
+		(*c)[i]()
+	}
+}
+
+// register admits the node on qc: its certificate, hello, token,
+// enrollment, overlay address and (an agent) its name; it welcomes it and
+// returns it with its control stream and logger. Nil if it was refused
+// or went away; what it set up is in undo either way.
+func (g *Gateway) register(ctx context.Context, qc *quic.Conn, undo *cleanups) (*node, *quic.Stream, *slog.Logger) {
 	remote := qc.RemoteAddr().String()
 	log := g.log.With("remote", remote)
-	defer qc.CloseWithError(0, "")
+	undo.push(func() { qc.CloseWithError(0, "") })
 	// On shutdown, close every node connection so each serve returns.
 	stop := context.AfterFunc(ctx, func() { qc.CloseWithError(0, "gateway shutting down") })
-	defer stop()
+	undo.push(func() { stop() })
 	// Over TCP, the stream ends with the connection, and the connection
 	// with the stream.
 	tcp := g.tcp.Load()
@@ -480,7 +509,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		tcp = nil
 	}
 	if tcp != nil {
-		defer tcp.CloseAddr(qc.RemoteAddr())
+		undo.push(func() { tcp.CloseAddr(qc.RemoteAddr()) })
 		go func() {
 			select {
 			case <-tcp.Done(qc.RemoteAddr()):
@@ -492,17 +521,17 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	// Until its node is admitted the connection holds an unauthenticated
 	// slot (admission); closing it gives the slot back too.
 	slot := ticketOf(qc)
-	defer slot.release()
+	undo.push(slot.release)
 	if !slot.handshakeDone() {
 		g.refused(log, slog.LevelInfo, reasonPerSourceLimit, "too many unauthenticated connections from one source; refusing more")
 		qc.CloseWithError(1, "too many unauthenticated connections from this source")
-		return
+		return nil, nil, nil
 	}
 	hello := time.Now().Add(helloTimeout)
 	key, err := identity.KeyOf(qc.ConnectionState().TLS)
 	if err != nil {
 		g.refused(log, slog.LevelInfo, reasonBadCertificate, "node rejected", "err", err)
-		return
+		return nil, nil, nil
 	}
 	actx, cancel := context.WithDeadline(ctx, hello)
 	st, err := qc.AcceptStream(actx)
@@ -510,27 +539,27 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	if err != nil {
 		if isTimeout(err) {
 			g.refused(log, slog.LevelInfo, reasonHelloTimeout, "node opened no control stream in time")
-			return
+			return nil, nil, nil
 		}
 		log.Debug("node opened no control stream", "err", err)
-		return
+		return nil, nil, nil
 	}
 	st.SetReadDeadline(hello)
 	m, err := wire.ReadMessage(st)
 	if err != nil {
 		if isTimeout(err) {
 			g.refused(log, slog.LevelInfo, reasonHelloTimeout, "no hello in time", "err", err)
-			return
+			return nil, nil, nil
 		}
 		g.refused(log, slog.LevelInfo, reasonBadRegistration, "bad registration", "err", err)
 		g.refuse(qc, st, wire.CodeBadRequest, "bad registration: "+err.Error())
-		return
+		return nil, nil, nil
 	}
 	st.SetReadDeadline(time.Time{})
 	if m.Type != wire.TypeHello {
 		g.refused(log, slog.LevelInfo, reasonBadRegistration, "bad registration", "type", m.Type)
 		g.refuse(qc, st, wire.CodeBadRequest, "first message must be hello, got "+m.Type)
-		return
+		return nil, nil, nil
 	}
 	claims, err := token.Verify(m.Hello.Token, g.cfg.Authority, key, time.Now())
 	if err != nil {
@@ -540,12 +569,12 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		}
 		g.refused(log, slog.LevelInfo, r, "token refused", "err", err)
 		g.refuse(qc, st, code, err.Error())
-		return
+		return nil, nil, nil
 	}
 	if r, ok := g.revokedBy(claims); ok {
 		g.refused(log, slog.LevelInfo, reasonRevoked, "token refused: revoked", "token", claims.ID)
 		g.refuse(qc, st, wire.CodeRevoked, revokedMessage(claims, r))
-		return
+		return nil, nil, nil
 	}
 	// A token enrolls the machines it was issued for and no other: a copy
 	// on another machine cannot take the name or address it carries.
@@ -553,7 +582,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		if errors.Is(err, errTokenUsed) {
 			g.refused(log, slog.LevelWarn, reasonTokenUsed, "token already used by another machine", "token", claims.ID, "key", key.String())
 			g.refuse(qc, st, wire.CodeTokenUsed, fmt.Sprintf("this token for %s %q was already used by another machine; a token enrolls one machine (ask for a new one, or for one issued with --uses N)", claims.Role, claims.Name))
-			return
+			return nil, nil, nil
 		}
 		g.refused(log, slog.LevelError, reasonEnrollFailed, "token use not recorded", "err", err)
 		msg := "the gateway cannot record this token's use now"
@@ -561,7 +590,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 			msg = "the gateway cannot reach its cluster to enroll a new machine; try again later"
 		}
 		g.refuse(qc, st, wire.CodeUnavailable, msg)
-		return
+		return nil, nil, nil
 	}
 	// Authenticated: a valid credential, not revoked, for this machine. (A
 	// revoked or copied token verifies but stays counted as a stranger
@@ -572,7 +601,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	}
 	n := &node{name: claims.Name, role: claims.Role, key: key, claims: claims, cred: m.Hello.Token, qc: qc, ch: wire.NewChannel(st),
 		inflight: make(chan struct{}, maxInflightConnects), routes: make(map[string]uint64)}
-	defer n.ch.Close() // fails requests still waiting on this node
+	undo.push(func() { n.ch.Close() }) // fails requests still waiting on this node
 	log = log.With("role", n.role, "name", n.name)
 	// The relay peer exists before the node is findable (g.agents, g.live):
 	// a connect may use it from then on. A node over TCP has no observed
@@ -595,13 +624,13 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	n.peer.OnMoved = func(id uint64, to netip.AddrPort) {
 		go n.write(&wire.Message{Type: wire.TypeMoved, Moved: &wire.Moved{ID: id, Addr: to}})
 	}
-	defer n.peer.Close()
+	undo.push(func() { n.peer.Close() })
 	if n.role == token.RoleAgent {
 		for _, p := range m.Hello.Advertise {
 			if !p.IsValid() || p.Bits() < 0 {
 				g.refused(log, slog.LevelInfo, reasonBadAdvertise, "invalid advertised prefix")
 				g.refuse(qc, st, wire.CodeBadRequest, "invalid advertised prefix")
-				return
+				return nil, nil, nil
 			}
 			n.adv = append(n.adv, p.Masked())
 		}
@@ -613,9 +642,9 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 			msg = "the gateway cannot reach its cluster to give a new node an address; try again later"
 		}
 		g.refuse(qc, st, wire.CodeUnavailable, msg)
-		return
+		return nil, nil, nil
 	}
-	defer g.releaseOverlay(n)
+	undo.push(func() { g.releaseOverlay(n) })
 	if n.role == token.RoleAgent {
 		// The name is held by one key, here and (a round trip, made
 		// without g.mu) across the cluster.
@@ -629,14 +658,14 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		if held {
 			g.refused(log, slog.LevelWarn, reasonNameInUse, "agent name already in use by another key")
 			g.refuse(qc, st, wire.CodeNameInUse, fmt.Sprintf("agent %q is already connected with a different key", n.name))
-			return
+			return nil, nil, nil
 		}
 		if err := g.announceAgent(n); err != nil {
 			var elsewhere *cluster.ErrNameHeld
 			if errors.As(err, &elsewhere) {
 				g.refused(log, slog.LevelWarn, reasonNameInUse, "agent name in use on another gateway by another key", "gateway", elsewhere.Gateway)
 				g.refuse(qc, st, wire.CodeNameInUse, fmt.Sprintf("agent %q is already connected to gateway %s with a different key", n.name, elsewhere.Gateway))
-				return
+				return nil, nil, nil
 			}
 			log.Warn("agent not announced to the cluster", "err", err)
 		}
@@ -649,7 +678,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 			g.announceAgent(old)
 			g.refused(log, slog.LevelWarn, reasonNameInUse, "agent name already in use by another key")
 			g.refuse(qc, st, wire.CodeNameInUse, fmt.Sprintf("agent %q is already connected with a different key", n.name))
-			return
+			return nil, nil, nil
 		}
 		g.agents[n.name] = n
 		g.mu.Unlock()
@@ -658,7 +687,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 			// new connection replaces the old one.
 			old.qc.CloseWithError(0, "replaced by a new connection")
 		}
-		defer func() {
+		undo.push(func() {
 			g.mu.Lock()
 			last := g.agents[n.name] == n
 			if last {
@@ -672,7 +701,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 				c.Withdraw(n.name, n.key.String())
 			}
 			g.shareDirectory(n.name)
-		}()
+		})
 		if err := g.dir.seen(claims, n.adv, time.Now()); err != nil {
 			log.Warn("could not record the agent in the directory", "err", err)
 		}
@@ -680,11 +709,11 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	}
 
 	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed, RelayToken: relayToken[:], Revocations: n.revocations(g)}}); err != nil {
-		return
+		return nil, nil, nil
 	}
 	log.Info("node registered", "overlay", n.overlay, "advertise", n.adv)
-	defer g.nodeOnline(n.role)()
-	defer log.Info("node disconnected")
+	undo.push(g.nodeOnline(n.role))
+	undo.push(func() { log.Info("node disconnected") })
 
 	// Expiry bites on a live connection too: when the token runs out the
 	// node is told why and disconnected; its reconnect is then refused as
@@ -694,7 +723,7 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 		n.write(&wire.Message{Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeExpired, Message: fmt.Sprintf("the token for %q expired at %s", n.name, time.Unix(claims.Expires, 0).UTC().Format(time.RFC3339))}})
 		qc.CloseWithError(0, "token expired")
 	})
-	defer expire.Stop()
+	undo.push(func() { expire.Stop() })
 
 	// Relay frames in DATAGRAMs are forwarded on the connection's own
 	// goroutine as they are parsed, not through quic-go's receive queue:
@@ -704,53 +733,66 @@ func (g *Gateway) serve(ctx context.Context, qc *quic.Conn) {
 	for _, b := range qc.SetDatagramHandler(func(b []byte) { g.hub.ForwardBorrowed(n.peer, b) }) {
 		g.hub.Forward(n.peer, b)
 	}
+	return n, st, log
+}
+
+// handleNode serves a registered node's control stream until it ends. It
+// runs on the connection's goroutine for as long as the node stays, so
+// its frame is kept small: the messages are handled in handleMessage, and
+// registration's large frame (register) is gone from the stack. An idle
+// node's goroutine then fits a 4 KB stack instead of 8 KB (issue 12).
+func (g *Gateway) handleNode(ctx context.Context, n *node, st *quic.Stream, log *slog.Logger) {
 	for {
 		m, err := wire.ReadMessage(st)
 		if err != nil {
-			if qc.Context().Err() == nil && !errors.Is(err, context.Canceled) {
+			if n.qc.Context().Err() == nil && !errors.Is(err, context.Canceled) {
 				log.Info("closing node connection", "err", err)
 			}
 			return
 		}
-		if n.ch.Deliver(m) {
-			continue
+		if !n.ch.Deliver(m) {
+			g.handleMessage(ctx, n, m, log)
 		}
-		switch {
-		case m.Type == wire.TypeConnect && n.role == token.RoleClient:
-			// Bound the work one client can make the gateway do at once.
-			select {
-			case n.inflight <- struct{}{}:
-			default:
-				n.write(&wire.Message{Type: wire.TypeError, ID: m.ID, Error: &wire.Error{Code: wire.CodeUnavailable, Message: "too many connect requests at once"}})
-				continue
-			}
-			go func() {
-				defer func() { <-n.inflight }()
-				reply := g.connect(ctx, n, m.Connect)
-				reply.ID = m.ID
-				n.write(reply)
-			}()
-		case m.Type == wire.TypeAgents && n.role == token.RoleClient:
-			// Listing costs more than a connect; it shares the bucket.
-			if !n.connectAllowed(time.Now()) {
-				n.write(&wire.Message{Type: wire.TypeError, ID: m.ID, Error: &wire.Error{Code: wire.CodeUnavailable, Message: "too many requests; slow down"}})
-				continue
-			}
-			n.write(&wire.Message{Type: wire.TypeAgents, ID: m.ID, Agents: g.listAgents(n.claims)})
-		case m.Type == wire.TypePing && m.ID != 0:
-			// An honest node asks at most every few seconds; faster ones
-			// are not answered (and counted), so pings cost the gateway
-			// no more than keepalives.
-			if now := time.Now(); now.Sub(n.lastPing) >= minPingInterval {
-				n.lastPing = now
-				n.write(&wire.Message{Type: wire.TypePing, ID: m.ID})
-				continue
-			}
-			g.refused(log, slog.LevelInfo, reasonUnexpectedMessage, "pings too often", "type", m.Type)
+	}
+}
+
+// handleMessage answers one control message from a registered node.
+func (g *Gateway) handleMessage(ctx context.Context, n *node, m *wire.Message, log *slog.Logger) {
+	switch {
+	case m.Type == wire.TypeConnect && n.role == token.RoleClient:
+		// Bound the work one client can make the gateway do at once.
+		select {
+		case n.inflight <- struct{}{}:
 		default:
-			g.refused(log, slog.LevelInfo, reasonUnexpectedMessage, "unexpected control message", "type", m.Type)
-			n.write(&wire.Message{Type: wire.TypeError, ID: m.ID, Error: &wire.Error{Code: wire.CodeBadRequest, Message: "unexpected " + m.Type + " message"}})
+			n.write(&wire.Message{Type: wire.TypeError, ID: m.ID, Error: &wire.Error{Code: wire.CodeUnavailable, Message: "too many connect requests at once"}})
+			return
 		}
+		go func() {
+			defer func() { <-n.inflight }()
+			reply := g.connect(ctx, n, m.Connect)
+			reply.ID = m.ID
+			n.write(reply)
+		}()
+	case m.Type == wire.TypeAgents && n.role == token.RoleClient:
+		// Listing costs more than a connect; it shares the bucket.
+		if !n.connectAllowed(time.Now()) {
+			n.write(&wire.Message{Type: wire.TypeError, ID: m.ID, Error: &wire.Error{Code: wire.CodeUnavailable, Message: "too many requests; slow down"}})
+			return
+		}
+		n.write(&wire.Message{Type: wire.TypeAgents, ID: m.ID, Agents: g.listAgents(n.claims)})
+	case m.Type == wire.TypePing && m.ID != 0:
+		// An honest node asks at most every few seconds; faster ones
+		// are not answered (and counted), so pings cost the gateway
+		// no more than keepalives.
+		if now := time.Now(); now.Sub(n.lastPing) >= minPingInterval {
+			n.lastPing = now
+			n.write(&wire.Message{Type: wire.TypePing, ID: m.ID})
+			return
+		}
+		g.refused(log, slog.LevelInfo, reasonUnexpectedMessage, "pings too often", "type", m.Type)
+	default:
+		g.refused(log, slog.LevelInfo, reasonUnexpectedMessage, "unexpected control message", "type", m.Type)
+		n.write(&wire.Message{Type: wire.TypeError, ID: m.ID, Error: &wire.Error{Code: wire.CodeBadRequest, Message: "unexpected " + m.Type + " message"}})
 	}
 }
 
