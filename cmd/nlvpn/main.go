@@ -194,6 +194,7 @@ The gateway relays only end-to-end encrypted packets.`,
 			if err != nil {
 				return err
 			}
+			tuneGatewayGC()
 			cfg := gateway.Config{State: st, Listen: c.String("listen"), ListenTCP: c.String("listen-tcp"), PublicAddr: c.String("public-addr"), Log: slog.Default(),
 				MaxUnauthPerSource: c.Int("max-unauth-per-source"), MaxUnauth: c.Int("max-unauth"), RetryAbove: c.Int("retry-above")}
 			if a := c.String("authority"); a != "" {

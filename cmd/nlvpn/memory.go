@@ -29,3 +29,24 @@ func limitClientMemory() {
 	}
 	debug.SetMemoryLimit(clientMemoryLimit)
 }
+
+// gatewayGCPercent is the gateway's GOGC. Its memory is mostly what it holds
+// for each connected node (a QUIC connection, TLS state, three goroutines),
+// live for hours, while it allocates little between registrations; with
+// Go's default of 100 the heap is let grow to twice what is live before a
+// collection, and the process keeps that much (RSS). At 50 it grows by half.
+// The cost is collections twice as often, which at this allocation rate is
+// small (registration CPU below). GOGC in the environment overrides it.
+//
+// BenchmarkGatewayIdleNodes, 10,000 nodes, GOGC 100 -> 50 in back-to-back
+// runs: gateway RSS 1286 -> 864 MiB, Go heap+stacks 616 -> 586 MiB,
+// registration CPU 14.9 -> 16.8 ms/node, idle CPU 305 -> 319 ms/s (another
+// engineer's runs beside both).
+const gatewayGCPercent = 50
+
+func tuneGatewayGC() {
+	if os.Getenv("GOGC") != "" {
+		return
+	}
+	debug.SetGCPercent(gatewayGCPercent)
+}

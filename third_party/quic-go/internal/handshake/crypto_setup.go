@@ -306,6 +306,10 @@ func (h *cryptoSetup) NextEvent() Event {
 		return Event{Kind: EventNoEvent}
 	}
 	ev := h.events[0]
+	// The array outlives the handshake (nothing is appended to it after
+	// that, so it is never replaced): a consumed event must not keep the
+	// handshake's flights (its certificate chain) alive with it.
+	h.events[0] = Event{}
 	h.events = h.events[1:]
 	return ev
 }
