@@ -59,6 +59,10 @@ type updatableAEAD struct {
 	// caches cipher.AEAD.Overhead(). This speeds up calls to Overhead().
 	aeadOverhead int
 
+	// The next key phase's AEADs are made when first needed (nextRcv,
+	// nextSend): a key update is rare, and a server holding thousands of
+	// idle connections would otherwise keep two unused AES-GCM states for
+	// each.
 	nextRcvAEAD           cipher.AEAD
 	nextSendAEAD          cipher.AEAD
 	nextRcvTrafficSecret  []byte
@@ -116,13 +120,29 @@ func (a *updatableAEAD) rollKeys() {
 	a.numRcvdWithCurrentKey = 0
 	a.numSentWithCurrentKey = 0
 	a.prevRcvAEAD = a.rcvAEAD
-	a.rcvAEAD = a.nextRcvAEAD
-	a.sendAEAD = a.nextSendAEAD
+	a.rcvAEAD = a.nextRcv()
+	a.sendAEAD = a.nextSend()
 
 	a.nextRcvTrafficSecret = a.getNextTrafficSecret(a.suite.Hash, a.nextRcvTrafficSecret)
 	a.nextSendTrafficSecret = a.getNextTrafficSecret(a.suite.Hash, a.nextSendTrafficSecret)
-	a.nextRcvAEAD = createAEAD(a.suite, a.nextRcvTrafficSecret, a.version)
-	a.nextSendAEAD = createAEAD(a.suite, a.nextSendTrafficSecret, a.version)
+	a.nextRcvAEAD = nil
+	a.nextSendAEAD = nil
+}
+
+// nextRcv is the next key phase's receive AEAD, made on first use.
+func (a *updatableAEAD) nextRcv() cipher.AEAD {
+	if a.nextRcvAEAD == nil {
+		a.nextRcvAEAD = createAEAD(a.suite, a.nextRcvTrafficSecret, a.version)
+	}
+	return a.nextRcvAEAD
+}
+
+// nextSend is the next key phase's send AEAD, made on first use.
+func (a *updatableAEAD) nextSend() cipher.AEAD {
+	if a.nextSendAEAD == nil {
+		a.nextSendAEAD = createAEAD(a.suite, a.nextSendTrafficSecret, a.version)
+	}
+	return a.nextSendAEAD
 }
 
 func (a *updatableAEAD) startKeyDropTimer(now monotime.Time) {
@@ -150,7 +170,7 @@ func (a *updatableAEAD) SetReadKey(suite cipherSuite, trafficSecret []byte) {
 	}
 
 	a.nextRcvTrafficSecret = a.getNextTrafficSecret(suite.Hash, trafficSecret)
-	a.nextRcvAEAD = createAEAD(suite, a.nextRcvTrafficSecret, a.version)
+	a.nextRcvAEAD = nil
 }
 
 // SetWriteKey sets the write key.
@@ -164,7 +184,7 @@ func (a *updatableAEAD) SetWriteKey(suite cipherSuite, trafficSecret []byte) {
 	}
 
 	a.nextSendTrafficSecret = a.getNextTrafficSecret(suite.Hash, trafficSecret)
-	a.nextSendAEAD = createAEAD(suite, a.nextSendTrafficSecret, a.version)
+	a.nextSendAEAD = nil
 }
 
 func (a *updatableAEAD) setAEADParameters(aead cipher.AEAD, suite cipherSuite) {
@@ -231,7 +251,7 @@ func (a *updatableAEAD) open(dst, src []byte, rcvTime monotime.Time, pn protocol
 			return dec, err
 		}
 		// try opening the packet with the next key phase
-		dec, err := a.nextRcvAEAD.Open(dst, a.nonceBuf[:], src, ad)
+		dec, err := a.nextRcv().Open(dst, a.nonceBuf[:], src, ad)
 		if err != nil {
 			return nil, ErrDecryptionFailed
 		}
