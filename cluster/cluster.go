@@ -24,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
 	"slices"
@@ -103,6 +104,13 @@ type Config struct {
 	// gateway with the same key: the agent moved, its connection here is
 	// stale.
 	OnMoved func(name string, p Presence)
+	// OnNameLost is called when an agent homed here (lost) finds its name
+	// held in the cluster by another gateway with another key (holder):
+	// both admitted it while they could not see each other (a NATS split,
+	// or this gateway cut off past the presence TTL). The claim already in
+	// the cluster wins, as at registration; the agent here is no longer
+	// homed and its connection should end.
+	OnNameLost func(name string, lost, holder Presence)
 	// RevocationSerial verifies a signed list and returns its serial; used
 	// to put a list into the cluster only over an older one.
 	RevocationSerial func(signed string) (uint64, error)
@@ -133,6 +141,7 @@ type Stats struct {
 	KVOps     uint64 // writes and reads that went to NATS
 	KVErrors  uint64 // of those, failed
 	Dropped   uint64 // entries from NATS not held: a bound hit, too large, or malformed
+	NamesLost uint64 // agents homed here whose name another gateway held with another key (OnNameLost)
 }
 
 // Cluster is this gateway's link to the cluster.
@@ -154,16 +163,30 @@ type Cluster struct {
 
 	connected          atomic.Bool
 	ops, errs, dropped atomic.Uint64
+	namesLost          atomic.Uint64
 
 	mu       sync.Mutex
 	presence map[string]presenceSeen // by agent name
 	slots    map[string]netip.Addr   // overlay: slot -> address
 	owners   map[netip.Addr]string   // overlay: address -> slot
 	dir      map[string]DirEntry     // by agent name
-	local    map[string]Presence     // agents homed here: refreshed
+	local    map[string]homed        // agents homed here: refreshed
 	dirty    map[string]DirEntry     // directory writes not yet in NATS
 	revoc    string                  // a signed list not yet in NATS
 	enrolled map[string][]string     // token ID (keyOf) -> node keys that used it
+}
+
+// homed is an agent homed here: its presence, and the revision of this
+// gateway's last write of it to NATS (0: none known). A refresh writes
+// over that revision only, so it never replaces another gateway's claim.
+type homed struct {
+	Presence
+	rev uint64
+	// pending: Announce is writing it now and decides by itself what
+	// NATS holds; the watch and refresh leave it alone meanwhile (else
+	// the entry of the gateway an agent moves from, seen in that moment,
+	// would let go the agent that just moved here).
+	pending bool
 }
 
 type presenceSeen struct {
@@ -193,7 +216,7 @@ func Join(ctx context.Context, cfg Config) (*Cluster, error) {
 	c := &Cluster{cfg: cfg, log: cfg.Log.With("cluster", strings.Join(cfg.URLs, ",")), ttl: cfg.PresenceTTL,
 		kvs: map[string]jetstream.KeyValue{}, kick: make(chan struct{}, 1), ready: make(chan struct{}), rewatch: make(chan struct{}),
 		presence: map[string]presenceSeen{}, slots: map[string]netip.Addr{}, owners: map[netip.Addr]string{},
-		dir: map[string]DirEntry{}, local: map[string]Presence{}, dirty: map[string]DirEntry{}, enrolled: map[string][]string{}}
+		dir: map[string]DirEntry{}, local: map[string]homed{}, dirty: map[string]DirEntry{}, enrolled: map[string][]string{}}
 	opts := []nats.Option{
 		nats.Name("nlvpn gateway " + cfg.PublicAddr),
 		nats.MaxReconnects(-1), // forever: the gateway serves on meanwhile
@@ -419,7 +442,7 @@ func (c *Cluster) Connected() bool { return c.connected.Load() && c.nc.IsConnect
 
 // Stats reads the counters.
 func (c *Cluster) Stats() Stats {
-	return Stats{Connected: c.Connected(), KVOps: c.ops.Load(), KVErrors: c.errs.Load(), Dropped: c.dropped.Load()}
+	return Stats{Connected: c.Connected(), KVOps: c.ops.Load(), KVErrors: c.errs.Load(), Dropped: c.dropped.Load(), NamesLost: c.namesLost.Load()}
 }
 
 // PublicAddr is this gateway's address in presence entries.
@@ -428,7 +451,7 @@ func (c *Cluster) PublicAddr() string { return c.cfg.PublicAddr }
 // kv runs one operation against NATS, counting it.
 func (c *Cluster) kv(err error) error {
 	c.ops.Add(1)
-	if err != nil && !errors.Is(err, jetstream.ErrKeyExists) && !errors.Is(err, jetstream.ErrKeyNotFound) {
+	if err != nil && !errors.Is(err, jetstream.ErrKeyExists) && !errors.Is(err, jetstream.ErrKeyNotFound) && !isWrongRevision(err) {
 		c.errs.Add(1)
 	}
 	return err
@@ -535,14 +558,61 @@ func (c *Cluster) applyPresence(e jetstream.KeyValueEntry) {
 		return
 	}
 	c.presence[name] = presenceSeen{Presence: p, at: time.Now()}
-	mine, homed := c.local[name]
-	moved := homed && p.Gateway != c.cfg.PublicAddr && p.Key == mine.Key
-	if moved {
+	mine, lost := c.local[name]
+	switch {
+	case !lost || mine.pending:
+		lost = false
+	case p.Gateway == c.cfg.PublicAddr:
+		lost = false
+		if p.Key == mine.Key && e.Revision() > mine.rev {
+			mine.rev = e.Revision()
+			c.local[name] = mine
+		}
+	case mine.rev != 0 && e.Revision() < mine.rev:
+		lost = false // history from a lagging watch: our claim came after it
+	case time.Since(e.Created()) >= c.ttl:
+		lost = false // stale: its gateway stopped refreshing it
+	default:
+		// Another gateway holds the name now, fresh: its claim is the
+		// cluster's (refresh never writes over one), so ours ends.
 		delete(c.local, name)
 	}
 	c.mu.Unlock()
-	if moved && c.cfg.OnMoved != nil {
-		c.cfg.OnMoved(name, p)
+	if lost {
+		c.let(name, mine.Presence, p)
+	}
+}
+
+// let tells the gateway that the agent homed here as mine is no longer
+// (it is out of c.local already): holder, on another gateway, has the
+// name. The same key means the agent moved there; another key that the
+// name was taken on both sides of a split.
+func (c *Cluster) let(name string, mine, holder Presence) {
+	if holder.Key == mine.Key {
+		if c.cfg.OnMoved != nil {
+			c.cfg.OnMoved(name, holder)
+		}
+		return
+	}
+	c.namesLost.Add(1)
+	c.log.Info("agent name held on another gateway by another key; the cluster's claim wins", "name", name, "key", mine.Key, "gateway", holder.Gateway, "holder_key", holder.Key)
+	if c.cfg.OnNameLost != nil {
+		c.cfg.OnNameLost(name, mine, holder)
+	}
+}
+
+// lose ends the claim of the agent homed here under name with key, if it
+// is still homed here, because holder has the name in the cluster.
+func (c *Cluster) lose(name, key string, holder Presence) {
+	c.mu.Lock()
+	mine, ok := c.local[name]
+	ok = ok && mine.Key == key && !mine.pending
+	if ok {
+		delete(c.local, name)
+	}
+	c.mu.Unlock()
+	if ok {
+		c.let(name, mine.Presence, holder)
 	}
 }
 
@@ -612,7 +682,8 @@ func (e *ErrNameHeld) Error() string {
 // cluster, as a standalone gateway refuses a second key. The same key on
 // another gateway means the agent moved here: this announcement replaces
 // that one. While NATS is away the cache decides and the announcement goes
-// out when NATS is back. Presence is refreshed until Withdraw.
+// out when NATS is back (where a claim made meanwhile on another gateway
+// wins: OnNameLost). Presence is refreshed until Withdraw.
 func (c *Cluster) Announce(ctx context.Context, name string, p Presence) error {
 	p.Gateway = c.cfg.PublicAddr
 	if p.Since == 0 {
@@ -621,46 +692,110 @@ func (c *Cluster) Announce(ctx context.Context, name string, p Presence) error {
 	if cur, ok := c.Lookup(name); ok && cur.Key != p.Key {
 		return &ErrNameHeld{Gateway: cur.Gateway}
 	}
+	connected := c.Connected()
 	c.mu.Lock()
-	c.local[name] = p
+	c.local[name] = homed{Presence: p, pending: connected}
 	c.mu.Unlock()
-	if !c.Connected() {
+	if !connected {
 		return nil // refresh puts it when NATS is back
 	}
-	b, _ := json.Marshal(p)
-	kv := c.kvs[bucketPresence]
 	rctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	// Create if absent, else replace only what was read: two gateways
-	// racing for one name with two keys do not both win.
-	e, err := kv.Get(rctx, keyOf(name))
-	if c.kv(err) != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+	rev, cur, err := c.claim(rctx, name, p, 0, func(cur Presence) bool { return cur.Key != p.Key })
+	switch {
+	case cur != nil:
+		c.unhome(name, p.Key)
+		return &ErrNameHeld{Gateway: cur.Gateway}
+	case isWrongRevision(err):
+		c.unhome(name, p.Key)
+		return &ErrNameHeld{Gateway: "(another gateway, at the same moment)"}
+	case err != nil:
+		c.wrote(rctx, name, p.Key, 0)
 		return nil // NATS trouble: the cache admitted it; refresh retries
 	}
-	if err == nil && e.Operation() == jetstream.KeyValuePut {
-		var cur Presence
-		if json.Unmarshal(e.Value(), &cur) == nil && cur.Key != p.Key && time.Since(e.Created()) < c.ttl {
-			c.mu.Lock()
-			delete(c.local, name)
-			c.mu.Unlock()
-			return &ErrNameHeld{Gateway: cur.Gateway}
-		}
-		_, err = kv.Update(rctx, keyOf(name), b, e.Revision())
-	} else {
-		_, err = kv.Create(rctx, keyOf(name), b)
-	}
-	if c.kv(err) != nil && (errors.Is(err, jetstream.ErrKeyExists) || isWrongRevision(err)) {
-		c.mu.Lock()
-		delete(c.local, name)
-		c.mu.Unlock()
-		return &ErrNameHeld{Gateway: "(another gateway, at the same moment)"}
-	}
+	c.wrote(rctx, name, p.Key, rev)
 	return nil
 }
 
+// claimRaces bounds the writes of one presence lost to other writers in a
+// row; past it the claim waits for the next refresh.
+const claimRaces = 4
+
+// claim writes p as name's presence unless NATS holds a fresh entry of
+// another that yields says wins: that one is returned instead. The write
+// creates the key if absent, else updates the revision just read, so two
+// gateways never both take a name, and never writes over an entry it has
+// not judged. rev, if not 0, is this gateway's last write of it, tried
+// first: a refresh costs one round trip while it is still the latest.
+// err is a lost race (isWrongRevision) when every try lost one.
+func (c *Cluster) claim(ctx context.Context, name string, p Presence, rev uint64, yields func(cur Presence) bool) (uint64, *Presence, error) {
+	kv := c.kvs[bucketPresence]
+	k := keyOf(name)
+	b, _ := json.Marshal(p)
+	var err error
+	if rev != 0 {
+		rev, err = kv.Update(ctx, k, b, rev)
+		if c.kv(err) == nil || !isWrongRevision(err) {
+			return rev, nil, err
+		}
+	}
+	for range claimRaces {
+		var e jetstream.KeyValueEntry
+		e, err = kv.Get(ctx, k)
+		switch {
+		case errors.Is(c.kv(err), jetstream.ErrKeyNotFound): // absent, deleted or expired
+			rev, err = kv.Create(ctx, k, b)
+		case err != nil:
+			return 0, nil, err
+		default:
+			var cur Presence
+			if json.Unmarshal(e.Value(), &cur) == nil && cur.Gateway != "" && time.Since(e.Created()) < c.ttl && yields(cur) {
+				return 0, &cur, nil
+			}
+			rev, err = kv.Update(ctx, k, b, e.Revision())
+		}
+		if c.kv(err) == nil || !isWrongRevision(err) {
+			return rev, nil, err
+		}
+	}
+	return 0, nil, err
+}
+
+// isWrongRevision says a write conditional on a revision (or on absence)
+// found another: someone else wrote first.
 func isWrongRevision(err error) bool {
 	var ae *jetstream.APIError
-	return errors.As(err, &ae) && ae.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence
+	return errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch) ||
+		errors.As(err, &ae) && (ae.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || ae.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+}
+
+// unhome forgets the agent homed here under name with key.
+func (c *Cluster) unhome(name, key string) {
+	c.mu.Lock()
+	if h, ok := c.local[name]; ok && h.Key == key {
+		delete(c.local, name)
+	}
+	c.mu.Unlock()
+}
+
+// wrote records rev as this gateway's last write of name's presence for
+// key (0: the write failed; refresh tries again), and that the claim is
+// settled. If the agent left meanwhile (Withdraw ran before the write
+// landed), the presence just written is taken out again.
+func (c *Cluster) wrote(ctx context.Context, name, key string, rev uint64) {
+	c.mu.Lock()
+	h, ok := c.local[name]
+	if ok && h.Key == key {
+		if rev != 0 {
+			h.rev = rev
+		}
+		h.pending = false
+		c.local[name] = h
+	}
+	c.mu.Unlock()
+	if !ok && rev != 0 {
+		c.withdraw(ctx, name)
+	}
 }
 
 // Withdraw says the agent left this gateway (if it is still homed here).
@@ -702,10 +837,15 @@ func (c *Cluster) withdraw(ctx context.Context, name string) {
 }
 
 // refresh puts the presence of the agents homed here every third of the
-// TTL, and the writes that failed, until ctx ends.
+// TTL, and the writes that failed, until ctx ends. A presence goes over
+// this gateway's own last write only: where another gateway holds the name
+// now, fresh (it took it while this one could not reach NATS), its claim
+// wins and the agent here is let go (OnNameLost, or OnMoved for the same
+// key).
 func (c *Cluster) refresh(ctx context.Context) {
 	t := time.NewTicker(c.ttl / 3)
 	defer t.Stop()
+	others := func(cur Presence) bool { return cur.Gateway != c.cfg.PublicAddr }
 	for {
 		select {
 		case <-ctx.Done():
@@ -717,23 +857,22 @@ func (c *Cluster) refresh(ctx context.Context) {
 			continue
 		}
 		c.mu.Lock()
-		local := make(map[string]Presence, len(c.local))
-		for n, p := range c.local {
-			// Another gateway has the name now: do not take it back.
-			if cur, ok := c.presence[n]; ok && cur.Gateway != c.cfg.PublicAddr {
-				continue
-			}
-			local[n] = p
-		}
+		local := maps.Clone(c.local)
+		maps.DeleteFunc(local, func(_ string, h homed) bool { return h.pending })
 		dirty := c.dirty
 		c.dirty = map[string]DirEntry{}
 		revoc := c.revoc
 		c.revoc = ""
 		c.mu.Unlock()
-		for n, p := range local {
-			b, _ := json.Marshal(p)
+		for n, h := range local {
 			rctx, cancel := context.WithTimeout(ctx, opTimeout)
-			c.kv(putErr(c.kvs[bucketPresence].Put(rctx, keyOf(n), b)))
+			rev, holder, err := c.claim(rctx, n, h.Presence, h.rev, others)
+			switch {
+			case holder != nil:
+				c.lose(n, h.Key, *holder)
+			case err == nil:
+				c.wrote(rctx, n, h.Key, rev)
+			}
 			cancel()
 		}
 		for n, e := range dirty {

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -16,6 +17,8 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/nlvpn/nlvpn/cluster/clustertest"
 )
 
 // startNATS runs an embedded nats-server with JetStream on loopback, on
@@ -52,6 +55,27 @@ type gw struct {
 	mu    sync.Mutex
 	revoc []string
 	moved []string
+	lost  []nameLost
+}
+
+// nameLost is one OnNameLost call.
+type nameLost struct {
+	name         string
+	lost, holder Presence
+}
+
+func (g *gw) lostNames() []nameLost {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return append([]nameLost(nil), g.lost...)
+}
+
+// homedHere says whether name is homed on this gateway (refreshed by it).
+func (g *gw) homedHere(name string) bool {
+	g.Cluster.mu.Lock()
+	defer g.Cluster.mu.Unlock()
+	_, ok := g.local[name]
+	return ok
 }
 
 func (g *gw) revocations() []string {
@@ -72,6 +96,11 @@ func join(t *testing.T, url, addr string, mod func(*Config)) *gw {
 		JoinTimeout: 10 * time.Second, RevocationSerial: fakeSerial,
 		OnRevocations: func(s string) { g.mu.Lock(); g.revoc = append(g.revoc, s); g.mu.Unlock() },
 		OnMoved:       func(name string, _ Presence) { g.mu.Lock(); g.moved = append(g.moved, name); g.mu.Unlock() },
+		OnNameLost: func(name string, lost, holder Presence) {
+			g.mu.Lock()
+			g.lost = append(g.lost, nameLost{name, lost, holder})
+			g.mu.Unlock()
+		},
 	}
 	if mod != nil {
 		mod(&cfg)
@@ -582,5 +611,135 @@ func TestLookupNowAsksNATS(t *testing.T) {
 	}
 	if _, ok := g.LookupNow(context.Background(), "nobody"); ok {
 		t.Fatal("LookupNow found an agent nobody announced")
+	}
+}
+
+// presenceIn reads name's presence straight from NATS.
+func presenceIn(t *testing.T, url, name string) (Presence, bool) {
+	t.Helper()
+	nc, err := nats.Connect(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	ctx := context.Background()
+	kv, err := js.KeyValue(ctx, bucketPresence)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := kv.Get(ctx, keyOf(name))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return Presence{}, false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var p Presence
+	if err := json.Unmarshal(e.Value(), &p); err != nil {
+		t.Fatal(err)
+	}
+	return p, true
+}
+
+// A split: gateway A is cut off from NATS while B is not. B takes a name
+// with one key; A, not hearing of it, admits the name with another key
+// from its cache. When A is back, the claim already in the cluster (B's)
+// wins: A is told, lets its agent go, and from then on agrees with B;
+// B keeps the name. A name only A took meanwhile stays A's and B learns it.
+func TestNameTakenDuringSplit(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	link := clustertest.NewLink(t, s.ClientURL())
+	const addrA, addrB = "198.18.0.1:4433", "198.18.0.2:4433"
+	gA := join(t, link.URL(), addrA, nil)
+	gB := join(t, s.ClientURL(), addrB, nil)
+	ctx := context.Background()
+
+	link.Cut()
+	eventually(t, 5*time.Second, "gateway A notices it is cut off", func() bool { return !gA.Connected() })
+	if err := gB.Announce(ctx, "x", Presence{Key: "key-B"}); err != nil {
+		t.Fatalf("gateway B takes x: %v", err)
+	}
+	for _, name := range []string{"x", "y"} {
+		if err := gA.Announce(ctx, name, Presence{Key: "key-A"}); err != nil {
+			t.Fatalf("gateway A, cut off, admits %s from its cache: %v", name, err)
+		}
+	}
+	link.Restore()
+
+	eventually(t, 15*time.Second, "gateway A lets x go", func() bool { return len(gA.lostNames()) > 0 })
+	eventually(t, 5*time.Second, "gateway A agrees with B on x and B learns y on A", func() bool {
+		x, okx := gA.Lookup("x")
+		y, oky := gB.Lookup("y")
+		return okx && x.Gateway == addrB && x.Key == "key-B" && gA.Online()["x"].Key == "key-B" &&
+			oky && y.Gateway == addrA && y.Key == "key-A"
+	})
+	if l := gA.lostNames(); len(l) != 1 || l[0].name != "x" || l[0].lost.Key != "key-A" || l[0].holder.Gateway != addrB || l[0].holder.Key != "key-B" {
+		t.Fatalf("gateway A told %+v, want x lost once, key-A to key-B on %s", l, addrB)
+	}
+	if n := gA.Stats().NamesLost; n != 1 {
+		t.Fatalf("gateway A counted %d names lost, want 1", n)
+	}
+	// A refreshes y but no longer x: NATS keeps B's claim, B lost nothing.
+	if gA.homedHere("x") || !gA.homedHere("y") {
+		t.Fatalf("gateway A homes x %v (want false), y %v (want true)", gA.homedHere("x"), gA.homedHere("y"))
+	}
+	if p, ok := presenceIn(t, s.ClientURL(), "x"); !ok || p.Gateway != addrB || p.Key != "key-B" {
+		t.Fatalf("x in NATS: %+v %v, want B's", p, ok)
+	}
+	if p, ok := gB.Lookup("x"); !ok || p.Gateway != addrB || len(gB.lostNames()) != 0 || !gB.homedHere("x") {
+		t.Fatalf("gateway B: x %+v %v, lost %+v; want x kept", p, ok, gB.lostNames())
+	}
+	// A's agent, reconnecting, is refused as at any registration.
+	var held *ErrNameHeld
+	if err := gA.Announce(ctx, "x", Presence{Key: "key-A"}); !errors.As(err, &held) || held.Gateway != addrB {
+		t.Fatalf("gateway A announcing x again: %v, want held by %s", err, addrB)
+	}
+}
+
+// NATS itself away: both gateways admit one name with two keys from their
+// caches. When NATS is back, exactly one keeps it (the one whose claim
+// NATS took first), the other is told, and both agree.
+func TestNameTakenTwiceWhileNATSAway(t *testing.T) {
+	dir := t.TempDir()
+	s := startNATS(t, dir, 0)
+	_, p, _ := strings.Cut(s.Addr().String(), ":")
+	port, _ := strconv.Atoi(p)
+	gws := []*gw{join(t, s.ClientURL(), "198.18.0.1:4433", nil), join(t, s.ClientURL(), "198.18.0.2:4433", nil)}
+	ctx := context.Background()
+	s.Shutdown()
+	for i, g := range gws {
+		eventually(t, 5*time.Second, "the gateways notice", func() bool { return !g.Connected() })
+		if err := g.Announce(ctx, "x", Presence{Key: fmt.Sprintf("key-%d", i)}); err != nil {
+			t.Fatalf("gateway %d admits x while NATS is away: %v", i+1, err)
+		}
+	}
+	startNATS(t, dir, port)
+	var winner, loser *gw
+	eventually(t, 15*time.Second, "one gateway lets x go", func() bool {
+		for i, g := range gws {
+			if len(g.lostNames()) > 0 {
+				loser, winner = g, gws[1-i]
+				return true
+			}
+		}
+		return false
+	})
+	eventually(t, 5*time.Second, "both gateways see x on the winner", func() bool {
+		for _, g := range gws {
+			if p, ok := g.Lookup("x"); !ok || p.Gateway != winner.PublicAddr() {
+				return false
+			}
+		}
+		return true
+	})
+	if !winner.homedHere("x") || loser.homedHere("x") || len(winner.lostNames()) != 0 {
+		t.Fatalf("winner %s homes x %v, lost %+v; loser homes x %v", winner.PublicAddr(), winner.homedHere("x"), winner.lostNames(), loser.homedHere("x"))
+	}
+	if l := loser.lostNames(); len(l) != 1 || l[0].holder.Gateway != winner.PublicAddr() {
+		t.Fatalf("loser told %+v, want x held by %s", l, winner.PublicAddr())
+	}
+	if p, ok := presenceIn(t, s.ClientURL(), "x"); !ok || p.Gateway != winner.PublicAddr() {
+		t.Fatalf("x in NATS: %+v %v, want the winner's", p, ok)
 	}
 }

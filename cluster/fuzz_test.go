@@ -37,10 +37,12 @@ func FuzzApply(f *testing.F) {
 	f.Add(uint8(4), "dG9r.0", []byte("ed25519:abc"), false)
 	f.Fuzz(func(t *testing.T, which uint8, key string, value []byte, del bool) {
 		var revoc []string
+		// miranda is homed here, so a presence for it elsewhere takes
+		// the path that lets it go.
 		c := &Cluster{log: slog.New(slog.NewTextHandler(io.Discard, nil)), ttl: time.Minute, cfg: Config{PublicAddr: "198.18.1.2:4433",
 			OnRevocations: func(s string) { revoc = append(revoc, s) }},
 			presence: map[string]presenceSeen{}, slots: map[string]netip.Addr{}, owners: map[netip.Addr]string{},
-			dir: map[string]DirEntry{}, local: map[string]Presence{}, dirty: map[string]DirEntry{}, enrolled: map[string][]string{}}
+			dir: map[string]DirEntry{}, local: map[string]homed{"miranda": {Presence: Presence{Gateway: "198.18.1.2:4433", Key: "k0"}}}, dirty: map[string]DirEntry{}, enrolled: map[string][]string{}}
 		op := jetstream.KeyValuePut
 		if del {
 			op = jetstream.KeyValueDelete

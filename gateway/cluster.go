@@ -27,7 +27,8 @@ import (
 // When NATS is away the gateway keeps the sessions it has, admits the
 // nodes it knows (cached addresses and enrollments), refuses only what
 // needs the cluster's word (a new address, a new machine), and catches up
-// when NATS is back.
+// when NATS is back. A name another gateway gave to another key meanwhile
+// stays that gateway's: the agent here is closed (OnNameLost).
 
 // addressBook binds overlay addresses to slots ("agent/NAME",
 // "client/NAME#i"): the state directory's pool standalone, the cluster's
@@ -85,6 +86,20 @@ func (g *Gateway) joinCluster(ctx context.Context) (*cluster.Cluster, error) {
 		if a != nil && a.key.String() == p.Key {
 			g.log.Info("agent connected to another gateway; closing its connection here", "name", name, "gateway", p.Gateway)
 			a.qc.CloseWithError(0, "replaced by a connection to another gateway")
+		}
+	}
+	cfg.OnNameLost = func(name string, lost, holder cluster.Presence) {
+		// Both gateways admitted the name while they could not see each
+		// other; the one the cluster holds wins, as at registration. The
+		// agent here reconnects and is refused name_in_use (or, if it is
+		// the holder's machine after all, goes there).
+		g.mu.Lock()
+		a := g.agents[name]
+		g.mu.Unlock()
+		if a != nil && a.key.String() == lost.Key {
+			g.log.Warn("agent name held on another gateway by another key since a cluster split; closing the agent's connection here",
+				"name", name, "key", lost.Key, "gateway", holder.Gateway, "holder_key", holder.Key)
+			a.qc.CloseWithError(0, fmt.Sprintf("the agent name %q is held on gateway %s by another key", name, holder.Gateway))
 		}
 	}
 	c, err := cluster.Join(ctx, cfg)

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/nlvpn/nlvpn/cluster"
+	"github.com/nlvpn/nlvpn/cluster/clustertest"
 	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/wire"
 )
@@ -38,9 +39,19 @@ func startNATS(t *testing.T) *server.Server {
 func startCluster(t *testing.T, n int) []*testGateway {
 	t.Helper()
 	s := startNATS(t)
+	urls := make([]string, n)
+	for i := range urls {
+		urls[i] = s.ClientURL()
+	}
+	return startClusterOn(t, urls)
+}
+
+// startClusterOn is startCluster with gateway i reaching NATS at urls[i].
+func startClusterOn(t *testing.T, urls []string) []*testGateway {
+	t.Helper()
 	first := t.TempDir()
 	var gws []*testGateway
-	for i := range n {
+	for i, url := range urls {
 		dir := first
 		if i > 0 {
 			dir = t.TempDir()
@@ -56,7 +67,7 @@ func startCluster(t *testing.T, n int) []*testGateway {
 		}
 		tg := startGatewayIn(t, dir, func(c *Config) {
 			c.PublicAddr = "gw" + string(rune('1'+i)) + ".test:4433"
-			c.Cluster = &cluster.Config{URLs: []string{s.ClientURL()}, PresenceTTL: 3 * time.Second}
+			c.Cluster = &cluster.Config{URLs: []string{url}, PresenceTTL: 3 * time.Second}
 		})
 		t.Cleanup(func() { tg.stop(t) })
 		gws = append(gws, tg)
@@ -238,5 +249,60 @@ func TestClusterNATSAway(t *testing.T) {
 	}
 	if tg.g.refusals[reasonEnrollFailed].Load() == before {
 		t.Fatal("the refusal of a new machine while NATS is away was not counted")
+	}
+}
+
+// TestClusterNameTakenDuringSplit: gateway 1 is cut off from NATS past the
+// presence TTL while its agent miranda stays connected; another machine
+// takes the name on gateway 2. When gateway 1 is back, gateway 2's claim
+// (the one in the cluster) wins: gateway 1 closes its agent's connection
+// (counted), the agent reconnecting is refused name_in_use, and a client
+// on gateway 1 is sent to gateway 2's miranda.
+func TestClusterNameTakenDuringSplit(t *testing.T) {
+	s := startNATS(t)
+	link := clustertest.NewLink(t, s.ClientURL())
+	gws := startClusterOn(t, []string{link.URL(), s.ClientURL()})
+	g1, g2 := gws[0], gws[1]
+	first := startNode(t, g1, nodeOpts{token: g1.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"}), advertise: lan})
+	first.ready(t)
+	client := startNode(t, g1, nodeOpts{token: g1.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"*"}})})
+	client.ready(t)
+
+	link.Cut()
+	eventually(t, 5*time.Second, "gateway 1 notices it is cut off", func() bool { return !g1.g.clusterNow().Connected() })
+	eventually(t, 10*time.Second, "miranda's presence expires on gateway 2", func() bool {
+		_, ok := g2.g.clusterNow().Lookup("miranda")
+		return !ok
+	})
+	second := startNode(t, g2, nodeOpts{token: g2.token(t, token.Claims{Role: token.RoleAgent, Name: "miranda"})})
+	second.ready(t)
+	link.Restore()
+
+	fe := first.refused(t)
+	if fe.Code != wire.CodeNameInUse || !strings.Contains(fe.Message, "gw2.test:4433") {
+		t.Fatalf("the first agent after the split: %q %q, want name_in_use naming gateway 2", fe.Code, fe.Message)
+	}
+	want := "# HELP nlvpn_gateway_cluster_name_conflicts_total Agents let go here because another gateway held their name with another key (both admitted it while cut off from each other, the cluster's claim won).\n" +
+		"# TYPE nlvpn_gateway_cluster_name_conflicts_total counter\nnlvpn_gateway_cluster_name_conflicts_total 1\n"
+	if err := testutil.CollectAndCompare(g1.g, strings.NewReader(want), "nlvpn_gateway_cluster_name_conflicts_total"); err != nil {
+		t.Fatal(err)
+	}
+	var we *wire.Error
+	eventually(t, 5*time.Second, "gateway 1 sends the client to gateway 2", func() bool {
+		_, err := request(t, client, connectMsg("miranda"))
+		we = wantWireErrorAny(err)
+		return we != nil && we.Code == wire.CodeAgentElsewhere
+	})
+	if we.Gateway != "gw2.test:4433" {
+		t.Fatalf("agent_elsewhere names %q, want gw2.test:4433", we.Gateway)
+	}
+	g2.g.mu.Lock()
+	a := g2.g.agents["miranda"]
+	g2.g.mu.Unlock()
+	if a == nil || !a.key.Equal(second.key.Public()) || a.qc.Context().Err() != nil {
+		t.Fatal("gateway 2 no longer has the second machine as miranda")
+	}
+	if err := testutil.CollectAndCompare(g2.g, strings.NewReader(strings.ReplaceAll(want, "total 1", "total 0")), "nlvpn_gateway_cluster_name_conflicts_total"); err != nil {
+		t.Fatal(err)
 	}
 }

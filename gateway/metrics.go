@@ -57,6 +57,8 @@ var (
 		"Of the cluster's key-value operations, those that failed.", nil, nil)
 	descClusterDropped = prometheus.NewDesc("nlvpn_gateway_cluster_dropped_total",
 		"Entries from the cluster not held: a bound hit, too large, or malformed.", nil, nil)
+	descNameConflicts = prometheus.NewDesc("nlvpn_gateway_cluster_name_conflicts_total",
+		"Agents let go here because another gateway held their name with another key (both admitted it while cut off from each other, the cluster's claim won).", nil, nil)
 	descRedirects = prometheus.NewDesc("nlvpn_gateway_redirects_total",
 		"Connects answered agent_elsewhere: the agent is on another gateway of the cluster.", nil, nil)
 )
@@ -66,7 +68,7 @@ var (
 func (g *Gateway) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRegistrations, descRegistrationsRefused, descRefused, descRetries,
 		descUnauthenticated, descNodes, descTCPStreams, descTCPPackets, descTCPDropped, descTCPClosed, descRelayFrames, descRelayUDPFrames, descRelayBytes, descRelayDropped,
-		descRelayChecks, descRelayRoutes, descClusterConnected, descClusterOps, descClusterErrors, descClusterDropped, descRedirects} {
+		descRelayChecks, descRelayRoutes, descClusterConnected, descClusterOps, descClusterErrors, descClusterDropped, descNameConflicts, descRedirects} {
 		ch <- d
 	}
 }
@@ -123,6 +125,7 @@ func (g *Gateway) Collect(ch chan<- prometheus.Metric) {
 		counter(descClusterOps, cs.KVOps)
 		counter(descClusterErrors, cs.KVErrors)
 		counter(descClusterDropped, cs.Dropped)
+		counter(descNameConflicts, cs.NamesLost)
 		counter(descRedirects, g.redirects.Load())
 	}
 }
