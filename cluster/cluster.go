@@ -609,6 +609,13 @@ func (c *Cluster) lose(name, key string, holder Presence) {
 	ok = ok && mine.Key == key && !mine.pending
 	if ok {
 		delete(c.local, name)
+		// The cache says what refresh just read, before the gateway hears
+		// of it: what it does next (its directory entry, a redirect) must
+		// not go by our own claim, which the watch may not have replaced
+		// yet.
+		if cur, seen := c.presence[name]; !seen || cur.Gateway == c.cfg.PublicAddr {
+			c.presence[name] = presenceSeen{Presence: holder, at: time.Now()}
+		}
 	}
 	c.mu.Unlock()
 	if ok {

@@ -159,10 +159,15 @@ func (g *Gateway) announceAgent(n *node) error {
 	return c.Announce(context.Background(), n.name, cluster.Presence{Advertise: n.adv, Key: n.key.String(), Since: time.Now().Unix()})
 }
 
-// shareDirectory passes the directory's entry for name to the cluster.
-func (g *Gateway) shareDirectory(name string) {
+// shareDirectory passes the directory's entry for name, held here by key,
+// to the cluster: not when the cluster has the name online with another
+// key (the agent here lost it, OnNameLost), whose gateway's entry stands.
+func (g *Gateway) shareDirectory(name string, key identity.PublicKey) {
 	c := g.clusterNow()
 	if c == nil {
+		return
+	}
+	if p, ok := c.Lookup(name); ok && p.Key != key.String() {
 		return
 	}
 	if e, ok := g.dir.get(name); ok {

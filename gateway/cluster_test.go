@@ -305,4 +305,22 @@ func TestClusterNameTakenDuringSplit(t *testing.T) {
 	if err := testutil.CollectAndCompare(g2.g, strings.NewReader(strings.ReplaceAll(want, "total 1", "total 0")), "nlvpn_gateway_cluster_name_conflicts_total"); err != nil {
 		t.Fatal(err)
 	}
+	// nlvpn agents on either gateway describes the machine that holds the
+	// name (its token), not the one let go: gateway 1 does not write its
+	// lost agent's entry over gateway 2's.
+	held, ok := g2.g.dir.get("miranda")
+	if !ok {
+		t.Fatal("gateway 2 has no directory entry for miranda")
+	}
+	for _, g := range gws {
+		eventually(t, 5*time.Second, "the cluster's directory names the second machine's token", func() bool {
+			return g.g.clusterNow().Directory()["miranda"].TokenID == held.TokenID
+		})
+	}
+	time.Sleep(time.Second) // a late write from gateway 1 would land by now
+	for i, g := range gws {
+		if e := g.g.clusterNow().Directory()["miranda"]; e.TokenID != held.TokenID {
+			t.Fatalf("gateway %d's view of the cluster's directory: miranda's token %q, want the holder's %q", i+1, e.TokenID, held.TokenID)
+		}
+	}
 }

@@ -700,12 +700,12 @@ func (g *Gateway) register(ctx context.Context, qc *quic.Conn, undo *cleanups) (
 			if c := g.clusterNow(); c != nil && last {
 				c.Withdraw(n.name, n.key.String())
 			}
-			g.shareDirectory(n.name)
+			g.shareDirectory(n.name, n.key)
 		})
 		if err := g.dir.seen(claims, n.adv, time.Now()); err != nil {
 			log.Warn("could not record the agent in the directory", "err", err)
 		}
-		g.shareDirectory(n.name)
+		g.shareDirectory(n.name, n.key)
 	}
 
 	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed, RelayToken: relayToken[:], Revocations: n.revocations(g)}}); err != nil {
