@@ -251,6 +251,7 @@ type conn struct {
 	stream *quic.Stream
 	ch     *wire.Channel
 	relayq chan []byte // relay frames waiting for the connection
+	pings  bool        // the gateway answers pings (wire.FeaturePing)
 }
 
 func (c *Client) tlsConfig(gw string) (*tls.Config, error) {
@@ -325,6 +326,7 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	}
 	w := m.Welcome
 	c.welcome.Store(w)
+	k.pings = w.Has(wire.FeaturePing)
 	c.log.Info("registered with gateway", "gateway", dl.gw, "name", w.Name, "role", w.Role, "overlay", w.Overlay, "observed", w.Observed, "transport", dl.over, "udp_size", c.UDPSize())
 
 	c.mu.Lock()
@@ -350,8 +352,11 @@ func (c *Client) runOnce(ctx context.Context) (registered bool, err error) {
 	}
 	c.takeRelay(qc)
 	go c.sendRelay(connCtx, k)
-	if c.cfg.Heartbeat > 0 {
+	switch {
+	case c.cfg.Heartbeat > 0 && k.pings:
 		go c.heartbeat(connCtx)
+	case c.cfg.Heartbeat > 0:
+		c.log.Info("the gateway does not answer pings (an older version): a silent one is noticed only by QUIC's idle timeout", "gateway", dl.gw, "idle_timeout", QUICConfig().MaxIdleTimeout)
 	}
 	return true, c.readControl(connCtx, k)
 }

@@ -230,8 +230,8 @@ func (c *Client) Suspect() {
 	c.mu.Lock()
 	k := c.cur
 	c.mu.Unlock()
-	if k == nil {
-		return
+	if k == nil || !k.pings {
+		return // an older gateway: its idle timeout will tell
 	}
 	go func() {
 		ctx, cancel := context.WithTimeout(k.qc.Context(), checkWait)

@@ -18,11 +18,14 @@ import (
 
 // testGateway is one gateway of a fake cluster: it registers every node
 // that says hello (giving back the overlay address the node asks for, or
-// 100.64.0.7) and answers pings while answerPings is set.
+// 100.64.0.7), says it serves pings unless noPings, answers them while
+// answerPings is set, and counts those it gets.
 type testGateway struct {
 	ln          *quic.Listener
 	addr        string
+	noPings     atomic.Bool
 	answerPings atomic.Bool
+	pings       atomic.Int64
 	hellos      chan *wire.Hello
 	mu          sync.Mutex
 	conns       []*quic.Conn
@@ -73,11 +76,18 @@ func (g *testGateway) serve() {
 			default:
 			}
 			ch := wire.NewChannel(st)
-			ch.Write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: "alice", Role: "client", Overlay: overlay}})
+			w := &wire.Welcome{Name: "alice", Role: "client", Overlay: overlay, Features: []string{wire.FeaturePing}}
+			if g.noPings.Load() {
+				w.Features = nil
+			}
+			ch.Write(&wire.Message{Type: wire.TypeWelcome, Welcome: w})
 			for {
 				m, err := wire.ReadMessage(st)
 				if err != nil {
 					return
+				}
+				if m.Type == wire.TypePing {
+					g.pings.Add(1)
 				}
 				if m.Type == wire.TypePing && g.answerPings.Load() {
 					ch.Write(&wire.Message{Type: wire.TypePing, ID: m.ID})
@@ -282,4 +292,44 @@ func TestHeartbeatLeavesASilentGateway(t *testing.T) {
 	gen := c.Generation()
 	gws[first].answerPings.Store(false)
 	waitFor(t, "a reconnect after the gateway went silent", func() bool { return c.Generation() > gen && c.Gateway() != "" })
+}
+
+// A gateway that does not list FeaturePing in its welcome (an older
+// version, which may close the control stream on a message it does not
+// know) gets no pings: neither the agent's heartbeat nor Suspect's. Its
+// own keepalives and idle timeout still tell whether it is there.
+func TestNoPingsToAGatewayWithoutThem(t *testing.T) {
+	gws, pin := testCluster(t, 1)
+	gws[0].noPings.Store(true)
+	c := newNode(t, Config{Gateway: gws[0].addr, Pin: pin, Heartbeat: checkEvery})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	go c.Run(ctx)
+	if _, err := c.Ready(ctx); err != nil {
+		t.Fatal(err)
+	}
+	gen := c.Generation()
+	c.Suspect()
+	// Two heartbeat periods and a ping's wait: a node that pinged would
+	// have done so (and, unanswered, left the gateway) by now.
+	time.Sleep(2*checkEvery + checkWait)
+	if n := gws[0].pings.Load(); n != 0 {
+		t.Fatalf("the node sent %d pings to a gateway that does not serve them", n)
+	}
+	if c.Generation() != gen {
+		t.Fatal("the node left a gateway that does not serve pings")
+	}
+}
+
+// The counterpart: a gateway that lists FeaturePing gets the heartbeat.
+func TestHeartbeatPingsAGatewayThatServesThem(t *testing.T) {
+	gws, pin := testCluster(t, 1)
+	c := newNode(t, Config{Gateway: gws[0].addr, Pin: pin, Heartbeat: checkEvery})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	go c.Run(ctx)
+	if _, err := c.Ready(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a heartbeat ping", func() bool { return gws[0].pings.Load() > 0 })
 }

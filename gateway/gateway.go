@@ -708,7 +708,7 @@ func (g *Gateway) register(ctx context.Context, qc *quic.Conn, undo *cleanups) (
 		g.shareDirectory(n.name, n.key)
 	}
 
-	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed, RelayToken: relayToken[:], Revocations: n.revocations(g)}}); err != nil {
+	if err := n.write(&wire.Message{Type: wire.TypeWelcome, Welcome: &wire.Welcome{Name: n.name, Role: n.role, Overlay: n.overlay, Observed: observed, RelayToken: relayToken[:], Revocations: n.revocations(g), Features: []string{wire.FeaturePing}}}); err != nil {
 		return nil, nil, nil
 	}
 	log.Info("node registered", "overlay", n.overlay, "advertise", n.adv)

@@ -15,6 +15,10 @@ func TestPing(t *testing.T) {
 	tg := startGateway(t, t.TempDir())
 	n := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice", Agents: []string{"miranda"}})})
 	n.ready(t)
+	// It says so in its welcome: a node pings only a gateway that does.
+	if w := n.c.Welcome(); w == nil || !w.Has(wire.FeaturePing) {
+		t.Fatalf("the welcome does not list %q: %+v", wire.FeaturePing, w)
+	}
 	r, err := request(t, n, &wire.Message{Type: wire.TypePing})
 	if err != nil || r.Type != wire.TypePing {
 		t.Fatalf("ping: %+v, %v; want a ping back", r, err)

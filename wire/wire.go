@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 )
 
 // ALPN protocol names.
@@ -222,7 +223,24 @@ type Welcome struct {
 	// Revocations (to agents) is the authority's signed revocation list
 	// the gateway holds (token.ParseRevocations), if any.
 	Revocations string `json:"revocations,omitempty"`
+	// Features are what the gateway serves beyond protocol version 1
+	// (FeaturePing): a node asks for nothing else, so a new node works
+	// with an older gateway, which answers a message it does not know with
+	// an error or by closing the stream.
+	Features []string `json:"features,omitempty"`
 }
+
+// Has reports whether the gateway that sent w serves feature f.
+func (w *Welcome) Has(f string) bool { return slices.Contains(w.Features, f) }
+
+// Gateway features (Welcome.Features).
+const (
+	// FeaturePing: the gateway answers TypePing, at most one a second per
+	// node.
+	FeaturePing = "ping"
+	// MaxFeatures bounds Welcome.Features.
+	MaxFeatures = 32
+)
 
 // Error reports a failure.
 type Error struct {
@@ -445,6 +463,9 @@ func (m *Message) check() error {
 		p = &m.Session.Punch
 	case m.Accept != nil:
 		p = &m.Accept.Punch
+	}
+	if m.Welcome != nil && len(m.Welcome.Features) > MaxFeatures {
+		return fmt.Errorf("%d features, more than %d", len(m.Welcome.Features), MaxFeatures)
 	}
 	if m.Moved != nil && (m.Moved.ID == 0 || !m.Moved.Addr.IsValid()) {
 		return errors.New("moved message without a session or an address")

@@ -79,6 +79,7 @@ func TestReadMessageRejects(t *testing.T) {
 		{"unknown field", frameOf(`{"type":"accept","accept":{"id":1},"x":1}`), "unknown field"},
 		{"trailing", frameOf(`{"type":"accept","accept":{"id":1}}{}`), "trailing"},
 		{"bad address", frameOf(`{"type":"welcome","welcome":{"overlay":"999.1.1.1"}}`), "bad control message"},
+		{"too many features", frameOf(`{"type":"welcome","welcome":{"features":["x"` + strings.Repeat(`,"x"`, MaxFeatures) + `]}}`), "33 features, more than 32"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
