@@ -79,7 +79,8 @@ type EgressConfig struct {
 	// Zero means DefaultEgressEchoTimeout.
 	EchoTimeout time.Duration
 	// MaxEchoes bounds concurrently outstanding ICMP echoes; beyond it echo
-	// requests are dropped and counted in EchoDropped. Zero means DefaultEgressMaxEchoes.
+	// requests are dropped and counted in EchoDropped. Zero means
+	// DefaultEgressMaxEchoes; at most 16384 (each needs a 16-bit wire seq of its own).
 	MaxEchoes int
 	// Release gives a packet passed to Submit back to its owner once the
 	// stack has its copy; nil: nothing to do.
@@ -131,7 +132,7 @@ type Egress struct {
 	echoSlots chan struct{}
 	echoModes []string // ICMP socket kinds to try; tests restrict it
 
-	echoID atomic.Uint32 // ICMP id allocator for raw sockets
+	echoers [2]egEchoer // IPv4, IPv6: each family's ICMP socket and outstanding echoes
 
 	// ledger holds what each client holds (flows, dials, echoes) against
 	// its bounds, and each client's open real connections, so that when a
@@ -195,6 +196,7 @@ func NewEgress(cfg EgressConfig, out func(pkts [][]byte)) (*Egress, error) {
 	if maxEchoes <= 0 {
 		maxEchoes = DefaultEgressMaxEchoes
 	}
+	maxEchoes = min(maxEchoes, egEchoMaxOutstanding)
 	e.echoSlots = make(chan struct{}, maxEchoes)
 
 	err = e.init(stackConfig{
@@ -288,7 +290,7 @@ func (e *Egress) Stats() EgressStats {
 // waits for the Egress's goroutines to finish, and tears the stack down.
 // After Close returns out is no longer called. Close is idempotent.
 func (e *Egress) Close() error {
-	e.shutdown(nil, "egress stopped")
+	e.shutdown(e.stopEchoes, "egress stopped")
 	return nil
 }
 
