@@ -161,7 +161,7 @@ func (e *Egress) CloseClient(addr netip.Addr) int {
 // UDP from the stack, and synthesized ICMP echo replies. A batch may mix
 // clients. Calls to out are serialized — never two at once — and are made
 // from the Egress's own goroutines (the output pump and the ICMP echo
-// workers), never from inside Inject, so out may block briefly
+// sockets' readers), never from inside Inject, so out may block briefly
 // (backpressure) but must not call Close. out must not retain pkts or any
 // packet in it after it returns: the buffers are reused; copy what must
 // outlive the call. A packet passed to out is never longer than the MTU.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -218,5 +219,50 @@ func TestEgressEchoSendFails(t *testing.T) {
 	}
 	if n := eg.echoers[0].outstanding(); n != 0 || len(eg.echoSlots) != 0 || len(eg.Clients()) != 0 {
 		t.Fatalf("after a failed send: %d outstanding, %d slots taken, clients %+v", n, len(eg.echoSlots), eg.Clients())
+	}
+}
+
+// Submit answers an echo request itself (no hand-off to the stack's
+// goroutine) and gives the packet back to its owner.
+func TestEgressSubmitEcho(t *testing.T) {
+	var released atomic.Int32
+	eg, cp := egNewCaptureEgress(t, EgressConfig{Release: func([]byte) { released.Add(1) }})
+	_, f := egFakeEchoes(eg)
+	target := netip.MustParseAddr("192.0.2.7")
+	payload := []byte("submitted")
+	if !eg.Submit(egEchoRequestPacket(egClientV4, target, 9, 4, payload)) {
+		t.Fatal("Submit refused an echo request")
+	}
+	sent := f.sent()
+	if len(sent) != 1 || released.Load() != 1 {
+		t.Fatalf("on Submit's return: %d sent, %d released; want 1 and 1", len(sent), released.Load())
+	}
+	p := eg.echoers[0].match(eg.echoers[0].sock, egReply(sent[0]), target)
+	if p == nil {
+		t.Fatal("the reply did not match")
+	}
+	eg.deliverEcho(p)
+	egCheckEchoReply(t, <-cp.ch, target, egClientV4, 9, 4, payload)
+	if st := eg.Stats(); st.Injected != 1 || st.EchoReplies != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestIsEchoRequest(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		pkt  []byte
+		want bool
+	}{
+		{"v4", egEchoRequestPacket(egClientV4, egLoV4, 1, 1, []byte("x")), true},
+		{"v6", egEchoRequestPacket(egClientV6, egLoV6, 1, 1, []byte("x")), true},
+		{"v4 reply", egBuildEchoReply(egEchoRequest{src: egClientV4, dst: egLoV4}, []byte("x")), false},
+		{"v6 reply", egBuildEchoReply(egEchoRequest{v6: true, src: egClientV6, dst: egLoV6}, []byte("x")), false},
+		{"short", []byte{0x45, 0, 0}, false},
+		{"empty", nil, false},
+	} {
+		if got := isEchoRequest(c.pkt); got != c.want {
+			t.Errorf("%s: %v, want %v", c.name, got, c.want)
+		}
 	}
 }
