@@ -176,6 +176,21 @@ func deviceChild(t *testing.T) {
 	if w.Drops() != 0 {
 		t.Fatalf("drops %d", w.Drops())
 	}
+	// A packet after a pause, with nothing queued, is written by its
+	// producer (no wake-up of Run) and arrives all the same.
+	for w.unsent.Load() != 0 {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(2 * IdleGap)
+	directs := w.directs.Load()
+	w.Write(udp4(netip.MustParseAddrPort("10.77.0.2:4000"), netip.MustParseAddrPort("10.77.0.1:5555"), []byte("lone")))
+	if w.directs.Load() != directs+1 {
+		t.Fatalf("a packet after a pause was queued, not written directly")
+	}
+	uc.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if n, _, err := uc.ReadFromUDPAddrPort(buf); err != nil || string(buf[:n]) != "lone" {
+		t.Fatalf("the directly written packet: %q, %v", buf[:n], err)
+	}
 	// One batch of TCP segments from more flows than the device's GRO
 	// table holds items for (wireguard-go's tun has room for BatchSize
 	// flows per Write and panicked past that): the writer must cut it into

@@ -399,3 +399,44 @@ func TestWriterControlReserve(t *testing.T) {
 		t.Fatalf("received %d data and %d control datagrams, want %d and %d", data, control, queued, accepted)
 	}
 }
+
+// A datagram after a pause, while Run sleeps, is written by its producer
+// (no wake-up of Run); datagrams that come close together are queued for
+// Run and batched as before. Both arrive.
+func TestWriterDirectAfterPause(t *testing.T) {
+	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	to := addrOf(b.UDPConn())
+	w := NewWriter(a)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	asleep := func() bool { w.mu.Lock(); defer w.mu.Unlock(); return w.asleep }
+	for !asleep() {
+		time.Sleep(time.Millisecond)
+	}
+	recv := func(want string) {
+		t.Helper()
+		buf := make([]byte, 100)
+		_ = b.UDPConn().SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, err := b.UDPConn().Read(buf)
+		if err != nil || string(buf[:n]) != want {
+			t.Fatalf("got %q, %v; want %q", buf[:n], err, want)
+		}
+	}
+
+	time.Sleep(2 * IdleGap) // a pause
+	if !w.Write(to, []byte("lone")) || w.directs.Load() != 1 {
+		t.Fatalf("a datagram after a pause: %d direct writes, want 1", w.directs.Load())
+	}
+	recv("lone")
+
+	// No pause: queued, written by Run.
+	w.mu.Lock()
+	w.last = time.Since(w.epoch) + time.Hour
+	w.mu.Unlock()
+	if !w.Write(to, []byte("burst")) || w.directs.Load() != 1 {
+		t.Fatalf("a datagram without a pause: %d direct writes, want still 1", w.directs.Load())
+	}
+	recv("burst")
+}

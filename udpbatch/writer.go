@@ -14,6 +14,12 @@ import (
 // batch go out in one sendmmsg. Write copies the datagram and never
 // blocks: a full queue drops it and counts, as a full NIC queue would;
 // Write2Wait waits (bounded) for room first.
+//
+// A datagram that comes after a pause (IdleGap without one) while Run
+// sleeps (nothing queued) is written at once by its producer instead: a
+// lone packet (a ping, a keystroke) then costs no wake-up of Run, which on
+// an idle machine is tens of microseconds. Under load datagrams come closer
+// together and are batched as before.
 type Writer struct {
 	c *Conn
 
@@ -38,7 +44,20 @@ type Writer struct {
 	drops atomic.Uint64
 	depth atomic.Int64 // queued, for Queued without the lock
 	msgs  []Message
+
+	// wmu is held around every write to the socket (Run's batches and a
+	// producer's direct write), which must not overlap.
+	wmu     sync.Mutex
+	epoch   time.Time     // for last
+	last    time.Duration // when the last datagram came, since epoch; under mu
+	one     []byte        // a direct write's datagram; under wmu
+	oneMsg  [1]Message    // under wmu
+	directs atomic.Uint64 // datagrams written directly (tests)
 }
+
+// IdleGap is the pause after which a datagram is written by its producer
+// at once rather than queued for Run.
+const IdleGap = time.Millisecond
 
 // train is a run of datagrams to one address, back to back in buf, all of
 // size seg but the last, which may be shorter and then ends the train.
@@ -70,7 +89,7 @@ const (
 
 // NewWriter returns a Writer for c; Run sends what it queues.
 func NewWriter(c *Conn) *Writer {
-	return &Writer{c: c, wake: make(chan struct{}, 1), room: make(chan struct{}), msgs: make([]Message, 0, QueueLen)}
+	return &Writer{c: c, wake: make(chan struct{}, 1), room: make(chan struct{}), msgs: make([]Message, 0, QueueLen), epoch: time.Now()}
 }
 
 // Write queues one datagram b to to. It reports false if the queue was
@@ -117,7 +136,23 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration,
 		return false
 	}
 	gso := w.c.GSO()
+	now := time.Since(w.epoch)
 	w.mu.Lock()
+	idle := now-w.last >= IdleGap
+	w.last = now
+	// Run asleep: nothing is queued or being written, so a direct write
+	// overtakes nothing; whatever is queued meanwhile Run writes after it
+	// (wmu).
+	if idle && w.asleep && w.wmu.TryLock() {
+		w.mu.Unlock()
+		w.one = append(append(w.one[:0], head...), body...)
+		w.oneMsg[0] = Message{Buf: w.one, Addr: to}
+		w.c.WriteBatch(w.oneMsg[:])
+		w.oneMsg[0] = Message{}
+		w.wmu.Unlock()
+		w.directs.Add(1)
+		return true
+	}
 	var timer *time.Timer
 	for {
 		if t := w.place(to, size, gso, control); t != nil {
@@ -276,6 +311,8 @@ func (w *Writer) Flush(d time.Duration) {
 		idle := len(w.pending) == 0 && !w.busy
 		w.mu.Unlock()
 		if idle {
+			w.wmu.Lock() // a direct write in progress
+			w.wmu.Unlock()
 			return
 		}
 		time.Sleep(time.Millisecond)
@@ -327,7 +364,9 @@ func (w *Writer) writeOnce() {
 		}
 		msgs = append(msgs, Message{Buf: t.buf, Addr: t.to, Seg: seg})
 	}
+	w.wmu.Lock()
 	w.c.WriteBatch(msgs)
+	w.wmu.Unlock()
 	clear(msgs) // no reference to the trains' buffers left behind
 	w.msgs = msgs[:0]
 
