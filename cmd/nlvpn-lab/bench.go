@@ -668,11 +668,14 @@ func (s dropSnap) delta(after dropSnap) *dropReport {
 	return rep
 }
 
-// pingAvg returns the average RTT in ms of ping -c 20 -i 0.2 and keeps
+// pingAvg returns the average RTT in ms of ping -c 100 -i 0.05 and keeps
 // the minimum for pingMin (the average of an idle ping includes waking
 // sleeping threads and CPUs, which a loaded VM makes slow and erratic).
+// 100 pings, not 20: issue 7's target is 0.2 ms over wireguard-go, and 20
+// samples on a shared machine moved the difference by more than that from
+// run to run. (An interval under 0.2 s needs root, which the bench has.)
 func (r *runner) pingAvg(p *benchPath) (float64, error) {
-	out, err := lab.Output(r.ctx, p.ns, "ping", "-c", "20", "-i", "0.2", "-W", "2", "-q", p.addr)
+	out, err := lab.Output(r.ctx, p.ns, "ping", "-c", "100", "-i", "0.05", "-W", "2", "-q", p.addr)
 	if err != nil {
 		return 0, err
 	}
