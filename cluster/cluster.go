@@ -85,7 +85,8 @@ type Config struct {
 	PublicAddr string
 	// Pin and Authority are checked against the cluster's at Join: every
 	// gateway of a cluster shares one gateway key (so one pin) and admits
-	// one authority.
+	// one authority. Pin is empty for a gateway with an ACME certificate;
+	// a cluster is all ACME or all pinned.
 	Pin, Authority string
 	// PresenceTTL defaults to DefaultPresenceTTL; refreshes go out at a
 	// third of it.
@@ -406,11 +407,26 @@ func (c *Cluster) checkMeta(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("cluster: reading the %s: %w", m.what, err)
 		}
-		if string(e.Value()) != m.mine {
-			return fmt.Errorf("cluster: this gateway's %s %q differs from the cluster's %q; %s", m.what, m.mine, e.Value(), m.fix)
+		if theirs := string(e.Value()); theirs != m.mine {
+			if m.key == "pin" && (theirs == "" || m.mine == "") {
+				// An ACME gateway has no pin. Mixed, a node holding the pin
+				// could not verify an ACME gateway it is sent to, nor a
+				// pinless node a self-signed one: the same key would not help.
+				return fmt.Errorf("cluster: this gateway has %s and the cluster's gateways have %s; either every gateway of a cluster gets its certificate by ACME (--acme-domain) or none does",
+					certKind(m.mine), certKind(theirs))
+			}
+			return fmt.Errorf("cluster: this gateway's %s %q differs from the cluster's %q; %s", m.what, m.mine, theirs, m.fix)
 		}
 	}
 	return nil
+}
+
+// certKind names a gateway's certificate by its pin, for checkMeta.
+func certKind(pin string) string {
+	if pin == "" {
+		return "an ACME certificate (no pin)"
+	}
+	return fmt.Sprintf("a pinned certificate (pin %q)", pin)
 }
 
 // Close leaves the cluster: the agents homed here are withdrawn (their

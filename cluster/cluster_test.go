@@ -743,3 +743,36 @@ func TestNameTakenTwiceWhileNATSAway(t *testing.T) {
 		t.Fatalf("x in NATS: %+v %v, want the winner's", p, ok)
 	}
 }
+
+// Gateways with ACME certificates have no pin (nodes verify the chain and
+// the name): a cluster of them joins, and a gateway with a pinned
+// certificate is refused from it (and the other way round), with an error
+// that says why, since the node holding a pin could not verify an ACME
+// gateway it is sent to, nor a pinless node a self-signed one.
+func TestJoinACMEGateways(t *testing.T) {
+	for _, tc := range []struct {
+		name, first, second, wantErr string
+	}{
+		{"both ACME", "", "", ""},
+		{"pinned into ACME", "", "pin-1", "ACME"},
+		{"ACME into pinned", "pin-1", "", "ACME"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := startNATS(t, t.TempDir(), 0)
+			join(t, s.ClientURL(), "gw1.example.test:4433", func(c *Config) { c.Pin = tc.first })
+			c, err := Join(context.Background(), Config{URLs: []string{s.ClientURL()}, PublicAddr: "gw2.example.test:4433", Pin: tc.second, Authority: "auth-1", JoinTimeout: 5 * time.Second})
+			if c != nil {
+				c.Close()
+			}
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Fatalf("Join: %v", err)
+			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
+				t.Fatalf("Join error = %v, want one saying %q", err, tc.wantErr)
+			}
+			if err != nil {
+				t.Logf("refused: %v", err)
+			}
+		})
+	}
+}
