@@ -52,51 +52,9 @@ func TestACMECertificate(t *testing.T) {
 		setNetnsHosts(t, ns, fmt.Sprintf("127.0.0.1 localhost\n%s %s\n", e.lab.Gateway, acmeName))
 	}
 
-	// The CA: pebble, its API on a certificate of ours for its address.
-	apiCert := filepath.Join(e.dir, "pebble-api.pem")
-	apiKey := filepath.Join(e.dir, "pebble-api.key")
-	writeSelfSigned(t, apiCert, apiKey, net.IP(e.lab.Gateway.AsSlice()))
-	conf := filepath.Join(e.dir, "pebble.json")
-	c, _ := json.Marshal(map[string]any{"pebble": map[string]any{
-		"listenAddress": "0.0.0.0:14000", "managementListenAddress": "0.0.0.0:15000",
-		"certificate": apiCert, "privateKey": apiKey, "httpPort": 80, "tlsPort": 443,
-		"ocspResponderURL": "", "externalAccountBindingRequired": false,
-		"retryAfter": map[string]int{"authz": 1, "order": 1}, "keyAlgorithm": "ecdsa",
-	}})
-	if err := os.WriteFile(conf, c, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	pebbleBin := filepath.Join(e.dir, "pebble")
-	build := exec.Command("go", "build", "-o", pebbleBin, "github.com/letsencrypt/pebble/v2/cmd/pebble")
-	build.Dir = ".."
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("building pebble (go.mod tool): %v\n%s", err, out)
-	}
-	pebble, err := e.lab.Start(e.lab.NS.GW, lab.ProcConfig{Name: "pebble", Args: []string{pebbleBin, "-config", conf},
-		Env:     []string{"PEBBLE_VA_NOSLEEP=1", "PEBBLE_WFE_NONCEREJECT=0"},
-		LogPath: filepath.Join(e.dir, "pebble.log")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.mu.Lock()
-	e.procs = append(e.procs, pebble)
-	e.mu.Unlock()
+	apiCert, directory := startPebble(t, e)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if err := pebble.WaitLog(ctx, "Listening on"); err != nil {
-		t.Fatalf("pebble: %v\n%s", err, pebble.Log())
-	}
-	// Its root, which nodes trust as a system root would be.
-	root := filepath.Join(e.dir, "acme-root.pem")
-	e.waitFor(t, 10*time.Second, "pebble's root", func() error {
-		_, stderr, err := lab.Run(ctx, e.lab.NS.GW, "curl", "-sSf", "--cacert", apiCert, "-o", root, fmt.Sprintf("https://%s:15000/roots/0", e.lab.Gateway))
-		if err != nil {
-			return fmt.Errorf("%v: %s", err, stderr)
-		}
-		return nil
-	})
-	e.extraEnv = []string{"SSL_CERT_FILE=" + root}
-	directory := pebbleShim(t, e, apiCert, apiKey)
 
 	public := fmt.Sprintf("%s:%d", acmeName, gwPort)
 	e.gwState = filepath.Join(e.dir, "gw")
@@ -167,6 +125,62 @@ func TestACMECertificate(t *testing.T) {
 			t.Fatalf("%s exited after the certificate changed", p)
 		}
 	}
+}
+
+// startPebble runs pebble (Let's Encrypt's test CA, built from the go.mod
+// tool directive) in the gateway host's namespace, its API on a
+// certificate of ours for the host's address, checking HTTP-01 for real
+// at port 80 of the names it is asked for (the namespace's hosts file
+// must resolve them). Every nlvpn process started from then on trusts
+// pebble's root as a system root (SSL_CERT_FILE). It returns the API's
+// certificate (--acme-ca) and the directory URL of the shim in front of
+// pebble (--acme-directory).
+func startPebble(t *testing.T, e *env) (apiCert, directory string) {
+	t.Helper()
+	apiCert = filepath.Join(e.dir, "pebble-api.pem")
+	apiKey := filepath.Join(e.dir, "pebble-api.key")
+	writeSelfSigned(t, apiCert, apiKey, net.IP(e.lab.Gateway.AsSlice()))
+	conf := filepath.Join(e.dir, "pebble.json")
+	c, _ := json.Marshal(map[string]any{"pebble": map[string]any{
+		"listenAddress": "0.0.0.0:14000", "managementListenAddress": "0.0.0.0:15000",
+		"certificate": apiCert, "privateKey": apiKey, "httpPort": 80, "tlsPort": 443,
+		"ocspResponderURL": "", "externalAccountBindingRequired": false,
+		"retryAfter": map[string]int{"authz": 1, "order": 1}, "keyAlgorithm": "ecdsa",
+	}})
+	if err := os.WriteFile(conf, c, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	pebbleBin := filepath.Join(e.dir, "pebble")
+	build := exec.Command("go", "build", "-o", pebbleBin, "github.com/letsencrypt/pebble/v2/cmd/pebble")
+	build.Dir = ".."
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building pebble (go.mod tool): %v\n%s", err, out)
+	}
+	pebble, err := e.lab.Start(e.lab.NS.GW, lab.ProcConfig{Name: "pebble", Args: []string{pebbleBin, "-config", conf},
+		Env:     []string{"PEBBLE_VA_NOSLEEP=1", "PEBBLE_WFE_NONCEREJECT=0"},
+		LogPath: filepath.Join(e.dir, "pebble.log")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.mu.Lock()
+	e.procs = append(e.procs, pebble)
+	e.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := pebble.WaitLog(ctx, "Listening on"); err != nil {
+		t.Fatalf("pebble: %v\n%s", err, pebble.Log())
+	}
+	// Its root, which nodes trust as a system root would be.
+	root := filepath.Join(e.dir, "acme-root.pem")
+	e.waitFor(t, 10*time.Second, "pebble's root", func() error {
+		_, stderr, err := lab.Run(ctx, e.lab.NS.GW, "curl", "-sSf", "--cacert", apiCert, "-o", root, fmt.Sprintf("https://%s:15000/roots/0", e.lab.Gateway))
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, stderr)
+		}
+		return nil
+	})
+	e.extraEnv = append(e.extraEnv, "SSL_CERT_FILE="+root)
+	return apiCert, pebbleShim(t, e, apiCert, apiKey)
 }
 
 // pebbleShim puts a proxy in front of pebble that gives its finalize

@@ -50,15 +50,17 @@ type natsNode struct {
 // clusterGateway is one gateway of a cluster. Gateway 1 is the lab's
 // gateway host (198.18.1.2); the others have namespaces of their own.
 type clusterGateway struct {
-	ns    string
-	addr  netip.Addr
-	state string
-	args  []string
-	proc  *lab.Process
+	ns     string
+	addr   netip.Addr
+	public string   // --public-addr: ADDR:PORT unless a setup names it otherwise
+	extra  []string // further flags from a setup (e.g. --acme-domain)
+	state  string
+	args   []string
+	proc   *lab.Process
 }
 
 // publicAddr is the gateway's --public-addr.
-func (g *clusterGateway) publicAddr() string { return netip.AddrPortFrom(g.addr, gwPort).String() }
+func (g *clusterGateway) publicAddr() string { return g.public }
 
 // clusterEnv is a lab with several gateways serving one network, sharing
 // their state through a cluster of NATS servers. The env's own gateway
@@ -80,6 +82,15 @@ type clusterEnv struct {
 // LAN's servers. No agent or client runs yet. Everything is stopped by PID
 // and the namespaces deleted by name at cleanup.
 func newClusterEnv(t *testing.T, opts lab.Options, nGW, nNATS int) *clusterEnv {
+	t.Helper()
+	return newClusterEnvWith(t, opts, nGW, nNATS, nil)
+}
+
+// newClusterEnvWith is newClusterEnv with setup, if not nil, called once
+// every gateway's namespace and address exist and before any gateway
+// starts: it may start services the gateways need (an ACME CA) and set
+// each gateway's public address and extra flags.
+func newClusterEnvWith(t *testing.T, opts lab.Options, nGW, nNATS int, setup func(ce *clusterEnv)) *clusterEnv {
 	t.Helper()
 	e := &env{t: t, dir: t.TempDir()}
 	e.lab = newLab(t, opts)
@@ -120,13 +131,17 @@ func newClusterEnv(t *testing.T, opts lab.Options, nGW, nNATS int) *clusterEnv {
 listen: "%s"
 authorization { user: "nlvpn-gw", password: "e2e-only-password" }
 jetstream { store_dir: %q }
-cluster {
+`, i+1, netip.AddrPortFrom(n.addr, natsPort), filepath.Join(e.dir, fmt.Sprintf("nats%d-store", i+1)))
+		// One server runs alone: in a cluster of one, JetStream would wait
+		// for routes that never come.
+		if nNATS > 1 {
+			conf += fmt.Sprintf(`cluster {
   name: "nlvpn"
   listen: "%s"
   routes: [%s]
 }
-`, i+1, netip.AddrPortFrom(n.addr, natsPort), filepath.Join(e.dir, fmt.Sprintf("nats%d-store", i+1)),
-			netip.AddrPortFrom(n.addr, natsRoutePort), strings.Join(routes, ", "))
+`, netip.AddrPortFrom(n.addr, natsRoutePort), strings.Join(routes, ", "))
+		}
 		if err := os.WriteFile(n.conf, []byte(conf), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -148,6 +163,15 @@ cluster {
 			if g.ns, g.addr, err = e.lab.AddPublicHost(ctx, fmt.Sprintf("gw%d", i+1), byte(20+i+1)); err != nil {
 				t.Fatal(err)
 			}
+		}
+		g.public = netip.AddrPortFrom(g.addr, gwPort).String()
+		ce.gws = append(ce.gws, g)
+	}
+	if setup != nil {
+		setup(ce)
+	}
+	for i, g := range ce.gws {
+		if i > 0 {
 			// The cluster's one gateway key and authority.
 			if err := os.MkdirAll(g.state, 0o700); err != nil {
 				t.Fatal(err)
@@ -162,9 +186,8 @@ cluster {
 				}
 			}
 		}
-		g.args = []string{"gateway", "--listen", fmt.Sprintf(":%d", gwPort), "--public-addr", g.publicAddr(),
-			"--state-dir", g.state, "--metrics", metricsAddr, "--cluster", ce.urls, "--cluster-creds", ce.creds}
-		ce.gws = append(ce.gws, g)
+		g.args = append([]string{"gateway", "--listen", fmt.Sprintf(":%d", gwPort), "--public-addr", g.publicAddr(),
+			"--state-dir", g.state, "--metrics", metricsAddr, "--cluster", ce.urls, "--cluster-creds", ce.creds}, g.extra...)
 		ce.startGatewayN(t, i)
 		if i == 0 {
 			e.gateway, e.gwState, e.gwArgs = g.proc, g.state, g.args
