@@ -28,6 +28,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -66,6 +67,30 @@ const (
 // gone from every other gateway within it.
 const DefaultPresenceTTL = 15 * time.Second
 
+// DefaultEnrollGrace is how long an enrolment stays in NATS past its
+// token's expiry: the gateway refuses an expired token anyway, the hour is
+// for clocks that disagree (a gateway behind would still admit the token,
+// and must still see who used it).
+const DefaultEnrollGrace = time.Hour
+
+// enrollMarkerTTL is how long NATS keeps the marker of an enrolment that
+// expired: a watch that starts again within it (NATS away, a server gone)
+// still hears of the expiry and drops the entry from its cache.
+const enrollMarkerTTL = 24 * time.Hour
+
+// DirectoryGrace is how long past its token's expiry, and past when it was
+// last seen, an offline agent stays in the cluster's directory. `nlvpn
+// agents` shows no agent whose token expired (as a standalone gateway), so
+// the entry serves nobody then; the week leaves it for an operator to look
+// at, and an agent that comes back with a new token writes a new one.
+const DirectoryGrace = 7 * 24 * time.Hour
+
+// DefaultPruneInterval is how often each gateway looks for directory
+// entries past DirectoryGrace. Every gateway does (no leader to elect):
+// a delete is conditional on the revision read, so two passes at once, or
+// a pass meeting a fresh write, delete nothing they should not.
+const DefaultPruneInterval = time.Hour
+
 // opTimeout bounds one round trip to NATS.
 const opTimeout = 3 * time.Second
 
@@ -96,7 +121,10 @@ type Config struct {
 	Replicas int
 	// JoinTimeout bounds the wait for NATS at Join (default 30 s).
 	JoinTimeout time.Duration
-	Log         *slog.Logger
+	// EnrollGrace defaults to DefaultEnrollGrace and PruneInterval to
+	// DefaultPruneInterval; tests make them short.
+	EnrollGrace, PruneInterval time.Duration
+	Log                        *slog.Logger
 
 	// OnRevocations is called with each revocation list that reaches the
 	// cluster (signed text, not yet verified: the callee verifies).
@@ -143,6 +171,11 @@ type Stats struct {
 	KVErrors  uint64 // of those, failed
 	Dropped   uint64 // entries from NATS not held: a bound hit, too large, or malformed
 	NamesLost uint64 // agents homed here whose name another gateway held with another key (OnNameLost)
+	// DirectoryPruned counts the directory entries this gateway deleted
+	// (token expired and agent offline for DirectoryGrace);
+	// EnrollmentsExpired the enrolments it saw NATS expire (their token's
+	// expiry plus EnrollGrace passed) and dropped from its cache.
+	DirectoryPruned, EnrollmentsExpired uint64
 }
 
 // Cluster is this gateway's link to the cluster.
@@ -165,16 +198,23 @@ type Cluster struct {
 	connected          atomic.Bool
 	ops, errs, dropped atomic.Uint64
 	namesLost          atomic.Uint64
+	dirPruned          atomic.Uint64
+	enrollExpired      atomic.Uint64
+	// enrollTTL: the enrolment bucket takes per-key TTLs (made so, or
+	// upgraded). Until it does (NATS refused the upgrade: each prune pass
+	// tries again), enrolments are written without one, as before, and
+	// never expire.
+	enrollTTL atomic.Bool
 
 	mu       sync.Mutex
-	presence map[string]presenceSeen // by agent name
-	slots    map[string]netip.Addr   // overlay: slot -> address
-	owners   map[netip.Addr]string   // overlay: address -> slot
-	dir      map[string]DirEntry     // by agent name
-	local    map[string]homed        // agents homed here: refreshed
-	dirty    map[string]DirEntry     // directory writes not yet in NATS
-	revoc    string                  // a signed list not yet in NATS
-	enrolled map[string][]string     // token ID (keyOf) -> node keys that used it
+	presence map[string]presenceSeen      // by agent name
+	slots    map[string]netip.Addr        // overlay: slot -> address
+	owners   map[netip.Addr]string        // overlay: address -> slot
+	dir      map[string]DirEntry          // by agent name
+	local    map[string]homed             // agents homed here: refreshed
+	dirty    map[string]DirEntry          // directory writes not yet in NATS
+	revoc    string                       // a signed list not yet in NATS
+	enrolled map[string]map[string]string // token ID (keyOf) -> use ("0", "1", ...) -> node key
 }
 
 // homed is an agent homed here: its presence, and the revision of this
@@ -214,10 +254,16 @@ func Join(ctx context.Context, cfg Config) (*Cluster, error) {
 	if cfg.JoinTimeout <= 0 {
 		cfg.JoinTimeout = 30 * time.Second
 	}
+	if cfg.EnrollGrace <= 0 {
+		cfg.EnrollGrace = DefaultEnrollGrace
+	}
+	if cfg.PruneInterval <= 0 {
+		cfg.PruneInterval = DefaultPruneInterval
+	}
 	c := &Cluster{cfg: cfg, log: cfg.Log.With("cluster", strings.Join(cfg.URLs, ",")), ttl: cfg.PresenceTTL,
 		kvs: map[string]jetstream.KeyValue{}, kick: make(chan struct{}, 1), ready: make(chan struct{}), rewatch: make(chan struct{}),
 		presence: map[string]presenceSeen{}, slots: map[string]netip.Addr{}, owners: map[netip.Addr]string{},
-		dir: map[string]DirEntry{}, local: map[string]homed{}, dirty: map[string]DirEntry{}, enrolled: map[string][]string{}}
+		dir: map[string]DirEntry{}, local: map[string]homed{}, dirty: map[string]DirEntry{}, enrolled: map[string]map[string]string{}}
 	opts := []nats.Option{
 		nats.Name("nlvpn gateway " + cfg.PublicAddr),
 		nats.MaxReconnects(-1), // forever: the gateway serves on meanwhile
@@ -317,6 +363,8 @@ func Join(ctx context.Context, cfg Config) (*Cluster, error) {
 	}
 	c.done.Add(1)
 	go func() { defer c.done.Done(); c.refresh(wctx) }()
+	c.done.Add(1)
+	go func() { defer c.done.Done(); c.pruneLoop(wctx) }()
 	caught := make(chan struct{})
 	go func() { initial.Wait(); close(caught) }()
 	select {
@@ -368,7 +416,9 @@ func (c *Cluster) openBuckets(ctx context.Context) error {
 		{Bucket: bucketOverlay, MaxValueSize: maxValue},
 		{Bucket: bucketDirectory, MaxValueSize: maxValue},
 		{Bucket: bucketRevocations, MaxValueSize: maxRevocValue},
-		{Bucket: bucketEnrollments, MaxValueSize: maxValue},
+		// An enrolment expires by itself after its token (Enroll gives it
+		// a TTL); the markers tell the watches.
+		{Bucket: bucketEnrollments, MaxValueSize: maxValue, LimitMarkerTTL: enrollMarkerTTL},
 	} {
 		b.Storage = jetstream.FileStorage
 		b.Replicas = replicas
@@ -383,7 +433,43 @@ func (c *Cluster) openBuckets(ctx context.Context) error {
 			return fmt.Errorf("bucket %s: %w", b.Bucket, err)
 		}
 		c.kvs[b.Bucket] = kv
+		if b.Bucket == bucketEnrollments {
+			if err := c.allowKeyTTL(ctx); err != nil {
+				c.log.Warn("the enrolment bucket, made by an older gateway, could not be upgraded for per-key TTLs; enrolments will not expire until it is (retried every prune interval)",
+					"bucket", b.Bucket, "err", err)
+			}
+		}
 	}
+	return nil
+}
+
+// allowKeyTTL upgrades in place an enrolment bucket made by an older
+// gateway, without per-key TTLs: its stream is updated (the entries kept),
+// never made anew. Entries written before have no TTL and stay, as they
+// did. The update needs a NATS user allowed to change streams.
+func (c *Cluster) allowKeyTTL(ctx context.Context) error {
+	kv := c.kvs[bucketEnrollments]
+	st, err := kv.Status(ctx)
+	if c.kv(err) != nil {
+		return err
+	}
+	if st.LimitMarkerTTL() > 0 {
+		c.enrollTTL.Store(true)
+		return nil
+	}
+	s, err := c.js.Stream(ctx, "KV_"+kv.Bucket())
+	if c.kv(err) != nil {
+		return err
+	}
+	cfg := s.CachedInfo().Config
+	cfg.AllowMsgTTL = true
+	cfg.SubjectDeleteMarkerTTL = enrollMarkerTTL
+	// Two gateways upgrading at once make the same change: no harm.
+	if _, err := c.js.UpdateStream(ctx, cfg); c.kv(err) != nil {
+		return err
+	}
+	c.log.Info("enrolment bucket upgraded in place: enrolments now expire after their token", "bucket", kv.Bucket())
+	c.enrollTTL.Store(true)
 	return nil
 }
 
@@ -458,7 +544,8 @@ func (c *Cluster) Connected() bool { return c.connected.Load() && c.nc.IsConnect
 
 // Stats reads the counters.
 func (c *Cluster) Stats() Stats {
-	return Stats{Connected: c.Connected(), KVOps: c.ops.Load(), KVErrors: c.errs.Load(), Dropped: c.dropped.Load(), NamesLost: c.namesLost.Load()}
+	return Stats{Connected: c.Connected(), KVOps: c.ops.Load(), KVErrors: c.errs.Load(), Dropped: c.dropped.Load(), NamesLost: c.namesLost.Load(),
+		DirectoryPruned: c.dirPruned.Load(), EnrollmentsExpired: c.enrollExpired.Load()}
 }
 
 // PublicAddr is this gateway's address in presence entries.
@@ -1113,6 +1200,109 @@ func (c *Cluster) Directory() map[string]DirEntry {
 	return out
 }
 
+// pruneLoop runs pruneDirectory soon after Join, then every
+// PruneInterval, until ctx ends.
+func (c *Cluster) pruneLoop(ctx context.Context) {
+	wait := min(time.Minute, c.cfg.PruneInterval)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		wait = c.cfg.PruneInterval
+		if !c.Connected() {
+			continue
+		}
+		if !c.enrollTTL.Load() {
+			rctx, cancel := context.WithTimeout(ctx, opTimeout)
+			if err := c.allowKeyTTL(rctx); err != nil {
+				c.log.Debug("enrolment bucket still without per-key TTLs", "err", err)
+			}
+			cancel()
+		}
+		if err := c.pruneDirectory(ctx, time.Now()); err != nil && ctx.Err() == nil {
+			c.log.Warn("pruning the cluster's directory", "err", err)
+		}
+	}
+}
+
+// stale says a directory entry is of no use to anyone: its token expired
+// and the agent was last seen more than DirectoryGrace ago.
+func stale(d DirEntry, now time.Time) bool {
+	cut := now.Add(-DirectoryGrace).Unix()
+	return d.Expires < cut && d.LastSeen < cut
+}
+
+// pruneDirectory deletes from NATS the directory entries that are stale
+// and whose agent is not online (here or, by the cache, anywhere).
+func (c *Cluster) pruneDirectory(ctx context.Context, now time.Time) error {
+	rctx, cancel := context.WithTimeout(ctx, 10*opTimeout)
+	defer cancel()
+	vs, err := c.staleEntries(rctx, now)
+	if err != nil {
+		return err
+	}
+	return c.deleteStale(rctx, vs)
+}
+
+// staleEntry is a directory entry to delete: the revision it was judged at.
+type staleEntry struct {
+	name, key string
+	rev       uint64
+}
+
+// staleEntries reads the bucket itself, not the cache, which may not hold
+// every entry (its bound), and returns those to delete, MaxDirectory at
+// most (the next pass takes the rest).
+func (c *Cluster) staleEntries(ctx context.Context, now time.Time) ([]staleEntry, error) {
+	w, err := c.kvs[bucketDirectory].WatchAll(ctx, jetstream.IgnoreDeletes())
+	if c.kv(err) != nil {
+		return nil, err
+	}
+	defer w.Stop()
+	var out []staleEntry
+	for e := range w.Updates() {
+		if e == nil {
+			break // the entries there were when the pass began, all read
+		}
+		name, ok := nameOf(e.Key())
+		var d DirEntry
+		if !ok || len(e.Value()) > maxValue || json.Unmarshal(e.Value(), &d) != nil || !stale(d, now) {
+			continue // not ours to judge (malformed ones the cache counts)
+		}
+		c.mu.Lock()
+		_, homedHere := c.local[name]
+		c.mu.Unlock()
+		if _, online := c.Lookup(name); online || homedHere {
+			continue
+		}
+		if out = append(out, staleEntry{name, e.Key(), e.Revision()}); len(out) >= MaxDirectory {
+			break
+		}
+	}
+	return out, ctx.Err()
+}
+
+// deleteStale deletes each entry only if NATS still holds the revision it
+// was judged at: an agent that another gateway has written again since
+// (it came back) is never deleted, nor counted.
+func (c *Cluster) deleteStale(ctx context.Context, vs []staleEntry) error {
+	kv := c.kvs[bucketDirectory]
+	for _, v := range vs {
+		err := c.kv(kv.Delete(ctx, v.key, jetstream.LastRevision(v.rev)))
+		switch {
+		case isWrongRevision(err):
+			continue // written again meanwhile (or pruned by another gateway)
+		case err != nil:
+			return err
+		}
+		c.dirPruned.Add(1)
+		c.log.Info("agent pruned from the cluster's directory: its token expired and it has been offline since", "name", v.name, "grace", DirectoryGrace)
+	}
+	return nil
+}
+
 // --- revocations ---
 
 const revocKey = "list"
@@ -1178,62 +1368,88 @@ func (c *Cluster) PublishRevocations(ctx context.Context, signed string) error {
 // --- enrollments ---
 
 func (c *Cluster) applyEnrollment(e jetstream.KeyValueEntry) {
-	id, _, ok := strings.Cut(e.Key(), ".")
-	if !ok || deleted(e) || len(e.Value()) > maxValue {
-		if !ok || len(e.Value()) > maxValue {
-			c.dropped.Add(1)
-		}
-		return
-	}
-	c.addEnrolled(id, string(e.Value()))
-}
-
-func (c *Cluster) addEnrolled(id, key string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	keys, known := c.enrolled[id]
-	if slices.Contains(keys, key) {
-		return
-	}
-	if (!known && len(c.enrolled) >= MaxEnrolled) || len(keys) >= MaxUses {
+	id, use, ok := strings.Cut(e.Key(), ".")
+	if !ok || len(e.Value()) > maxValue {
 		c.dropped.Add(1)
 		return
 	}
-	c.enrolled[id] = append(keys, key)
+	if deleted(e) {
+		// Expired (the token's expiry and grace passed): NATS's marker.
+		c.mu.Lock()
+		if _, had := c.enrolled[id][use]; had {
+			delete(c.enrolled[id], use)
+			if len(c.enrolled[id]) == 0 {
+				delete(c.enrolled, id)
+			}
+			c.enrollExpired.Add(1)
+		}
+		c.mu.Unlock()
+		return
+	}
+	c.addEnrolled(id, use, string(e.Value()))
+}
+
+func (c *Cluster) addEnrolled(id, use, key string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	uses, known := c.enrolled[id]
+	if k, had := uses[use]; had && k == key {
+		return
+	}
+	if _, had := uses[use]; (!known && len(c.enrolled) >= MaxEnrolled) || (!had && len(uses) >= MaxUses) {
+		c.dropped.Add(1)
+		return
+	}
+	if !known {
+		uses = map[string]string{}
+		c.enrolled[id] = uses
+	}
+	uses[use] = key
 }
 
 // ErrTokenUsed says a token enrolled as many other machines as it may.
 var ErrTokenUsed = errors.New("token used by as many other machines as it may enroll")
 
 // Enroll records that the node key used the token id, which may enroll
-// uses machines, across the cluster: each use is a key created only if
-// absent, so two gateways never let one token enroll more machines than
-// it may, and a copied token is refused on every gateway. While NATS is
-// away only a machine already known is admitted (ErrUnavailable for a new
-// one).
-func (c *Cluster) Enroll(ctx context.Context, id string, uses int, key string) error {
+// uses machines and expires at expires, across the cluster: each use is a
+// key created only if absent, so two gateways never let one token enroll
+// more machines than it may, and a copied token is refused on every
+// gateway. The key expires with the token (plus EnrollGrace): a gateway
+// refuses an expired token anyway. While NATS is away only a machine
+// already known is admitted (ErrUnavailable for a new one).
+func (c *Cluster) Enroll(ctx context.Context, id string, uses int, expires time.Time, key string) error {
 	uses = max(1, min(uses, MaxUses))
 	tk := keyOf(id)
 	c.mu.Lock()
-	keys := c.enrolled[tk]
+	mine, n := false, len(c.enrolled[tk])
+	for _, k := range c.enrolled[tk] {
+		mine = mine || k == key
+	}
 	c.mu.Unlock()
-	if slices.Contains(keys, key) {
+	if mine {
 		return nil
 	}
-	if len(keys) >= uses {
+	if n >= uses {
 		return ErrTokenUsed
 	}
 	if !c.Connected() {
 		return ErrUnavailable
 	}
+	var opts []jetstream.KVCreateOpt
+	if c.enrollTTL.Load() && !expires.IsZero() {
+		// JetStream counts a TTL in whole seconds, one at least.
+		ttl := max(time.Until(expires)+c.cfg.EnrollGrace, time.Second)
+		opts = append(opts, jetstream.KeyTTL(ttl.Round(time.Second)))
+	}
 	kv := c.kvs[bucketEnrollments]
 	rctx, cancel := context.WithTimeout(ctx, 2*opTimeout)
 	defer cancel()
 	for i := range uses {
-		k := fmt.Sprintf("%s.%d", tk, i)
-		_, err := kv.Create(rctx, k, []byte(key))
+		use := strconv.Itoa(i)
+		k := tk + "." + use
+		_, err := kv.Create(rctx, k, []byte(key), opts...)
 		if c.kv(err) == nil {
-			c.addEnrolled(tk, key)
+			c.addEnrolled(tk, use, key)
 			return nil
 		}
 		if !errors.Is(err, jetstream.ErrKeyExists) {
@@ -1244,7 +1460,7 @@ func (c *Cluster) Enroll(ctx context.Context, id string, uses int, key string) e
 			return err
 		}
 		if string(e.Value()) == key {
-			c.addEnrolled(tk, key)
+			c.addEnrolled(tk, use, key)
 			return nil
 		}
 	}

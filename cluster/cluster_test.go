@@ -482,7 +482,7 @@ func TestEnrollAcrossGateways(t *testing.T) {
 		{g2, "tok-2", 2, "key-B", false},
 		{g1, "tok-2", 2, "key-C", true},
 	} {
-		err := tc.g.Enroll(ctx, tc.token, tc.uses, tc.key)
+		err := tc.g.Enroll(ctx, tc.token, tc.uses, time.Now().Add(time.Hour), tc.key)
 		if errors.Is(err, ErrTokenUsed) != tc.wantUsed || (err != nil && !tc.wantUsed) {
 			t.Fatalf("Enroll(%s, %s) = %v, want used %v", tc.token, tc.key, err, tc.wantUsed)
 		}
@@ -774,5 +774,250 @@ func TestJoinACMEGateways(t *testing.T) {
 				t.Logf("refused: %v", err)
 			}
 		})
+	}
+}
+
+// enrolledIn says whether the cache of g has key as a use of token id.
+func (g *gw) enrolledIn(id, key string) bool {
+	g.Cluster.mu.Lock()
+	defer g.Cluster.mu.Unlock()
+	for _, k := range g.enrolled[keyOf(id)] {
+		if k == key {
+			return true
+		}
+	}
+	return false
+}
+
+// bucketIn opens bucket straight from NATS, as a test's own client.
+func bucketIn(t *testing.T, url, bucket string) jetstream.KeyValue {
+	t.Helper()
+	nc, err := nats.Connect(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, _ := jetstream.New(nc)
+	kv, err := js.KeyValue(context.Background(), bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kv
+}
+
+func inBucket(t *testing.T, kv jetstream.KeyValue, key string) bool {
+	t.Helper()
+	_, err := kv.Get(context.Background(), key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return true
+}
+
+// An enrolment goes from NATS and from every gateway's cache once its
+// token expired (plus the grace, a millisecond here); one of a token
+// still valid stays.
+func TestEnrollmentsExpireWithToken(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	short := func(c *Config) { c.EnrollGrace = time.Millisecond }
+	g1 := join(t, s.ClientURL(), "198.18.0.1:4433", short)
+	g2 := join(t, s.ClientURL(), "198.18.0.2:4433", short)
+	ctx := context.Background()
+	expires := time.Now().Add(time.Second)
+	if err := g1.Enroll(ctx, "tok-short", 1, expires, "key-A"); err != nil {
+		t.Fatal(err)
+	}
+	if err := g1.Enroll(ctx, "tok-long", 1, time.Now().Add(time.Hour), "key-B"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Second, "gateway 2 caches both enrolments", func() bool {
+		return g2.enrolledIn("tok-short", "key-A") && g2.enrolledIn("tok-long", "key-B")
+	})
+	kv := bucketIn(t, s.ClientURL(), bucketEnrollments)
+	shortKey, longKey := keyOf("tok-short")+".0", keyOf("tok-long")+".0"
+	eventually(t, 10*time.Second, "the expired token's enrolment gone from NATS", func() bool { return !inBucket(t, kv, shortKey) })
+	t.Logf("enrolment gone from NATS %s after its token expired (grace 1 ms)", time.Since(expires).Round(time.Millisecond))
+	for i, g := range []*gw{g1, g2} {
+		eventually(t, 2*time.Second, fmt.Sprintf("gateway %d's cache drops it", i+1), func() bool { return !g.enrolledIn("tok-short", "key-A") })
+		if !g.enrolledIn("tok-long", "key-B") {
+			t.Fatalf("gateway %d forgot the enrolment of a valid token", i+1)
+		}
+		if n := g.Stats().EnrollmentsExpired; n != 1 {
+			t.Fatalf("gateway %d: EnrollmentsExpired = %d, want 1", i+1, n)
+		}
+	}
+	if !inBucket(t, kv, longKey) {
+		t.Fatal("the valid token's enrolment is gone from NATS")
+	}
+	// Still one machine per token: a copy of the valid one is refused.
+	if err := g2.Enroll(ctx, "tok-long", 1, time.Now().Add(time.Hour), "key-C"); !errors.Is(err, ErrTokenUsed) {
+		t.Fatalf("a copied valid token: Enroll = %v, want ErrTokenUsed", err)
+	}
+}
+
+// A bucket of enrolments made by the previous build (no per-key TTL) is
+// upgraded in place: what it held stays (the token it names is still
+// used up), and new enrolments expire.
+func TestEnrollmentBucketUpgraded(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	nc, err := nats.Connect(s.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	ctx := context.Background()
+	old, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketEnrollments, MaxValueSize: maxValue, Storage: jetstream.FileStorage, Replicas: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldKey := keyOf("tok-old") + ".0"
+	if _, err := old.Create(ctx, oldKey, []byte("key-A")); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := old.Status(ctx)
+	if before.LimitMarkerTTL() != 0 {
+		t.Fatal("the previous build's bucket should have no TTL markers")
+	}
+
+	g := join(t, s.ClientURL(), "198.18.0.1:4433", func(c *Config) { c.EnrollGrace = time.Millisecond })
+	after, err := old.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.LimitMarkerTTL() != enrollMarkerTTL || after.Values() != before.Values() {
+		t.Fatalf("bucket after Join: marker TTL %s, %d values; want %s and the %d it had", after.LimitMarkerTTL(), after.Values(), enrollMarkerTTL, before.Values())
+	}
+	if err := g.Enroll(ctx, "tok-old", 1, time.Now().Add(time.Hour), "key-B"); !errors.Is(err, ErrTokenUsed) {
+		t.Fatalf("a token the old bucket has as used: Enroll = %v, want ErrTokenUsed", err)
+	}
+	if err := g.Enroll(ctx, "tok-new", 1, time.Now().Add(time.Second), "key-C"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the new short enrolment expires", func() bool { return !inBucket(t, old, keyOf("tok-new")+".0") })
+	if !inBucket(t, old, oldKey) {
+		t.Fatal("the old entry is gone")
+	}
+	// A second gateway opens the upgraded bucket as it is.
+	g2 := join(t, s.ClientURL(), "198.18.0.2:4433", nil)
+	if !g2.enrollTTL.Load() || !g2.enrolledIn("tok-old", "key-A") {
+		t.Fatalf("second gateway: TTLs %v, old enrolment cached %v", g2.enrollTTL.Load(), g2.enrolledIn("tok-old", "key-A"))
+	}
+}
+
+// The directory prune: an agent whose token expired more than
+// DirectoryGrace ago and that has not been seen since goes from NATS and
+// every gateway's directory; one online, one with a valid token, and one
+// seen lately stay. Two gateways prune at once, and delete it once.
+func TestDirectoryPruned(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	fast := func(c *Config) { c.PruneInterval = 50 * time.Millisecond }
+	g1 := join(t, s.ClientURL(), "198.18.0.1:4433", fast)
+	g2 := join(t, s.ClientURL(), "198.18.0.2:4433", fast)
+	ctx := context.Background()
+	now := time.Now()
+	longAgo := now.Add(-DirectoryGrace - time.Hour).Unix()
+	if err := g2.Announce(ctx, "online", Presence{Key: "k-online"}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Second, "gateway 1 sees the agent online", func() bool { _, ok := g1.Lookup("online"); return ok })
+	// The keepers first: the pass that deletes "gone" has read them too.
+	for name, d := range map[string]DirEntry{
+		"online": {TokenID: "t1", LastSeen: longAgo, Expires: longAgo},
+		"valid":  {TokenID: "t2", LastSeen: longAgo, Expires: now.Add(time.Hour).Unix()},
+		"lately": {TokenID: "t3", LastSeen: now.Add(-time.Hour).Unix(), Expires: longAgo},
+	} {
+		g1.Seen(ctx, name, d)
+	}
+	g2.Seen(ctx, "gone", DirEntry{TokenID: "t4", LastSeen: longAgo, Expires: longAgo})
+	kv := bucketIn(t, s.ClientURL(), bucketDirectory)
+	eventually(t, 5*time.Second, "the stale entry gone from NATS", func() bool { return !inBucket(t, kv, keyOf("gone")) })
+	for i, g := range []*gw{g1, g2} {
+		eventually(t, 2*time.Second, fmt.Sprintf("gateway %d's directory drops it", i+1), func() bool { _, ok := g.Directory()["gone"]; return !ok })
+	}
+	for _, name := range []string{"online", "valid", "lately"} {
+		if !inBucket(t, kv, keyOf(name)) {
+			t.Fatalf("%s pruned", name)
+		}
+		for i, g := range []*gw{g1, g2} {
+			if _, ok := g.Directory()[name]; !ok {
+				t.Fatalf("%s gone from gateway %d's directory", name, i+1)
+			}
+		}
+	}
+	if n := g1.Stats().DirectoryPruned + g2.Stats().DirectoryPruned; n != 1 {
+		t.Fatalf("DirectoryPruned summed over the gateways = %d, want 1", n)
+	}
+}
+
+// A prune pass never deletes an entry written again after it judged it:
+// the agent came back (with a new token) through another gateway.
+func TestDirectoryPruneSparesFreshWrite(t *testing.T) {
+	s := startNATS(t, t.TempDir(), 0)
+	g := join(t, s.ClientURL(), "198.18.0.1:4433", nil) // default interval: no pass of its own here
+	ctx := context.Background()
+	longAgo := time.Now().Add(-DirectoryGrace - time.Hour).Unix()
+	g.Seen(ctx, "back", DirEntry{TokenID: "t1", LastSeen: longAgo, Expires: longAgo})
+	vs, err := g.staleEntries(ctx, time.Now())
+	if err != nil || len(vs) != 1 || vs[0].name != "back" {
+		t.Fatalf("staleEntries = %+v %v, want back", vs, err)
+	}
+	fresh := DirEntry{TokenID: "t2", LastSeen: time.Now().Unix(), Expires: time.Now().Add(time.Hour).Unix()}
+	other := join(t, s.ClientURL(), "198.18.0.2:4433", nil)
+	other.Seen(ctx, "back", fresh)
+	if err := g.deleteStale(ctx, vs); err != nil {
+		t.Fatal(err)
+	}
+	kv := bucketIn(t, s.ClientURL(), bucketDirectory)
+	if !inBucket(t, kv, keyOf("back")) || g.Stats().DirectoryPruned != 0 {
+		t.Fatalf("the entry written again was pruned (pruned %d)", g.Stats().DirectoryPruned)
+	}
+	eventually(t, 2*time.Second, "the directory has the fresh entry", func() bool { return g.Directory()["back"].TokenID == "t2" })
+}
+
+// A NATS user not allowed to change streams cannot upgrade an old
+// enrolment bucket: the gateway joins anyway, says so, and enrols as the
+// previous build did (no TTL, nothing lost).
+func TestEnrollmentBucketUpgradeRefused(t *testing.T) {
+	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true,
+		Users: []*server.User{
+			{Username: "admin", Password: "a"},
+			{Username: "gw", Password: "g", Permissions: &server.Permissions{Publish: &server.SubjectPermission{Allow: []string{">"}, Deny: []string{"$JS.API.STREAM.UPDATE.>"}}}},
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.Start()
+	if !s.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats-server did not start")
+	}
+	t.Cleanup(s.Shutdown)
+	nc, err := nats.Connect(s.ClientURL(), nats.UserInfo("admin", "a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	ctx := context.Background()
+	old, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketEnrollments, MaxValueSize: maxValue, Storage: jetstream.FileStorage, Replicas: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds := t.TempDir() + "/creds"
+	if err := writeFile(creds, "gw:g"); err != nil {
+		t.Fatal(err)
+	}
+	g := join(t, s.ClientURL(), "198.18.0.1:4433", func(c *Config) { c.Creds = creds })
+	if g.enrollTTL.Load() {
+		t.Fatal("the gateway believes the bucket takes TTLs")
+	}
+	if err := g.Enroll(ctx, "tok", 1, time.Now().Add(time.Hour), "key-A"); err != nil {
+		t.Fatalf("Enroll on the old bucket: %v", err)
+	}
+	if !inBucket(t, old, keyOf("tok")+".0") {
+		t.Fatal("enrolment not in NATS")
 	}
 }

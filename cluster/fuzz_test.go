@@ -42,7 +42,7 @@ func FuzzApply(f *testing.F) {
 		c := &Cluster{log: slog.New(slog.NewTextHandler(io.Discard, nil)), ttl: time.Minute, cfg: Config{PublicAddr: "198.18.1.2:4433",
 			OnRevocations: func(s string) { revoc = append(revoc, s) }},
 			presence: map[string]presenceSeen{}, slots: map[string]netip.Addr{}, owners: map[netip.Addr]string{},
-			dir: map[string]DirEntry{}, local: map[string]homed{"miranda": {Presence: Presence{Gateway: "198.18.1.2:4433", Key: "k0"}}}, dirty: map[string]DirEntry{}, enrolled: map[string][]string{}}
+			dir: map[string]DirEntry{}, local: map[string]homed{"miranda": {Presence: Presence{Gateway: "198.18.1.2:4433", Key: "k0"}}}, dirty: map[string]DirEntry{}, enrolled: map[string]map[string]string{}}
 		op := jetstream.KeyValuePut
 		if del {
 			op = jetstream.KeyValueDelete

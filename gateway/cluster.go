@@ -138,7 +138,7 @@ func (g *Gateway) elsewhere(name string) (string, bool) {
 // the state directory standalone.
 func (g *Gateway) enroll(claims *token.Claims, key identity.PublicKey) error {
 	if c := g.clusterNow(); c != nil {
-		err := c.Enroll(context.Background(), claims.ID, claims.Uses, key.String())
+		err := c.Enroll(context.Background(), claims.ID, claims.Uses, time.Unix(claims.Expires, 0), key.String())
 		switch {
 		case errors.Is(err, cluster.ErrTokenUsed):
 			return errTokenUsed

@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -322,5 +323,34 @@ func TestClusterNameTakenDuringSplit(t *testing.T) {
 		if e := g.g.clusterNow().Directory()["miranda"]; e.TokenID != held.TokenID {
 			t.Fatalf("gateway %d's view of the cluster's directory: miranda's token %q, want the holder's %q", i+1, e.TokenID, held.TokenID)
 		}
+	}
+}
+
+// TestClusterEnrollmentExpires: the enrolment of a token that expires
+// leaves the cluster after it (the gateway passes the token's expiry on),
+// counted in the metric; one of a valid token does not.
+func TestClusterEnrollmentExpires(t *testing.T) {
+	s := startNATS(t)
+	tg := startGatewayIn(t, t.TempDir(), func(c *Config) {
+		c.PublicAddr = "gw1.test:4433"
+		c.Cluster = &cluster.Config{URLs: []string{s.ClientURL()}, PresenceTTL: 3 * time.Second, EnrollGrace: time.Millisecond}
+	})
+	t.Cleanup(func() { tg.stop(t) })
+	// Token expiries are whole seconds: this one ends in one or two.
+	short := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "brief", Expires: time.Now().Unix() + 2})})
+	short.ready(t)
+	long := startNode(t, tg, nodeOpts{token: tg.token(t, token.Claims{Role: token.RoleClient, Name: "alice"})})
+	long.ready(t)
+	metric := func(enrollments int) string {
+		return "# HELP nlvpn_gateway_cluster_pruned_total Entries gone from the cluster's buckets because their token expired, by kind: directory (deleted by this gateway: the agent offline and its token expired a week ago), enrollment (expired in NATS with their token, dropped from this gateway's cache).\n" +
+			"# TYPE nlvpn_gateway_cluster_pruned_total counter\n" +
+			"nlvpn_gateway_cluster_pruned_total{kind=\"directory\"} 0\n" +
+			fmt.Sprintf("nlvpn_gateway_cluster_pruned_total{kind=\"enrollment\"} %d\n", enrollments)
+	}
+	eventually(t, 10*time.Second, "the expired token's enrolment leaves the cluster", func() bool {
+		return testutil.CollectAndCompare(tg.g, strings.NewReader(metric(1)), "nlvpn_gateway_cluster_pruned_total") == nil
+	})
+	if n := tg.g.clusterNow().Stats().EnrollmentsExpired; n != 1 {
+		t.Fatalf("EnrollmentsExpired = %d, want 1 (the valid token's stays)", n)
 	}
 }

@@ -59,6 +59,8 @@ var (
 		"Entries from the cluster not held: a bound hit, too large, or malformed.", nil, nil)
 	descNameConflicts = prometheus.NewDesc("nlvpn_gateway_cluster_name_conflicts_total",
 		"Agents let go here because another gateway held their name with another key (both admitted it while cut off from each other, the cluster's claim won).", nil, nil)
+	descClusterPruned = prometheus.NewDesc("nlvpn_gateway_cluster_pruned_total",
+		"Entries gone from the cluster's buckets because their token expired, by kind: directory (deleted by this gateway: the agent offline and its token expired a week ago), enrollment (expired in NATS with their token, dropped from this gateway's cache).", []string{"kind"}, nil)
 	descRedirects = prometheus.NewDesc("nlvpn_gateway_redirects_total",
 		"Connects answered agent_elsewhere: the agent is on another gateway of the cluster.", nil, nil)
 )
@@ -68,7 +70,7 @@ var (
 func (g *Gateway) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRegistrations, descRegistrationsRefused, descRefused, descRetries,
 		descUnauthenticated, descNodes, descTCPStreams, descTCPPackets, descTCPDropped, descTCPClosed, descRelayFrames, descRelayUDPFrames, descRelayBytes, descRelayDropped,
-		descRelayChecks, descRelayRoutes, descClusterConnected, descClusterOps, descClusterErrors, descClusterDropped, descNameConflicts, descRedirects} {
+		descRelayChecks, descRelayRoutes, descClusterConnected, descClusterOps, descClusterErrors, descClusterDropped, descNameConflicts, descClusterPruned, descRedirects} {
 		ch <- d
 	}
 }
@@ -126,6 +128,8 @@ func (g *Gateway) Collect(ch chan<- prometheus.Metric) {
 		counter(descClusterErrors, cs.KVErrors)
 		counter(descClusterDropped, cs.Dropped)
 		counter(descNameConflicts, cs.NamesLost)
+		counter(descClusterPruned, cs.DirectoryPruned, "directory")
+		counter(descClusterPruned, cs.EnrollmentsExpired, "enrollment")
 		counter(descRedirects, g.redirects.Load())
 	}
 }
