@@ -58,7 +58,8 @@ type Status struct {
 	// TCP is the netstack's TCP sender counters in detail: segments_sent,
 	// retransmits, timeouts, fast_recovery, sack_recovery, tlp_recovery,
 	// fast_retransmit, slow_start_retransmits, spurious_recovery,
-	// spurious_rto_recovery, dsack_acked_segments.
+	// spurious_rto_recovery, dsack_acked_segments, and ours:
+	// syn_restamped, syn_stamps_forgotten (netstack/synstamp.go).
 	TCP map[string]uint64 `json:"tcp"`
 	// UDPSize is the agent's UDP size (its path MTU less headers);
 	// Fragmented counts IPv4 packets split for a session whose MTU is

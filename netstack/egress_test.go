@@ -61,6 +61,9 @@ func (w egTestWriter) Write(p []byte) (int, error) {
 type egTestNet struct {
 	eg     *Egress
 	client *stack.Stack
+	// dropOut, if set, sees each packet the egress sends to the client
+	// and drops it (a lossy path) when it returns true.
+	dropOut atomic.Pointer[func(pkt []byte) bool]
 }
 
 func egNewTestNet(t testing.TB, cfg EgressConfig) *egTestNet {
@@ -98,10 +101,14 @@ func egNewTestNet(t testing.TB, cfg EgressConfig) *egTestNet {
 	})
 
 	var oversize atomic.Int64
+	n := &egTestNet{client: cs}
 	eg, err := NewEgress(cfg, func(pkts [][]byte) {
 		for _, pkt := range pkts {
 			if len(pkt) > cfg.MTU {
 				oversize.Add(1)
+			}
+			if drop := n.dropOut.Load(); drop != nil && (*drop)(pkt) {
+				continue
 			}
 			proto := ipv4.ProtocolNumber
 			if pkt[0]>>4 == 6 {
@@ -156,7 +163,8 @@ func egNewTestNet(t testing.TB, cfg EgressConfig) *egTestNet {
 			t.Errorf("out produced %d packets larger than the MTU", n)
 		}
 	})
-	return &egTestNet{eg: eg, client: cs}
+	n.eg = eg
+	return n
 }
 
 func egFullAddr(ap netip.AddrPort) (tcpip.FullAddress, tcpip.NetworkProtocolNumber) {

@@ -28,6 +28,10 @@ type outWriter struct {
 	// dropped counts packets that could not be written: larger than the
 	// MTU without GSO, or a GSO packet whose headers make no sense.
 	dropped uint64
+
+	// syn, if set, restamps retransmitted SYNs (synstamp.go). They never
+	// come as GSO packets.
+	syn *synStamps
 }
 
 func newOutWriter(mtu int, flush func(pkts [][]byte)) *outWriter {
@@ -97,6 +101,9 @@ func (w *outWriter) Write(pkt *stack.PacketBuffer) {
 	n := 0
 	for _, s := range w.views {
 		n += copy(b[n:], s)
+	}
+	if w.syn != nil {
+		w.syn.restamp(b[:n])
 	}
 	w.commit(n)
 }

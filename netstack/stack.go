@@ -146,6 +146,8 @@ type stackCore struct {
 	subq       *batchq.Fair[netip.Addr, []byte] // packets Submit queued, by source (a client's fair share)
 	release    func(pkt []byte)
 	unwritable atomic.Uint64 // a copy of ow.dropped
+	// Copies of ow.syn's counters (synstamp.go).
+	synRestamped, synForgotten atomic.Uint64
 }
 
 // outDropped counts the stack's outbound packets that never reached out:
@@ -219,6 +221,7 @@ func (c *stackCore) init(cfg stackConfig) error {
 
 	c.link = newLinkEndpoint(cfg.mtu)
 	c.ow = newOutWriter(cfg.mtu, c.flushOut)
+	c.ow.syn = newSynStamps(s.Clock())
 	if err := s.CreateNIC(stackNIC, c.link); err != nil {
 		return fail("create NIC", err)
 	}
@@ -373,6 +376,8 @@ func (c *stackCore) pump() {
 		}
 		c.ow.Flush()
 		c.unwritable.Store(c.ow.dropped)
+		c.synRestamped.Store(c.ow.syn.restamped)
+		c.synForgotten.Store(c.ow.syn.forgotten)
 		c.outMu.Unlock()
 		for i, p := range pkts {
 			p.DecRef()
@@ -497,7 +502,9 @@ func (c *stackCore) StackRecovery() (retransmits, timeouts uint64) {
 // got through loss (by name, as status shows them): which recovery it
 // entered, how often, how often it was spurious, and what it cost in
 // resent segments. Read next to segments_sent they show why a lossy
-// transfer is slow (timeouts vs. fast recovery).
+// transfer is slow (timeouts vs. fast recovery). syn_restamped counts
+// retransmitted SYNs and SYN-ACKs we gave a fresh timestamp (synstamp.go),
+// syn_stamps_forgotten handshakes the bounded table forgot.
 func (c *stackCore) StackTCP() map[string]uint64 {
 	t := c.stack.Stats().TCP
 	return map[string]uint64{
@@ -512,5 +519,7 @@ func (c *stackCore) StackTCP() map[string]uint64 {
 		"spurious_recovery":      t.SpuriousRecovery.Value(),
 		"spurious_rto_recovery":  t.SpuriousRTORecovery.Value(),
 		"dsack_acked_segments":   t.SegmentsAckedWithDSACK.Value(),
+		"syn_restamped":          c.synRestamped.Load(),
+		"syn_stamps_forgotten":   c.synForgotten.Load(),
 	}
 }
