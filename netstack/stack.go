@@ -57,9 +57,10 @@ import (
 // (nlvpn-lab bench --paths direct --rows down, interleaved, 3 rounds +
 // 3 rounds, Mbit/s): under loss 10 ms 200, 200, 203, 270, 168, 227; 5 ms
 // 289, 172, 283, 364, 272 (and one run at 3, independent of the minimum:
-// its flow's first RTT sample was 873 ms, probably a lost handshake
-// segment, and under constant recovery srtt never came back down, so its
-// RTO stayed near 3 s); 2 ms 314, 288, 236, 242, 255, 318; without loss
+// its flow's first RTT sample was 873 ms: a lost SYN-ACK, whose
+// retransmission gVisor sends with the stale timestamp the client then
+// echoes, since fixed in synstamp.go; under constant recovery srtt never
+// came back down, so its RTO stayed near 3 s); 2 ms 314, 288, 236, 242, 255, 318; without loss
 // no difference above the noise (down 1 stream 10 ms 841-1173, 5 ms
 // 1066-1239; 4 streams 709-1180, 1157-1476). Spurious timeouts (gVisor's
 // spurious_rto_recovery, per 5 s lossy run) 1-4 at 10 ms, 1-8 at 5 ms,

@@ -43,10 +43,10 @@ type synKey struct {
 // restamps their retransmissions. Not safe for concurrent use: the pump's
 // outWriter owns it.
 type synStamps struct {
-	clock tcpip.Clock          // the stack's, whose milliseconds gVisor's TSvals count
-	first map[synKey]uint32    // TSval minus the clock's ms when we saw the first send
-	ring  [synStampsMax]synKey // insertion order, for forgetting the oldest
-	next  int                  // ring slot of the next insertion
+	clock tcpip.Clock       // the stack's, whose milliseconds gVisor's TSvals count
+	first map[synKey]uint32 // TSval minus the clock's ms when we saw the first send
+	ring  []synKey          // insertion order, for forgetting the oldest (made at the first SYN)
+	next  int               // ring slot of the next insertion
 	// restamped counts retransmitted SYNs given a fresh TSval; forgotten
 	// counts SYNs dropped from a full table (their retransmissions, if
 	// any, go out stale).
@@ -104,6 +104,9 @@ func (s *synStamps) restamp(pkt []byte) {
 	now := s.nowMs()
 	off, seen := s.first[k]
 	if !seen {
+		if s.ring == nil {
+			s.ring = make([]synKey, synStampsMax)
+		}
 		if old := s.ring[s.next]; len(s.first) == synStampsMax {
 			delete(s.first, old)
 			s.forgotten++
