@@ -361,12 +361,7 @@ func TestRevocationsReachEveryGateway(t *testing.T) {
 func TestHostileEntriesCounted(t *testing.T) {
 	s := startNATS(t, t.TempDir(), 0)
 	g := join(t, s.ClientURL(), "198.18.0.1:4433", nil)
-	nc, err := nats.Connect(s.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, _ := jetstream.New(nc)
+	js := jetStreamIn(t, s.ClientURL())
 	ctx := context.Background()
 	many := make([]string, MaxAdvertise+1)
 	for i := range many {
@@ -587,16 +582,7 @@ func TestOneNATSServerDies(t *testing.T) {
 func TestLookupNowAsksNATS(t *testing.T) {
 	s := startNATS(t, t.TempDir(), 0)
 	g := join(t, s.ClientURL(), "198.18.0.1:4433", nil)
-	nc, err := nats.Connect(s.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, _ := jetstream.New(nc)
-	kv, err := js.KeyValue(context.Background(), bucketPresence)
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv := bucketIn(t, s.ClientURL(), bucketPresence)
 	// Stop the watches: the cache hears nothing from now on.
 	g.stop()
 	g.done.Wait()
@@ -617,18 +603,7 @@ func TestLookupNowAsksNATS(t *testing.T) {
 // presenceIn reads name's presence straight from NATS.
 func presenceIn(t *testing.T, url, name string) (Presence, bool) {
 	t.Helper()
-	nc, err := nats.Connect(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, _ := jetstream.New(nc)
-	ctx := context.Background()
-	kv, err := js.KeyValue(ctx, bucketPresence)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e, err := kv.Get(ctx, keyOf(name))
+	e, err := bucketIn(t, url, bucketPresence).Get(context.Background(), keyOf(name))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return Presence{}, false
 	}
@@ -789,16 +764,26 @@ func (g *gw) enrolledIn(id, key string) bool {
 	return false
 }
 
-// bucketIn opens bucket straight from NATS, as a test's own client.
-func bucketIn(t *testing.T, url, bucket string) jetstream.KeyValue {
+// jetStreamIn is JetStream through a connection of the test's own to the
+// NATS server at url, closed when the test ends.
+func jetStreamIn(t *testing.T, url string, opts ...nats.Option) jetstream.JetStream {
 	t.Helper()
-	nc, err := nats.Connect(url)
+	nc, err := nats.Connect(url, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(nc.Close)
-	js, _ := jetstream.New(nc)
-	kv, err := js.KeyValue(context.Background(), bucket)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js
+}
+
+// bucketIn opens bucket straight from NATS, as a test's own client.
+func bucketIn(t *testing.T, url, bucket string) jetstream.KeyValue {
+	t.Helper()
+	kv, err := jetStreamIn(t, url).KeyValue(context.Background(), bucket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -863,12 +848,7 @@ func TestEnrollmentsExpireWithToken(t *testing.T) {
 // used up), and new enrolments expire.
 func TestEnrollmentBucketUpgraded(t *testing.T) {
 	s := startNATS(t, t.TempDir(), 0)
-	nc, err := nats.Connect(s.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, _ := jetstream.New(nc)
+	js := jetStreamIn(t, s.ClientURL())
 	ctx := context.Background()
 	old, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketEnrollments, MaxValueSize: maxValue, Storage: jetstream.FileStorage, Replicas: 1})
 	if err != nil {
@@ -995,12 +975,7 @@ func TestEnrollmentBucketUpgradeRefused(t *testing.T) {
 		t.Fatal("nats-server did not start")
 	}
 	t.Cleanup(s.Shutdown)
-	nc, err := nats.Connect(s.ClientURL(), nats.UserInfo("admin", "a"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, _ := jetstream.New(nc)
+	js := jetStreamIn(t, s.ClientURL(), nats.UserInfo("admin", "a"))
 	ctx := context.Background()
 	old, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucketEnrollments, MaxValueSize: maxValue, Storage: jetstream.FileStorage, Replicas: 1})
 	if err != nil {

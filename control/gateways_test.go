@@ -123,7 +123,13 @@ func runClusterClient(t *testing.T, gws []*testGateway, pin string) (*Client, co
 	for _, g := range gws {
 		addrs = append(addrs, g.addr)
 	}
-	c := clusterNode(t, pin, addrs...)
+	return runNode(t, clusterNode(t, pin, addrs...))
+}
+
+// runNode runs c until the test ends (at most 30 s) and returns once it
+// registered.
+func runNode(t *testing.T, c *Client) (*Client, context.CancelFunc) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	done := make(chan error, 1)
 	go func() { done <- c.Run(ctx) }()
@@ -281,13 +287,7 @@ func TestSuspect(t *testing.T) {
 // without any relay traffic to show it.
 func TestHeartbeatLeavesASilentGateway(t *testing.T) {
 	gws, pin := testCluster(t, 2)
-	c := newNode(t, Config{Gateway: gws[0].addr, Gateways: []string{gws[1].addr}, Pin: pin, Heartbeat: checkEvery})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	go c.Run(ctx)
-	if _, err := c.Ready(ctx); err != nil {
-		t.Fatal(err)
-	}
+	c, _ := runNode(t, newNode(t, Config{Gateway: gws[0].addr, Gateways: []string{gws[1].addr}, Pin: pin, Heartbeat: checkEvery}))
 	first := gatewayOf(gws, c.Gateway())
 	gen := c.Generation()
 	gws[first].answerPings.Store(false)
@@ -301,13 +301,7 @@ func TestHeartbeatLeavesASilentGateway(t *testing.T) {
 func TestNoPingsToAGatewayWithoutThem(t *testing.T) {
 	gws, pin := testCluster(t, 1)
 	gws[0].noPings.Store(true)
-	c := newNode(t, Config{Gateway: gws[0].addr, Pin: pin, Heartbeat: checkEvery})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	go c.Run(ctx)
-	if _, err := c.Ready(ctx); err != nil {
-		t.Fatal(err)
-	}
+	c, _ := runNode(t, newNode(t, Config{Gateway: gws[0].addr, Pin: pin, Heartbeat: checkEvery}))
 	gen := c.Generation()
 	c.Suspect()
 	// Two heartbeat periods and a ping's wait: a node that pinged would
@@ -324,12 +318,6 @@ func TestNoPingsToAGatewayWithoutThem(t *testing.T) {
 // The counterpart: a gateway that lists FeaturePing gets the heartbeat.
 func TestHeartbeatPingsAGatewayThatServesThem(t *testing.T) {
 	gws, pin := testCluster(t, 1)
-	c := newNode(t, Config{Gateway: gws[0].addr, Pin: pin, Heartbeat: checkEvery})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	go c.Run(ctx)
-	if _, err := c.Ready(ctx); err != nil {
-		t.Fatal(err)
-	}
+	runNode(t, newNode(t, Config{Gateway: gws[0].addr, Pin: pin, Heartbeat: checkEvery}))
 	waitFor(t, "a heartbeat ping", func() bool { return gws[0].pings.Load() > 0 })
 }
