@@ -102,6 +102,11 @@ func TestServerConnect(t *testing.T) {
 	if _, err := bad.Dial("tcp", net.JoinHostPort("echo.lan", port)); err == nil {
 		t.Fatal("wrong password accepted")
 	}
+	// The server counts the failure after it has told the client, which
+	// may see it first: wait for the count (a bound, not a measure).
+	for deadline := time.Now().Add(5 * time.Second); authFailures.Load() == 0 && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
 	if authFailures.Load() != 1 {
 		t.Fatalf("auth failures %d, want 1", authFailures.Load())
 	}
