@@ -6,7 +6,7 @@ BIN     := bin
 # Every package except the end-to-end suite, which runs separately.
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e$$')
 
-.PHONY: all build deps demo test fmt-check tidy-check vet vet-cross quic-go-check units-check unit e2e bench wireguard-go fuzz release clean
+.PHONY: all build deps demo test fmt-check tidy-check vet vet-cross third-party-check units-check unit e2e bench wireguard-go fuzz release clean
 
 all: build
 
@@ -26,7 +26,7 @@ deps:
 demo: deps build
 	$(BIN)/nlvpn-lab demo --nlvpn $(BIN)/nlvpn
 
-test: deps fmt-check tidy-check vet vet-cross quic-go-check units-check unit e2e
+test: deps fmt-check tidy-check vet vet-cross third-party-check units-check unit e2e
 
 fmt-check:
 	@out="$$(gofmt -l .)"; \
@@ -39,7 +39,6 @@ tidy-check:
 vet:
 	$(GO) vet ./...
 
-# third_party/quic-go must be exactly the released module plus our patches.
 # The release targets: go vet for each, so nothing Linux-only leaks into
 # shared code (the lab, the e2e suite and nlvpn-lab are Linux-only).
 RELEASE_TARGETS := linux/amd64 linux/arm64 darwin/amd64 darwin/arm64 windows/amd64 windows/arm64
@@ -60,8 +59,11 @@ release:
 	done
 	cd dist && sha256sum nlvpn-* > SHA256SUMS && cat SHA256SUMS
 
-quic-go-check:
+# third_party/quic-go and third_party/gvisor must be exactly the released
+# modules plus our patches.
+third-party-check:
 	scripts/quic-go.sh --check
+	scripts/gvisor.sh --check
 
 # The systemd units in packaging/systemd: systemd-analyze verify with no
 # warning, and each unit's exposure score (about a second).

@@ -61,3 +61,5 @@ tool (
 )
 
 replace github.com/quic-go/quic-go => ./third_party/quic-go
+
+replace gvisor.dev/gvisor => ./third_party/gvisor
