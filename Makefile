@@ -5,6 +5,8 @@ GO      ?= go
 BIN     := bin
 # Every package except the end-to-end suite, which runs separately.
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e$$')
+# The tests our gVisor patches add (third_party/gvisor-patches).
+PATCH_TEST_PKGS = gvisor.dev/gvisor/pkg/tcpip/transport/tcp
 
 .PHONY: all build deps demo test fmt-check tidy-check vet vet-cross third-party-check units-check unit e2e bench wireguard-go fuzz release clean
 
@@ -71,7 +73,7 @@ units-check:
 	scripts/units-check.sh
 
 unit:
-	$(GO) test -race -count=1 $(UNIT_PKGS)
+	$(GO) test -race -count=1 $(UNIT_PKGS) $(PATCH_TEST_PKGS)
 
 e2e:
 	$(GO) test -count=1 -timeout 15m -v ./e2e/

@@ -38,47 +38,33 @@ import (
 )
 
 // Stack tuning. The TCP numbers follow what people who run gVisor at scale
-// (e.g. Tailscale's netstack) use: SACK on, reno, buffers of several MiB
-// with receive-buffer auto-tuning. RACK stays off by measurement (nlvpn-lab
-// bench, direct path, 2 runs each): with 2 % random loss each way it cut
-// the download, where this stack is the sender, from ~52 to ~31 Mbit/s
-// (curl 7.1 -> 2.7 MB/s) and the upload from ~305 to ~258 Mbit/s; without
-// loss it was no better either. Measure again if reordering enters the
-// picture: RACK is the cure for that, not for random loss.
+// (e.g. Tailscale's netstack) use: SACK on, buffers of several MiB with
+// receive-buffer auto-tuning.
 //
-// Without RACK there is no tail-loss probe either, so a lost segment at the
-// end of a window waits for the retransmission timer, which gVisor never
-// sets below its minimum RTO (200 ms, as Linux, which has TLP to avoid
-// it). At LAN and metro RTTs that wait is most of a lossy transfer's time:
-// stackMinRTO is 10 ms (measured, 2 % loss each way, download, direct path,
-// Mbit/s: 200 ms 34, 51; 20 ms 194, 233, and in a later pair of rounds
-// 20 ms 150, 184; 10 ms 226, 275; 5 ms 281, 299). Linux's tail-loss probe
-// fires as early as 2 srtt. stackMinRTO is 5 ms since a later session
-// (nlvpn-lab bench --paths direct --rows down, interleaved, 3 rounds +
-// 3 rounds, Mbit/s): under loss 10 ms 200, 200, 203, 270, 168, 227; 5 ms
-// 289, 172, 283, 364, 272 (and one run at 3, independent of the minimum:
-// its flow's first RTT sample was 873 ms: a lost SYN-ACK, whose
-// retransmission gVisor sends with the stale timestamp the client then
-// echoes, since fixed in synstamp.go; under constant recovery srtt never
-// came back down, so its RTO stayed near 3 s); 2 ms 314, 288, 236, 242, 255, 318; without loss
-// no difference above the noise (down 1 stream 10 ms 841-1173, 5 ms
-// 1066-1239; 4 streams 709-1180, 1157-1476). Spurious timeouts (gVisor's
-// spurious_rto_recovery, per 5 s lossy run) 1-4 at 10 ms, 1-8 at 5 ms,
-// 6-8 at 2 ms: 5 ms keeps a margin for scheduling stalls on a busy
-// machine (gVisor's RTT samples come from TCP timestamps of 1 ms
-// resolution; the lossy flow's sampled RTO was 10-30 ms at 10). On longer
-// paths the timer follows the RTT and the minimum does not bind. Same
-// rounds (10 ms): RACK on 188, 169, 218 (130-178 timeouts, only 13-16 tail
-// loss probes); cubic 121, 109, 48 (cubic's window at a 1-4 ms RTT grows
-// as reno's, and it times out more).
+// Congestion control is "rate", our gVisor patch (third_party/gvisor-patches
+// 0001): the window follows the measured delivery rate and minimum RTT, as
+// bbr does, instead of halving at each loss. This stack is the sender of
+// every download, and under 2 % random loss reno's window averages about
+// 1.22/sqrt(0.02) ~ 9 segments (Mathis), while wireguard-go's sender is the
+// LAN host's kernel TCP with the host's bbr. Measured (nlvpn-lab bench
+// --paths wg,direct, 2 % loss each way, download, nlvpn/wireguard-go in
+// the same run): reno 0.17-0.31; rate with RACK off 0.38, 0.48; rate with
+// RACK on 0.63, 0.73.
 //
-// Why the lossy download stays far below wireguard-go's: there the sender
-// is the LAN host's Linux TCP with whatever congestion control the host
-// runs (bbr on the bench machine, which does not take random loss for
-// congestion); gVisor has only reno and cubic, whose window under 2 %
-// loss averages about 1.22/sqrt(0.02) ~ 9 segments by the Mathis formula
-// (sampled every 50 ms: cwnd 10-48 at srtt 1-4 ms), a few hundred Mbit/s
-// at most at this RTT, whatever the recovery settings.
+// RACK is on since then: with reno it was worse (the download under loss
+// ~52 -> ~31 Mbit/s in an earlier session, 188-218 vs ~230 in a later one,
+// with 130-178 timeouts), but with a window that no longer collapses, its
+// time-based loss detection and tail-loss probes recover lost
+// retransmissions that otherwise wait for a timeout (timeouts per 5 s
+// lossy run: 11-31 with RACK off, 2-27 on).
+//
+// stackMinRTO is 5 ms, far under Linux's 200 ms: at LAN and metro RTTs a
+// lost segment that only the timer recovers costs most of a lossy
+// transfer's time (measured in earlier sessions, reno, RACK off, Mbit/s
+// under loss: 200 ms 34-51, 20 ms 150-233, 10 ms 168-275, 5 ms 172-364,
+// 2 ms 236-318 with more spurious timeouts). With rate and RACK, one run
+// each at 5, 20 and 50 ms was within the machine's noise. On longer paths
+// the timer follows the RTT and the minimum does not bind.
 const (
 	// stackNIC is the only NIC of either stack.
 	stackNIC            = tcpip.NICID(1)
@@ -207,9 +193,9 @@ func (c *stackCore) init(cfg stackConfig) error {
 
 	tcpOpts := []tcpip.SettableTransportProtocolOption{
 		stackPtr(tcpip.TCPSACKEnabled(true)),
-		stackPtr(tcpip.TCPRecovery(0)), // RACK off: see above
+		stackPtr(tcpip.TCPRecovery(tcpip.TCPRACKLossDetection)), // see above
 		stackPtr(tcpip.TCPMinRTOOption(stackMinRTO)),
-		stackPtr(tcpip.CongestionControlOption("reno")),
+		stackPtr(tcpip.CongestionControlOption("rate")), // our gVisor patch 0001: see above
 		stackPtr(tcpip.TCPModerateReceiveBufferOption(true)),
 		&tcpip.TCPSendBufferSizeRangeOption{Min: stackTCPBufMin, Default: stackTCPBufDefault, Max: stackTCPBufMax},
 		&tcpip.TCPReceiveBufferSizeRangeOption{Min: stackTCPBufMin, Default: stackTCPBufDefault, Max: stackTCPBufMax},

@@ -86,6 +86,14 @@ type congestionControl interface {
 	PostRecovery()
 }
 
+// ackObserver is implemented by a congestionControl that must see every
+// ACK, in and out of recovery (rateState).
+type ackObserver interface {
+	// OnAck is invoked after an inbound ACK has updated SndUna and the SACK
+	// scoreboard. rtt is the RTT sample the ACK gave, or unknownRTT.
+	OnAck(rtt time.Duration, ackTime tcpip.MonotonicTime)
+}
+
 // lossRecovery is an interface that must be implemented by any supported
 // loss recovery algorithm.
 type lossRecovery interface {
@@ -343,6 +351,8 @@ func (s *sender) initCongestionControl(congestionControlName tcpip.CongestionCon
 	switch congestionControlName {
 	case ccCubic:
 		return newCubicCC(s)
+	case ccRate:
+		return newRateCC(s)
 	case ccReno:
 		fallthrough
 	default:
@@ -1763,6 +1773,12 @@ func (s *sender) handleRcvdSegment(rcvdSeg *segment) {
 			s.resendTimer.disable()
 			s.probeTimer.disable()
 		}
+	}
+
+	// A congestion control that sizes the window from the delivery rate
+	// needs every ACK, in recovery too, where Update is not called.
+	if o, ok := s.cc.(ackObserver); ok {
+		o.OnAck(bestRTT, rcvdSeg.rcvdTime)
 	}
 
 	if s.ep.SACKPermitted && s.ep.tcpRecovery&tcpip.TCPRACKLossDetection != 0 {
