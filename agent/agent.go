@@ -261,18 +261,29 @@ func (a *Agent) endRevoked(r *wire.Revoked) {
 	a.takeRevocations(r.List)
 	a.mu.Lock()
 	var ss []*session.Session
+	var gone []uint64
 	for _, id := range r.IDs {
 		delete(a.offers, id)
+		live := false
 		for _, cs := range a.byClient {
 			if cs.sess.ID == id {
 				ss = append(ss, cs.sess)
+				live = true
 			}
+		}
+		if !live {
+			gone = append(gone, id)
 		}
 	}
 	a.mu.Unlock()
 	for _, s := range ss {
 		a.log.Info("the client's token was revoked; ending its session", "session", wire.SessionID(s.ID))
 		s.Conn.CloseWithError(0, "token revoked")
+	}
+	// The client hears of it from the gateway too, and may have said
+	// goodbye first. Its offer is forgotten either way, so it cannot resume.
+	for _, id := range gone {
+		a.log.Info("the client's token was revoked; it has no session here now (its offer is forgotten)", "session", wire.SessionID(id))
 	}
 }
 

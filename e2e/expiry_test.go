@@ -113,8 +113,11 @@ func TestRevokeEndsDirectTransfer(t *testing.T) {
 	if !strings.Contains(c.Log(), "revoked") {
 		t.Errorf("the client does not say its token was revoked:\n%s", c.Log())
 	}
-	if err := e.agent.WaitLog(ctx, "token was revoked; ending its session"); err != nil {
-		t.Errorf("the agent did not end the session itself: %v", err)
+	// The agent ends the session on the gateway's word; the client, told
+	// by the gateway too, may have said goodbye first, and then the agent
+	// logs that it has no session to end.
+	if err := e.agent.WaitLog(ctx, "the client's token was revoked; "); err != nil {
+		t.Errorf("the agent did not take the gateway's revocation of the session: %v", err)
 	}
 	// and it holds the authority's signed list, which it checked itself.
 	if err := e.agent.WaitLog(ctx, "revocation list in force"); err != nil {
