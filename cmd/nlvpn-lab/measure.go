@@ -184,10 +184,20 @@ func udpCounters(ctx context.Context, ns string) (map[string]int64, error) {
 	return m, nil
 }
 
+// netstackSenderCounters are the agent netstack's TCP counters (status
+// "tcp") the drop table shows beside the drops: on a download the agent's
+// gVisor TCP is the tunnel's sender, and its retransmission timeouts (often
+// spurious: a scheduling stall past its minimum RTO, which gVisor detects
+// but does not undo) can cost a single stream more than any drop.
+var netstackSenderCounters = map[string]bool{
+	"tcp.timeouts": true, "tcp.spurious_rto_recovery": true, "tcp.fast_retransmit": true, "tcp.retransmits": true,
+}
+
 // dropCounters picks, from one JSON object, every number whose name
-// contains "drop" or "lost", at any depth: nested objects contribute
-// "outer.inner" names, so an object field "drops" (name -> count) gives
-// one entry per name. Other fields are ignored.
+// contains "drop" or "lost", at any depth, and the netstackSenderCounters:
+// nested objects contribute "outer.inner" names, so an object field
+// "drops" (name -> count) gives one entry per name. Other fields are
+// ignored.
 func dropCounters(data []byte) (map[string]float64, error) {
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.UseNumber()
@@ -207,7 +217,7 @@ func dropCounters(data []byte) (map[string]float64, error) {
 			switch v := v.(type) {
 			case json.Number:
 				l := strings.ToLower(name)
-				if strings.Contains(l, "drop") || strings.Contains(l, "lost") {
+				if strings.Contains(l, "drop") || strings.Contains(l, "lost") || netstackSenderCounters[l] {
 					if f, err := v.Float64(); err == nil {
 						out[name] = f
 					}

@@ -182,6 +182,8 @@ func TestDropCounters(t *testing.T) {
 		{"drops map and nesting",
 			`{"drops":{"gvisor_nic":5,"socket":0},"session":{"Lost":1,"sent":9},"note":"dropped","dropped_list":[1,2]}`,
 			map[string]float64{"drops.gvisor_nic": 5, "drops.socket": 0, "session.Lost": 1}, false},
+		{"agent netstack sender", `{"tcp":{"timeouts":3,"spurious_rto_recovery":2,"segments_sent":900,"fast_retransmit":0,"retransmits":41},"timeouts":7}`,
+			map[string]float64{"tcp.timeouts": 3, "tcp.spurious_rto_recovery": 2, "tcp.fast_retransmit": 0, "tcp.retransmits": 41}, false},
 		{"nothing matches", `{"path":"relay","tx_bytes":1}`, map[string]float64{}, false},
 		{"not an object", `[{"drops":1}]`, nil, true},
 		{"not JSON", `no running tunnel found`, nil, true},

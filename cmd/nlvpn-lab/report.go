@@ -174,7 +174,8 @@ func (res *benchResults) printDrops() {
 	say("Drop counters across the single-stream runs, up and down (after - before): the TCP sender's\n" +
 		"    retransmits (on downloads the LAN host is the sender), every number in\n" +
 		"    `nlvpn status --json` whose name has \"drop\" or \"lost\" (client; agent: its own state dir, n/a\n" +
-		"    while the agent has no status socket), the gateway's relay counters (its /relay), and the kernel's\n" +
+		"    while the agent has no status socket), the agent netstack's TCP timeouts and retransmits (tcp.*: on a\n" +
+		"    download it is the tunnel's sender), the gateway's relay counters (its /relay), and the kernel's\n" +
 		"    UDP RcvbufErrors and InErrors per namespace, and the kernel's TCP drops and resends (TcpExt) where the\n" +
 		"    tunneled TCP leaves nlvpn: the agent's sockets and the LAN host.")
 	table := [][]string{append([]string{"counter"}, cols...)}
