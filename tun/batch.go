@@ -11,16 +11,25 @@ import (
 	"github.com/nlvpn/nlvpn/batchq"
 )
 
-// Write buffers. Every packet is queued in a packet-sized buffer
-// (packetCap). The device coalesces consecutive TCP segments of a flow
-// into the first one of a batch (GRO), which needs room to grow: when a
-// batch is written, the first packet of each run of one flow's segments is
-// moved into a head buffer (headCap) first. So only heads, at most
-// maxHeads per write, are big; a queue full of packets holds ~2 KiB each.
+// Write buffers. Every packet is queued in a buffer of Offset plus the
+// device's MTU (the largest packet the tunnel delivers; a larger one gets a
+// buffer of its own size). The device coalesces consecutive TCP segments of
+// a flow into the first one of a batch (GRO), which needs room to grow:
+// when a batch is written, the first packet of each run of one flow's
+// segments is moved into a head buffer (headCap) first. So only heads, at
+// most maxHeads per write, are big; a queue full of packets holds ~1.4 KiB
+// each at the client's MTU (1368: Go's 1408-byte size class; 2 KiB
+// buffers took its 2304-byte class, 1.6 times the memory).
+//
+// A head is 64 KiB, not Offset+65535, so that it takes eight whole pages
+// rather than nine: wireguard-go's GRO leaves room for two Offsets, so a
+// head still takes 65504 bytes of packet, 49 segments at the client's MSS.
 const (
-	packetCap = Offset + 2048
-	headCap   = Offset + 65535
-	maxHeads  = 32
+	headCap  = 64 << 10
+	maxHeads = 32
+	// defaultPacketRoom is a packet buffer's room on a device whose MTU
+	// is not known (a Device made in a test).
+	defaultPacketRoom = 2048
 )
 
 // BatchWriter collects packets from the tunnel and writes them to the
@@ -102,7 +111,11 @@ func (f *freeList) putAll(bufs [][]byte) {
 
 // NewBatchWriter returns a writer with room for queue packets in flight.
 func (d *Device) NewBatchWriter(queue int) *BatchWriter {
-	return &BatchWriter{dev: d, q: batchq.New[[]byte](queue), small: freeList{size: packetCap}, epoch: time.Now()}
+	room := d.mtu
+	if room <= 0 {
+		room = defaultPacketRoom
+	}
+	return &BatchWriter{dev: d, q: batchq.New[[]byte](queue), small: freeList{size: Offset + room}, epoch: time.Now()}
 }
 
 // WriteWait is how the tunnel's packets arrive: when the queue is full it
@@ -120,7 +133,7 @@ func (w *BatchWriter) Write(pkt []byte) { w.write(pkt, 0) }
 
 func (w *BatchWriter) write(pkt []byte, wait time.Duration) {
 	var b []byte
-	if Offset+len(pkt) <= packetCap {
+	if Offset+len(pkt) <= w.small.size {
 		b = w.small.get()
 	} else {
 		b = make([]byte, 0, Offset+len(pkt)) // beyond any MTU we set; rare
@@ -163,7 +176,7 @@ func (w *BatchWriter) write(pkt []byte, wait time.Duration) {
 // recycle takes a buffer back after its packet was written (or dropped).
 func (w *BatchWriter) recycle(b []byte) {
 	switch cap(b) {
-	case packetCap:
+	case w.small.size:
 		w.small.put(b)
 	case headCap:
 		w.heads = append(w.heads, b[:0])
@@ -237,7 +250,7 @@ func (w *BatchWriter) promoteHeads(bufs [][]byte) {
 		}
 		if head >= 0 && !psh && seg.seq == next && keyLen == len(seg.key) && bytes.Equal(key[:keyLen], seg.key) {
 			// Continues the run: its head must be able to grow.
-			if !promoted && used < maxHeads && cap(bufs[head]) == packetCap {
+			if !promoted && used < maxHeads && cap(bufs[head]) == w.small.size {
 				bufs[head] = w.toHead(bufs[head])
 				used++
 				promoted = true

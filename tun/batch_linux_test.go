@@ -62,7 +62,7 @@ func TestBatchWriterCopies(t *testing.T) {
 	for i := range pkt {
 		pkt[i] = 0 // the caller reuses its buffer at once
 	}
-	big := bytes.Repeat([]byte{0xbb}, packetCap) // larger than a pooled buffer
+	big := bytes.Repeat([]byte{0xbb}, w.small.size) // larger than a pooled buffer
 	w.Write(big)
 	queued, _ := w.q.Take(context.Background(), nil)
 	b := queued[0]
@@ -72,6 +72,32 @@ func TestBatchWriterCopies(t *testing.T) {
 	b = queued[1]
 	if len(b) != Offset+len(big) || !bytes.Equal(b[Offset:], big) {
 		t.Fatalf("oversize packet queued as %d bytes, want %d", len(b)-Offset, len(big))
+	}
+}
+
+// A queued packet takes a buffer of the device's MTU (plus Offset), not
+// more: a full queue of them is most of what the client holds under a
+// download. A larger packet still goes through whole, in its own buffer.
+func TestBatchWriterBuffersFollowMTU(t *testing.T) {
+	const mtu = 1368
+	w := (&Device{mtu: mtu}).NewBatchWriter(4)
+	w.Write(bytes.Repeat([]byte{1}, mtu))
+	w.Write(bytes.Repeat([]byte{2}, mtu+1))
+	queued, _ := w.q.Take(context.Background(), nil)
+	if len(queued) != 2 {
+		t.Fatalf("%d packets queued, want 2", len(queued))
+	}
+	if got := cap(queued[0]); got != Offset+mtu {
+		t.Errorf("a packet of the MTU queued in a buffer of %d bytes, want %d", got, Offset+mtu)
+	}
+	if got := queued[1]; len(got) != Offset+mtu+1 || got[Offset+mtu] != 2 {
+		t.Errorf("a packet over the MTU queued as %d bytes, want %d", len(got)-Offset, mtu+1)
+	}
+	for _, b := range queued {
+		w.recycle(b)
+	}
+	if len(w.small.bufs) != 1 || len(w.heads) != 0 {
+		t.Errorf("recycled: %d packet buffers, %d heads; want the MTU-sized one back, alone", len(w.small.bufs), len(w.heads))
 	}
 }
 
