@@ -13,15 +13,23 @@ import (
 // an allocation never fails because of it, the collector just works harder.
 // GOMEMLIMIT in the environment overrides it.
 //
-// 26 MiB holds the client's peak RSS (VmHWM) under a bulk transfer to
-// ~36-38 MiB, the Go heap plus ~10 MiB of mapped binary (nlvpn-lab bench
-// --paths direct, two interleaved rounds: 26 MiB 37.6, 35.6 MiB; 32 MiB
-// 41.0, 40.8 MiB). The live heap is ~12 MiB (buffers of the socket, the
-// TUN and quic-go), so the collector runs more often: client CPU per GB
-// uploaded 4.03, 5.79 s against 3.77, 4.34 s in the same rounds, with
-// throughput within the machine's noise (up 1607, 1150 vs 1723, 1461 Mbit/s;
-// down 1413, 1221 vs 1363, 1326).
-const clientMemoryLimit = 26 << 20
+// The limit decides the anonymous half of the client's peak RSS (VmHWM):
+// below it the collector lets garbage and pool buffers fill the room, so
+// taking memory off the live heap lowers the peak only when the limit
+// comes down with it. The other half, ~19 MiB, is the binary's mapped
+// pages, nearly all touched at start (`nlvpn --version` alone peaks at
+// 17.8 MiB). Under the bench's load the live heap is ~13 MiB: the TUN
+// writer's queue and GRO heads, the socket's send trains and receive
+// buffers, quic-go's packets, wireguard-go's GRO tables.
+//
+// 24 MiB, with the TUN's buffers cut to the MTU and no heap-profile table
+// (2.4 MiB the limit counted), leaves the collector the room it had at
+// 26 MiB before. nlvpn-lab bench --paths direct,relay --rows stream,
+// client peak direct / relay, interleaved runs: before (26 MiB, a cgo
+// build) 39.9 / 39.3 and 41.0 / 38.7; after (24 MiB, CGO_ENABLED=0 as
+// make build now builds) 35.8 / 36.4 and 36.8 / 35.3; the same code as a
+// cgo build 39.5 / 37.2 and 37.3 / - (its libc is 1.5 MiB of it).
+const clientMemoryLimit = 24 << 20
 
 func limitClientMemory() {
 	if os.Getenv("GOMEMLIMIT") != "" {
