@@ -26,13 +26,12 @@ import (
 // for profiles that nobody can fetch.
 func startProfile() (stop func()) {
 	stop = func() {}
-	if os.Getenv("NLVPN_PPROF") == "" && !strings.Contains(os.Getenv("GODEBUG"), "memprofilerate=") {
-		runtime.MemProfileRate = 0
-	}
 	if addr := os.Getenv("NLVPN_PPROF"); addr != "" {
 		if err := servePprof(addr); err != nil {
 			fmt.Fprintf(os.Stderr, "nlvpn: NLVPN_PPROF: %v\n", err)
 		}
+	} else if !strings.Contains(os.Getenv("GODEBUG"), "memprofilerate=") {
+		runtime.MemProfileRate = 0
 	}
 	path := os.Getenv("NLVPN_CPUPROFILE")
 	if path == "" {
