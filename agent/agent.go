@@ -808,6 +808,14 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		// The client started over (restart, new session): the old
 		// connection is dead weight.
 		old.sess.Conn.CloseWithError(0, "superseded")
+		if startedOver(old.offer, offer) {
+			// Its flows here have no other end any more; left alone they
+			// would hold their LAN connections until a retransmission
+			// drew a reset from the client's new stack (never, when idle).
+			if n := a.eg.CloseClient(offer.PeerAddr); n > 0 {
+				log.Info("the client started over; closed its old flows", "flows", n)
+			}
+		}
 	}
 	log.Info("client connected", "mtu", sz.TUN)
 	if misbehave != nil { // test builds only (misbehave.go)
@@ -857,6 +865,13 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	st2 := s.Stats()
 	log.Info("client disconnected", "after", time.Since(start).Round(time.Second), "reason", err, "rx_bytes", st2.RxBytes, "tx_bytes", st2.TxBytes,
 		"drops_queue_full", st2.DropQueueFull, "drops_netstack_queue_all_clients", a.eg.Stats().SubmitDropped, "quic_lost", qc.ConnectionStats().PacketsLost)
+}
+
+// startedOver reports whether the client of offer next is a new process,
+// not the one of prev on a new session: then prev's flows are dead. A
+// gateway that does not pass the instance on leaves them to TCP.
+func startedOver(prev, next *offer) bool {
+	return prev.PeerInstance != 0 && next.PeerInstance != 0 && prev.PeerInstance != next.PeerInstance
 }
 
 // toClient sends packets from the egress stack to the clients they are for.

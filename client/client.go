@@ -6,9 +6,12 @@ package client
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"net/url"
@@ -111,6 +114,7 @@ type Client struct {
 	// probesRefused counts agent candidates this client would not probe.
 	probesRefused atomic.Uint64
 	ended         session.Ended // drops and bytes of sessions replaced since start
+	instance      uint64        // wire.Connect.Instance (flowsOwner)
 	ctx           context.Context
 
 	pmu    sync.Mutex
@@ -178,7 +182,8 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("the credential is not for this client's key (a %s credential for %q)", own.Claims.Role, own.Claims.Name)
 	}
 	c := &Client{cfg: cfg, log: cfg.Log.With("agent", cfg.Agent), authority: own.Claims.Authority,
-		up: make(chan struct{}, 1), moved: make(chan netip.Addr, 1)}
+		up: make(chan struct{}, 1), moved: make(chan netip.Addr, 1),
+		instance: flowsOwner(cfg)}
 	c.dialSession = c.dialAgent
 
 	// The TUN device first: without the right to create it there is no
@@ -538,7 +543,7 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 	resume := resumeID(cur)
 	rctx, cancel := context.WithTimeout(ctx, 15*time.Second+c.cfg.DirectTimeout)
 	defer cancel()
-	req := &wire.Connect{Agent: c.cfg.Agent, Resume: resume, Mode: c.cfg.Mode}
+	req := &wire.Connect{Agent: c.cfg.Agent, Resume: resume, Mode: c.cfg.Mode, Instance: c.instance}
 	var offer *punch.Offer
 	if c.cfg.Mode != wire.ModeRelay {
 		var err error
@@ -601,6 +606,25 @@ func resumeID(cur *session.Session) uint64 {
 		return cur.ID
 	}
 	return 0
+}
+
+// flowsOwner is the client's wire.Connect.Instance: it names what holds
+// the tunneled TCP connections, which the agent must not close while that
+// lives on. In TUN mode the host's kernel holds them and they outlive a
+// restart of this process (an ssh session carries on), so it names this
+// boot of the kernel and network namespace, hashed with the node's key so
+// as to say nothing else about the host. The netstack holds them in this
+// process: a restart ends them, so it is drawn anew. Never 0 ("not told").
+func flowsOwner(cfg Config) uint64 {
+	if cfg.Netstack == nil {
+		if id, err := platform.KernelStackID(); err == nil {
+			h := sha256.New()
+			h.Write([]byte("nlvpn flows owner\x00" + id + "\x00"))
+			h.Write(cfg.Key.Public())
+			return binary.BigEndian.Uint64(h.Sum(nil)) | 1
+		}
+	}
+	return rand.Uint64() | 1
 }
 
 // resumes reports whether the client keeps cur after asking to resume

@@ -861,7 +861,7 @@ func (g *Gateway) connect(ctx context.Context, c *node, req *wire.Connect) *wire
 	// unchanged; it cannot make a probe key of its own.
 	offer := &wire.Session{
 		ID: id, PeerName: c.name, PeerCredential: c.cred, PeerKey: c.key.String(), PeerAddr: c.overlay,
-		Mode: req.Mode, Punch: req.Punch,
+		Mode: req.Mode, Punch: req.Punch, PeerInstance: req.Instance,
 		// The one public address the agent will probe for this client.
 		PeerObserved: c.peer.Addr(),
 	}

@@ -223,3 +223,19 @@ func IPv6Enabled() bool {
 	b, err := os.ReadFile("/proc/sys/net/ipv6/conf/all/disable_ipv6")
 	return err == nil && strings.TrimSpace(string(b)) == "0"
 }
+
+// KernelStackID names the kernel network stack this process's sockets
+// live in: this boot of this kernel, this network namespace. A TUN
+// client restarted under the same ID finds its applications' TCP
+// connections still open, so the agent keeps their flows.
+func KernelStackID() (string, error) {
+	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return "", err
+	}
+	ns, err := os.Readlink("/proc/self/ns/net")
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(string(boot)) + " " + ns, nil
+}

@@ -24,3 +24,8 @@ func MarkDialer(_, _ string, _ syscall.RawConn) error { return nil }
 // IPv6Enabled reports whether a TUN device can take an IPv6 address here;
 // Configure does nothing on this OS yet.
 func IPv6Enabled() bool { return false }
+
+// KernelStackID is only needed by the TUN mode.
+func KernelStackID() (string, error) {
+	return "", errors.New("no kernel stack ID on " + runtime.GOOS)
+}

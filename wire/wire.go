@@ -271,6 +271,10 @@ type Connect struct {
 	Agent  string `json:"agent"`
 	Resume uint64 `json:"resume,omitempty"`
 	Mode   string `json:"mode,omitempty"` // ModeAuto (""), ModeDirect or ModeRelay
+	// Instance is drawn at random once per client process: the agent
+	// tells a client that started over (its old flows are dead) from one
+	// that moved to a new session (they carry on).
+	Instance uint64 `json:"instance,omitempty"`
 	Punch
 }
 
@@ -321,7 +325,12 @@ type Session struct {
 	// Resumed (to a client) says the agent still holds the session's
 	// end-to-end connection, so the client may keep using it.
 	Resumed bool `json:"resumed,omitempty"`
-	Punch        // the peer's
+	// PeerInstance (to an agent) is the client's Connect.Instance. Only
+	// the gateway's word: it decides no more than when a replaced
+	// session's flows are closed, which a gateway could force anyway by
+	// dropping them.
+	PeerInstance uint64 `json:"peer_instance,omitempty"`
+	Punch               // the peer's
 }
 
 // Accept is the agent's yes to a session offer. Resumed says the agent
