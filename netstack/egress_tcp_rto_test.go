@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -100,5 +101,99 @@ func TestEgressTCPLostSynAckRTT(t *testing.T) {
 				t.Errorf("sender srtt %v after a 1 MiB download on a loopback path (rto %v): the handshake's retransmission wait was taken for an RTT", info.RTT, info.RTO)
 			}
 		})
+	}
+}
+
+// TestEgressTCPLossyDownloadResendsWhatWasLost downloads 32 MiB through the
+// egress while the path to the client drops every 50th data packet (2 %,
+// retransmissions included, so some are lost twice and recovery sometimes
+// needs a timeout). The sender must resend about what was lost, not the
+// window around it: resending data the client already holds is what kept a
+// lossy download at a third of wireguard-go's rate (issue 7), since the
+// duplicates take the place of new data and the window's growth.
+func TestEgressTCPLossyDownloadResendsWhatWasLost(t *testing.T) {
+	n := egNewTestNet(t, EgressConfig{})
+	// The client's stack SACKs, as Linux's and our proxy's do.
+	sack := tcpip.TCPSACKEnabled(true)
+	if err := n.client.SetTransportProtocolOption(tcp.ProtocolNumber, &sack); err != nil {
+		t.Fatal(err)
+	}
+	rb := tcpip.TCPReceiveBufferSizeRangeOption{Min: 4096, Default: 16 << 20, Max: 16 << 20}
+	if err := n.client.SetTransportProtocolOption(tcp.ProtocolNumber, &rb); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var (
+		packets, dropped  int
+		droppedB, resentB int
+		highest           uint32
+		started           bool
+	)
+	drop := func(pkt []byte) bool {
+		if len(pkt) < header.IPv4MinimumSize || pkt[0]>>4 != 4 {
+			return false
+		}
+		ip := header.IPv4(pkt)
+		if ip.TransportProtocol() != header.TCPProtocolNumber || len(ip.Payload()) < header.TCPMinimumSize {
+			return false
+		}
+		tcpH := header.TCP(ip.Payload())
+		size := len(tcpH.Payload())
+		if size == 0 {
+			return false
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		end := tcpH.SequenceNumber() + uint32(size)
+		switch {
+		case !started:
+			started, highest = true, end
+		case int32(end-highest) <= 0:
+			resentB += size // all of it sent before
+		default:
+			if int32(tcpH.SequenceNumber()-highest) < 0 {
+				resentB += int(highest - tcpH.SequenceNumber()) // its front was
+			}
+			highest = end
+		}
+		packets++
+		if packets%50 == 0 {
+			dropped++
+			droppedB += size
+			return true
+		}
+		return false
+	}
+	n.dropOut.Store(&drop)
+	const size = 32 << 20
+	dst, _ := egListenTCP(t, egLoV4, func(c net.Conn) {
+		c.Write(make([]byte, size))
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := n.dialTCP(ctx, dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, size)); err != nil {
+		t.Fatal(err)
+	}
+	tcpc := n.eg.StackTCP()
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("%d data packets, %d dropped (%d bytes); %d bytes resent (%.2f× what was dropped); sender: %v",
+		packets, dropped, droppedB, resentB, float64(resentB)/float64(max(droppedB, 1)), tcpc)
+	if dropped == 0 {
+		t.Fatal("nothing was dropped: the test tests nothing")
+	}
+	// A lost packet is resent once, a lost retransmission twice, and a
+	// tail loss may cost a probe. Measured: 8.6-12.4× before the gVisor
+	// patches 0002-0004 (resending around each hole, and timers acting on
+	// ACKs not yet handled), 1.3-2.9× after.
+	if resentB > 5*droppedB {
+		t.Errorf("the sender resent %d bytes for %d dropped (%.1f×): it resends data the client holds",
+			resentB, droppedB, float64(resentB)/float64(droppedB))
 	}
 }

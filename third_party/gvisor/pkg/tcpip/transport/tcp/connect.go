@@ -163,6 +163,24 @@ func timerHandler(e *Endpoint, f func() tcpip.Error) func() {
 	}
 }
 
+// lossTimerHandler is timerHandler for the sender's loss timers
+// (retransmission, RACK reorder, tail loss probe). It first handles the
+// segments waiting in the endpoint's queue: while a writer holds the
+// endpoint's lock the processor cannot take them, and ACKs pile up there;
+// a timer that took the lock first would judge losses from what the
+// receiver said before them, and resend what it already holds. Handling
+// them rearms or stops the timer, which the handler then sees.
+func lossTimerHandler(e *Endpoint, f func() tcpip.Error) func() {
+	timer := timerHandler(e, f)
+	return func() {
+		if !e.segmentQueue.empty() {
+			e.mu.Lock()
+			handleConnectedLocked(e)
+		}
+		timer()
+	}
+}
+
 // +checklocks:e.mu
 // +checklocksacquire:h.ep.mu
 func (e *Endpoint) newHandshake() (h *handshake) {

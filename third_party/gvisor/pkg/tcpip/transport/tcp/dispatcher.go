@@ -202,7 +202,15 @@ func handleConnected(ep *Endpoint) {
 	if !ep.TryLock() {
 		return
 	}
+	handleConnectedLocked(ep)
+}
 
+// handleConnectedLocked is handleConnected once ep.mu is held; it releases
+// it.
+//
+// +checklocksrelease:ep.mu
+// +checklocksexclude:ep.segmentQueue.mu
+func handleConnectedLocked(ep *Endpoint) {
 	if !ep.EndpointState().connected() {
 		// If the endpoint has already transitioned out of a connected
 		// state then just return (only possible if it was closed or

@@ -184,9 +184,9 @@ func (e *Endpoint) Restore(s *stack.Stack) {
 		e.keepalive.timer.init(s.Clock(), timerHandler(e, e.keepaliveTimerExpired))
 	}
 	if snd := e.snd; snd != nil {
-		snd.resendTimer.init(s.Clock(), timerHandler(e, e.snd.retransmitTimerExpired))
-		snd.reorderTimer.init(s.Clock(), timerHandler(e, e.snd.rc.reorderTimerExpired))
-		snd.probeTimer.init(s.Clock(), timerHandler(e, e.snd.probeTimerExpired))
+		snd.resendTimer.init(s.Clock(), lossTimerHandler(e, e.snd.retransmitTimerExpired))
+		snd.reorderTimer.init(s.Clock(), lossTimerHandler(e, e.snd.rc.reorderTimerExpired))
+		snd.probeTimer.init(s.Clock(), lossTimerHandler(e, e.snd.probeTimerExpired))
 		snd.corkTimer.init(s.Clock(), timerHandler(e, e.snd.corkTimerExpired))
 	}
 	e.ops.InitHandler(e, e.stack, GetTCPSendBufferLimits, GetTCPReceiveBufferLimits)

@@ -475,6 +475,10 @@ func (rc *rackControl) DoRecovery(_ *segment, fastRetransmit bool) {
 			break
 		}
 
+		// Resend from the first byte the receiver lacks, not from the
+		// segment's start.
+		seg = snd.skipSACKed(seg)
+
 		if sent := snd.maybeSendSegment(seg, int(snd.ep.scoreboard.SMSS()), snd.SndUna.Add(snd.SndWnd)); !sent {
 			break
 		}

@@ -166,6 +166,19 @@ func (s *SACKScoreboard) IsSACKED(r header.SACKBlock) bool {
 	return found
 }
 
+// SACKedFrom returns how many bytes from seq on are SACKed without a gap:
+// 0 when seq itself is not.
+func (s *SACKScoreboard) SACKedFrom(seq seqnum.Value) seqnum.Size {
+	var n seqnum.Size
+	s.ranges.DescendLessOrEqual(header.SACKBlock{Start: seq, End: seq}, func(b header.SACKBlock) bool {
+		if seq.InRange(b.Start, b.End) {
+			n = seq.Size(b.End)
+		}
+		return false
+	})
+	return n
+}
+
 // String returns human-readable state of the scoreboard structure.
 func (s *SACKScoreboard) String() string {
 	var str strings.Builder

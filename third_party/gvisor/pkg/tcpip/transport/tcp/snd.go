@@ -308,9 +308,9 @@ func initSender(ep *Endpoint, iss, irs seqnum.Value, sndWnd seqnum.Size, mss uin
 		ep.snd.SndWndScale = uint8(sndWndScale)
 	}
 
-	ep.snd.resendTimer.init(ep.snd.ep.stack.Clock(), timerHandler(ep.snd.ep, ep.snd.retransmitTimerExpired))
-	ep.snd.reorderTimer.init(ep.snd.ep.stack.Clock(), timerHandler(ep.snd.ep, ep.snd.rc.reorderTimerExpired))
-	ep.snd.probeTimer.init(ep.snd.ep.stack.Clock(), timerHandler(ep.snd.ep, ep.snd.probeTimerExpired))
+	ep.snd.resendTimer.init(ep.snd.ep.stack.Clock(), lossTimerHandler(ep.snd.ep, ep.snd.retransmitTimerExpired))
+	ep.snd.reorderTimer.init(ep.snd.ep.stack.Clock(), lossTimerHandler(ep.snd.ep, ep.snd.rc.reorderTimerExpired))
+	ep.snd.probeTimer.init(ep.snd.ep.stack.Clock(), lossTimerHandler(ep.snd.ep, ep.snd.probeTimerExpired))
 	ep.snd.corkTimer.init(ep.snd.ep.stack.Clock(), timerHandler(ep.snd.ep, ep.snd.corkTimerExpired))
 
 	ep.snd.updateMaxPayloadSize(int(ep.snd.ep.route.MTU()), 0)
@@ -652,20 +652,16 @@ func (s *sender) retransmitTimerExpired() tcpip.Error {
 	// the data we transmit.
 	s.Outstanding = 0
 
-	// Expunge all SACK information as per https://tools.ietf.org/html/rfc6675#section-5.1
-	//
-	//  In order to avoid memory deadlocks, the TCP receiver is allowed to
-	//  discard data that has already been selectively acknowledged. As a
-	//  result, [RFC2018] suggests that a TCP sender SHOULD expunge the SACK
-	//  information gathered from a receiver upon a retransmission timeout
-	//  (RTO) "since the timeout might indicate that the data receiver has
-	//  reneged." Additionally, a TCP sender MUST "ignore prior SACK
-	//  information in determining which data to retransmit."
-	//
-	// NOTE: We take the stricter interpretation and just expunge all
-	// information as we lack more rigorous checks to validate if the SACK
-	// information is usable after an RTO.
-	s.ep.scoreboard.Reset()
+	// RFC 6675 section 5.1 lets a sender expunge the SACK information on a
+	// timeout, since the receiver may have reneged (dropped data it had
+	// SACKed). Doing so sends the whole window again, though the receiver
+	// holds most of it: under random loss that is most of what is
+	// retransmitted. As Linux does, keep it unless there is evidence of
+	// reneging: the first unacknowledged byte is SACKed (a receiver that
+	// had it would have acknowledged it).
+	if s.ep.scoreboard.IsSACKED(header.SACKBlock{Start: s.SndUna, End: s.SndUna.Add(1)}) {
+		s.ep.scoreboard.Reset()
+	}
 	s.updateWriteNext(s.writeList.Front())
 
 	// RFC 1122 4.2.2.17: Start sending zero window probes when we still see a
@@ -691,6 +687,23 @@ func (s *sender) retransmitTimerExpired() tcpip.Error {
 	s.sendData()
 
 	return nil
+}
+
+// skipSACKed splits off the front of seg that the receiver has SACKed
+// (which is then neither lost nor resent) and returns the rest, or seg when
+// its first byte is not SACKed. A segment is as large as GSO made it, tens
+// of packets: one lost packet in it must not resend those around it, which
+// the receiver holds.
+//
+// +checklocks:s.ep.mu
+func (s *sender) skipSACKed(seg *segment) *segment {
+	n := s.ep.scoreboard.SACKedFrom(seg.sequenceNumber)
+	if n == 0 || int(n) >= seg.payloadSize() {
+		return seg
+	}
+	s.splitSeg(seg, int(n))
+	seg.lost = false
+	return seg.Next()
 }
 
 // pCount returns the number of packets in the segment. Due to GSO, a segment
@@ -1125,13 +1138,26 @@ func (s *sender) sendData() {
 		if cwndLimit < uint64(limit) {
 			limit = int(cwndLimit)
 		}
-		if s.isAssignedSequenceNumber(seg) && s.ep.SACKPermitted && s.ep.scoreboard.IsSACKED(seg.sackBlock()) {
-			// Move writeNext along so that we don't try and scan data that
-			// has already been SACKED.
-			s.updateWriteNext(seg.Next())
-			continue
+		segLimit := limit
+		if s.isAssignedSequenceNumber(seg) && s.ep.SACKPermitted {
+			if s.ep.scoreboard.IsSACKED(seg.sackBlock()) {
+				// Move writeNext along so that we don't try and scan data that
+				// has already been SACKED.
+				s.updateWriteNext(seg.Next())
+				continue
+			}
+			// A resend (after a timeout) starts at the first byte the
+			// receiver lacks and goes one packet at a time, so that what
+			// it SACKed further on is checked too.
+			if rest := s.skipSACKed(seg); rest != seg {
+				s.updateWriteNext(rest)
+				seg = rest
+			}
+			if s.ep.scoreboard.Sacked() > 0 {
+				segLimit = min(segLimit, s.MaxPayloadSize)
+			}
 		}
-		if sent := s.maybeSendSegment(seg, limit, end); !sent {
+		if sent := s.maybeSendSegment(seg, segLimit, end); !sent {
 			break
 		}
 		dataSent = true
