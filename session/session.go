@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"golang.org/x/sys/cpu"
 
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/wire"
@@ -123,12 +124,29 @@ type Session struct {
 
 	done chan struct{}
 
-	txp, txb, rxp, rxb             atomic.Uint64
+	// The per-packet counters, each direction on its own cache line: the
+	// sender and the receiver run on different CPUs, and sharing a line
+	// made every packet one way evict it from the other's cache (s.rxb.Add
+	// was 4 % of the agent's CPU in an upload's profile).
+	tx, rx                         dirCounters
 	dropQueue, dropLarge, dropSend atomic.Uint64
 	dropRxLarge                    atomic.Uint64
 	stalled                        atomic.Bool   // SendWait's last wait ran out; no more waits until the queue takes a packet
 	waitsRanOut                    atomic.Uint64 // SendWait calls that waited SendWaitMax in vain (tests)
 	mtu                            atomic.Int32  // largest packet Send takes: the session's Sizes.TUN
+}
+
+// dirCounters counts one direction's packets and bytes, alone on a cache
+// line.
+type dirCounters struct {
+	_           cpu.CacheLinePad
+	pkts, bytes atomic.Uint64
+	_           cpu.CacheLinePad
+}
+
+func (c *dirCounters) add(n int) {
+	c.pkts.Add(1)
+	c.bytes.Add(uint64(n))
 }
 
 // New wraps an established connection. Call Run to start the pump.
@@ -159,8 +177,7 @@ func (s *Session) Send(pkt []byte) error {
 	}
 	switch err := s.Conn.TrySendDatagram(pkt); {
 	case err == nil:
-		s.txp.Add(1)
-		s.txb.Add(uint64(len(pkt)))
+		s.tx.add(len(pkt))
 	case errors.Is(err, quic.ErrDatagramQueueFull):
 		s.dropQueue.Add(1)
 	default:
@@ -195,8 +212,7 @@ func (s *Session) SendWait(pkt []byte) error {
 	switch err := s.Conn.SendDatagramWait(pkt, wait); {
 	case err == nil:
 		s.stalled.Store(false)
-		s.txp.Add(1)
-		s.txb.Add(uint64(len(pkt)))
+		s.tx.add(len(pkt))
 	case errors.Is(err, quic.ErrDatagramQueueFull):
 		if wait > 0 {
 			s.waitsRanOut.Add(1)
@@ -246,8 +262,7 @@ func (s *Session) Run(recv func(pkt []byte)) error {
 		}
 		pkt := getPacket(len(b))
 		copy(pkt, b)
-		s.rxp.Add(1)
-		s.rxb.Add(uint64(len(b)))
+		s.rx.add(len(b))
 		recv(pkt)
 	}
 	for _, b := range s.Conn.SetDatagramHandler(deliver) {
@@ -260,7 +275,7 @@ func (s *Session) Run(recv func(pkt []byte)) error {
 // Stats returns the session's counters.
 func (s *Session) Stats() Stats {
 	return Stats{
-		TxPackets: s.txp.Load(), TxBytes: s.txb.Load(), RxPackets: s.rxp.Load(), RxBytes: s.rxb.Load(),
+		TxPackets: s.tx.pkts.Load(), TxBytes: s.tx.bytes.Load(), RxPackets: s.rx.pkts.Load(), RxBytes: s.rx.bytes.Load(),
 		DropQueueFull: s.dropQueue.Load(), DropTooLarge: s.dropLarge.Load(), DropSend: s.dropSend.Load(),
 		DropRxTooLarge: s.dropRxLarge.Load(),
 	}
