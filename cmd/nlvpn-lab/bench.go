@@ -529,7 +529,7 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 		args = append(args, "-R")
 	}
 	var profiled sync.WaitGroup
-	if r.profileDir != "" && p.name == r.profilePath && streams == 1 && reverse == r.profileDown && !loss {
+	if r.profileDir != "" && p.name == r.profilePath && streams == 1 && reverse == r.profileDown && loss == r.profileLoss {
 		who := []struct{ name, ns string }{{"client", r.lab.NS.Client}, {"agent", r.lab.NS.Agent}}
 		if p.name == "relay" {
 			who = append(who, struct{ name, ns string }{"gateway", r.lab.NS.GW})

@@ -56,7 +56,7 @@ func main() {
 	trials := fs.Int("trials", 10, "bench: startup trials (time to first packet and to the direct path); 0 skips them")
 	verbose := fs.Bool("v", false, "print every command that builds the lab")
 	profile := fs.String("profile", "", "bench: write CPU profiles of client, agent and gateway, taken during one single-stream run (--profile-run), into this directory")
-	profileRun := fs.String("profile-run", "direct-up", "bench: the single-stream run --profile watches: PATH-up or PATH-down, PATH direct or relay")
+	profileRun := fs.String("profile-run", "direct-up", "bench: the single-stream run --profile watches: PATH-up or PATH-down, PATH direct or relay; add -loss for the 2% loss row (direct-down-loss)")
 	only := fs.String("paths", "", "bench: comma-separated paths to measure: raw (always), wg, relay, direct, tcp (the TCP fallback, UDP dropped at the client NAT), socks (default: all)")
 	rows := fs.String("rows", "", "bench: comma-separated words; measure only the rows whose name contains one (e.g. loss, ping, streams); default: all")
 	tcpCC := fs.String("tcp-cc", "", "bench: set the kernel TCP congestion control (e.g. cubic, bbr, reno) in the namespaces before measuring; default: the host's, which new namespaces inherit")
@@ -135,11 +135,12 @@ func main() {
 	if err != nil {
 		fatal(err)
 	}
-	pPath, pDir, ok := strings.Cut(*profileRun, "-")
+	pRun, pLoss := strings.CutSuffix(*profileRun, "-loss")
+	pPath, pDir, ok := strings.Cut(pRun, "-")
 	if !ok || (pPath != "direct" && pPath != "relay") || (pDir != "up" && pDir != "down") {
-		fatal(fmt.Errorf("--profile-run %q: want direct-up, direct-down, relay-up or relay-down", *profileRun))
+		fatal(fmt.Errorf("--profile-run %q: want direct-up, direct-down, relay-up or relay-down, each optionally with -loss", *profileRun))
 	}
-	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile, profilePath: pPath, profileDown: pDir == "down", wgGo: wgPath}
+	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile, profilePath: pPath, profileDown: pDir == "down", profileLoss: pLoss, wgGo: wgPath}
 	if *only != "" {
 		r.only = strings.Split(*only, ",")
 	}

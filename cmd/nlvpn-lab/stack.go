@@ -37,7 +37,8 @@ type runner struct {
 	agentArgs              []string // the agent's command line (startAgent)
 	clientN                int
 
-	profileDir string // bench: where CPU profiles go ("" = none)
+	profileDir  string // bench: where CPU profiles go ("" = none)
+	profileLoss bool   // bench: profile the 2% loss run instead
 	// profilePath and profileDown pick the single-stream run profiled.
 	profilePath string
 	profileDown bool

@@ -378,8 +378,10 @@ func (rc *rackControl) exitRecovery() {
 func (rc *rackControl) detectLoss(rcvTime tcpip.MonotonicTime) int {
 	var timeout time.Duration
 	numLost := 0
+	sacked := &rc.snd.sackCursor
+	sacked.reset(rc.snd.ep.scoreboard)
 	for seg := rc.snd.writeList.Front(); seg != nil && seg.xmitCount != 0; seg = seg.Next() {
-		if rc.snd.ep.scoreboard.IsSACKED(seg.sackBlock()) {
+		if sacked.isSACKED(seg.sackBlock()) {
 			continue
 		}
 

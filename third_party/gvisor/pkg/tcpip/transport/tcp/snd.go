@@ -183,6 +183,10 @@ type sender struct {
 	// probeTimer is used to schedule PTO for RACK TLP algorithm.
 	probeTimer timer `state:"nosave"`
 
+	// sackCursor is SetPipe's and detectLoss's walk over the scoreboard,
+	// kept to reuse its storage.
+	sackCursor sackCursor `state:"nosave"`
+
 	// spuriousRecovery indicates whether the sender entered recovery
 	// spuriously as described in RFC3522 Section 3.2.
 	spuriousRecovery bool
@@ -1229,62 +1233,6 @@ func (s *sender) leaveRecovery() {
 // sequence number assigned to it.
 func (s *sender) isAssignedSequenceNumber(seg *segment) bool {
 	return seg.flags != 0
-}
-
-// SetPipe implements the SetPipe() function described in RFC6675. Netstack
-// maintains the congestion window in number of packets and not bytes, so
-// SetPipe() here measures number of outstanding packets rather than actual
-// outstanding bytes in the network.
-//
-// +checklocks:s.ep.mu
-func (s *sender) SetPipe() {
-	// If SACK isn't permitted or it is permitted but recovery is not active
-	// then ignore pipe calculations.
-	if !s.ep.SACKPermitted || !s.FastRecovery.Active {
-		return
-	}
-	pipe := 0
-	smss := seqnum.Size(s.ep.scoreboard.SMSS())
-	for s1 := s.writeList.Front(); s1 != nil && s1.payloadSize() != 0 && s.isAssignedSequenceNumber(s1); s1 = s1.Next() {
-		// With GSO each segment can be much larger than SMSS. So check the segment
-		// in SMSS sized ranges.
-		segEnd := s1.sequenceNumber.Add(seqnum.Size(s1.payloadSize()))
-		for startSeq := s1.sequenceNumber; startSeq.LessThan(segEnd); startSeq = startSeq.Add(smss) {
-			endSeq := startSeq.Add(smss)
-			if segEnd.LessThan(endSeq) {
-				endSeq = segEnd
-			}
-			sb := header.SACKBlock{Start: startSeq, End: endSeq}
-			// SetPipe():
-			//
-			// After initializing pipe to zero, the following steps are
-			// taken for each octet 'S1' in the sequence space between
-			// HighACK and HighData that has not been SACKed:
-			if !s1.sequenceNumber.LessThan(s.SndNxt) {
-				break
-			}
-			if s.ep.scoreboard.IsSACKED(sb) {
-				continue
-			}
-
-			// SetPipe():
-			//
-			//    (a) If IsLost(S1) returns false, Pipe is incremened by 1.
-			//
-			// NOTE: here we mark the whole segment as lost. We do not try
-			// and test every byte in our write buffer as we maintain our
-			// pipe in terms of outstanding packets and not bytes.
-			if !s.ep.scoreboard.IsRangeLost(sb) {
-				pipe++
-			}
-			// SetPipe():
-			//    (b) If S1 <= HighRxt, Pipe is incremented by 1.
-			if s1.sequenceNumber.LessThanEq(s.FastRecovery.HighRxt) {
-				pipe++
-			}
-		}
-	}
-	s.Outstanding = pipe
 }
 
 // shouldEnterRecovery returns true if the sender should enter fast recovery
