@@ -150,15 +150,17 @@ func (m *Mux) accept() {
 			m.mu.Unlock()
 			c.Close()
 			return
+		// A refusal is counted before the stream is closed, so that whoever
+		// sees the close also finds it counted.
 		case m.pending >= m.cfg.MaxPending:
 			m.mu.Unlock()
-			c.Close()
 			m.refuse(RefusedTotal, from)
+			c.Close()
 			continue
 		case m.bySrc[src] >= m.cfg.MaxPendingPerSource:
 			m.mu.Unlock()
-			c.Close()
 			m.refuse(RefusedPerSource, from)
+			c.Close()
 			continue
 		}
 		m.pending++

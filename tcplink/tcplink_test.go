@@ -161,7 +161,9 @@ func TestMuxBoundsPendingStreams(t *testing.T) {
 	count := func(r Refusal) int { mu.Lock(); defer mu.Unlock(); return refused[r] }
 
 	t.Run("tls never finished", func(t *testing.T) {
-		m := listen(t, MuxConfig{TLS: serverTLS(t), HandshakeTimeout: 200 * time.Millisecond, MaxPendingPerSource: 2, OnRefuse: onRefuse})
+		// The timeout leaves c3 time to arrive while c1 and c2 still hold
+		// their slots, on a loaded machine too.
+		m := listen(t, MuxConfig{TLS: serverTLS(t), HandshakeTimeout: time.Second, MaxPendingPerSource: 2, OnRefuse: onRefuse})
 		c1, c2 := dial(t, m), dial(t, m)
 		waitFor(t, 2*time.Second, "two pending", func() bool { return m.Pending() == 2 })
 		c3 := dial(t, m)
@@ -173,7 +175,7 @@ func TestMuxBoundsPendingStreams(t *testing.T) {
 			t.Fatalf("per-source refusals %d, want 1", count(RefusedPerSource))
 		}
 		for _, c := range []net.Conn{c1, c2} {
-			c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			c.SetReadDeadline(time.Now().Add(3 * time.Second))
 			if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
 				t.Fatalf("a connection without TLS was kept past the handshake timeout: %v", err)
 			}
