@@ -463,16 +463,20 @@ func (r *runner) withLoss(f func()) error {
 }
 
 // iperfMeasure runs iperf3 along p and returns Mbit/s. For the single
-// stream runs without loss it also charges each role's CPU time to the
-// bytes moved, and for the upload it records the drop counters.
+// stream runs it also charges each role's CPU time to the bytes moved (with
+// and without loss), and without loss it records the drop counters.
 func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss bool) (float64, error) {
 	detail := streams == 1 && !loss
 	dir := "up"
 	if reverse {
 		dir = "down"
 	}
+	cpuKey := p.name + " " + dir
+	if loss {
+		cpuKey += cpuLossSuffix
+	}
 	var roles []role
-	if detail && p.roles != nil {
+	if streams == 1 && p.roles != nil {
 		roles = p.roles()
 	}
 	// Drop counters for the tunnels (raw has no roles and no tunnel), each
@@ -488,7 +492,7 @@ func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss boo
 		cpu0[i], cpuErr[i] = procCPU(ro.p.PID())
 	}
 	run, err := r.iperf(p, secs, streams, reverse, loss)
-	if detail && len(roles) > 0 {
+	if len(roles) > 0 {
 		m := map[string]cell{}
 		for i, ro := range roles {
 			cpu1, err1 := procCPU(ro.p.PID())
@@ -503,7 +507,7 @@ func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss boo
 				m[ro.name] = measured((cpu1-cpu0[i]).Seconds()/(float64(run.Bytes)/1e9), nil)
 			}
 		}
-		r.res.cpu[p.name+" "+dir] = m
+		r.res.cpu[cpuKey] = m
 	}
 	if drops {
 		after := r.dropSnapshot(p)
