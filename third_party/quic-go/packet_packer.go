@@ -142,6 +142,11 @@ type packetPacker struct {
 
 	numNonAckElicitingAcks int
 	qlogger                qlogwriter.Recorder
+
+	// frames is the storage composeNextPacket builds each 1-RTT packet's
+	// frame list in; the connection registers a packet (SentPacket copies
+	// the list) before it packs the next.
+	frames []ackhandler.Frame
 }
 
 var _ packer = &packetPacker{}
@@ -669,7 +674,8 @@ func (p *packetPacker) composeNextPacket(
 	hasData := p.framer.HasData()
 	hasRetransmission := p.retransmissionQueue.HasData(protocol.Encryption1RTT)
 
-	var pl payload
+	pl := payload{frames: p.frames[:0]}
+	defer func() { p.frames = pl.frames[:0] }()
 	if ackAllowed {
 		if ack := p.acks.GetAckFrame(protocol.Encryption1RTT, now, !hasRetransmission && !hasData); ack != nil {
 			ack.Truncate(maxPayloadSize, v)

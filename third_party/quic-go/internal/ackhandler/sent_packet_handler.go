@@ -327,7 +327,11 @@ func (h *sentPacketHandler) SentPacket(
 	p.SendTime = t
 	p.EncryptionLevel = encLevel
 	p.Length = size
-	p.Frames = frames
+	// A copy: the packer reuses its frame slice for the next packet, and
+	// the pooled packet's own storage makes the copy free of allocations.
+	if len(frames) > 0 {
+		p.Frames = append(p.Frames[:0], frames...)
+	}
 	p.LargestAcked = largestAcked
 	p.StreamFrames = streamFrames
 	p.IsPathMTUProbePacket = isPathMTUProbePacket
