@@ -5,8 +5,8 @@ GO      ?= go
 BIN     := bin
 # Every package except the end-to-end suite, which runs separately.
 UNIT_PKGS = $(shell $(GO) list ./... | grep -v '/e2e$$')
-# The tests our gVisor patches add (third_party/gvisor-patches).
-PATCH_TEST_PKGS = gvisor.dev/gvisor/pkg/tcpip/transport/tcp
+# The tests our gVisor and quic-go patches add (third_party/*-patches).
+PATCH_TEST_PKGS = gvisor.dev/gvisor/pkg/tcpip/transport/tcp github.com/quic-go/quic-go/internal/ackhandler
 
 .PHONY: all build deps demo test fmt-check tidy-check vet vet-cross third-party-check units-check unit e2e bench wireguard-go fuzz release clean
 

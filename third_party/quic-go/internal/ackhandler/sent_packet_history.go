@@ -11,7 +11,11 @@ import (
 const maxSkippedPackets = 4
 
 type sentPacketHistory struct {
-	packets          []*packet
+	packets []*packet
+	// store is the array packets lives in: cleanupStart trims packets from
+	// the front, and room moves what is left back to the start instead of
+	// letting append make a new array.
+	store            []*packet
 	pathProbePackets []packetWithPacketNumber
 	skippedPackets   []protocol.PacketNumber
 
@@ -22,12 +26,36 @@ type sentPacketHistory struct {
 }
 
 func newSentPacketHistory() *sentPacketHistory {
+	packets := make([]*packet, 0, 32)
 	return &sentPacketHistory{
-		packets:             make([]*packet, 0, 32),
+		packets:             packets,
+		store:               packets,
 		skippedPackets:      make([]protocol.PacketNumber, 0, maxSkippedPackets),
 		highestPacketNumber: protocol.InvalidPacketNumber,
 		firstPacketNumber:   protocol.InvalidPacketNumber,
 	}
+}
+
+// room makes space for n more entries at the end of packets. When the
+// entries trimmed off the front are at least as many as those left, what
+// is left moves back to the start of store (amortized O(1), no new array);
+// otherwise store grows. A connection with a few packets in flight at a
+// time then sends without allocating.
+func (h *sentPacketHistory) room(n int) {
+	if cap(h.packets)-len(h.packets) >= n {
+		return
+	}
+	store := h.store[:cap(h.store)]
+	if front := cap(store) - cap(h.packets); len(h.packets)+n <= cap(store) && front >= len(h.packets) {
+		m := copy(store, h.packets)
+		clear(store[m:])
+		h.packets = store[:m]
+		return
+	}
+	grown := make([]*packet, len(h.packets), 2*(len(h.packets)+n))
+	copy(grown, h.packets)
+	h.packets = grown
+	h.store = grown
 }
 
 func (h *sentPacketHistory) checkPacketNumberUse(pn protocol.PacketNumber) {
@@ -37,7 +65,9 @@ func (h *sentPacketHistory) checkPacketNumberUse(pn protocol.PacketNumber) {
 		}
 	}
 	if len(h.packets) > 0 {
-		h.packets = append(h.packets, make([]*packet, pn-h.highestPacketNumber-1)...)
+		skipped := int(pn - h.highestPacketNumber - 1)
+		h.room(skipped)
+		h.packets = append(h.packets, make([]*packet, skipped)...)
 	}
 	h.highestPacketNumber = pn
 	if len(h.packets) == 0 {
@@ -54,6 +84,7 @@ func (h *sentPacketHistory) SkippedPacket(pn protocol.PacketNumber) {
 
 func (h *sentPacketHistory) SentPacket(pn protocol.PacketNumber, p *packet) {
 	h.checkPacketNumberUse(pn)
+	h.room(1)
 	h.packets = append(h.packets, p)
 	if p.Outstanding() {
 		h.numOutstanding++
@@ -62,6 +93,7 @@ func (h *sentPacketHistory) SentPacket(pn protocol.PacketNumber, p *packet) {
 
 func (h *sentPacketHistory) SentPathProbePacket(pn protocol.PacketNumber, p *packet) {
 	h.checkPacketNumberUse(pn)
+	h.room(1)
 	h.packets = append(h.packets, &packet{EncryptionLevel: p.EncryptionLevel, isPathProbePacket: true})
 	h.pathProbePackets = append(h.pathProbePackets, packetWithPacketNumber{PacketNumber: pn, packet: p})
 }
