@@ -29,7 +29,8 @@ type sackCursor struct {
 	// not adjacent (Insert merges touching ranges).
 	blocks []header.SACKBlock
 	// lost[j] is IsRangeLost's verdict for a range whose SACKed ranges
-	// above it are blocks[j:]; len(lost) == len(blocks)+1.
+	// above it are blocks[j:]; len(lost) == len(blocks)+1. Only SetPipe
+	// needs it (judgeLoss); RACK's walk asks IsSACKED alone.
 	lost []bool
 	// next is the first block that starts after the last position seeked.
 	next int
@@ -42,6 +43,11 @@ func (c *sackCursor) reset(sb *SACKScoreboard) {
 	if !sb.Empty() {
 		sb.ranges.Ascend(c.add)
 	}
+}
+
+// judgeLoss fills lost from the blocks reset loaded; sb is the scoreboard
+// they came from.
+func (c *sackCursor) judgeLoss(sb *SACKScoreboard) {
 	c.lost = c.lost[:0]
 	threshold := seqnum.Size((nDupAckThreshold - 1) * sb.smss)
 	for j := range len(c.blocks) + 1 {
@@ -110,10 +116,12 @@ func (s *sender) SetPipe() {
 	}
 	c := &s.sackCursor
 	c.reset(s.ep.scoreboard)
+	c.judgeLoss(s.ep.scoreboard)
 	pipe := 0
 	smss := seqnum.Size(s.ep.scoreboard.SMSS())
-	for s1 := s.writeList.Front(); s1 != nil && s1.payloadSize() != 0 && s.isAssignedSequenceNumber(s1); s1 = s1.Next() {
-		if !s1.sequenceNumber.LessThan(s.SndNxt) {
+	for s1 := s.writeList.Front(); s1 != nil && s.isAssignedSequenceNumber(s1); s1 = s1.Next() {
+		size := seqnum.Size(s1.payloadSize())
+		if size == 0 || !s1.sequenceNumber.LessThan(s.SndNxt) {
 			break
 		}
 		// (b) If S1 <= HighRxt, Pipe is incremented by 1 (per piece of
@@ -122,7 +130,7 @@ func (s *sender) SetPipe() {
 		if s1.sequenceNumber.LessThanEq(s.FastRecovery.HighRxt) {
 			rxt = 1
 		}
-		pipe += c.segmentPipe(s1.sequenceNumber, seqnum.Size(s1.payloadSize()), smss, rxt)
+		pipe += c.segmentPipe(s1.sequenceNumber, size, smss, rxt)
 	}
 	s.Outstanding = pipe
 }

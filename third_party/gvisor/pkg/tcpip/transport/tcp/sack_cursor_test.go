@@ -92,6 +92,7 @@ func TestSACKCursorMatchesScoreboard(t *testing.T) {
 
 		var c sackCursor
 		c.reset(sb)
+		c.judgeLoss(sb)
 		var d sackCursor
 		d.reset(sb)
 		got, want := 0, 0
@@ -115,11 +116,13 @@ func TestSACKCursorReuse(t *testing.T) {
 	sb.Insert(header.SACKBlock{Start: 1000, End: 1100})
 	var c sackCursor
 	c.reset(sb)
+	c.judgeLoss(sb)
 	if !c.isSACKED(header.SACKBlock{Start: 1000, End: 1100}) {
 		t.Fatal("a SACKed range is not seen as SACKed")
 	}
 	sb.Reset()
 	c.reset(sb)
+	c.judgeLoss(sb)
 	if c.isSACKED(header.SACKBlock{Start: 1000, End: 1100}) {
 		t.Fatal("a range is still SACKed after the scoreboard was reset")
 	}
@@ -141,6 +144,7 @@ func BenchmarkSetPipeWalk(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
 			c.reset(sb)
+			c.judgeLoss(sb)
 			for p := seqnum.Size(0); p < flight; p += 65000 {
 				c.segmentPipe(seqnum.Value(p), min(65000, flight-p), smss, 0)
 			}
