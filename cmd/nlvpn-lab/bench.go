@@ -539,13 +539,28 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 			who = append(who, struct{ name, ns string }{"gateway", r.lab.NS.GW})
 		}
 		for _, who := range who {
-			profiled.Add(1)
+			profiled.Add(2)
 			go func() {
 				defer profiled.Done()
 				file := filepath.Join(r.profileDir, who.name+".pprof")
 				url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", pprofAddr, max(1, secs-1))
 				if _, stderr, err := lab.Run(r.ctx, who.ns, "curl", "-sS", "-f", "-o", file, url); err != nil {
 					fmt.Printf("(profile of %s failed: %v %s) ", who.name, err, stderr)
+				}
+			}()
+			// An execution trace of one second in the middle shows what a
+			// CPU profile cannot: where each goroutine waits (go tool trace).
+			go func() {
+				defer profiled.Done()
+				select {
+				case <-time.After(time.Duration(secs) * time.Second / 2):
+				case <-r.ctx.Done():
+					return
+				}
+				file := filepath.Join(r.profileDir, who.name+".trace")
+				url := fmt.Sprintf("http://%s/debug/pprof/trace?seconds=1", pprofAddr)
+				if _, stderr, err := lab.Run(r.ctx, who.ns, "curl", "-sS", "-f", "-o", file, url); err != nil {
+					fmt.Printf("(trace of %s failed: %v %s) ", who.name, err, stderr)
 				}
 			}()
 		}

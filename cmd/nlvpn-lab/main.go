@@ -55,7 +55,7 @@ func main() {
 	secs := fs.Int("time", 5, "bench: seconds per iperf3 run")
 	trials := fs.Int("trials", 10, "bench: startup trials (time to first packet and to the direct path); 0 skips them")
 	verbose := fs.Bool("v", false, "print every command that builds the lab")
-	profile := fs.String("profile", "", "bench: write CPU profiles of client, agent and gateway, taken during one single-stream run (--profile-run), into this directory")
+	profile := fs.String("profile", "", "bench: write CPU profiles (NAME.pprof) of client, agent and gateway, taken during one single-stream run (--profile-run), and a one-second execution trace from its middle (NAME.trace, go tool trace), into this directory (created if missing)")
 	profileRun := fs.String("profile-run", "direct-up", "bench: the single-stream run --profile watches: PATH-up or PATH-down, PATH direct or relay; add -loss for the 2% loss row (direct-down-loss)")
 	only := fs.String("paths", "", "bench: comma-separated paths to measure: raw (always), wg, relay, direct, tcp (the TCP fallback, UDP dropped at the client NAT), socks (default: all)")
 	rows := fs.String("rows", "", "bench: comma-separated words; measure only the rows whose name contains one (e.g. loss, ping, streams); default: all")
@@ -139,6 +139,11 @@ func main() {
 	pPath, pDir, ok := strings.Cut(pRun, "-")
 	if !ok || (pPath != "direct" && pPath != "relay") || (pDir != "up" && pDir != "down") {
 		fatal(fmt.Errorf("--profile-run %q: want direct-up, direct-down, relay-up or relay-down, each optionally with -loss", *profileRun))
+	}
+	if *profile != "" {
+		if err := os.MkdirAll(*profile, 0o755); err != nil {
+			fatal(fmt.Errorf("--profile: %w", err))
+		}
 	}
 	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile, profilePath: pPath, profileDown: pDir == "down", profileLoss: pLoss, wgGo: wgPath}
 	if *only != "" {

@@ -141,7 +141,7 @@ func (res *benchResults) printCPU() {
 	if len(table) == 0 {
 		return
 	}
-	say("CPU seconds per GB, single-stream runs, without and with 2% loss: utime+stime of each process (/proc/PID/stat)\n" +
+	say("CPU seconds per GB, single-stream runs, without and with 2%% loss: utime+stime of each process (/proc/PID/stat)\n" +
 		"    across the iperf3 run, divided by the bytes iperf3 received (GB = 10^9 bytes). Kernel work done in\n" +
 		"    softirq context (veth, forwarding, the NATs) is charged to no one here. wg: the wireguard-go ends.")
 	printTable(append([][]string{append([]string{"run"}, roleNames...)}, table...))

@@ -62,6 +62,7 @@ func servePprof(addr string) error {
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	go http.Serve(ln, mux)
 	slog.Debug("pprof listening", "addr", strings.TrimSpace(ln.Addr().String()))
 	return nil
