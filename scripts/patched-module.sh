@@ -13,6 +13,14 @@
 #   --pristine DIR  write the trimmed upstream tree, no patches, into DIR (the
 #                   base to diff against when writing a new patch; see
 #                   third_party/README.md)
+#   --upstream-tests [GO TEST FLAGS]
+#                   run the release's own tests of UPSTREAM_TEST_PKGS on the
+#                   whole module plus the patches, after
+#                   third_party/NAME-test-patches/*.patch (upstream tests
+#                   adapted to the internal APIs the patches change), minus
+#                   UPSTREAM_TEST_SKIP (a go test -skip pattern; the caller
+#                   says why each is skipped). Needs the module's test
+#                   dependencies from the module proxy.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -31,7 +39,12 @@ case "${1:-}" in
 	mode=pristine
 	target="${2:?--pristine needs a directory}"
 	;;
-*) die "unknown argument $1 (use --check or --pristine DIR)" ;;
+--upstream-tests)
+	mode=upstream-tests
+	[ -n "${UPSTREAM_TEST_PKGS:-}" ] || die "no upstream tests are set up for $NAME"
+	shift
+	;;
+*) die "unknown argument $1 (use --check, --pristine DIR or --upstream-tests)" ;;
 esac
 
 # Outside our module, so that our own replace does not apply to the download.
@@ -44,6 +57,20 @@ sum="$(sed -n 's/^[[:space:]]*"Sum": "\(.*\)",$/\1/p' <<<"$info")"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 tree="$tmp/$NAME"
+
+if [ "$mode" = upstream-tests ]; then
+	cp -r "$src" "$tree"
+	chmod -R u+w,go-w "$tree"
+	for p in "$patches"/*.patch "$root/third_party/$NAME-test-patches"/*.patch; do
+		[ -e "$p" ] || continue
+		(cd "$tree" && git apply --whitespace=nowarn "$p") || die "patch $(basename "$p") does not apply"
+	done
+	echo "$NAME.sh: $MODULE@$VERSION's own tests of ${UPSTREAM_TEST_PKGS[*]} on the patched module"
+	# -mod=mod: the module's go.sum lists its test dependencies; our
+	# GOFLAGS (-mod=vendor, say) are not for this tree.
+	(cd "$tree" && GOFLAGS=-mod=mod go test -count=1 ${UPSTREAM_TEST_SKIP:+-skip "$UPSTREAM_TEST_SKIP"} "$@" "${UPSTREAM_TEST_PKGS[@]}")
+	exit
+fi
 mkdir -p "$tree"
 for d in "${KEEP_DIRS[@]}"; do
 	mkdir -p "$tree/$d"
