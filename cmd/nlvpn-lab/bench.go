@@ -96,7 +96,13 @@ type benchResults struct {
 	secs  int
 	paths []*benchPath // in display order
 	rows  []benchRow
-	cells map[string]map[string]cell // row name -> path name -> cell
+	cells map[string]map[string]cell // row name -> path name -> cell (the median of the repeats)
+
+	// repeat is how many times each row was measured on each path
+	// (--repeat); samples holds every value, for rows measured more than
+	// once: row name -> path name -> Mbit/s or ms, in order.
+	repeat  int
+	samples map[string]map[string][]float64
 
 	cpu   map[string]map[string]cell // "path dir" -> role -> CPU s per GB
 	rss   map[string]map[string]cell // path -> role -> peak RSS MiB
@@ -140,7 +146,8 @@ type statusDelta struct {
 func (r *runner) bench(secs, trials int) error {
 	l := r.lab
 	res := &benchResults{secs: secs, cells: map[string]map[string]cell{}, cpu: map[string]map[string]cell{},
-		rss: map[string]map[string]cell{}, drops: map[string]*dropReport{}, pingMin: map[string]float64{}}
+		rss: map[string]map[string]cell{}, drops: map[string]*dropReport{}, pingMin: map[string]float64{},
+		repeat: max(1, r.repeat), samples: map[string]map[string][]float64{}}
 	r.res = res
 	res.loadStart = loadAvg()
 	say("Building the namespace topology (prefix %s, client %v NAT, agent %v NAT).", l.Prefix, l.Opts.ClientNAT, l.Opts.AgentNAT)
@@ -389,7 +396,29 @@ func (r *runner) measurePath(p *benchPath) error {
 			return
 		}
 		fmt.Printf("    measuring %-30s on %-6s ... ", row.name, p.name)
-		c := measured(row.measure(p))
+		var vals []float64
+		var c cell
+		for i := 0; i < res.repeat && r.ctx.Err() == nil; i++ {
+			if i > 0 {
+				fmt.Print(", ")
+			}
+			c = measured(row.measure(p))
+			if c.err != nil {
+				break
+			}
+			vals = append(vals, c.v)
+			fmt.Printf("%.2f", c.v)
+		}
+		if c.err == nil && len(vals) > 0 {
+			c = measured(median(vals), nil)
+			if res.repeat > 1 {
+				if res.samples[row.name] == nil {
+					res.samples[row.name] = map[string][]float64{}
+				}
+				res.samples[row.name][p.name] = vals
+				fmt.Printf(" (median %.2f)", c.v)
+			}
+		}
 		res.cells[row.name][p.name] = c
 		switch {
 		case errors.Is(c.err, errNA):
@@ -397,7 +426,7 @@ func (r *runner) measurePath(p *benchPath) error {
 		case c.err != nil:
 			fmt.Printf("error: %v\n", c.err)
 		default:
-			fmt.Printf("%.2f\n", c.v)
+			fmt.Println()
 		}
 	}
 	for _, row := range res.rows {

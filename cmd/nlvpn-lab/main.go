@@ -32,7 +32,7 @@ Usage:
   nlvpn-lab demo  [--nlvpn PATH] [--client-nat cone|symmetric|none] [--agent-nat ...]
   nlvpn-lab bench [--nlvpn PATH] [--wireguard-go PATH] [--time SECONDS] [--trials N]
                   [--paths raw,wg,relay,direct,tcp,socks] [--rows WORD,...] [--tcp-cc NAME]
-                  [--profile DIR]
+                  [--repeat N] [--profile DIR]
   nlvpn-lab dns   [--listen ADDR] [--host IPv4] [--netns NS]  # serve the office.lan test zone
 
 Needs root (or CAP_NET_ADMIN+CAP_SYS_ADMIN), iproute2 and nftables; bench
@@ -53,6 +53,7 @@ func main() {
 	cnat := fs.String("client-nat", "cone", "NAT in front of the client: cone, symmetric or none")
 	anat := fs.String("agent-nat", "cone", "NAT in front of the agent: cone, symmetric or none")
 	secs := fs.Int("time", 5, "bench: seconds per iperf3 run")
+	repeat := fs.Int("repeat", 1, "bench: measure each row of the main table this many times on each path and show the median (every value is printed too); CPU seconds per GB and drop counters are from the last time, a loss row's TCP counters add up all of them")
 	trials := fs.Int("trials", 10, "bench: startup trials (time to first packet and to the direct path); 0 skips them")
 	verbose := fs.Bool("v", false, "print every command that builds the lab")
 	profile := fs.String("profile", "", "bench: write CPU profiles (NAME.pprof) of client, agent and gateway, taken during one single-stream run (--profile-run), and a one-second execution trace from its middle (NAME.trace, go tool trace), into this directory (created if missing)")
@@ -140,12 +141,15 @@ func main() {
 	if !ok || (pPath != "direct" && pPath != "relay") || (pDir != "up" && pDir != "down") {
 		fatal(fmt.Errorf("--profile-run %q: want direct-up, direct-down, relay-up or relay-down, each optionally with -loss", *profileRun))
 	}
+	if *repeat < 1 || *repeat > 20 {
+		fatal(fmt.Errorf("--repeat %d: want 1 to 20", *repeat))
+	}
 	if *profile != "" {
 		if err := os.MkdirAll(*profile, 0o755); err != nil {
 			fatal(fmt.Errorf("--profile: %w", err))
 		}
 	}
-	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile, profilePath: pPath, profileDown: pDir == "down", profileLoss: pLoss, wgGo: wgPath}
+	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile, profilePath: pPath, profileDown: pDir == "down", profileLoss: pLoss, wgGo: wgPath, repeat: *repeat}
 	if *only != "" {
 		r.only = strings.Split(*only, ",")
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"maps"
 	"os"
+	"slices"
 	"testing"
 	"time"
 )
@@ -309,5 +310,30 @@ rtt min/avg/max/mdev = 0.488/4.000/45.367/10.036 ms
 				t.Errorf("got min %v avg %v, want %v %v", lo, avg, tt.lo, tt.avg)
 			}
 		})
+	}
+}
+
+// TestMedian: --repeat shows the median of each row's runs; one slow run on
+// a shared machine must not move it, and the input order must not matter.
+func TestMedian(t *testing.T) {
+	for _, tc := range []struct {
+		in   []float64
+		want float64
+	}{
+		{nil, 0},
+		{[]float64{900}, 900},
+		{[]float64{1200, 300, 1100}, 1100},       // odd: the middle one
+		{[]float64{1000, 1400, 200, 1200}, 1100}, // even: the mean of the middle two
+	} {
+		in := slices.Clone(tc.in)
+		if got := median(tc.in); got != tc.want {
+			t.Errorf("median(%v) = %v, want %v", tc.in, got, tc.want)
+		}
+		if !slices.Equal(in, tc.in) {
+			t.Errorf("median reordered its input: %v, was %v", tc.in, in)
+		}
+	}
+	if got := median([]time.Duration{3 * time.Second, time.Second, 2 * time.Second}); got != 2*time.Second {
+		t.Errorf("median of durations = %v, want 2s", got)
 	}
 }

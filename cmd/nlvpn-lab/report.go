@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -88,6 +89,22 @@ func (res *benchResults) print() {
 		table = append(table, line)
 	}
 	printTable(table)
+	if res.repeat > 1 {
+		fmt.Printf("    Each row measured %d times on each path, one path after another (the table shows the\n"+
+			"    median; CPU seconds per GB and drop counters are from the last time, a loss row's TCP\n"+
+			"    counters add up all of them):\n", res.repeat)
+		for _, row := range res.rows {
+			for _, p := range res.paths {
+				if vals := res.samples[row.name][p.name]; len(vals) > 0 {
+					s := make([]string, len(vals))
+					for i, v := range vals {
+						s[i] = strconv.FormatFloat(v, 'f', row.prec, 64)
+					}
+					fmt.Printf("      %-30s %-6s %s\n", row.name, p.name, strings.Join(s, " "))
+				}
+			}
+		}
+	}
 	for _, stat := range []string{"avg", "min"} {
 		ping := res.cells["ping RTT "+stat+" (ms)"]
 		var diffs []string

@@ -140,7 +140,9 @@ func (r *runner) clientPath() string {
 	return st.Path
 }
 
-func median(d []time.Duration) time.Duration {
+// median is the middle value of d (the mean of the two middle ones for an
+// even count), 0 for none.
+func median[T ~int64 | ~float64](d []T) T {
 	if len(d) == 0 {
 		return 0
 	}
