@@ -143,11 +143,11 @@ type statusDelta struct {
 	deltas []namedValue
 }
 
-func (r *runner) bench(secs, trials int) error {
+func (r *runner) bench(secs, trials, repeat int) error {
 	l := r.lab
 	res := &benchResults{secs: secs, cells: map[string]map[string]cell{}, cpu: map[string]map[string]cell{},
 		rss: map[string]map[string]cell{}, drops: map[string]*dropReport{}, pingMin: map[string]float64{},
-		repeat: max(1, r.repeat), samples: map[string]map[string][]float64{}}
+		repeat: repeat, samples: map[string]map[string][]float64{}}
 	r.res = res
 	res.loadStart = loadAvg()
 	say("Building the namespace topology (prefix %s, client %v NAT, agent %v NAT).", l.Prefix, l.Opts.ClientNAT, l.Opts.AgentNAT)

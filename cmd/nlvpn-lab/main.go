@@ -149,7 +149,7 @@ func main() {
 			fatal(fmt.Errorf("--profile: %w", err))
 		}
 	}
-	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile, profilePath: pPath, profileDown: pDir == "down", profileLoss: pLoss, wgGo: wgPath, repeat: *repeat}
+	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile, profilePath: pPath, profileDown: pDir == "down", profileLoss: pLoss, wgGo: wgPath}
 	if *only != "" {
 		r.only = strings.Split(*only, ",")
 	}
@@ -161,7 +161,7 @@ func main() {
 	case "demo":
 		err = r.demo()
 	case "bench":
-		err = r.bench(*secs, *trials)
+		err = r.bench(*secs, *trials, *repeat)
 	}
 	interrupted := ctx.Err() != nil
 	if err != nil {

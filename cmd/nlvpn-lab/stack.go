@@ -47,7 +47,6 @@ type runner struct {
 	tcpCC       string   // bench: the kernel TCP congestion control set in the namespaces ("" = the host's default)
 	kernelCC    string   // the namespaces' kernel TCP congestion control, as read after build
 	wgGo        string   // bench: the wireguard-go binary (baseline)
-	repeat      int      // bench: measurements of each row on each path (--repeat)
 
 	res *benchResults // bench: what this run measured
 }
