@@ -117,7 +117,10 @@ type benchResults struct {
 	// ended: other work on a shared machine skews every column.
 	loadStart, loadEnd string
 
-	pingMin map[string]float64 // path -> ms, from the ping avg run
+	// pingMin holds, per path, the minimum RTT (ms) of each ping avg run
+	// that the min row has not taken yet: with --repeat, run i of the min
+	// row reports run i of the avg row.
+	pingMin map[string][]float64
 
 	kernelCC string // the namespaces' kernel TCP congestion control
 }
@@ -146,7 +149,7 @@ type statusDelta struct {
 func (r *runner) bench(secs, trials, repeat int) error {
 	l := r.lab
 	res := &benchResults{secs: secs, cells: map[string]map[string]cell{}, cpu: map[string]map[string]cell{},
-		rss: map[string]map[string]cell{}, drops: map[string]*dropReport{}, pingMin: map[string]float64{},
+		rss: map[string]map[string]cell{}, drops: map[string]*dropReport{}, pingMin: map[string][]float64{},
 		repeat: repeat, samples: map[string]map[string][]float64{}}
 	r.res = res
 	res.loadStart = loadAvg()
@@ -731,17 +734,19 @@ func (r *runner) pingAvg(p *benchPath) (float64, error) {
 	if err != nil {
 		return 0, err
 	}
-	r.res.pingMin[p.name] = lo
+	r.res.pingMin[p.name] = append(r.res.pingMin[p.name], lo)
 	return avg, nil
 }
 
-// pingMin returns the minimum RTT of the pingAvg run on p.
+// pingMin returns the minimum RTT of the oldest pingAvg run on p it has
+// not reported yet.
 func (r *runner) pingMin(p *benchPath) (float64, error) {
-	v, ok := r.res.pingMin[p.name]
-	if !ok {
+	vals := r.res.pingMin[p.name]
+	if len(vals) == 0 {
 		return 0, errors.New("no ping run")
 	}
-	return v, nil
+	r.res.pingMin[p.name] = vals[1:]
+	return vals[0], nil
 }
 
 // benchSOCKS compares a curl download through the TUN client with the
