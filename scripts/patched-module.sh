@@ -17,10 +17,8 @@
 #                   run the release's own tests of UPSTREAM_TEST_PKGS on the
 #                   whole module plus the patches, after
 #                   third_party/NAME-test-patches/*.patch (upstream tests
-#                   adapted to the internal APIs the patches change), minus
-#                   UPSTREAM_TEST_SKIP (a go test -skip pattern; the caller
-#                   says why each is skipped). Needs the module's test
-#                   dependencies from the module proxy.
+#                   adapted to the internal APIs the patches change). Needs
+#                   the module's test dependencies from the module proxy.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -68,7 +66,7 @@ if [ "$mode" = upstream-tests ]; then
 	echo "$NAME.sh: $MODULE@$VERSION's own tests of ${UPSTREAM_TEST_PKGS[*]} on the patched module"
 	# -mod=mod: the module's go.sum lists its test dependencies; our
 	# GOFLAGS (-mod=vendor, say) are not for this tree.
-	(cd "$tree" && GOFLAGS=-mod=mod go test -count=1 ${UPSTREAM_TEST_SKIP:+-skip "$UPSTREAM_TEST_SKIP"} "$@" "${UPSTREAM_TEST_PKGS[@]}")
+	(cd "$tree" && GOFLAGS=-mod=mod go test -count=1 "$@" "${UPSTREAM_TEST_PKGS[@]}")
 	exit
 fi
 mkdir -p "$tree"

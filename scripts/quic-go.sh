@@ -54,6 +54,5 @@ KEEP_FILES=(LICENSE go.mod)
 # Path MTU Discovery off advertises its fixed packet size, and the client
 # honours it); run them by hand: --upstream-tests ./http3 ./integrationtests/...
 UPSTREAM_TEST_PKGS=(. ./internal/...)
-UPSTREAM_TEST_SKIP=
 
 . "$(dirname "$0")/patched-module.sh"
