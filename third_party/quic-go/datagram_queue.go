@@ -60,7 +60,17 @@ type datagramQueue struct {
 	sendMx       sync.Mutex
 	sendQueue    ringbuffer.RingBuffer[*wire.DatagramFrame]
 	sendQueueLen int
-	sent         chan struct{} // used to notify Add that a datagram was dequeued
+	// queued counts the frames in sendQueue and in taken: Add keeps it
+	// below sendQueueLen. waiters counts the Adds waiting for room, so that
+	// Pop signals sent only when someone listens.
+	queued, waiters atomic.Int32
+	sent            chan struct{} // used to notify Add that a datagram was dequeued
+	// taken holds the frames Peek moved out of sendQueue under one lock,
+	// taken[takenHead:] not yet popped. Only the packer (the run loop)
+	// touches it, so packing a burst of datagrams takes the lock once, not
+	// twice per packet.
+	taken     []*wire.DatagramFrame
+	takenHead int
 	// waitTimer is reused by Adds that wait a bounded time (one at a time;
 	// a second waiter makes its own), so waiting allocates nothing.
 	waitTimer     *time.Timer
@@ -103,16 +113,19 @@ func newDatagramQueue(hasData func(), sendQueueLen int, logger utils.Logger, qlo
 // for as long as it takes if wait is negative, not at all if it is 0, at
 // most wait otherwise; it then returns ErrDatagramQueueFull.
 func (h *datagramQueue) Add(f *wire.DatagramFrame, wait time.Duration) error {
-	h.sendMx.Lock()
-
 	var deadline <-chan time.Time
 	var timer *time.Timer
+	waiting := false
 	defer func() {
+		if waiting {
+			h.waiters.Add(-1)
+		}
 		if timer != nil {
 			h.releaseTimer(timer)
 		}
 	}()
 	for {
+		h.sendMx.Lock()
 		// don't queue frames after the connection is closed
 		select {
 		case <-h.closed:
@@ -121,8 +134,9 @@ func (h *datagramQueue) Add(f *wire.DatagramFrame, wait time.Duration) error {
 		default:
 		}
 
-		if h.sendQueue.Len() < h.sendQueueLen {
+		if int(h.queued.Load()) < h.sendQueueLen {
 			h.sendQueue.PushBack(f)
+			h.queued.Add(1)
 			h.sendMx.Unlock()
 			h.hasData()
 			return nil
@@ -131,16 +145,22 @@ func (h *datagramQueue) Add(f *wire.DatagramFrame, wait time.Duration) error {
 			h.sendMx.Unlock()
 			return ErrDatagramQueueFull
 		}
+		if !waiting {
+			// Count this Add as a waiter, then look at the queue again: a
+			// Pop that ran before the count was seen is then seen here
+			// (Pop decrements queued before it reads waiters).
+			waiting = true
+			h.waiters.Add(1)
+			h.sendMx.Unlock()
+			continue
+		}
 		if wait > 0 && timer == nil {
 			timer = h.getTimer(wait)
 			deadline = timer.C
 		}
-		select {
-		case <-h.sent: // drain any stale notification, so we don't wake up immediately below
-		default:
-		}
 		h.sendMx.Unlock()
-		// The queue is full. Wait until a frame is dequeued.
+		// The queue is full. Wait until a frame is dequeued. A stale
+		// notification only makes the loop look again.
 		select {
 		case <-h.closed:
 			return h.closeErr
@@ -148,7 +168,6 @@ func (h *datagramQueue) Add(f *wire.DatagramFrame, wait time.Duration) error {
 		case <-deadline:
 			return ErrDatagramQueueFull
 		}
-		h.sendMx.Lock()
 	}
 }
 
@@ -179,22 +198,37 @@ func (h *datagramQueue) releaseTimer(t *time.Timer) {
 
 // Peek gets the next DATAGRAM frame for sending.
 // If actually sent out, Pop needs to be called before the next call to Peek.
+// Only the run loop calls Peek and Pop.
 func (h *datagramQueue) Peek() *wire.DatagramFrame {
-	h.sendMx.Lock()
-	defer h.sendMx.Unlock()
-	if h.sendQueue.Empty() {
-		return nil
+	if h.takenHead == len(h.taken) {
+		if h.queued.Load() == 0 {
+			// Nothing queued, or an Add in flight that schedules sending
+			// again once it has counted its frame.
+			return nil
+		}
+		clear(h.taken)
+		h.taken, h.takenHead = h.taken[:0], 0
+		h.sendMx.Lock()
+		for !h.sendQueue.Empty() {
+			h.taken = append(h.taken, h.sendQueue.PopFront())
+		}
+		h.sendMx.Unlock()
+		if len(h.taken) == 0 {
+			return nil
+		}
 	}
-	return h.sendQueue.PeekFront()
+	return h.taken[h.takenHead]
 }
 
 func (h *datagramQueue) Pop() {
-	h.sendMx.Lock()
-	defer h.sendMx.Unlock()
-	_ = h.sendQueue.PopFront()
-	select {
-	case h.sent <- struct{}{}:
-	default:
+	h.taken[h.takenHead] = nil
+	h.takenHead++
+	h.queued.Add(-1)
+	if h.waiters.Load() > 0 {
+		select {
+		case h.sent <- struct{}{}:
+		default:
+		}
 	}
 }
 
