@@ -98,8 +98,11 @@ type Agent struct {
 	name      string
 	u         *underlay.Underlay // the node's port: gateway connection, session conn, frame mux
 	eg        *netstack.Egress
-	dns       *dnsfwd.Forwarder
-	ctx       context.Context // the agent's lifetime
+	// toClientRun is toClient's buffer for a run of one client's packets
+	// (calls of toClient are serialized by eg).
+	toClientRun [][]byte
+	dns         *dnsfwd.Forwarder
+	ctx         context.Context // the agent's lifetime
 
 	mu       sync.Mutex
 	offers   map[uint64]*offer           // by session ID, credential verified
@@ -883,6 +886,21 @@ func (a *Agent) toClient(pkts [][]byte) {
 	var cs *clientState
 	var frag []byte
 	clients := a.clients.Snapshot()
+	// run collects consecutive packets for cs, handed over in one call
+	// (one lock and one wake-up of the session's connection per run).
+	// The egress stack serializes calls of toClient, so one buffer serves.
+	run := a.toClientRun[:0]
+	flush := func() {
+		if len(run) > 0 {
+			cs.sess.SendWaitBatch(run)
+			clear(run)
+			run = run[:0]
+		}
+	}
+	defer func() {
+		flush()
+		a.toClientRun = run
+	}()
 	for _, pkt := range pkts {
 		_, dst, ok := packet.Addrs(pkt)
 		if !ok {
@@ -890,6 +908,7 @@ func (a *Agent) toClient(pkts [][]byte) {
 			continue
 		}
 		if dst != last {
+			flush()
 			cs = clients[wire.OverlayOwner(dst)] // IPv4 or IPv6 overlay address
 			last = dst
 		}
@@ -898,6 +917,7 @@ func (a *Agent) toClient(pkts [][]byte) {
 			continue
 		}
 		if mtu := cs.sess.MTU(); len(pkt) > mtu {
+			flush()
 			// The netstack's link fits the largest sessions; this one's
 			// path is smaller. TCP follows the client's MSS and never
 			// gets here; UDP and ICMP do, and are split as the host's own
@@ -911,6 +931,6 @@ func (a *Agent) toClient(pkts [][]byte) {
 				continue
 			}
 		}
-		cs.sess.SendWait(pkt)
+		run = append(run, pkt)
 	}
 }

@@ -893,6 +893,7 @@ func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
 		bufs[i] = make([]byte, tun.Offset+dev.MTU())
 	}
 	sizes := make([]int, n)
+	burst := make([][]byte, 0, n)
 	for ctx.Err() == nil {
 		k, err := dev.Read(bufs, sizes)
 		if err != nil {
@@ -906,6 +907,7 @@ func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
 		if s != nil {
 			mtu = s.MTU()
 		}
+		burst = burst[:0]
 		for i := 0; i < k; i++ {
 			pkt := bufs[i][tun.Offset : tun.Offset+sizes[i]]
 			if len(pkt) > mtu {
@@ -913,9 +915,10 @@ func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
 				c.tooBig(pkt, mtu)
 				continue
 			}
-			if s != nil {
-				s.SendWait(pkt)
-			}
+			burst = append(burst, pkt)
+		}
+		if s != nil {
+			s.SendWaitBatch(burst)
 		}
 	}
 }

@@ -149,6 +149,15 @@ func (c *dirCounters) add(n int) {
 	c.bytes.Add(uint64(n))
 }
 
+func (c *dirCounters) addAll(pkts [][]byte) {
+	n := 0
+	for _, p := range pkts {
+		n += len(p)
+	}
+	c.pkts.Add(uint64(len(pkts)))
+	c.bytes.Add(uint64(n))
+}
+
 // New wraps an established connection. Call Run to start the pump.
 func New(id uint64, c *quic.Conn, log *slog.Logger) *Session {
 	s := &Session{ID: id, Conn: c, log: log, done: make(chan struct{})}
@@ -223,6 +232,52 @@ func (s *Session) SendWait(pkt []byte) error {
 		s.dropSend.Add(1)
 	}
 	return nil
+}
+
+// SendWaitBatch is SendWait for each of pkts in order, queued with one
+// lock and one wake-up of the connection for as many as there is room for:
+// the client's TUN reader and the agent's netstack output hand over what
+// one read gave them (a TSO segment is ~45 packets). Packets over the MTU
+// are dropped and counted, as by SendWait; once a wait has run out, the
+// rest of the burst is dropped and counted as SendWait would drop each.
+func (s *Session) SendWaitBatch(pkts [][]byte) {
+	mtu := int(s.mtu.Load())
+	for len(pkts) > 0 {
+		k := 0 // the run of packets that fit the MTU
+		for k < len(pkts) && len(pkts[k]) <= mtu {
+			k++
+		}
+		if k == 0 {
+			s.dropLarge.Add(1)
+			pkts = pkts[1:]
+			continue
+		}
+		wait := SendWaitMax
+		if s.stalled.Load() {
+			wait = 0
+		}
+		n, err := s.Conn.SendDatagramsWait(pkts[:k], wait)
+		if n > 0 {
+			s.stalled.Store(false)
+			s.tx.addAll(pkts[:n])
+		}
+		pkts, k = pkts[n:], k-n
+		switch {
+		case err == nil:
+		case errors.Is(err, quic.ErrDatagramQueueFull):
+			if wait > 0 {
+				s.waitsRanOut.Add(1)
+			}
+			s.stalled.Store(true)
+			s.dropQueue.Add(uint64(k))
+			pkts = pkts[k:]
+		default:
+			// Too large for the path's packets just now, or the
+			// connection is closing (then the rest fail as fast).
+			s.dropSend.Add(1)
+			pkts = pkts[1:]
+		}
+	}
 }
 
 // SendWaitMax bounds how long SendWait waits for room.

@@ -692,39 +692,70 @@ func TestSessionOversizeDatagramDropped(t *testing.T) {
 	}
 }
 
+// sendWaitModes are the two ways a producer hands packets to SendWait:
+// one at a time, and in the bursts one TUN read gives (SendWaitBatch).
+var sendWaitModes = []struct {
+	name string
+	send func(s *Session, pkts [][]byte)
+}{
+	{"one at a time", func(s *Session, pkts [][]byte) {
+		for _, p := range pkts {
+			s.SendWait(p)
+		}
+	}},
+	{"in bursts", (*Session).SendWaitBatch},
+}
+
 // TestSessionSendWaitHoldsBack: a producer that sends faster than the
 // connection drains is held back by SendWait instead of losing packets:
-// every one of four queues' worth arrives and nothing is dropped.
+// every one of four queues' worth arrives and nothing is dropped but the
+// one packet per burst that is over the MTU (dropped and counted).
 func TestSessionSendWaitHoldsBack(t *testing.T) {
-	p := newPeerPair(t)
-	const id = 0x5e55_0007
-	cq, aq := p.connect(t, id)
-	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
-	rx := newCollector()
-	go as.Run(func(pkt []byte) { rx.recv(pkt); ReleasePacket(pkt) })
-	go cs.Run(func([]byte) {})
-	const n = 4 * SendQueueLen
-	for seq := uint32(0); seq < n; seq++ {
-		cs.SendWait(testPacket(seq, 'c'))
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for rx.count() < n && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
-	// What this shows is the sender's side: SendWait held back rather
-	// than drop. The pipe's far end is a Conn whose inbound queue drops
-	// when its reader is starved of CPU (like a socket buffer; seen on a
-	// loaded 2-core machine: 40 of 4096); such drops are counted there,
-	// and every packet is either received intact or one of them.
-	inFull, _ := p.agentConn.Drops()
-	if st := cs.Stats(); st.DropQueueFull != 0 || st.DropSend != 0 || uint64(rx.count())+inFull < n {
-		t.Fatalf("received %d of %d (%d dropped by the receiving conn's full queue); sender %+v", rx.count(), n, inFull, st)
-	}
-	if inFull == 0 {
-		rx.verify(t, n, 'c')
-	} else {
-		t.Logf("the receiving conn dropped %d packets (its reader was behind); %d received", inFull, rx.count())
-		rx.verifyReceived(t, 'c')
+	for i, mode := range sendWaitModes {
+		t.Run(mode.name, func(t *testing.T) {
+			p := newPeerPair(t)
+			id := uint64(0x5e55_0007_00 + i)
+			cq, aq := p.connect(t, id)
+			cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+			rx := newCollector()
+			go as.Run(func(pkt []byte) { rx.recv(pkt); ReleasePacket(pkt) })
+			go cs.Run(func([]byte) {})
+			const n, burst = 4 * SendQueueLen, 45
+			oversize := make([]byte, TunMTU+1)
+			bursts := 0
+			for seq := uint32(0); seq < n; {
+				var pkts [][]byte
+				for len(pkts) < burst && seq < n {
+					pkts = append(pkts, testPacket(seq, 'c'))
+					seq++
+				}
+				// One packet over the MTU in the middle of each burst.
+				pkts = append(pkts[:len(pkts)/2], append([][]byte{oversize}, pkts[len(pkts)/2:]...)...)
+				mode.send(cs, pkts)
+				bursts++
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for rx.count() < n && time.Now().Before(deadline) {
+				time.Sleep(time.Millisecond)
+			}
+			// What this shows is the sender's side: SendWait held back
+			// rather than drop. The pipe's far end is a Conn whose inbound
+			// queue drops when its reader is starved of CPU (like a socket
+			// buffer; seen on a loaded 2-core machine: 40 of 4096); such
+			// drops are counted there, and every packet is either received
+			// intact or one of them.
+			inFull, _ := p.agentConn.Drops()
+			st := cs.Stats()
+			if st.DropQueueFull != 0 || st.DropSend != 0 || st.DropTooLarge != uint64(bursts) || st.TxPackets != n || uint64(rx.count())+inFull < n {
+				t.Fatalf("received %d of %d (%d dropped by the receiving conn's full queue); sender %+v, want %d dropped as too large", rx.count(), n, inFull, st, bursts)
+			}
+			if inFull == 0 {
+				rx.verify(t, n, 'c')
+			} else {
+				t.Logf("the receiving conn dropped %d packets (its reader was behind); %d received", inFull, rx.count())
+				rx.verifyReceived(t, 'c')
+			}
+		})
 	}
 }
 
@@ -734,39 +765,44 @@ func TestSessionSendWaitHoldsBack(t *testing.T) {
 // counts) at once afterwards: a producer shared with other sessions is
 // never held for long. When the path comes back, packets flow again.
 func TestSessionSendWaitBounded(t *testing.T) {
-	p := newPeerPair(t)
-	const id = 0x5e55_0008
-	cq, aq := p.connect(t, id)
-	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
-	rx := newCollector()
-	go as.Run(func(pkt []byte) { rx.recv(pkt); ReleasePacket(pkt) })
-	go cs.Run(func([]byte) {})
+	for i, mode := range sendWaitModes {
+		t.Run(mode.name, func(t *testing.T) {
+			p := newPeerPair(t)
+			id := uint64(0x5e55_0008_00 + i)
+			cq, aq := p.connect(t, id)
+			cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+			rx := newCollector()
+			go as.Run(func(pkt []byte) { rx.recv(pkt); ReleasePacket(pkt) })
+			go cs.Run(func([]byte) {})
 
-	p.clientRelay.drop.Store(true)
-	pkt := make([]byte, TunMTU)
-	start := time.Now()
-	for i := 0; i < 40000 && time.Since(start) < 20*time.Second; i++ {
-		cs.SendWait(pkt)
-	}
-	// Counted, not timed (timings on a shared machine say nothing): the
-	// waits that ran out, each at most SendWaitMax (quic-go's
-	// SendDatagramWait, patch 0006), are few; every other call on the
-	// stalled queue dropped at once.
-	st := cs.Stats()
-	if st.DropQueueFull == 0 {
-		t.Fatalf("a dead path never filled the queue: %+v", st)
-	}
-	if n := cs.waitsRanOut.Load(); n == 0 || n > 20 {
-		t.Fatalf("%d SendWait calls waited in vain (%d dropped): want a few; a stalled queue must not make every call wait", n, st.DropQueueFull)
-	}
+			p.clientRelay.drop.Store(true)
+			pkt := make([]byte, TunMTU)
+			burst := [][]byte{pkt, pkt, pkt, pkt, pkt, pkt, pkt, pkt, pkt, pkt}
+			start := time.Now()
+			for i := 0; i < 4000 && time.Since(start) < 20*time.Second; i++ {
+				mode.send(cs, burst)
+			}
+			// Counted, not timed (timings on a shared machine say
+			// nothing): the waits that ran out, each at most SendWaitMax
+			// (quic-go's SendDatagramWait, patch 0006), are few; every
+			// other call on the stalled queue dropped at once.
+			st := cs.Stats()
+			if st.DropQueueFull == 0 {
+				t.Fatalf("a dead path never filled the queue: %+v", st)
+			}
+			if n := cs.waitsRanOut.Load(); n == 0 || n > 20 {
+				t.Fatalf("%d SendWait calls waited in vain (%d dropped): want a few; a stalled queue must not make every call wait", n, st.DropQueueFull)
+			}
 
-	p.clientRelay.drop.Store(false)
-	deadline := time.Now().Add(15 * time.Second)
-	for seq := uint32(1 << 20); !rx.has(seq - 1); seq++ {
-		if time.Now().After(deadline) {
-			t.Fatal("no packet arrived after the path came back")
-		}
-		cs.SendWait(testPacket(seq, 'c'))
-		time.Sleep(time.Millisecond)
+			p.clientRelay.drop.Store(false)
+			deadline := time.Now().Add(15 * time.Second)
+			for seq := uint32(1 << 20); !rx.has(seq - 1); seq++ {
+				if time.Now().After(deadline) {
+					t.Fatal("no packet arrived after the path came back")
+				}
+				mode.send(cs, [][]byte{testPacket(seq, 'c')})
+				time.Sleep(time.Millisecond)
+			}
+		})
 	}
 }

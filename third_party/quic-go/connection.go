@@ -3186,10 +3186,62 @@ func (c *Conn) SendDatagramWait(p []byte, d time.Duration) error {
 	return c.sendDatagram(p, d)
 }
 
+// SendDatagramsWait sends each of ps as SendDatagramWait(p, d) does, in
+// order, but queues a burst with one lock and one wake-up of the
+// connection instead of one per datagram. It returns how many of ps it
+// queued; when that is fewer than len(ps) the error says why ps[n] was not
+// (a full queue after the wait, a datagram too large, a closed connection),
+// and the datagrams from ps[n] on are not sent.
+func (c *Conn) SendDatagramsWait(ps [][]byte, d time.Duration) (int, error) {
+	if d < 0 {
+		d = 0
+	}
+	var frames [64]*wire.DatagramFrame
+	sent := 0
+	for sent < len(ps) {
+		batch := ps[sent:min(len(ps), sent+len(frames))]
+		fs := frames[:0]
+		var tooLarge error
+		for _, p := range batch {
+			f, err := c.datagramFrame(p)
+			if err != nil {
+				tooLarge = err
+				break
+			}
+			fs = append(fs, f)
+		}
+		n, err := c.datagramQueue.AddBatch(fs, d)
+		for _, f := range fs[n:] {
+			putDatagramFrame(f)
+		}
+		sent += n
+		if err != nil {
+			return sent, err
+		}
+		if tooLarge != nil {
+			return sent, tooLarge
+		}
+	}
+	return sent, nil
+}
+
 // sendDatagram queues p, waiting for room as Add does.
 func (c *Conn) sendDatagram(p []byte, wait time.Duration) error {
+	f, err := c.datagramFrame(p)
+	if err != nil {
+		return err
+	}
+	if err := c.datagramQueue.Add(f, wait); err != nil {
+		putDatagramFrame(f)
+		return err
+	}
+	return nil
+}
+
+// datagramFrame is a DATAGRAM frame holding a copy of p, if p can be sent.
+func (c *Conn) datagramFrame(p []byte) (*wire.DatagramFrame, error) {
 	if !c.supportsDatagrams() {
-		return errors.New("datagram support disabled")
+		return nil, errors.New("datagram support disabled")
 	}
 
 	// The payload size estimate is conservative.
@@ -3199,14 +3251,9 @@ func (c *Conn) sendDatagram(p []byte, wait time.Duration) error {
 		protocol.ByteCount(c.maxPayloadSizeEstimate.Load()),
 	)
 	if protocol.ByteCount(len(p)) > maxDataLen {
-		return &DatagramTooLargeError{MaxDatagramPayloadSize: int64(maxDataLen)}
+		return nil, &DatagramTooLargeError{MaxDatagramPayloadSize: int64(maxDataLen)}
 	}
-	f := getDatagramFrame(p)
-	if err := c.datagramQueue.Add(f, wait); err != nil {
-		putDatagramFrame(f)
-		return err
-	}
-	return nil
+	return getDatagramFrame(p), nil
 }
 
 // ReceiveDatagram gets a message received in a QUIC datagram, as specified in RFC 9221.

@@ -113,6 +113,16 @@ func newDatagramQueue(hasData func(), sendQueueLen int, logger utils.Logger, qlo
 // for as long as it takes if wait is negative, not at all if it is 0, at
 // most wait otherwise; it then returns ErrDatagramQueueFull.
 func (h *datagramQueue) Add(f *wire.DatagramFrame, wait time.Duration) error {
+	fs := [1]*wire.DatagramFrame{f}
+	_, err := h.AddBatch(fs[:], wait)
+	return err
+}
+
+// AddBatch queues the frames fs in order, as Add does each one, but taking
+// the lock and scheduling sending once for as many as there is room for.
+// It returns how many it queued: fewer than len(fs) only with an error,
+// and then fs[n:] are not queued.
+func (h *datagramQueue) AddBatch(fs []*wire.DatagramFrame, wait time.Duration) (n int, _ error) {
 	var deadline <-chan time.Time
 	var timer *time.Timer
 	waiting := false
@@ -130,28 +140,35 @@ func (h *datagramQueue) Add(f *wire.DatagramFrame, wait time.Duration) error {
 		select {
 		case <-h.closed:
 			h.sendMx.Unlock()
-			return h.closeErr
+			return n, h.closeErr
 		default:
 		}
 
-		if int(h.queued.Load()) < h.sendQueueLen {
+		// queued only falls outside the lock, so the room can only grow.
+		room := min(h.sendQueueLen-int(h.queued.Load()), len(fs)-n)
+		for _, f := range fs[n : n+max(room, 0)] {
 			h.sendQueue.PushBack(f)
-			h.queued.Add(1)
-			h.sendMx.Unlock()
-			h.hasData()
-			return nil
 		}
-		if wait == 0 {
-			h.sendMx.Unlock()
-			return ErrDatagramQueueFull
+		if room > 0 {
+			h.queued.Add(int32(room))
+			n += room
 		}
-		if !waiting {
-			// Count this Add as a waiter, then look at the queue again: a
+		if n == len(fs) || wait == 0 || !waiting {
+			h.sendMx.Unlock()
+			if room > 0 {
+				h.hasData()
+			}
+			if n == len(fs) {
+				return n, nil
+			}
+			if wait == 0 {
+				return n, ErrDatagramQueueFull
+			}
+			// Count this call as a waiter, then look at the queue again: a
 			// Pop that ran before the count was seen is then seen here
-			// (Pop decrements queued before it reads waiters).
+			// (Pop decrements queued before it reads the waiters).
 			waiting = true
 			h.waiters.Add(1)
-			h.sendMx.Unlock()
 			continue
 		}
 		if wait > 0 && timer == nil {
@@ -159,14 +176,17 @@ func (h *datagramQueue) Add(f *wire.DatagramFrame, wait time.Duration) error {
 			deadline = timer.C
 		}
 		h.sendMx.Unlock()
+		if room > 0 {
+			h.hasData()
+		}
 		// The queue is full. Wait until a frame is dequeued. A stale
 		// notification only makes the loop look again.
 		select {
 		case <-h.closed:
-			return h.closeErr
+			return n, h.closeErr
 		case <-h.sent:
 		case <-deadline:
-			return ErrDatagramQueueFull
+			return n, ErrDatagramQueueFull
 		}
 	}
 }
