@@ -50,6 +50,10 @@ func QUICConfigSized(packetSize int) *quic.Config {
 		// all) control congestion end to end; a second controller here
 		// only halves the rate on every random loss (quic-go patch 0004).
 		DisableCongestionControl: true,
+		// The session's Conn only queues a packet on its path (the
+		// underlay's batching writer, the relay's queue): no goroutine of
+		// quic-go's is needed in front of it (quic-go patch 0015).
+		SendWithoutQueue: true,
 	}
 }
 

@@ -190,6 +190,13 @@ type Config struct {
 	// DATAGRAM frames, where a second controller only halves the rate on
 	// every random loss. Not for anything else.
 	DisableCongestionControl bool
+	// SendWithoutQueue makes the connection's goroutine write its packets
+	// to the net.PacketConn itself, instead of handing each one over a
+	// channel to a goroutine that writes them. Only for a PacketConn whose
+	// WriteTo queues the packet and returns at once (or after a short,
+	// bounded wait), such as one that batches its writes: a write that
+	// blocks then blocks the whole connection.
+	SendWithoutQueue bool
 	// DisablePathMTUDiscovery disables Path MTU Discovery (RFC 8899).
 	// This allows the sending of QUIC packets that fully utilize the available MTU of the path.
 	// Path MTU discovery is only available on systems that allow setting of the Don't Fragment (DF) bit.
