@@ -218,23 +218,8 @@ func (s *Session) SendWait(pkt []byte) error {
 		s.dropLarge.Add(1)
 		return ErrTooLarge
 	}
-	wait := SendWaitMax
-	if s.stalled.Load() {
-		wait = 0
-	}
-	switch err := s.Conn.SendDatagramWait(pkt, wait); {
-	case err == nil:
-		s.stalled.Store(false)
-		s.tx.add(len(pkt))
-	case errors.Is(err, quic.ErrDatagramQueueFull):
-		if wait > 0 {
-			s.waitsRanOut.Add(1)
-		}
-		s.stalled.Store(true)
-		s.dropQueue.Add(1)
-	default:
-		s.dropSend.Add(1)
-	}
+	one := [1][]byte{pkt}
+	s.SendWaitBatch(one[:])
 	return nil
 }
 

@@ -506,18 +506,33 @@ func TestSessionSurvivesPathSwitch(t *testing.T) {
 	toAgent.verify(t, seq+50, 'c')
 }
 
+// sendPair is a client session that only sends and an agent session
+// whose packets go to rx (and back to the pool): the setup of the tests of
+// the send queue.
+type sendPair struct {
+	*peerPair
+	cq     *quic.Conn
+	cs, as *Session
+	rx     *collector
+}
+
+func newSendPair(t *testing.T, id uint64) *sendPair {
+	p := &sendPair{peerPair: newPeerPair(t), rx: newCollector()}
+	var aq *quic.Conn
+	p.cq, aq = p.connect(t, id)
+	p.cs, p.as = New(id, p.cq, quietLog()), New(id, aq, quietLog())
+	go p.as.Run(func(pkt []byte) { p.rx.recv(pkt); ReleasePacket(pkt) })
+	go p.cs.Run(func([]byte) {})
+	return p
+}
+
 // TestSessionBurstArrives: a burst far beyond quic-go's old 128-deep
 // DATAGRAM receive queue arrives whole when the receiver keeps up: the
 // sender keeps up to a full send queue in flight, and nothing may be lost
 // on the way or dropped by either session.
 func TestSessionBurstArrives(t *testing.T) {
-	p := newPeerPair(t)
-	const id = 0x5e55_0003
-	cq, aq := p.connect(t, id)
-	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
-	rx := newCollector()
-	go as.Run(func(pkt []byte) { rx.recv(pkt); ReleasePacket(pkt) })
-	go cs.Run(func([]byte) {})
+	p := newSendPair(t, 0x5e55_0003)
+	cq, cs, as, rx := p.cq, p.cs, p.as, p.rx
 
 	const n = 4096
 	deadline := time.Now().Add(10 * time.Second)
@@ -713,13 +728,8 @@ var sendWaitModes = []struct {
 func TestSessionSendWaitHoldsBack(t *testing.T) {
 	for i, mode := range sendWaitModes {
 		t.Run(mode.name, func(t *testing.T) {
-			p := newPeerPair(t)
-			id := uint64(0x5e55_0007_00 + i)
-			cq, aq := p.connect(t, id)
-			cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
-			rx := newCollector()
-			go as.Run(func(pkt []byte) { rx.recv(pkt); ReleasePacket(pkt) })
-			go cs.Run(func([]byte) {})
+			p := newSendPair(t, uint64(0x5e55_0007_00+i))
+			cs, rx := p.cs, p.rx
 			const n, burst = 4 * SendQueueLen, 45
 			oversize := make([]byte, TunMTU+1)
 			bursts := 0
@@ -767,13 +777,8 @@ func TestSessionSendWaitHoldsBack(t *testing.T) {
 func TestSessionSendWaitBounded(t *testing.T) {
 	for i, mode := range sendWaitModes {
 		t.Run(mode.name, func(t *testing.T) {
-			p := newPeerPair(t)
-			id := uint64(0x5e55_0008_00 + i)
-			cq, aq := p.connect(t, id)
-			cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
-			rx := newCollector()
-			go as.Run(func(pkt []byte) { rx.recv(pkt); ReleasePacket(pkt) })
-			go cs.Run(func([]byte) {})
+			p := newSendPair(t, uint64(0x5e55_0008_00+i))
+			cs, rx := p.cs, p.rx
 
 			p.clientRelay.drop.Store(true)
 			pkt := make([]byte, TunMTU)
