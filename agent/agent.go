@@ -779,20 +779,6 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		qc.CloseWithError(1, "wrong key")
 		return
 	}
-	// The agent's own word on what it serves.
-	st, err := qc.OpenStreamSync(ctx)
-	if err != nil {
-		return
-	}
-	err = wire.WriteMessage(st, &wire.Message{Type: wire.TypePeerInfo, Peer: &wire.PeerInfo{
-		Name: a.u.Ctrl.Welcome().Name, Overlay: a.u.Ctrl.Welcome().Overlay, Advertise: a.cfg.Advertise,
-		DNSDomains: a.cfg.DNSDomains,
-	}})
-	if err != nil {
-		log.Info("peer info not sent", "err", err)
-		qc.CloseWithError(1, "control stream failed")
-		return
-	}
 	s := session.New(id, qc, log)
 	// The client dialed with packets that fit both paths (and quic-go
 	// sends it no larger ones than it advertised); what the egress hands
@@ -820,23 +806,11 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 			}
 		}
 	}
-	log.Info("client connected", "mtu", sz.TUN)
-	if misbehave != nil { // test builds only (misbehave.go)
-		go misbehave(a, s, offer.PeerAddr, log)
-	}
-	// The client's token expiring ends its session here, not only its
-	// gateway connection: a direct path does not pass the gateway.
-	{
-		exp := time.Unix(offer.client.Expires, 0)
-		t := time.AfterFunc(time.Until(exp), func() {
-			log.Info("the client's token expired; ending its session", "expired", exp.UTC().Format(time.RFC3339))
-			s.Conn.CloseWithError(0, "token expired")
-		})
-		defer t.Stop()
-	}
-	start := time.Now()
 	peer6 := wire.Overlay6(offer.PeerAddr)
-	err = s.Run(func(pkt []byte) {
+	// Receiving starts before the peer info goes out: the client sends
+	// once it has that, and a burst that found only quic-go's early queue
+	// would lose its tail.
+	s.Start(func(pkt []byte) {
 		src, _, ok := packet.Addrs(pkt)
 		if !ok || src != offer.PeerAddr && src != peer6 {
 			// A client may only speak from its own overlay addresses.
@@ -846,6 +820,26 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		}
 		a.eg.Submit(pkt) // the netstack gives it back to the session's pool
 	})
+	// The agent's own word on what it serves.
+	if err := a.sendPeerInfo(ctx, qc); err != nil {
+		log.Info("peer info not sent", "err", err)
+		qc.CloseWithError(1, "control stream failed")
+	} else {
+		log.Info("client connected", "mtu", sz.TUN)
+		if misbehave != nil { // test builds only (misbehave.go)
+			go misbehave(a, s, offer.PeerAddr, log)
+		}
+	}
+	// The client's token expiring ends its session here, not only its
+	// gateway connection: a direct path does not pass the gateway.
+	exp := time.Unix(offer.client.Expires, 0)
+	expiry := time.AfterFunc(time.Until(exp), func() {
+		log.Info("the client's token expired; ending its session", "expired", exp.UTC().Format(time.RFC3339))
+		s.Conn.CloseWithError(0, "token expired")
+	})
+	defer expiry.Stop()
+	start := time.Now()
+	err = s.Wait()
 	a.mu.Lock()
 	if a.byClient[offer.PeerAddr] == cs {
 		delete(a.byClient, offer.PeerAddr)
@@ -868,6 +862,19 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	st2 := s.Stats()
 	log.Info("client disconnected", "after", time.Since(start).Round(time.Second), "reason", err, "rx_bytes", st2.RxBytes, "tx_bytes", st2.TxBytes,
 		"drops_queue_full", st2.DropQueueFull, "drops_netstack_queue_all_clients", a.eg.Stats().SubmitDropped, "quic_lost", qc.ConnectionStats().PacketsLost)
+}
+
+// sendPeerInfo tells the client, on a stream of its session, what this
+// agent serves.
+func (a *Agent) sendPeerInfo(ctx context.Context, qc *quic.Conn) error {
+	st, err := qc.OpenStreamSync(ctx)
+	if err != nil {
+		return err
+	}
+	return wire.WriteMessage(st, &wire.Message{Type: wire.TypePeerInfo, Peer: &wire.PeerInfo{
+		Name: a.u.Ctrl.Welcome().Name, Overlay: a.u.Ctrl.Welcome().Overlay, Advertise: a.cfg.Advertise,
+		DNSDomains: a.cfg.DNSDomains,
+	}})
 }
 
 // startedOver reports whether the client of offer next is a new process,

@@ -303,7 +303,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.OnUp != nil {
 		cfg.OnUp()
 	}
-	go c.pump(s)
+	c.pump(s)
 	defer func() {
 		if s := c.cur.Load(); s != nil {
 			s.Conn.CloseWithError(0, "client exiting")
@@ -502,6 +502,11 @@ func (c *Client) reattach(ctx context.Context, runErr <-chan error) error {
 	for ctx.Err() == nil {
 		s, _, err := c.establish(ctx, c.cur.Load())
 		if err == nil {
+			if c.cur.Load() != s {
+				// Receiving first: the TUN reader sends on s as soon as
+				// it is current, and the agent answers at once.
+				c.pump(s)
+			}
 			c.tmu.Lock()
 			old := c.cur.Swap(s)
 			if old != nil && old != s {
@@ -512,7 +517,6 @@ func (c *Client) reattach(ctx context.Context, runErr <-chan error) error {
 				if old != nil {
 					old.Conn.CloseWithError(0, "replaced")
 				}
-				go c.pump(s)
 				c.followMTU(s)
 				c.log.Info("session re-established", "session", wire.SessionID(s.ID))
 			} else {
@@ -726,9 +730,12 @@ func (c *Client) candidates() []netip.AddrPort {
 // end-to-end handshake.
 const peerInfoWait = 5 * time.Second
 
-// pump carries one session's received packets into the TUN.
+// pump starts carrying one session's received packets into the TUN and
+// returns: from then on nothing the agent sends can overflow quic-go's
+// early queue while a goroutine gets going.
 func (c *Client) pump(s *session.Session) {
-	s.Run(c.receive)
+	s.Start(c.receive)
+	go s.Wait()
 }
 
 // receive lets in only what the agent may send: packets to our overlay

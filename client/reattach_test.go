@@ -288,7 +288,7 @@ func newReattachBench(t *testing.T) *reattachBench {
 	c.cur.Store(s)
 	c.overlay = w.Overlay
 	c.mine.Store(&w.Overlay)
-	go c.pump(s)
+	c.pump(s)
 	return b
 }
 

@@ -9,13 +9,14 @@ type Drops struct {
 	SendFailed    uint64 // the connection was closing
 	RxTooLarge    uint64 // a received datagram over TunMTU
 	QUICQueueFull uint64 // received packets quic-go's queue had no room for
+	RxEarly       uint64 // received datagrams that overflowed the queue before Start
 }
 
 // Drops returns the session's drop counters now.
 func (s *Session) Drops() Drops {
-	st := s.Stats()
+	st, qs := s.Stats(), s.Conn.ConnectionStats()
 	return Drops{QueueFull: st.DropQueueFull, TooLarge: st.DropTooLarge, SendFailed: st.DropSend,
-		RxTooLarge: st.DropRxTooLarge, QUICQueueFull: s.Conn.ConnectionStats().PacketsDropped}
+		RxTooLarge: st.DropRxTooLarge, QUICQueueFull: qs.PacketsDropped, RxEarly: qs.DatagramsDropped}
 }
 
 // Add adds o to d.
@@ -25,6 +26,7 @@ func (d *Drops) Add(o Drops) {
 	d.SendFailed += o.SendFailed
 	d.RxTooLarge += o.RxTooLarge
 	d.QUICQueueFull += o.QUICQueueFull
+	d.RxEarly += o.RxEarly
 }
 
 // Into writes d into m under the names `nlvpn status` shows.
@@ -34,6 +36,7 @@ func (d Drops) Into(m map[string]uint64) {
 	m["session_send_failed"] = d.SendFailed
 	m["session_rx_too_large"] = d.RxTooLarge
 	m["quic_queue_full"] = d.QUICQueueFull
+	m["session_rx_early"] = d.RxEarly
 }
 
 // Ended keeps the drops and bytes of sessions that have ended, so that a

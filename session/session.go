@@ -285,19 +285,21 @@ func (s *Session) Alive() bool {
 	}
 }
 
-// Run delivers every received datagram to recv until the connection ends.
+// Start makes recv receive every datagram of the session from now on,
+// beginning with those that arrived before (up to quic-go's 128-deep
+// queue; datagrams beyond it are dropped and counted in Drops.RxEarly).
+// Call it before the peer is told to send: the agent starts its session
+// before it sends its peer info. Start may be called once.
 //
-// recv runs on the QUIC connection's own goroutine (quic-go's 128-deep
-// datagram queue and its copy are bypassed), so it must not block for
-// long: hand the packet on, waiting (briefly, bounded) at most for room in
-// the next queue, or drop it; while it waits, the connection receives and
-// sends nothing. It owns pkt, a pooled buffer: when done with it,
-// it gives it back with ReleasePacket (or lets it be collected). recv must
-// be safe for concurrent use: datagrams that arrived before Run are handed
-// to it from Run's goroutine while new ones already arrive.
-func (s *Session) Run(recv func(pkt []byte)) error {
-	defer close(s.done)
-	ctx := s.Conn.Context()
+// recv runs on the QUIC connection's own goroutine (quic-go's datagram
+// queue and its copy are bypassed), so it must not block for long: hand
+// the packet on, waiting (briefly, bounded) at most for room in the next
+// queue, or drop it; while it waits, the connection receives and sends
+// nothing. It owns pkt, a pooled buffer: when done with it, it gives it
+// back with ReleasePacket (or lets it be collected). recv must be safe for
+// concurrent use: datagrams that arrived before Start are handed to it
+// from Start's goroutine while new ones already arrive.
+func (s *Session) Start(recv func(pkt []byte)) {
 	deliver := func(b []byte) {
 		if len(b) > TunMTU {
 			// No peer of ours sends these (Send refuses them).
@@ -312,8 +314,23 @@ func (s *Session) Run(recv func(pkt []byte)) error {
 	for _, b := range s.Conn.SetDatagramHandler(deliver) {
 		deliver(b)
 	}
+}
+
+// Wait blocks until the connection ends and returns why; the session is
+// then done.
+func (s *Session) Wait() error {
+	defer close(s.done)
+	ctx := s.Conn.Context()
 	<-ctx.Done()
 	return context.Cause(ctx)
+}
+
+// Run is Start then Wait, for a caller whose peer sends nothing before
+// Run has started (or that can afford to lose what overflows the early
+// queue).
+func (s *Session) Run(recv func(pkt []byte)) error {
+	s.Start(recv)
+	return s.Wait()
 }
 
 // Stats returns the session's counters.

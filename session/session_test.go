@@ -39,6 +39,13 @@ func (p *pipePath) Send(id uint64, pkt []byte) error {
 	return nil
 }
 
+// startSession starts s receiving into recv and waits for its end in the
+// background: the receiver is in place before the test sends anything.
+func startSession(s *Session, recv func([]byte)) {
+	s.Start(recv)
+	go s.Wait()
+}
+
 func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // peerPair is a client and an agent joined by pipe paths.
@@ -241,8 +248,8 @@ func TestSessionEndToEnd(t *testing.T) {
 
 	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
 	toAgent, toClient := newCollector(), newCollector()
-	go cs.Run(toClient.recv)
-	go as.Run(toAgent.recv)
+	startSession(cs, toClient.recv)
+	startSession(as, toAgent.recv)
 
 	const n = 300
 	pump(t, cs, toAgent, 0, n, 'c')
@@ -356,8 +363,8 @@ func TestSessionSurvivesPathSwitch(t *testing.T) {
 	cq, aq := p.connect(t, id)
 	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
 	toAgent, toClient := newCollector(), newCollector()
-	go cs.Run(toClient.recv)
-	go as.Run(toAgent.recv)
+	startSession(cs, toClient.recv)
+	startSession(as, toAgent.recv)
 
 	clientDirect := &pipePath{name: "direct c→a", to: p.agentConn}
 	agentDirect := &pipePath{name: "direct a→c", to: p.clientConn}
@@ -521,8 +528,8 @@ func newSendPair(t *testing.T, id uint64) *sendPair {
 	var aq *quic.Conn
 	p.cq, aq = p.connect(t, id)
 	p.cs, p.as = New(id, p.cq, quietLog()), New(id, aq, quietLog())
-	go p.as.Run(func(pkt []byte) { p.rx.recv(pkt); ReleasePacket(pkt) })
-	go p.cs.Run(func([]byte) {})
+	startSession(p.as, func(pkt []byte) { p.rx.recv(pkt); ReleasePacket(pkt) })
+	startSession(p.cs, func([]byte) {})
 	return p
 }
 
@@ -561,6 +568,53 @@ func TestSessionBurstArrives(t *testing.T) {
 	}
 }
 
+// TestSessionEarlyDatagrams: what arrives before the receiving side
+// starts waits in quic-go's early queue and is delivered by Start, in
+// order; what overflows that queue is dropped and shows in Drops.RxEarly
+// (and in `nlvpn status` as session_rx_early), never silently.
+func TestSessionEarlyDatagrams(t *testing.T) {
+	p := newPeerPair(t)
+	const id = 0x5e55_000e
+	cq, aq := p.connect(t, id)
+	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
+	startSession(cs, func([]byte) {})
+
+	const early, sent = 128, 200 // quic-go's early queue holds 128
+	for seq := uint32(0); seq < sent; seq++ {
+		if err := cs.Send(testPacket(seq, 'c')); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Fewer than the agent's QUIC stack queues (Config.MaxUnprocessedPackets)
+	// even one datagram per packet: nothing is lost on the way.
+	deadline := time.Now().Add(10 * time.Second)
+	for as.Drops().RxEarly < sent-early && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if d := as.Drops(); d.RxEarly != sent-early {
+		t.Fatalf("before Start: %d datagrams dropped (%+v), want %d; QUIC: sent %+v, received %+v",
+			d.RxEarly, d, sent-early, cq.ConnectionStats(), aq.ConnectionStats())
+	}
+
+	rx := newCollector()
+	startSession(as, rx.recv)
+	if rx.count() != early {
+		t.Fatalf("Start delivered %d early datagrams, want %d", rx.count(), early)
+	}
+	rx.verify(t, early, 'c')
+	m := map[string]uint64{}
+	as.Drops().Into(m)
+	if m["session_rx_early"] != sent-early {
+		t.Fatalf("status counters %v: session_rx_early, want %d", m, sent-early)
+	}
+	// From now on datagrams go straight to the receiver.
+	pump(t, cs, rx, early, early+sent, 'c')
+	rx.verify(t, early+sent, 'c')
+	if d := as.Drops(); d.RxEarly != sent-early || as.Stats().RxPackets != early+sent {
+		t.Fatalf("after Start: %+v, %d received; want %d dropped, %d received", d, as.Stats().RxPackets, sent-early, early+sent)
+	}
+}
+
 // TestSessionSendQueueFull: when the connection cannot get packets
 // through (the path is dead), Send neither blocks nor queues without
 // bound. With the congestion controller off, quic-go keeps sending into
@@ -574,8 +628,8 @@ func TestSessionSendQueueFull(t *testing.T) {
 	cq, aq := p.connect(t, id)
 	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
 	rx := newCollector()
-	go as.Run(rx.recv)
-	go cs.Run(func([]byte) {})
+	startSession(as, rx.recv)
+	startSession(cs, func([]byte) {})
 
 	p.clientRelay.drop.Store(true)
 	const attempts = 40000
@@ -624,13 +678,13 @@ func TestSessionRecvOwnsPacket(t *testing.T) {
 	var mu sync.Mutex
 	kept := map[uint32][]byte{}
 	rx := newCollector()
-	go as.Run(func(pkt []byte) {
+	startSession(as, func(pkt []byte) {
 		mu.Lock()
 		kept[binary.BigEndian.Uint32(pkt)] = pkt // no copy
 		mu.Unlock()
 		rx.recv(pkt)
 	})
-	go cs.Run(func([]byte) {})
+	startSession(cs, func([]byte) {})
 	const n = 500
 	pump(t, cs, rx, 0, n, 'c')
 	mu.Lock()
@@ -649,7 +703,7 @@ func TestSessionDatagramsBeforeRun(t *testing.T) {
 	const id = 0x5e55_0006
 	cq, aq := p.connect(t, id)
 	cs, as := New(id, cq, quietLog()), New(id, aq, quietLog())
-	go cs.Run(func([]byte) {})
+	startSession(cs, func([]byte) {})
 	const n = 50 // within quic-go's queue for this case (128)
 	before := aq.ConnectionStats().PacketsReceived
 	for seq := uint32(0); seq < n; seq++ {
@@ -663,7 +717,7 @@ func TestSessionDatagramsBeforeRun(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	rx := newCollector()
-	go as.Run(rx.recv)
+	startSession(as, rx.recv)
 	for rx.count() < n && time.Now().Before(deadline) {
 		time.Sleep(time.Millisecond)
 	}
@@ -686,7 +740,7 @@ func TestSessionOversizeDatagramDropped(t *testing.T) {
 	cq, aq := p.connect(t, id)
 	as := New(id, aq, quietLog())
 	rx := newCollector()
-	go as.Run(rx.recv)
+	startSession(as, rx.recv)
 	if err := cq.SendDatagram(make([]byte, TunMTU+1)); err != nil {
 		t.Fatalf("raw SendDatagram: %v", err)
 	}

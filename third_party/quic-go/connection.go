@@ -851,11 +851,19 @@ type ConnectionStats struct {
 	// the queue of packets waiting for the connection's goroutine was full
 	// (Config.MaxUnprocessedPackets).
 	PacketsDropped uint64
+	// DatagramsDropped is the number of received DATAGRAM frames discarded
+	// because the queue of datagrams waiting for ReceiveDatagram (or for a
+	// datagram handler to be set) was full.
+	DatagramsDropped uint64
 }
 
 // ConnectionStats returns statistics about the connection.
 // It can be called concurrently with other connection operations.
 func (c *Conn) ConnectionStats() ConnectionStats {
+	var datagramsDropped uint64
+	if c.datagramQueue != nil {
+		datagramsDropped = c.datagramQueue.rcvDropped.Load()
+	}
 	return ConnectionStats{
 		MinRTT:        c.rttStats.MinRTT(),
 		LatestRTT:     c.rttStats.LatestRTT(),
@@ -871,6 +879,8 @@ func (c *Conn) ConnectionStats() ConnectionStats {
 		BytesLost:       c.connStats.BytesLost.Load(),
 		PacketsLost:     c.connStats.PacketsLost.Load(),
 		PacketsDropped:  c.connStats.PacketsDropped.Load(),
+
+		DatagramsDropped: datagramsDropped,
 	}
 }
 

@@ -79,6 +79,9 @@ type datagramQueue struct {
 	rcvMx    sync.Mutex
 	rcvQueue [][]byte
 	rcvd     chan struct{} // used to notify Receive that a new datagram was received
+	// rcvDropped counts received datagrams discarded because rcvQueue was
+	// full (no handler set, nobody calling Receive fast enough).
+	rcvDropped atomic.Uint64
 
 	// handler, once set, receives every datagram instead of rcvQueue.
 	handler atomic.Pointer[func([]byte)]
@@ -280,6 +283,7 @@ func (h *datagramQueue) HandleDatagramFrame(f *wire.DatagramFrame) {
 	h.rcvMx.Unlock()
 
 	if !queued {
+		h.rcvDropped.Add(1)
 		if h.logger.Debug() {
 			h.logger.Debugf("Discarding received DATAGRAM frame (%d bytes payload)", len(f.Data))
 		}
