@@ -89,8 +89,18 @@ func TestMetricsShowBytesMoving(t *testing.T) {
 			e.waitPath(t, mode, 15*time.Second)
 			ns := e.lab.NS
 			type scrapes struct{ gw, agent, client map[string]float64 }
+			// The agent first: the checks below hold the others to what
+			// the agent had sent, and each scrape (a curl in a namespace)
+			// can take a good part of a second on a loaded machine, so a
+			// later scrape sees at least what an earlier one did. (The
+			// gateway scraped first once showed 44 KB relayed against the
+			// agent's 1 MiB sent a moment later.)
 			all := func() scrapes {
-				return scrapes{scrape(t, ns.GW, metricsAddr), scrape(t, ns.Agent, agentMetricsAddr), scrape(t, ns.Client, clientMetricsAddr)}
+				var s scrapes
+				s.agent = scrape(t, ns.Agent, agentMetricsAddr)
+				s.client = scrape(t, ns.Client, clientMetricsAddr)
+				s.gw = scrape(t, ns.GW, metricsAddr)
+				return s
 			}
 			before := all()
 			for _, c := range []struct {
