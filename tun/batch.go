@@ -56,8 +56,12 @@ type BatchWriter struct {
 	running atomic.Bool  // Run is running: without it nothing is written directly either
 	unsent  atomic.Int64 // packets queued (or being queued) and not yet written
 	epoch   time.Time
-	last    atomic.Int64 // when the last packet came, ns since epoch
-	one     [1][]byte    // a direct write's batch; under wmu
+	// last is when the writer was last busy, ns since epoch: when Run
+	// last wrote a batch or a packet last found nothing queued. A packet
+	// queued behind others is written by a batch that ends after it came,
+	// so this is never before the last packet came.
+	last    atomic.Int64
+	one     [1][]byte // a direct write's batch; under wmu
 	directs atomic.Uint64
 }
 
@@ -140,9 +144,10 @@ func (w *BatchWriter) write(pkt []byte, wait time.Duration) {
 	}
 	b = b[:Offset+len(pkt)]
 	copy(b[Offset:], pkt)
-	now := int64(time.Since(w.epoch))
-	idle := now-w.last.Swap(now) >= int64(IdleGap)
-	if idle && w.running.Load() && w.unsent.Load() == 0 && w.wmu.TryLock() {
+	// The clock is read only when nothing waits to be written: under load
+	// packets are queued behind others, and a clock read per packet was
+	// 3 % of the client's CPU in a download.
+	if w.running.Load() && w.unsent.Load() == 0 && w.idleNow() && w.wmu.TryLock() {
 		// Checked again under wmu: Run counts a batch written only
 		// after writing it, so 0 means nothing is waiting that this
 		// packet would overtake.
@@ -225,8 +230,16 @@ func (w *BatchWriter) Run(ctx context.Context) error {
 			}
 			bufs = bufs[n:]
 		}
+		w.last.Store(int64(time.Since(w.epoch)))
 		w.wmu.Unlock()
 	}
+}
+
+// idleNow reports whether IdleGap has passed since the writer was last
+// busy, and marks it busy now.
+func (w *BatchWriter) idleNow() bool {
+	now := int64(time.Since(w.epoch))
+	return now-w.last.Swap(now) >= int64(IdleGap)
 }
 
 // promoteHeads moves the first segment of each run of TCP segments that
