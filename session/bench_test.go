@@ -45,8 +45,8 @@ func benchPair(b *testing.B) (client, agent *Session) {
 func BenchmarkSessionRoundTrip(b *testing.B) {
 	client, agent := benchPair(b)
 	back := make(chan struct{}, 1)
-	go agent.Run(func(pkt []byte) { agent.Send(pkt); ReleasePacket(pkt) })
-	go client.Run(func(pkt []byte) { ReleasePacket(pkt); back <- struct{}{} })
+	startSession(agent, func(pkt []byte) { agent.Send(pkt); ReleasePacket(pkt) })
+	startSession(client, func(pkt []byte) { ReleasePacket(pkt); back <- struct{}{} })
 	pkt := make([]byte, TunMTU)
 	b.SetBytes(int64(2 * len(pkt)))
 	b.ReportAllocs()
@@ -83,7 +83,7 @@ func BenchmarkSessionOneWay(b *testing.B) {
 			client, agent := benchPair(b)
 			var got atomic.Int64
 			wake := make(chan struct{}, 1)
-			go agent.Run(func(pkt []byte) {
+			startSession(agent, func(pkt []byte) {
 				ReleasePacket(pkt)
 				got.Add(1)
 				select {
@@ -91,7 +91,7 @@ func BenchmarkSessionOneWay(b *testing.B) {
 				default:
 				}
 			})
-			go client.Run(func([]byte) {})
+			startSession(client, func([]byte) {})
 			pkt := make([]byte, TunMTU)
 			stall := time.NewTimer(time.Hour)
 			b.SetBytes(int64(len(pkt)))
