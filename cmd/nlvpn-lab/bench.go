@@ -571,15 +571,21 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 			who = append(who, struct{ name, ns string }{"gateway", r.lab.NS.GW})
 		}
 		for _, who := range who {
-			profiled.Add(2)
-			go func() {
-				defer profiled.Done()
-				file := filepath.Join(r.profileDir, who.name+".pprof")
-				url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", pprofAddr, max(1, secs-1))
-				if _, stderr, err := lab.Run(r.ctx, who.ns, "curl", "-sS", "-f", "-o", file, url); err != nil {
-					fmt.Printf("(profile of %s failed: %v %s) ", who.name, err, stderr)
-				}
-			}()
+			// The CPU profile, and over the same seconds the allocations
+			// (a delta profile: what the garbage collector's share of the
+			// CPU profile is paying for).
+			for _, k := range []struct{ kind, suffix string }{{"profile", ".pprof"}, {"allocs", ".allocs.pprof"}} {
+				profiled.Add(1)
+				go func() {
+					defer profiled.Done()
+					file := filepath.Join(r.profileDir, who.name+k.suffix)
+					url := fmt.Sprintf("http://%s/debug/pprof/%s?seconds=%d", pprofAddr, k.kind, max(1, secs-1))
+					if _, stderr, err := lab.Run(r.ctx, who.ns, "curl", "-sS", "-f", "-o", file, url); err != nil {
+						fmt.Printf("(%s of %s failed: %v %s) ", k.kind, who.name, err, stderr)
+					}
+				}()
+			}
+			profiled.Add(1)
 			// An execution trace of one second in the middle shows what a
 			// CPU profile cannot: where each goroutine waits (go tool trace).
 			go func() {
