@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"time"
 
 	"github.com/quic-go/quic-go"
 
@@ -86,11 +87,12 @@ func (g *Gateway) serveFrames(ctx context.Context, tr *quic.Transport, frames *n
 				}
 				continue
 			}
+			now := time.Now().UnixNano() // once per batch: see HandleUDPAt
 			for i := range ms[:n] {
 				from := ms[i].Addr
 				// The hub's writer copies what it forwards: the buffers
 				// are free again after this loop.
-				ms[i].Datagrams(func(b []byte) { g.hub.HandleUDP(from, b) })
+				ms[i].Datagrams(func(b []byte) { g.hub.HandleUDPAt(from, b, now) })
 			}
 		}
 	}()
