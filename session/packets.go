@@ -11,9 +11,9 @@ func getPacket(n int) []byte {
 	return packetPool.Get().(*[TunMTU]byte)[:n]
 }
 
-// ReleasePacket gives a packet that Run handed to its recv back for reuse.
+// ReleasePacket gives a packet that Start's recv was handed back for reuse.
 // Call it once, when nothing refers to pkt any more; a slice that did not
-// come from Run is ignored.
+// come from a session is ignored.
 func ReleasePacket(pkt []byte) {
 	if cap(pkt) != TunMTU {
 		return

@@ -162,7 +162,7 @@ func (c *dirCounters) addAll(pkts [][]byte) {
 	c.bytes.Add(uint64(n))
 }
 
-// New wraps an established connection. Call Run to start the pump.
+// New wraps an established connection. Call Start to receive, then Wait.
 func New(id uint64, c *quic.Conn, log *slog.Logger) *Session {
 	s := &Session{ID: id, Conn: c, log: log, done: make(chan struct{})}
 	s.mtu.Store(TunMTU)
@@ -182,7 +182,7 @@ var ErrTooLarge = errors.New("packet larger than the tunnel MTU")
 // Send queues one IP packet for the peer. It copies pkt (into a buffer the
 // connection reuses: nothing is allocated) and never blocks: with
 // SendQueueLen packets already waiting, pkt is dropped and counted. It may
-// be called before Run and from several goroutines.
+// be called before Start and from several goroutines.
 func (s *Session) Send(pkt []byte) error {
 	if len(pkt) > int(s.mtu.Load()) {
 		s.dropLarge.Add(1)
@@ -323,14 +323,6 @@ func (s *Session) Wait() error {
 	ctx := s.Conn.Context()
 	<-ctx.Done()
 	return context.Cause(ctx)
-}
-
-// Run is Start then Wait, for a caller whose peer sends nothing before
-// Run has started (or that can afford to lose what overflows the early
-// queue).
-func (s *Session) Run(recv func(pkt []byte)) error {
-	s.Start(recv)
-	return s.Wait()
 }
 
 // Stats returns the session's counters.
