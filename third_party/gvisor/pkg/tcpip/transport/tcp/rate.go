@@ -46,7 +46,7 @@ const (
 	rateFullRounds = 3
 
 	// rateMaxExtra caps the ACK-aggregation allowance at this much time of
-	// data at the measured rate.
+	// data at the measured rate; so does the minimum RTT (see targetCwnd).
 	rateMaxExtra = 100 * time.Millisecond
 
 	// rateMinCwnd is the smallest window, in packets.
@@ -58,9 +58,10 @@ const (
 // minimum RTT, the model of BBR) instead of halving it at every loss, so
 // that a path with random, non-congestive loss is not run at a fraction of
 // its rate. The window is bounded by twice the bandwidth-delay product plus
-// the measured ACK aggregation, so a standing queue it builds stays near one
-// BDP. gVisor has no pacing, so unlike BBR this only shapes the window;
-// startup grows it as slow start does until the rate stops growing.
+// the measured ACK aggregation (at most one more BDP), so a standing queue
+// it builds stays within one or two BDP. gVisor has no pacing, so unlike
+// BBR this only shapes the window; startup grows it as slow start does
+// until the rate stops growing.
 //
 // It needs every ACK, in recovery too (ackObserver), because a path with
 // random loss is in recovery most of the time, where Update is not called.
@@ -187,13 +188,18 @@ func (r *rateState) OnAck(rtt time.Duration, now tcpip.MonotonicTime) {
 	rate := r.maxRate()
 
 	// ACK aggregation: what arrived beyond what the rate explains since
-	// the epoch began; an epoch ends when the rate catches up.
+	// the epoch began; an epoch ends when the rate catches up. The
+	// allowance is at most one minimum RTT of data, one more BDP: ACKs
+	// that come in bursts also inflate the rate samples, and an allowance
+	// of up to rateMaxExtra at that rate let a few flows through one
+	// tunnel hold more in flight than the queues before their receiver,
+	// which then dropped the excess.
 	expected := uint64(rate * now.Sub(r.aggStart).Seconds())
 	if got := r.delivered - r.aggDelivered; got <= expected {
 		r.aggStart = now
 		r.aggDelivered = r.delivered
 	} else {
-		extra := min(got-expected, uint64(rate*rateMaxExtra.Seconds()))
+		extra := min(got-expected, uint64(rate*min(rateMaxExtra, r.minRTT).Seconds()))
 		r.extra[r.next] = max(r.extra[r.next], extra)
 	}
 

@@ -168,3 +168,41 @@ func TestRateSlowerPathShrinksWindow(t *testing.T) {
 		t.Errorf("window %d after the rate fell to a quarter, was %d", got, fast)
 	}
 }
+
+// TestRateACKBurstAllowanceIsOneBDP: ACKs held back and then released in
+// a burst (here 20 ms of data acknowledged within 0.5 ms on a 1 ms path,
+// as a receiver or tunnel that works in batches does) add at most one
+// more BDP at the measured rate to the window, so that flows sharing a
+// receiver do not hold more in flight than the queues in front of it.
+func TestRateACKBurstAllowanceIsOneBDP(t *testing.T) {
+	const (
+		rate  = 125e6 // bytes/s: 1 Gbit/s
+		rtt   = time.Millisecond
+		held  = 20 * time.Millisecond
+		burst = 500 * time.Microsecond
+	)
+	p := newRateTestPath()
+	p.s.cc = p.cc
+	p.run(rate, rtt, 0, time.Second)
+	ack := func(after time.Duration, bytes int) {
+		p.now = p.now.Add(after)
+		p.una = p.una.Add(seqnum.Size(bytes))
+		p.s.SndUna = p.una
+		p.cc.OnAck(rtt, p.now)
+	}
+	// One packet a minimum RTT later closes the rate sample under way, so
+	// that the burst falls within the next one.
+	ack(rtt, p.mss)
+	const acks = 50
+	for range acks {
+		ack(burst/acks, int(rate*held.Seconds())/acks)
+	}
+	bdp := p.cc.maxRate() * p.cc.minRTT.Seconds() // bytes, at the measured rate
+	if got := p.cc.maxExtra(); float64(got) > bdp {
+		t.Errorf("ACK-aggregation allowance %d bytes after the burst, want at most one BDP at the measured rate (%.0f)", got, bdp)
+	}
+	if got, most := p.s.SndCwnd, int(3*bdp)/p.mss+1; got > most {
+		t.Errorf("window %d packets after the burst, want at most %d (3 BDP at the measured rate)", got, most)
+	}
+	t.Logf("window %d packets, allowance %d bytes, BDP %.0f bytes at the measured rate %.0f B/s", p.s.SndCwnd, p.cc.maxExtra(), bdp, p.cc.maxRate())
+}
