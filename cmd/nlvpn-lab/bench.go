@@ -134,7 +134,7 @@ func loadAvg() string {
 	return "?"
 }
 
-// dropReport holds what was lost during one path's single-stream upload.
+// dropReport holds what was lost during one run without loss on one path.
 type dropReport struct {
 	retrans cell
 	status  map[string]statusDelta // role -> nlvpn status counters
@@ -496,12 +496,19 @@ func (r *runner) withLoss(f func()) error {
 
 // iperfMeasure runs iperf3 along p and returns Mbit/s. For the single
 // stream runs it also charges each role's CPU time to the bytes moved (with
-// and without loss), and without loss it records the drop counters.
+// and without loss); without loss (one stream or more) it records the drop
+// counters.
 func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss bool) (float64, error) {
-	detail := streams == 1 && !loss
+	detail := !loss
 	dir := "up"
 	if reverse {
 		dir = "down"
+	}
+	if streams != 1 {
+		// The drop counters of the four-stream runs get columns of
+		// their own: several flows through one tunnel fill its queues
+		// as one does not.
+		dir += fmt.Sprintf(" x%d", streams)
 	}
 	cpuKey := p.name + " " + dir
 	if loss {
@@ -565,7 +572,7 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 		args = append(args, "-R")
 	}
 	var profiled sync.WaitGroup
-	if r.profileDir != "" && p.name == r.profilePath && streams == 1 && reverse == r.profileDown && loss == r.profileLoss {
+	if r.profileDir != "" && p.name == r.profilePath && streams == r.profileStreams && reverse == r.profileDown && loss == r.profileLoss {
 		who := []struct{ name, ns string }{{"client", r.lab.NS.Client}, {"agent", r.lab.NS.Agent}}
 		if p.name == "relay" {
 			who = append(who, struct{ name, ns string }{"gateway", r.lab.NS.GW})

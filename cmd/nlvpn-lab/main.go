@@ -57,7 +57,7 @@ func main() {
 	trials := fs.Int("trials", 10, "bench: startup trials (time to first packet and to the direct path); 0 skips them")
 	verbose := fs.Bool("v", false, "print every command that builds the lab")
 	profile := fs.String("profile", "", "bench: write CPU profiles (NAME.pprof) of client, agent and gateway, taken during one single-stream run (--profile-run), the allocations over the same seconds (NAME.allocs.pprof), and a one-second execution trace from its middle (NAME.trace, go tool trace), into this directory (created if missing)")
-	profileRun := fs.String("profile-run", "direct-up", "bench: the single-stream run --profile watches: PATH-up or PATH-down, PATH direct or relay; add -loss for the 2% loss row (direct-down-loss)")
+	profileRun := fs.String("profile-run", "direct-up", "bench: the run --profile watches: PATH-up or PATH-down, PATH direct or relay; add -4 for the four-stream row (direct-down-4) or -loss for the 2% loss row (direct-down-loss)")
 	only := fs.String("paths", "", "bench: comma-separated paths to measure: raw (always), wg, relay, direct, tcp (the TCP fallback, UDP dropped at the client NAT), socks (default: all)")
 	rows := fs.String("rows", "", "bench: comma-separated words; measure only the rows whose name contains one (e.g. loss, ping, streams); default: all")
 	tcpCC := fs.String("tcp-cc", "", "bench: set the kernel TCP congestion control (e.g. cubic, bbr, reno) in the namespaces before measuring; default: the host's, which new namespaces inherit")
@@ -137,9 +137,14 @@ func main() {
 		fatal(err)
 	}
 	pRun, pLoss := strings.CutSuffix(*profileRun, "-loss")
+	pRun, p4 := strings.CutSuffix(pRun, "-4")
 	pPath, pDir, ok := strings.Cut(pRun, "-")
-	if !ok || (pPath != "direct" && pPath != "relay") || (pDir != "up" && pDir != "down") {
-		fatal(fmt.Errorf("--profile-run %q: want direct-up, direct-down, relay-up or relay-down, each optionally with -loss", *profileRun))
+	if !ok || (pPath != "direct" && pPath != "relay") || (pDir != "up" && pDir != "down") || (p4 && pLoss) {
+		fatal(fmt.Errorf("--profile-run %q: want direct-up, direct-down, relay-up or relay-down, each optionally with -4 or -loss", *profileRun))
+	}
+	pStreams := 1
+	if p4 {
+		pStreams = 4
 	}
 	if *repeat < 1 || *repeat > 20 {
 		fatal(fmt.Errorf("--repeat %d: want 1 to 20", *repeat))
@@ -149,7 +154,7 @@ func main() {
 			fatal(fmt.Errorf("--profile: %w", err))
 		}
 	}
-	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile, profilePath: pPath, profileDown: pDir == "down", profileLoss: pLoss, wgGo: wgPath}
+	r := &runner{ctx: ctx, lab: l, nlvpn: nlvpn, dir: dir, profileDir: *profile, profilePath: pPath, profileDown: pDir == "down", profileLoss: pLoss, profileStreams: pStreams, wgGo: wgPath}
 	if *only != "" {
 		r.only = strings.Split(*only, ",")
 	}

@@ -182,7 +182,7 @@ func (res *benchResults) printCPU() {
 func (res *benchResults) printDrops() {
 	var cols []string
 	for _, p := range res.paths {
-		for _, dir := range []string{"up", "down"} {
+		for _, dir := range []string{"up", "down", "up x4", "down x4"} {
 			if _, ok := res.drops[p.name+" "+dir]; ok && p.name != "raw" {
 				cols = append(cols, p.name+" "+dir)
 			}
@@ -191,7 +191,7 @@ func (res *benchResults) printDrops() {
 	if len(cols) == 0 {
 		return
 	}
-	say("Drop counters across the single-stream runs, up and down (after - before): the TCP sender's\n" +
+	say("Drop counters across the runs without loss, up and down, one stream and four (x4) (after - before): the TCP sender's\n" +
 		"    retransmits (on downloads the LAN host is the sender), every number in\n" +
 		"    `nlvpn status --json` whose name has \"drop\" or \"lost\" (client; agent: its own state dir, n/a\n" +
 		"    while the agent has no status socket), the agent netstack's TCP timeouts and retransmits (tcp.*: on a\n" +

@@ -37,9 +37,10 @@ type runner struct {
 	agentArgs              []string // the agent's command line (startAgent)
 	clientN                int
 
-	profileDir  string // bench: where CPU profiles go ("" = none)
-	profileLoss bool   // bench: profile the 2% loss run instead
-	// profilePath and profileDown pick the single-stream run profiled.
+	profileDir     string // bench: where CPU profiles go ("" = none)
+	profileLoss    bool   // bench: profile the 2% loss run instead
+	profileStreams int    // bench: the streams of the run to profile (1 or 4)
+	// profilePath and profileDown pick the run profiled.
 	profilePath string
 	profileDown bool
 	only        []string // bench: the paths to measure (nil = all)
