@@ -622,6 +622,7 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 		}
 		time.Sleep(2 * time.Second)
 	}
+	r.iperfDrained(p.ns)
 	profiled.Wait()
 	run, perr := parseIperf(out)
 	if perr != nil {
@@ -632,6 +633,25 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 		return iperfRun{}, perr
 	}
 	return run, err
+}
+
+// iperfDrained waits (up to 10 s) until no TCP connection of ns to the
+// iperf3 port is still open. iperf3 -c exits once it has the results, while
+// its last message to the server (and its FIN) may still be in flight; under
+// loss that can take a few resends. If the tunnel is torn down for the next
+// path before they arrive, the server waits for them and answers every
+// later test with "the server is busy" (a whole path of errors, seen once).
+func (r *runner) iperfDrained(ns string) {
+	deadline := time.Now().Add(10 * time.Second)
+	for r.ctx.Err() == nil && time.Now().Before(deadline) {
+		out, err := lab.Output(r.ctx, ns, "ss", "-Htn", "state", "established", "state", "fin-wait-1",
+			"state", "fin-wait-2", "state", "closing", "state", "last-ack", "state", "close-wait",
+			fmt.Sprintf("dport = :%d", iperfPort))
+		if err != nil || strings.TrimSpace(out) == "" {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // dropSnap is one reading of the drop counters: nlvpn status per role, and
