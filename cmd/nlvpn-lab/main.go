@@ -56,7 +56,7 @@ func main() {
 	repeat := fs.Int("repeat", 1, "bench: measure each row of the main table this many times on each path and show the median (every value is printed too); CPU seconds per GB and drop counters are from the last time, a loss row's TCP counters add up all of them")
 	trials := fs.Int("trials", 10, "bench: startup trials (time to first packet and to the direct path); 0 skips them")
 	verbose := fs.Bool("v", false, "print every command that builds the lab")
-	profile := fs.String("profile", "", "bench: write CPU profiles (NAME.pprof) of client, agent and gateway, taken during one single-stream run (--profile-run), the allocations over the same seconds (NAME.allocs.pprof), and a one-second execution trace from its middle (NAME.trace, go tool trace), into this directory (created if missing)")
+	profile := fs.String("profile", "", "bench: write CPU profiles (NAME.pprof) of client, agent and gateway, taken during one run (--profile-run), the allocations over the same seconds (NAME.allocs.pprof), and a one-second execution trace from its middle (NAME.trace, go tool trace), into this directory (created if missing)")
 	profileRun := fs.String("profile-run", "direct-up", "bench: the run --profile watches: PATH-up or PATH-down, PATH direct or relay; add -4 for the four-stream row (direct-down-4) or -loss for the 2% loss row (direct-down-loss)")
 	only := fs.String("paths", "", "bench: comma-separated paths to measure: raw (always), wg, relay, direct, tcp (the TCP fallback, UDP dropped at the client NAT), socks (default: all)")
 	rows := fs.String("rows", "", "bench: comma-separated words; measure only the rows whose name contains one (e.g. loss, ping, streams); default: all")
