@@ -644,8 +644,9 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 func (r *runner) iperfDrained(ns string) {
 	deadline := time.Now().Add(10 * time.Second)
 	for r.ctx.Err() == nil && time.Now().Before(deadline) {
-		out, err := lab.Output(r.ctx, ns, "ss", "-Htn", "state", "established", "state", "fin-wait-1",
-			"state", "fin-wait-2", "state", "closing", "state", "last-ack", "state", "close-wait",
+		// Every state but listening, closed and TIME-WAIT (whose FIN
+		// exchange is done).
+		out, err := lab.Output(r.ctx, ns, "ss", "-Htn", "state", "connected", "exclude", "time-wait",
 			fmt.Sprintf("dport = :%d", iperfPort))
 		if err != nil || strings.TrimSpace(out) == "" {
 			return
