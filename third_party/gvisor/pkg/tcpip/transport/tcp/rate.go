@@ -46,7 +46,7 @@ const (
 	rateFullRounds = 3
 
 	// rateMaxExtra caps the ACK-aggregation allowance at this much time of
-	// data at the measured rate; so does the minimum RTT (see targetCwnd).
+	// data at the measured rate; so does the minimum RTT (see OnAck).
 	rateMaxExtra = 100 * time.Millisecond
 
 	// rateMinCwnd is the smallest window, in packets.
