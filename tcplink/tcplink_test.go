@@ -15,6 +15,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -138,7 +139,9 @@ func TestMuxClosesStreamOnBadFrame(t *testing.T) {
 		bad.Write(hdr[:])
 		bad.Write(make([]byte, 100))
 		bad.SetReadDeadline(time.Now().Add(2 * time.Second))
-		if _, err := bad.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+		// The mux closes with the rest of the bad frame unread, so the
+		// kernel may answer with a reset instead of a FIN: both mean closed.
+		if _, err := bad.Read(make([]byte, 1)); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
 			t.Fatalf("length %d: the stream was not closed: %v", n, err)
 		}
 		if s := m.Stats(); s.BadFrames != 1 || s.PacketsIn != 0 {
