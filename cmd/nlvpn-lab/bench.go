@@ -54,6 +54,15 @@ type role struct {
 
 var roleNames = []string{"client", "agent", "gateway"}
 
+// The CPU table's columns after the roles: the whole machine's busy time
+// per GB (every process, the kernel, and whatever else ran), and its
+// softirq part. The raw path's figure is the cost of the two iperf3 ends
+// and the links alone, which every tunnel pays too.
+const (
+	machineColumn = "machine"
+	softirqColumn = "softirq"
+)
+
 // errNA marks a figure that does not apply (e.g. an agent without a
 // status socket); it prints as "n/a" and is not a failure.
 var errNA = errors.New("not applicable")
@@ -515,7 +524,7 @@ func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss boo
 		cpuKey += cpuLossSuffix
 	}
 	var roles []role
-	if streams == 1 && p.roles != nil {
+	if p.roles != nil {
 		roles = p.roles()
 	}
 	// Drop counters for the tunnels (raw has no roles and no tunnel), each
@@ -530,24 +539,28 @@ func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss boo
 	for i, ro := range roles {
 		cpu0[i], cpuErr[i] = procCPU(ro.p.PID())
 	}
+	mach0, machErr := machineCPU()
 	run, err := r.iperf(p, secs, streams, reverse, loss)
-	if len(roles) > 0 {
-		m := map[string]cell{}
-		for i, ro := range roles {
-			cpu1, err1 := procCPU(ro.p.PID())
-			switch {
-			case err != nil:
-				m[ro.name] = measured(0, err)
-			case cpuErr[i] != nil || err1 != nil:
-				m[ro.name] = measured(0, errors.Join(cpuErr[i], err1))
-			case run.Bytes == 0:
-				m[ro.name] = measured(0, errors.New("no bytes moved"))
-			default:
-				m[ro.name] = measured((cpu1-cpu0[i]).Seconds()/(float64(run.Bytes)/1e9), nil)
-			}
+	perGB := func(d time.Duration, errs ...error) cell {
+		switch {
+		case err != nil:
+			return measured(0, err)
+		case errors.Join(errs...) != nil:
+			return measured(0, errors.Join(errs...))
+		case run.Bytes == 0:
+			return measured(0, errors.New("no bytes moved"))
 		}
-		r.res.cpu[cpuKey] = m
+		return measured(d.Seconds()/(float64(run.Bytes)/1e9), nil)
 	}
+	cpu := map[string]cell{}
+	for i, ro := range roles {
+		cpu1, err1 := procCPU(ro.p.PID())
+		cpu[ro.name] = perGB(cpu1-cpu0[i], cpuErr[i], err1)
+	}
+	mach1, machErr1 := machineCPU()
+	cpu[machineColumn] = perGB(mach1.busy-mach0.busy, machErr, machErr1)
+	cpu[softirqColumn] = perGB(mach1.softirq-mach0.softirq, machErr, machErr1)
+	r.res.cpu[cpuKey] = cpu
 	if drops {
 		after := r.dropSnapshot(p)
 		rep := before.delta(after)

@@ -105,6 +105,45 @@ func procCPU(pid int) (time.Duration, error) {
 	return parseProcStatCPU(data)
 }
 
+// machineTimes is the whole machine's CPU time, all CPUs together, from
+// the "cpu" line of /proc/stat (which network namespaces do not split).
+type machineTimes struct {
+	busy    time.Duration // user, nice, system, irq and softirq
+	softirq time.Duration // of which in softirq: veth, forwarding, the NATs, TUN and socket receive
+}
+
+// parseMachineCPU reads the first line of /proc/stat: "cpu user nice system
+// idle iowait irq softirq steal guest guest_nice" in USER_HZ ticks. Idle,
+// iowait and steal (time the hypervisor gave to another machine) are not
+// work done here; guest time is already in user.
+func parseMachineCPU(data []byte) (machineTimes, error) {
+	line, _, _ := bytes.Cut(data, []byte{'\n'})
+	f := strings.Fields(string(line))
+	if len(f) < 8 || f[0] != "cpu" {
+		return machineTimes{}, fmt.Errorf("/proc/stat: first line %q is not the \"cpu\" total", line)
+	}
+	var t [7]uint64
+	for i := range t {
+		n, err := strconv.ParseUint(f[i+1], 10, 64)
+		if err != nil || n > uint64(1<<62)/uint64(time.Second) {
+			return machineTimes{}, fmt.Errorf("/proc/stat: CPU time %q is not a tick count in range", f[i+1])
+		}
+		t[i] = n
+	}
+	user, nice, system, irq, softirq := t[0], t[1], t[2], t[5], t[6]
+	ticks := func(n uint64) time.Duration { return time.Duration(n) * time.Second / userHZ }
+	return machineTimes{busy: ticks(user + nice + system + irq + softirq), softirq: ticks(softirq)}, nil
+}
+
+// machineCPU returns the machine's CPU time used so far.
+func machineCPU() (machineTimes, error) {
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return machineTimes{}, err
+	}
+	return parseMachineCPU(data)
+}
+
 // parseProcStatusKB returns a "Key:   N kB" field of /proc/PID/status, in kB.
 func parseProcStatusKB(data []byte, key string) (int64, error) {
 	for line := range strings.Lines(string(data)) {

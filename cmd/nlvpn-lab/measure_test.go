@@ -81,6 +81,64 @@ func TestParseProcStatCPU(t *testing.T) {
 	}
 }
 
+// TestParseMachineCPU: the machine's busy time is user, nice, system, irq
+// and softirq; idle, iowait and steal are not counted.
+func TestParseMachineCPU(t *testing.T) {
+	tests := []struct {
+		name    string
+		in      string
+		want    machineTimes
+		wantErr bool
+	}{
+		// user 300, nice 10, system 200, idle 5000, iowait 40, irq 5, softirq 85, steal 70
+		{"full line", "cpu  300 10 200 5000 40 5 85 70 0 0\ncpu0 150 5 100 2500 20 2 40 35 0 0\n",
+			machineTimes{busy: 6 * time.Second, softirq: 850 * time.Millisecond}, false},
+		{"old kernel, no steal column", "cpu 100 0 100 900 0 0 0\n", machineTimes{busy: 2 * time.Second}, false},
+		{"per-CPU line first", "cpu0 1 2 3 4 5 6 7 8\n", machineTimes{}, true},
+		{"too short", "cpu 1 2 3\n", machineTimes{}, true},
+		{"not a number", "cpu 1 2 x 4 5 6 7 8\n", machineTimes{}, true},
+		{"absurd", "cpu 18446744073709551615 0 0 0 0 0 0 0\n", machineTimes{}, true},
+		{"empty", "", machineTimes{}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseMachineCPU([]byte(tt.in))
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("err = %v, wantErr %v", err, tt.wantErr)
+			}
+			if got != tt.want {
+				t.Errorf("got %+v, want %+v", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestMachineCPUMoves: the reader sees this machine's counters move while
+// this test spins (bounded in time).
+func TestMachineCPUMoves(t *testing.T) {
+	before, err := machineCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for x := 0; time.Now().Before(deadline); x++ {
+		if x%1_000_000 != 0 {
+			continue
+		}
+		after, err := machineCPU()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if after.busy-before.busy >= 50*time.Millisecond {
+			if after.softirq < before.softirq {
+				t.Fatalf("softirq went back: %v -> %v", before.softirq, after.softirq)
+			}
+			return
+		}
+	}
+	t.Fatal("the machine's busy time did not move in 10 s of spinning")
+}
+
 func TestProcCPUSelf(t *testing.T) {
 	// Spin until our own counter moves (bounded in time): the reader sees
 	// a real /proc/PID/stat change, not a constant.

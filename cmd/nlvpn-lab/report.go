@@ -137,20 +137,23 @@ func (res *benchResults) print() {
 	}
 }
 
+// cpuColumns are the CPU table's columns.
+var cpuColumns = append(slices.Clone(roleNames), machineColumn, softirqColumn)
+
 // cpuLossSuffix marks the CPU figures of a run with 2 % loss.
 const cpuLossSuffix = ", 2% loss"
 
 func (res *benchResults) printCPU() {
 	var table [][]string
 	for _, p := range res.paths {
-		for _, dir := range []string{"up", "down", "up" + cpuLossSuffix, "down" + cpuLossSuffix} {
+		for _, dir := range []string{"up", "down", "up x4", "down x4", "up" + cpuLossSuffix, "down" + cpuLossSuffix} {
 			m, ok := res.cpu[p.name+" "+dir]
 			if !ok {
 				continue
 			}
 			line := []string{p.name + " " + dir}
-			for _, ro := range roleNames {
-				line = append(line, m[ro].format(2))
+			for _, col := range cpuColumns {
+				line = append(line, m[col].format(2))
 			}
 			table = append(table, line)
 		}
@@ -158,10 +161,13 @@ func (res *benchResults) printCPU() {
 	if len(table) == 0 {
 		return
 	}
-	say("CPU seconds per GB, single-stream runs, without and with 2%% loss: utime+stime of each process (/proc/PID/stat)\n" +
-		"    across the iperf3 run, divided by the bytes iperf3 received (GB = 10^9 bytes). Kernel work done in\n" +
-		"    softirq context (veth, forwarding, the NATs) is charged to no one here. wg: the wireguard-go ends.")
-	printTable(append([][]string{append([]string{"run"}, roleNames...)}, table...))
+	say("CPU seconds per GB, without and with 2%% loss (x4: four streams): utime+stime of each process (/proc/PID/stat)\n" +
+		"    across the iperf3 run, divided by the bytes iperf3 received (GB = 10^9 bytes); wg: the wireguard-go\n" +
+		"    ends. machine: the busy time of all CPUs together (/proc/stat: user, nice, system, irq, softirq)\n" +
+		"    over the same run, which counts what the roles do not: both iperf3 ends, the kernel's TCP, TUN,\n" +
+		"    veth, forwarding and NAT work, and anything else the machine ran; softirq: its softirq part. On a\n" +
+		"    CPU-bound machine a path's rate is about the CPUs' seconds divided by its machine column.")
+	printTable(append([][]string{append([]string{"run"}, cpuColumns...)}, table...))
 	var rss [][]string
 	for _, p := range res.paths {
 		if m, ok := res.rss[p.name]; ok {
