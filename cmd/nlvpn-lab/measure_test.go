@@ -38,16 +38,23 @@ func TestParseIperf(t *testing.T) {
 		{"empty", ``, iperfRun{}, true},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := parseIperf([]byte(tt.in))
-			if (err != nil) != tt.wantErr {
-				t.Fatalf("err = %v, wantErr %v", err, tt.wantErr)
-			}
-			if got != tt.want {
-				t.Errorf("got %+v, want %+v", got, tt.want)
-			}
-		})
+		checkParse(t, tt.name, parseIperf, tt.in, tt.want, tt.wantErr)
 	}
+}
+
+// checkParse runs one case of a parser's table: an error exactly when one
+// is wanted, and otherwise the wanted value.
+func checkParse[T comparable](t *testing.T, name string, parse func([]byte) (T, error), in string, want T, wantErr bool) {
+	t.Helper()
+	t.Run(name, func(t *testing.T) {
+		got, err := parse([]byte(in))
+		if (err != nil) != wantErr {
+			t.Fatalf("err = %v, wantErr %v", err, wantErr)
+		}
+		if got != want {
+			t.Errorf("got %+v, want %+v", got, want)
+		}
+	})
 }
 
 func TestParseProcStatCPU(t *testing.T) {
@@ -69,15 +76,7 @@ func TestParseProcStatCPU(t *testing.T) {
 		{"absurd", "4242 (nlvpn) S 1 4242 4242 0 -1 4194560 1000 0 0 0 18446744073709551615 0", 0, true},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := parseProcStatCPU([]byte(tt.in))
-			if (err != nil) != tt.wantErr {
-				t.Fatalf("err = %v, wantErr %v", err, tt.wantErr)
-			}
-			if got != tt.want {
-				t.Errorf("got %v, want %v", got, tt.want)
-			}
-		})
+		checkParse(t, tt.name, parseProcStatCPU, tt.in, tt.want, tt.wantErr)
 	}
 }
 
@@ -101,65 +100,57 @@ func TestParseMachineCPU(t *testing.T) {
 		{"empty", "", machineTimes{}, true},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := parseMachineCPU([]byte(tt.in))
-			if (err != nil) != tt.wantErr {
-				t.Fatalf("err = %v, wantErr %v", err, tt.wantErr)
-			}
-			if got != tt.want {
-				t.Errorf("got %+v, want %+v", got, tt.want)
-			}
-		})
+		checkParse(t, tt.name, parseMachineCPU, tt.in, tt.want, tt.wantErr)
 	}
 }
 
 // TestMachineCPUMoves: the reader sees this machine's counters move while
-// this test spins (bounded in time).
+// this test spins.
 func TestMachineCPUMoves(t *testing.T) {
 	before, err := machineCPU()
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for x := 0; time.Now().Before(deadline); x++ {
-		if x%1_000_000 != 0 {
-			continue
-		}
+	spinUntil(t, "the machine's busy time", func() (time.Duration, error) {
 		after, err := machineCPU()
-		if err != nil {
-			t.Fatal(err)
+		if err == nil && after.softirq < before.softirq {
+			t.Fatalf("softirq went back: %v -> %v", before.softirq, after.softirq)
 		}
-		if after.busy-before.busy >= 50*time.Millisecond {
-			if after.softirq < before.softirq {
-				t.Fatalf("softirq went back: %v -> %v", before.softirq, after.softirq)
-			}
-			return
-		}
-	}
-	t.Fatal("the machine's busy time did not move in 10 s of spinning")
+		return after.busy - before.busy, err
+	})
 }
 
+// TestProcCPUSelf: the reader sees a real /proc/PID/stat change, not a
+// constant, while this test spins.
 func TestProcCPUSelf(t *testing.T) {
-	// Spin until our own counter moves (bounded in time): the reader sees
-	// a real /proc/PID/stat change, not a constant.
 	before, err := procCPU(os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
+	spinUntil(t, "our CPU time", func() (time.Duration, error) {
+		after, err := procCPU(os.Getpid())
+		return after - before, err
+	})
+}
+
+// spinUntil keeps a CPU busy until grown reports 50 ms more CPU time,
+// failing the test after 10 s.
+func spinUntil(t *testing.T, what string, grown func() (time.Duration, error)) {
+	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for x := 0; time.Now().Before(deadline); x++ {
 		if x%1_000_000 != 0 {
 			continue
 		}
-		after, err := procCPU(os.Getpid())
+		d, err := grown()
 		if err != nil {
 			t.Fatal(err)
 		}
-		if after-before >= 50*time.Millisecond {
+		if d >= 50*time.Millisecond {
 			return
 		}
 	}
-	t.Error("our CPU time did not grow by 50 ms in 10 s of spinning")
+	t.Fatalf("%s did not grow by 50 ms in 10 s of spinning", what)
 }
 
 func TestParseProcStatusKB(t *testing.T) {
