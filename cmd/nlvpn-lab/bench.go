@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -61,6 +62,8 @@ var roleNames = []string{"client", "agent", "gateway"}
 const (
 	machineColumn = "machine"
 	softirqColumn = "softirq"
+	busyColumn    = "busy %"
+	stealColumn   = "steal %"
 )
 
 // errNA marks a figure that does not apply (e.g. an agent without a
@@ -540,7 +543,9 @@ func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss boo
 		cpu0[i], cpuErr[i] = procCPU(ro.p.PID())
 	}
 	mach0, machErr := machineCPU()
+	start := time.Now()
 	run, err := r.iperf(p, secs, streams, reverse, loss)
+	wall := time.Since(start)
 	perGB := func(d time.Duration, errs ...error) cell {
 		switch {
 		case err != nil:
@@ -560,6 +565,16 @@ func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss boo
 	mach1, machErr1 := machineCPU()
 	cpu[machineColumn] = perGB(mach1.busy-mach0.busy, machErr, machErr1)
 	cpu[softirqColumn] = perGB(mach1.softirq-mach0.softirq, machErr, machErr1)
+	// How busy the CPUs were: near 100 % the rate is what the CPU allows;
+	// well below, something waited (a window, a queue, a timer).
+	share := func(d time.Duration) cell {
+		if e := errors.Join(err, machErr, machErr1); e != nil {
+			return measured(0, e)
+		}
+		return measured(100*d.Seconds()/(wall.Seconds()*float64(runtime.NumCPU())), nil)
+	}
+	cpu[busyColumn] = share(mach1.busy - mach0.busy)
+	cpu[stealColumn] = share(mach1.steal - mach0.steal)
 	r.res.cpu[cpuKey] = cpu
 	if drops {
 		after := r.dropSnapshot(p)

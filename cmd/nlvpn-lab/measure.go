@@ -110,6 +110,7 @@ func procCPU(pid int) (time.Duration, error) {
 type machineTimes struct {
 	busy    time.Duration // user, nice, system, irq and softirq
 	softirq time.Duration // of which in softirq: veth, forwarding, the NATs, TUN and socket receive
+	steal   time.Duration // the hypervisor gave the CPUs to another machine
 }
 
 // parseMachineCPU reads the first line of /proc/stat: "cpu user nice system
@@ -122,17 +123,17 @@ func parseMachineCPU(data []byte) (machineTimes, error) {
 	if len(f) < 8 || f[0] != "cpu" {
 		return machineTimes{}, fmt.Errorf("/proc/stat: first line %q is not the \"cpu\" total", line)
 	}
-	var t [7]uint64
-	for i := range t {
+	var t [8]uint64 // steal, the 8th, is missing on old kernels
+	for i := range min(len(t), len(f)-1) {
 		n, err := strconv.ParseUint(f[i+1], 10, 64)
 		if err != nil || n > uint64(1<<62)/uint64(time.Second) {
 			return machineTimes{}, fmt.Errorf("/proc/stat: CPU time %q is not a tick count in range", f[i+1])
 		}
 		t[i] = n
 	}
-	user, nice, system, irq, softirq := t[0], t[1], t[2], t[5], t[6]
+	user, nice, system, irq, softirq, steal := t[0], t[1], t[2], t[5], t[6], t[7]
 	ticks := func(n uint64) time.Duration { return time.Duration(n) * time.Second / userHZ }
-	return machineTimes{busy: ticks(user + nice + system + irq + softirq), softirq: ticks(softirq)}, nil
+	return machineTimes{busy: ticks(user + nice + system + irq + softirq), softirq: ticks(softirq), steal: ticks(steal)}, nil
 }
 
 // machineCPU returns the machine's CPU time used so far.

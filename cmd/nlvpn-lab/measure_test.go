@@ -91,7 +91,7 @@ func TestParseMachineCPU(t *testing.T) {
 	}{
 		// user 300, nice 10, system 200, idle 5000, iowait 40, irq 5, softirq 85, steal 70
 		{"full line", "cpu  300 10 200 5000 40 5 85 70 0 0\ncpu0 150 5 100 2500 20 2 40 35 0 0\n",
-			machineTimes{busy: 6 * time.Second, softirq: 850 * time.Millisecond}, false},
+			machineTimes{busy: 6 * time.Second, softirq: 850 * time.Millisecond, steal: 700 * time.Millisecond}, false},
 		{"old kernel, no steal column", "cpu 100 0 100 900 0 0 0\n", machineTimes{busy: 2 * time.Second}, false},
 		{"per-CPU line first", "cpu0 1 2 3 4 5 6 7 8\n", machineTimes{}, true},
 		{"too short", "cpu 1 2 3\n", machineTimes{}, true},

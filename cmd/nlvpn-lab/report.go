@@ -138,7 +138,7 @@ func (res *benchResults) print() {
 }
 
 // cpuColumns are the CPU table's columns.
-var cpuColumns = append(slices.Clone(roleNames), machineColumn, softirqColumn)
+var cpuColumns = append(slices.Clone(roleNames), machineColumn, softirqColumn, busyColumn, stealColumn)
 
 // cpuLossSuffix marks the CPU figures of a run with 2 % loss.
 const cpuLossSuffix = ", 2% loss"
@@ -153,7 +153,11 @@ func (res *benchResults) printCPU() {
 			}
 			line := []string{p.name + " " + dir}
 			for _, col := range cpuColumns {
-				line = append(line, m[col].format(2))
+				prec := 2
+				if col == busyColumn || col == stealColumn {
+					prec = 0
+				}
+				line = append(line, m[col].format(prec))
 			}
 			table = append(table, line)
 		}
@@ -165,8 +169,10 @@ func (res *benchResults) printCPU() {
 		"    across the iperf3 run, divided by the bytes iperf3 received (GB = 10^9 bytes); wg: the wireguard-go\n" +
 		"    ends. machine: the busy time of all CPUs together (/proc/stat: user, nice, system, irq, softirq)\n" +
 		"    over the same run, which counts what the roles do not: both iperf3 ends, the kernel's TCP, TUN,\n" +
-		"    veth, forwarding and NAT work, and anything else the machine ran; softirq: its softirq part. On a\n" +
-		"    CPU-bound machine a path's rate is about the CPUs' seconds divided by its machine column.")
+		"    veth, forwarding and NAT work, and anything else the machine ran; softirq: its softirq part. busy %%:\n" +
+		"    that time as a share of all CPUs over the run (its connection setup included); near 100 the rate is\n" +
+		"    what the CPUs allow, about their seconds divided by the machine column, and well below it something\n" +
+		"    waited. steal %%: time the hypervisor gave this machine's CPUs to another (other work skews the run).")
 	printTable(append([][]string{append([]string{"run"}, cpuColumns...)}, table...))
 	var rss [][]string
 	for _, p := range res.paths {
