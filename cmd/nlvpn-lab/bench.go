@@ -55,10 +55,16 @@ type role struct {
 
 var roleNames = []string{"client", "agent", "gateway"}
 
+// runDirs names the runs of a path without loss, in table order: the key
+// iperfMeasure files their CPU figures and drop counters under, after the
+// path's name.
+var runDirs = []string{"up", "down", "up x4", "down x4"}
+
 // The CPU table's columns after the roles: the whole machine's busy time
-// per GB (every process, the kernel, and whatever else ran), and its
-// softirq part. The raw path's figure is the cost of the two iperf3 ends
-// and the links alone, which every tunnel pays too.
+// per GB (every process, the kernel, and whatever else ran) and its
+// softirq part, then that busy time and the hypervisor's steal as shares
+// of all CPUs over the run. The raw path's figure is the cost of the two
+// iperf3 ends and the links alone, which every tunnel pays too.
 const (
 	machineColumn = "machine"
 	softirqColumn = "softirq"
@@ -506,10 +512,9 @@ func (r *runner) withLoss(f func()) error {
 	return nftLoad(ctx, ns, "delete table ip nvloss\n")
 }
 
-// iperfMeasure runs iperf3 along p and returns Mbit/s. For the single
-// stream runs it also charges each role's CPU time to the bytes moved (with
-// and without loss); without loss (one stream or more) it records the drop
-// counters.
+// iperfMeasure runs iperf3 along p and returns Mbit/s. It also charges
+// each role's and the machine's CPU time to the bytes moved, and without
+// loss it records the drop counters.
 func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss bool) (float64, error) {
 	detail := !loss
 	dir := "up"

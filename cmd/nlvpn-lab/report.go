@@ -146,7 +146,7 @@ const cpuLossSuffix = ", 2% loss"
 func (res *benchResults) printCPU() {
 	var table [][]string
 	for _, p := range res.paths {
-		for _, dir := range []string{"up", "down", "up x4", "down x4", "up" + cpuLossSuffix, "down" + cpuLossSuffix} {
+		for _, dir := range append(slices.Clone(runDirs), "up"+cpuLossSuffix, "down"+cpuLossSuffix) {
 			m, ok := res.cpu[p.name+" "+dir]
 			if !ok {
 				continue
@@ -194,7 +194,7 @@ func (res *benchResults) printCPU() {
 func (res *benchResults) printDrops() {
 	var cols []string
 	for _, p := range res.paths {
-		for _, dir := range []string{"up", "down", "up x4", "down x4"} {
+		for _, dir := range runDirs {
 			if _, ok := res.drops[p.name+" "+dir]; ok && p.name != "raw" {
 				cols = append(cols, p.name+" "+dir)
 			}
