@@ -66,8 +66,18 @@ type Config struct {
 	// full size, lowered by itself when the path to the gateway says so.
 	UDPSize int
 	// Limits bounds the flows each client, and all together, may hold;
-	// zero fields mean netstack.DefaultEgressLimits.
+	// zero fields mean netstack.DefaultEgressLimits. With Routed, a
+	// client's bound is its TCP and UDP bounds together, counted by the
+	// kernel's connection tracking (ICMP too); the total is the kernel's
+	// (nf_conntrack_max).
 	Limits netstack.EgressLimits
+	// Routed sends the clients' packets for the advertised subnets into a
+	// TUN device (TunName; DefaultTunName if empty) for this host's kernel
+	// to forward and masquerade, instead of re-originating each flow from
+	// the netstack. It needs CAP_NET_ADMIN, and turns on IP forwarding
+	// while the agent runs.
+	Routed  bool
+	TunName string
 	// StatusSocket, if set, is a unix socket path where `nlvpn status`
 	// reads the agent's sessions and drop counters.
 	StatusSocket string
@@ -98,6 +108,7 @@ type Agent struct {
 	name      string
 	u         *underlay.Underlay // the node's port: gateway connection, session conn, frame mux
 	eg        *netstack.Egress
+	rt        *routed // with Config.Routed
 	// toClientRun is toClient's buffer for a run of one client's packets
 	// (calls of toClient are serialized by eg).
 	toClientRun [][]byte
@@ -161,6 +172,7 @@ type offer struct {
 type clientState struct {
 	offer *offer
 	sess  *session.Session
+	flows flowCache // with Config.Routed: the flows the policy allowed
 }
 
 // Run runs the agent until ctx ends or the gateway refuses it for good.
@@ -205,6 +217,13 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("start egress netstack: %w", err)
 	}
 	defer a.eg.Close()
+	if cfg.Routed {
+		stop, err := a.startRouted(ctx)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 
 	stls, err := session.ServerTLS(cfg.Key)
 	if err != nil {
@@ -807,6 +826,17 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		}
 	}
 	peer6 := wire.Overlay6(offer.PeerAddr)
+	rt := a.rt
+	if rt != nil {
+		// Before the first packet: a host with strict reverse-path
+		// filtering drops what comes from the device without a route
+		// back into it.
+		if err := rt.route(a, offer.PeerAddr); err != nil {
+			log.Warn("routed egress: no route to the client", "err", err)
+			qc.CloseWithError(1, "agent error")
+		}
+	}
+	own, own6 := a.overlay(), wire.Overlay6(a.overlay())
 	// Receiving starts before the peer info goes out: the client sends
 	// once it has that, and a burst that found only quic-go's early queue
 	// would lose its tail.
@@ -817,6 +847,12 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 			a.dropSpoofed.Add(1)
 			session.ReleasePacket(pkt)
 			return
+		}
+		if rt != nil {
+			if _, dst, _ := packet.Addrs(pkt); dst != own && dst != own6 {
+				rt.submit(a, cs, pkt)
+				return
+			}
 		}
 		a.eg.Submit(pkt) // the netstack gives it back to the session's pool
 	})
@@ -857,6 +893,9 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		if n := a.eg.CloseClient(offer.PeerAddr); n > 0 {
 			log.Info("closed the client's open flows", "flows", n)
 		}
+		if rt != nil {
+			rt.unroute(a, offer.PeerAddr)
+		}
 	}
 	a.stopPunch(id, true)
 	st2 := s.Stats()
@@ -885,18 +924,22 @@ func startedOver(prev, next *offer) bool {
 }
 
 // toClient sends packets from the egress stack to the clients they are for.
-// A batch is mostly one client's, so the lookup (in the published copy of
-// the client table: no lock) is made once per run of packets to the same
-// address.
-func (a *Agent) toClient(pkts [][]byte) {
+// The egress stack serializes its calls, so one run buffer serves.
+func (a *Agent) toClient(pkts [][]byte) { a.sendToClients(pkts, &a.toClientRun) }
+
+// sendToClients sends packets to the clients they are for. A batch is
+// mostly one client's, so the lookup (in the published copy of the client
+// table: no lock) is made once per run of packets to the same address.
+// Each caller that may run concurrently with another brings its own
+// runBuf.
+func (a *Agent) sendToClients(pkts [][]byte, runBuf *[][]byte) {
 	var last netip.Addr
 	var cs *clientState
 	var frag []byte
 	clients := a.clients.Snapshot()
 	// run collects consecutive packets for cs, handed over in one call
 	// (one lock and one wake-up of the session's connection per run).
-	// The egress stack serializes calls of toClient, so one buffer serves.
-	run := a.toClientRun[:0]
+	run := (*runBuf)[:0]
 	flush := func() {
 		if len(run) > 0 {
 			cs.sess.SendWaitBatch(run)
@@ -906,7 +949,7 @@ func (a *Agent) toClient(pkts [][]byte) {
 	}
 	defer func() {
 		flush()
-		a.toClientRun = run
+		*runBuf = run
 	}()
 	for _, pkt := range pkts {
 		_, dst, ok := packet.Addrs(pkt)

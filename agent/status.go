@@ -153,6 +153,15 @@ func (a *Agent) Status() Status {
 	st.TCP = a.eg.StackTCP()
 	st.Denied = a.denied.snapshot()
 	st.Limited = a.eg.Limited()
+	if r := a.rt; r != nil {
+		st.Drops["routed_unsupported"] = r.unsupported.Load()
+		st.Drops["routed_tun_write"] = r.w.Drops()
+		st.Drops["routed_fragment_denied"] = r.laterDenied.Load()
+		if d, err := r.fw.Drops(); err == nil {
+			st.Drops["routed_lan_started"] = d.LANStarted
+			st.Limited["routed_connections"] = d.PeerLimit
+		}
+	}
 	dns := a.dns.Stats()
 	st.Limited["dns_queries"] = dns.ClientLimited
 	st.Limited["dns_queries_all_clients"] = dns.Dropped

@@ -107,6 +107,25 @@ func (e *env) waitPath(t *testing.T, want string, timeout time.Duration) status 
 	return st
 }
 
+// upload posts size bytes of stream(seed) to the LAN host, which must
+// report their length and sha256.
+func (e *env) upload(t *testing.T, size int, seed uint64) error {
+	in := filepath.Join(e.dir, fmt.Sprintf("ul-%d.bin", seed))
+	if err := os.WriteFile(in, streamBytes(seed, size), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(in)
+	out, err := e.curl(60*time.Second, "--data-binary", "@"+in, "-H", "Content-Type: application/octet-stream",
+		fmt.Sprintf("http://%s/upload", e.lab.LANHost))
+	if err != nil {
+		return fmt.Errorf("curl upload: %w", err)
+	}
+	if want := fmt.Sprintf("%d %s", size, streamSHA256(seed, int64(size))); strings.TrimSpace(out) != want {
+		return fmt.Errorf("server saw %q, want %q", strings.TrimSpace(out), want)
+	}
+	return nil
+}
+
 // download fetches size bytes from the LAN host and checks them.
 func (e *env) download(t *testing.T, size int64, seed uint64, extra ...string) error {
 	out := filepath.Join(e.dir, fmt.Sprintf("dl-%d.bin", seed))

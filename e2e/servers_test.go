@@ -68,6 +68,11 @@ func startLANServers(t *testing.T, l *lab.Lab) {
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") })
+	// whoami: the address the LAN host sees a connection come from.
+	mux.HandleFunc("GET /whoami", func(w http.ResponseWriter, r *http.Request) {
+		host, _, _ := net.SplitHostPort(r.RemoteAddr)
+		io.WriteString(w, host+"\n")
+	})
 	mux.HandleFunc("GET /data", func(w http.ResponseWriter, r *http.Request) {
 		size, err1 := strconv.ParseInt(r.URL.Query().Get("size"), 10, 64)
 		seed, err2 := strconv.ParseUint(r.URL.Query().Get("seed"), 10, 64)

@@ -179,7 +179,7 @@ func NewEgress(cfg EgressConfig, out func(pkts [][]byte)) (*Egress, error) {
 		udpIdle:   cfg.UDPIdleTimeout,
 		echoWait:  cfg.EchoTimeout,
 		echoModes: egDefaultEchoModes,
-		ledger:    egLedger{lim: cfg.Limits.withDefaults()},
+		ledger:    egLedger{lim: cfg.Limits.WithDefaults()},
 	}
 	if e.dial == nil {
 		d := &net.Dialer{Timeout: DefaultEgressDialTimeout}

@@ -42,7 +42,8 @@ var DefaultEgressLimits = EgressLimits{
 	EchoesPerClient: 32,
 }
 
-func (l EgressLimits) withDefaults() EgressLimits {
+// WithDefaults is l with each zero field set from DefaultEgressLimits.
+func (l EgressLimits) WithDefaults() EgressLimits {
 	d := DefaultEgressLimits
 	for _, f := range []struct{ v, def *int }{
 		{&l.TCPPerClient, &d.TCPPerClient}, {&l.TCPTotal, &d.TCPTotal},

@@ -214,7 +214,7 @@ func (r *runner) bench(secs, trials, repeat int) error {
 			fmt.Printf("    (wireguard-go teardown: %v)\n", err)
 		}
 	}()
-	// In the order measured; the table shows raw, wg, direct, relay, tcp.
+	// In the order measured; the table shows raw, wg, direct, routed, relay, tcp.
 	paths := []*benchPath{
 		{
 			name: "raw",
@@ -276,6 +276,37 @@ func (r *runner) bench(secs, trials, repeat int) error {
 			nlvpn: true,
 		})
 	}
+	if r.supports("agent", "--routed") {
+		paths = append(paths, &benchPath{
+			name: "routed",
+			desc: fmt.Sprintf("nlvpn up --direct, the agent with --routed: client ns -> TUN -> client NAT -> hole-punched UDP -> agent NAT -> agent -> TUN, forwarding + masquerade -> LAN host %s (wg's topology at the agent)", l.LANHost),
+			ns:   l.NS.Client, addr: l.LANHost.String(),
+			setup: func() error {
+				r.setRouted(true)
+				if r.gateway == nil {
+					say("Starting gateway, agent (--routed) and client (nlvpn up --direct).")
+					return r.startStack(false, tunnelUp, "--direct")
+				}
+				say("Restarting the agent with --routed (the kernel forwards) and the client with --direct.")
+				r.client.Stop()
+				if err := r.startAgent(); err != nil {
+					return err
+				}
+				return r.startClient(false, tunnelUp, "--direct")
+			},
+			teardown: func() error {
+				// The paths after this one measure the netstack agent.
+				r.setRouted(false)
+				r.client.Stop()
+				if err := r.startAgent(); err != nil {
+					return err
+				}
+				return r.startClient(false, tunnelUp, "--direct")
+			},
+			roles: nlvpnRoles,
+			nlvpn: true,
+		})
+	}
 	if r.supports("up", "--transport") {
 		paths = append(paths, &benchPath{
 			name: "tcp",
@@ -314,7 +345,7 @@ func (r *runner) bench(secs, trials, repeat int) error {
 	socks := r.supports("up", "--netstack")
 
 	if r.only != nil {
-		known := []string{"raw", "wg", "relay", "direct", "tcp", "socks"}
+		known := []string{"raw", "wg", "relay", "direct", "routed", "tcp", "socks"}
 		for i, n := range r.only {
 			if n == "wireguard-go" {
 				r.only[i], n = "wg", "wg"
@@ -326,7 +357,7 @@ func (r *runner) bench(secs, trials, repeat int) error {
 		paths = slices.DeleteFunc(paths, func(p *benchPath) bool { return p.name != "raw" && !slices.Contains(r.only, p.name) })
 		socks = socks && slices.Contains(r.only, "socks")
 	}
-	for _, name := range []string{"raw", "wg", "direct", "relay", "tcp"} {
+	for _, name := range []string{"raw", "wg", "direct", "routed", "relay", "tcp"} {
 		if i := slices.IndexFunc(paths, func(p *benchPath) bool { return p.name == name }); i >= 0 {
 			res.paths = append(res.paths, paths[i])
 		}

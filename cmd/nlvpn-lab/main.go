@@ -57,8 +57,8 @@ func main() {
 	trials := fs.Int("trials", 10, "bench: startup trials (time to first packet and to the direct path); 0 skips them")
 	verbose := fs.Bool("v", false, "print every command that builds the lab")
 	profile := fs.String("profile", "", "bench: write CPU profiles (NAME.pprof) of client, agent and gateway, taken during one run (--profile-run), the allocations over the same seconds (NAME.allocs.pprof), and a one-second execution trace from its middle (NAME.trace, go tool trace), into this directory (created if missing)")
-	profileRun := fs.String("profile-run", "direct-up", "bench: the run --profile watches: PATH-up or PATH-down, PATH direct or relay; add -4 for the four-stream row (direct-down-4) or -loss for the 2% loss row (direct-down-loss)")
-	only := fs.String("paths", "", "bench: comma-separated paths to measure: raw (always), wg, relay, direct, tcp (the TCP fallback, UDP dropped at the client NAT), socks (default: all)")
+	profileRun := fs.String("profile-run", "direct-up", "bench: the run --profile watches: PATH-up or PATH-down, PATH direct, routed or relay; add -4 for the four-stream row (direct-down-4) or -loss for the 2% loss row (direct-down-loss)")
+	only := fs.String("paths", "", "bench: comma-separated paths to measure: raw (always), wg, relay, direct, routed (direct, the agent with --routed), tcp (the TCP fallback, UDP dropped at the client NAT), socks (default: all)")
 	rows := fs.String("rows", "", "bench: comma-separated words; measure only the rows whose name contains one (e.g. loss, ping, streams); default: all")
 	tcpCC := fs.String("tcp-cc", "", "bench: set the kernel TCP congestion control (e.g. cubic, bbr, reno) in the namespaces before measuring; default: the host's, which new namespaces inherit")
 	wgGo := fs.String("wireguard-go", "bin/wireguard-go", "bench: the wireguard-go binary for the baseline column (build: go build -o bin/wireguard-go golang.zx2c4.com/wireguard)")
@@ -139,7 +139,7 @@ func main() {
 	pRun, pLoss := strings.CutSuffix(*profileRun, "-loss")
 	pRun, p4 := strings.CutSuffix(pRun, "-4")
 	pPath, pDir, ok := strings.Cut(pRun, "-")
-	if !ok || (pPath != "direct" && pPath != "relay") || (pDir != "up" && pDir != "down") || (p4 && pLoss) {
+	if !ok || (pPath != "direct" && pPath != "relay" && pPath != "routed") || (pDir != "up" && pDir != "down") || (p4 && pLoss) {
 		fatal(fmt.Errorf("--profile-run %q: want direct-up, direct-down, relay-up or relay-down, each optionally with -4 or -loss", *profileRun))
 	}
 	pStreams := 1

@@ -68,7 +68,7 @@ func (res *benchResults) print() {
           for ping the ratio of RTTs (the target is a difference, printed below the table).
 `, res.secs, lossPct, lossPct, lossPct, lossPct, 2*lossPct)
 	fmt.Println()
-	ratios := [][2]string{{"wg", "raw"}, {"direct", "wg"}, {"relay", "direct"}}
+	ratios := [][2]string{{"wg", "raw"}, {"direct", "wg"}, {"routed", "wg"}, {"relay", "direct"}}
 	head := []string{"metric"}
 	for _, p := range res.paths {
 		head = append(head, p.name)
@@ -108,7 +108,7 @@ func (res *benchResults) print() {
 	for _, stat := range []string{"avg", "min"} {
 		ping := res.cells["ping RTT "+stat+" (ms)"]
 		var diffs []string
-		for _, p := range []string{"direct", "relay"} {
+		for _, p := range []string{"direct", "routed", "relay"} {
 			if ping[p].good() && ping["wg"].good() {
 				diffs = append(diffs, fmt.Sprintf("%s - wg = %+.3f ms", p, ping[p].v-ping["wg"].v))
 			}

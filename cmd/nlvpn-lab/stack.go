@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -246,6 +247,15 @@ func (r *runner) startStack(verbose bool, check func() error, upFlags ...string)
 		return err
 	}
 	return r.startClient(verbose, check, upFlags...)
+}
+
+// setRouted makes the agent's command line (the next startAgent) carry
+// --routed or not.
+func (r *runner) setRouted(on bool) {
+	r.agentArgs = slices.DeleteFunc(r.agentArgs, func(a string) bool { return a == "--routed" })
+	if on {
+		r.agentArgs = append(r.agentArgs, "--routed")
+	}
 }
 
 // startAgent starts (or restarts) the agent with r.agentArgs and gives it

@@ -668,13 +668,20 @@ rule names them. --policy FILE decides per client (rules: allow|deny WHO DEST [P
 [PROTO], first match wins, default deny; see the README); SIGHUP reloads it.
 DNS queries to its overlay address (UDP and TCP port 53), of any type, are forwarded to
 the LAN's resolvers (--dns-server, or this host's /etc/resolv.conf) and cached.
+With --routed (needs CAP_NET_ADMIN) the clients' packets for the advertised subnets go
+into a TUN device instead and this host's kernel forwards them, masqueraded to its own
+LAN address, as a WireGuard subnet router does: faster, and the LAN host's own TCP
+recovers from loss. IP forwarding is on while the agent runs; LAN hosts still cannot
+start connections toward clients, and the policy is the same.
 It reconnects to the gateway by itself.`,
 		Flags: append(append(nodeFlags(),
 			&cli.StringSliceFlag{Name: "advertise", Usage: "`CIDR` clients may reach (repeatable), e.g. 192.168.1.0/24"},
 			&cli.StringSliceFlag{Name: "dns-domain", Usage: "a `DOMAIN` of this LAN (repeatable, e.g. office.lan): TUN clients send lookups of names under it to this agent's DNS, which forwards them to the LAN's resolvers (--dns-server); other names are untouched"},
 			&cli.BoolFlag{Name: "allow-loopback", Usage: "let clients reach this host's own loopback services (as 127.0.0.1 or as the agent's overlay address); refused and logged otherwise"},
+			&cli.BoolFlag{Name: "routed", Usage: "forward the clients' packets with this host's kernel (TUN device, IP forwarding, masquerade) instead of the userspace netstack; needs CAP_NET_ADMIN"},
+			&cli.StringFlag{Name: "tun", Value: agent.DefaultTunName, Usage: "TUN device name with --routed"},
 			&cli.BoolFlag{Name: "exit-node", Usage: "allow --advertise 0.0.0.0/0 or ::/0: clients that accept it may send all their traffic out through this host"},
-			&cli.IntFlag{Name: "max-tcp-per-client", Value: netstack.DefaultEgressLimits.TCPPerClient, Usage: "TCP connections one client may have open through this agent; beyond, new ones are refused (RST)"},
+			&cli.IntFlag{Name: "max-tcp-per-client", Value: netstack.DefaultEgressLimits.TCPPerClient, Usage: "TCP connections one client may have open through this agent; beyond, new ones are refused (RST); with --routed this and --max-udp-per-client together bound all of a client's connections"},
 			&cli.IntFlag{Name: "max-udp-per-client", Value: netstack.DefaultEgressLimits.UDPPerClient, Usage: "UDP flows (address/port pairs) one client may have open; beyond, new ones are dropped"},
 			&cli.IntFlag{Name: "max-tcp", Value: netstack.DefaultEgressLimits.TCPTotal, Usage: "TCP connections of all clients together"},
 			&cli.IntFlag{Name: "max-udp", Value: netstack.DefaultEgressLimits.UDPTotal, Usage: "UDP flows of all clients together"},
@@ -737,6 +744,8 @@ It reconnects to the gateway by itself.`,
 				DNSDomains:    domains,
 				DNSServers:    dnsServers,
 				UDPSize:       udpSize,
+				Routed:        c.Bool("routed"),
+				TunName:       c.String("tun"),
 				Limits: netstack.EgressLimits{TCPPerClient: c.Int("max-tcp-per-client"), UDPPerClient: c.Int("max-udp-per-client"),
 					TCPTotal: c.Int("max-tcp"), UDPTotal: c.Int("max-udp")},
 				StatusSocket: filepath.Join(ns.stateDir, "status.sock"),

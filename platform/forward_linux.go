@@ -1,0 +1,312 @@
+package platform
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Forwarding makes this host a router for the packets that come out of a
+// TUN device, as a WireGuard subnet router is: IP forwarding on, what
+// leaves through another interface masqueraded to that interface's
+// address (LAN hosts need no route back), and nothing a LAN host starts
+// let into the device, only replies (conntrack established or related).
+// The kernel then does the forwarding, and the LAN host's own TCP the
+// congestion control and loss recovery.
+//
+// Only the overlay addresses of connected peers are routed into the
+// device (Route, Unroute), never a whole range: this host's traffic to
+// anything else, its gateway included, is untouched.
+//
+// The rules live in one nftables table named for the device; Close deletes
+// it by that name, removes the routes and puts the sysctls back.
+type Forwarding struct {
+	dev   string
+	index int
+	table *nftables.Table
+	fwd   *nftables.Chain
+	// restore holds the sysctls this Forwarding changed, with their
+	// values before.
+	restore map[string]string
+
+	mu     sync.Mutex
+	routes map[netip.Addr]*netlink.Route
+}
+
+// ForwardingConfig configures NewForwarding.
+type ForwardingConfig struct {
+	// Device is the TUN device whose packets are forwarded.
+	Device string
+	// IPv6 turns on IPv6 forwarding too. It is off unless needed: a Linux
+	// host that forwards IPv6 stops taking router advertisements.
+	IPv6 bool
+	// PerPeer bounds the connections (conntrack entries: TCP, UDP and
+	// ICMP flows) one source address may have open through the device;
+	// beyond it new ones are dropped and counted. 0: no bound but the
+	// kernel's own (nf_conntrack_max).
+	PerPeer int
+}
+
+// forwardTableName is the table of TUN device dev.
+func forwardTableName(dev string) string { return "nlvpn-forward-" + dev }
+
+const (
+	sysctlIPv4Forward = "net/ipv4/ip_forward"
+	sysctlIPv6Forward = "net/ipv6/conf/all/forwarding"
+)
+
+// NewForwarding installs the forwarding of cfg.Device. It needs
+// CAP_NET_ADMIN. A table of the same name left by a process that died is
+// replaced.
+func NewForwarding(cfg ForwardingConfig) (*Forwarding, error) {
+	dev := cfg.Device
+	if dev == "" || len(dev) >= unix.IFNAMSIZ {
+		return nil, fmt.Errorf("forwarding: bad device name %q", dev)
+	}
+	link, err := netlink.LinkByName(dev)
+	if err != nil {
+		return nil, fmt.Errorf("forwarding: interface %s: %w", dev, err)
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return nil, fmt.Errorf("forwarding: bring %s up: %w", dev, err)
+	}
+	f := &Forwarding{dev: dev, index: link.Attrs().Index, restore: make(map[string]string),
+		routes: make(map[netip.Addr]*netlink.Route),
+		table:  &nftables.Table{Name: forwardTableName(dev), Family: nftables.TableFamilyINet}}
+	c, err := nftables.New()
+	if err != nil {
+		return nil, fmt.Errorf("forwarding: nftables: %w", err)
+	}
+	c.AddTable(f.table)
+	c.DelTable(f.table)
+	c.AddTable(f.table)
+	accept := nftables.ChainPolicyAccept
+	f.fwd = c.AddChain(&nftables.Chain{Name: "forward", Table: f.table, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+	// oifname dev ct state established,related accept
+	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, Exprs: append(oifIs(dev), ctStateIs(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED, true)...)})
+	// oifname dev counter drop: a LAN host cannot start anything toward a peer.
+	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, UserData: []byte("lan-started"), Exprs: append(oifIs(dev), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
+	if cfg.PerPeer > 0 {
+		if err := addPerPeerLimit(c, f.table, f.fwd, dev, cfg.PerPeer); err != nil {
+			return nil, err
+		}
+	}
+	nat := c.AddChain(&nftables.Chain{Name: "postrouting", Table: f.table, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource, Policy: &accept})
+	// iifname dev oifname != dev masquerade. (The input interface of a
+	// forwarded packet is known at postrouting.)
+	c.AddRule(&nftables.Rule{Table: f.table, Chain: nat, Exprs: append(append(iifIs(dev),
+		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: ifname(dev)}),
+		&expr.Masq{})})
+	if err := c.Flush(); err != nil {
+		return nil, fmt.Errorf("forwarding: installing nftables table %s: %w", f.table.Name, err)
+	}
+	keys := []string{sysctlIPv4Forward}
+	if cfg.IPv6 {
+		keys = append(keys, sysctlIPv6Forward)
+	}
+	for _, k := range keys {
+		if err := f.setSysctl(k, "1"); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	return f, nil
+}
+
+// addPerPeerLimit adds, for each family: iifname dev ct state new
+// add @peersN { saddr ct count over n } counter drop.
+func addPerPeerLimit(c *nftables.Conn, t *nftables.Table, ch *nftables.Chain, dev string, n int) error {
+	for _, fam := range []struct {
+		name    string
+		proto   byte
+		key     nftables.SetDatatype
+		off, ln uint32
+	}{
+		{"peers4", unix.NFPROTO_IPV4, nftables.TypeIPAddr, 12, 4},
+		{"peers6", unix.NFPROTO_IPV6, nftables.TypeIP6Addr, 8, 16},
+	} {
+		set := &nftables.Set{Table: t, Name: fam.name, KeyType: fam.key, Dynamic: true}
+		if err := c.AddSet(set, nil); err != nil {
+			return fmt.Errorf("forwarding: set %s: %w", fam.name, err)
+		}
+		exprs := append(iifIs(dev),
+			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{fam.proto}})
+		exprs = append(exprs, ctStateIs(expr.CtStateBitNEW, false)...)
+		exprs = append(exprs,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: fam.off, Len: fam.ln},
+			&expr.Dynset{SrcRegKey: 1, SetName: set.Name, Operation: uint32(unix.NFT_DYNSET_OP_ADD),
+				Exprs: []expr.Any{&expr.Connlimit{Count: uint32(n), Flags: connlimitOver}}},
+			&expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, UserData: []byte("peer-limit"), Exprs: exprs})
+	}
+	return nil
+}
+
+// ctStateIs matches conntrack states in bits; with accept, the rule
+// accepts what matched.
+func ctStateIs(bits uint32, accept bool) []expr.Any {
+	e := []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(bits),
+			Xor:  binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
+	}
+	if accept {
+		e = append(e, &expr.Verdict{Kind: expr.VerdictAccept})
+	}
+	return e
+}
+
+// oifIs matches packets that leave through interface dev.
+func oifIs(dev string) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(dev)},
+	}
+}
+
+// ifname is dev as nftables compares interface names: IFNAMSIZ bytes.
+func ifname(dev string) []byte {
+	b := make([]byte, unix.IFNAMSIZ)
+	copy(b, dev)
+	return b
+}
+
+// ForwardingDrops are the packets the forwarding's rules dropped.
+type ForwardingDrops struct {
+	// LANStarted: packets toward a peer that were not replies.
+	LANStarted uint64
+	// PeerLimit: new connections of a peer over ForwardingConfig.PerPeer.
+	PeerLimit uint64
+}
+
+// Drops reads the rules' counters.
+func (f *Forwarding) Drops() (ForwardingDrops, error) {
+	var d ForwardingDrops
+	c, err := nftables.New()
+	if err != nil {
+		return d, err
+	}
+	rules, err := c.GetRules(f.table, f.fwd)
+	if err != nil {
+		return d, err
+	}
+	for _, r := range rules {
+		for _, e := range r.Exprs {
+			if ctr, ok := e.(*expr.Counter); ok {
+				switch string(r.UserData) {
+				case "lan-started":
+					d.LANStarted += ctr.Packets
+				case "peer-limit":
+					d.PeerLimit += ctr.Packets
+				}
+			}
+		}
+	}
+	return d, nil
+}
+
+// Route routes a peer's overlay address into the device.
+func (f *Forwarding) Route(addr netip.Addr) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.routes[addr]; ok {
+		return nil
+	}
+	r := &netlink.Route{LinkIndex: f.index, Dst: ipNet(netip.PrefixFrom(addr, addr.BitLen())), Scope: netlink.SCOPE_LINK}
+	if err := netlink.RouteReplace(r); err != nil {
+		return fmt.Errorf("route %s into %s: %w", addr, f.dev, err)
+	}
+	f.routes[addr] = r
+	return nil
+}
+
+// Unroute removes a peer's route.
+func (f *Forwarding) Unroute(addr netip.Addr) error {
+	f.mu.Lock()
+	r := f.routes[addr]
+	delete(f.routes, addr)
+	f.mu.Unlock()
+	if r == nil {
+		return nil
+	}
+	if err := netlink.RouteDel(r); err != nil && !errors.Is(err, syscall.ESRCH) && !errors.Is(err, syscall.ENODEV) {
+		return fmt.Errorf("remove route %s: %w", addr, err)
+	}
+	return nil
+}
+
+// Close removes the routes and the table and puts back the sysctls it
+// changed.
+func (f *Forwarding) Close() error {
+	var errs []error
+	f.mu.Lock()
+	addrs := make([]netip.Addr, 0, len(f.routes))
+	for a := range f.routes {
+		addrs = append(addrs, a)
+	}
+	f.mu.Unlock()
+	for _, a := range addrs {
+		if err := f.Unroute(a); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if c, err := nftables.New(); err != nil {
+		errs = append(errs, err)
+	} else {
+		c.DelTable(f.table)
+		if err := c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) && !strings.Contains(err.Error(), "no such file") {
+			errs = append(errs, fmt.Errorf("removing nftables table %s: %w", f.table.Name, err))
+		}
+	}
+	for k, v := range f.restore {
+		if err := writeSysctl(k, v); err != nil {
+			errs = append(errs, err)
+		}
+		delete(f.restore, k)
+	}
+	return errors.Join(errs...)
+}
+
+// setSysctl sets /proc/sys/key to v, remembering the value before if it
+// differed.
+func (f *Forwarding) setSysctl(key, v string) error {
+	old, err := os.ReadFile("/proc/sys/" + key)
+	if err != nil {
+		return fmt.Errorf("forwarding: read %s: %w", key, err)
+	}
+	if strings.TrimSpace(string(old)) == v {
+		return nil
+	}
+	if err := writeSysctl(key, v); err != nil {
+		return err
+	}
+	f.restore[key] = strings.TrimSpace(string(old))
+	return nil
+}
+
+func writeSysctl(key, v string) error {
+	if err := os.WriteFile("/proc/sys/"+key, []byte(v+"\n"), 0o644); err != nil {
+		return fmt.Errorf("forwarding: set %s to %s: %w", strings.ReplaceAll(key, "/", "."), v, err)
+	}
+	return nil
+}
+
+// connlimitOver is NFT_CONNLIMIT_F_INV: the connlimit expression matches
+// when the count is over its bound ("ct count over N").
+const connlimitOver = 1
