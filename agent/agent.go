@@ -511,6 +511,10 @@ func verdict(dst netip.AddrPort, proto string, overlay netip.Addr, advertise []n
 		return deniedLoopback
 	case ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() || ip == metadataV6:
 		return deniedLinkLocal
+	case ip.IsMulticast() || ip == limitedBroadcast:
+		// Not a flow to one host (and with --routed, the kernel would
+		// deliver it to this one).
+		return deniedNotAdvertised
 	case isHost(ip):
 		return deniedHostAddr
 	}
@@ -519,6 +523,9 @@ func verdict(dst netip.AddrPort, proto string, overlay netip.Addr, advertise []n
 	}
 	return deniedNotAdvertised
 }
+
+// limitedBroadcast is IPv4's all-ones broadcast address.
+var limitedBroadcast = netip.AddrFrom4([4]byte{255, 255, 255, 255})
 
 // metadataV6 is the IPv6 address of a cloud instance metadata service
 // (AWS); its IPv4 twin, 169.254.169.254, is link-local.
@@ -849,7 +856,10 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 			return
 		}
 		if rt != nil {
-			if _, dst, _ := packet.Addrs(pkt); dst != own && dst != own6 {
+			// The agent's own overlay address and loopback (with
+			// --allow-loopback) are the netstack's: the kernel would not
+			// forward them, and drops loopback from a device.
+			if _, dst, _ := packet.Addrs(pkt); dst != own && dst != own6 && !dst.Unmap().IsLoopback() {
 				rt.submit(a, cs, pkt)
 				return
 			}

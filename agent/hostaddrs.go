@@ -37,8 +37,21 @@ func (h *hostAddrs) refresh(log *slog.Logger) {
 	m := make(map[netip.Addr]bool, len(ps))
 	for _, p := range ps {
 		m[p.Addr()] = true
+		// A subnet's broadcast address reaches this host too (and with
+		// --routed the kernel would take a packet to it as its own).
+		if p.Addr().Is4() && p.Bits() < 31 {
+			m[lastAddr(p)] = true
+		}
 	}
 	h.set.Store(&m)
+}
+
+// lastAddr is the last address of IPv4 prefix p: its broadcast address.
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Masked().Addr().As4()
+	host := uint32(1)<<(32-p.Bits()) - 1
+	v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3]) | host
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
 // run refreshes the set every hostAddrsEvery until ctx ends.

@@ -38,6 +38,11 @@ func TestVerdict(t *testing.T) {
 		{"[fe80::1]:80", "tcp", false, deniedLinkLocal},
 		{"[fd00:ec2::254]:80", "tcp", false, deniedLinkLocal}, // AWS metadata over IPv6
 		{"[fd00::10]:80", "tcp", false, allowed},
+		{"224.0.0.251:5353", "udp", false, deniedLinkLocal},
+		{"239.1.2.3:5000", "udp", false, deniedNotAdvertised}, // multicast is no one host
+		{"[ff02::fb]:5353", "udp", true, deniedLinkLocal},
+		{"[ff05::2]:5353", "udp", false, deniedNotAdvertised},
+		{"255.255.255.255:67", "udp", false, deniedNotAdvertised},
 	} {
 		got := verdict(netip.MustParseAddrPort(tc.dst), tc.proto, overlay, adv, tc.loopback, isHost)
 		if got != tc.want {

@@ -117,3 +117,18 @@ func FuzzFlowOf(f *testing.F) {
 		}
 	})
 }
+
+// TestLastAddr: the broadcast address of an IPv4 subnet, which the agent
+// counts among this host's own (a packet to it reaches the host).
+func TestLastAddr(t *testing.T) {
+	for p, want := range map[string]string{
+		"192.168.77.2/24": "192.168.77.255",
+		"10.1.2.3/8":      "10.255.255.255",
+		"198.18.0.5/30":   "198.18.0.7",
+		"0.0.0.0/0":       "255.255.255.255",
+	} {
+		if got := lastAddr(netip.MustParsePrefix(p)); got.String() != want {
+			t.Errorf("lastAddr(%s) = %s, want %s", p, got, want)
+		}
+	}
+}
