@@ -36,6 +36,7 @@ type runner struct {
 	clientTok              string
 	clientTokArgs          []string // --token-file FILE (or --token TOKEN for old binaries)
 	agentArgs              []string // the agent's command line (startAgent)
+	routed                 bool     // agentArgs has --routed (setRouted)
 	clientN                int
 
 	profileDir     string // bench: where CPU profiles go ("" = none)
@@ -236,6 +237,7 @@ func (r *runner) startStack(verbose bool, check func() error, upFlags ...string)
 	}
 	r.agentArgs = append(append([]string{"agent"}, agentArgs...), "--gateway", r.gwAddr(),
 		"--advertise", l.LANSubnet.String(), "--state-dir", filepath.Join(r.dir, "agent"))
+	r.setRouted(r.routed)
 	if err := r.startAgent(); err != nil {
 		return err
 	}
@@ -249,9 +251,10 @@ func (r *runner) startStack(verbose bool, check func() error, upFlags ...string)
 	return r.startClient(verbose, check, upFlags...)
 }
 
-// setRouted makes the agent's command line (the next startAgent) carry
-// --routed or not.
+// setRouted makes the agent's command line (the next startAgent, and
+// startStack's) carry --routed or not.
 func (r *runner) setRouted(on bool) {
+	r.routed = on
 	r.agentArgs = slices.DeleteFunc(r.agentArgs, func(a string) bool { return a == "--routed" })
 	if on {
 		r.agentArgs = append(r.agentArgs, "--routed")
