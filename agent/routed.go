@@ -33,6 +33,7 @@ type routed struct {
 	dev *tun.Device
 	w   *tun.BatchWriter
 	fw  *platform.Forwarding
+	v6  bool // an IPv6 prefix is advertised: IPv6 is forwarded
 
 	// unsupported counts packets of other protocols (or IPv6 extension
 	// headers other than a fragment header), laterDenied fragments after
@@ -53,13 +54,13 @@ func (a *Agent) startRouted(ctx context.Context) (stop func(), err error) {
 		return nil, fmt.Errorf("--routed needs a TUN device (CAP_NET_ADMIN): %w", err)
 	}
 	l := a.cfg.Limits.WithDefaults()
-	fw, err := platform.NewForwarding(platform.ForwardingConfig{Device: dev.Name(), PerPeer: l.TCPPerClient + l.UDPPerClient,
-		IPv6: slices.ContainsFunc(a.cfg.Advertise, func(p netip.Prefix) bool { return p.Addr().Is6() })})
+	v6 := slices.ContainsFunc(a.cfg.Advertise, func(p netip.Prefix) bool { return p.Addr().Is6() })
+	fw, err := platform.NewForwarding(platform.ForwardingConfig{Device: dev.Name(), PerPeer: l.TCPPerClient + l.UDPPerClient, IPv6: v6})
 	if err != nil {
 		dev.Close()
 		return nil, fmt.Errorf("--routed: %w", err)
 	}
-	r := &routed{dev: dev, fw: fw, w: dev.NewBatchWriter(1024)}
+	r := &routed{dev: dev, fw: fw, w: dev.NewBatchWriter(1024), v6: v6}
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Add(2)
@@ -118,7 +119,11 @@ func (r *routed) route(a *Agent, addr netip.Addr) error {
 		return err
 	}
 	if err := r.fw.Route(wire.Overlay6(addr)); err != nil {
-		a.log.Debug("no IPv6 route for the client", "err", err)
+		if r.v6 {
+			a.log.Warn("routed egress: no IPv6 route to the client; the advertised IPv6 subnets will not answer it", "err", err)
+		} else {
+			a.log.Debug("no IPv6 route for the client", "err", err)
+		}
 	}
 	return nil
 }

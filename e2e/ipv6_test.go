@@ -72,4 +72,35 @@ func TestIPv6Subnet(t *testing.T) {
 			t.Fatalf("/health over IPv6 via SOCKS5 = %q", out)
 		}
 	})
+
+	// The same through a routed agent: the kernel forwards IPv6 too (IPv6
+	// forwarding on while it runs, as an IPv6 prefix is advertised) and
+	// masquerades to the agent's IPv6 LAN address.
+	t.Run("Routed", func(t *testing.T) {
+		e.client.Stop()
+		e.restartAgent(t, "--advertise", e.lab.LANSubnet.String(), "--advertise", e.lab.LANSubnet6.String(), "--routed", "--tun", routedTun)
+		e.client = e.startClient(t)
+		var who string
+		e.waitFor(t, 10*time.Second, "the LAN host over IPv6 through the routed agent", func() error {
+			var err error
+			who, err = e.curl(5*time.Second, "-g", "http://"+host+"/whoami")
+			return err
+		})
+		if got := strings.TrimSpace(who); got != e.lab.AgentLANAddr6.String() {
+			t.Errorf("the LAN host saw the IPv6 connection from %s; want the agent's LAN address %s", got, e.lab.AgentLANAddr6)
+		}
+		fwd, _ := lab.Output(context.Background(), e.lab.NS.Agent, "cat", "/proc/sys/net/ipv6/conf/all/forwarding")
+		if strings.TrimSpace(fwd) != "1" {
+			t.Errorf("IPv6 forwarding is %q while the routed agent advertises an IPv6 prefix", fwd)
+		}
+		if out, err := lab.Output(context.Background(), e.lab.NS.Client, "ping", "-6", "-c", "2", "-W", "5", e.lab.LANHost6.String()); err != nil {
+			t.Errorf("ping -6 through the routed agent: %v\n%s", err, out)
+		}
+		e.client.Stop()
+		e.agent.Stop()
+		fwd, _ = lab.Output(context.Background(), e.lab.NS.Agent, "cat", "/proc/sys/net/ipv6/conf/all/forwarding")
+		if strings.TrimSpace(fwd) != "0" {
+			t.Errorf("IPv6 forwarding is %q after the routed agent stopped; want 0 as before", fwd)
+		}
+	})
 }

@@ -123,6 +123,15 @@ func NewForwarding(cfg ForwardingConfig) (*Forwarding, error) {
 			return nil, err
 		}
 	}
+	if cfg.IPv6 {
+		// A host (or namespace) whose new interfaces start without IPv6
+		// would drop every IPv6 packet from the device. The device is
+		// ours and goes with its setting.
+		if err := writeSysctl("net/ipv6/conf/"+dev+"/disable_ipv6", "0"); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
 	return f, nil
 }
 
