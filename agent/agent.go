@@ -837,10 +837,16 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	if rt != nil {
 		// Before the first packet: a host with strict reverse-path
 		// filtering drops what comes from the device without a route
-		// back into it.
-		if err := rt.route(a, offer.PeerAddr); err != nil {
-			log.Warn("routed egress: no route to the client", "err", err)
+		// back into it. Each session holds the route (and gives it up
+		// when it ends): a client's new session may start before its old
+		// one has ended.
+		// Without the route the session ends at once (closed here: what
+		// follows fails fast and the usual cleanup runs).
+		if held, err := rt.route(a, offer.PeerAddr); err != nil {
+			log.Warn("routed egress: no route to the client; ending its session", "err", err)
 			qc.CloseWithError(1, "agent error")
+		} else {
+			defer rt.unroute(a, held)
 		}
 	}
 	own, own6 := a.overlay(), wire.Overlay6(a.overlay())
@@ -856,10 +862,12 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 			return
 		}
 		if rt != nil {
-			// The agent's own overlay address and loopback (with
-			// --allow-loopback) are the netstack's: the kernel would not
-			// forward them, and drops loopback from a device.
-			if _, dst, _ := packet.Addrs(pkt); dst != own && dst != own6 && !dst.Unmap().IsLoopback() {
+			// The agent's own overlay address, loopback (with
+			// --allow-loopback) and this host's addresses (with a policy
+			// rule naming them) are the netstack's: the kernel would not
+			// forward them, and the forwarding drops anything from the
+			// device that is for this host.
+			if _, dst, _ := packet.Addrs(pkt); dst != own && dst != own6 && !dst.Unmap().IsLoopback() && !a.host.has(dst.Unmap()) {
 				rt.submit(a, cs, pkt)
 				return
 			}
@@ -902,9 +910,6 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 		// flows on the LAN too.
 		if n := a.eg.CloseClient(offer.PeerAddr); n > 0 {
 			log.Info("closed the client's open flows", "flows", n)
-		}
-		if rt != nil {
-			rt.unroute(a, offer.PeerAddr)
 		}
 	}
 	a.stopPunch(id, true)

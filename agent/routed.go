@@ -55,7 +55,8 @@ func (a *Agent) startRouted(ctx context.Context) (stop func(), err error) {
 	}
 	l := a.cfg.Limits.WithDefaults()
 	v6 := slices.ContainsFunc(a.cfg.Advertise, func(p netip.Prefix) bool { return p.Addr().Is6() })
-	fw, err := platform.NewForwarding(platform.ForwardingConfig{Device: dev.Name(), PerPeer: l.TCPPerClient + l.UDPPerClient, IPv6: v6})
+	fw, err := platform.NewForwarding(platform.ForwardingConfig{Device: dev.Name(), IPv6: v6,
+		PerPeer: l.TCPPerClient + l.UDPPerClient, Total: l.TCPTotal + l.UDPTotal})
 	if err != nil {
 		dev.Close()
 		return nil, fmt.Errorf("--routed: %w", err)
@@ -111,25 +112,29 @@ func (a *Agent) readRouted(ctx context.Context, dev *tun.Device) {
 	}
 }
 
-// route adds the routes of a client's overlay addresses into the device.
-// The IPv6 one may fail on a host without IPv6; the client then has only
-// IPv4.
-func (r *routed) route(a *Agent, addr netip.Addr) error {
+// route adds the routes of a client's overlay addresses into the device
+// and returns the addresses it holds, which unroute gives up. The IPv6
+// one may fail on a host without IPv6; the client then has only IPv4.
+func (r *routed) route(a *Agent, addr netip.Addr) ([]netip.Addr, error) {
 	if err := r.fw.Route(addr); err != nil {
-		return err
+		return nil, err
 	}
+	held := []netip.Addr{addr}
 	if err := r.fw.Route(wire.Overlay6(addr)); err != nil {
 		if r.v6 {
 			a.log.Warn("routed egress: no IPv6 route to the client; the advertised IPv6 subnets will not answer it", "err", err)
 		} else {
 			a.log.Debug("no IPv6 route for the client", "err", err)
 		}
+	} else {
+		held = append(held, wire.Overlay6(addr))
 	}
-	return nil
+	return held, nil
 }
 
-func (r *routed) unroute(a *Agent, addr netip.Addr) {
-	for _, x := range []netip.Addr{addr, wire.Overlay6(addr)} {
+// unroute gives up the routes route returned.
+func (r *routed) unroute(a *Agent, held []netip.Addr) {
+	for _, x := range held {
 		if err := r.fw.Unroute(x); err != nil {
 			a.log.Warn("routed egress: removing a client's route", "err", err)
 		}
@@ -169,15 +174,17 @@ type flow struct {
 }
 
 // flowOf reads a packet's flow. ok is false for anything but TCP, UDP and
-// ICMP (ICMPv6), and for an IPv6 packet with extension headers other than
-// a fragment header.
+// ICMP (ICMPv6), for IPv4 with options (source routing, say: nothing a
+// client needs), for an IPv6 packet with extension headers other than a
+// fragment header, and for IPv6 addresses that are mapped IPv4 ones (the
+// policy would judge the IPv4 address, the kernel route the IPv6 one).
 func flowOf(pkt []byte) (f flow, ok bool) {
 	var proto byte
 	var l4 []byte
 	switch {
 	case len(pkt) >= 20 && pkt[0]>>4 == 4:
 		ihl := int(pkt[0]&0x0f) * 4
-		if ihl < 20 || len(pkt) < ihl {
+		if ihl != 20 {
 			return f, false
 		}
 		f.src = netip.AddrFrom4([4]byte(pkt[12:16]))
@@ -188,6 +195,9 @@ func flowOf(pkt []byte) (f flow, ok bool) {
 		f.src = netip.AddrFrom16([16]byte(pkt[8:24]))
 		f.dst = netip.AddrPortFrom(netip.AddrFrom16([16]byte(pkt[24:40])), 0)
 		proto, l4 = pkt[6], pkt[40:]
+		if f.src.Is4In6() || f.dst.Addr().Is4In6() {
+			return f, false
+		}
 		if proto == 44 { // fragment header
 			if len(l4) < 8 {
 				return f, false

@@ -72,6 +72,17 @@ func TestFlowOf(t *testing.T) {
 		{"tcp header cut short", ip4(6, 0, []byte{1, 2}), false, netip.AddrPort{}, "", false},
 		{"bad IHL", func() []byte { p := ip4(6, 0, ports(1, 2)); p[0] = 0x4f; return p }(), false, netip.AddrPort{}, "", false},
 		{"IHL under 20", func() []byte { p := ip4(6, 0, ports(1, 2)); p[0] = 0x44; return p }(), false, netip.AddrPort{}, "", false},
+		{"IPv4 options", func() []byte {
+			p := append(ip4(6, 0, nil)[:20], 0x83, 3, 4, 0) // loose source route
+			p[0] = 0x46
+			return append(p, ports(1, 80)...)
+		}(), false, netip.AddrPort{}, "", false},
+		{"ipv6 to a mapped IPv4 address", func() []byte {
+			p := ip6(6, ports(1, 80))
+			m := netip.MustParseAddr("::ffff:192.168.77.10").As16()
+			copy(p[24:40], m[:])
+			return p
+		}(), false, netip.AddrPort{}, "", false},
 		{"ipv6 tcp", ip6(6, ports(40000, 443)), true, netip.AddrPortFrom(lan6, 443), "tcp", false},
 		{"icmpv6", ip6(58, []byte{128, 0, 0, 0}), true, netip.AddrPortFrom(lan6, 0), "icmp", false},
 		{"ipv6 first fragment", ip6(44, fragHdr(17, 0, ports(5, 53))), true, netip.AddrPortFrom(lan6, 53), "udp", false},

@@ -159,7 +159,10 @@ func (a *Agent) Status() Status {
 		st.Drops["routed_fragment_denied"] = r.laterDenied.Load()
 		if d, err := r.fw.Drops(); err == nil {
 			st.Drops["routed_lan_started"] = d.LANStarted
+			st.Drops["routed_invalid"] = d.Invalid
+			st.Drops["routed_to_host"] = d.ToHost
 			st.Limited["routed_connections"] = d.PeerLimit
+			st.Limited["routed_connections_all_clients"] = d.TotalLimit
 		}
 	}
 	dns := a.dns.Stats()

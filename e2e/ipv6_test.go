@@ -5,6 +5,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -95,6 +96,44 @@ func TestIPv6Subnet(t *testing.T) {
 		}
 		if out, err := lab.Output(context.Background(), e.lab.NS.Client, "ping", "-6", "-c", "2", "-W", "5", e.lab.LANHost6.String()); err != nil {
 			t.Errorf("ping -6 through the routed agent: %v\n%s", err, out)
+		}
+		// With IPv6 forwarding on, the agent's host takes its LAN's
+		// subnet-router anycast address as its own, and that address is
+		// in the advertised prefix and on no interface: the forwarding
+		// drops (and counts) what comes from the device for the host
+		// itself, so a UDP service of the host never hears the client.
+		hostUDP, err := lab.ListenUDP(e.lab.NS.Agent, &net.UDPAddr{IP: net.IPv6unspecified, Port: 5999})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer hostUDP.Close()
+		heard := make(chan string, 8)
+		go func() {
+			b := make([]byte, 64)
+			for {
+				n, from, err := hostUDP.ReadFrom(b)
+				if err != nil {
+					return
+				}
+				heard <- fmt.Sprintf("%q from %v", b[:n], from)
+			}
+		}()
+		anycast := &net.UDPAddr{IP: e.lab.LANSubnet6.Masked().Addr().AsSlice(), Port: 5999}
+		cli, err := lab.ListenUDP(e.lab.NS.Client, &net.UDPAddr{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cli.Close()
+		for i := 0; i < 3; i++ {
+			cli.WriteTo([]byte("to the host?"), anycast)
+		}
+		select {
+		case got := <-heard:
+			t.Errorf("a UDP service of the agent's host heard the client at the anycast address %v: %s", anycast.IP, got)
+		case <-time.After(time.Second):
+		}
+		if n := e.agentStatus(t).Drops["routed_to_host"]; n == 0 {
+			t.Error("the datagrams to the agent host's anycast address were not counted in routed_to_host")
 		}
 		e.client.Stop()
 		e.agent.Stop()

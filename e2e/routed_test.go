@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -11,6 +12,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/nlvpn/nlvpn/lab"
 )
@@ -104,8 +108,23 @@ func TestRoutedAgent(t *testing.T) {
 		}
 	}
 
-	// Stop: everything the agent set up is gone.
+	// The client leaves: its connections are forgotten by the agent's
+	// kernel at once (left there, the LAN's late replies would be
+	// translated back to its overlay address and, with no route into the
+	// device any more, leave by the default route).
+	client := netip.MustParseAddr(m[1])
+	if n := trackedFrom(t, e.lab.NS.Agent, client); n == 0 {
+		t.Fatal("no connection of the client in the agent's conntrack while it is connected: the check below tests nothing")
+	}
 	e.client.Stop()
+	e.waitFor(t, 10*time.Second, "the agent to forget the client's connections", func() error {
+		if n := trackedFrom(t, e.lab.NS.Agent, client); n > 0 {
+			return fmt.Errorf("%d connections of %s still tracked", n, client)
+		}
+		return nil
+	})
+
+	// Stop: everything the agent set up is gone.
 	e.agent.Stop()
 	if out, err := lab.Output(ctx, e.lab.NS.Agent, "ip", "link", "show", routedTun); err == nil {
 		t.Errorf("the agent's TUN device outlived it: %s", out)
@@ -119,6 +138,26 @@ func TestRoutedAgent(t *testing.T) {
 	if got := readSysctl(); got != "0" {
 		t.Errorf("ip_forward is %s after the agent stopped; want 0 as before", got)
 	}
+}
+
+// trackedFrom counts the kernel's tracked connections in ns whose
+// original source is addr.
+func trackedFrom(t *testing.T, ns string, addr netip.Addr) int {
+	t.Helper()
+	n := 0
+	err := lab.Do(ns, func() error {
+		flows, err := netlink.ConntrackTableList(netlink.ConntrackTable, netlink.InetFamily(unix.AF_INET))
+		for _, f := range flows {
+			if a, ok := netip.AddrFromSlice(f.Forward.SrcIP); ok && a.Unmap() == addr {
+				n++
+			}
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatalf("conntrack in %s: %v", ns, err)
+	}
+	return n
 }
 
 // TestRoutedAgentLimit: a routed agent bounds the connections one client

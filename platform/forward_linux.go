@@ -26,21 +26,37 @@ import (
 //
 // Only the overlay addresses of connected peers are routed into the
 // device (Route, Unroute), never a whole range: this host's traffic to
-// anything else, its gateway included, is untouched.
+// anything else, its gateway included, is untouched. When a peer's last
+// route goes, so do its connections in the kernel's tracking: left there,
+// the LAN's replies to them would be translated back to its overlay
+// address and, with no route into the device any more, follow the host's
+// default route out.
+//
+// Nothing from the device is for this host (the caller keeps packets for
+// its own addresses out of it), so the input hook drops all of it; nor may
+// this host's own processes start anything toward a peer (output hook);
+// and what conntrack cannot place (invalid, untracked) is not forwarded.
 //
 // The rules live in one nftables table named for the device; Close deletes
 // it by that name, removes the routes and puts the sysctls back.
 type Forwarding struct {
-	dev   string
-	index int
-	table *nftables.Table
-	fwd   *nftables.Chain
+	dev     string
+	index   int
+	table   *nftables.Table
+	fwd, in *nftables.Chain
 	// restore holds the sysctls this Forwarding changed, with their
 	// values before.
 	restore map[string]string
 
 	mu     sync.Mutex
-	routes map[netip.Addr]*netlink.Route
+	routes map[netip.Addr]*peerRoute
+}
+
+// peerRoute is a peer address's route and how many sessions hold it (a
+// peer's new session may start before its old one has ended).
+type peerRoute struct {
+	route *netlink.Route
+	users int
 }
 
 // ForwardingConfig configures NewForwarding.
@@ -52,9 +68,10 @@ type ForwardingConfig struct {
 	IPv6 bool
 	// PerPeer bounds the connections (conntrack entries: TCP, UDP and
 	// ICMP flows) one source address may have open through the device;
-	// beyond it new ones are dropped and counted. 0: no bound but the
-	// kernel's own (nf_conntrack_max).
-	PerPeer int
+	// beyond it new ones are dropped and counted. Total bounds those of
+	// all sources together. 0: no bound but the kernel's own
+	// (nf_conntrack_max).
+	PerPeer, Total int
 }
 
 // forwardTableName is the table of TUN device dev.
@@ -81,7 +98,7 @@ func NewForwarding(cfg ForwardingConfig) (*Forwarding, error) {
 		return nil, fmt.Errorf("forwarding: bring %s up: %w", dev, err)
 	}
 	f := &Forwarding{dev: dev, index: link.Attrs().Index, restore: make(map[string]string),
-		routes: make(map[netip.Addr]*netlink.Route),
+		routes: make(map[netip.Addr]*peerRoute),
 		table:  &nftables.Table{Name: forwardTableName(dev), Family: nftables.TableFamilyINet}}
 	c, err := nftables.New()
 	if err != nil {
@@ -96,12 +113,33 @@ func NewForwarding(cfg ForwardingConfig) (*Forwarding, error) {
 	// oifname dev ct state established,related accept
 	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, Exprs: append(oifIs(dev), ctStateIs(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED, true)...)})
 	// oifname dev counter drop: a LAN host cannot start anything toward a peer.
-	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, UserData: []byte("lan-started"), Exprs: append(oifIs(dev), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
+	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, UserData: []byte(dropLANStarted), Exprs: append(oifIs(dev), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
+	// iifname dev ct state invalid,untracked counter drop: what conntrack
+	// cannot place would leave unmasqueraded.
+	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, UserData: []byte(dropInvalid), Exprs: append(append(iifIs(dev),
+		ctStateIs(expr.CtStateBitINVALID|expr.CtStateBitUNTRACKED, false)...), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
 	if cfg.PerPeer > 0 {
 		if err := addPerPeerLimit(c, f.table, f.fwd, dev, cfg.PerPeer); err != nil {
 			return nil, err
 		}
 	}
+	if cfg.Total > 0 {
+		// iifname dev ct state new ct count over Total counter drop: the
+		// expression counts the connections that passed it.
+		c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, UserData: []byte(dropTotalLimit), Exprs: append(append(iifIs(dev),
+			ctStateIs(expr.CtStateBitNEW, false)...),
+			&expr.Connlimit{Count: uint32(cfg.Total), Flags: connlimitOver}, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
+	}
+	f.in = c.AddChain(&nftables.Chain{Name: "input", Table: f.table, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+	// iifname dev counter drop
+	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.in, UserData: []byte(dropToHost), Exprs: append(iifIs(dev), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
+	out := c.AddChain(&nftables.Chain{Name: "output", Table: f.table, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+	// oifname dev ct state established,related accept; oifname dev drop:
+	// the host's own errors about a peer's packets pass, nothing new.
+	c.AddRule(&nftables.Rule{Table: f.table, Chain: out, Exprs: append(oifIs(dev), ctStateIs(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED, true)...)})
+	c.AddRule(&nftables.Rule{Table: f.table, Chain: out, Exprs: append(oifIs(dev), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
 	nat := c.AddChain(&nftables.Chain{Name: "postrouting", Table: f.table, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource, Policy: &accept})
 	// iifname dev oifname != dev masquerade. (The input interface of a
@@ -160,7 +198,7 @@ func addPerPeerLimit(c *nftables.Conn, t *nftables.Table, ch *nftables.Chain, de
 			&expr.Dynset{SrcRegKey: 1, SetName: set.Name, Operation: uint32(unix.NFT_DYNSET_OP_ADD),
 				Exprs: []expr.Any{&expr.Connlimit{Count: uint32(n), Flags: connlimitOver}}},
 			&expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
-		c.AddRule(&nftables.Rule{Table: t, Chain: ch, UserData: []byte("peer-limit"), Exprs: exprs})
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, UserData: []byte(dropPeerLimit), Exprs: exprs})
 	}
 	return nil
 }
@@ -200,9 +238,23 @@ func ifname(dev string) []byte {
 type ForwardingDrops struct {
 	// LANStarted: packets toward a peer that were not replies.
 	LANStarted uint64
-	// PeerLimit: new connections of a peer over ForwardingConfig.PerPeer.
-	PeerLimit uint64
+	// Invalid: packets from the device that conntrack could not place.
+	Invalid uint64
+	// ToHost: packets from the device for this host itself.
+	ToHost uint64
+	// PeerLimit: new connections of a peer over ForwardingConfig.PerPeer;
+	// TotalLimit: over ForwardingConfig.Total.
+	PeerLimit, TotalLimit uint64
 }
+
+// The rules' names (their user data), by which Drops reads their counters.
+const (
+	dropLANStarted = "lan-started"
+	dropInvalid    = "invalid"
+	dropToHost     = "to-host"
+	dropPeerLimit  = "peer-limit"
+	dropTotalLimit = "total-limit"
+)
 
 // Drops reads the rules' counters.
 func (f *Forwarding) Drops() (ForwardingDrops, error) {
@@ -211,18 +263,28 @@ func (f *Forwarding) Drops() (ForwardingDrops, error) {
 	if err != nil {
 		return d, err
 	}
-	rules, err := c.GetRules(f.table, f.fwd)
-	if err != nil {
-		return d, err
-	}
-	for _, r := range rules {
-		for _, e := range r.Exprs {
-			if ctr, ok := e.(*expr.Counter); ok {
+	for _, ch := range []*nftables.Chain{f.fwd, f.in} {
+		rules, err := c.GetRules(f.table, ch)
+		if err != nil {
+			return d, err
+		}
+		for _, r := range rules {
+			for _, e := range r.Exprs {
+				ctr, ok := e.(*expr.Counter)
+				if !ok {
+					continue
+				}
 				switch string(r.UserData) {
-				case "lan-started":
+				case dropLANStarted:
 					d.LANStarted += ctr.Packets
-				case "peer-limit":
+				case dropInvalid:
+					d.Invalid += ctr.Packets
+				case dropToHost:
+					d.ToHost += ctr.Packets
+				case dropPeerLimit:
 					d.PeerLimit += ctr.Packets
+				case dropTotalLimit:
+					d.TotalLimit += ctr.Packets
 				}
 			}
 		}
@@ -230,34 +292,57 @@ func (f *Forwarding) Drops() (ForwardingDrops, error) {
 	return d, nil
 }
 
-// Route routes a peer's overlay address into the device.
+// Route routes a peer's overlay address into the device. Each successful
+// Route is undone by one Unroute; the route stays while any holds it.
 func (f *Forwarding) Route(addr netip.Addr) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if _, ok := f.routes[addr]; ok {
+	if pr, ok := f.routes[addr]; ok {
+		pr.users++
 		return nil
 	}
 	r := &netlink.Route{LinkIndex: f.index, Dst: ipNet(netip.PrefixFrom(addr, addr.BitLen())), Scope: netlink.SCOPE_LINK}
 	if err := netlink.RouteReplace(r); err != nil {
 		return fmt.Errorf("route %s into %s: %w", addr, f.dev, err)
 	}
-	f.routes[addr] = r
+	f.routes[addr] = &peerRoute{route: r, users: 1}
 	return nil
 }
 
-// Unroute removes a peer's route.
+// Unroute gives up one hold of a peer's route (Route). With the last, the
+// route goes, and the peer's connections are dropped from the kernel's
+// tracking.
 func (f *Forwarding) Unroute(addr netip.Addr) error {
 	f.mu.Lock()
-	r := f.routes[addr]
-	delete(f.routes, addr)
-	f.mu.Unlock()
-	if r == nil {
+	defer f.mu.Unlock()
+	pr := f.routes[addr]
+	if pr == nil {
 		return nil
 	}
-	if err := netlink.RouteDel(r); err != nil && !errors.Is(err, syscall.ESRCH) && !errors.Is(err, syscall.ENODEV) {
-		return fmt.Errorf("remove route %s: %w", addr, err)
+	if pr.users--; pr.users > 0 {
+		return nil
 	}
-	return nil
+	delete(f.routes, addr)
+	return unroute(addr, pr.route)
+}
+
+// unroute removes addr's route and forgets its connections.
+func unroute(addr netip.Addr, r *netlink.Route) error {
+	var errs []error
+	if err := netlink.RouteDel(r); err != nil && !errors.Is(err, syscall.ESRCH) && !errors.Is(err, syscall.ENODEV) {
+		errs = append(errs, fmt.Errorf("remove route %s: %w", addr, err))
+	}
+	filter := &netlink.ConntrackFilter{}
+	family := netlink.InetFamily(unix.AF_INET)
+	if addr.Is6() {
+		family = unix.AF_INET6
+	}
+	if err := filter.AddIP(netlink.ConntrackOrigSrcIP, addr.AsSlice()); err != nil {
+		errs = append(errs, err)
+	} else if _, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, family, filter); err != nil {
+		errs = append(errs, fmt.Errorf("forget the connections of %s: %w", addr, err))
+	}
+	return errors.Join(errs...)
 }
 
 // Close removes the routes and the table and puts back the sysctls it
@@ -265,16 +350,13 @@ func (f *Forwarding) Unroute(addr netip.Addr) error {
 func (f *Forwarding) Close() error {
 	var errs []error
 	f.mu.Lock()
-	addrs := make([]netip.Addr, 0, len(f.routes))
-	for a := range f.routes {
-		addrs = append(addrs, a)
-	}
-	f.mu.Unlock()
-	for _, a := range addrs {
-		if err := f.Unroute(a); err != nil {
+	for a, pr := range f.routes {
+		if err := unroute(a, pr.route); err != nil {
 			errs = append(errs, err)
 		}
 	}
+	clear(f.routes)
+	f.mu.Unlock()
 	if c, err := nftables.New(); err != nil {
 		errs = append(errs, err)
 	} else {
@@ -283,13 +365,36 @@ func (f *Forwarding) Close() error {
 			errs = append(errs, fmt.Errorf("removing nftables table %s: %w", f.table.Name, err))
 		}
 	}
-	for k, v := range f.restore {
-		if err := writeSysctl(k, v); err != nil {
-			errs = append(errs, err)
+	// Another routed agent on this host (its own table) still needs
+	// forwarding: then the sysctls stay as they are.
+	if others, err := otherForwardTables(f.table.Name); err != nil || !others {
+		for k, v := range f.restore {
+			if err := writeSysctl(k, v); err != nil {
+				errs = append(errs, err)
+			}
 		}
-		delete(f.restore, k)
 	}
+	clear(f.restore)
 	return errors.Join(errs...)
+}
+
+// otherForwardTables reports whether a forwarding table other than ours
+// exists.
+func otherForwardTables(ours string) (bool, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return false, err
+	}
+	ts, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return false, err
+	}
+	for _, t := range ts {
+		if t.Name != ours && strings.HasPrefix(t.Name, forwardTableName("")) {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // setSysctl sets /proc/sys/key to v, remembering the value before if it

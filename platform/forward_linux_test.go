@@ -42,7 +42,7 @@ func TestForwarding(t *testing.T) {
 
 	peer := netip.MustParseAddr("100.64.7.9")
 	err := lab.Do(ns, func() error {
-		f, err := NewForwarding(ForwardingConfig{Device: dev, PerPeer: 5})
+		f, err := NewForwarding(ForwardingConfig{Device: dev, PerPeer: 5, Total: 9})
 		if err != nil {
 			return err
 		}
@@ -54,8 +54,11 @@ func TestForwarding(t *testing.T) {
 		for _, want := range []string{
 			`oifname "` + dev + `" ct state established,related accept`,
 			`oifname "` + dev + `" counter packets 0 bytes 0 drop`,
+			`iifname "` + dev + `" ct state invalid,untracked counter packets 0 bytes 0 drop`,
 			`iifname "` + dev + `" ct state new add @peers4 { ip saddr ct count over 5 }`,
+			`iifname "` + dev + `" ct state new ct count over 9 counter packets 0 bytes 0 drop`,
 			`iifname "` + dev + `" oifname != "` + dev + `" masquerade`,
+			"hook input", "hook output",
 		} {
 			if !strings.Contains(table, want) {
 				t.Errorf("table lacks %q:\n%s", want, table)
@@ -70,11 +73,22 @@ func TestForwarding(t *testing.T) {
 		if d, err := f.Drops(); err != nil || d != (ForwardingDrops{}) {
 			t.Errorf("drops %+v, %v; want zero, nil", d, err)
 		}
+		// A second hold (a peer's new session before its old one ended):
+		// the route stays until both are given up.
+		if err := f.Route(peer); err != nil {
+			return err
+		}
+		if err := f.Unroute(peer); err != nil {
+			return err
+		}
+		if got := out("ip", "route", "show", peer.String()); !strings.Contains(got, "dev "+dev) {
+			t.Errorf("route of %s gone while a hold remains: %q", peer, got)
+		}
 		if err := f.Unroute(peer); err != nil {
 			return err
 		}
 		if got := strings.TrimSpace(out("ip", "route", "show", peer.String())); got != "" {
-			t.Errorf("route of %s after Unroute: %q", peer, got)
+			t.Errorf("route of %s after the last Unroute: %q", peer, got)
 		}
 		f.Route(peer)
 		return f.Close()

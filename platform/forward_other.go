@@ -13,13 +13,13 @@ type Forwarding struct{}
 
 // ForwardingConfig configures NewForwarding.
 type ForwardingConfig struct {
-	Device  string
-	IPv6    bool
-	PerPeer int
+	Device         string
+	IPv6           bool
+	PerPeer, Total int
 }
 
 // ForwardingDrops are the packets the forwarding's rules dropped.
-type ForwardingDrops struct{ LANStarted, PeerLimit uint64 }
+type ForwardingDrops struct{ LANStarted, Invalid, ToHost, PeerLimit, TotalLimit uint64 }
 
 // NewForwarding is not yet written for this OS.
 func NewForwarding(ForwardingConfig) (*Forwarding, error) {
