@@ -85,16 +85,8 @@ const DefaultTunName = "nlvpn-agent"
 // readRouted carries what the kernel routes into the device to the
 // clients.
 func (a *Agent) readRouted(ctx context.Context, dev *tun.Device) {
-	// As in the client: with offloads only the first buffer takes a whole
-	// segment; the device splits it into MTU-sized packets in the others.
-	n := dev.BatchSize()
-	bufs := make([][]byte, n)
-	bufs[0] = make([]byte, tun.Offset+65535)
-	for i := 1; i < n; i++ {
-		bufs[i] = make([]byte, tun.Offset+dev.MTU())
-	}
-	sizes := make([]int, n)
-	pkts := make([][]byte, 0, n)
+	bufs, sizes := dev.ReadBuffers()
+	pkts := make([][]byte, 0, len(bufs))
 	var run [][]byte
 	for ctx.Err() == nil {
 		k, err := dev.Read(bufs, sizes)

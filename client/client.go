@@ -888,19 +888,8 @@ func (c *Client) send(pkt []byte) {
 
 // readTUN carries the machine's packets into the current session.
 func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
-	// With offloads the device reads a whole TSO segment into a buffer of
-	// its own and splits it into MTU-sized packets in ours, so only the
-	// first buffer (which takes a packet when there is nothing to split)
-	// needs room for the largest packet; the others need the device's
-	// MTU, which only ever goes down from what it was made with.
-	n := dev.BatchSize()
-	bufs := make([][]byte, n)
-	bufs[0] = make([]byte, tun.Offset+65535)
-	for i := 1; i < n; i++ {
-		bufs[i] = make([]byte, tun.Offset+dev.MTU())
-	}
-	sizes := make([]int, n)
-	burst := make([][]byte, 0, n)
+	bufs, sizes := dev.ReadBuffers()
+	burst := make([][]byte, 0, len(bufs))
 	for ctx.Err() == nil {
 		k, err := dev.Read(bufs, sizes)
 		if err != nil {

@@ -10,7 +10,6 @@ import (
 	"syscall"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -104,12 +103,8 @@ func NewForwarding(cfg ForwardingConfig) (*Forwarding, error) {
 	if err != nil {
 		return nil, fmt.Errorf("forwarding: nftables: %w", err)
 	}
-	c.AddTable(f.table)
-	c.DelTable(f.table)
-	c.AddTable(f.table)
-	accept := nftables.ChainPolicyAccept
-	f.fwd = c.AddChain(&nftables.Chain{Name: "forward", Table: f.table, Type: nftables.ChainTypeFilter,
-		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+	replaceTable(c, f.table)
+	f.fwd = acceptChain(c, f.table, "forward", nftables.ChainHookForward)
 	// oifname dev ct state established,related accept
 	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, Exprs: append(oifIs(dev), ctStateIs(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED, true)...)})
 	// oifname dev counter drop: a LAN host cannot start anything toward a peer.
@@ -130,16 +125,15 @@ func NewForwarding(cfg ForwardingConfig) (*Forwarding, error) {
 			ctStateIs(expr.CtStateBitNEW, false)...),
 			&expr.Connlimit{Count: uint32(cfg.Total), Flags: connlimitOver}, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
 	}
-	f.in = c.AddChain(&nftables.Chain{Name: "input", Table: f.table, Type: nftables.ChainTypeFilter,
-		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+	f.in = acceptChain(c, f.table, "input", nftables.ChainHookInput)
 	// iifname dev counter drop
 	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.in, UserData: []byte(dropToHost), Exprs: append(iifIs(dev), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
-	out := c.AddChain(&nftables.Chain{Name: "output", Table: f.table, Type: nftables.ChainTypeFilter,
-		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+	out := acceptChain(c, f.table, "output", nftables.ChainHookOutput)
 	// oifname dev ct state established,related accept; oifname dev drop:
 	// the host's own errors about a peer's packets pass, nothing new.
 	c.AddRule(&nftables.Rule{Table: f.table, Chain: out, Exprs: append(oifIs(dev), ctStateIs(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED, true)...)})
 	c.AddRule(&nftables.Rule{Table: f.table, Chain: out, Exprs: append(oifIs(dev), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
+	accept := nftables.ChainPolicyAccept
 	nat := c.AddChain(&nftables.Chain{Name: "postrouting", Table: f.table, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource, Policy: &accept})
 	// iifname dev oifname != dev masquerade. (The input interface of a
@@ -201,37 +195,6 @@ func addPerPeerLimit(c *nftables.Conn, t *nftables.Table, ch *nftables.Chain, de
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, UserData: []byte(dropPeerLimit), Exprs: exprs})
 	}
 	return nil
-}
-
-// ctStateIs matches conntrack states in bits; with accept, the rule
-// accepts what matched.
-func ctStateIs(bits uint32, accept bool) []expr.Any {
-	e := []expr.Any{
-		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-			Mask: binaryutil.NativeEndian.PutUint32(bits),
-			Xor:  binaryutil.NativeEndian.PutUint32(0)},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
-	}
-	if accept {
-		e = append(e, &expr.Verdict{Kind: expr.VerdictAccept})
-	}
-	return e
-}
-
-// oifIs matches packets that leave through interface dev.
-func oifIs(dev string) []expr.Any {
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(dev)},
-	}
-}
-
-// ifname is dev as nftables compares interface names: IFNAMSIZ bytes.
-func ifname(dev string) []byte {
-	b := make([]byte, unix.IFNAMSIZ)
-	copy(b, dev)
-	return b
 }
 
 // ForwardingDrops are the packets the forwarding's rules dropped.

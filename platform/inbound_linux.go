@@ -6,7 +6,6 @@ import (
 	"strings"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 )
@@ -42,26 +41,13 @@ func NewInboundFilter(dev string) (*InboundFilter, error) {
 		return nil, fmt.Errorf("inbound filter: nftables: %w", err)
 	}
 	f := &InboundFilter{table: &nftables.Table{Name: inboundTableName(dev), Family: nftables.TableFamilyINet}}
-	// Replace a stale table by name: add (a no-op if it exists), delete,
-	// add, in one batch.
-	c.AddTable(f.table)
-	c.DelTable(f.table)
-	c.AddTable(f.table)
-	accept := nftables.ChainPolicyAccept
-	f.in = c.AddChain(&nftables.Chain{Name: "input", Table: f.table, Type: nftables.ChainTypeFilter,
-		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &accept})
-	f.fwd = c.AddChain(&nftables.Chain{Name: "forward", Table: f.table, Type: nftables.ChainTypeFilter,
-		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept})
+	replaceTable(c, f.table)
+	f.in = acceptChain(c, f.table, "input", nftables.ChainHookInput)
+	f.fwd = acceptChain(c, f.table, "forward", nftables.ChainHookForward)
 	for _, ch := range []*nftables.Chain{f.in, f.fwd} {
 		// iifname dev ct state established,related accept
 		c.AddRule(&nftables.Rule{Table: f.table, Chain: ch, Exprs: append(iifIs(dev),
-			&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
-			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-				Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED),
-				Xor:  binaryutil.NativeEndian.PutUint32(0)},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
-			&expr.Verdict{Kind: expr.VerdictAccept},
-		)})
+			ctStateIs(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED, true)...)})
 		// iifname dev counter drop
 		c.AddRule(&nftables.Rule{Table: f.table, Chain: ch, Exprs: append(iifIs(dev),
 			&expr.Counter{},
@@ -72,16 +58,6 @@ func NewInboundFilter(dev string) (*InboundFilter, error) {
 		return nil, fmt.Errorf("inbound filter: installing nftables table %s: %w", f.table.Name, err)
 	}
 	return f, nil
-}
-
-// iifIs matches packets that came in on interface dev.
-func iifIs(dev string) []expr.Any {
-	name := make([]byte, unix.IFNAMSIZ)
-	copy(name, dev)
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: name},
-	}
 }
 
 // Refused is how many packets from the device the filter has dropped.

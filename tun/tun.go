@@ -53,6 +53,22 @@ func (d *Device) Read(bufs [][]byte, sizes []int) (int, error) {
 	return d.dev.Read(bufs, sizes, Offset)
 }
 
+// ReadBuffers makes buffers for Read: one per packet of a batch. With
+// offloads the device reads a whole TSO segment into a buffer of its own
+// and splits it into MTU-sized packets in these, so only the first (which
+// takes a packet when there is nothing to split) needs room for the
+// largest packet; the others need the device's MTU, which only ever goes
+// down from what it was made with.
+func (d *Device) ReadBuffers() (bufs [][]byte, sizes []int) {
+	n := d.BatchSize()
+	bufs = make([][]byte, n)
+	bufs[0] = make([]byte, Offset+65535)
+	for i := 1; i < n; i++ {
+		bufs[i] = make([]byte, Offset+d.mtu)
+	}
+	return bufs, make([]int, n)
+}
+
 // Write writes packets bufs[i][Offset:]. It may coalesce TCP segments (GRO)
 // and so may modify the buffers.
 func (d *Device) Write(bufs [][]byte) (int, error) {
