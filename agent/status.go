@@ -18,6 +18,9 @@ type Status struct {
 	// Transport is how the agent reaches the gateway: "udp", "tcp" or
 	// "tcp via proxy HOST:PORT"; empty while disconnected.
 	Transport string `json:"transport"`
+	// Egress is how clients' packets reach the LAN: "netstack", or
+	// "routed via DEVICE" (Config.Routed).
+	Egress string `json:"egress"`
 	// TxBytesTotal and RxBytesTotal count the tunnel's bytes to and from
 	// all clients since start, ended sessions included.
 	TxBytesTotal uint64 `json:"tx_bytes_total"`
@@ -34,7 +37,9 @@ type Status struct {
 	// because a client's or the agent's bound was hit (all clients, since
 	// start): tcp_flows, udp_flows, dials, icmp_echoes, dns_queries (a
 	// client's bound), dns_queries_all_clients (the agent's); and
-	// gateway_requests, the gateway's requests answered "busy".
+	// gateway_requests, the gateway's requests answered "busy"; with
+	// Routed, routed_connections and routed_connections_all_clients (new
+	// connections over a client's or all clients' bound).
 	Limited map[string]uint64 `json:"limited"`
 	// DNS counts what the DNS forwarder for clients did (dnsfwd.Stats):
 	// queries, answered, nxdomain, servfail, other_rcode, notimp,
@@ -153,7 +158,9 @@ func (a *Agent) Status() Status {
 	st.TCP = a.eg.StackTCP()
 	st.Denied = a.denied.snapshot()
 	st.Limited = a.eg.Limited()
+	st.Egress = "netstack"
 	if r := a.rt; r != nil {
+		st.Egress = "routed via " + r.dev.Name()
 		st.Drops["routed_unsupported"] = r.unsupported.Load()
 		st.Drops["routed_tun_write"] = r.w.Drops()
 		st.Drops["routed_fragment_denied"] = r.laterDenied.Load()

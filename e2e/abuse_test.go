@@ -387,6 +387,7 @@ type abuseAgentStatus struct {
 	Drops   map[string]uint64 `json:"drops"`
 	Denied  map[string]uint64 `json:"denied"`
 	Limited map[string]uint64 `json:"limited"`
+	Egress  string            `json:"egress"`
 	// The netstack's loss recovery, all clients.
 	TCPRetransmits uint64 `json:"tcp_retransmits"`
 	TCPTimeouts    uint64 `json:"tcp_timeouts"`

@@ -101,10 +101,13 @@ func TestRoutedAgent(t *testing.T) {
 		t.Error("a LAN host pinged the client's overlay address through the routed agent")
 	}
 	st := e.agentStatus(t)
+	if want := "routed via " + routedTun; st.Egress != want {
+		t.Errorf("agent status egress %q, want %q", st.Egress, want)
+	}
 	if st.Drops["routed_lan_started"] == 0 {
 		t.Errorf("agent drops %v: want the LAN host's pings counted in routed_lan_started", st.Drops)
 	}
-	for _, k := range []string{"routed_tun_write", "routed_unsupported", "no_session"} {
+	for _, k := range []string{"routed_tun_write", "routed_unsupported", "routed_invalid", "routed_to_host", "no_session"} {
 		if st.Drops[k] != 0 {
 			t.Errorf("agent drop %s = %d after clean transfers; want 0", k, st.Drops[k])
 		}

@@ -889,7 +889,8 @@ func statusCmd() *cli.Command {
 which only its user can open. For a client, --json prints one object with "path"
 ("direct" or "relay"), "remote", "rtt_ms", "tx_bytes", "rx_bytes", "since_switch_s" and
 "transport" (how it reaches the gateway: "udp", "tcp" or "tcp via proxy HOST:PORT");
-for an agent, "transport" too, "sessions" (one per connected client), "drops" (packets lost inside
+for an agent, "transport" too, "egress" ("netstack", or "routed via DEVICE" with --routed),
+"sessions" (one per connected client), "drops" (packets lost inside
 the agent, by where), "denied" (new flows its policy refused, by reason, and session
 offers refused), "limited" (new flows, dials, echoes and DNS queries refused because a
 client's or the agent's bound was hit), "probes" (hole-punch probes sent, refused and
@@ -917,7 +918,7 @@ dropped); each session shows the flows its client holds and its own refusals.`,
 				if err := json.Unmarshal(raw, &st); err != nil {
 					return fmt.Errorf("reading status: %w", err)
 				}
-				fmt.Printf("agent:    %s\ngateway:  over %s\nclients:  %d\n", st.Name, orNone(st.Transport), len(st.Sessions))
+				fmt.Printf("agent:    %s\ngateway:  over %s\negress:   %s\nclients:  %d\n", st.Name, orNone(st.Transport), orNone(st.Egress), len(st.Sessions))
 				for _, s := range st.Sessions {
 					fmt.Printf("  %s  session %s  %s %s  rtt %.2f ms  tx %d  rx %d bytes  flows tcp %d udp %d\n", s.Client, s.Session, s.Path, s.Remote, s.RTTMillis, s.TxBytes, s.RxBytes,
 						s.Flows["tcp_flows"], s.Flows["udp_flows"])
