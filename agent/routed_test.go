@@ -2,8 +2,13 @@ package agent
 
 import (
 	"encoding/binary"
+	"log/slog"
 	"net/netip"
 	"testing"
+
+	"github.com/nlvpn/nlvpn/policy"
+	"github.com/nlvpn/nlvpn/token"
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 // ip4 builds an IPv4 header (no options) for proto with fragment field
@@ -140,6 +145,78 @@ func TestLastAddr(t *testing.T) {
 	} {
 		if got := lastAddr(netip.MustParsePrefix(p)); got.String() != want {
 			t.Errorf("lastAddr(%s) = %s, want %s", p, got, want)
+		}
+	}
+}
+
+// routedTestAgent is an agent with alice connected and a policy that lets
+// her reach the LAN host's web port only.
+func routedTestAgent(t testing.TB) (*Agent, *clientState) {
+	pol, err := policy.Parse([]byte("allow client:alice 192.168.77.10 80 tcp\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur := &policy.Current{}
+	cur.Store(pol)
+	a := &Agent{cfg: Config{Advertise: []netip.Prefix{netip.MustParsePrefix("192.168.77.0/24")}, Policy: cur},
+		log: slog.New(slog.DiscardHandler)}
+	m := map[netip.Addr]bool{netip.MustParseAddr("192.168.77.2"): true}
+	a.host.set.Store(&m)
+	cs := &clientState{offer: &offer{Session: &wire.Session{PeerName: "alice"}, client: &token.Claims{Name: "alice"}}}
+	a.clients.Store(netip.MustParseAddr("100.64.0.2"), cs)
+	return a, cs
+}
+
+// TestFlowCacheFollowsPolicy: a flow the policy allowed stays allowed from
+// the cache only while that policy (and the host's address set) is in
+// force; a reload that refuses it refuses its next packet, and refusals
+// are counted each time, never cached.
+func TestFlowCacheFollowsPolicy(t *testing.T) {
+	a, cs := routedTestAgent(t)
+	web, _ := flowOf(ip4(6, 0, ports(40000, 80)))
+	ssh, _ := flowOf(ip4(6, 0, ports(40000, 22)))
+	for i := 0; i < 3; i++ {
+		if !cs.allowedFlow(a, web) {
+			t.Fatalf("packet %d to the web port refused", i)
+		}
+		if cs.allowedFlow(a, ssh) {
+			t.Fatalf("packet %d to ssh allowed", i)
+		}
+	}
+	if n := a.denied.policy.Load(); n != 3 {
+		t.Errorf("policy refusals counted %d, want 3 (one per packet)", n)
+	}
+	deny, _ := policy.Parse([]byte("allow client:alice 192.168.77.10 22 tcp\n"))
+	a.cfg.Policy.Store(deny)
+	if cs.allowedFlow(a, web) {
+		t.Error("the web port still allowed after a reload that no longer allows it")
+	}
+	if !cs.allowedFlow(a, ssh) {
+		t.Error("ssh refused after a reload that allows it")
+	}
+	// The host gains the address: the cache must not vouch for it.
+	a.cfg.Policy = nil
+	lanHost, _ := flowOf(ip4(6, 0, ports(40000, 443)))
+	if !cs.allowedFlow(a, lanHost) {
+		t.Fatal("the LAN host refused without a policy")
+	}
+	m := map[netip.Addr]bool{netip.MustParseAddr("192.168.77.10"): true}
+	a.host.set.Store(&m)
+	if cs.allowedFlow(a, lanHost) {
+		t.Error("an address that became this host's still allowed from the cache")
+	}
+}
+
+// BenchmarkRoutedFlowCheck is the routed agent's per-packet policy work
+// for a bulk flow: read the packet's flow, find it in the client's cache.
+func BenchmarkRoutedFlowCheck(b *testing.B) {
+	a, cs := routedTestAgent(b)
+	pkt := ip4(6, 0, ports(40000, 80))
+	b.ReportAllocs()
+	for b.Loop() {
+		f, ok := flowOf(pkt)
+		if !ok || !cs.allowedFlow(a, f) {
+			b.Fatal("refused")
 		}
 	}
 }
