@@ -27,6 +27,7 @@ import (
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/netstack"
 	"github.com/nlvpn/nlvpn/packet"
+	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/policy"
 	"github.com/nlvpn/nlvpn/punch"
 	"github.com/nlvpn/nlvpn/session"
@@ -223,6 +224,10 @@ func Run(ctx context.Context, cfg Config) error {
 			return err
 		}
 		defer stop()
+	} else if ok, _ := platform.CanCreateTUN(); ok {
+		// Not chosen for it: the routed egress changes the host's
+		// forwarding and firewall, which only the operator may decide.
+		a.log.Info("this agent may create TUN devices: --routed would let the kernel forward clients' packets (faster, and the LAN hosts' own TCP recovers from loss)")
 	}
 
 	stls, err := session.ServerTLS(cfg.Key)
