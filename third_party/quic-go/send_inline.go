@@ -3,6 +3,7 @@ package quic
 import (
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"github.com/quic-go/quic-go/internal/protocol"
 )
@@ -14,6 +15,11 @@ import (
 // packet. It never reports that it would block.
 type inlineSender struct {
 	conn sendConn
+
+	// stopped is set once Close is called or a write failed: Send checks
+	// it with one atomic load instead of a select over the two channels,
+	// which locks both of them for every packet.
+	stopped atomic.Bool
 
 	closeOnce   sync.Once
 	closeCalled chan struct{}
@@ -38,20 +44,16 @@ func newInlineSender(conn sendConn) sender {
 // (which path MTU discovery and loss detection deal with, as with the
 // queue) ends Run with that error, which closes the connection.
 func (h *inlineSender) Send(p *packetBuffer, gsoSize uint16, ecn protocol.ECN) {
-	select {
-	case <-h.failed:
+	if h.stopped.Load() {
 		p.Release()
 		return
-	case <-h.closeCalled:
-		p.Release()
-		return
-	default:
 	}
 	err := h.conn.Write(p.Data, gsoSize, ecn)
 	p.Release()
 	if err != nil && !isSendMsgSizeErr(err) {
 		h.failOnce.Do(func() {
 			h.err = err
+			h.stopped.Store(true)
 			close(h.failed)
 		})
 	}
@@ -78,6 +80,9 @@ func (h *inlineSender) Run() error {
 }
 
 func (h *inlineSender) Close() {
-	h.closeOnce.Do(func() { close(h.closeCalled) })
+	h.closeOnce.Do(func() {
+		h.stopped.Store(true)
+		close(h.closeCalled)
+	})
 	<-h.runStopped
 }
