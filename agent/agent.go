@@ -270,6 +270,10 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	a.log.Info("agent starting", "advertise", cfg.Advertise)
 
+	var routedFailed <-chan error // nil, never ready, without --routed
+	if a.rt != nil {
+		routedFailed = a.rt.failed
+	}
 	select {
 	case <-ctx.Done():
 		a.stopping.Store(true)
@@ -277,6 +281,10 @@ func Run(ctx context.Context, cfg Config) error {
 		return nil
 	case err := <-runErr:
 		return err
+	case err := <-routedFailed:
+		a.stopping.Store(true)
+		a.closeSessions()
+		return fmt.Errorf("routed egress: %w", err)
 	}
 }
 

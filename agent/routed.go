@@ -34,6 +34,10 @@ type routed struct {
 	w   *tun.BatchWriter
 	fw  *platform.Forwarding
 	v6  bool // an IPv6 prefix is advertised: IPv6 is forwarded
+	// failed gets the device's read error if it breaks while the agent
+	// runs (someone deleted it, say): the agent then ends with it rather
+	// than go on without a way back from the LAN.
+	failed chan error
 
 	// unsupported counts packets of other protocols (or IPv6 extension
 	// headers other than a fragment header), laterDenied fragments after
@@ -61,12 +65,12 @@ func (a *Agent) startRouted(ctx context.Context) (stop func(), err error) {
 		dev.Close()
 		return nil, fmt.Errorf("--routed: %w", err)
 	}
-	r := &routed{dev: dev, fw: fw, w: dev.NewBatchWriter(1024), v6: v6}
+	r := &routed{dev: dev, fw: fw, w: dev.NewBatchWriter(1024), v6: v6, failed: make(chan error, 1)}
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); r.w.Run(ctx) }()
-	go func() { defer wg.Done(); a.readRouted(ctx, dev) }()
+	go func() { defer wg.Done(); a.readRouted(ctx, dev, r.failed) }()
 	a.rt = r
 	a.log.Info("routed egress: the kernel forwards the clients' packets", "tun", dev.Name())
 	return func() {
@@ -83,8 +87,8 @@ func (a *Agent) startRouted(ctx context.Context) (stop func(), err error) {
 const DefaultTunName = "nlvpn-agent"
 
 // readRouted carries what the kernel routes into the device to the
-// clients.
-func (a *Agent) readRouted(ctx context.Context, dev *tun.Device) {
+// clients. An error that is not the device's closing goes to failed.
+func (a *Agent) readRouted(ctx context.Context, dev *tun.Device, failed chan<- error) {
 	bufs, sizes := dev.ReadBuffers()
 	pkts := make([][]byte, 0, len(bufs))
 	var run [][]byte
@@ -92,7 +96,7 @@ func (a *Agent) readRouted(ctx context.Context, dev *tun.Device) {
 		k, err := dev.Read(bufs, sizes)
 		if err != nil {
 			if ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
-				a.log.Warn("TUN read failed; routed egress stops", "err", err)
+				failed <- fmt.Errorf("reading TUN device %s: %w", dev.Name(), err)
 			}
 			return
 		}

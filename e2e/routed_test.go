@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -222,4 +223,26 @@ func TestRoutedAgentLimit(t *testing.T) {
 			return err
 		})
 	})
+
+	// Someone deletes the agent's device: the agent ends with an error
+	// (a service manager restarts it) instead of running on with no way
+	// back from the LAN, and still takes its table away.
+	e.client.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	if _, err := lab.Output(ctx, e.lab.NS.Agent, "ip", "link", "del", routedTun); err != nil {
+		t.Fatal(err)
+	}
+	e.waitFor(t, 10*time.Second, "the agent to end after its device was deleted", func() error {
+		if e.agent.Running() {
+			return errors.New("still running")
+		}
+		return nil
+	})
+	if code := e.agent.ExitCode(); code == 0 || !strings.Contains(e.agent.Log(), "routed egress: reading TUN device") {
+		t.Errorf("agent exit code %d after its device went; want an error naming the routed egress. Log:\n%s", code, e.agent.Log())
+	}
+	if out, err := lab.Output(ctx, e.lab.NS.Agent, "nft", "list", "table", "inet", "nlvpn-forward-"+routedTun); err == nil {
+		t.Errorf("the agent's nftables table outlived it:\n%s", out)
+	}
 }
