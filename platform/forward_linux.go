@@ -105,14 +105,13 @@ func NewForwarding(cfg ForwardingConfig) (*Forwarding, error) {
 	}
 	replaceTable(c, f.table)
 	f.fwd = acceptChain(c, f.table, "forward", nftables.ChainHookForward)
-	// oifname dev ct state established,related accept
-	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, Exprs: append(oifIs(dev), ctStateIs(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED, true)...)})
-	// oifname dev counter drop: a LAN host cannot start anything toward a peer.
-	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, UserData: []byte(dropLANStarted), Exprs: append(oifIs(dev), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
+	// oifname dev ct state established,related accept; oifname dev
+	// counter drop: a LAN host cannot start anything toward a peer.
+	repliesOnly(c, f.table, f.fwd, oifIs(dev), dropLANStarted)
 	// iifname dev ct state invalid,untracked counter drop: what conntrack
 	// cannot place would leave unmasqueraded.
 	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, UserData: []byte(dropInvalid), Exprs: append(append(iifIs(dev),
-		ctStateIs(expr.CtStateBitINVALID|expr.CtStateBitUNTRACKED, false)...), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
+		ctStateIs(expr.CtStateBitINVALID|expr.CtStateBitUNTRACKED, false)...), countDrop()...)})
 	if cfg.PerPeer > 0 {
 		if err := addPerPeerLimit(c, f.table, f.fwd, dev, cfg.PerPeer); err != nil {
 			return nil, err
@@ -121,18 +120,17 @@ func NewForwarding(cfg ForwardingConfig) (*Forwarding, error) {
 	if cfg.Total > 0 {
 		// iifname dev ct state new ct count over Total counter drop: the
 		// expression counts the connections that passed it.
-		c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, UserData: []byte(dropTotalLimit), Exprs: append(append(iifIs(dev),
+		c.AddRule(&nftables.Rule{Table: f.table, Chain: f.fwd, UserData: []byte(dropTotalLimit), Exprs: append(append(append(iifIs(dev),
 			ctStateIs(expr.CtStateBitNEW, false)...),
-			&expr.Connlimit{Count: uint32(cfg.Total), Flags: connlimitOver}, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
+			&expr.Connlimit{Count: uint32(cfg.Total), Flags: connlimitOver}), countDrop()...)})
 	}
 	f.in = acceptChain(c, f.table, "input", nftables.ChainHookInput)
 	// iifname dev counter drop
-	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.in, UserData: []byte(dropToHost), Exprs: append(iifIs(dev), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
+	c.AddRule(&nftables.Rule{Table: f.table, Chain: f.in, UserData: []byte(dropToHost), Exprs: append(iifIs(dev), countDrop()...)})
 	out := acceptChain(c, f.table, "output", nftables.ChainHookOutput)
-	// oifname dev ct state established,related accept; oifname dev drop:
-	// the host's own errors about a peer's packets pass, nothing new.
-	c.AddRule(&nftables.Rule{Table: f.table, Chain: out, Exprs: append(oifIs(dev), ctStateIs(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED, true)...)})
-	c.AddRule(&nftables.Rule{Table: f.table, Chain: out, Exprs: append(oifIs(dev), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})})
+	// Likewise on output: the host's own errors about a peer's packets
+	// pass, nothing new.
+	repliesOnly(c, f.table, out, oifIs(dev), "")
 	accept := nftables.ChainPolicyAccept
 	nat := c.AddChain(&nftables.Chain{Name: "postrouting", Table: f.table, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource, Policy: &accept})
@@ -190,8 +188,8 @@ func addPerPeerLimit(c *nftables.Conn, t *nftables.Table, ch *nftables.Chain, de
 		exprs = append(exprs,
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: fam.off, Len: fam.ln},
 			&expr.Dynset{SrcRegKey: 1, SetName: set.Name, Operation: uint32(unix.NFT_DYNSET_OP_ADD),
-				Exprs: []expr.Any{&expr.Connlimit{Count: uint32(n), Flags: connlimitOver}}},
-			&expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})
+				Exprs: []expr.Any{&expr.Connlimit{Count: uint32(n), Flags: connlimitOver}}})
+		exprs = append(exprs, countDrop()...)
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, UserData: []byte(dropPeerLimit), Exprs: exprs})
 	}
 	return nil

@@ -45,14 +45,8 @@ func NewInboundFilter(dev string) (*InboundFilter, error) {
 	f.in = acceptChain(c, f.table, "input", nftables.ChainHookInput)
 	f.fwd = acceptChain(c, f.table, "forward", nftables.ChainHookForward)
 	for _, ch := range []*nftables.Chain{f.in, f.fwd} {
-		// iifname dev ct state established,related accept
-		c.AddRule(&nftables.Rule{Table: f.table, Chain: ch, Exprs: append(iifIs(dev),
-			ctStateIs(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED, true)...)})
-		// iifname dev counter drop
-		c.AddRule(&nftables.Rule{Table: f.table, Chain: ch, Exprs: append(iifIs(dev),
-			&expr.Counter{},
-			&expr.Verdict{Kind: expr.VerdictDrop},
-		)})
+		// iifname dev ct state established,related accept; iifname dev counter drop
+		repliesOnly(c, f.table, ch, iifIs(dev), "")
 	}
 	if err := c.Flush(); err != nil {
 		return nil, fmt.Errorf("inbound filter: installing nftables table %s: %w", f.table.Name, err)

@@ -1,6 +1,8 @@
 package platform
 
 import (
+	"slices"
+
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
@@ -48,6 +50,24 @@ func ctStateIs(bits uint32, accept bool) []expr.Any {
 		e = append(e, &expr.Verdict{Kind: expr.VerdictAccept})
 	}
 	return e
+}
+
+// repliesOnly adds to chain ch: match ct state established,related
+// accept; match counter drop. The drop rule carries name (when not empty)
+// as its user data, by which its counter is read.
+func repliesOnly(c *nftables.Conn, t *nftables.Table, ch *nftables.Chain, match []expr.Any, name string) {
+	var userData []byte
+	if name != "" {
+		userData = []byte(name)
+	}
+	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: append(slices.Clip(match),
+		ctStateIs(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED, true)...)})
+	c.AddRule(&nftables.Rule{Table: t, Chain: ch, UserData: userData, Exprs: append(slices.Clip(match), countDrop()...)})
+}
+
+// countDrop counts what reaches it and drops it.
+func countDrop() []expr.Any {
+	return []expr.Any{&expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop}}
 }
 
 // oifIs matches packets that leave through interface dev.
