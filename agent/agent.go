@@ -867,7 +867,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	// once it has that, and a burst that found only quic-go's early queue
 	// would lose its tail.
 	s.Start(func(pkt []byte) {
-		src, _, ok := packet.Addrs(pkt)
+		src, dst, ok := packet.Addrs(pkt)
 		if !ok || src != offer.PeerAddr && src != peer6 {
 			// A client may only speak from its own overlay addresses.
 			a.dropSpoofed.Add(1)
@@ -880,7 +880,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 			// rule naming them) are the netstack's: the kernel would not
 			// forward them, and the forwarding drops anything from the
 			// device that is for this host.
-			if _, dst, _ := packet.Addrs(pkt); dst != own && dst != own6 && !dst.Unmap().IsLoopback() && !a.host.has(dst.Unmap()) {
+			if dst != own && dst != own6 && !dst.Unmap().IsLoopback() && !a.host.has(dst.Unmap()) {
 				rt.submit(a, cs, pkt)
 				return
 			}

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"sync/atomic"
 	"time"
@@ -42,6 +43,11 @@ func (h *hostAddrs) refresh(log *slog.Logger) {
 		if p.Addr().Is4() && p.Bits() < 31 {
 			m[lastAddr(p)] = true
 		}
+	}
+	// The same set keeps its pointer: the routed egress's flow caches
+	// hold while it does (clientState.allowedFlow).
+	if old := h.set.Load(); old != nil && maps.Equal(*old, m) {
+		return
 	}
 	h.set.Store(&m)
 }
