@@ -277,31 +277,32 @@ func (r *runner) bench(secs, trials, repeat int) error {
 		})
 	}
 	if r.supports("agent", "--routed") {
+		// restartRouted restarts agent and client, the agent with
+		// --routed or without, the client on the direct path.
+		restartRouted := func(routed bool) error {
+			r.setRouted(routed)
+			r.client.Stop()
+			if err := r.startAgent(); err != nil {
+				return err
+			}
+			return r.startClient(false, tunnelUp, "--direct")
+		}
 		paths = append(paths, &benchPath{
 			name: "routed",
 			desc: fmt.Sprintf("nlvpn up --direct, the agent with --routed: client ns -> TUN -> client NAT -> hole-punched UDP -> agent NAT -> agent -> TUN, forwarding + masquerade -> LAN host %s (wg's topology at the agent)", l.LANHost),
 			ns:   l.NS.Client, addr: l.LANHost.String(),
 			setup: func() error {
-				r.setRouted(true)
 				if r.gateway == nil {
+					r.setRouted(true)
 					say("Starting gateway, agent (--routed) and client (nlvpn up --direct).")
 					return r.startStack(false, tunnelUp, "--direct")
 				}
 				say("Restarting the agent with --routed (the kernel forwards) and the client with --direct.")
-				r.client.Stop()
-				if err := r.startAgent(); err != nil {
-					return err
-				}
-				return r.startClient(false, tunnelUp, "--direct")
+				return restartRouted(true)
 			},
 			teardown: func() error {
 				// The paths after this one measure the netstack agent.
-				r.setRouted(false)
-				r.client.Stop()
-				if err := r.startAgent(); err != nil {
-					return err
-				}
-				return r.startClient(false, tunnelUp, "--direct")
+				return restartRouted(false)
 			},
 			roles: nlvpnRoles,
 			nlvpn: true,
