@@ -2898,7 +2898,7 @@ func (c *Conn) registerPackedShortHeaderPacket(p shortHeaderPacket, ecn protocol
 		p.IsPathMTUProbePacket,
 		false,
 	)
-	releaseDatagramFrames(p.Frames)
+	c.datagramQueue.releaseFrames(p.Frames)
 	c.connIDManager.SentPacket()
 }
 
@@ -2951,7 +2951,7 @@ func (c *Conn) sendPackedCoalescedPacket(packet *coalescedPacket, ecn protocol.E
 			p.IsPathMTUProbePacket,
 			false,
 		)
-		releaseDatagramFrames(p.Frames)
+		c.datagramQueue.releaseFrames(p.Frames)
 	}
 	c.connIDManager.SentPacket()
 	if c.mtuDiscoverer != nil {
@@ -3218,16 +3218,17 @@ func (c *Conn) SendDatagramsWait(ps [][]byte, d time.Duration) (int, error) {
 	sent := 0
 	for sent < len(ps) {
 		batch := ps[sent:min(len(ps), sent+len(frames))]
-		fs := frames[:0]
 		var tooLarge error
+		k := 0
 		for _, p := range batch {
-			f, err := c.datagramFrame(p)
-			if err != nil {
+			if err := c.checkDatagram(p); err != nil {
 				tooLarge = err
 				break
 			}
-			fs = append(fs, f)
+			k++
 		}
+		fs := frames[:k]
+		c.datagramQueue.newFrames(fs, batch[:k])
 		n, err := c.datagramQueue.AddBatch(fs, d)
 		for _, f := range fs[n:] {
 			putDatagramFrame(f)
@@ -3245,21 +3246,23 @@ func (c *Conn) SendDatagramsWait(ps [][]byte, d time.Duration) (int, error) {
 
 // sendDatagram queues p, waiting for room as Add does.
 func (c *Conn) sendDatagram(p []byte, wait time.Duration) error {
-	f, err := c.datagramFrame(p)
-	if err != nil {
+	if err := c.checkDatagram(p); err != nil {
 		return err
 	}
-	if err := c.datagramQueue.Add(f, wait); err != nil {
-		putDatagramFrame(f)
+	var fs [1]*wire.DatagramFrame
+	ps := [1][]byte{p}
+	c.datagramQueue.newFrames(fs[:], ps[:])
+	if err := c.datagramQueue.Add(fs[0], wait); err != nil {
+		putDatagramFrame(fs[0])
 		return err
 	}
 	return nil
 }
 
-// datagramFrame is a DATAGRAM frame holding a copy of p, if p can be sent.
-func (c *Conn) datagramFrame(p []byte) (*wire.DatagramFrame, error) {
+// checkDatagram says why p cannot be sent as a DATAGRAM frame, if it cannot.
+func (c *Conn) checkDatagram(p []byte) error {
 	if !c.supportsDatagrams() {
-		return nil, errors.New("datagram support disabled")
+		return errors.New("datagram support disabled")
 	}
 
 	// The payload size estimate is conservative.
@@ -3269,9 +3272,9 @@ func (c *Conn) datagramFrame(p []byte) (*wire.DatagramFrame, error) {
 		protocol.ByteCount(c.maxPayloadSizeEstimate.Load()),
 	)
 	if protocol.ByteCount(len(p)) > maxDataLen {
-		return nil, &DatagramTooLargeError{MaxDatagramPayloadSize: int64(maxDataLen)}
+		return &DatagramTooLargeError{MaxDatagramPayloadSize: int64(maxDataLen)}
 	}
-	return getDatagramFrame(p), nil
+	return nil
 }
 
 // ReceiveDatagram gets a message received in a QUIC datagram, as specified in RFC 9221.

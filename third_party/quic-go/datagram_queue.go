@@ -24,15 +24,27 @@ const (
 // ErrDatagramQueueFull is returned by TrySendDatagram when the send queue is full.
 var ErrDatagramQueueFull = errors.New("DATAGRAM send queue full")
 
-// datagramFramePool holds DATAGRAM frames for sending. A frame goes back once
-// the packet carrying it has been packed and registered; nothing reads a
-// DATAGRAM frame's data after that, as it is never retransmitted.
+// datagramFramePool holds DATAGRAM frames for sending beyond what a
+// connection keeps in its own free list (datagramQueue.free). A frame goes
+// back once the packet carrying it has been packed and registered; nothing
+// reads a DATAGRAM frame's data after that, as it is never retransmitted.
 var datagramFramePool = sync.Pool{New: func() any {
 	return &wire.DatagramFrame{Data: make([]byte, 0, protocol.MaxPacketBufferSize)}
 }}
 
+// maxFreeDatagramFrames bounds a connection's free list of DATAGRAM frames
+// (about 1.5 kB each); more go back to datagramFramePool.
+const maxFreeDatagramFrames = 256
+
+// releaseBatch is how many frames the run loop collects before it hands
+// them to the free list under the lock.
+const releaseBatch = 32
+
 func getDatagramFrame(p []byte) *wire.DatagramFrame {
-	f := datagramFramePool.Get().(*wire.DatagramFrame)
+	return fillDatagramFrame(datagramFramePool.Get().(*wire.DatagramFrame), p)
+}
+
+func fillDatagramFrame(f *wire.DatagramFrame, p []byte) *wire.DatagramFrame {
 	f.DataLenPresent = true
 	f.Data = append(f.Data[:0], p...)
 	return f
@@ -44,16 +56,6 @@ func putDatagramFrame(f *wire.DatagramFrame) {
 	}
 	f.Data = f.Data[:0]
 	datagramFramePool.Put(f)
-}
-
-// releaseDatagramFrames returns the DATAGRAM frames of a packet that has been
-// sent and registered to the pool.
-func releaseDatagramFrames(frames []ackhandler.Frame) {
-	for _, f := range frames {
-		if df, ok := f.Frame.(*wire.DatagramFrame); ok {
-			putDatagramFrame(df)
-		}
-	}
 }
 
 type datagramQueue struct {
@@ -71,6 +73,14 @@ type datagramQueue struct {
 	// twice per packet.
 	taken     []*wire.DatagramFrame
 	takenHead int
+	// free holds sent frames for the next sends, under sendMx. A frame is
+	// taken by the sending goroutine and released by the run loop: through
+	// sync.Pool that crossing made most Gets steal from another P's pool
+	// (sync.(*Pool).getSlow), so the connection recycles its own.
+	free []*wire.DatagramFrame
+	// released collects the run loop's sent frames (only the run loop
+	// touches it) until releaseBatch of them go to free under one lock.
+	released []*wire.DatagramFrame
 	// waitTimer is reused by Adds that wait a bounded time (one at a time;
 	// a second waiter makes its own), so waiting allocates nothing.
 	waitTimer     *time.Timer
@@ -219,6 +229,67 @@ func (h *datagramQueue) releaseTimer(t *time.Timer) {
 	}
 }
 
+// newFrames fills fs with DATAGRAM frames holding ps, one each: from the
+// connection's free list, taken under one lock, then from the pool.
+func (h *datagramQueue) newFrames(fs []*wire.DatagramFrame, ps [][]byte) {
+	n := 0
+	h.sendMx.Lock()
+	for n < len(fs) && len(h.free) > 0 {
+		last := len(h.free) - 1
+		fs[n] = h.free[last]
+		h.free[last] = nil
+		h.free = h.free[:last]
+		n++
+	}
+	h.sendMx.Unlock()
+	for i := range fs {
+		if i < n {
+			fillDatagramFrame(fs[i], ps[i])
+		} else {
+			fs[i] = getDatagramFrame(ps[i])
+		}
+	}
+}
+
+// releaseFrames takes back the DATAGRAM frames of a packet that has been
+// sent and registered. Only the run loop calls it.
+func (h *datagramQueue) releaseFrames(frames []ackhandler.Frame) {
+	for _, f := range frames {
+		if df, ok := f.Frame.(*wire.DatagramFrame); ok {
+			h.releaseFrame(df)
+		}
+	}
+}
+
+// releaseFrame takes back one frame; only the run loop calls it.
+func (h *datagramQueue) releaseFrame(f *wire.DatagramFrame) {
+	if cap(f.Data) > protocol.MaxPacketBufferSize {
+		return // grown for an unusually large payload: let it go
+	}
+	f.Data = f.Data[:0]
+	h.released = append(h.released, f)
+	if len(h.released) >= releaseBatch {
+		h.sendMx.Lock()
+		h.freeReleasedLocked()
+		h.sendMx.Unlock()
+	}
+}
+
+// freeReleasedLocked moves the run loop's released frames to the free list,
+// those beyond its bound to the pool. The run loop calls it with sendMx
+// held.
+func (h *datagramQueue) freeReleasedLocked() {
+	for i, f := range h.released {
+		if len(h.free) < maxFreeDatagramFrames {
+			h.free = append(h.free, f)
+		} else {
+			datagramFramePool.Put(f)
+		}
+		h.released[i] = nil
+	}
+	h.released = h.released[:0]
+}
+
 // Peek gets the next DATAGRAM frame for sending.
 // If actually sent out, Pop needs to be called before the next call to Peek.
 // Only the run loop calls Peek and Pop.
@@ -235,6 +306,7 @@ func (h *datagramQueue) Peek() *wire.DatagramFrame {
 		for !h.sendQueue.Empty() {
 			h.taken = append(h.taken, h.sendQueue.PopFront())
 		}
+		h.freeReleasedLocked()
 		h.sendMx.Unlock()
 		if len(h.taken) == 0 {
 			return nil

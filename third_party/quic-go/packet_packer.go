@@ -742,7 +742,7 @@ func (p *packetPacker) composeNextPacket(
 						Trigger:   "too_large",
 					})
 				}
-				putDatagramFrame(f)
+				p.datagramQueue.releaseFrame(f)
 			} else {
 				// The DATAGRAM frame will be sent in a later packet.
 				// It might not be the last frame in that packet, so it needs the length field.
