@@ -135,14 +135,11 @@ func (n *nsEnv) statusJSON(t *testing.T, ns, dir string) map[string]any {
 	return st
 }
 
-func TestServiceUsersAndCapabilities(t *testing.T) {
-	t.Parallel()
-	n := newNetstackEnv(t)
-
-	// The agent as nlvpn-agent.service runs it. Its state (and so its
-	// key, which its one-machine token is bound to) moves to a directory
-	// of the service user's, as systemd does when DynamicUser= is turned on.
-	n.agent.Stop()
+// serviceAgentState copies the agent's state (and so its key, which its
+// one-machine token is bound to) to a directory of the service user's, as
+// systemd does when DynamicUser= is turned on, and returns that directory.
+func (n *nsEnv) serviceAgentState(t *testing.T) string {
+	t.Helper()
 	agentDir := n.nobodyDir(t, "agent-state", 0o700)
 	entries, err := os.ReadDir(n.agentDir)
 	if err != nil {
@@ -164,9 +161,13 @@ func TestServiceUsersAndCapabilities(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	agent := n.startService(t, n.lab.NS.Agent, "agent-service", "",
-		"agent", "--token-file", n.credentialFile(t, "agent-cred", n.agentTok), "--gateway", n.gwAddr(),
-		"--advertise", n.lab.LANSubnet.String(), "--state-dir", agentDir)
+	return agentDir
+}
+
+// waitRegistered waits until the agent service has registered with the
+// gateway.
+func (n *nsEnv) waitRegistered(t *testing.T, agent *lab.Process) {
+	t.Helper()
 	n.waitFor(t, 20*time.Second, "the agent service registered", func() error {
 		if !agent.Running() {
 			return errStop(fmt.Errorf("agent exited: %s\n%s", agent.ExitStatus(), agent.Log()))
@@ -176,6 +177,19 @@ func TestServiceUsersAndCapabilities(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+func TestServiceUsersAndCapabilities(t *testing.T) {
+	t.Parallel()
+	n := newNetstackEnv(t)
+
+	// The agent as nlvpn-agent.service runs it.
+	n.agent.Stop()
+	agentDir := n.serviceAgentState(t)
+	agent := n.startService(t, n.lab.NS.Agent, "agent-service", "",
+		"agent", "--token-file", n.credentialFile(t, "agent-cred", n.agentTok), "--gateway", n.gwAddr(),
+		"--advertise", n.lab.LANSubnet.String(), "--state-dir", agentDir)
+	n.waitRegistered(t, agent)
 	checkServiceUser(t, "agent", agent.PID(), 0)
 
 	// The client as nlvpn-client@.service runs it: CAP_NET_ADMIN only.
@@ -219,5 +233,71 @@ func TestServiceUsersAndCapabilities(t *testing.T) {
 	}
 	if code := agent.Stop(); code != 0 {
 		t.Errorf("agent exit code %d after SIGTERM", code)
+	}
+}
+
+// The agent as nlvpn-agent.service runs it with the routed drop-in
+// (packaging/systemd/nlvpn-agent.service.d/routed.conf): a user of its own
+// with CAP_NET_ADMIN only is enough for the TUN device, the routes, the
+// nftables table and the forwarding sysctl, and it puts the host back at
+// SIGTERM.
+func TestServiceRoutedAgent(t *testing.T) {
+	t.Parallel()
+	n := newNetstackEnv(t)
+	sysctl := func() string {
+		out, err := lab.Output(t.Context(), n.lab.NS.Agent, "cat", "/proc/sys/net/ipv4/ip_forward")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.TrimSpace(out)
+	}
+	before := sysctl()
+
+	n.agent.Stop()
+	agentDir := n.serviceAgentState(t)
+	agent := n.startService(t, n.lab.NS.Agent, "agent-routed-service", "net_admin",
+		"agent", "--routed", "--tun", routedTun, "--token-file", n.credentialFile(t, "agent-cred", n.agentTok), "--gateway", n.gwAddr(),
+		"--advertise", n.lab.LANSubnet.String(), "--state-dir", agentDir)
+	n.waitRegistered(t, agent)
+	checkServiceUser(t, "agent", agent.PID(), 1<<12) // CAP_NET_ADMIN
+
+	clientDir := n.nobodyDir(t, "client-state", 0o700)
+	client := n.startService(t, n.lab.NS.Client, "client-service", "net_admin",
+		"up", "--agent", agentName, "--token-file", n.credentialFile(t, "client-cred", n.clientTok), "--gateway", n.gwAddr(),
+		"--state-dir", clientDir, "--tun", tunName)
+	n.waitFor(t, readyTimeout, "the LAN host through the routed agent service", func() error {
+		if !client.Running() {
+			return errStop(fmt.Errorf("client exited: %s\n%s", client.ExitStatus(), client.Log()))
+		}
+		if !agent.Running() {
+			return errStop(fmt.Errorf("agent exited: %s\n%s", agent.ExitStatus(), agent.Log()))
+		}
+		return n.httpHealth()
+	})
+	ast := n.statusJSON(t, n.lab.NS.Agent, agentDir)
+	if ast["egress"] != "routed via "+routedTun {
+		t.Errorf("agent status: egress %v, want routed via %s", ast["egress"], routedTun)
+	}
+	if got := sysctl(); got != "1" {
+		t.Errorf("ip_forward is %s while the routed agent service runs; want 1", got)
+	}
+	if strings.Contains(agent.Log(), "level=WARN") || strings.Contains(agent.Log(), "level=ERROR") {
+		t.Errorf("the routed agent service warned; log:\n%s", agent.Log())
+	}
+
+	if code := client.Stop(); code != 0 {
+		t.Errorf("client exit code %d after SIGTERM", code)
+	}
+	if code := agent.Stop(); code != 0 {
+		t.Errorf("agent exit code %d after SIGTERM; log:\n%s", code, agent.Log())
+	}
+	if got := sysctl(); got != before {
+		t.Errorf("ip_forward is %s after the agent service stopped; it was %s", got, before)
+	}
+	if out, err := lab.Output(t.Context(), n.lab.NS.Agent, "ip", "-o", "link", "show"); err != nil || strings.Contains(out, routedTun) {
+		t.Errorf("after SIGTERM the agent's TUN device is still there (%v):\n%s", err, out)
+	}
+	if out, err := lab.Output(t.Context(), n.lab.NS.Agent, "nft", "list", "tables"); err != nil || strings.Contains(out, "nlvpn-forward-") {
+		t.Errorf("after SIGTERM the agent's nftables table is still there (%v):\n%s", err, out)
 	}
 }

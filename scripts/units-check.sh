@@ -9,6 +9,7 @@
 # /usr/local/bin/nlvpn, which a build machine need not have, so checked
 # copies point at a stand-in (what nlvpn's flags are is cmd/nlvpn's
 # TestUnitsUseRealFlags). No systemd needs to run: this reads files only.
+# A drop-in is checked on a copy of its unit that has it (see below).
 set -eu
 cd "$(dirname "$0")/.."
 max=${UNITS_MAX_EXPOSURE:-2.5}
@@ -28,6 +29,20 @@ for f in packaging/systemd/*.service; do
 	*@.service) units="$units ${name%@.service}@check.service" ;;
 	*) units="$units $name" ;;
 	esac
+done
+# Drop-ins (packaging/systemd/UNIT.service.d/NAME.conf) are checked on a
+# copy of their unit named UNIT-NAME.service, so the unit is checked both
+# with and without each.
+for d in packaging/systemd/*.service.d; do
+	[ -d "$d" ] || continue
+	base=$(basename "$d" .service.d)
+	for f in "$d"/*.conf; do
+		name=$base-$(basename "$f" .conf).service
+		cp "$tmp/$base.service" "$tmp/$name"
+		mkdir -p "$tmp/$name.d"
+		sed "s|/usr/local/bin/nlvpn|$tmp/nlvpn|g" "$f" > "$tmp/$name.d/$(basename "$f")"
+		units="$units $name"
+	done
 done
 cd "$tmp"
 # shellcheck disable=SC2086 # one word per unit

@@ -25,6 +25,14 @@ func TestUnitsUseRealFlags(t *testing.T) {
 	for _, c := range newApp().Commands {
 		cmds[c.Name] = c
 	}
+	// A drop-in (UNIT.service.d/NAME.conf) is checked as its unit with the
+	// drop-in after it, as systemd reads them: its ExecStart= replaces
+	// the unit's.
+	dropIns, err := filepath.Glob("../../packaging/systemd/*.service.d/*.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	files = append(files, dropIns...)
 	example := regexp.MustCompile(`^#\s+NLVPN_[A-Z]+_ARGS=(.*)$`)
 	for _, file := range files {
 		b, err := os.ReadFile(file)
@@ -32,6 +40,14 @@ func TestUnitsUseRealFlags(t *testing.T) {
 			t.Fatal(err)
 		}
 		name := filepath.Base(file)
+		if unit, ok := strings.CutSuffix(filepath.Dir(file), ".d"); ok {
+			base, err := os.ReadFile(unit)
+			if err != nil {
+				t.Fatalf("drop-in %s: no unit %s: %v", file, unit, err)
+			}
+			b = append(append(base, '\n'), b...)
+			name = filepath.Base(unit) + " with " + name
+		}
 		var exec []string
 		var examples [][]string
 		var credential bool
