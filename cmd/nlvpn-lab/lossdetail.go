@@ -22,7 +22,10 @@ import (
 var lossTcpExt = []string{"TCPSackRecovery", "TCPRenoRecovery", "TCPLossProbes", "TCPLossProbeRecovery",
 	"TCPTimeouts", "TCPSpuriousRTOs", "TCPFastRetrans", "TCPSlowStartRetrans", "TCPLostRetransmit",
 	"TCPLossUndo", "TCPFullUndo", "TCPPartialUndo", "TCPDSACKUndo", "TCPSACKReorder", "TCPDSACKRecv",
-	"TCPDSACKOldSent", "TCPOFOQueue", "TCPDelivered"}
+	"TCPDSACKOldSent", "TCPDSACKOfoSent", "TCPOFOQueue", "TCPDelivered",
+	// A receiver that closed its window or dropped what arrived (the agent's socket to the LAN
+	// host, say): no room in its queue, pruned, out of order with no room.
+	"TCPToZeroWindowAdv", "TCPRcvQDrop", "PruneCalled", "RcvPruned", "TCPOFODrop", "TCPZeroWindowDrop", "TCPBacklogDrop", "TCPRcvCollapsed"}
 
 // lossDetail is what one loss row is explained by: the TCP counters of the
 // namespaces around the tunnel (client, LAN host) and, on nlvpn's paths,
@@ -69,14 +72,14 @@ func (d *lossDetail) print() {
 	close(d.done)
 	d.wg.Wait()
 	after := d.r.lossCounters(d.p)
-	for _, who := range []string{"client", "lan", "agent-netstack"} {
+	for _, who := range []string{"client", "lan", "agent", "agent-netstack", "agent drops"} {
 		a, b := after[who], d.before[who]
 		if a == nil || b == nil {
 			continue
 		}
 		var parts []string
 		names := lossTcpExt
-		if who == "agent-netstack" {
+		if who == "agent-netstack" || who == "agent drops" {
 			names = nil
 			for k := range a {
 				names = append(names, k)
@@ -88,7 +91,14 @@ func (d *lossDetail) print() {
 				parts = append(parts, fmt.Sprintf("%s %d", n, v))
 			}
 		}
-		fmt.Printf("        %s TCP: %s\n", who, strings.Join(parts, ", "))
+		label := who + " TCP"
+		if who == "agent drops" {
+			if len(parts) == 0 {
+				parts = []string{"none"}
+			}
+			label = who
+		}
+		fmt.Printf("        %s: %s\n", label, strings.Join(parts, ", "))
 	}
 	for _, who := range []string{"client", "lan"} {
 		for line := range strings.Lines(d.mid[who]) {
@@ -99,11 +109,11 @@ func (d *lossDetail) print() {
 	}
 }
 
-// lossCounters reads TcpExt of the client's and the LAN host's namespaces
+// lossCounters reads TcpExt of the client's, the agent's and the LAN host's namespaces
 // and, on nlvpn's paths, the agent's netstack TCP counters (status "tcp").
 func (r *runner) lossCounters(p *benchPath) map[string]map[string]int64 {
 	m := map[string]map[string]int64{}
-	for _, who := range []struct{ name, ns string }{{"client", r.lab.NS.Client}, {"lan", r.lab.NS.LAN}} {
+	for _, who := range []struct{ name, ns string }{{"client", r.lab.NS.Client}, {"lan", r.lab.NS.LAN}, {"agent", r.lab.NS.Agent}} {
 		if out, _, err := lab.Run(r.ctx, who.ns, "cat", "/proc/net/netstat"); err == nil {
 			if ext, err := parseSNMP(out, "TcpExt"); err == nil {
 				m[who.name] = ext
@@ -115,10 +125,14 @@ func (r *runner) lossCounters(p *benchPath) map[string]map[string]int64 {
 		out, _, err := lab.Run(ctx, r.lab.NS.Agent, r.nlvpn, "status", "--json", "--state-dir", filepath.Join(r.dir, "agent"))
 		cancel()
 		var st struct {
-			TCP map[string]int64 `json:"tcp"`
+			TCP   map[string]int64 `json:"tcp"`
+			Drops map[string]int64 `json:"drops"`
 		}
 		if err == nil && json.Unmarshal(out, &st) == nil && st.TCP != nil {
 			m["agent-netstack"] = st.TCP
+			// The agent's own drops beside its TCP's resends: a resend
+			// lost inside the agent is a loss the path did not cause.
+			m["agent drops"] = st.Drops
 		}
 	}
 	return m
