@@ -60,7 +60,7 @@ func (res *benchResults) print() {
 		fmt.Printf("      %-6s = %s\n", p.name, p.desc)
 	}
 	fmt.Printf(`    Rows: TCP = iperf3 -t %d, Mbit/s (10^6 bit/s) of payload received; up = the client sends, down = iperf3 -R;
-          N streams = iperf3 -P N. ping = average and minimum RTT of one ping -c 20 -i 0.2 to the target.
+          N streams = iperf3 -P N. ping = average and minimum RTT of one ping -c 100 -i 0.05 to the target.
           %d%% loss = the internet router drops %d%% of the packets it forwards, at random (nftables
           "numgen random mod 100 < %d drop"), so each direction loses %d%%; the relay path crosses
           the router twice each way (client-gateway, gateway-agent) and loses ~%d%%.
