@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go/internal/ackhandler"
+	"github.com/quic-go/quic-go/internal/monotime"
 	"github.com/quic-go/quic-go/internal/protocol"
 	"github.com/quic-go/quic-go/internal/utils"
 	"github.com/quic-go/quic-go/internal/utils/ringbuffer"
@@ -35,6 +36,10 @@ var datagramFramePool = sync.Pool{New: func() any {
 // maxFreeDatagramFrames bounds a connection's free list of DATAGRAM frames
 // (about 1.5 kB each); more go back to datagramFramePool.
 const maxFreeDatagramFrames = 256
+
+// freeIdle is how long a connection keeps its free frames without sending
+// a DATAGRAM.
+const freeIdle = time.Second
 
 // releaseBatch is how many frames the run loop collects before it hands
 // them to the free list under the lock.
@@ -81,6 +86,12 @@ type datagramQueue struct {
 	// released collects the run loop's sent frames (only the run loop
 	// touches it) until releaseBatch of them go to free under one lock.
 	released []*wire.DatagramFrame
+	// freeHeld and lastFreed (run loop only) say whether free or released
+	// may hold frames and when released last went to free: a connection
+	// that has sent nothing for freeIdle gives its frames back to the pool
+	// (idleTrim), so an idle one holds none.
+	freeHeld  bool
+	lastFreed monotime.Time
 	// waitTimer is reused by Adds that wait a bounded time (one at a time;
 	// a second waiter makes its own), so waiting allocates nothing.
 	waitTimer     *time.Timer
@@ -268,6 +279,7 @@ func (h *datagramQueue) releaseFrame(f *wire.DatagramFrame) {
 	}
 	f.Data = f.Data[:0]
 	h.released = append(h.released, f)
+	h.freeHeld = true
 	if len(h.released) >= releaseBatch {
 		h.sendMx.Lock()
 		h.freeReleasedLocked()
@@ -279,6 +291,9 @@ func (h *datagramQueue) releaseFrame(f *wire.DatagramFrame) {
 // those beyond its bound to the pool. The run loop calls it with sendMx
 // held.
 func (h *datagramQueue) freeReleasedLocked() {
+	if len(h.released) > 0 {
+		h.lastFreed = monotime.Now()
+	}
 	for i, f := range h.released {
 		if len(h.free) < maxFreeDatagramFrames {
 			h.free = append(h.free, f)
@@ -290,6 +305,29 @@ func (h *datagramQueue) freeReleasedLocked() {
 	h.released = h.released[:0]
 }
 
+// idleTrim gives the free and released frames back to the pool once the
+// connection has sent no DATAGRAM for freeIdle. The run loop calls it when
+// it finds nothing queued, which an idle connection still does for the
+// packets it sends (ACKs, keep-alives).
+func (h *datagramQueue) idleTrim() {
+	if len(h.released) > 0 {
+		h.sendMx.Lock()
+		h.freeReleasedLocked()
+		h.sendMx.Unlock()
+		return
+	}
+	if monotime.Since(h.lastFreed) < freeIdle {
+		return
+	}
+	h.sendMx.Lock()
+	for _, f := range h.free {
+		datagramFramePool.Put(f)
+	}
+	h.free = nil
+	h.sendMx.Unlock()
+	h.freeHeld = false
+}
+
 // Peek gets the next DATAGRAM frame for sending.
 // If actually sent out, Pop needs to be called before the next call to Peek.
 // Only the run loop calls Peek and Pop.
@@ -298,6 +336,9 @@ func (h *datagramQueue) Peek() *wire.DatagramFrame {
 		if h.queued.Load() == 0 {
 			// Nothing queued, or an Add in flight that schedules sending
 			// again once it has counted its frame.
+			if h.freeHeld {
+				h.idleTrim()
+			}
 			return nil
 		}
 		clear(h.taken)
