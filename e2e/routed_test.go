@@ -25,6 +25,16 @@ import (
 // routedTun is the routed agent's TUN device in these tests.
 const routedTun = "nlvpn-agt-e2e"
 
+// ipForward reads net.ipv4.ip_forward in namespace ns.
+func ipForward(t *testing.T, ns string) string {
+	t.Helper()
+	out, err := lab.Output(t.Context(), ns, "cat", "/proc/sys/net/ipv4/ip_forward")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(out)
+}
+
 // TestRoutedAgent runs the agent with --routed: the kernel forwards the
 // clients' packets. A transfer both ways arrives whole, from the agent's
 // LAN address (masqueraded: the LAN host needs no route back); the policy
@@ -35,14 +45,7 @@ const routedTun = "nlvpn-agt-e2e"
 func TestRoutedAgent(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, coneCone, false)
-	readSysctl := func() string {
-		out, err := lab.Output(context.Background(), e.lab.NS.Agent, "cat", "/proc/sys/net/ipv4/ip_forward")
-		if err != nil {
-			t.Fatal(err)
-		}
-		return strings.TrimSpace(out)
-	}
-	if got := readSysctl(); got != "0" {
+	if got := ipForward(t, e.lab.NS.Agent); got != "0" {
 		t.Fatalf("ip_forward in the agent's namespace is %s before the test; want 0", got)
 	}
 	polFile := filepath.Join(e.dir, "policy")
@@ -53,7 +56,7 @@ func TestRoutedAgent(t *testing.T) {
 	e.restartAgent(t, "--advertise", e.lab.LANSubnet.String(), "--policy", polFile, "--routed", "--tun", routedTun)
 	e.startClientMode(t)
 
-	if got := readSysctl(); got != "1" {
+	if got := ipForward(t, e.lab.NS.Agent); got != "1" {
 		t.Errorf("ip_forward is %s while the routed agent runs; want 1", got)
 	}
 	if err := e.download(t, 8<<20, 31); err != nil {
@@ -141,7 +144,7 @@ func TestRoutedAgent(t *testing.T) {
 	if out, _ := lab.Output(ctx, e.lab.NS.Agent, "ip", "route", "show", m[1]); strings.TrimSpace(out) != "" {
 		t.Errorf("the client's route outlived the agent: %s", out)
 	}
-	if got := readSysctl(); got != "0" {
+	if got := ipForward(t, e.lab.NS.Agent); got != "0" {
 		t.Errorf("ip_forward is %s after the agent stopped; want 0 as before", got)
 	}
 }

@@ -244,14 +244,7 @@ func TestServiceUsersAndCapabilities(t *testing.T) {
 func TestServiceRoutedAgent(t *testing.T) {
 	t.Parallel()
 	n := newNetstackEnv(t)
-	sysctl := func() string {
-		out, err := lab.Output(t.Context(), n.lab.NS.Agent, "cat", "/proc/sys/net/ipv4/ip_forward")
-		if err != nil {
-			t.Fatal(err)
-		}
-		return strings.TrimSpace(out)
-	}
-	before := sysctl()
+	before := ipForward(t, n.lab.NS.Agent)
 
 	n.agent.Stop()
 	agentDir := n.serviceAgentState(t)
@@ -278,7 +271,7 @@ func TestServiceRoutedAgent(t *testing.T) {
 	if ast["egress"] != "routed via "+routedTun {
 		t.Errorf("agent status: egress %v, want routed via %s", ast["egress"], routedTun)
 	}
-	if got := sysctl(); got != "1" {
+	if got := ipForward(t, n.lab.NS.Agent); got != "1" {
 		t.Errorf("ip_forward is %s while the routed agent service runs; want 1", got)
 	}
 	if strings.Contains(agent.Log(), "level=WARN") || strings.Contains(agent.Log(), "level=ERROR") {
@@ -291,7 +284,7 @@ func TestServiceRoutedAgent(t *testing.T) {
 	if code := agent.Stop(); code != 0 {
 		t.Errorf("agent exit code %d after SIGTERM; log:\n%s", code, agent.Log())
 	}
-	if got := sysctl(); got != before {
+	if got := ipForward(t, n.lab.NS.Agent); got != before {
 		t.Errorf("ip_forward is %s after the agent service stopped; it was %s", got, before)
 	}
 	if out, err := lab.Output(t.Context(), n.lab.NS.Agent, "ip", "-o", "link", "show"); err != nil || strings.Contains(out, routedTun) {
