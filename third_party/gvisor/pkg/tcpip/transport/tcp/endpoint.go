@@ -3115,17 +3115,18 @@ func (e *Endpoint) HandleError(transErr stack.TransportError, pkt *stack.PacketB
 func (e *Endpoint) updateSndBufferUsage(v int) {
 	sendBufferSize := e.getSendBufferSize()
 	e.sndQueueInfo.sndQueueMu.Lock()
-	notify := e.sndQueueInfo.SndBufUsed >= sendBufferSize>>1
+	notify := sendBufferSize-e.sndQueueInfo.SndBufUsed < sndBufWakeRoom(sendBufferSize)
 	e.sndQueueInfo.SndBufUsed -= v
 
 	// Get the new send buffer size with auto tuning, but do not set it
 	// unless we decide to notify the writers.
 	newSndBufSz := e.computeTCPSendBufferSize()
 
-	// We only notify when there is half the sendBufferSize available after
-	// a full buffer event occurs. This ensures that we don't wake up
-	// writers to queue just 1-2 segments and go back to sleep.
-	notify = notify && e.sndQueueInfo.SndBufUsed < int(newSndBufSz)>>1
+	// We only notify when enough of the buffer is free again
+	// (sndBufWakeRoom) after a full buffer event occurs. This ensures
+	// that we don't wake up writers to queue just 1-2 segments and go
+	// back to sleep.
+	notify = notify && int(newSndBufSz)-e.sndQueueInfo.SndBufUsed >= sndBufWakeRoom(int(newSndBufSz))
 	e.sndQueueInfo.sndQueueMu.Unlock()
 
 	if notify {
@@ -3133,6 +3134,17 @@ func (e *Endpoint) updateSndBufferUsage(v int) {
 		e.ops.SetSendBufferSize(newSndBufSz, false /* notify */)
 		e.waiterQueue.Notify(waiter.WritableEvents)
 	}
+}
+
+// sndBufWakeRoom is the free space in a send buffer of size bytes that
+// wakes a writer blocked on it: an eighth of the buffer, at least 64 KiB,
+// at most half. It was half: in recovery the data SACKed above a hole
+// stays in the buffer until the hole is filled, so a writer that filled
+// the buffer slept with up to half of it free, no new data was sent, and
+// a lost resend of the hole, which only data sent after it can reveal to
+// RACK, waited for the retransmission timer.
+func sndBufWakeRoom(size int) int {
+	return min(size/2, max(size/8, 64<<10))
 }
 
 // readyToRead is called when a new segment is ready to be read, or when the

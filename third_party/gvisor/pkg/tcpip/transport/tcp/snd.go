@@ -1364,7 +1364,7 @@ func (s *sender) walkSACK(rcvdSeg *segment) bool {
 	sackBlocks := make([]header.SACKBlock, n)
 	copy(sackBlocks, rcvdSeg.parsedOptions.SACKBlocks[idx:])
 	sort.Slice(sackBlocks, func(i, j int) bool {
-		return sackBlocks[j].Start.LessThan(sackBlocks[i].Start)
+		return sackBlocks[i].Start.LessThan(sackBlocks[j].Start)
 	})
 
 	seg := s.writeList.Front()
