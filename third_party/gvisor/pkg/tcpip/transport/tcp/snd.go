@@ -1360,7 +1360,9 @@ func (s *sender) walkSACK(rcvdSeg *segment) bool {
 	}
 
 	// Sort the SACK blocks. The first block is the most recent unacked
-	// block. The following blocks can be in arbitrary order.
+	// block. The following blocks can be in arbitrary order. The walk
+	// below is one pass up the write list, so they go in ascending order
+	// (descending, the pass ended after the highest block).
 	sackBlocks := make([]header.SACKBlock, n)
 	copy(sackBlocks, rcvdSeg.parsedOptions.SACKBlocks[idx:])
 	sort.Slice(sackBlocks, func(i, j int) bool {
