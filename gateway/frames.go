@@ -88,12 +88,16 @@ func (g *Gateway) serveFrames(ctx context.Context, tr *quic.Transport, frames *n
 				continue
 			}
 			now := time.Now().UnixNano() // once per batch: see HandleUDPAt
+			// What the batch forwards goes out in one sendmmsg from this
+			// goroutine (Release), not by waking the writer's.
+			w.Hold()
 			for i := range ms[:n] {
 				from := ms[i].Addr
 				// The hub's writer copies what it forwards: the buffers
 				// are free again after this loop.
 				ms[i].Datagrams(func(b []byte) { g.hub.HandleUDPAt(from, b, now) })
 			}
+			w.Release()
 		}
 	}()
 	return done, nil

@@ -47,6 +47,10 @@ var (
 		"Relay path checks from nodes, by result (answered, refused: not from a node's address).", []string{"result"}, nil)
 	descRelayRoutes = prometheus.NewDesc("nlvpn_relay_routes",
 		"Relay routes (client-agent sessions) now.", nil, nil)
+	descRelaySyscalls = prometheus.NewDesc("nlvpn_relay_socket_calls_total",
+		"System calls on the relay's frame socket, by direction (read: recvmmsg, write: sendmmsg); datagrams per call is what batching buys.", []string{"direction"}, nil)
+	descRelayDatagrams = prometheus.NewDesc("nlvpn_relay_socket_datagrams_total",
+		"Datagrams through the relay's frame socket, by direction (read, write).", []string{"direction"}, nil)
 
 	// With --cluster only.
 	descClusterConnected = prometheus.NewDesc("nlvpn_gateway_cluster_connected",
@@ -70,7 +74,7 @@ var (
 func (g *Gateway) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRegistrations, descRegistrationsRefused, descRefused, descRetries,
 		descUnauthenticated, descNodes, descTCPStreams, descTCPPackets, descTCPDropped, descTCPClosed, descRelayFrames, descRelayUDPFrames, descRelayBytes, descRelayDropped,
-		descRelayChecks, descRelayRoutes, descClusterConnected, descClusterOps, descClusterErrors, descClusterDropped, descNameConflicts, descClusterPruned, descRedirects} {
+		descRelayChecks, descRelayRoutes, descRelaySyscalls, descRelayDatagrams, descClusterConnected, descClusterOps, descClusterErrors, descClusterDropped, descNameConflicts, descClusterPruned, descRedirects} {
 		ch <- d
 	}
 }
@@ -116,6 +120,13 @@ func (g *Gateway) Collect(ch chan<- prometheus.Metric) {
 	counter(descRelayChecks, s.ChecksAnswered, "answered")
 	counter(descRelayChecks, s.ChecksRefused, "refused")
 	gauge(descRelayRoutes, int64(s.Routes))
+	if bio := g.frameIO.Load(); bio != nil {
+		io := bio.Stats()
+		counter(descRelaySyscalls, io.ReadCalls, "read")
+		counter(descRelaySyscalls, io.WriteCalls, "write")
+		counter(descRelayDatagrams, io.ReadDatagrams, "read")
+		counter(descRelayDatagrams, io.WriteDatagrams, "write")
+	}
 
 	if c := g.clusterNow(); c != nil {
 		cs := c.Stats()

@@ -115,6 +115,20 @@ func TestGatewayMetrics(t *testing.T) {
 			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
 		}
 	}
+	// The frame socket's system calls: every frame relayed as UDP went
+	// out through it, and a call carries at least one datagram.
+	if tg.g.frameIO.Load() != nil {
+		for _, dir := range []string{"read", "write"} {
+			calls := metricValue(t, mfs, "nlvpn_relay_socket_calls_total", "direction", dir)
+			dgrams := metricValue(t, mfs, "nlvpn_relay_socket_datagrams_total", "direction", dir)
+			if calls > dgrams {
+				t.Errorf("frame socket %s: %v calls for %v datagrams", dir, calls, dgrams)
+			}
+			if dir == "write" && dgrams < float64(rs.UDPFrames) {
+				t.Errorf("frame socket wrote %v datagrams, but the relay sent %d frames as UDP", dgrams, rs.UDPFrames)
+			}
+		}
+	}
 	if rs.Bytes < 20*50 {
 		t.Errorf("relay bytes %d: testRelay relayed more", rs.Bytes)
 	}

@@ -3,6 +3,7 @@ package udpbatch
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"net"
 	"net/netip"
 	"sync"
@@ -244,7 +245,7 @@ func TestWriterReadBatchAllocs(t *testing.T) {
 		for i := 0; i < 32; i++ {
 			w.Write2(to, hdr, pkt)
 		}
-		w.writeOnce()
+		w.writeOnce(true)
 		got := 0
 		for got < 32 {
 			n, err := b.ReadBatch(ms)
@@ -439,4 +440,116 @@ func TestWriterDirectAfterPause(t *testing.T) {
 		t.Fatalf("a datagram without a pause: %d direct writes, want still 1", w.directs.Load())
 	}
 	recv("burst")
+}
+
+// Datagrams queued under a Hold wait, with Run asleep, until Release
+// writes them from the producer's goroutine, in order and as one batch;
+// a Release while nothing is held writes nothing twice.
+func TestWriterHoldRelease(t *testing.T) {
+	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	to := addrOf(b.UDPConn())
+	w := NewWriter(a)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	asleep := func() bool { w.mu.Lock(); defer w.mu.Unlock(); return w.asleep }
+	for !asleep() {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(2 * IdleGap) // a pause: without the Hold the first would go direct
+
+	const n = 40
+	w.Hold()
+	for i := 0; i < n; i++ {
+		if !w.Write(to, []byte(fmt.Sprintf("d%02d", i))) {
+			t.Fatalf("datagram %d refused under a Hold", i)
+		}
+	}
+	if !asleep() || w.Queued() != n || w.directs.Load() != 0 {
+		t.Fatalf("under a Hold: Run asleep %v, %d queued (want %d), %d direct writes (want 0)", asleep(), w.Queued(), n, w.directs.Load())
+	}
+	_ = b.UDPConn().SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if _, err := b.UDPConn().Read(make([]byte, 10)); err == nil {
+		t.Fatal("a datagram left before Release")
+	}
+	calls := a.Stats().WriteCalls
+	w.Release()
+	if got := a.Stats().WriteCalls - calls; got != 1 {
+		t.Fatalf("Release wrote in %d system calls, want 1", got)
+	}
+	if w.Queued() != 0 || !asleep() {
+		t.Fatalf("after Release: %d queued, Run asleep %v; want 0, true", w.Queued(), asleep())
+	}
+	// b has GRO on: the batch may arrive as trains.
+	var got []string
+	ms := []Message{{Buf: make([]byte, MaxTrain)}}
+	for len(got) < n {
+		_ = b.UDPConn().SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := b.ReadBatch(ms); err != nil {
+			t.Fatalf("after %d datagrams: %v", len(got), err)
+		}
+		ms[0].Datagrams(func(d []byte) { got = append(got, string(d)) })
+	}
+	for i, d := range got {
+		if want := fmt.Sprintf("d%02d", i); d != want {
+			t.Fatalf("datagram %d: got %q, want %q", i, d, want)
+		}
+	}
+	buf := make([]byte, 100)
+
+	// Nested: only the last Release writes; Run still wakes for a
+	// producer outside any Hold.
+	w.Hold()
+	w.Hold()
+	w.Write(to, []byte("inner"))
+	w.Release()
+	if w.Queued() != 1 {
+		t.Fatalf("after the inner Release: %d queued, want 1", w.Queued())
+	}
+	w.Release()
+	_ = b.UDPConn().SetReadDeadline(time.Now().Add(5 * time.Second))
+	if k, err := b.UDPConn().Read(buf); err != nil || string(buf[:k]) != "inner" {
+		t.Fatalf("got %q, %v; want inner", buf[:k], err)
+	}
+	w.mu.Lock()
+	w.last = time.Since(w.epoch) + time.Hour // no pause: queued for Run
+	w.mu.Unlock()
+	w.Write(to, []byte("run"))
+	_ = b.UDPConn().SetReadDeadline(time.Now().Add(5 * time.Second))
+	if k, err := b.UDPConn().Read(buf); err != nil || string(buf[:k]) != "run" {
+		t.Fatalf("got %q, %v; want run (written by Run)", buf[:k], err)
+	}
+}
+
+// A Hold never turns a full queue into drops: with Run asleep, the producer
+// that fills the queue writes it itself and goes on.
+func TestWriterHoldFullQueue(t *testing.T) {
+	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	to := addrOf(b.UDPConn())
+	w := NewWriter(a)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	for asleep := false; !asleep; {
+		time.Sleep(time.Millisecond)
+		w.mu.Lock()
+		asleep = w.asleep
+		w.mu.Unlock()
+	}
+	const n = QueueLen + 100
+	before := a.Stats().WriteDatagrams
+	pkt := make([]byte, 1200)
+	w.Hold()
+	for i := 0; i < n; i++ {
+		if !w.Write(to, pkt) {
+			t.Fatalf("datagram %d of %d dropped under a Hold (queue %d)", i, n, QueueLen)
+		}
+	}
+	w.Release()
+	w.Flush(5 * time.Second)
+	if got := a.Stats().WriteDatagrams - before; got != n || w.Drops() != 0 {
+		t.Fatalf("%d datagrams written, %d dropped; want %d, 0", got, w.Drops(), n)
+	}
 }

@@ -31,6 +31,7 @@ type Writer struct {
 	queued  int      // datagrams in pending
 	asleep  bool     // Run waits for wake
 	busy    bool     // Run is writing a batch
+	held    int      // Holds not yet released: queue without waking Run
 	wake    chan struct{}
 	// room is closed (and replaced) each time Run has written a batch and
 	// taken its trains back: every waiter wakes and looks again.
@@ -154,7 +155,7 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration,
 	// overtakes nothing; whatever is queued meanwhile Run writes after it
 	// (wmu). The clock is read only then: under load Run is mostly awake,
 	// and a clock read per datagram was 8 % of the relay's CPU.
-	if w.asleep && w.idleNow() && w.wmu.TryLock() {
+	if w.held == 0 && w.asleep && w.idleNow() && w.wmu.TryLock() {
 		w.mu.Unlock()
 		w.one = append(append(w.one[:0], head...), body...)
 		w.oneMsg[0] = Message{Buf: w.one, Addr: to}
@@ -172,8 +173,12 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration,
 			t.n++
 			w.queued++
 			w.depth.Store(int64(w.queued))
-			wake := w.asleep
-			w.asleep = false
+			// Under a Hold, Release writes what was queued: Run stays
+			// asleep (a wake-up per batch was a sixth of the relay's CPU).
+			wake := w.asleep && w.held == 0
+			if wake {
+				w.asleep = false
+			}
 			w.mu.Unlock()
 			if timer != nil {
 				w.releaseTimer(timer)
@@ -186,7 +191,14 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration,
 			}
 			return true
 		}
-		// Full.
+		// Full. Under a Hold Run was not woken: write the queue from
+		// here, as Release would, rather than wait for nobody.
+		if w.held > 0 && !w.busy && len(w.pending) > 0 {
+			w.mu.Unlock()
+			w.writeOnce(false)
+			w.mu.Lock()
+			continue
+		}
 		if wait <= 0 {
 			break
 		}
@@ -303,6 +315,30 @@ func (w *Writer) releaseTimer(t *time.Timer) {
 	}
 }
 
+// Hold lets a producer that forwards a batch of datagrams (the relay's
+// reader, after each recvmmsg) queue them all without waking Run, and
+// Release then writes them from the producer's goroutine: one sendmmsg per
+// batch and no hand-off between goroutines. Datagrams from other producers
+// queued meanwhile wait for Release too (the batch takes microseconds).
+// Every Hold must be followed by one Release.
+func (w *Writer) Hold() {
+	w.mu.Lock()
+	w.held++
+	w.mu.Unlock()
+}
+
+// Release ends a Hold. The last Release writes what is queued, unless Run
+// is writing already (it takes the rest when done).
+func (w *Writer) Release() {
+	w.mu.Lock()
+	w.held--
+	flush := w.held == 0 && len(w.pending) > 0 && !w.busy
+	w.mu.Unlock()
+	if flush {
+		w.writeOnce(false)
+	}
+}
+
 // Queued is how many datagrams wait in the queue now (a relay's fair
 // dropping watches it); it takes no lock.
 func (w *Writer) Queued() int { return int(w.depth.Load()) }
@@ -349,25 +385,35 @@ func (w *Writer) Run(ctx context.Context) {
 				last := len(w.pending) > 0
 				w.mu.Unlock()
 				if last {
-					w.writeOnce()
+					w.writeOnce(true)
 				}
 				return
 			}
 			w.mu.Lock()
 		}
 		w.mu.Unlock()
-		w.writeOnce()
+		w.writeOnce(true)
 	}
 }
 
-// writeOnce takes everything pending and writes it.
-func (w *Writer) writeOnce() {
+// writeOnce takes everything pending and writes it: Run (run) or a
+// producer's Release. It holds wmu throughout, so that two of them write
+// their batches in the order they took them.
+func (w *Writer) writeOnce(run bool) {
+	w.wmu.Lock()
+	defer w.wmu.Unlock()
 	w.mu.Lock()
 	batch := w.pending
+	if len(batch) == 0 {
+		w.mu.Unlock()
+		return
+	}
 	w.pending, w.spare = w.spare[:0], nil
 	w.queued = 0
 	w.depth.Store(0)
-	w.busy = true
+	if run {
+		w.busy = true
+	}
 	w.mu.Unlock()
 
 	msgs := w.msgs[:0]
@@ -378,9 +424,7 @@ func (w *Writer) writeOnce() {
 		}
 		msgs = append(msgs, Message{Buf: t.buf, Addr: t.to, Seg: seg})
 	}
-	w.wmu.Lock()
 	w.c.WriteBatch(msgs)
-	w.wmu.Unlock()
 	clear(msgs) // no reference to the trains' buffers left behind
 	w.msgs = msgs[:0]
 
