@@ -100,6 +100,12 @@ type rateState struct {
 
 	// pending is delivered bytes not yet counted as whole packets of growth.
 	pending uint64
+
+	// priorCwnd is the window when a retransmission timeout came (the
+	// first of a run), to restore once the cumulative ACK passes rtoUna,
+	// where the timeout resent from; 0: no timeout pending.
+	priorCwnd int
+	rtoUna    seqnum.Value
 }
 
 func newRateCC(s *sender) *rateState {
@@ -158,6 +164,22 @@ func (r *rateState) OnAck(rtt time.Duration, now tcpip.MonotonicTime) {
 		r.sampleStart = now
 		r.aggStart = now
 		return
+	}
+	// The retransmission of a timeout was delivered: the path works, and
+	// the model still holds what it delivers, so the window goes back to
+	// what it was (as BBR restores its prior window after a loss episode)
+	// instead of slow-starting from one packet. Under random loss a
+	// timeout mostly means a lost retransmission with everything above it
+	// SACKed, nothing new to send, and no later packet to show the loss;
+	// slow start after it cost ~10 RTTs of a fraction of the rate.
+	if r.priorCwnd > 0 && r.rtoUna.LessThan(s.SndUna) {
+		w := r.priorCwnd
+		if target := r.targetCwnd(r.maxRate()); r.filled && target > 0 {
+			w = min(w, target)
+		}
+		s.SndCwnd = max(s.SndCwnd, w)
+		s.Ssthresh = s.SndCwnd
+		r.priorCwnd = 0
 	}
 	d := int64(r.lastUna.Size(s.SndUna)) + int64(sacked) - int64(r.lastSacked)
 	r.lastUna = s.SndUna
@@ -233,11 +255,17 @@ func (r *rateState) HandleLossDetected() {
 }
 
 // HandleRTOExpired implements congestionControl.HandleRTOExpired. After a
-// timeout the window restarts at one packet, as RFC 5681 requires, and
-// grows back by what is delivered, up to the model's window.
+// timeout the window is one packet, as RFC 5681 requires, until the
+// retransmission is acknowledged; then OnAck restores the window of before
+// the timeout (at most the model's). While no ACK comes, each timeout
+// backs off as usual and the window stays at one packet.
 //
 // +checklocks:r.s.ep.mu
 func (r *rateState) HandleRTOExpired() {
+	if r.priorCwnd == 0 {
+		r.priorCwnd = max(r.s.SndCwnd, rateMinCwnd)
+	}
+	r.rtoUna = r.s.SndUna
 	r.s.Ssthresh = max(r.s.SndCwnd, rateMinCwnd)
 	r.s.SndCwnd = 1
 }

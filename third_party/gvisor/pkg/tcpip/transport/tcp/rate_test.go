@@ -140,19 +140,36 @@ func TestRateWindowFollowsThePath(t *testing.T) {
 }
 
 // TestRateTimeoutRestarts: after a retransmission timeout the window is one
-// packet, and it grows back to the model's window as data is delivered.
+// packet, through more timeouts and ACKs that acknowledge nothing new; once
+// the retransmission is acknowledged the window is what it was before the
+// first timeout (the path delivers as the model says), not slow start's.
 func TestRateTimeoutRestarts(t *testing.T) {
 	p := newRateTestPath()
 	p.s.cc = p.cc
 	p.run(125e6, time.Millisecond, 0, time.Second)
 	before := p.s.SndCwnd
 	p.cc.HandleRTOExpired()
+	p.cc.HandleRTOExpired() // backed off: nothing came back
 	if p.s.SndCwnd != 1 {
 		t.Fatalf("window %d after a timeout, want 1", p.s.SndCwnd)
 	}
+	p.now = p.now.Add(time.Millisecond)
+	p.cc.OnAck(time.Millisecond, p.now) // a duplicate ACK
+	if p.s.SndCwnd != 1 {
+		t.Fatalf("window %d after an ACK of nothing new, want still 1", p.s.SndCwnd)
+	}
+	p.una = p.una.Add(seqnum.Size(p.mss))
+	p.s.SndUna = p.una
+	p.now = p.now.Add(time.Millisecond)
+	p.cc.OnAck(time.Millisecond, p.now)
+	if got := p.s.SndCwnd; got < before*9/10 || got > before+1 {
+		t.Errorf("window %d once the retransmission is acknowledged, want %d as before the timeout", got, before)
+	}
+	// The next timeout saves the window anew.
 	p.run(125e6, time.Millisecond, 0, 50*time.Millisecond)
-	if got := p.s.SndCwnd; got < before*3/4 {
-		t.Errorf("window %d 50 RTTs after a timeout, want back near %d", got, before)
+	p.cc.HandleRTOExpired()
+	if p.cc.priorCwnd < before*9/10 {
+		t.Errorf("a later timeout saved a window of %d, want about %d", p.cc.priorCwnd, before)
 	}
 }
 
