@@ -408,14 +408,7 @@ func TestWriterDirectAfterPause(t *testing.T) {
 	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
 	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
 	to := addrOf(b.UDPConn())
-	w := NewWriter(a)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go w.Run(ctx)
-	asleep := func() bool { w.mu.Lock(); defer w.mu.Unlock(); return w.asleep }
-	for !asleep() {
-		time.Sleep(time.Millisecond)
-	}
+	w, _ := sleepingWriter(t, a)
 	recv := func(want string) {
 		t.Helper()
 		buf := make([]byte, 100)
@@ -443,20 +436,13 @@ func TestWriterDirectAfterPause(t *testing.T) {
 }
 
 // Datagrams queued under a Hold wait, with Run asleep, until Release
-// writes them from the producer's goroutine, in order and as one batch;
-// a Release while nothing is held writes nothing twice.
+// writes them from the producer's goroutine, in order and in one system
+// call; with Holds nested, only the last Release writes.
 func TestWriterHoldRelease(t *testing.T) {
 	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
 	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
 	to := addrOf(b.UDPConn())
-	w := NewWriter(a)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go w.Run(ctx)
-	asleep := func() bool { w.mu.Lock(); defer w.mu.Unlock(); return w.asleep }
-	for !asleep() {
-		time.Sleep(time.Millisecond)
-	}
+	w, asleep := sleepingWriter(t, a)
 	time.Sleep(2 * IdleGap) // a pause: without the Hold the first would go direct
 
 	const n = 40
@@ -528,16 +514,7 @@ func TestWriterHoldFullQueue(t *testing.T) {
 	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
 	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
 	to := addrOf(b.UDPConn())
-	w := NewWriter(a)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go w.Run(ctx)
-	for asleep := false; !asleep; {
-		time.Sleep(time.Millisecond)
-		w.mu.Lock()
-		asleep = w.asleep
-		w.mu.Unlock()
-	}
+	w, _ := sleepingWriter(t, a)
 	const n = QueueLen + 100
 	before := a.Stats().WriteDatagrams
 	pkt := make([]byte, 1200)
@@ -552,4 +529,19 @@ func TestWriterHoldFullQueue(t *testing.T) {
 	if got := a.Stats().WriteDatagrams - before; got != n || w.Drops() != 0 {
 		t.Fatalf("%d datagrams written, %d dropped; want %d, 0", got, w.Drops(), n)
 	}
+}
+
+// sleepingWriter starts a Writer on c whose Run has gone to sleep (nothing
+// queued), stopped when the test ends; asleep reports whether Run sleeps.
+func sleepingWriter(t *testing.T, c *Conn) (w *Writer, asleep func() bool) {
+	t.Helper()
+	w = NewWriter(c)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go w.Run(ctx)
+	asleep = func() bool { w.mu.Lock(); defer w.mu.Unlock(); return w.asleep }
+	for !asleep() {
+		time.Sleep(time.Millisecond)
+	}
+	return w, asleep
 }
