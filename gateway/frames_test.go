@@ -22,6 +22,7 @@ func (nopDatagrams) RemoteAddr() net.Addr      { return nil }
 // relayRig is the gateway's frame socket serving a route between two
 // loopback "nodes".
 type relayRig struct {
+	g      *Gateway
 	gw     netip.AddrPort
 	a, b   *net.UDPConn
 	cancel func()
@@ -55,7 +56,7 @@ func startRelayRig(tb testing.TB) *relayRig {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	r := &relayRig{gw: uc.LocalAddr().(*net.UDPAddr).AddrPort()}
+	r := &relayRig{g: g, gw: uc.LocalAddr().(*net.UDPAddr).AddrPort()}
 	for _, c := range []**net.UDPConn{&r.a, &r.b} {
 		if *c, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}); err != nil {
 			tb.Fatal(err)

@@ -467,17 +467,7 @@ func TestWriterHoldRelease(t *testing.T) {
 	if w.Queued() != 0 || !asleep() {
 		t.Fatalf("after Release: %d queued, Run asleep %v; want 0, true", w.Queued(), asleep())
 	}
-	// b has GRO on: the batch may arrive as trains.
-	var got []string
-	ms := []Message{{Buf: make([]byte, MaxTrain)}}
-	for len(got) < n {
-		_ = b.UDPConn().SetReadDeadline(time.Now().Add(5 * time.Second))
-		if _, err := b.ReadBatch(ms); err != nil {
-			t.Fatalf("after %d datagrams: %v", len(got), err)
-		}
-		ms[0].Datagrams(func(d []byte) { got = append(got, string(d)) })
-	}
-	for i, d := range got {
+	for i, d := range readN(t, b, n) { // trains split: b has GRO on
 		if want := fmt.Sprintf("d%02d", i); d != want {
 			t.Fatalf("datagram %d: got %q, want %q", i, d, want)
 		}
@@ -508,27 +498,125 @@ func TestWriterHoldRelease(t *testing.T) {
 	}
 }
 
-// A Hold never turns a full queue into drops: with Run asleep, the producer
-// that fills the queue writes it itself and goes on.
+// A long Hold keeps the queue shallow (it writes every holdFlush
+// datagrams, since the relay's fairness reads the depth), and never turns a
+// full queue into drops: with Run asleep, the producer that fills the queue
+// (here its bytes, with large datagrams) writes it itself and goes on.
 func TestWriterHoldFullQueue(t *testing.T) {
 	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
 	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
 	to := addrOf(b.UDPConn())
 	w, _ := sleepingWriter(t, a)
-	const n = QueueLen + 100
-	before := a.Stats().WriteDatagrams
-	pkt := make([]byte, 1200)
-	w.Hold()
-	for i := 0; i < n; i++ {
-		if !w.Write(to, pkt) {
-			t.Fatalf("datagram %d of %d dropped under a Hold (queue %d)", i, n, QueueLen)
+	for _, c := range []struct{ n, size int }{{QueueLen + 100, 1200}, {100, 60000}} {
+		before := a.Stats().WriteDatagrams
+		pkt := make([]byte, c.size)
+		w.Hold()
+		for i := 0; i < c.n; i++ {
+			if !w.Write(to, pkt) {
+				t.Fatalf("%d-byte datagram %d of %d dropped under a Hold", c.size, i, c.n)
+			}
+			if q := w.Queued(); q > holdFlush {
+				t.Fatalf("%d datagrams queued under a Hold, want at most %d", q, holdFlush)
+			}
+		}
+		w.Release()
+		w.Flush(5 * time.Second)
+		if got := a.Stats().WriteDatagrams - before; got != uint64(c.n) || w.Drops() != 0 {
+			t.Fatalf("%d-byte datagrams: %d written, %d dropped; want %d, 0", c.size, got, w.Drops(), c.n)
 		}
 	}
-	w.Release()
-	w.Flush(5 * time.Second)
-	if got := a.Stats().WriteDatagrams - before; got != n || w.Drops() != 0 {
-		t.Fatalf("%d datagrams written, %d dropped; want %d, 0", got, w.Drops(), n)
+}
+
+// A datagram that another producer writes between the end of a Hold and
+// its Release's write is queued behind what the Hold queued, never written
+// directly ahead of it, though Run sleeps and the writer looks idle.
+func TestWriterNoOvertakingAfterHold(t *testing.T) {
+	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	to := addrOf(b.UDPConn())
+	w, _ := sleepingWriter(t, a)
+	w.Hold()
+	w.Write(to, []byte("d1"))
+	// Release's first half (the Hold ends), then another producer's
+	// datagram after what looks like a pause, then Release's write.
+	w.mu.Lock()
+	w.held--
+	w.last = time.Since(w.epoch) - time.Hour
+	w.mu.Unlock()
+	w.Write(to, []byte("d2"))
+	w.writeOnce(false)
+	if d := w.directs.Load(); d != 0 {
+		t.Fatalf("%d direct writes with a datagram queued, want 0", d)
 	}
+	if got := readN(t, b, 2); got[0] != "d1" || got[1] != "d2" {
+		t.Fatalf("received %q, want [d1 d2]", got)
+	}
+}
+
+// Two producers, one forwarding in Holds as the relay's reader does and one
+// writing alone: each one's datagrams arrive in the order it wrote them.
+func TestWriterHoldKeepsEachProducersOrder(t *testing.T) {
+	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	_ = b.UDPConn().SetReadBuffer(8 << 20)
+	to := addrOf(b.UDPConn())
+	w, _ := sleepingWriter(t, a)
+	const n = 3000
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < n; {
+			w.Hold()
+			for k := 0; k < 16 && i < n; k, i = k+1, i+1 {
+				w.WriteWait(to, []byte(fmt.Sprintf("h%05d", i)))
+			}
+			w.Release()
+		}
+	}()
+	for i := 0; i < n; i++ {
+		w.WriteWait(to, []byte(fmt.Sprintf("o%05d", i)))
+		if i%64 == 0 {
+			time.Sleep(2 * IdleGap) // now and then a pause: direct writes
+		}
+	}
+	<-done
+	w.Flush(5 * time.Second)
+	// Loopback may drop what the reader is too slow for; what arrives
+	// must be in order.
+	last := map[byte]string{}
+	ms := []Message{{Buf: make([]byte, MaxTrain)}}
+	got := 0
+	for {
+		_ = b.UDPConn().SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		if _, err := b.ReadBatch(ms); err != nil {
+			break
+		}
+		ms[0].Datagrams(func(d []byte) {
+			got++
+			if p := last[d[0]]; string(d) <= p {
+				t.Errorf("%q arrived after %q", d, p)
+			}
+			last[d[0]] = string(d)
+		})
+	}
+	if got < n {
+		t.Fatalf("only %d of %d datagrams arrived", got, 2*n)
+	}
+}
+
+// readN reads n datagrams from c (GRO trains split), failing after 5 s.
+func readN(t *testing.T, c *Conn, n int) []string {
+	t.Helper()
+	var got []string
+	ms := []Message{{Buf: make([]byte, MaxTrain)}}
+	for len(got) < n {
+		_ = c.UDPConn().SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.ReadBatch(ms); err != nil {
+			t.Fatalf("after %d datagrams: %v", len(got), err)
+		}
+		ms[0].Datagrams(func(d []byte) { got = append(got, string(d)) })
+	}
+	return got
 }
 
 // sleepingWriter starts a Writer on c whose Run has gone to sleep (nothing

@@ -51,9 +51,10 @@ type Writer struct {
 	wmu   sync.Mutex
 	epoch time.Time // for last
 	// last is when the writer was last busy, since epoch, under mu: when
-	// Run last went to sleep or a datagram last found it asleep. Every
-	// datagram that found Run awake was written before Run went to sleep,
-	// so this is never before the last datagram came.
+	// Run last went to sleep, a Release last wrote, or a datagram last
+	// found Run asleep outside a Hold. Every other datagram was written
+	// by Run before it went to sleep or by a Release, so this is never
+	// before the last datagram came.
 	last    time.Duration
 	one     []byte        // a direct write's datagram; under wmu
 	oneMsg  [1]Message    // under wmu
@@ -94,6 +95,10 @@ const (
 	queueBytes    = 2 << 20
 	// QueueLen is how many datagrams may wait for the socket.
 	QueueLen = 2048
+	// holdFlush is how many datagrams a Hold queues before they are
+	// written without waiting for Release: a quarter of the queue, well
+	// below the half at which the relay counts its queue congested.
+	holdFlush = QueueLen / 4
 	// ControlReserve is how many control datagrams (probes, relay checks)
 	// may be queued beyond a full queue: a bulk transfer keeps the queue
 	// full by design (its producers wait for room), and the keepalives
@@ -151,11 +156,12 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration,
 	}
 	gso := w.c.GSO()
 	w.mu.Lock()
-	// Run asleep: nothing is queued or being written, so a direct write
-	// overtakes nothing; whatever is queued meanwhile Run writes after it
-	// (wmu). The clock is read only then: under load Run is mostly awake,
-	// and a clock read per datagram was 8 % of the relay's CPU.
-	if w.held == 0 && w.asleep && w.idleNow() && w.wmu.TryLock() {
+	// Run asleep and nothing queued (a Hold queues while Run sleeps): a
+	// direct write overtakes nothing; whatever is queued meanwhile is
+	// written after it (wmu). The clock is read only then: under load Run
+	// is mostly awake, and a clock read per datagram was 8 % of the
+	// relay's CPU.
+	if w.held == 0 && len(w.pending) == 0 && w.asleep && w.idleNow() && w.wmu.TryLock() {
 		w.mu.Unlock()
 		w.one = append(append(w.one[:0], head...), body...)
 		w.oneMsg[0] = Message{Buf: w.one, Addr: to}
@@ -175,13 +181,20 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration,
 			w.depth.Store(int64(w.queued))
 			// Under a Hold, Release writes what was queued: Run stays
 			// asleep (a wake-up per batch was a sixth of the relay's CPU).
+			// A long Hold writes every holdFlush datagrams, so that the
+			// queue's depth (which the relay's fairness reads) stays that
+			// of a socket that keeps up.
 			wake := w.asleep && w.held == 0
 			if wake {
 				w.asleep = false
 			}
+			flush := w.held > 0 && w.queued >= holdFlush && !w.busy
 			w.mu.Unlock()
 			if timer != nil {
 				w.releaseTimer(timer)
+			}
+			if flush {
+				w.writeOnce(false)
 			}
 			if wake {
 				select {
@@ -332,6 +345,10 @@ func (w *Writer) Hold() {
 func (w *Writer) Release() {
 	w.mu.Lock()
 	w.held--
+	if w.held < 0 {
+		w.mu.Unlock()
+		panic("udpbatch: Release without Hold")
+	}
 	flush := w.held == 0 && len(w.pending) > 0 && !w.busy
 	w.mu.Unlock()
 	if flush {
@@ -386,6 +403,9 @@ func (w *Writer) Run(ctx context.Context) {
 				w.mu.Unlock()
 				if last {
 					w.writeOnce(true)
+					w.mu.Lock()
+					w.busy = false // Run is gone: a Release writes itself
+					w.mu.Unlock()
 				}
 				return
 			}
@@ -429,6 +449,9 @@ func (w *Writer) writeOnce(run bool) {
 	w.msgs = msgs[:0]
 
 	w.mu.Lock()
+	if !run {
+		w.last = time.Since(w.epoch)
+	}
 	for _, t := range batch {
 		t.buf, t.n, t.closed = t.buf[:0], 0, false
 		w.free = append(w.free, t)
