@@ -180,7 +180,7 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration,
 			w.queued++
 			w.depth.Store(int64(w.queued))
 			// Under a Hold, Release writes what was queued: Run stays
-			// asleep (a wake-up per batch was a sixth of the relay's CPU).
+			// asleep (a wake-up per batch was a quarter of the relay's CPU).
 			// A long Hold writes every holdFlush datagrams, so that the
 			// queue's depth (which the relay's fairness reads) stays that
 			// of a socket that keeps up.
@@ -188,7 +188,7 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration,
 			if wake {
 				w.asleep = false
 			}
-			flush := w.held > 0 && w.queued >= holdFlush && !w.busy
+			flush := w.queued >= holdFlush && w.writesHeld()
 			w.mu.Unlock()
 			if timer != nil {
 				w.releaseTimer(timer)
@@ -206,7 +206,7 @@ func (w *Writer) write(to netip.AddrPort, head, body []byte, wait time.Duration,
 		}
 		// Full. Under a Hold Run was not woken: write the queue from
 		// here, as Release would, rather than wait for nobody.
-		if w.held > 0 && !w.busy && len(w.pending) > 0 {
+		if w.writesHeld() {
 			w.mu.Unlock()
 			w.writeOnce(false)
 			w.mu.Lock()
@@ -356,6 +356,13 @@ func (w *Writer) Release() {
 	}
 }
 
+// writesHeld reports whether the producer must write the queue itself: a
+// Hold kept Run asleep, Run is not writing, and something is queued.
+// Called with mu held.
+func (w *Writer) writesHeld() bool {
+	return w.held > 0 && !w.busy && len(w.pending) > 0
+}
+
 // Queued is how many datagrams wait in the queue now (a relay's fair
 // dropping watches it); it takes no lock.
 func (w *Writer) Queued() int { return int(w.depth.Load()) }
@@ -402,10 +409,9 @@ func (w *Writer) Run(ctx context.Context) {
 				last := len(w.pending) > 0
 				w.mu.Unlock()
 				if last {
-					w.writeOnce(true)
-					w.mu.Lock()
-					w.busy = false // Run is gone: a Release writes itself
-					w.mu.Unlock()
+					// As a producer would: Run is gone, and busy must
+					// not stay set for Release to write.
+					w.writeOnce(false)
 				}
 				return
 			}
