@@ -142,6 +142,17 @@ func (r *rateState) targetCwnd(rate float64) int {
 	return max(rateMinCwnd, int(bytes/float64(r.s.MaxPayloadSize)))
 }
 
+// capToModel bounds a window of cwnd packets by the model's once startup
+// is over.
+//
+// +checklocks:r.s.ep.mu
+func (r *rateState) capToModel(cwnd int, rate float64) int {
+	if target := r.targetCwnd(rate); r.filled && target > 0 {
+		return min(cwnd, target)
+	}
+	return cwnd
+}
+
 // OnAck implements ackObserver.OnAck.
 //
 // +checklocks:r.s.ep.mu
@@ -173,11 +184,7 @@ func (r *rateState) OnAck(rtt time.Duration, now tcpip.MonotonicTime) {
 	// SACKed, nothing new to send, and no later packet to show the loss;
 	// slow start after it cost ~10 RTTs of a fraction of the rate.
 	if r.priorCwnd > 0 && r.rtoUna.LessThan(s.SndUna) {
-		w := r.priorCwnd
-		if target := r.targetCwnd(r.maxRate()); r.filled && target > 0 {
-			w = min(w, target)
-		}
-		s.SndCwnd = max(s.SndCwnd, w)
+		s.SndCwnd = max(s.SndCwnd, r.capToModel(r.priorCwnd, r.maxRate()))
 		s.Ssthresh = s.SndCwnd
 		r.priorCwnd = 0
 	}
@@ -231,11 +238,7 @@ func (r *rateState) OnAck(rtt time.Duration, now tcpip.MonotonicTime) {
 	mss := uint64(max(1, s.MaxPayloadSize))
 	grow := int(r.pending / mss)
 	r.pending %= mss
-	cwnd := s.SndCwnd + grow
-	if target := r.targetCwnd(rate); r.filled && target > 0 {
-		cwnd = min(cwnd, target)
-	}
-	s.SndCwnd = max(cwnd, rateMinCwnd)
+	s.SndCwnd = max(r.capToModel(s.SndCwnd+grow, rate), rateMinCwnd)
 	// gVisor's recovery sets the window from Ssthresh when it enters and
 	// leaves; keeping them equal keeps the model's window through it.
 	s.Ssthresh = s.SndCwnd
