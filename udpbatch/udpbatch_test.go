@@ -411,11 +411,8 @@ func TestWriterDirectAfterPause(t *testing.T) {
 	w, _ := sleepingWriter(t, a)
 	recv := func(want string) {
 		t.Helper()
-		buf := make([]byte, 100)
-		_ = b.UDPConn().SetReadDeadline(time.Now().Add(5 * time.Second))
-		n, err := b.UDPConn().Read(buf)
-		if err != nil || string(buf[:n]) != want {
-			t.Fatalf("got %q, %v; want %q", buf[:n], err, want)
+		if got := readN(t, b, 1)[0]; got != want {
+			t.Fatalf("got %q, want %q", got, want)
 		}
 	}
 
@@ -472,7 +469,6 @@ func TestWriterHoldRelease(t *testing.T) {
 			t.Fatalf("datagram %d: got %q, want %q", i, d, want)
 		}
 	}
-	buf := make([]byte, 100)
 
 	// Nested: only the last Release writes; Run still wakes for a
 	// producer outside any Hold.
@@ -484,17 +480,15 @@ func TestWriterHoldRelease(t *testing.T) {
 		t.Fatalf("after the inner Release: %d queued, want 1", w.Queued())
 	}
 	w.Release()
-	_ = b.UDPConn().SetReadDeadline(time.Now().Add(5 * time.Second))
-	if k, err := b.UDPConn().Read(buf); err != nil || string(buf[:k]) != "inner" {
-		t.Fatalf("got %q, %v; want inner", buf[:k], err)
+	if got := readN(t, b, 1)[0]; got != "inner" {
+		t.Fatalf("got %q, want inner", got)
 	}
 	w.mu.Lock()
 	w.last = time.Since(w.epoch) + time.Hour // no pause: queued for Run
 	w.mu.Unlock()
 	w.Write(to, []byte("run"))
-	_ = b.UDPConn().SetReadDeadline(time.Now().Add(5 * time.Second))
-	if k, err := b.UDPConn().Read(buf); err != nil || string(buf[:k]) != "run" {
-		t.Fatalf("got %q, %v; want run (written by Run)", buf[:k], err)
+	if got := readN(t, b, 1)[0]; got != "run" {
+		t.Fatalf("got %q, want run (written by Run)", got)
 	}
 }
 
@@ -600,7 +594,7 @@ func TestWriterHoldKeepsEachProducersOrder(t *testing.T) {
 		})
 	}
 	if got < n {
-		t.Fatalf("only %d of %d datagrams arrived", got, 2*n)
+		t.Fatalf("only %d of the %d datagrams arrived, want at least %d", got, 2*n, n)
 	}
 }
 
