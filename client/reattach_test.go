@@ -557,20 +557,37 @@ func TestFirstSessionWaitsForAgent(t *testing.T) {
 		b := newReattachBench(t)
 		b.c.cfg.WaitAgent = 2 * time.Second
 		done := b.firstSession()
+		// One reader owns the stream: a short read deadline could fire
+		// between a message's length and its body and lose the framing.
+		asked := make(chan *wire.Message, 16)
+		go func() {
+			defer close(asked)
+			for {
+				m, err := wire.ReadMessage(b.node.st)
+				if err != nil {
+					return
+				}
+				asked <- m
+			}
+		}()
 		asks := 0
-		for end := time.Now().Add(10 * time.Second); time.Now().Before(end); {
-			b.node.st.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-			m, err := wire.ReadMessage(b.node.st)
-			if err == nil {
+		var res firstResult
+		end := time.After(20 * time.Second)
+	answer:
+		for {
+			select {
+			case m, ok := <-asked:
+				if !ok {
+					t.Fatal("the control stream ended before firstSession returned")
+				}
 				asks++
 				b.node.send(&wire.Message{ID: m.ID, Type: wire.TypeError, Error: &wire.Error{Code: wire.CodeUnknownAgent, Message: "no agent miranda"}})
-				continue
-			}
-			if len(done) > 0 {
-				break
+			case res = <-done:
+				break answer
+			case <-end:
+				t.Fatal("firstSession did not return")
 			}
 		}
-		res := b.firstResult(t, done)
 		if asks < 2 || res.err == nil || !strings.Contains(res.err.Error(), "--wait") {
 			t.Fatalf("asked %d times, then %v; want asking again, then an error naming --wait", asks, res.err)
 		}
