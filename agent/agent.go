@@ -63,7 +63,7 @@ type Config struct {
 	// DNSDomains are the LAN's domains, told to clients so that a TUN
 	// client sends lookups under them to this agent's DNS (split DNS).
 	DNSDomains []string
-	// UDPSize fixes the node's UDP size (--mtu; session.UDPSize); 0:
+	// UDPSize fixes the node's UDP size (--mtu; wire.UDPSize); 0:
 	// full size, lowered by itself when the path to the gateway says so.
 	UDPSize int
 	// Limits bounds the flows each client, and all together, may hold;
@@ -212,7 +212,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 	a.host.refresh(cfg.Log)
 	a.dns = dnsfwd.New(dnsfwd.Config{Servers: cfg.DNSServers, Log: cfg.Log})
-	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: session.TunMTU, Allow: a.allow, Dial: a.dial, Logger: cfg.Log,
+	a.eg, err = netstack.NewEgress(netstack.EgressConfig{MTU: wire.TunMTU, Allow: a.allow, Dial: a.dial, Logger: cfg.Log,
 		Release: session.ReleasePacket, Limits: cfg.Limits}, a.toClient)
 	if err != nil {
 		return fmt.Errorf("start egress netstack: %w", err)
@@ -661,7 +661,7 @@ func (a *Agent) onRequest(_ context.Context, m *wire.Message) *wire.Message {
 			acc.Punch.Candidates = punch.Candidates(w.Observed, a.u.Port)
 		}
 	}
-	acc.UDPSize = session.WireUDPSize(a.u.Ctrl.UDPSize())
+	acc.UDPSize = wire.WireUDPSize(a.u.Ctrl.UDPSize())
 	a.mu.Lock()
 	if prev := a.offers[s.ID]; prev != nil && prev.PeerKey != s.PeerKey {
 		// A session ID belongs to one client key; another client naming it
@@ -822,7 +822,7 @@ func (a *Agent) serveSession(ctx context.Context, qc *quic.Conn) {
 	// The client dialed with packets that fit both paths (and quic-go
 	// sends it no larger ones than it advertised); what the egress hands
 	// this session must fit them too.
-	sz := session.SizesFor(a.u.Ctrl.UDPSize(), offer.UDPSize)
+	sz := wire.SizesFor(a.u.Ctrl.UDPSize(), offer.UDPSize)
 	s.SetMTU(sz.TUN)
 	cs := &clientState{offer: offer, sess: s}
 	a.mu.Lock()
@@ -1002,7 +1002,7 @@ func (a *Agent) sendToClients(pkts [][]byte, runBuf *[][]byte) {
 			// stack would (IPv4; anything else is dropped and counted by
 			// the session).
 			if frag == nil {
-				frag = make([]byte, session.TunMTU) // rare: allocated when needed
+				frag = make([]byte, wire.TunMTU) // rare: allocated when needed
 			}
 			if packet.FragmentIPv4(pkt, mtu, frag, func(f []byte) { cs.sess.SendWait(f) }) {
 				a.fragmented.Add(1)

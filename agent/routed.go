@@ -53,7 +53,7 @@ func (a *Agent) startRouted(ctx context.Context) (stop func(), err error) {
 	if name == "" {
 		name = DefaultTunName
 	}
-	dev, err := tun.Create(name, session.TunMTU)
+	dev, err := tun.Create(name, wire.TunMTU)
 	if err != nil {
 		return nil, fmt.Errorf("--routed needs a TUN device (CAP_NET_ADMIN): %w", err)
 	}

@@ -52,7 +52,7 @@ type Config struct {
 	// connected to the gateway yet (asking again every few seconds): zero
 	// waits until ctx ends, a negative value not at all.
 	WaitAgent time.Duration
-	// UDPSize fixes the node's UDP size (--mtu; session.UDPSize); 0:
+	// UDPSize fixes the node's UDP size (--mtu; wire.UDPSize); 0:
 	// full size, lowered by itself when the path to the gateway says so.
 	UDPSize int
 	Log     *slog.Logger
@@ -123,7 +123,7 @@ type Client struct {
 	direct chan struct{} // signalled when a direct path is confirmed
 
 	// tun is the TUN device (TUN mode), tunMTU the MTU followMTU last
-	// gave it (0: the one it was made with, session.TunMTU).
+	// gave it (0: the one it was made with, wire.TunMTU).
 	tun    *tun.Device
 	tunMTU int
 	// fragBuf holds send's fragments; send's one caller, the netstack's
@@ -191,7 +191,7 @@ func Run(ctx context.Context, cfg Config) error {
 	var dev *tun.Device
 	if cfg.Netstack == nil {
 		var err error
-		if dev, err = tun.Create(cfg.TunName, session.TunMTU); err != nil {
+		if dev, err = tun.Create(cfg.TunName, wire.TunMTU); err != nil {
 			return fmt.Errorf("%w (the TUN mode needs root or CAP_NET_ADMIN; without them use --netstack)", err)
 		}
 		defer dev.Close()
@@ -557,7 +557,7 @@ func (c *Client) establish(ctx context.Context, cur *session.Session) (*session.
 		req.Punch = wire.Punch{ProbePub: offer.Pub, ProbeSig: offer.Sig}
 		req.Punch.Candidates = c.candidates()
 	}
-	req.UDPSize = session.WireUDPSize(c.u.Ctrl.UDPSize())
+	req.UDPSize = wire.WireUDPSize(c.u.Ctrl.UDPSize())
 	r, err := c.connect(rctx, req)
 	if err != nil {
 		return nil, nil, err
@@ -648,7 +648,7 @@ func (c *Client) dialAgent(rctx context.Context, off *wire.Session, key identity
 	}
 	// The session's packets must fit both ends' paths: the agent's says
 	// the offer (nothing from an agent on a full-size path).
-	sz := session.SizesFor(c.u.Ctrl.UDPSize(), off.UDPSize)
+	sz := wire.SizesFor(c.u.Ctrl.UDPSize(), off.UDPSize)
 	if c.cfg.Mode != wire.ModeDirect {
 		c.u.CheckRelaySoon() // the handshake starts on the relay
 	}
@@ -675,7 +675,7 @@ func (c *Client) dialAgent(rctx context.Context, off *wire.Session, key identity
 	}
 	c.log.Info("end-to-end session established", "session", wire.SessionID(off.ID), "agent_key", key, "took", time.Since(start).Round(time.Millisecond), "path", c.pathKind(),
 		"mtu", sz.TUN)
-	if sz.TUN < session.TunMTU {
+	if sz.TUN < wire.TunMTU {
 		c.log.Info("tunnel MTU lowered for a small path MTU", "mtu", sz.TUN, "udp_size", sz.UDP,
 			"own_udp_size", c.u.Ctrl.UDPSize(), "agent_udp_size", off.UDPSize)
 	}
@@ -877,7 +877,7 @@ func (c *Client) send(pkt []byte) {
 		// the host's own stack would; anything else is dropped and
 		// counted by Send.
 		if c.fragBuf == nil {
-			c.fragBuf = make([]byte, session.TunMTU)
+			c.fragBuf = make([]byte, wire.TunMTU)
 		}
 		if packet.FragmentIPv4(pkt, mtu, c.fragBuf, func(f []byte) { s.Send(f) }) {
 			return
@@ -899,7 +899,7 @@ func (c *Client) readTUN(ctx context.Context, dev *tun.Device) {
 			return
 		}
 		s := c.cur.Load()
-		mtu := session.TunMTU
+		mtu := wire.TunMTU
 		if s != nil {
 			mtu = s.MTU()
 		}

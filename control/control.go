@@ -68,7 +68,7 @@ type Config struct {
 	// it. Agents set it: clients that move to another gateway find them
 	// only once they have moved too.
 	Heartbeat time.Duration
-	// UDPSize fixes the node's UDP size (session.UDPSize of --mtu); 0:
+	// UDPSize fixes the node's UDP size (wire.UDPSize of --mtu); 0:
 	// start at full size and learn a smaller one (pathsize.go).
 	UDPSize int
 

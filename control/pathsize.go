@@ -10,11 +10,10 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/nlvpn/nlvpn/platform"
-	"github.com/nlvpn/nlvpn/session"
 	"github.com/nlvpn/nlvpn/wire"
 )
 
-// The node's UDP size (session.UDPSize: the largest UDP payload its port
+// The node's UDP size (wire.UDPSize: the largest UDP payload its port
 // sends and receives) is the gateway connection's fixed packet size, and
 // what the node's sessions are sized from. It starts at the full
 // wire.GatewayPacketSize, or at the size --mtu gives (Config.UDPSize,
@@ -43,7 +42,7 @@ var errSmallerPath = errors.New("the path to the gateway has a smaller MTU")
 
 // minUDPSize is the UDP size of a MinPathMTU IPv4 path, where a black-holed
 // dial tries next.
-var minUDPSize = func() int { n, _ := session.UDPSize(session.MinPathMTU, false); return n }()
+var minUDPSize = func() int { n, _ := wire.UDPSize(wire.MinPathMTU, false); return n }()
 
 // UDPSize is the node's UDP size now (see above).
 func (c *Client) UDPSize() int { return int(c.udpSize.Load()) }
@@ -127,7 +126,7 @@ func kernelUDPSize(dst netip.Addr) int {
 	if mtu == 0 {
 		return 0
 	}
-	n, err := session.UDPSize(mtu, dst.Is6() && !dst.Is4In6())
+	n, err := wire.UDPSize(mtu, dst.Is6() && !dst.Is4In6())
 	if err != nil {
 		return 0
 	}

@@ -27,7 +27,7 @@ import (
 // the netstack (SOCKS5) mode. Every case prints the tunnel MTU the client
 // chose and how long it took to register with the gateway.
 func TestSmallPathMTU(t *testing.T) {
-	const wantMTU = 1168 // 1280 - 28 (IPv4, UDP) - 46 (frame, DATAGRAM) - 38 (DATAGRAM); session/mtu.go
+	const wantMTU = 1168 // 1280 - 28 (IPv4, UDP) - 46 (frame, DATAGRAM) - 38 (DATAGRAM); wire/mtu.go
 	for _, c := range []struct {
 		name  string
 		opts  func(*lab.Options)

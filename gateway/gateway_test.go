@@ -21,7 +21,6 @@ import (
 	"github.com/nlvpn/nlvpn/control"
 	"github.com/nlvpn/nlvpn/identity"
 	"github.com/nlvpn/nlvpn/relay"
-	"github.com/nlvpn/nlvpn/session"
 	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/wire"
 )
@@ -407,7 +406,7 @@ func testRelay(t *testing.T, tg *testGateway, client, agent *testNode, id uint64
 	}
 	// The MTU budget: a peer session packet of full PeerPacketSize fits one
 	// relay DATAGRAM on the gateway connection, both ways.
-	full := bytes.Repeat([]byte{0x5a}, session.PeerPacketSize)
+	full := bytes.Repeat([]byte{0x5a}, wire.PeerPacketSize)
 	for _, d := range []struct{ from, to *testNode }{{client, agent}, {agent, client}} {
 		if err := d.from.c.SendRelayDatagram(id, full); err != nil {
 			t.Fatalf("Send of a %d-byte peer packet over the relay: %v", len(full), err)
@@ -864,7 +863,7 @@ func testRelayUDP(t *testing.T, tg *testGateway, client, agent *testNode, id uin
 			}
 		}
 	}
-	full := relay.Frame(id, bytes.Repeat([]byte{0x77}, session.PeerPacketSize))
+	full := relay.Frame(id, bytes.Repeat([]byte{0x77}, wire.PeerPacketSize))
 	client.sendUDP(t, tg, full)
 	if b, _, err := agent.readUDP(3 * time.Second); err != nil || !bytes.Equal(b, full) {
 		t.Fatalf("a full-size peer packet as a UDP frame: %d bytes, %v", len(b), err)

@@ -4,7 +4,7 @@ import "encoding/binary"
 
 // FragmentIPv4 splits the IPv4 packet pkt into fragments of at most mtu
 // bytes, as a host's own stack does for a packet bigger than its link: the
-// agent's netstack builds packets for a link of session.TunMTU, and a
+// agent's netstack builds packets for a link of wire.TunMTU, and a
 // session whose path is smaller carries only smaller ones. Each fragment is
 // written into buf (which must hold mtu bytes; it is reused, so emit must
 // copy or finish with it) and passed to emit. pkt may itself be a fragment

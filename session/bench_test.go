@@ -5,6 +5,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 // bufRing hands out a fixed set of buffers in turn, so that a benchmark's
@@ -19,7 +21,7 @@ type bufRing struct {
 func newBufRing() *bufRing {
 	r := &bufRing{bufs: make([][]byte, 4*inQueueLen)}
 	for i := range r.bufs {
-		r.bufs[i] = make([]byte, PeerPacketSize+64)
+		r.bufs[i] = make([]byte, wire.PeerPacketSize+64)
 	}
 	return r
 }
@@ -47,7 +49,7 @@ func BenchmarkSessionRoundTrip(b *testing.B) {
 	back := make(chan struct{}, 1)
 	startSession(agent, func(pkt []byte) { agent.Send(pkt); ReleasePacket(pkt) })
 	startSession(client, func(pkt []byte) { ReleasePacket(pkt); back <- struct{}{} })
-	pkt := make([]byte, TunMTU)
+	pkt := make([]byte, wire.TunMTU)
 	b.SetBytes(int64(2 * len(pkt)))
 	b.ReportAllocs()
 	b.ResetTimer()
@@ -92,7 +94,7 @@ func BenchmarkSessionOneWay(b *testing.B) {
 				}
 			})
 			startSession(client, func([]byte) {})
-			pkt := make([]byte, TunMTU)
+			pkt := make([]byte, wire.TunMTU)
 			stall := time.NewTimer(time.Hour)
 			b.SetBytes(int64(len(pkt)))
 			b.ReportAllocs()

@@ -7,7 +7,7 @@ type Drops struct {
 	QueueFull     uint64 // Send/SendWait: the send queue was full
 	TooLarge      uint64 // Send: a packet over the session's MTU
 	SendFailed    uint64 // the connection was closing
-	RxTooLarge    uint64 // a received datagram over TunMTU
+	RxTooLarge    uint64 // a received datagram over wire.TunMTU
 	QUICQueueFull uint64 // received packets quic-go's queue had no room for
 	RxEarly       uint64 // received datagrams that overflowed the queue before Start
 }

@@ -24,7 +24,7 @@ import (
 )
 
 // QUICConfig is the peer connection's configuration on full-size paths.
-func QUICConfig() *quic.Config { return QUICConfigSized(PeerPacketSize) }
+func QUICConfig() *quic.Config { return QUICConfigSized(wire.PeerPacketSize) }
 
 // QUICConfigSized is the peer connection's configuration with packets of
 // packetSize bytes (Sizes.Peer). The listening agent uses its own size: it
@@ -165,13 +165,13 @@ func (c *dirCounters) addAll(pkts [][]byte) {
 // New wraps an established connection. Call Start to receive, then Wait.
 func New(id uint64, c *quic.Conn, log *slog.Logger) *Session {
 	s := &Session{ID: id, Conn: c, log: log, done: make(chan struct{})}
-	s.mtu.Store(TunMTU)
+	s.mtu.Store(wire.TunMTU)
 	return s
 }
 
 // SetMTU sets the largest IP packet the session carries (its Sizes.TUN; at
 // most TunMTU, the default).
-func (s *Session) SetMTU(n int) { s.mtu.Store(int32(min(n, TunMTU))) }
+func (s *Session) SetMTU(n int) { s.mtu.Store(int32(min(n, wire.TunMTU))) }
 
 // MTU is the largest IP packet the session carries.
 func (s *Session) MTU() int { return int(s.mtu.Load()) }
@@ -301,7 +301,7 @@ func (s *Session) Alive() bool {
 // from Start's goroutine while new ones already arrive.
 func (s *Session) Start(recv func(pkt []byte)) {
 	deliver := func(b []byte) {
-		if len(b) > TunMTU {
+		if len(b) > wire.TunMTU {
 			// No peer of ours sends these (Send refuses them).
 			s.dropRxLarge.Add(1)
 			return

@@ -14,6 +14,7 @@ import (
 	"github.com/quic-go/quic-go"
 
 	"github.com/nlvpn/nlvpn/identity"
+	"github.com/nlvpn/nlvpn/wire"
 )
 
 // pipePath delivers every packet to the Conn at the other end, like a
@@ -159,9 +160,9 @@ func (c *collector) count() int {
 
 // testPacket is packet seq: a sequence number and a pattern, 4..TunMTU bytes.
 func testPacket(seq uint32, dir byte) []byte {
-	n := 4 + int(seq*97)%(TunMTU-3) // covers 4 .. TunMTU
+	n := 4 + int(seq*97)%(wire.TunMTU-3) // covers 4 .. wire.TunMTU
 	if seq%10 == 0 {
-		n = TunMTU
+		n = wire.TunMTU
 	}
 	b := make([]byte, n)
 	binary.BigEndian.PutUint32(b, seq)
@@ -265,7 +266,7 @@ func TestSessionEndToEnd(t *testing.T) {
 	}
 
 	// Over the tunnel MTU: refused, counted, not sent.
-	if err := cs.Send(make([]byte, TunMTU+1)); !errors.Is(err, ErrTooLarge) {
+	if err := cs.Send(make([]byte, wire.TunMTU+1)); !errors.Is(err, ErrTooLarge) {
 		t.Fatalf("Send(TunMTU+1) = %v, want ErrTooLarge", err)
 	}
 	if st := cs.Stats(); st.DropTooLarge != 1 {
@@ -636,7 +637,7 @@ func TestSessionSendQueueFull(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		pkt := make([]byte, TunMTU)
+		pkt := make([]byte, wire.TunMTU)
 		for i := 0; i < attempts; i++ {
 			cs.Send(pkt)
 		}
@@ -706,7 +707,7 @@ func TestSessionOversizeDatagramDropped(t *testing.T) {
 	as := New(id, aq, quietLog())
 	rx := newCollector()
 	startSession(as, rx.recv)
-	if err := cq.SendDatagram(make([]byte, TunMTU+1)); err != nil {
+	if err := cq.SendDatagram(make([]byte, wire.TunMTU+1)); err != nil {
 		t.Fatalf("raw SendDatagram: %v", err)
 	}
 	ok := testPacket(1, 'c')
@@ -750,7 +751,7 @@ func TestSessionSendWaitHoldsBack(t *testing.T) {
 			p := newSendPair(t, uint64(0x5e55_0007_00+i))
 			cs, rx := p.cs, p.rx
 			const n, burst = 4 * SendQueueLen, 45
-			oversize := make([]byte, TunMTU+1)
+			oversize := make([]byte, wire.TunMTU+1)
 			bursts := 0
 			for seq := uint32(0); seq < n; {
 				var pkts [][]byte
@@ -800,7 +801,7 @@ func TestSessionSendWaitBounded(t *testing.T) {
 			cs, rx := p.cs, p.rx
 
 			p.clientRelay.drop.Store(true)
-			pkt := make([]byte, TunMTU)
+			pkt := make([]byte, wire.TunMTU)
 			burst := [][]byte{pkt, pkt, pkt, pkt, pkt, pkt, pkt, pkt, pkt, pkt}
 			start := time.Now()
 			for i := 0; i < 4000 && time.Since(start) < 20*time.Second; i++ {

@@ -126,7 +126,7 @@ func TestDirectPathCarriesSessionPackets(t *testing.T) {
 			if i%37 == 36 {
 				return 60 + i
 			}
-			return session.PeerPacketSize
+			return wire.PeerPacketSize
 		}
 		type result struct {
 			got int
@@ -274,7 +274,7 @@ func TestRelayFramesOverUDP(t *testing.T) {
 	}
 
 	const id = 0xfeed
-	pkt := bytes.Repeat([]byte{0xab}, session.PeerPacketSize)
+	pkt := bytes.Repeat([]byte{0xab}, wire.PeerPacketSize)
 	u.Conn.WriteTo(pkt, session.Addr(id))
 	gw.SetReadDeadline(time.Now().Add(3 * time.Second))
 	for {
@@ -307,7 +307,7 @@ func TestDirectPathAllocs(t *testing.T) {
 	a, b := openTest(t, true), openTest(t, true)
 	const id = 0xa110c
 	punchBoth(t, a, b, id)
-	pkt := make([]byte, session.PeerPacketSize)
+	pkt := make([]byte, wire.PeerPacketSize)
 	buf := make([]byte, 2048)
 	round := func() {
 		for i := 0; i < 16; i++ {
@@ -350,7 +350,7 @@ func benchDirectPath(b *testing.B, xAddr, yAddr string) {
 	x, y := openTestAt(b, true, xAddr), openTestAt(b, true, yAddr)
 	const id = 0xbe9c
 	punchBoth(b, x, y, id)
-	pkt := make([]byte, session.PeerPacketSize)
+	pkt := make([]byte, wire.PeerPacketSize)
 	buf := make([]byte, 2048)
 	b.SetBytes(int64(len(pkt)))
 	b.ReportAllocs()
@@ -455,7 +455,7 @@ func TestDualStackPort(t *testing.T) {
 				from, to *testPort
 			}{{u, p}, {p, u}} {
 				for i := 0; i < 32; i++ {
-					pkt := bytes.Repeat([]byte{byte(i)}, session.PeerPacketSize)
+					pkt := bytes.Repeat([]byte{byte(i)}, wire.PeerPacketSize)
 					dir.from.Conn.WriteTo(pkt, session.Addr(tc.id))
 					dir.to.Conn.SetReadDeadline(time.Now().Add(3 * time.Second))
 					k, from, err := dir.to.Conn.ReadFrom(buf)

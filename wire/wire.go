@@ -296,7 +296,7 @@ type Punch struct {
 	ProbePub   string           `json:"probe_pub,omitempty"`
 	ProbeSig   string           `json:"probe_sig,omitempty"`
 	// UDPSize is the largest UDP payload the node's port sends and
-	// receives (its path MTU less the headers; session.UDPSize), said only
+	// receives (its path MTU less the headers; UDPSize), said only
 	// when below GatewayPacketSize: 0 (absent, and what older nodes send)
 	// means GatewayPacketSize. The session's packets fit both ends'.
 	UDPSize int `json:"udp_size,omitempty"`

@@ -32,7 +32,6 @@ import (
 	"github.com/nlvpn/nlvpn/netstack"
 	"github.com/nlvpn/nlvpn/platform"
 	"github.com/nlvpn/nlvpn/policy"
-	"github.com/nlvpn/nlvpn/session"
 	"github.com/nlvpn/nlvpn/status"
 	"github.com/nlvpn/nlvpn/token"
 	"github.com/nlvpn/nlvpn/wire"
@@ -502,7 +501,7 @@ func udpSizeFlag(c *cli.Context) (int, error) {
 	if !c.IsSet("mtu") {
 		return 0, nil
 	}
-	n, err := session.UDPSize(c.Int("mtu"), false) // the underlay is IPv4
+	n, err := wire.UDPSize(c.Int("mtu"), false) // the underlay is IPv4
 	if err != nil {
 		return 0, fmt.Errorf("--mtu: %w", err)
 	}

@@ -1,14 +1,10 @@
-package session
+package wire
 
-import (
-	"fmt"
-
-	"github.com/nlvpn/nlvpn/wire"
-)
+import "fmt"
 
 // The MTU budget. A node's port sends and receives UDP payloads of at most
 // its UDP size (UDPSize: its path MTU less the IP and UDP headers, at most
-// wire.GatewayPacketSize), and a session's sizes must fit the smaller UDP
+// GatewayPacketSize), and a session's sizes must fit the smaller UDP
 // size of its two ends (the client's and the agent's paths may differ) on
 // every path the session's packets can take at any moment: direct, relay as
 // UDP frames, and the relay's fallback carrier (frames in DATAGRAMs of each
@@ -16,7 +12,7 @@ import (
 // 1500-byte path:
 //
 //	path MTU                                 1500
-//	− IPv6 + UDP headers (40 + 8)            1452 = wire.GatewayPacketSize = the UDP size
+//	− IPv6 + UDP headers (40 + 8)            1452 = GatewayPacketSize = the UDP size
 //	                                              (IPv4 leaves 20 spare; 1452 is also quic-go's largest packet)
 //	direct and relay as UDP frames:
 //	  − frame header (9)                     1443 ≥ PeerPacketSize (37 spare)
@@ -41,7 +37,7 @@ import (
 // patch 0007), so the gateway follows each node's size and the agent each
 // session's.
 const (
-	PeerPacketSize = wire.GatewayPacketSize - quicDatagramReserve - wire.FrameHeaderLen
+	PeerPacketSize = GatewayPacketSize - quicDatagramReserve - FrameHeaderLen
 	TunMTU         = PeerPacketSize - quicDatagramReserve - 1
 
 	// quicDatagramReserve is what quic-go keeps free in a packet for a
@@ -52,7 +48,7 @@ const (
 	minPeerPacketSize = 1200
 
 	// MinUDPSize is the smallest UDP size a session works with.
-	MinUDPSize = minPeerPacketSize + wire.FrameHeaderLen + quicDatagramReserve
+	MinUDPSize = minPeerPacketSize + FrameHeaderLen + quicDatagramReserve
 	// DefaultPathMTU is the path MTU assumed until a node learns otherwise.
 	DefaultPathMTU = 1500
 	// MinPathMTU is the smallest path MTU accepted (--mtu): IPv6's minimum
@@ -66,7 +62,7 @@ const (
 
 // UDPSize is the largest UDP payload a node's port sends and receives on a
 // path with this MTU (IPv6 or IPv4 headers), capped at
-// wire.GatewayPacketSize. It is an error when the path is too small for a
+// GatewayPacketSize. It is an error when the path is too small for a
 // session (below MinPathMTU or, for IPv6, below MinUDPSize + 48).
 func UDPSize(pathMTU int, ipv6 bool) (int, error) {
 	hdr := ipv4UDPHeaders
@@ -76,7 +72,7 @@ func UDPSize(pathMTU int, ipv6 bool) (int, error) {
 	if pathMTU < MinPathMTU || pathMTU-hdr < MinUDPSize {
 		return 0, fmt.Errorf("path MTU %d is too small: nlvpn needs at least %d (%d for IPv6)", pathMTU, MinPathMTU, MinUDPSize+ipv6UDPHeaders)
 	}
-	return min(pathMTU-hdr, wire.GatewayPacketSize), nil
+	return min(pathMTU-hdr, GatewayPacketSize), nil
 }
 
 // Sizes are one session's sizes, all from the smaller UDP size of its two
@@ -88,27 +84,27 @@ type Sizes struct {
 }
 
 // SizesFor returns the sizes of a session between nodes with UDP sizes a
-// and b (0: a node that did not say, which is wire.GatewayPacketSize).
-// Values outside MinUDPSize..wire.GatewayPacketSize are clamped, so a
+// and b (0: a node that did not say, which is GatewayPacketSize).
+// Values outside MinUDPSize..GatewayPacketSize are clamped, so a
 // gateway that lies cannot make a session unworkable by size alone.
 func SizesFor(a, b int) Sizes {
 	udp := min(normUDP(a), normUDP(b))
-	peer := udp - quicDatagramReserve - wire.FrameHeaderLen
+	peer := udp - quicDatagramReserve - FrameHeaderLen
 	return Sizes{UDP: udp, Peer: peer, TUN: peer - quicDatagramReserve - 1}
 }
 
 func normUDP(n int) int {
 	if n == 0 {
-		return wire.GatewayPacketSize
+		return GatewayPacketSize
 	}
-	return max(MinUDPSize, min(n, wire.GatewayPacketSize))
+	return max(MinUDPSize, min(n, GatewayPacketSize))
 }
 
 // WireUDPSize is what a node with UDP size n says in its session requests
 // and answers: nothing (0) for the default, so that a message from a node
 // on a full-size path is the same as before the field existed.
 func WireUDPSize(n int) int {
-	if n >= wire.GatewayPacketSize {
+	if n >= GatewayPacketSize {
 		return 0
 	}
 	return n
