@@ -87,6 +87,24 @@ type cell struct {
 
 func measured(v float64, err error) cell { return cell{v: v, err: err, ok: true} }
 
+// medianCell is the median of the cells measured without error; with none,
+// the first of them (an error, or "-" for none at all).
+func medianCell(cs []cell) cell {
+	var vals []float64
+	for _, c := range cs {
+		if c.good() {
+			vals = append(vals, c.v)
+		}
+	}
+	switch {
+	case len(vals) > 0:
+		return measured(median(vals), nil)
+	case len(cs) > 0:
+		return cs[0]
+	}
+	return cell{}
+}
+
 func (c cell) format(prec int) string {
 	switch {
 	case !c.ok:
@@ -122,9 +140,9 @@ type benchResults struct {
 	repeat  int
 	samples map[string]map[string][]float64
 
-	cpu   map[string]map[string]cell // "path dir" -> role -> CPU s per GB
-	rss   map[string]map[string]cell // path -> role -> peak RSS MiB
-	drops map[string]*dropReport     // path -> counters of its 1-stream upload
+	cpu   map[string][]map[string]cell // "path dir" -> each time it ran: role -> CPU s per GB
+	rss   map[string]map[string]cell   // path -> role -> peak RSS MiB
+	drops map[string]*dropReport       // path -> counters of its 1-stream upload
 
 	curlVia    string // the TUN path the SOCKS client rides
 	curl, sock cell   // MB/s
@@ -166,7 +184,7 @@ type statusDelta struct {
 
 func (r *runner) bench(secs, trials, repeat int) error {
 	l := r.lab
-	res := &benchResults{secs: secs, cells: map[string]map[string]cell{}, cpu: map[string]map[string]cell{},
+	res := &benchResults{secs: secs, cells: map[string]map[string]cell{}, cpu: map[string][]map[string]cell{},
 		rss: map[string]map[string]cell{}, drops: map[string]*dropReport{}, pingMin: map[string][]float64{},
 		repeat: repeat, samples: map[string]map[string][]float64{}}
 	r.res = res
@@ -612,7 +630,7 @@ func (r *runner) iperfMeasure(p *benchPath, secs, streams int, reverse, loss boo
 	}
 	cpu[busyColumn] = share(mach1.busy - mach0.busy)
 	cpu[stealColumn] = share(mach1.steal - mach0.steal)
-	r.res.cpu[cpuKey] = cpu
+	r.res.cpu[cpuKey] = append(r.res.cpu[cpuKey], cpu)
 	if drops {
 		after := r.dropSnapshot(p)
 		rep := before.delta(after)

@@ -53,7 +53,7 @@ func main() {
 	cnat := fs.String("client-nat", "cone", "NAT in front of the client: cone, symmetric or none")
 	anat := fs.String("agent-nat", "cone", "NAT in front of the agent: cone, symmetric or none")
 	secs := fs.Int("time", 5, "bench: seconds per iperf3 run")
-	repeat := fs.Int("repeat", 1, "bench: measure each row of the main table this many times on each path and show the median (every value is printed too); CPU seconds per GB and drop counters are from the last time, a loss row's TCP counters add up all of them")
+	repeat := fs.Int("repeat", 1, "bench: measure each row of the main table this many times on each path and show the median (every value is printed too); each CPU figure is the median too; drop counters are from the last time, a loss row's TCP counters add up all of them")
 	trials := fs.Int("trials", 10, "bench: startup trials (time to first packet and to the direct path); 0 skips them")
 	verbose := fs.Bool("v", false, "print every command that builds the lab")
 	profile := fs.String("profile", "", "bench: write CPU profiles (NAME.pprof) of client, agent and gateway, taken during one run (--profile-run), the allocations over the same seconds (NAME.allocs.pprof), and a one-second execution trace from its middle (NAME.trace, go tool trace), into this directory (created if missing)")

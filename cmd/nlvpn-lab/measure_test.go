@@ -386,3 +386,25 @@ func TestMedian(t *testing.T) {
 		t.Errorf("median of durations = %v, want 2s", got)
 	}
 }
+
+// With --repeat the CPU table shows each figure's median over the runs, so
+// one run on a busy moment does not stand for the row; a run that failed
+// is left out, and only when every run failed does the cell say so.
+func TestMedianCell(t *testing.T) {
+	boom := errors.New("no bytes moved")
+	for _, tc := range []struct {
+		name string
+		in   []cell
+		want string
+	}{
+		{"three runs", []cell{measured(5.10, nil), measured(2.63, nil), measured(3.01, nil)}, "3.01"},
+		{"a failed run left out", []cell{measured(4.0, nil), measured(0, boom), measured(2.0, nil)}, "3.00"},
+		{"every run failed", []cell{measured(0, boom), measured(0, boom)}, "error"},
+		{"not applicable", []cell{measured(0, errNA)}, "n/a"},
+		{"not measured", nil, "-"},
+	} {
+		if got := medianCell(tc.in).format(2); got != tc.want {
+			t.Errorf("%s: medianCell = %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}

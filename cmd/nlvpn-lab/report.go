@@ -91,7 +91,7 @@ func (res *benchResults) print() {
 	printTable(table)
 	if res.repeat > 1 {
 		fmt.Printf("    Each row measured %d times on each path, one path after another (the table shows the\n"+
-			"    median; CPU seconds per GB and drop counters are from the last time, a loss row's TCP\n"+
+			"    median, and so is each CPU figure; drop counters are from the last time, a loss row's TCP\n"+
 			"    counters add up all of them):\n", res.repeat)
 		for _, row := range res.rows {
 			for _, p := range res.paths {
@@ -147,7 +147,7 @@ func (res *benchResults) printCPU() {
 	var table [][]string
 	for _, p := range res.paths {
 		for _, dir := range append(slices.Clone(runDirs), "up"+cpuLossSuffix, "down"+cpuLossSuffix) {
-			m, ok := res.cpu[p.name+" "+dir]
+			runs, ok := res.cpu[p.name+" "+dir]
 			if !ok {
 				continue
 			}
@@ -157,7 +157,11 @@ func (res *benchResults) printCPU() {
 				if col == busyColumn || col == stealColumn {
 					prec = 0
 				}
-				line = append(line, m[col].format(prec))
+				cs := make([]cell, len(runs))
+				for i, m := range runs {
+					cs[i] = m[col]
+				}
+				line = append(line, medianCell(cs).format(prec))
 			}
 			table = append(table, line)
 		}
