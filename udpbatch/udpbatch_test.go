@@ -229,6 +229,108 @@ func TestWriterBurstAndBound(t *testing.T) {
 	}
 }
 
+// Acknowledgments are small and vary in size, so each burst of them is
+// many short trains: the queue takes as many such datagrams as its
+// datagram bound, not as many as trains of full-size buffers fit its byte
+// budget (64 of them: a burst of 130 acknowledgments was dropped from the
+// 129th on).
+func TestWriterManySmallTrains(t *testing.T) {
+	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	to := addrOf(b.UDPConn())
+	w := NewWriter(a)
+	// 60 then 100 bytes, over and over: the 100 starts a train, the 60
+	// ends it. Not running: everything stays queued, up to the bound.
+	const n = QueueLen
+	for i := 0; i < n; i++ {
+		size := 60
+		if i%2 == 0 {
+			size = 100
+		}
+		if !w.Write(to, datagram(i, size)) {
+			t.Fatalf("datagram %d (%d bytes) dropped with %d queued, below the bound of %d", i, size, w.Queued(), QueueLen)
+		}
+	}
+	if w.Write(to, datagram(n, 100)) || w.Drops() != 1 {
+		t.Fatalf("write beyond the bound: drops %d, want 1", w.Drops())
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	w.Flush(3 * time.Second)
+	ms := []Message{{Buf: make([]byte, MaxTrain)}}
+	seen := make(map[int]bool)
+	b.UDPConn().SetReadDeadline(time.Now().Add(3 * time.Second))
+	for len(seen) < n {
+		k, err := b.ReadBatch(ms)
+		if err != nil {
+			t.Fatalf("after %d: %v", len(seen), err)
+		}
+		for _, m := range ms[:k] {
+			m.Datagrams(func(d []byte) {
+				seq := int(binary.BigEndian.Uint32(d))
+				want := 60
+				if seq%2 == 0 {
+					want = 100
+				}
+				if seq >= n || seen[seq] || len(d) != want {
+					t.Fatalf("bad datagram: seq %d, %d bytes (seen %v)", seq, len(d), seen[seq])
+				}
+				seen[seq] = true
+			})
+		}
+	}
+}
+
+// After an upload a node sends only acknowledgments: the upload's big
+// trains are let go once none was taken for trimAfter, and small
+// datagrams never take one meanwhile.
+func TestWriterLetsIdleBigTrainsGo(t *testing.T) {
+	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	b := newConn(t, listen(t, "udp4", "127.0.0.1:0"))
+	to := addrOf(b.UDPConn())
+	w := NewWriter(a)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	for i := 0; i < 200; i++ {
+		w.WriteWait(to, datagram(i, 1200))
+	}
+	w.Flush(3 * time.Second)
+	bytesOf := func() (big, all int) {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		for _, t := range w.free {
+			if cap(t.buf) > datagramBytes {
+				big += cap(t.buf)
+			}
+		}
+		return big, w.bytes
+	}
+	if big, _ := bytesOf(); big == 0 {
+		t.Fatal("no big train free after an upload's datagrams")
+	}
+	// Acknowledgments only, now and after trimAfter.
+	acks := func() {
+		for i := 0; i < 50; i++ {
+			w.WriteWait(to, datagram(i, 60+i%2*40))
+		}
+		w.Flush(3 * time.Second)
+	}
+	acks()
+	if big, _ := bytesOf(); big == 0 {
+		t.Fatal("big trains let go before trimAfter")
+	}
+	w.mu.Lock()
+	w.bigSeen -= trimAfter // as if a second had passed
+	w.mu.Unlock()
+	acks()
+	big, all := bytesOf()
+	if big != 0 || all > 64*datagramBytes {
+		t.Fatalf("after acknowledgments alone for %v: %d bytes of big free trains, %d bytes of trains in all", trimAfter, big, all)
+	}
+}
+
 // The steady state of a Writer and a reader allocates nothing.
 func TestWriterReadBatchAllocs(t *testing.T) {
 	a := newConn(t, listen(t, "udp4", "127.0.0.1:0"))

@@ -28,11 +28,16 @@ type Writer struct {
 	spare   []*train // the other half of the double buffer
 	free    []*train // trains to reuse
 	bytes   int      // capacity of every train made (pending, being written, free)
-	queued  int      // datagrams in pending
-	asleep  bool     // Run waits for wake
-	busy    bool     // Run is writing a batch
-	held    int      // Holds not yet released: queue without waking Run
-	wake    chan struct{}
+	// bigTaken counts big trains (more than datagramBytes) taken since
+	// bigSeen, when a batch last found some taken: free big trains that
+	// nobody took for trimAfter are let go (see trim).
+	bigTaken int
+	bigSeen  time.Duration
+	queued   int  // datagrams in pending
+	asleep   bool // Run waits for wake
+	busy     bool // Run is writing a batch
+	held     int  // Holds not yet released: queue without waking Run
+	wake     chan struct{}
 	// room is closed (and replaced) each time Run has written a batch and
 	// taken its trains back: every waiter wakes and looks again.
 	room    chan struct{}
@@ -85,13 +90,16 @@ type train struct {
 }
 
 // Sizes of the write queue. With GSO a train holds up to trainBytes (about
-// twenty full-size datagrams, enough for GSO to pay off); without, a train
-// is one datagram and its buffer datagramBytes. The queue holds at most
-// QueueLen datagrams, in trains of at most queueBytes in all (2 MiB)
-// however the traffic is mixed.
+// twenty full-size datagrams, enough for GSO to pay off); a train of small
+// datagrams (smallDatagram bytes at most: acknowledgments) gets
+// datagramBytes, eight of them or more. Without GSO a train is one
+// datagram and its buffer datagramBytes. The queue holds at most QueueLen
+// datagrams, in trains of at most queueBytes in all (2 MiB) however the
+// traffic is mixed: QueueLen small datagrams fit even two to a train.
 const (
 	trainBytes    = 32 << 10
 	datagramBytes = 2 << 10
+	smallDatagram = 256
 	queueBytes    = 2 << 20
 	// QueueLen is how many datagrams may wait for the socket.
 	QueueLen = 2048
@@ -269,13 +277,15 @@ func (w *Writer) place(to netip.AddrPort, size int, gso, control bool) *train {
 // newTrain takes a free train big enough or makes one within the queue's
 // byte budget. Called with mu held.
 func (w *Writer) newTrain(size int, gso, control bool) *train {
-	want := datagramBytes
-	if gso {
-		want = trainBytes
+	want := trainCap(size, gso)
+	big := want > datagramBytes
+	if big {
+		w.bigTaken++
 	}
-	want = max(want, size)
 	for i := len(w.free) - 1; i >= 0; i-- {
-		if t := w.free[i]; cap(t.buf) >= size {
+		// A small datagram takes only a small train: big ones left
+		// idle can then be let go (trim).
+		if t := w.free[i]; cap(t.buf) >= want && (big || cap(t.buf) == datagramBytes) {
 			w.free[i] = w.free[len(w.free)-1]
 			w.free = w.free[:len(w.free)-1]
 			return t
@@ -301,6 +311,51 @@ func (w *Writer) newTrain(size int, gso, control bool) *train {
 	}
 	w.bytes += want
 	return &train{buf: make([]byte, 0, want)}
+}
+
+// trainCap is the buffer a new train of size-byte datagrams gets. The
+// sender of a download's acknowledgments queues many short trains of small
+// datagrams (their sizes vary, and a larger one starts a train): with
+// trainBytes each, 64 of them took the whole byte budget, so a burst of
+// acknowledgments was dropped at its 129th, and they held 2 MiB of the
+// download client's heap (its largest item after quic-go's packets).
+func trainCap(size int, gso bool) int {
+	switch {
+	case !gso || size <= smallDatagram:
+		return max(datagramBytes, size)
+	default:
+		return max(trainBytes, size)
+	}
+}
+
+// trimAfter is how long free big trains are kept without one being taken.
+const trimAfter = time.Second
+
+// trim lets go of the free big trains when none was taken for trimAfter:
+// after an upload the node sends only acknowledgments, and the upload's
+// trains (up to the 2 MiB budget) stayed on its heap for good, where a
+// client under its memory limit then had that much less room for a
+// download's packets and collected garbage back to back. Called with mu
+// held, after a batch.
+func (w *Writer) trim(now time.Duration) {
+	if w.bigTaken > 0 {
+		w.bigTaken, w.bigSeen = 0, now
+		return
+	}
+	if now-w.bigSeen < trimAfter {
+		return
+	}
+	kept := w.free[:0]
+	for _, t := range w.free {
+		if cap(t.buf) > datagramBytes {
+			w.bytes -= cap(t.buf)
+			continue
+		}
+		kept = append(kept, t)
+	}
+	clear(w.free[len(kept):])
+	w.free = kept
+	w.bigSeen = now // look again in trimAfter, not after every batch
 }
 
 // getTimer returns a timer set to d, the writer's own unless another
@@ -462,6 +517,7 @@ func (w *Writer) writeOnce(run bool) {
 		t.buf, t.n, t.closed = t.buf[:0], 0, false
 		w.free = append(w.free, t)
 	}
+	w.trim(time.Since(w.epoch))
 	clear(batch)
 	w.spare = batch[:0]
 	// The trains are back: wake every writer waiting for room.

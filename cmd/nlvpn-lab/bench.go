@@ -676,8 +676,9 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 				}()
 			}
 			profiled.Add(1)
-			// An execution trace of one second in the middle shows what a
-			// CPU profile cannot: where each goroutine waits (go tool trace).
+			// In the middle of the run, the heap's live objects, and an
+			// execution trace of one second that shows what a CPU profile
+			// cannot: where each goroutine waits (go tool trace).
 			go func() {
 				defer profiled.Done()
 				select {
@@ -685,8 +686,15 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 				case <-r.ctx.Done():
 					return
 				}
-				file := filepath.Join(r.profileDir, who.name+".trace")
-				url := fmt.Sprintf("http://%s/debug/pprof/trace?seconds=1", pprofAddr)
+				// What the heap holds under load (live at the last
+				// collection), for the memory peak: where it goes.
+				file := filepath.Join(r.profileDir, who.name+".heap.pprof")
+				url := fmt.Sprintf("http://%s/debug/pprof/heap", pprofAddr)
+				if _, stderr, err := lab.Run(r.ctx, who.ns, "curl", "-sS", "-f", "-o", file, url); err != nil {
+					fmt.Printf("(heap of %s failed: %v %s) ", who.name, err, stderr)
+				}
+				file = filepath.Join(r.profileDir, who.name+".trace")
+				url = fmt.Sprintf("http://%s/debug/pprof/trace?seconds=1", pprofAddr)
 				if _, stderr, err := lab.Run(r.ctx, who.ns, "curl", "-sS", "-f", "-o", file, url); err != nil {
 					fmt.Printf("(trace of %s failed: %v %s) ", who.name, err, stderr)
 				}
