@@ -209,19 +209,33 @@ func TestWriterBurstAndBound(t *testing.T) {
 	}
 	wg.Wait()
 	w.Flush(3 * time.Second)
+	receiveAll(t, b, 4*per, func(d []byte) int {
+		g := int(d[0])
+		seq := int(binary.BigEndian.Uint32(d[1:]))
+		if len(d) != 1+600+g*100 || seq/per != g {
+			t.Fatalf("bad datagram: %d bytes, goroutine %d, seq %d", len(d), g, seq)
+		}
+		return seq
+	})
+}
+
+// receiveAll reads datagrams from b until n distinct ones have come; key
+// checks each and returns its sequence number, in [0, n).
+func receiveAll(t *testing.T, b *Conn, n int, key func(d []byte) int) {
+	t.Helper()
+	ms := []Message{{Buf: make([]byte, MaxTrain)}}
 	seen := make(map[int]bool)
 	b.UDPConn().SetReadDeadline(time.Now().Add(3 * time.Second))
-	for len(seen) < 4*per {
-		n, err := b.ReadBatch(ms)
+	for len(seen) < n {
+		k, err := b.ReadBatch(ms)
 		if err != nil {
-			t.Fatalf("after %d: %v", len(seen), err)
+			t.Fatalf("after %d of %d datagrams: %v", len(seen), n, err)
 		}
-		for _, m := range ms[:n] {
+		for _, m := range ms[:k] {
 			m.Datagrams(func(d []byte) {
-				g := int(d[0])
-				seq := int(binary.BigEndian.Uint32(d[1:]))
-				if len(d) != 1+600+g*100 || seq/per != g || seen[seq] {
-					t.Fatalf("bad datagram: %d bytes, goroutine %d, seq %d (seen %v)", len(d), g, seq, seen[seq])
+				seq := key(d)
+				if seq < 0 || seq >= n || seen[seq] {
+					t.Fatalf("datagram %d: out of range or seen before", seq)
 				}
 				seen[seq] = true
 			})
@@ -258,28 +272,13 @@ func TestWriterManySmallTrains(t *testing.T) {
 	defer cancel()
 	go w.Run(ctx)
 	w.Flush(3 * time.Second)
-	ms := []Message{{Buf: make([]byte, MaxTrain)}}
-	seen := make(map[int]bool)
-	b.UDPConn().SetReadDeadline(time.Now().Add(3 * time.Second))
-	for len(seen) < n {
-		k, err := b.ReadBatch(ms)
-		if err != nil {
-			t.Fatalf("after %d: %v", len(seen), err)
+	receiveAll(t, b, n, func(d []byte) int {
+		seq := int(binary.BigEndian.Uint32(d))
+		if want := 60 + (1-seq%2)*40; len(d) != want {
+			t.Fatalf("datagram %d: %d bytes, want %d", seq, len(d), want)
 		}
-		for _, m := range ms[:k] {
-			m.Datagrams(func(d []byte) {
-				seq := int(binary.BigEndian.Uint32(d))
-				want := 60
-				if seq%2 == 0 {
-					want = 100
-				}
-				if seq >= n || seen[seq] || len(d) != want {
-					t.Fatalf("bad datagram: seq %d, %d bytes (seen %v)", seq, len(d), seen[seq])
-				}
-				seen[seq] = true
-			})
-		}
-	}
+		return seq
+	})
 }
 
 // After an upload a node sends only acknowledgments: the upload's big
