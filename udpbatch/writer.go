@@ -510,14 +510,15 @@ func (w *Writer) writeOnce(run bool) {
 	w.msgs = msgs[:0]
 
 	w.mu.Lock()
+	now := time.Since(w.epoch)
 	if !run {
-		w.last = time.Since(w.epoch)
+		w.last = now
 	}
 	for _, t := range batch {
 		t.buf, t.n, t.closed = t.buf[:0], 0, false
 		w.free = append(w.free, t)
 	}
-	w.trim(time.Since(w.epoch))
+	w.trim(now)
 	clear(batch)
 	w.spare = batch[:0]
 	// The trains are back: wake every writer waiting for room.
