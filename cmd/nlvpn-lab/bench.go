@@ -661,6 +661,15 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 			who = append(who, struct{ name, ns string }{"gateway", r.lab.NS.GW})
 		}
 		for _, who := range who {
+			// save writes one of who's pprof endpoints (path and query
+			// after /debug/pprof/) to its file in the profile directory.
+			save := func(endpoint, suffix string) {
+				file := filepath.Join(r.profileDir, who.name+suffix)
+				url := fmt.Sprintf("http://%s/debug/pprof/%s", pprofAddr, endpoint)
+				if _, stderr, err := lab.Run(r.ctx, who.ns, "curl", "-sS", "-f", "-o", file, url); err != nil {
+					fmt.Printf("(%s failed: %v %s) ", filepath.Base(file), err, stderr)
+				}
+			}
 			// The CPU profile, and over the same seconds the allocations
 			// (a delta profile: what the garbage collector's share of the
 			// CPU profile is paying for).
@@ -668,15 +677,12 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 				profiled.Add(1)
 				go func() {
 					defer profiled.Done()
-					file := filepath.Join(r.profileDir, who.name+k.suffix)
-					url := fmt.Sprintf("http://%s/debug/pprof/%s?seconds=%d", pprofAddr, k.kind, max(1, secs-1))
-					if _, stderr, err := lab.Run(r.ctx, who.ns, "curl", "-sS", "-f", "-o", file, url); err != nil {
-						fmt.Printf("(%s of %s failed: %v %s) ", k.kind, who.name, err, stderr)
-					}
+					save(fmt.Sprintf("%s?seconds=%d", k.kind, max(1, secs-1)), k.suffix)
 				}()
 			}
 			profiled.Add(1)
-			// In the middle of the run, the heap's live objects, and an
+			// In the middle of the run, the heap's live objects (at the
+			// last collection: what the memory peak is made of), and an
 			// execution trace of one second that shows what a CPU profile
 			// cannot: where each goroutine waits (go tool trace).
 			go func() {
@@ -686,18 +692,8 @@ func (r *runner) iperf(p *benchPath, secs, streams int, reverse, loss bool) (ipe
 				case <-r.ctx.Done():
 					return
 				}
-				// What the heap holds under load (live at the last
-				// collection), for the memory peak: where it goes.
-				file := filepath.Join(r.profileDir, who.name+".heap.pprof")
-				url := fmt.Sprintf("http://%s/debug/pprof/heap", pprofAddr)
-				if _, stderr, err := lab.Run(r.ctx, who.ns, "curl", "-sS", "-f", "-o", file, url); err != nil {
-					fmt.Printf("(heap of %s failed: %v %s) ", who.name, err, stderr)
-				}
-				file = filepath.Join(r.profileDir, who.name+".trace")
-				url = fmt.Sprintf("http://%s/debug/pprof/trace?seconds=1", pprofAddr)
-				if _, stderr, err := lab.Run(r.ctx, who.ns, "curl", "-sS", "-f", "-o", file, url); err != nil {
-					fmt.Printf("(trace of %s failed: %v %s) ", who.name, err, stderr)
-				}
+				save("heap", ".heap.pprof")
+				save("trace?seconds=1", ".trace")
 			}()
 		}
 	}
