@@ -653,7 +653,7 @@ func (c *Client) dialAgent(rctx context.Context, off *wire.Session, key identity
 		c.u.CheckRelaySoon() // the handshake starts on the relay
 	}
 	start := time.Now()
-	qc, err := c.u.Peers.Dial(rctx, session.Addr(off.ID), ctls, session.QUICConfigSized(sz.Peer))
+	qc, err := c.u.Peers.Dial(rctx, session.Addr(off.ID), ctls, session.DialQUICConfigSized(sz.Peer))
 	if err != nil {
 		return nil, nil, fmt.Errorf("end-to-end handshake with agent %q: %w", c.cfg.Agent, err)
 	}

@@ -57,6 +57,44 @@ func QUICConfigSized(packetSize int) *quic.Config {
 	}
 }
 
+// DialQUICConfigSized is QUICConfigSized for the side that dials, the
+// client. Its sessions end at one TUN device or netstack, so when one falls
+// behind, quic-go's read loop waits for it (DialRecvWait) instead of
+// dropping what overflows the connection's queue: the backlog then stays in
+// the session Conn's queue and the socket's receive buffer, which the
+// kernel holds, and the connection's own queue can be short. The agent
+// listens with QUICConfig: it serves many clients on one Transport, where a
+// wait for one client's connection would hold back every other client's
+// packets too.
+func DialQUICConfigSized(packetSize int) *quic.Config {
+	c := QUICConfigSized(packetSize)
+	c.MaxUnprocessedPackets = DialRecvQueueLen
+	c.UnprocessedPacketsWait = DialRecvWait
+	return c
+}
+
+// DialRecvQueueLen is RecvQueueLen on the dialing side. Packets queued there
+// are the process's memory (quic-go's 1.5 KB buffers): 4096 of them, full
+// on every four-stream download, were ~6 MB of the client's ~17 MB live
+// heap, which with the runtime's own memory reached the client's 24 MiB
+// limit and made the collector run back to back.
+//
+// nlvpn-lab bench --paths direct, three alternated rounds, 4096 without
+// the wait -> 512 with it: client peak RSS 38.3-38.5 -> 35.3-35.6 MiB,
+// four-stream download 1625-1934 -> 2014-2215 Mbit/s at 3.58-4.85 ->
+// 2.78-3.04 client s/GB, packets dropped on the single-stream download
+// 0/373/0 -> 0/0/0 (0 at the socket in all). 256 did as well (three
+// rounds of the four-stream rows);
+// 512 leaves more room for a burst while the connection is busy.
+const DialRecvQueueLen = 512
+
+// DialRecvWait bounds how long quic-go's read loop waits for room on the
+// dialing side. Longer than the TUN writer's own bounded wait (tun.MaxWait,
+// 50 ms), so that a connection held back by its device is waited for; a
+// connection that makes no room in that time has its packets dropped, as
+// before, until it does (quic-go patch 0019).
+const DialRecvWait = 100 * time.Millisecond
+
 // RecvQueueLen bounds received packets waiting for the QUIC connection's
 // goroutine (quic-go's default is 256). quic-go's read loop moves packets
 // from the Conn to this queue as fast as they come, so this, not the Conn's

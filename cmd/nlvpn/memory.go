@@ -20,10 +20,12 @@ import (
 // pages, nearly all touched at start (`nlvpn --version` alone peaks at
 // 17.8 MiB). Under the bench's load the live heap is ~13 MiB: the TUN
 // writer's queue and GRO heads, the socket's send trains and receive
-// buffers, quic-go's packets, wireguard-go's GRO tables. A four-stream
-// download fills quic-go's receive queue too, ~17 MiB, which with the
-// runtime's own memory reaches the limit: the collector may then run back
-// to back and double the client's CPU per GB (README, Known limits).
+// buffers, quic-go's packets, wireguard-go's GRO tables. quic-go's receive
+// queue is 512 packets on the client, with a backlog beyond it left in the
+// socket's receive buffer (session.DialQUICConfigSized): at 4,096 packets
+// it filled on every four-stream download, the live heap reached ~17 MiB,
+// which with the runtime's own memory is the limit, and the collector ran
+// back to back and doubled the client's CPU per GB.
 //
 // 24 MiB, with the TUN's buffers cut to the MTU and no heap-profile table
 // (2.4 MiB the limit counted), leaves the collector the room it had at

@@ -136,6 +136,7 @@ func populateConfig(config *Config) *Config {
 		EnableDatagrams:                  config.EnableDatagrams,
 		DatagramSendQueueLen:             config.DatagramSendQueueLen,
 		MaxUnprocessedPackets:            config.MaxUnprocessedPackets,
+		UnprocessedPacketsWait:           config.UnprocessedPacketsWait,
 		InitialPacketSize:                config.InitialPacketSize,
 		DisablePathMTUDiscovery:          config.DisablePathMTUDiscovery,
 		DisableCongestionControl:         config.DisableCongestionControl,

@@ -570,6 +570,7 @@ func (c *Conn) preSetup(r *pathReceiver) {
 	)
 	c.framer = newFramer(c.connFlowController)
 	c.receivedPackets.Init(r, c.config.MaxUnprocessedPackets)
+	c.receivedPackets.SetWait(c.config.UnprocessedPacketsWait)
 	c.notifyReceivedPacket = make(chan struct{}, 1)
 	c.closeChan = make(chan struct{}, 1)
 	c.sendingScheduled = make(chan struct{}, 1)

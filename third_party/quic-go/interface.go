@@ -213,6 +213,14 @@ type Config struct {
 	// MaxUnprocessedPackets is how many received packets may wait for the
 	// connection's goroutine; more are dropped. 0 means 256.
 	MaxUnprocessedPackets int
+	// UnprocessedPacketsWait, if positive, makes the Transport's read loop
+	// wait up to this long for room when the connection's queue of
+	// unprocessed packets is full, instead of dropping the packet. The
+	// loop serves every connection on the Transport, so all of them wait
+	// with this one, and the backlog stays in the socket's receive buffer
+	// rather than in the process's memory. After a wait that timed out,
+	// packets are dropped at once until the connection makes room again.
+	UnprocessedPacketsWait time.Duration
 	// Enable QUIC Stream Resets with Partial Delivery.
 	// See https://datatracker.ietf.org/doc/html/draft-ietf-quic-reliable-stream-reset-09.
 	EnableStreamResetPartialDelivery bool

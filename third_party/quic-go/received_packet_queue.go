@@ -2,6 +2,7 @@ package quic
 
 import (
 	"sync"
+	"time"
 
 	"github.com/quic-go/quic-go/internal/protocol"
 	"github.com/quic-go/quic-go/internal/utils/ringbuffer"
@@ -24,6 +25,18 @@ type receivedPacketQueue struct {
 	active *pathReceiver
 	main   ringbuffer.RingBuffer[receivedPacket]
 	side   ringbuffer.RingBuffer[sidePacket] // only allocated once a packet is received on a different Transport
+
+	// Waiting for room (SetWait): Push on a full main queue waits up to wait
+	// for Pop to free a quarter of it. stalled is set when a wait timed out
+	// and cleared when room is made: while it is set, Push drops at once, so
+	// a connection that stopped reading costs its Transport one wait, not
+	// one per packet.
+	wait    time.Duration
+	waiting bool          // a Push waits on room
+	stalled bool          // the last wait timed out; no room made since
+	closed  bool          // Clear ran: nothing will be popped any more
+	room    chan struct{} // capacity 1
+	timer   *time.Timer   // the waiting Push's; only one waits (see Push)
 }
 
 // Init initializes the queue.
@@ -38,6 +51,17 @@ func (q *receivedPacketQueue) Init(active *pathReceiver, limit int) {
 	}
 }
 
+// SetWait makes Push wait, at most d, for room in a full main queue
+// instead of dropping the packet at once (Config.UnprocessedPacketsWait).
+func (q *receivedPacketQueue) SetWait(d time.Duration) {
+	q.mx.Lock()
+	defer q.mx.Unlock()
+	q.wait = d
+	if d > 0 && q.room == nil {
+		q.room = make(chan struct{}, 1)
+	}
+}
+
 // Push queues a packet received by the pathReceiver source.
 // It returns false if the packet was dropped because too many packets are queued.
 func (q *receivedPacketQueue) Push(p receivedPacket, source *pathReceiver) bool {
@@ -45,11 +69,13 @@ func (q *receivedPacketQueue) Push(p receivedPacket, source *pathReceiver) bool 
 	defer q.mx.Unlock()
 
 	if source == q.active {
-		if q.main.Len() >= q.limit {
+		if q.main.Len() >= q.limit && !q.waitForRoom() {
 			return false
 		}
-		q.main.PushBack(p)
-		return true
+		if source == q.active { // still, after a wait
+			q.main.PushBack(p)
+			return true
+		}
 	}
 
 	if q.side.Len() >= q.limit {
@@ -57,6 +83,63 @@ func (q *receivedPacketQueue) Push(p receivedPacket, source *pathReceiver) bool 
 	}
 	q.side.PushBack(sidePacket{receivedPacket: p, source: source})
 	return true
+}
+
+// waitForRoom waits, with q.mx held on entry and on return, until the main
+// queue has room, and reports whether it has. Only the active path's
+// Transport pushes to the main queue, so one Push waits at a time; another
+// that finds it waiting (during a path switch) drops its packet.
+func (q *receivedPacketQueue) waitForRoom() bool {
+	if q.wait <= 0 || q.stalled || q.closed || q.waiting {
+		return false
+	}
+	q.waiting = true
+	if q.timer == nil {
+		q.timer = time.NewTimer(q.wait)
+	} else {
+		q.timer.Reset(q.wait)
+	}
+	q.mx.Unlock()
+	timedOut := false
+	select {
+	case <-q.room:
+	case <-q.timer.C:
+		timedOut = true
+	}
+	q.timer.Stop()
+	q.mx.Lock()
+	q.waiting = false
+	select { // a wake-up sent as the timer fired
+	case <-q.room:
+	default:
+	}
+	if q.closed || q.main.Len() >= q.limit {
+		q.stalled = timedOut
+		return false
+	}
+	return true
+}
+
+// madeRoom wakes a waiting Push once a quarter of the main queue is free
+// (not at every Pop: the Transport's read loop would wake per packet).
+// Called with q.mx held.
+func (q *receivedPacketQueue) madeRoom() {
+	if q.main.Len() > q.limit-q.limit/4 {
+		return
+	}
+	q.stalled = false
+	q.wake()
+}
+
+// wake wakes a waiting Push, if any, to look at the queue again. Called
+// with q.mx held.
+func (q *receivedPacketQueue) wake() {
+	if q.waiting {
+		select {
+		case q.room <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // activePathID is returned by Pop for packets received on the active path.
@@ -79,7 +162,11 @@ func (q *receivedPacketQueue) Pop() (_ receivedPacket, path pathID, ok bool) {
 		return p.receivedPacket, p.source.id, true
 	}
 	if !q.main.Empty() {
-		return q.main.PopFront(), activePathID, true
+		p := q.main.PopFront()
+		if q.wait > 0 {
+			q.madeRoom()
+		}
+		return p, activePathID, true
 	}
 	return receivedPacket{}, activePathID, false
 }
@@ -105,6 +192,7 @@ func (q *receivedPacketQueue) SwapActive(active *pathReceiver) (prev *pathReceiv
 		q.side.PushBack(sidePacket{receivedPacket: q.main.PopFront(), source: prev})
 	}
 	q.active = active
+	q.wake() // a Push of the old path waiting for room: its packet goes to the side queue now
 	return prev
 }
 
@@ -123,4 +211,6 @@ func (q *receivedPacketQueue) Clear() {
 		p.buffer.Decrement()
 		p.buffer.MaybeRelease()
 	}
+	q.closed = true
+	q.wake()
 }
