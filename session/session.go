@@ -60,12 +60,16 @@ func QUICConfigSized(packetSize int) *quic.Config {
 // DialQUICConfigSized is QUICConfigSized for the side that dials, the
 // client. Its sessions end at one TUN device or netstack, so when one falls
 // behind, quic-go's read loop waits for it (DialRecvWait) instead of
-// dropping what overflows the connection's queue: the backlog then stays in
-// the session Conn's queue and the socket's receive buffer, which the
-// kernel holds, and the connection's own queue can be short. The agent
-// listens with QUICConfig: it serves many clients on one Transport, where a
-// wait for one client's connection would hold back every other client's
-// packets too.
+// dropping what overflows the connection's queue, and that queue can be
+// short. The backlog then waits in the session Conn's queue. Packets from
+// the underlay's frame socket (the direct path, the relay's UDP frames)
+// hold its receive buffers there, at most 32, and beyond them the rest
+// stays unread in the socket's receive buffer, which the kernel holds.
+// Packets that reach the Conn as copies (relayed over the gateway's
+// connection, from a wide round's extra socket) wait in its queue, up to
+// inQueueLen. The agent listens with QUICConfig: it serves many clients on
+// one Transport, where a wait for one client's connection would hold back
+// every other client's packets too.
 func DialQUICConfigSized(packetSize int) *quic.Config {
 	c := QUICConfigSized(packetSize)
 	c.MaxUnprocessedPackets = DialRecvQueueLen
@@ -91,8 +95,8 @@ const DialRecvQueueLen = 512
 // DialRecvWait bounds how long quic-go's read loop waits for room on the
 // dialing side. Longer than the TUN writer's own bounded wait (tun.MaxWait,
 // 50 ms), so that a connection held back by its device is waited for; a
-// connection that makes no room in that time has its packets dropped, as
-// before, until it does (quic-go patch 0019).
+// connection that takes no packet in that time has its packets dropped, as
+// before, until it takes one (quic-go patch 0019).
 const DialRecvWait = 100 * time.Millisecond
 
 // RecvQueueLen bounds received packets waiting for the QUIC connection's

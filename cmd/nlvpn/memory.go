@@ -13,19 +13,19 @@ import (
 // an allocation never fails because of it, the collector just works harder.
 // GOMEMLIMIT in the environment overrides it.
 //
-// The limit decides the anonymous half of the client's peak RSS (VmHWM):
-// below it the collector lets garbage and pool buffers fill the room, so
-// taking memory off the live heap lowers the peak only when the limit
-// comes down with it. The other half, ~19 MiB, is the binary's mapped
-// pages, nearly all touched at start (`nlvpn --version` alone peaks at
-// 17.8 MiB). Under the bench's load the live heap is ~13 MiB: the TUN
+// The limit bounds the anonymous half of the client's peak RSS (VmHWM):
+// the collector lets the heap grow to twice what is live (GOGC 100), or to
+// the limit if that comes first. The other half, ~19 MiB, is the binary's
+// mapped pages, nearly all touched at start (`nlvpn --version` alone peaks
+// at 17.8 MiB). Under the bench's load the live heap is ~10-13 MiB: the TUN
 // writer's queue and GRO heads, the socket's send trains and receive
 // buffers, quic-go's packets, wireguard-go's GRO tables. quic-go's receive
-// queue is 512 packets on the client, with a backlog beyond it left in the
-// socket's receive buffer (session.DialQUICConfigSized): at 4,096 packets
-// it filled on every four-stream download, the live heap reached ~17 MiB,
-// which with the runtime's own memory is the limit, and the collector ran
-// back to back and doubled the client's CPU per GB.
+// queue is 512 packets on the client, and its read loop waits for room
+// rather than drop, leaving a direct path's backlog in the socket's receive
+// buffer (session.DialQUICConfigSized). At 4,096 packets that queue filled
+// on every four-stream download, the live heap reached ~17 MiB, which with
+// the runtime's own memory is the limit, and the collector ran back to back
+// and doubled the client's CPU per GB.
 //
 // 24 MiB, with the TUN's buffers cut to the MTU and no heap-profile table
 // (2.4 MiB the limit counted), leaves the collector the room it had at

@@ -217,9 +217,10 @@ type Config struct {
 	// wait up to this long for room when the connection's queue of
 	// unprocessed packets is full, instead of dropping the packet. The
 	// loop serves every connection on the Transport, so all of them wait
-	// with this one, and the backlog stays in the socket's receive buffer
-	// rather than in the process's memory. After a wait that timed out,
-	// packets are dropped at once until the connection makes room again.
+	// with this one, and the backlog stays unread in the Transport's
+	// net.PacketConn (a UDP socket's receive buffer, in the kernel). After
+	// a wait that timed out, packets are dropped at once until the
+	// connection takes the next one from its queue.
 	UnprocessedPacketsWait time.Duration
 	// Enable QUIC Stream Resets with Partial Delivery.
 	// See https://datatracker.ietf.org/doc/html/draft-ietf-quic-reliable-stream-reset-09.

@@ -28,12 +28,12 @@ type receivedPacketQueue struct {
 
 	// Waiting for room (SetWait): Push on a full main queue waits up to wait
 	// for Pop to free a quarter of it. stalled is set when a wait timed out
-	// and cleared when room is made: while it is set, Push drops at once, so
+	// and cleared by the next Pop: while it is set, Push drops at once, so
 	// a connection that stopped reading costs its Transport one wait, not
-	// one per packet.
+	// one per packet, and one that reads again is waited for again.
 	wait    time.Duration
 	waiting bool          // a Push waits on room
-	stalled bool          // the last wait timed out; no room made since
+	stalled bool          // the last wait timed out; nothing popped since
 	closed  bool          // Clear ran: nothing will be popped any more
 	room    chan struct{} // capacity 1
 	timer   *time.Timer   // the waiting Push's; only one waits (see Push)
@@ -120,15 +120,15 @@ func (q *receivedPacketQueue) waitForRoom() bool {
 	return true
 }
 
-// madeRoom wakes a waiting Push once a quarter of the main queue is free
-// (not at every Pop: the Transport's read loop would wake per packet).
+// madeRoom runs after a Pop from the main queue: the connection reads, so
+// it is not stalled; a waiting Push is woken once a quarter of the queue is
+// free (not at every Pop: the Transport's read loop would wake per packet).
 // Called with q.mx held.
 func (q *receivedPacketQueue) madeRoom() {
-	if q.main.Len() > q.limit-q.limit/4 {
-		return
-	}
 	q.stalled = false
-	q.wake()
+	if q.main.Len() <= q.limit-q.limit/4 {
+		q.wake()
+	}
 }
 
 // wake wakes a waiting Push, if any, to look at the queue again. Called
@@ -192,7 +192,8 @@ func (q *receivedPacketQueue) SwapActive(active *pathReceiver) (prev *pathReceiv
 		q.side.PushBack(sidePacket{receivedPacket: q.main.PopFront(), source: prev})
 	}
 	q.active = active
-	q.wake() // a Push of the old path waiting for room: its packet goes to the side queue now
+	q.stalled = false // the main queue is empty: the new path's first full queue is waited for
+	q.wake()          // a Push of the old path waiting for room: its packet goes to the side queue now
 	return prev
 }
 
