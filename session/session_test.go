@@ -164,6 +164,20 @@ func (c *collector) count() int {
 	return len(c.pkts)
 }
 
+// missing lists the first few of packets [0, n) not received, for a
+// failure's message: where a gap is says where a packet was lost.
+func (c *collector) missing(n uint32) []uint32 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var seqs []uint32
+	for seq := uint32(0); seq < n && len(seqs) < 10; seq++ {
+		if c.pkts[seq] == nil {
+			seqs = append(seqs, seq)
+		}
+	}
+	return seqs
+}
+
 // testPacket is packet seq: a sequence number and a pattern, 4..TunMTU bytes.
 func testPacket(seq uint32, dir byte) []byte {
 	n := 4 + int(seq*97)%(wire.TunMTU-3) // covers 4 .. wire.TunMTU
@@ -525,16 +539,15 @@ func TestSessionSurvivesPathSwitch(t *testing.T) {
 // the send queue.
 type sendPair struct {
 	*peerPair
-	cq     *quic.Conn
+	cq, aq *quic.Conn
 	cs, as *Session
 	rx     *collector
 }
 
 func newSendPair(t *testing.T, id uint64) *sendPair {
 	p := &sendPair{peerPair: newPeerPair(t), rx: newCollector()}
-	var aq *quic.Conn
-	p.cq, aq = p.connect(t, id)
-	p.cs, p.as = New(id, p.cq, quietLog()), New(id, aq, quietLog())
+	p.cq, p.aq = p.connect(t, id)
+	p.cs, p.as = New(id, p.cq, quietLog()), New(id, p.aq, quietLog())
 	startSession(p.as, func(pkt []byte) { p.rx.recv(pkt); ReleasePacket(pkt) })
 	startSession(p.cs, func([]byte) {})
 	return p
@@ -549,7 +562,14 @@ func TestSessionBurstArrives(t *testing.T) {
 	cq, cs, as, rx := p.cq, p.cs, p.as, p.rx
 
 	const n = 4096
-	deadline := time.Now().Add(10 * time.Second)
+	// The last packets get their own time to arrive. Under make test's
+	// load (-race, other packages' tests beside) the test once failed at a
+	// single 10 s deadline for both phases with 4095 of 4096 received and
+	// nothing dropped or lost anywhere (900 runs of it, three at a time,
+	// passed afterwards); whether such a packet is late or stuck is what
+	// the failure's message now tells (which are missing, both ends' QUIC
+	// counters).
+	deadline := time.Now().Add(20 * time.Second)
 	for seq := uint32(0); seq < n; seq++ {
 		for int(seq)-rx.count() >= SendQueueLen {
 			if time.Now().After(deadline) {
@@ -561,13 +581,14 @@ func TestSessionBurstArrives(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for rx.count() < n && time.Now().Before(deadline) {
+	for deadline := time.Now().Add(10 * time.Second); rx.count() < n && time.Now().Before(deadline); {
 		time.Sleep(time.Millisecond)
 	}
 	cst, ast := cs.Stats(), as.Stats()
 	if rx.count() != n {
-		t.Fatalf("receiver got %d of %d packets; sender %+v, receiver %+v, QUIC packets lost %d",
-			rx.count(), n, cst, ast, cq.ConnectionStats().PacketsLost)
+		inFull, _ := p.agentConn.Drops()
+		t.Fatalf("receiver got %d of %d packets, missing %v; sender %+v, receiver %+v; QUIC sender %+v, receiver %+v; receiving Conn's full-queue drops %d",
+			rx.count(), n, rx.missing(n), cst, ast, cq.ConnectionStats(), p.aq.ConnectionStats(), inFull)
 	}
 	rx.verify(t, n, 'c')
 	if cst.TxPackets != n || cst.DropQueueFull+cst.DropSend != 0 || ast.RxPackets != n {
