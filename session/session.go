@@ -88,8 +88,8 @@ func DialQUICConfigSized(packetSize int) *quic.Config {
 // four-stream download 1625-1934 -> 2014-2215 Mbit/s at 3.58-4.85 ->
 // 2.78-3.04 client s/GB, packets dropped on the single-stream download
 // 0/373/0 -> 0/0/0 (0 at the socket in all). 256 did as well (three
-// rounds of the four-stream rows);
-// 512 leaves more room for a burst while the connection is busy.
+// rounds of the four-stream rows); 512 leaves more room for a burst while
+// the connection is busy.
 const DialRecvQueueLen = 512
 
 // DialRecvWait bounds how long quic-go's read loop waits for room on the

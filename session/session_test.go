@@ -99,7 +99,8 @@ func (p *peerPair) connect(t testing.TB, id uint64) (client, agent *quic.Conn) {
 	return p.connectWith(t, id, QUICConfig())
 }
 
-// connectWith is connect with the client's QUIC configuration.
+// connectWith is connect with cfg as the dialing client's QUIC
+// configuration.
 func (p *peerPair) connectWith(t testing.TB, id uint64, cfg *quic.Config) (client, agent *quic.Conn) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -162,6 +163,13 @@ func (c *collector) count() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return len(c.pkts)
+}
+
+// await waits, at most d, until c has n packets.
+func (c *collector) await(n int, d time.Duration) {
+	for deadline := time.Now().Add(d); c.count() < n && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // missing lists the first few of packets [0, n) not received, for a
@@ -581,9 +589,7 @@ func TestSessionBurstArrives(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for deadline := time.Now().Add(10 * time.Second); rx.count() < n && time.Now().Before(deadline); {
-		time.Sleep(time.Millisecond)
-	}
+	rx.await(n, 10*time.Second)
 	cst, ast := cs.Stats(), as.Stats()
 	if rx.count() != n {
 		inFull, _ := p.agentConn.Drops()
@@ -791,10 +797,7 @@ func TestSessionSendWaitHoldsBack(t *testing.T) {
 				mode.send(cs, pkts)
 				bursts++
 			}
-			deadline := time.Now().Add(10 * time.Second)
-			for rx.count() < n && time.Now().Before(deadline) {
-				time.Sleep(time.Millisecond)
-			}
+			rx.await(n, 10*time.Second)
 			// What this shows is the sender's side: SendWait held back
 			// rather than drop. The pipe's far end is a Conn whose inbound
 			// queue drops when its reader is starved of CPU (like a socket
@@ -934,9 +937,7 @@ func TestSessionDialSideWaitsForItsReceiver(t *testing.T) {
 			// (SendWait's bound, if its connection was starved of CPU);
 			// every packet it sent must arrive.
 			sent := n - int(as.Stats().DropQueueFull)
-			for deadline := time.Now().Add(10 * time.Second); rx.count() < sent && time.Now().Before(deadline); {
-				time.Sleep(time.Millisecond)
-			}
+			rx.await(sent, 10*time.Second)
 			inFull, _ := p.clientConn.Drops()
 			if rx.count() != sent || dropped() != 0 || inFull != 0 {
 				t.Fatalf("received %d of the %d sent; dropped by quic-go's queue %d, by the Conn's %d", rx.count(), sent, dropped(), inFull)
